@@ -1,0 +1,56 @@
+"""The `ownlm` command: parse arguments, call the library, print. Errors become one line and an
+exit code (2 for bad input, 1 for failures); OWNLM_DEBUG=1 shows the traceback."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import traceback
+
+from ..errors import OwnlmError
+from . import models, run
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line and exit 2, like every other bad input
+        print(f"error: {message} (see `{self.prog} --help`)", file=sys.stderr)
+        raise SystemExit(2)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="ownlm", description="Own your language model: get it, see it, run it — offline after the pull.")
+    p.add_argument("--version", action="version", version=f"ownlm {__import__('ownlm').__version__}")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    models.register(sub)
+    run.register(sub)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    try:
+        return args.func(args) or 0
+    except OwnlmError as e:
+        if os.environ.get("OWNLM_DEBUG"):
+            traceback.print_exc()
+        print(f"error: {e.message}" + (f"\nhint: {e.hint}" if e.hint else ""), file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        return 0
+    except Exception as e:  # noqa: BLE001 - the last line of defence: one line, not a traceback
+        if os.environ.get("OWNLM_DEBUG"):
+            traceback.print_exc()
+        print(f"error: unexpected {type(e).__name__}: {e}\nhint: rerun with OWNLM_DEBUG=1 and report it", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,119 @@
+"""ownlm run: one-shot from an argument or stdin, or an interactive chat."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+from ..errors import BadRequest
+from ..loading import load
+
+HELP = "commands: /system TEXT sets the system prompt, /reset clears the history, /bye quits"
+
+
+def _sampling(args) -> dict:
+    kw = {"temperature": args.temperature, "top_p": args.top_p, "top_k": args.top_k, "min_p": args.min_p,
+          "repetition_penalty": args.repeat_penalty, "seed": args.seed, "max_tokens": args.max_tokens}
+    if args.stop:
+        kw["stop"] = args.stop
+    return {k: v for k, v in kw.items() if v is not None}
+
+
+def _messages(args, prompt: str) -> list[dict]:
+    msgs = [{"role": "system", "content": args.system}] if args.system else []
+    return msgs + [{"role": "user", "content": prompt}]
+
+
+def cmd_run(args) -> int:
+    prompt = args.prompt
+    if prompt is None and not sys.stdin.isatty():
+        prompt = sys.stdin.read()
+    if args.raw and args.system:
+        raise BadRequest("--system has no effect with --raw", "drop one of them")
+    if prompt is None and (args.json or args.raw):
+        raise BadRequest("--json and --raw need a prompt (an argument or stdin)")
+    lm = load(args.model, device=args.device, dtype=args.dtype)
+    sampling = _sampling(args)
+    lm.params(**sampling)  # validate before any output
+    if prompt is None:
+        return _repl(lm, args, sampling)
+    ids = lm.encode(prompt if args.raw else lm.chat_prompt(_messages(args, prompt)))
+    stream = lm.stream_ids(ids, **sampling)
+    if args.json:
+        c = stream.run()
+        out = c.to_dict()
+        out["model"] = lm.name
+        out["timings"]["load_s"] = round(lm.load_seconds, 3)
+        print(json.dumps(out, ensure_ascii=False))
+        return 0
+    for piece in stream:
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+    return 0
+
+
+def _repl(lm, args, sampling) -> int:
+    system = args.system
+    history: list[dict] = []
+    print(f"ownlm chat with {lm.name}. {HELP}", file=sys.stderr)
+    while True:
+        try:
+            line = input(">>> ")
+        except EOFError:
+            print()
+            return 0
+        text = line.strip()
+        if not text:
+            continue
+        if text in ("/bye", "/exit", "/quit"):
+            return 0
+        if text == "/reset":
+            history.clear()
+            print("(history cleared)", file=sys.stderr)
+            continue
+        if text.startswith("/system"):
+            system = text[len("/system"):].strip() or None
+            history.clear()
+            print(f"(system prompt {'set' if system else 'cleared'}; history cleared)", file=sys.stderr)
+            continue
+        if text.startswith("/"):
+            print(HELP, file=sys.stderr)
+            continue
+        msgs = ([{"role": "system", "content": system}] if system else []) + history + [{"role": "user", "content": line}]
+        try:
+            stream = lm.stream_ids(lm.encode(lm.chat_prompt(msgs)), **sampling)
+            reply = []
+            for piece in stream:
+                reply.append(piece)
+                sys.stdout.write(piece)
+                sys.stdout.flush()
+        except KeyboardInterrupt:
+            print("\n(interrupted)", file=sys.stderr)
+            continue
+        except BadRequest as e:
+            print(f"error: {e}", file=sys.stderr)
+            continue
+        sys.stdout.write("\n")
+        history += [{"role": "user", "content": line}, {"role": "assistant", "content": "".join(reply)}]
+
+
+def register(sub) -> None:
+    p = sub.add_parser("run", help="talk to a model (one-shot or interactive)",
+                       description="Generate from a model. With PROMPT (or stdin) answers once; without, starts a chat.")
+    p.add_argument("model", help="store name, catalog alias (smollm2), path to .gguf / HF folder, pypi: or hf: ref")
+    p.add_argument("prompt", nargs="?")
+    p.add_argument("--system", help="system prompt")
+    p.add_argument("--temperature", type=float, help="0 = greedy (default 0.7)")
+    p.add_argument("--top-p", type=float)
+    p.add_argument("--top-k", type=int)
+    p.add_argument("--min-p", type=float)
+    p.add_argument("--repeat-penalty", type=float)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--max-tokens", type=int)
+    p.add_argument("--stop", action="append", help="stop string (repeatable)")
+    p.add_argument("--raw", action="store_true", help="send the prompt as is, without the chat template")
+    p.add_argument("--json", action="store_true", help="print one JSON object: text, token_ids, finish_reason, usage, timings")
+    p.add_argument("--device", help="cpu, cuda, mps (default: the best available)")
+    p.add_argument("--dtype", help="auto, float32, bfloat16, float16")
+    p.set_defaults(func=cmd_run)

@@ -1,0 +1,165 @@
+"""Generation for one sequence: a Python generator of token ids, and text streaming on top of it
+(incremental, UTF-8 safe, stop strings cut exactly)."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Iterator, Sequence
+
+import torch
+
+from ..errors import BadRequest
+from ..text.tokenizer import IncrementalDecoder, TextTokenizer
+from .kv_cache import KVCache
+from .sampling import SamplingParams, make_generator, sample
+
+PREFILL_CHUNK = 512
+
+
+@dataclass
+class Completion:
+    text: str
+    token_ids: list[int]
+    finish_reason: str  # "stop" | "length"
+    usage: dict[str, int]
+    timings: dict[str, float] = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return {"text": self.text, "token_ids": self.token_ids, "finish_reason": self.finish_reason,
+                "usage": self.usage, "timings": self.timings}
+
+
+@dataclass
+class StepStats:
+    prefill_s: float = 0.0
+    decode_s: float = 0.0
+    generated: int = 0
+
+
+def budget(prompt_len: int, params: SamplingParams, context_length: int) -> int:
+    """How many tokens may be generated; a prompt that does not fit is an error, never cut."""
+    if prompt_len == 0:
+        raise BadRequest("the prompt is empty")
+    room = context_length - prompt_len
+    if room <= 0:
+        raise BadRequest(f"the prompt has {prompt_len} tokens but the model's context is {context_length}",
+                         "shorten the prompt or the conversation")
+    if params.max_tokens is not None and params.max_tokens > room:
+        raise BadRequest(f"max_tokens={params.max_tokens} does not fit: the prompt has {prompt_len} tokens "
+                         f"and the context is {context_length}", f"ask for at most {room}")
+    return params.max_tokens if params.max_tokens is not None else room
+
+
+@torch.inference_mode()
+def generate_ids(model: torch.nn.Module, prompt: Sequence[int], params: SamplingParams,
+                 stop_ids: Sequence[int] = (), stats: StepStats | None = None) -> Iterator[int]:
+    """Yields sampled token ids until a stop token (not yielded) or the token budget is spent."""
+    cfg = model.cfg
+    stats = stats if stats is not None else StepStats()
+    limit = budget(len(prompt), params, cfg.context_length)
+    device = model.embed.weight.device
+    cache = KVCache.for_model(model, 1, len(prompt) + limit)
+    gen = make_generator(params.seed, "cpu")
+    stops = set(stop_ids) | set(params.stop_token_ids)
+    context = torch.tensor(list(prompt), dtype=torch.long)
+    out: list[int] = []
+
+    t0 = time.perf_counter()
+    ids = torch.tensor([list(prompt)], dtype=torch.long, device=device)
+    for start in range(0, ids.shape[1], PREFILL_CHUNK):
+        chunk = ids[:, start:start + PREFILL_CHUNK]
+        end = start + chunk.shape[1]
+        cache.length = end
+        pos = torch.arange(start, end, device=device)[None]  # (1, T)
+        logits = model(chunk, pos, cache, last_only=True)  # (1, 1, V)
+    stats.prefill_s = time.perf_counter() - t0
+    t1 = time.perf_counter()
+    n = len(prompt)
+    for _ in range(limit):
+        out_t = torch.tensor(out, dtype=torch.long)
+        token = sample(logits[0, -1].cpu(), params, gen, torch.cat([context, out_t]), out_t)
+        if token in stops:
+            break
+        out.append(token)
+        stats.generated = len(out)
+        stats.decode_s = time.perf_counter() - t1
+        yield token
+        if len(out) == limit:
+            break
+        cache.length = n + 1
+        logits = model(torch.tensor([[token]], device=device), torch.tensor([[n]], device=device), cache)
+        n += 1
+    stats.decode_s = time.perf_counter() - t1
+
+
+class TextStream:
+    """Iterate to get text pieces; afterwards `.completion` holds the whole result."""
+
+    def __init__(self, model, tokenizer: TextTokenizer, prompt_ids: Sequence[int], params: SamplingParams):
+        self.model, self.tok, self.prompt_ids, self.params = model, tokenizer, list(prompt_ids), params
+        self.completion: Completion | None = None
+
+    def __iter__(self) -> Iterator[str]:
+        p = self.params
+        stats = StepStats()
+        dec = IncrementalDecoder(self.tok)
+        ids: list[int] = []
+        text = ""  # everything decoded so far
+        sent = 0  # characters of `text` already yielded
+        finish = "length"
+        hold = max((len(s) for s in p.stop), default=0) - 1
+        for token in generate_ids(self.model, self.prompt_ids, p, self.tok.eos_ids, stats):
+            ids.append(token)
+            text += dec.push(token)
+            cut = _find_stop(text, p.stop, sent)
+            if cut is not None:
+                text, finish = text[:cut], "stop"
+                break
+            safe = len(text) - _held(text, p.stop, hold)
+            if safe > sent:
+                yield text[sent:safe]
+                sent = safe
+        else:
+            if stats.generated < budget(len(self.prompt_ids), p, self.model.cfg.context_length):
+                finish = "stop"  # a stop token ended it
+            text += dec.flush()
+            cut = _find_stop(text, p.stop, sent)
+            if cut is not None:
+                text, finish = text[:cut], "stop"
+        if len(text) > sent:
+            yield text[sent:]
+        n_out = len(ids)
+        self.completion = Completion(
+            text=text, token_ids=ids, finish_reason=finish,
+            usage={"prompt_tokens": len(self.prompt_ids), "completion_tokens": n_out,
+                   "total_tokens": len(self.prompt_ids) + n_out},
+            timings={"prefill_s": round(stats.prefill_s, 4), "decode_s": round(stats.decode_s, 4),
+                     "prefill_tokens_per_s": round(len(self.prompt_ids) / stats.prefill_s, 2) if stats.prefill_s else 0.0,
+                     "decode_tokens_per_s": round((n_out - 1) / stats.decode_s, 2) if n_out > 1 and stats.decode_s else 0.0},
+        )
+
+    def run(self) -> Completion:
+        for _ in self:
+            pass
+        assert self.completion is not None
+        return self.completion
+
+
+def _find_stop(text: str, stops: Sequence[str], sent: int) -> int | None:
+    """Index where the earliest stop string starts, looking only where it could be new."""
+    best = None
+    for s in stops:
+        i = text.find(s, max(0, sent - len(s) + 1))
+        if i != -1 and (best is None or i < best):
+            best = i
+    return best
+
+
+def _held(text: str, stops: Sequence[str], hold: int) -> int:
+    """Length of the tail of `text` that could still become a stop string."""
+    for n in range(min(hold, len(text)), 0, -1):
+        tail = text[-n:]
+        if any(s.startswith(tail) for s in stops):
+            return n
+    return 0

@@ -1,0 +1,112 @@
+"""Sampling: a pure function of logits, settings, the tokens so far, and an explicit generator.
+Temperature 0 means argmax; the same seed and settings give the same tokens."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+import torch
+
+from ..errors import BadRequest
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    temperature: float = 0.7
+    top_p: float = 1.0
+    top_k: int = 0  # 0 = off
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0  # HF/llama.cpp style: over prompt + output
+    presence_penalty: float = 0.0  # OpenAI style: over the output
+    frequency_penalty: float = 0.0
+    seed: int | None = None
+    max_tokens: int | None = None
+    stop: tuple[str, ...] = ()
+    stop_token_ids: tuple[int, ...] = ()
+    logit_bias: tuple[tuple[int, float], ...] = field(default=())
+
+    def __post_init__(self) -> None:
+        def check(ok: bool, name: str, rule: str) -> None:
+            if not ok:
+                raise BadRequest(f"{name}={getattr(self, name)!r} is invalid: {rule}")
+        num = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)  # noqa: E731
+        check(num(self.temperature) and 0 <= self.temperature <= 100, "temperature", "must be between 0 and 100")
+        check(num(self.top_p) and 0 < self.top_p <= 1, "top_p", "must be in (0, 1]")
+        check(isinstance(self.top_k, int) and self.top_k >= 0, "top_k", "must be a non-negative integer")
+        check(num(self.min_p) and 0 <= self.min_p <= 1, "min_p", "must be in [0, 1]")
+        check(num(self.repetition_penalty) and 0 < self.repetition_penalty <= 10, "repetition_penalty", "must be in (0, 10]")
+        check(num(self.presence_penalty) and -2 <= self.presence_penalty <= 2, "presence_penalty", "must be in [-2, 2]")
+        check(num(self.frequency_penalty) and -2 <= self.frequency_penalty <= 2, "frequency_penalty", "must be in [-2, 2]")
+        check(self.seed is None or (isinstance(self.seed, int) and not isinstance(self.seed, bool)), "seed", "must be an integer")
+        check(self.max_tokens is None or (isinstance(self.max_tokens, int) and self.max_tokens >= 1
+                                          and not isinstance(self.max_tokens, bool)), "max_tokens", "must be a positive integer")
+        check(all(isinstance(s, str) and s for s in self.stop) and len(self.stop) <= 16, "stop",
+              "must be up to 16 non-empty strings")
+
+    @classmethod
+    def from_kwargs(cls, **kw: Any) -> "SamplingParams":
+        """Build from OpenAI-named keywords; an unknown keyword is an error, never ignored."""
+        names = {f.name for f in fields(cls)}
+        if "max_completion_tokens" in kw:
+            kw["max_tokens"] = kw.pop("max_completion_tokens")
+        unknown = sorted(set(kw) - names)
+        if unknown:
+            raise BadRequest(f"unknown sampling parameter {unknown[0]!r}", f"known: {', '.join(sorted(names))}")
+        kw = {k: v for k, v in kw.items() if v is not None or k in ("seed", "max_tokens")}
+        stop = kw.get("stop")
+        if isinstance(stop, str):
+            kw["stop"] = (stop,)
+        elif stop is not None:
+            kw["stop"] = tuple(stop)
+        if "stop_token_ids" in kw:
+            kw["stop_token_ids"] = tuple(kw["stop_token_ids"])
+        if isinstance(kw.get("logit_bias"), dict):
+            kw["logit_bias"] = tuple((int(k), float(v)) for k, v in kw["logit_bias"].items())
+        return cls(**kw)
+
+
+def make_generator(seed: int | None, device: torch.device | str = "cpu") -> torch.Generator:
+    g = torch.Generator(device=device)
+    g.manual_seed(seed if seed is not None else torch.seed())
+    return g
+
+
+def apply_penalties(logits: torch.Tensor, p: SamplingParams, context: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
+    """logits: (V,) float; context: ids of prompt + output (1-D); output: ids generated so far."""
+    if p.repetition_penalty != 1.0 and context.numel():
+        seen = torch.unique(context)
+        vals = logits[seen]
+        logits[seen] = torch.where(vals > 0, vals / p.repetition_penalty, vals * p.repetition_penalty)
+    if (p.presence_penalty or p.frequency_penalty) and output.numel():
+        counts = torch.bincount(output, minlength=logits.shape[-1])[: logits.shape[-1]].to(logits.dtype)
+        logits -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0).to(logits.dtype)
+    for token, bias in p.logit_bias:
+        if 0 <= token < logits.shape[-1]:
+            logits[token] += bias
+    return logits
+
+
+def sample(logits: torch.Tensor, p: SamplingParams, generator: torch.Generator | None,
+           context: torch.Tensor | None = None, output: torch.Tensor | None = None) -> int:
+    """One token id from (V,) logits."""
+    logits = logits.float().clone()
+    empty = torch.empty(0, dtype=torch.long, device=logits.device)
+    logits = apply_penalties(logits, p, empty if context is None else context, empty if output is None else output)
+    if p.temperature == 0 or p.top_k == 1:
+        return int(torch.argmax(logits))
+    logits = logits / p.temperature
+    if p.top_k > 0 and p.top_k < logits.shape[-1]:
+        kth = torch.topk(logits, p.top_k).values[-1]
+        logits[logits < kth] = -math.inf
+    probs = torch.softmax(logits, dim=-1)
+    if p.min_p > 0:
+        probs[probs < p.min_p * probs.max()] = 0
+    if p.top_p < 1.0:
+        sorted_p, order = torch.sort(probs, descending=True)
+        cum = torch.cumsum(sorted_p, dim=-1)
+        drop = cum - sorted_p > p.top_p  # keep the smallest prefix whose mass reaches top_p
+        sorted_p[drop] = 0
+        probs = torch.zeros_like(probs).scatter_(0, order, sorted_p)
+    return int(torch.multinomial(probs / probs.sum(), 1, generator=generator))

@@ -1,0 +1,150 @@
+"""A Checkpoint: what any supported file format yields — config, named tensors (our names,
+dequantized to a float dtype on demand), tokenizer, chat template and the facts `show` prints."""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator, Mapping
+
+import numpy as np
+import torch
+
+from ..errors import ModelFormatError
+from ..model import config as model_config
+from ..model.config import ModelConfig
+from . import hf, keymaps
+from . import tokenizer as tok
+from .gguf import GGUFFile
+
+GGUF_FILE = "model.gguf"
+
+
+@dataclass
+class Checkpoint:
+    format: str  # gguf | safetensors
+    config: ModelConfig
+    tokenizer: tok.TokenizerSpec
+    chat_template: str | None
+    facts: dict[str, Any]
+    tensors: Callable[[torch.dtype], Iterator[tuple[str, torch.Tensor]]] = field(repr=False)
+
+
+def open_checkpoint(files: Mapping[str, Path]) -> Checkpoint:
+    """files: relative name -> local path, as the store resolves them (or a folder's listing)."""
+    if GGUF_FILE in files:
+        return _open_gguf(files[GGUF_FILE])
+    return _open_hf(files)
+
+
+def files_of_path(path: Path) -> dict[str, Path]:
+    """The file listing of a local model path (a .gguf file or an HF folder)."""
+    if not path.exists():
+        raise ModelFormatError(f"{path} does not exist")
+    if path.is_dir():
+        return hf.model_files(path)
+    if path.suffix in hf.PICKLE_SUFFIXES:
+        hf.refuse_pickle(path)
+    if path.suffix == ".safetensors":
+        raise ModelFormatError(f"{path}: a lone .safetensors file has no config or tokenizer", "import its whole HF folder")
+    with open(path, "rb") as f:
+        if f.read(4) != b"GGUF":
+            raise ModelFormatError(f"{path} is neither a GGUF file nor an HF model folder")
+    return {GGUF_FILE: path}
+
+
+# -- GGUF -------------------------------------------------------------------------------------
+def _open_gguf(path: Path) -> Checkpoint:
+    g = GGUFFile(path)
+    arch = g.architecture
+    where = Path(path).name
+    rope_factors = tuple(g.dequantize("rope_freqs.weight").tolist()) if "rope_freqs.weight" in g.tensors else ()
+    cfg = model_config.from_gguf(g.metadata, "output.weight" in g.tensors, rope_factors, where)
+    spec = tok.from_gguf(g.metadata)
+    names = {}
+    for name in g.tensors:
+        ours = keymaps.rename(name, keymaps.GGUF, keymaps.GGUF_IGNORE, where)
+        if ours is not None:
+            names[name] = ours
+    permuted = arch in keymaps.GGUF_PERMUTED_QK
+
+    def tensors(dtype: torch.dtype) -> Iterator[tuple[str, torch.Tensor]]:
+        for name, ours in names.items():
+            w = g.dequantize(name)
+            if permuted and ours.endswith(("attn.q.weight", "attn.q.bias")):
+                w = keymaps.unpermute_qk(w, cfg.n_heads)
+            elif permuted and ours.endswith(("attn.k.weight", "attn.k.bias")):
+                w = keymaps.unpermute_qk(w, cfg.n_kv_heads)
+            if not w.flags.writeable or not w.flags.c_contiguous:
+                w = np.array(w)  # F32 tensors are views of the read-only map
+            yield ours, torch.from_numpy(w).to(dtype)
+
+    counts = Counter(t.type_name for t in g.tensors.values())
+    params = sum(t.n_elements for n, t in g.tensors.items() if n in names)
+    ftype = g.get("general.file_type")
+    facts = {
+        "format": "gguf",
+        "architecture": arch,
+        "parameters": params,
+        "context_length": cfg.context_length,
+        "quantization": _dominant(g),
+        "quantization_mix": dict(sorted(counts.items())),
+        "file_type": int(ftype) if ftype is not None else None,
+        "license": g.get("general.license"),
+        "model_name": g.get("general.name"),
+        "vocab_size": cfg.vocab_size,
+    }
+    return Checkpoint("gguf", cfg, spec, g.get("tokenizer.chat_template"), facts, tensors)
+
+
+def _dominant(g: GGUFFile) -> str:
+    """The quantization that holds most of the weight bytes (what people call the model's quant)."""
+    by_bytes: Counter[str] = Counter()
+    for t in g.tensors.values():
+        if len(t.shape) >= 2:
+            by_bytes[t.type_name] += t.nbytes
+    return by_bytes.most_common(1)[0][0] if by_bytes else "F32"
+
+
+# -- HF folders -------------------------------------------------------------------------------
+def _open_hf(files: Mapping[str, Path]) -> Checkpoint:
+    if "config.json" not in files:
+        raise ModelFormatError("model has no config.json")
+    raw = hf.read_json(files["config.json"])
+    if not isinstance(raw, dict):
+        raise ModelFormatError("config.json is not an object")
+    cfg = model_config.from_hf(raw)
+    spec, template = tok.from_hf(files)
+    st_files = {n: p for n, p in files.items() if n.endswith(".safetensors")}
+    shapes: dict[str, tuple] = {}
+    for n, p in st_files.items():
+        for k, (shape, dtype) in hf.SafetensorsFile(p).shapes().items():
+            shapes[k] = (shape, dtype)
+    names = {}
+    for name in shapes:
+        ours = keymaps.rename(name, keymaps.HF, keymaps.HF_IGNORE, "safetensors")
+        if ours == "lm_head.weight" and cfg.tie_embeddings:
+            continue  # tied: the embedding serves as the head
+        if ours is not None:
+            names[name] = ours
+
+    def tensors(dtype: torch.dtype) -> Iterator[tuple[str, torch.Tensor]]:
+        for name, t, _ in hf.iter_safetensors(st_files):
+            if name in names:
+                yield names[name], t if t.dtype == dtype else t.to(dtype)
+
+    dtypes = Counter(str(d).removeprefix("torch.") for n, (s, d) in shapes.items() if n in names)
+    params = sum(int(np.prod(s)) for n, (s, d) in shapes.items() if n in names)
+    facts = {
+        "format": "safetensors",
+        "architecture": cfg.architecture,
+        "parameters": params,
+        "context_length": cfg.context_length,
+        "quantization": dtypes.most_common(1)[0][0].upper() if dtypes else "none",
+        "quantization_mix": dict(sorted(dtypes.items())),
+        "license": raw.get("license"),
+        "model_name": raw.get("_name_or_path") or None,
+        "vocab_size": cfg.vocab_size,
+    }
+    return Checkpoint("safetensors", cfg, spec, template, facts, tensors)

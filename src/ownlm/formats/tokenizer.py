@@ -1,0 +1,171 @@
+"""Tokenizers from checkpoint metadata: a HF `tokenizers.Tokenizer` plus the special-token facts
+the model declares (BOS, EOS / stop tokens, whether BOS is added)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers
+
+from ..errors import ModelFormatError
+from .hf import read_json
+
+# GGUF token types (llama.cpp's llama_token_type)
+NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
+
+_GPT2 = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"
+_LLAMA3 = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+           r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+_QWEN2 = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+          r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+
+
+def _split(pattern: str) -> list:
+    return [pre_tokenizers.Split(Regex(pattern), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)]
+
+
+# llama.cpp's `tokenizer.ggml.pre` names -> pre-tokenizer pipeline (as llama.cpp's llama-vocab does)
+PRE_TOKENIZERS: dict[str, Any] = {
+    "default": lambda: [pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)],
+    "gpt-2": lambda: [pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)],
+    "smollm": lambda: [pre_tokenizers.Digits(individual_digits=True),
+                       pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)],
+    "starcoder": lambda: [pre_tokenizers.Digits(individual_digits=True),
+                          pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)],
+    "llama-bpe": lambda: _split(_LLAMA3),
+    "llama3": lambda: _split(_LLAMA3),
+    "qwen2": lambda: _split(_QWEN2),
+}
+IGNORE_MERGES = {"llama-bpe", "llama3"}
+
+
+@dataclass
+class TokenizerSpec:
+    tokenizer: Tokenizer
+    bos_id: int | None = None
+    eos_ids: list[int] = field(default_factory=list)  # stop tokens, the primary EOS first
+    add_bos: bool = False
+    bos_token: str = ""
+    eos_token: str = ""
+
+
+def _array(meta: Mapping[str, Any], key: str, n: int) -> list:
+    v = meta.get(key)
+    if v is None:
+        return []
+    v = list(v) if not hasattr(v, "tolist") else v.tolist()
+    if len(v) != n:
+        raise ModelFormatError(f"GGUF: {key} has {len(v)} entries for {n} tokens")
+    return v
+
+
+def _id(meta: Mapping[str, Any], key: str, n: int) -> int | None:
+    v = meta.get(key)
+    if v is None:
+        return None
+    v = int(v)
+    if not 0 <= v < n:
+        raise ModelFormatError(f"GGUF: {key}={v} is outside the vocabulary of {n}")
+    return v
+
+
+def from_gguf(meta: Mapping[str, Any]) -> TokenizerSpec:
+    kind = meta.get("tokenizer.ggml.model")
+    tokens = meta.get("tokenizer.ggml.tokens")
+    if not isinstance(tokens, list) or not tokens:
+        raise ModelFormatError("GGUF: tokenizer.ggml.tokens is missing", "this file carries no tokenizer")
+    n = len(tokens)
+    types = _array(meta, "tokenizer.ggml.token_type", n) or [NORMAL] * n
+    vocab: dict[str, int] = {}
+    for i, t in enumerate(tokens):
+        vocab.setdefault(t, i)
+    if kind == "gpt2":
+        pre = meta.get("tokenizer.ggml.pre", "default")
+        if pre not in PRE_TOKENIZERS:
+            raise ModelFormatError(f"GGUF: pre-tokenizer {pre!r} is not supported",
+                                   f"supported: {', '.join(sorted(PRE_TOKENIZERS))}")
+        merges = []
+        for m in meta.get("tokenizer.ggml.merges") or []:
+            a, sep, b = m.partition(" ")
+            if not sep:
+                raise ModelFormatError(f"GGUF: merge {m!r} is not two tokens")
+            merges.append((a, b))
+        tk = Tokenizer(models.BPE(vocab, merges, ignore_merges=pre in IGNORE_MERGES))
+        tk.pre_tokenizer = pre_tokenizers.Sequence(PRE_TOKENIZERS[pre]())
+        tk.decoder = decoders.ByteLevel()
+        add_bos_default = False
+    elif kind == "llama":
+        scores = _array(meta, "tokenizer.ggml.scores", n) or [0.0] * n
+        tk = Tokenizer(models.BPE(vocab, _spm_merges(tokens, scores, types, vocab),
+                                  unk_token=tokens[_id(meta, "tokenizer.ggml.unknown_token_id", n) or 0],
+                                  fuse_unk=True, byte_fallback=True))
+        prefix = bool(meta.get("tokenizer.ggml.add_space_prefix", True))
+        norm = [normalizers.Prepend("▁")] if prefix else []
+        tk.normalizer = normalizers.Sequence(norm + [normalizers.Replace(" ", "▁")])
+        dec = [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()]
+        tk.decoder = decoders.Sequence(dec + ([decoders.Strip(" ", 1, 0)] if prefix else []))
+        add_bos_default = True
+    else:
+        raise ModelFormatError(f"GGUF: tokenizer model {kind!r} is not supported", "supported: gpt2 (BPE), llama (SentencePiece)")
+    specials = [AddedToken(tokens[i], special=True, normalized=False) for i in range(n) if types[i] == CONTROL]
+    user = [AddedToken(tokens[i], special=False, normalized=False) for i in range(n) if types[i] == USER_DEFINED]
+    tk.add_special_tokens(specials)
+    if user:
+        tk.add_tokens(user)
+    bos = _id(meta, "tokenizer.ggml.bos_token_id", n)
+    eos = _id(meta, "tokenizer.ggml.eos_token_id", n)
+    eot = _id(meta, "tokenizer.ggml.eot_token_id", n)
+    eos_ids = [i for i in (eos, eot) if i is not None]
+    return TokenizerSpec(tk, bos, list(dict.fromkeys(eos_ids)),
+                         bool(meta.get("tokenizer.ggml.add_bos_token", add_bos_default)) and bos is not None,
+                         tokens[bos] if bos is not None else "", tokens[eos] if eos is not None else "")
+
+
+def _spm_merges(tokens: list[str], scores: list[float], types: list[int], vocab: dict[str, int]) -> list[tuple[str, str]]:
+    """BPE merges equivalent to a SentencePiece BPE model: every split of a piece into two
+    pieces of the vocabulary, ranked by the merged piece's score (higher merges first)."""
+    ranked = []
+    for i, piece in enumerate(tokens):
+        if types[i] not in (NORMAL, USER_DEFINED) or len(piece) < 2:
+            continue
+        for cut in range(1, len(piece)):
+            a, b = piece[:cut], piece[cut:]
+            if a in vocab and b in vocab:
+                ranked.append((-scores[i], vocab[a], vocab[b], a, b))
+    ranked.sort()
+    return [(a, b) for *_, a, b in ranked]
+
+
+def _token_text(v: Any) -> str:
+    if isinstance(v, dict):
+        v = v.get("content")
+    return v if isinstance(v, str) else ""
+
+
+def from_hf(files: Mapping[str, Path]) -> tuple[TokenizerSpec, Any]:
+    """(tokenizer, chat_template) from tokenizer.json + tokenizer_config.json (+ generation_config)."""
+    try:
+        tk = Tokenizer.from_file(str(files["tokenizer.json"]))
+    except Exception as e:  # tokenizers raises plain Exceptions for bad files
+        raise ModelFormatError(f"tokenizer.json cannot be read: {e}") from None
+    tcfg = read_json(files["tokenizer_config.json"]) if "tokenizer_config.json" in files else {}
+    gcfg = read_json(files["generation_config.json"]) if "generation_config.json" in files else {}
+    bos_tok, eos_tok = _token_text(tcfg.get("bos_token")), _token_text(tcfg.get("eos_token"))
+    bos = tk.token_to_id(bos_tok) if bos_tok else None
+    eos_ids: list[int] = []
+    if eos_tok and tk.token_to_id(eos_tok) is not None:
+        eos_ids.append(tk.token_to_id(eos_tok))
+    extra = gcfg.get("eos_token_id")
+    for i in extra if isinstance(extra, list) else [extra] if extra is not None else []:
+        if isinstance(i, int) and 0 <= i < tk.get_vocab_size(with_added_tokens=True):
+            eos_ids.append(i)
+    spec = TokenizerSpec(tk, bos, list(dict.fromkeys(eos_ids)), bool(tcfg.get("add_bos_token", False)) and bos is not None,
+                         bos_tok, eos_tok)
+    template = tcfg.get("chat_template")
+    if isinstance(template, list):  # [{"name": "default", "template": ...}, ...]
+        named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
+        template = named.get("default") or next(iter(named.values()), None)
+    return spec, template if isinstance(template, str) else None

@@ -1,0 +1,161 @@
+"""One decoder-only Transformer for every supported family, driven by ModelConfig switches.
+
+Pure compute: no file formats, no tokenizers, no cache management. The engine passes a KV cache
+object (see engine/kv_cache.py) with `update(layer, pos, k, v) -> (k_all, v_all)`; the model
+only calls it. Linear layers are built by `linear.dense` and may be swapped for quantized or LoRA
+linears after construction without touching this file.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import ModelConfig, RopeScaling
+from .linear import dense
+
+
+class Cache(Protocol):
+    def update(self, layer: int, pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # normalize in fp32 as the reference implementations do, then cast back
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.to(x.dtype)
+
+
+def rope_frequencies(head_dim: int, theta: float, scaling: RopeScaling) -> torch.Tensor:
+    inv = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))  # (D/2,)
+    if scaling.kind == "linear":
+        inv = inv / scaling.factor
+    elif scaling.kind == "factors":
+        inv = inv / torch.tensor(scaling.factors, dtype=torch.float64)
+    elif scaling.kind == "llama3":
+        lo_wave = scaling.original_context / scaling.low_freq_factor
+        hi_wave = scaling.original_context / scaling.high_freq_factor
+        wave = 2 * math.pi / inv
+        scaled = torch.where(wave > lo_wave, inv / scaling.factor, inv)
+        smooth = (scaling.original_context / wave - scaling.low_freq_factor) / (
+            scaling.high_freq_factor - scaling.low_freq_factor)
+        mid = (wave >= hi_wave) & (wave <= lo_wave)
+        inv = torch.where(mid, (1 - smooth) * scaled / scaling.factor + smooth * scaled, scaled)
+    return inv.float()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    # x: (B, H, T, D); cos/sin: (B, 1, T, D). Half-rotated layout (first half pairs with second).
+    x1, x2 = x.chunk(2, dim=-1)
+    rotated = torch.cat((-x2, x1), dim=-1)
+    return (x * cos + rotated * sin).to(x.dtype)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer: int):
+        super().__init__()
+        self.layer = layer
+        self.n_heads, self.n_kv, self.hd = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+        self.q = dense(cfg.dim, cfg.n_heads * cfg.head_dim, cfg.qkv_bias)
+        self.k = dense(cfg.dim, cfg.n_kv_heads * cfg.head_dim, cfg.qkv_bias)
+        self.v = dense(cfg.dim, cfg.n_kv_heads * cfg.head_dim, cfg.qkv_bias)
+        self.o = dense(cfg.n_heads * cfg.head_dim, cfg.dim, cfg.o_bias)
+
+    def forward(self, x, cos, sin, mask, pos, cache):
+        B, T, _ = x.shape
+        q = self.q(x).view(B, T, self.n_heads, self.hd).transpose(1, 2)  # (B, H, T, D)
+        k = self.k(x).view(B, T, self.n_kv, self.hd).transpose(1, 2)  # (B, Hkv, T, D)
+        v = self.v(x).view(B, T, self.n_kv, self.hd).transpose(1, 2)  # (B, Hkv, T, D)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is not None:
+            k, v = cache.update(self.layer, pos, k, v)  # (B, Hkv, S, D), S = cache length
+        if self.n_kv != self.n_heads:
+            rep = self.n_heads // self.n_kv
+            k = k.repeat_interleave(rep, dim=1)  # (B, H, S, D)
+            v = v.repeat_interleave(rep, dim=1)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (B, H, T, D)
+        return self.o(y.transpose(1, 2).reshape(B, T, self.n_heads * self.hd))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.gate = dense(cfg.dim, cfg.ffn_dim, cfg.mlp_bias)
+        self.up = dense(cfg.dim, cfg.ffn_dim, cfg.mlp_bias)
+        self.down = dense(cfg.ffn_dim, cfg.dim, cfg.mlp_bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down(F.silu(self.gate(x)) * self.up(x))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer: int):
+        super().__init__()
+        self.attn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.attn = Attention(cfg, layer)
+        self.mlp_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x, cos, sin, mask, pos, cache):
+        x = x + self.attn(self.attn_norm(x), cos, sin, mask, pos, cache)
+        return x + self.mlp(self.mlp_norm(x))
+
+
+class Transformer(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.dim)
+        self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
+        self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.lm_head = None if cfg.tie_embeddings else dense(cfg.dim, cfg.vocab_size, False)
+        self.register_buffer("inv_freq", torch.empty(cfg.head_dim // 2), persistent=False)
+
+    def init_buffers(self, device: torch.device | str | None = None) -> None:
+        """Compute the non-persistent buffers (call after loading weights onto a device)."""
+        cfg = self.cfg
+        device = device or self.embed.weight.device
+        self.inv_freq = rope_frequencies(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling).to(device)
+
+    def state_names(self) -> set[str]:
+        return set(self.state_dict().keys())
+
+    def _mask(self, pos: torch.Tensor, total: int, device) -> torch.Tensor | None:
+        """Boolean (B or 1, 1, T, S) mask: key j visible to query at position p iff j <= p (and
+        within the sliding window). `total` is the key length (cache length or T)."""
+        keys = torch.arange(total, device=device)  # (S,)
+        visible = keys[None, None, :] <= pos[:, :, None]  # (B, T, S)
+        if self.cfg.sliding_window:
+            visible &= keys[None, None, :] > pos[:, :, None] - self.cfg.sliding_window
+        return visible[:, None]  # (B, 1, T, S)
+
+    def forward(self, tokens: torch.Tensor, pos: torch.Tensor | None = None, cache: Cache | None = None,
+                last_only: bool = False) -> torch.Tensor:
+        """tokens: (B, T) ids; pos: (B, T) absolute positions (default 0..T-1).
+        Returns logits (B, T, V), or (B, 1, V) with last_only."""
+        B, T = tokens.shape
+        if pos is None:
+            pos = torch.arange(T, device=tokens.device).expand(B, T)
+        x = self.embed(tokens)  # (B, T, C)
+        freqs = pos[..., None].float() * self.inv_freq  # (B, T, D/2)
+        emb = torch.cat((freqs, freqs), dim=-1)[:, None]  # (B, 1, T, D)
+        cos, sin = emb.cos().to(x.dtype), emb.sin().to(x.dtype)
+        total = cache.length if cache is not None else T
+        mask = self._mask(pos, total, tokens.device)
+        for block in self.layers:
+            x = block(x, cos, sin, mask, pos, cache)
+        if last_only:
+            x = x[:, -1:]
+        x = self.norm(x)
+        head = self.embed.weight if self.lm_head is None else None
+        return F.linear(x, head) if head is not None else self.lm_head(x)  # (B, T, V)

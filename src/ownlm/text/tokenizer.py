@@ -1,0 +1,70 @@
+"""The tokenizer wrapper the engine and the API use, and an incremental detokenizer."""
+
+from __future__ import annotations
+
+from typing import Iterable
+
+from ..formats.tokenizer import TokenizerSpec
+
+
+class TextTokenizer:
+    def __init__(self, spec: TokenizerSpec):
+        self.spec = spec
+        self.tk = spec.tokenizer
+        self.bos_id = spec.bos_id
+        self.eos_ids = list(spec.eos_ids)
+        self.add_bos = spec.add_bos
+        self.bos_token, self.eos_token = spec.bos_token, spec.eos_token
+
+    @property
+    def vocab_size(self) -> int:
+        return self.tk.get_vocab_size(with_added_tokens=True)
+
+    def encode(self, text: str, add_bos: bool | None = None) -> list[int]:
+        """Token ids of `text`; special tokens written in the text become their ids. BOS is
+        prepended when the model asks for it (unless the text already starts with it)."""
+        ids = self.tk.encode(text, add_special_tokens=False).ids
+        if (self.add_bos if add_bos is None else add_bos) and self.bos_id is not None:
+            if not ids or ids[0] != self.bos_id:
+                ids = [self.bos_id] + ids
+        return ids
+
+    def decode(self, ids: Iterable[int], skip_special: bool = False) -> str:
+        return self.tk.decode(list(ids), skip_special_tokens=skip_special)
+
+    def token(self, i: int) -> str | None:
+        return self.tk.id_to_token(i)
+
+
+class IncrementalDecoder:
+    """Turns a stream of token ids into text pieces that never split a UTF-8 character.
+
+    Decodes a short window of recent tokens and emits only the new, complete suffix: a byte-level
+    token that ends mid-character decodes to U+FFFD, which is held back until the next token
+    completes it."""
+
+    def __init__(self, tokenizer: TextTokenizer, skip_special: bool = True):
+        self.tok, self.skip = tokenizer, skip_special
+        self.ids: list[int] = []
+        self.prefix = 0  # start of the decode window
+        self.read = 0  # tokens whose text has been emitted
+
+    def _text(self, a: int, b: int) -> str:
+        return self.tok.decode(self.ids[a:b], skip_special=self.skip)
+
+    def push(self, token_id: int) -> str:
+        self.ids.append(token_id)
+        before = self._text(self.prefix, self.read)
+        now = self._text(self.prefix, len(self.ids))
+        if len(now) > len(before) and not now.endswith("\ufffd"):
+            piece = now[len(before):]
+            self.prefix, self.read = self.read, len(self.ids)
+            return piece
+        return ""
+
+    def flush(self) -> str:
+        """Whatever is held back at the end (a genuinely broken tail decodes as U+FFFD)."""
+        before = self._text(self.prefix, self.read)
+        now = self._text(self.prefix, len(self.ids))
+        self.prefix = self.read = len(self.ids)
+        return now[len(before):]
