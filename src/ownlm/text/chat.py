@@ -23,6 +23,16 @@ MAX_SECONDS = 2.0
 ROLES = {"system", "user", "assistant", "tool"}
 
 
+class _Undefined(jinja2.Undefined):
+    """Plain undefined values stay falsy and print empty (templates rely on that), but an unsafe
+    attribute access — which the sandbox turns into an undefined — fails loudly."""
+
+    def __init__(self, hint=None, obj=jinja2.utils.missing, name=None, exc=jinja2.exceptions.UndefinedError):
+        if exc is SecurityError:
+            raise SecurityError(hint or f"access to {name!r} is unsafe")
+        super().__init__(hint, obj, name, exc)
+
+
 class _Timeout(BaseException):
     """Raised inside the rendering thread when it runs past its time."""
 
@@ -39,7 +49,7 @@ class ChatTemplate:
     def __init__(self, source: str | None, bos_token: str = "", eos_token: str = ""):
         self.is_fallback = source is None
         self.source = CHATML if source is None else source
-        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, undefined=jinja2.Undefined)
+        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, undefined=_Undefined)
         env.filters["tojson"] = _tojson
         env.globals["raise_exception"] = _raise
         env.globals["strftime_now"] = lambda fmt: datetime.datetime.now().strftime(fmt)

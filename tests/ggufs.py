@@ -1,0 +1,121 @@
+"""GGUF files for tests: a converter from a tiny HF folder written the way llama.cpp's
+convert_hf_to_gguf.py does it (Q/K rows permuted, gpt2 tokenizer metadata), with the `gguf`
+package's writer; and a raw byte builder for hostile files."""
+
+from __future__ import annotations
+
+import json
+import struct
+from pathlib import Path
+
+import gguf
+import numpy as np
+from safetensors.numpy import load_file
+
+HF_TO_GGUF = {
+    "model.embed_tokens.weight": "token_embd.weight",
+    "model.norm.weight": "output_norm.weight",
+    "lm_head.weight": "output.weight",
+}
+LAYER = {
+    "input_layernorm.weight": "attn_norm.weight", "post_attention_layernorm.weight": "ffn_norm.weight",
+    "self_attn.q_proj.weight": "attn_q.weight", "self_attn.k_proj.weight": "attn_k.weight",
+    "self_attn.v_proj.weight": "attn_v.weight", "self_attn.o_proj.weight": "attn_output.weight",
+    "self_attn.q_proj.bias": "attn_q.bias", "self_attn.k_proj.bias": "attn_k.bias", "self_attn.v_proj.bias": "attn_v.bias",
+    "mlp.gate_proj.weight": "ffn_gate.weight", "mlp.up_proj.weight": "ffn_up.weight", "mlp.down_proj.weight": "ffn_down.weight",
+}
+
+
+def llama_cpp_permute(w: np.ndarray, n_head: int) -> np.ndarray:
+    """llama.cpp's convert-time permutation (written from its documented formula)."""
+    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def hf_folder_to_gguf(folder: Path, out: Path, qtype=gguf.GGMLQuantizationType.F32, arch: str = "llama",
+                      chat_template: str | None = None) -> Path:
+    cfg = json.loads((folder / "config.json").read_text())
+    tok = json.loads((folder / "tokenizer.json").read_text())
+    tensors = load_file(str(folder / "model.safetensors"))
+    w = gguf.GGUFWriter(str(out), arch)
+    w.add_name("tiny")
+    w.add_context_length(cfg["max_position_embeddings"])
+    w.add_embedding_length(cfg["hidden_size"])
+    w.add_block_count(cfg["num_hidden_layers"])
+    w.add_feed_forward_length(cfg["intermediate_size"])
+    w.add_head_count(cfg["num_attention_heads"])
+    w.add_head_count_kv(cfg["num_key_value_heads"])
+    w.add_rope_freq_base(float(cfg.get("rope_theta", cfg.get("rope_parameters", {}).get("rope_theta", 10000.0))))
+    w.add_layer_norm_rms_eps(cfg["rms_norm_eps"])
+    w.add_rope_dimension_count(cfg["hidden_size"] // cfg["num_attention_heads"])
+    vocab = tok["model"]["vocab"]
+    added = {t["content"]: t["id"] for t in tok["added_tokens"]}
+    n = cfg["vocab_size"]
+    tokens = [""] * n
+    types = [gguf.TokenType.NORMAL] * n
+    for t, i in {**vocab, **added}.items():
+        tokens[i] = t
+        if t in added:
+            types[i] = gguf.TokenType.CONTROL
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre("default")
+    w.add_token_list(tokens)
+    w.add_token_types(types)
+    merges = [m if isinstance(m, str) else " ".join(m) for m in tok["model"]["merges"]]
+    w.add_token_merges(merges)
+    w.add_eos_token_id(added["<|im_end|>"])
+    w.add_add_bos_token(False)
+    if chat_template:
+        w.add_chat_template(chat_template)
+    for name, t in tensors.items():
+        if name.startswith("model.layers."):
+            i, rest = name[len("model.layers."):].split(".", 1)
+            gname = f"blk.{i}.{LAYER[rest]}"
+        else:
+            gname = HF_TO_GGUF[name]
+        t = t.astype(np.float32)
+        if arch == "llama" and rest_is(name, "q_proj"):
+            t = llama_cpp_permute(t, cfg["num_attention_heads"])
+        elif arch == "llama" and rest_is(name, "k_proj"):
+            t = llama_cpp_permute(t, cfg["num_key_value_heads"])
+        if t.ndim == 2 and qtype != gguf.GGMLQuantizationType.F32:
+            data = gguf.quants.quantize(t, qtype)
+            w.add_tensor(gname, data, raw_dtype=qtype)
+        else:
+            w.add_tensor(gname, t)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return out
+
+
+def rest_is(name: str, proj: str) -> bool:
+    return f"self_attn.{proj}." in name
+
+
+# -- raw files for hostile inputs ---------------------------------------------------------------
+def _s(text: str | bytes) -> bytes:
+    b = text.encode() if isinstance(text, str) else text
+    return struct.pack("<Q", len(b)) + b
+
+
+def raw_gguf(kv: list[tuple[str, int, bytes]], tensors: list[tuple[str, list[int], int, int]], data: bytes,
+             n_tensors: int | None = None, n_kv: int | None = None, version: int = 3) -> bytes:
+    """kv: (key, value type, packed value); tensors: (name, dims (ne0 first), type id, offset)."""
+    out = b"GGUF" + struct.pack("<IQQ", version, len(tensors) if n_tensors is None else n_tensors,
+                                len(kv) if n_kv is None else n_kv)
+    for key, vtype, value in kv:
+        out += _s(key) + struct.pack("<I", vtype) + value
+    for name, dims, tid, offset in tensors:
+        out += _s(name) + struct.pack("<I", len(dims)) + b"".join(struct.pack("<Q", d) for d in dims)
+        out += struct.pack("<IQ", tid, offset)
+    out += b"\0" * ((-len(out)) % 32)
+    return out + data
+
+
+def kv_str(key: str, value: str) -> tuple[str, int, bytes]:
+    return key, 8, _s(value)
+
+
+def kv_u32(key: str, value: int) -> tuple[str, int, bytes]:
+    return key, 4, struct.pack("<I", value)

@@ -1,0 +1,114 @@
+"""Sampling and generation on a tiny model: seeds, greedy equivalences, stop strings, penalties,
+budgets, and the Python API's shapes."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import ownlm
+from ownlm.engine.sampling import SamplingParams, apply_penalties, sample
+from ownlm.errors import BadRequest
+
+
+@pytest.fixture(scope="module")
+def lm(hf_models):
+    return ownlm.load(str(hf_models["llama"]), dtype="float32")
+
+
+def run(lm, prompt="The quick brown", **kw):
+    kw.setdefault("stop_token_ids", [])
+    return lm.stream_ids(lm.encode(prompt), **kw).run()
+
+
+def test_same_seed_same_tokens_and_seeds_differ(lm):
+    a = run(lm, temperature=1.0, seed=7, max_tokens=24)
+    b = run(lm, temperature=1.0, seed=7, max_tokens=24)
+    c = run(lm, temperature=1.0, seed=8, max_tokens=24)
+    assert a.token_ids == b.token_ids and a.text == b.text
+    assert a.token_ids != c.token_ids
+
+
+def test_top_k_1_equals_greedy(lm):
+    greedy = run(lm, temperature=0, max_tokens=20)
+    assert run(lm, temperature=1.3, top_k=1, seed=3, max_tokens=20).token_ids == greedy.token_ids
+    # greedy equals the argmax of a full forward at every step
+    ids = lm.encode("The quick brown")
+    with torch.no_grad():
+        for t in greedy.token_ids:
+            assert int(lm.model(torch.tensor([ids]))[0, -1].argmax()) == t
+            ids.append(t)
+
+
+def test_stop_string_cuts_exactly(lm):
+    full = run(lm, temperature=0, max_tokens=30)
+    text = full.text
+    assert len(text) > 12
+    stop = text[5:9]
+    first = text.find(stop)
+    cut = run(lm, temperature=0, max_tokens=30, stop=[stop])
+    assert cut.text == text[:first] and cut.finish_reason == "stop"
+    streamed = "".join(lm.stream_ids(lm.encode("The quick brown"), temperature=0, max_tokens=30, stop=[stop],
+                                     stop_token_ids=[]))
+    assert streamed == text[:first]
+
+
+def test_length_and_stop_token_finish_reasons(lm):
+    assert run(lm, temperature=0, max_tokens=4).finish_reason == "length"
+    greedy = run(lm, temperature=0, max_tokens=10)
+    stopped = run(lm, temperature=0, max_tokens=10, stop_token_ids=[greedy.token_ids[3]])
+    assert stopped.token_ids == greedy.token_ids[:3] and stopped.finish_reason == "stop"
+
+
+def test_penalties_change_what_they_should():
+    logits = torch.tensor([2.0, -1.0, 0.5, 3.0])
+    ctx = torch.tensor([0, 1, 0])
+    out = torch.tensor([0, 0, 2])
+    rep = apply_penalties(logits.clone(), SamplingParams(repetition_penalty=2.0), ctx, out)
+    assert rep.tolist() == [1.0, -2.0, 0.5, 3.0]  # seen tokens: positive halved, negative doubled
+    pres = apply_penalties(logits.clone(), SamplingParams(presence_penalty=1.0), ctx, out)
+    assert pres.tolist() == [1.0, -1.0, -0.5, 3.0]  # every generated token minus 1
+    freq = apply_penalties(logits.clone(), SamplingParams(frequency_penalty=0.5), ctx, out)
+    assert freq.tolist() == [1.0, -1.0, 0.0, 3.0]  # minus 0.5 per occurrence
+    bias = apply_penalties(logits.clone(), SamplingParams(logit_bias=((1, 10.0),)), ctx, out)
+    assert sample(bias, SamplingParams(temperature=0), None) == 1
+
+
+def test_top_p_and_min_p_restrict_the_support():
+    logits = torch.log(torch.tensor([0.5, 0.3, 0.15, 0.05]))
+    g = torch.Generator().manual_seed(0)
+    draws = {sample(logits, SamplingParams(temperature=1.0, top_p=0.7), g) for _ in range(300)}
+    assert draws == {0, 1}
+    draws = {sample(logits, SamplingParams(temperature=1.0, min_p=0.25), g) for _ in range(300)}
+    assert draws == {0, 1, 2}
+    draws = {sample(logits, SamplingParams(temperature=1.0), g) for _ in range(2000)}
+    assert draws == {0, 1, 2, 3}
+
+
+def test_repetition_penalty_reduces_repeats(lm):
+    plain = run(lm, temperature=0, max_tokens=40)
+    penalized = run(lm, temperature=0, max_tokens=40, repetition_penalty=1.8)
+    repeats = lambda ids: len(ids) - len(set(ids))  # noqa: E731
+    assert repeats(penalized.token_ids) < repeats(plain.token_ids)
+
+
+def test_bad_parameters_are_errors(lm):
+    for kw in ({"temperature": -1}, {"top_p": 0}, {"top_k": -2}, {"max_tokens": 0}, {"frobnicate": 1},
+               {"presence_penalty": 5}):
+        with pytest.raises(BadRequest):
+            lm.generate("hi", **kw)
+    with pytest.raises(BadRequest, match="context"):
+        lm.generate("hi", max_tokens=10_000)
+    with pytest.raises(BadRequest, match="context"):
+        lm.generate("The quick brown fox " * 200)
+
+
+def test_python_api_shapes(lm):
+    c = lm.chat([{"role": "user", "content": "hello"}], temperature=0, max_tokens=6, seed=1)
+    assert set(c.usage) == {"prompt_tokens", "completion_tokens", "total_tokens"}
+    assert c.usage["prompt_tokens"] == len(lm.encode(lm.chat_prompt([{"role": "user", "content": "hello"}])))
+    assert c.usage["completion_tokens"] == len(c.token_ids) and c.finish_reason in ("stop", "length")
+    pieces = list(lm.chat_stream([{"role": "user", "content": "hello"}], temperature=0, max_tokens=6))
+    assert "".join(pieces) == c.text
+    g = lm.generate("The quick", max_tokens=5, temperature=0)
+    assert "".join(lm.stream("The quick", max_tokens=5, temperature=0)) == g.text
