@@ -17,6 +17,7 @@ from ..model.config import ModelConfig
 from . import hf, keymaps
 from . import tokenizer as tok
 from .gguf import GGUFFile
+from .quants import INT4_TYPES, Int4Weight, int4_from_blocks
 
 GGUF_FILE = "model.gguf"
 
@@ -28,7 +29,9 @@ class Checkpoint:
     tokenizer: tok.TokenizerSpec
     chat_template: str | None
     facts: dict[str, Any]
-    tensors: Callable[[torch.dtype], Iterator[tuple[str, torch.Tensor]]] = field(repr=False)
+    # tensors(dtype, int4) -> (our name, dense tensor or Int4Weight); int4=True keeps Q4_0/Q4_1
+    # linear weights in their lossless int4 form instead of dequantizing them
+    tensors: Callable[..., Iterator[tuple[str, torch.Tensor | Int4Weight]]] = field(repr=False)
 
 
 def open_checkpoint(files: Mapping[str, Path]) -> Checkpoint:
@@ -69,8 +72,17 @@ def _open_gguf(path: Path) -> Checkpoint:
             names[name] = ours
     permuted = arch in keymaps.GGUF_PERMUTED_QK
 
-    def tensors(dtype: torch.dtype) -> Iterator[tuple[str, torch.Tensor]]:
+    def tensors(dtype: torch.dtype, int4: bool = False) -> Iterator[tuple[str, torch.Tensor | Int4Weight]]:
         for name, ours in names.items():
+            info = g.tensors[name]
+            if int4 and info.qtype in INT4_TYPES and ours.startswith("layers.") and ours.endswith(".weight"):
+                raw = g.raw(name)
+                if permuted and ours.endswith("attn.q.weight"):
+                    raw = keymaps.unpermute_qk(raw, cfg.n_heads)  # whole rows of blocks move together
+                elif permuted and ours.endswith("attn.k.weight"):
+                    raw = keymaps.unpermute_qk(raw, cfg.n_kv_heads)
+                yield ours, int4_from_blocks(raw, info.qtype)
+                continue
             w = g.dequantize(name)
             if permuted and ours.endswith(("attn.q.weight", "attn.q.bias")):
                 w = keymaps.unpermute_qk(w, cfg.n_heads)
@@ -129,7 +141,7 @@ def _open_hf(files: Mapping[str, Path]) -> Checkpoint:
         if ours is not None:
             names[name] = ours
 
-    def tensors(dtype: torch.dtype) -> Iterator[tuple[str, torch.Tensor]]:
+    def tensors(dtype: torch.dtype, int4: bool = False) -> Iterator[tuple[str, torch.Tensor]]:
         for name, t, _ in hf.iter_safetensors(st_files):
             if name in names:
                 yield names[name], t if t.dtype == dtype else t.to(dtype)

@@ -36,6 +36,10 @@ GGUF_IGNORE = r"rope_freqs\.weight"  # consumed into the config's rope scaling
 # GGUF architectures whose converter permuted Q/K rows into llama.cpp's interleaved rotary layout.
 GGUF_PERMUTED_QK = {"llama"}
 
+# Projections the Transformer runs fused: fused name -> the per-projection names the maps produce,
+# concatenated along the output dimension in this order when loading.
+FUSED = {"attn.qkv": ("attn.q", "attn.k", "attn.v"), "mlp.gate_up": ("mlp.gate", "mlp.up")}
+
 _compiled: dict[int, list[tuple[re.Pattern, str]]] = {}
 
 

@@ -6,6 +6,7 @@ and a `weight`-like state (quantized int4 / int8 weights, a LoRA wrapper) can be
 
 from __future__ import annotations
 
+import torch
 from torch import nn
 
 
@@ -18,3 +19,32 @@ def replace(model: nn.Module, name: str, new: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
     setattr(parent, child, new)
+
+
+class Int4Linear(nn.Module):
+    """Group-wise int4 weights kept quantized in memory, multiplied with PyTorch's int4
+    weight-only kernel: w = (q - 8) * scale + zero per group of `group` input columns.
+
+    packed: the kernel's packed layout of q (N, K) in 0..15; scales_zeros: (K / group, N, 2)."""
+
+    def __init__(self, q, scale, zero, group: int, bias=None, dtype=torch.bfloat16):
+        super().__init__()
+        self.out_features, self.in_features = q.shape
+        self.group = group
+        self.register_buffer("packed", torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.to(torch.int32).contiguous(), 2))
+        self.register_buffer("scales_zeros", torch.stack([scale, zero], dim=-1).to(dtype).contiguous())  # (K/g, N, 2)
+        self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        y = torch.ops.aten._weight_int4pack_mm_for_cpu(
+            x.reshape(-1, self.in_features).to(self.scales_zeros.dtype), self.packed, self.group, self.scales_zeros)
+        y = y.reshape(*shape[:-1], self.out_features).to(x.dtype)
+        return y if self.bias is None else y + self.bias
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, int4 group={self.group}"
+
+
+def int4_supported(device) -> bool:
+    return torch.device(device).type == "cpu" and hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu")

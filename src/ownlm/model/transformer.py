@@ -66,36 +66,42 @@ class Attention(nn.Module):
         super().__init__()
         self.layer = layer
         self.n_heads, self.n_kv, self.hd = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
-        self.q = dense(cfg.dim, cfg.n_heads * cfg.head_dim, cfg.qkv_bias)
-        self.k = dense(cfg.dim, cfg.n_kv_heads * cfg.head_dim, cfg.qkv_bias)
-        self.v = dense(cfg.dim, cfg.n_kv_heads * cfg.head_dim, cfg.qkv_bias)
+        # q, k and v as one fused projection: one matmul instead of three (the loader concatenates)
+        self.sizes = (cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim)
+        self.qkv = dense(cfg.dim, sum(self.sizes), cfg.qkv_bias)
         self.o = dense(cfg.n_heads * cfg.head_dim, cfg.dim, cfg.o_bias)
 
     def forward(self, x, cos, sin, mask, pos, cache):
         B, T, _ = x.shape
-        q = self.q(x).view(B, T, self.n_heads, self.hd).transpose(1, 2)  # (B, H, T, D)
-        k = self.k(x).view(B, T, self.n_kv, self.hd).transpose(1, 2)  # (B, Hkv, T, D)
-        v = self.v(x).view(B, T, self.n_kv, self.hd).transpose(1, 2)  # (B, Hkv, T, D)
+        q, k, v = self.qkv(x).split(self.sizes, dim=-1)
+        q = q.reshape(B, T, self.n_heads, self.hd).transpose(1, 2)  # (B, H, T, D)
+        k = k.reshape(B, T, self.n_kv, self.hd).transpose(1, 2)  # (B, Hkv, T, D)
+        v = v.reshape(B, T, self.n_kv, self.hd).transpose(1, 2)  # (B, Hkv, T, D)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
             k, v = cache.update(self.layer, pos, k, v)  # (B, Hkv, S, D), S = cache length
-        if self.n_kv != self.n_heads:
+        if T == 1 and mask is None:
+            # one-token decode: plain matmuls beat the fused kernel's setup cost at this size
             rep = self.n_heads // self.n_kv
-            k = k.repeat_interleave(rep, dim=1)  # (B, H, S, D)
-            v = v.repeat_interleave(rep, dim=1)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (B, H, T, D)
+            qg = q.view(B, self.n_kv, rep, self.hd)  # (B, Hkv, rep, D): query heads grouped by KV head
+            # fp32 here: tiny shapes that change every step are slow through bf16 GEMM primitives
+            att = (qg.float() @ k.float().transpose(-1, -2)) * self.hd ** -0.5  # (B, Hkv, rep, S)
+            y = (att.softmax(-1) @ v.float()).to(q.dtype).view(B, self.n_heads, 1, self.hd)  # (B, H, 1, D)
+        else:
+            # grouped-query attention: each KV head serves n_heads / n_kv query heads
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=self.n_kv != self.n_heads)  # (B, H, T, D)
         return self.o(y.transpose(1, 2).reshape(B, T, self.n_heads * self.hd))
 
 
 class MLP(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.gate = dense(cfg.dim, cfg.ffn_dim, cfg.mlp_bias)
-        self.up = dense(cfg.dim, cfg.ffn_dim, cfg.mlp_bias)
+        self.gate_up = dense(cfg.dim, 2 * cfg.ffn_dim, cfg.mlp_bias)  # gate and up fused
         self.down = dense(cfg.ffn_dim, cfg.dim, cfg.mlp_bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down(F.silu(self.gate(x)) * self.up(x))
+        gate, up = self.gate_up(x).chunk(2, dim=-1)
+        return self.down(F.silu(gate) * up)
 
 
 class Block(nn.Module):
@@ -151,7 +157,10 @@ class Transformer(nn.Module):
         emb = torch.cat((freqs, freqs), dim=-1)[:, None]  # (B, 1, T, D)
         cos, sin = emb.cos().to(x.dtype), emb.sin().to(x.dtype)
         total = cache.length if cache is not None else T
-        mask = self._mask(pos, total, tokens.device)
+        if T == 1 and B == 1 and cache is not None and not self.cfg.sliding_window:
+            mask = None  # one new token sees every cached position (the engine sets length = pos + 1)
+        else:
+            mask = self._mask(pos, total, tokens.device)
         for block in self.layers:
             x = block(x, cos, sin, mask, pos, cache)
         if last_only:
