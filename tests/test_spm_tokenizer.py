@@ -1,0 +1,52 @@
+"""A GGUF `llama` (SentencePiece BPE) vocabulary converted to `tokenizers` encodes like
+sentencepiece itself, byte fallback included, and decodes back exactly."""
+
+from __future__ import annotations
+
+import io
+
+import pytest
+
+from ownlm.formats.tokenizer import from_gguf
+from ownlm.text.tokenizer import TextTokenizer
+
+from .conftest import CORPUS
+
+spm = pytest.importorskip("sentencepiece", reason="sentencepiece is the reference for this test (pip install '.[test]')")
+
+TEXTS = ["Hello world", "The quick brown fox jumps over the lazy dog.", "  two leading spaces", "tabs\tand\nnewlines",
+         "naïve café façade", "rare glyphs ✓ ∑ 🙂 你好", "Owning your model means nobody can change its price.",
+         "def add(a, b):\n    return a + b", "12345 3.14159"]
+
+
+@pytest.fixture(scope="module")
+def sp_and_meta():
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(CORPUS * 20), model_writer=model, vocab_size=420,
+                                   model_type="bpe", byte_fallback=True, character_coverage=0.98,
+                                   add_dummy_prefix=True, remove_extra_whitespaces=False, split_digits=False,
+                                   normalization_rule_name="identity")
+    sp = spm.SentencePieceProcessor(model_proto=model.getvalue())
+    n = sp.get_piece_size()
+    types = [3 if sp.is_control(i) else 2 if sp.is_unknown(i) else 6 if sp.is_byte(i) else 1 for i in range(n)]
+    meta = {"tokenizer.ggml.model": "llama", "tokenizer.ggml.tokens": [sp.id_to_piece(i) for i in range(n)],
+            "tokenizer.ggml.scores": [sp.get_score(i) for i in range(n)], "tokenizer.ggml.token_type": types,
+            "tokenizer.ggml.bos_token_id": sp.bos_id(), "tokenizer.ggml.eos_token_id": sp.eos_id(),
+            "tokenizer.ggml.unknown_token_id": sp.unk_id()}
+    return sp, meta
+
+
+def test_encodes_like_sentencepiece(sp_and_meta):
+    sp, meta = sp_and_meta
+    tok = TextTokenizer(from_gguf(meta))
+    for text in TEXTS:
+        assert tok.encode(text, add_bos=False) == sp.encode(text), text
+        assert tok.decode(tok.encode(text, add_bos=False)) == text
+    assert any(sp.is_byte(i) for i in sp.encode("rare glyphs ✓ ∑ 🙂 你好"))  # byte fallback was exercised
+
+
+def test_bos_added_as_declared(sp_and_meta):
+    sp, meta = sp_and_meta
+    tok = TextTokenizer(from_gguf(meta))
+    assert tok.add_bos and tok.encode("Hello")[0] == sp.bos_id()
+    assert TextTokenizer(from_gguf({**meta, "tokenizer.ggml.add_bos_token": False})).encode("Hello")[0] != sp.bos_id()
