@@ -67,5 +67,6 @@ def fetch_hf(ref: Ref, dest: Path) -> Path:
             return Path(hub.hf_hub_download(ref.repo, ref.member, local_dir=dest))
         return Path(hub.snapshot_download(ref.repo, local_dir=dest, allow_patterns=MODEL_PATTERNS))
     except Exception as e:  # the hub raises many kinds: connection, 404, gated, auth
-        raise FetchError(f"could not download {ref.text} from the Hugging Face Hub: {type(e).__name__}: {str(e)[:200]}",
+        why = " ".join(str(e).split())[:200]  # the hub's messages span lines; keep one
+        raise FetchError(f"could not download {ref.text} from the Hugging Face Hub: {type(e).__name__}: {why}",
                          "check the name and your network, or download elsewhere and `ownlm import` the file") from None
