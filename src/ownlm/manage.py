@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 from typing import Any, Callable
 
-from .errors import BadRequest, ModelFormatError, ModelNotFound
+from .errors import BadRequest, ModelNotFound
 from .formats.checkpoint import GGUF_FILE, Checkpoint, files_of_path, open_checkpoint
 from .progress import Bar, human_bytes
 from .store import sources
@@ -220,4 +220,4 @@ def remove(name: str, store: Store | None = None) -> dict[str, Any]:
     return store.remove(ref.full_name)
 
 
-__all__ = ["pull", "import_path", "resolve", "list_models", "show", "remove", "ModelFormatError"]
+__all__ = ["pull", "import_path", "resolve", "list_models", "show", "remove"]

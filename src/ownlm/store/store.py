@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 from typing import Any, BinaryIO, Callable, Iterator
 
-from ..errors import BadRequest, IntegrityError, ModelNotFound
+from ..errors import IntegrityError, ModelNotFound
 from .refs import split_name
 
 CHUNK = 1 << 20
