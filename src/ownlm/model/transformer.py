@@ -166,5 +166,5 @@ class Transformer(nn.Module):
         if last_only:
             x = x[:, -1:]
         x = self.norm(x)
-        head = self.embed.weight if self.lm_head is None else None
-        return F.linear(x, head) if head is not None else self.lm_head(x)  # (B, T, V)
+        # tied embeddings: the input table doubles as the output head
+        return F.linear(x, self.embed.weight) if self.lm_head is None else self.lm_head(x)  # (B, T, V)
