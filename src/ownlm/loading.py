@@ -91,16 +91,11 @@ def build_model(ckpt: Checkpoint, device: torch.device, dtype: torch.dtype, quan
     for name, tensor in list(state.items()):
         if isinstance(tensor, Int4Weight):
             path = name.removesuffix(".weight")
-            replace(model, path, Int4Linear(tensor.q, tensor.scale, tensor.zero, tensor.group, dtype=dtype).to(device))
+            bias = state.pop(f"{path}.bias", None)  # a bias beside int4 weights stays dense
+            replace(model, path, Int4Linear(tensor.q, tensor.scale, tensor.zero, tensor.group, bias=bias,
+                                            dtype=dtype).to(device))
             del state[name]
-    dense = {}
-    for name, t in state.items():
-        module, _, attr = name.rpartition(".")
-        target = model.get_submodule(module)
-        if isinstance(target, Int4Linear):  # a bias beside int4 weights stays dense
-            target.bias = torch.nn.Parameter(t.to(device), requires_grad=False)
-        else:
-            dense[name] = t.to(device)
+    dense = {name: t.to(device) for name, t in state.items()}
     model.load_state_dict(dense, assign=True, strict=False)
     model.init_buffers(device)
     return model.eval()

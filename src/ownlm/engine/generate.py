@@ -63,6 +63,7 @@ def generate_ids(model: torch.nn.Module, prompt: Sequence[int], params: Sampling
     gen = make_generator(params.seed, "cpu")
     stops = set(stop_ids) | set(params.stop_token_ids)
     context = torch.tensor(list(prompt), dtype=torch.long)
+    penalized = params.repetition_penalty != 1.0 or params.presence_penalty or params.frequency_penalty
     out: list[int] = []
 
     t0 = time.perf_counter()
@@ -77,8 +78,11 @@ def generate_ids(model: torch.nn.Module, prompt: Sequence[int], params: Sampling
     t1 = time.perf_counter()
     n = len(prompt)
     for _ in range(limit):
-        out_t = torch.tensor(out, dtype=torch.long)
-        token = sample(logits[0, -1].cpu(), params, gen, torch.cat([context, out_t]), out_t)
+        if penalized:  # the token history is only needed (and only built) for penalties
+            out_t = torch.tensor(out, dtype=torch.long)
+            token = sample(logits[0, -1].cpu(), params, gen, torch.cat([context, out_t]), out_t)
+        else:
+            token = sample(logits[0, -1].cpu(), params, gen)
         if token in stops:
             break
         out.append(token)

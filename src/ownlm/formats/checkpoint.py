@@ -72,22 +72,21 @@ def _open_gguf(path: Path) -> Checkpoint:
             names[name] = ours
     permuted = arch in keymaps.GGUF_PERMUTED_QK
 
+    def unpermute(ours: str, w: np.ndarray) -> np.ndarray:
+        """Undo llama.cpp's Q/K row order; works on values and on rows of quantized blocks alike."""
+        if permuted and ours.endswith(("attn.q.weight", "attn.q.bias")):
+            return keymaps.unpermute_qk(w, cfg.n_heads)
+        if permuted and ours.endswith(("attn.k.weight", "attn.k.bias")):
+            return keymaps.unpermute_qk(w, cfg.n_kv_heads)
+        return w
+
     def tensors(dtype: torch.dtype, int4: bool = False) -> Iterator[tuple[str, torch.Tensor | Int4Weight]]:
         for name, ours in names.items():
-            info = g.tensors[name]
-            if int4 and info.qtype in INT4_TYPES and ours.startswith("layers.") and ours.endswith(".weight"):
-                raw = g.raw(name)
-                if permuted and ours.endswith("attn.q.weight"):
-                    raw = keymaps.unpermute_qk(raw, cfg.n_heads)  # whole rows of blocks move together
-                elif permuted and ours.endswith("attn.k.weight"):
-                    raw = keymaps.unpermute_qk(raw, cfg.n_kv_heads)
-                yield ours, int4_from_blocks(raw, info.qtype)
+            qtype = g.tensors[name].qtype
+            if int4 and qtype in INT4_TYPES and ours.startswith("layers.") and ours.endswith(".weight"):
+                yield ours, int4_from_blocks(unpermute(ours, g.raw(name)), qtype)
                 continue
-            w = g.dequantize(name)
-            if permuted and ours.endswith(("attn.q.weight", "attn.q.bias")):
-                w = keymaps.unpermute_qk(w, cfg.n_heads)
-            elif permuted and ours.endswith(("attn.k.weight", "attn.k.bias")):
-                w = keymaps.unpermute_qk(w, cfg.n_kv_heads)
+            w = unpermute(ours, g.dequantize(name))
             if not w.flags.writeable or not w.flags.c_contiguous:
                 w = np.array(w)  # F32 tensors are views of the read-only map
             yield ours, torch.from_numpy(w).to(dtype)
