@@ -9,7 +9,7 @@ import sys
 import traceback
 
 from ..errors import OwnlmError
-from . import models, run
+from . import models, run, serve
 
 
 class _Parser(argparse.ArgumentParser):
@@ -24,6 +24,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     models.register(sub)
     run.register(sub)
+    serve.register(sub)
     return p
 
 

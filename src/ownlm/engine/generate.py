@@ -97,6 +97,43 @@ def generate_ids(model: torch.nn.Module, prompt: Sequence[int], params: Sampling
     stats.decode_s = time.perf_counter() - t1
 
 
+class TextAssembler:
+    """Token ids in, text pieces out: UTF-8 safe, stop strings cut exactly (text that could still
+    become a stop string is held back until it cannot)."""
+
+    def __init__(self, tokenizer: TextTokenizer, stop: Sequence[str] = ()):
+        self.dec = IncrementalDecoder(tokenizer)
+        self.stop = tuple(stop)
+        self.hold = max((len(s) for s in self.stop), default=0) - 1
+        self.text = ""  # everything decoded so far (cut at a stop string once one is found)
+        self.sent = 0  # characters of `text` already handed out
+        self.stopped = False  # a stop string was found: no more text will come
+
+    def push(self, token: int) -> str:
+        if self.stopped:
+            return ""
+        self.text += self.dec.push(token)
+        return self._out(final=False)
+
+    def finish(self) -> str:
+        """The held-back rest, once no more tokens will come."""
+        if not self.stopped:
+            self.text += self.dec.flush()
+        return self._out(final=True)
+
+    def _out(self, final: bool) -> str:
+        if not self.stopped:
+            cut = _find_stop(self.text, self.stop, self.sent)
+            if cut is not None:
+                self.text, self.stopped = self.text[:cut], True
+        safe = len(self.text) if (final or self.stopped) else len(self.text) - _held(self.text, self.stop, self.hold)
+        if safe <= self.sent:
+            return ""
+        piece = self.text[self.sent:safe]
+        self.sent = safe
+        return piece
+
+
 class TextStream:
     """Iterate to get text pieces; afterwards `.completion` holds the whole result."""
 
@@ -107,35 +144,27 @@ class TextStream:
     def __iter__(self) -> Iterator[str]:
         p = self.params
         stats = StepStats()
-        dec = IncrementalDecoder(self.tok)
+        text = TextAssembler(self.tok, p.stop)
         ids: list[int] = []
-        text = ""  # everything decoded so far
-        sent = 0  # characters of `text` already yielded
         finish = "length"
-        hold = max((len(s) for s in p.stop), default=0) - 1
         for token in generate_ids(self.model, self.prompt_ids, p, self.tok.eos_ids, stats):
             ids.append(token)
-            text += dec.push(token)
-            cut = _find_stop(text, p.stop, sent)
-            if cut is not None:
-                text, finish = text[:cut], "stop"
+            piece = text.push(token)
+            if piece:
+                yield piece
+            if text.stopped:
                 break
-            safe = len(text) - _held(text, p.stop, hold)
-            if safe > sent:
-                yield text[sent:safe]
-                sent = safe
         else:
             if stats.generated < budget(len(self.prompt_ids), p, self.model.cfg.context_length):
                 finish = "stop"  # a stop token ended it
-            text += dec.flush()
-            cut = _find_stop(text, p.stop, sent)
-            if cut is not None:
-                text, finish = text[:cut], "stop"
-        if len(text) > sent:
-            yield text[sent:]
+        piece = text.finish()
+        if piece:
+            yield piece
+        if text.stopped:
+            finish = "stop"
         n_out = len(ids)
         self.completion = Completion(
-            text=text, token_ids=ids, finish_reason=finish,
+            text=text.text, token_ids=ids, finish_reason=finish,
             usage={"prompt_tokens": len(self.prompt_ids), "completion_tokens": n_out,
                    "total_tokens": len(self.prompt_ids) + n_out},
             timings={"prefill_s": round(stats.prefill_s, 4), "decode_s": round(stats.decode_s, 4),

@@ -1,4 +1,7 @@
-"""A preallocated KV cache, owned by the engine and written in place by the model."""
+"""A preallocated KV cache, owned by the engine and written in place by the model.
+
+One tensor pair per layer, (slots, Hkv, capacity, D). A single generation uses one slot; the
+batch scheduler keeps its running sequences in slots 0..n-1 and grows the cache as they need."""
 
 from __future__ import annotations
 
@@ -6,16 +9,18 @@ import torch
 
 
 class KVCache:
-    """Keys and values for every layer: (B, Hkv, S_max, D) each. `length` is the number of
-    positions the next forward may attend to; the engine sets it before each forward."""
+    """`length` is the number of positions the next forward may attend to and `base` the first
+    slot of the next forward's batch; the engine sets both before each forward."""
 
     def __init__(self, n_layers: int, batch: int, n_kv_heads: int, max_len: int, head_dim: int,
                  dtype: torch.dtype, device: torch.device | str):
+        self.n_layers, self.n_kv, self.head_dim, self.dtype, self.device = n_layers, n_kv_heads, head_dim, dtype, device
         shape = (batch, n_kv_heads, max_len, head_dim)
         self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)]
         self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)]
-        self.max_len = max_len
+        self.slots, self.max_len = batch, max_len
         self.length = 0
+        self.base = 0
 
     @classmethod
     def for_model(cls, model, batch: int, max_len: int) -> "KVCache":
@@ -23,16 +28,44 @@ class KVCache:
         w = model.embed.weight
         return cls(cfg.n_layers, batch, cfg.n_kv_heads, max_len, cfg.head_dim, w.dtype, w.device)
 
+    @property
+    def bytes_per_position(self) -> int:
+        return 2 * self.n_layers * self.n_kv * self.head_dim * torch.empty(0, dtype=self.dtype).element_size()
+
+    def grow(self, slots: int, max_len: int, limit: int) -> None:
+        """Make room for at least `slots` sequences of `max_len` positions (kept contents stay);
+        lengths grow geometrically, up to `limit`, so sequences lengthening a token at a time
+        copy rarely."""
+        if slots <= self.slots and max_len <= self.max_len:
+            return
+        new_slots = max(slots, self.slots)
+        new_len = self.max_len if max_len <= self.max_len else min(limit, max(max_len, 2 * self.max_len, 128))
+        shape = (new_slots, self.n_kv, new_len, self.head_dim)
+        for store in (self.k, self.v):
+            for i, old in enumerate(store):
+                new = torch.zeros(shape, dtype=self.dtype, device=self.device)
+                new[: old.shape[0], :, : old.shape[2]] = old
+                store[i] = new
+        self.slots, self.max_len = new_slots, new_len
+
+    def move(self, src: int, dst: int, length: int) -> None:
+        """Copy the first `length` positions of slot `src` into slot `dst`."""
+        for store in (self.k, self.v):
+            for t in store:
+                t[dst, :, :length] = t[src, :, :length]
+
     def update(self, layer: int, pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
-        # pos: (B, T) absolute positions; k, v: (B, Hkv, T, D)
-        ck, cv = self.k[layer], self.v[layer]
-        if pos.shape[0] == 1:
+        # pos: (B, T) absolute positions; k, v: (B, Hkv, T, D); the batch occupies slots base..base+B-1
+        B = pos.shape[0]
+        ck = self.k[layer][self.base: self.base + B]
+        cv = self.v[layer][self.base: self.base + B]
+        if B == 1:
             # one sequence: positions are a contiguous run, write it as a slice
             idx = pos[0]
             ck.index_copy_(2, idx, k)
             cv.index_copy_(2, idx, v)
         else:
-            b = torch.arange(pos.shape[0], device=pos.device)[:, None].expand_as(pos)  # (B, T)
+            b = torch.arange(B, device=pos.device)[:, None].expand_as(pos)  # (B, T)
             ck[b, :, pos] = k.transpose(1, 2)  # advanced indexing puts (B, T) first: (B, T, Hkv, D)
             cv[b, :, pos] = v.transpose(1, 2)
         return ck[:, :, : self.length], cv[:, :, : self.length]

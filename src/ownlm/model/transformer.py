@@ -72,6 +72,8 @@ class Attention(nn.Module):
         self.o = dense(cfg.n_heads * cfg.head_dim, cfg.dim, cfg.o_bias)
 
     def forward(self, x, cos, sin, mask, pos, cache):
+        """mask: a boolean (B, 1, T, S) mask, or for one-token decode through a cache a list of
+        (start, end) key spans, one per sequence."""
         B, T, _ = x.shape
         q, k, v = self.qkv(x).split(self.sizes, dim=-1)
         q = q.reshape(B, T, self.n_heads, self.hd).transpose(1, 2)  # (B, H, T, D)
@@ -80,17 +82,24 @@ class Attention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
             k, v = cache.update(self.layer, pos, k, v)  # (B, Hkv, S, D), S = cache length
-        if T == 1 and mask is None:
-            # one-token decode: plain matmuls beat the fused kernel's setup cost at this size
-            rep = self.n_heads // self.n_kv
-            qg = q.view(B, self.n_kv, rep, self.hd)  # (B, Hkv, rep, D): query heads grouped by KV head
-            # fp32 here: tiny shapes that change every step are slow through bf16 GEMM primitives
-            att = (qg.float() @ k.float().transpose(-1, -2)) * self.hd ** -0.5  # (B, Hkv, rep, S)
-            y = (att.softmax(-1) @ v.float()).to(q.dtype).view(B, self.n_heads, 1, self.hd)  # (B, H, 1, D)
+        if isinstance(mask, list):
+            # one-token decode, each sequence over exactly its own keys: the same arithmetic in a
+            # batch as alone, so batching never changes a sequence's tokens
+            y = torch.cat([self._decode_one(q[i:i + 1], k[i:i + 1, :, a:b], v[i:i + 1, :, a:b])
+                           for i, (a, b) in enumerate(mask)])
         else:
             # grouped-query attention: each KV head serves n_heads / n_kv query heads
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=self.n_kv != self.n_heads)  # (B, H, T, D)
         return self.o(y.transpose(1, 2).reshape(B, T, self.n_heads * self.hd))
+
+    def _decode_one(self, q, k, v):
+        """q: (1, H, 1, D), k/v: (1, Hkv, S, D) -> (1, H, 1, D). Plain matmuls beat the fused
+        kernel's setup cost at this size; fp32 because tiny shapes that change every step are
+        slow through bf16 GEMM primitives."""
+        rep = self.n_heads // self.n_kv
+        qg = q.view(1, self.n_kv, rep, self.hd)  # query heads grouped by their KV head
+        att = (qg.float() @ k.float().transpose(-1, -2)) * self.hd ** -0.5  # (1, Hkv, rep, S)
+        return (att.softmax(-1) @ v.float()).to(q.dtype).view(1, self.n_heads, 1, self.hd)
 
 
 class MLP(nn.Module):
@@ -146,9 +155,10 @@ class Transformer(nn.Module):
         return visible[:, None]  # (B, 1, T, S)
 
     def forward(self, tokens: torch.Tensor, pos: torch.Tensor | None = None, cache: Cache | None = None,
-                last_only: bool = False) -> torch.Tensor:
+                last_only: bool = False, head: bool = True) -> torch.Tensor:
         """tokens: (B, T) ids; pos: (B, T) absolute positions (default 0..T-1).
-        Returns logits (B, T, V), or (B, 1, V) with last_only."""
+        Returns logits (B, T, V), or (B, 1, V) with last_only; with head=False the final
+        normalized hidden states (B, T, C) instead."""
         B, T = tokens.shape
         if pos is None:
             pos = torch.arange(T, device=tokens.device).expand(B, T)
@@ -157,8 +167,9 @@ class Transformer(nn.Module):
         emb = torch.cat((freqs, freqs), dim=-1)[:, None]  # (B, 1, T, D)
         cos, sin = emb.cos().to(x.dtype), emb.sin().to(x.dtype)
         total = cache.length if cache is not None else T
-        if T == 1 and B == 1 and cache is not None and not self.cfg.sliding_window:
-            mask = None  # one new token sees every cached position (the engine sets length = pos + 1)
+        if T == 1 and cache is not None:
+            window = self.cfg.sliding_window
+            mask = [(max(0, p + 1 - window) if window else 0, p + 1) for p in pos[:, 0].tolist()]
         else:
             mask = self._mask(pos, total, tokens.device)
         for block in self.layers:
@@ -166,5 +177,7 @@ class Transformer(nn.Module):
         if last_only:
             x = x[:, -1:]
         x = self.norm(x)
+        if not head:
+            return x
         # tied embeddings: the input table doubles as the output head
         return F.linear(x, self.embed.weight) if self.lm_head is None else self.lm_head(x)  # (B, T, V)

@@ -1,0 +1,126 @@
+"""Grammar-constrained decoding with llguidance: at every step the grammar says which tokens may
+come next and every other logit is set to -inf, so the output always parses.
+
+Grammars come from a JSON schema (`response_format`), "any JSON object", or the tool-call format
+(`<tool_call>{"name": ..., "arguments": {...}}</tool_call>`, one branch per function)."""
+
+from __future__ import annotations
+
+import json
+import threading
+from typing import Any, Sequence
+
+import torch
+
+from ..errors import BadRequest
+
+TOOL_OPEN, TOOL_CLOSE = "<tool_call>", "</tool_call>"
+# compact JSON: a small model given free whitespace can pad forever
+JSON_OPTIONS = {"whitespace_flexible": False}
+MAX_SCHEMA_BYTES = 256 << 10
+
+_tokenizers: dict[int, Any] = {}
+_lock = threading.Lock()
+
+
+def _llg():
+    import llguidance
+
+    return llguidance
+
+
+def grammar_tokenizer(tokenizer, vocab_size: int):
+    """llguidance's view of a TextTokenizer (built once per tokenizer: ~0.3 s)."""
+    with _lock:
+        key = id(tokenizer)
+        if key not in _tokenizers:
+            llg = _llg()
+            _tokenizers[key] = (tokenizer, llg.LLTokenizer(tokenizer.tk.to_str(), n_vocab=vocab_size,
+                                                            eos_token=list(tokenizer.eos_ids)))
+        return _tokenizers[key][1]
+
+
+def _check_schema(schema: Any, where: str) -> str:
+    if not isinstance(schema, dict):
+        raise BadRequest(f"{where} must be a JSON object (a JSON schema)")
+    try:
+        text = json.dumps(schema)
+    except (TypeError, ValueError) as e:
+        raise BadRequest(f"{where} is not valid JSON: {e}") from None
+    if len(text) > MAX_SCHEMA_BYTES:
+        raise BadRequest(f"{where} is larger than {MAX_SCHEMA_BYTES} bytes")
+    return text
+
+
+def json_schema_grammar(schema: dict[str, Any], where: str = "response_format.json_schema.schema") -> str:
+    _check_schema(schema, where)
+    llg = _llg()
+    try:
+        return llg.LLMatcher.grammar_from_json_schema(schema, defaults=JSON_OPTIONS)
+    except ValueError as e:
+        raise BadRequest(f"{where} is not a usable JSON schema: {e}") from None
+
+
+def tool_schema(functions: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """One call of any of `functions`: {"name": <one of them>, "arguments": <its parameters>}."""
+    branches = []
+    for f in functions:
+        params = f.get("parameters") or {"type": "object", "properties": {}}
+        branches.append({"type": "object", "properties": {"name": {"const": f["name"]}, "arguments": params},
+                         "required": ["name", "arguments"], "additionalProperties": False})
+    return branches[0] if len(branches) == 1 else {"anyOf": branches}
+
+
+def tool_grammar(functions: Sequence[dict[str, Any]], required: bool, single: bool = False) -> str:
+    """Tool calls in the <tool_call> format (one, or one or more); unless `required`, plain text
+    not starting with '<' or a space is allowed instead."""
+    schema = tool_schema(functions)
+    _check_schema(schema, "tools[].function.parameters")
+    call = f"{json.dumps(TOOL_OPEN)} %json {json.dumps(schema)} {json.dumps(TOOL_CLOSE)}"
+    lines = ["start: calls" if required else "start: calls | TEXT",
+             "calls: call" if single else "calls: call+", f"call: {call}",
+             'TEXT: /[^<\\s][^\\x00]*/']
+    llg = _llg()
+    return llg.LLMatcher.grammar_from_lark("\n".join(lines))
+
+
+class GrammarConstraint:
+    """The engine's Constraint for one sequence."""
+
+    def __init__(self, grammar: str, lltokenizer, vocab_size: int):
+        llg = _llg()
+        self.matcher = llg.LLMatcher(lltokenizer, grammar, log_level=0)
+        if self.matcher.is_error():
+            raise BadRequest(f"the requested output format cannot be enforced: {self.matcher.get_error()}")
+        self.vocab_size = vocab_size
+        self.bits = torch.arange(32, dtype=torch.int32)
+
+    def allowed(self) -> torch.Tensor:
+        words = torch.frombuffer(bytearray(self.matcher.compute_bitmask()), dtype=torch.int32)
+        bits = ((words[:, None] >> self.bits) & 1).bool().reshape(-1)
+        return bits[: self.vocab_size]
+
+    def mask(self, logits: torch.Tensor) -> torch.Tensor:
+        allowed = self.allowed()
+        n = min(allowed.shape[0], logits.shape[-1])
+        out = torch.full_like(logits, float("-inf"))
+        out[:n] = torch.where(allowed[:n], logits[:n], out[:n])
+        return out
+
+    def advance(self, token: int) -> None:
+        if not self.matcher.consume_token(token):
+            raise RuntimeError(f"grammar refused token {token}: {self.matcher.get_error()}")
+
+    def finished(self) -> bool:
+        return self.matcher.is_stopped()
+
+    def error(self) -> str | None:
+        return self.matcher.get_error() if self.matcher.is_error() else None
+
+
+def validate_grammar(grammar: str, lltokenizer) -> None:
+    """A 400 for a grammar llguidance cannot build, before any work is queued."""
+    llg = _llg()
+    err = llg.LLMatcher.validate_grammar(grammar, lltokenizer)
+    if err and not err.startswith("WARNING"):
+        raise BadRequest(f"the requested output format cannot be enforced: {err}")

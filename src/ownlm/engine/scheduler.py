@@ -1,0 +1,310 @@
+"""Continuous batching: one engine loop (a thread) per loaded model.
+
+Each iteration admits a waiting request when a slot is free, runs one prefill chunk of the
+request being admitted, then one decode forward for every running sequence, samples each row with
+that sequence's own settings and generator, hands the tokens to the request's `emit` callback and
+retires the finished and the cancelled. Requests join and leave between decode steps, so a short
+request never waits for a long one to finish.
+
+Running sequences occupy KV-cache slots 0..n-1 (a retired sequence's slot is refilled by moving the
+last one into it), so a decode step attends over one contiguous slice of the cache.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any, Callable, Protocol, Sequence
+
+import torch
+
+from ..errors import OwnlmError
+from .kv_cache import KVCache
+from .sampling import SamplingParams, make_generator, sample
+
+PREFILL_CHUNK = 256
+
+
+class Overloaded(OwnlmError):
+    """Every running slot and the whole queue are taken."""
+
+
+class Constraint(Protocol):
+    """A grammar that decides which tokens may come next (see engine/constraints.py)."""
+
+    def mask(self, logits: torch.Tensor) -> torch.Tensor: ...
+    def advance(self, token: int) -> None: ...
+    def finished(self) -> bool: ...
+
+
+@dataclass
+class TokenLogprob:
+    token: int
+    logprob: float
+    top: list[tuple[int, float]]  # the most likely alternatives, best first
+
+
+@dataclass
+class Event:
+    kind: str  # "token" | "prompt" | "done" | "error"
+    token: int = -1
+    logprob: TokenLogprob | None = None
+    prompt_logprobs: list[TokenLogprob | None] | None = None
+    reason: str = ""  # done: "stop" | "length" | "cancelled"
+    error: BaseException | None = None
+
+
+@dataclass
+class Request:
+    """What a caller submits. `emit` is called from the engine thread, in order, for every event;
+    it must not block. `limit` is how many tokens may be generated (0: only score the prompt)."""
+
+    prompt: Sequence[int]
+    params: SamplingParams
+    limit: int
+    emit: Callable[[Event], None]
+    stop_ids: frozenset[int] = frozenset()
+    logprobs: int | None = None  # alternatives per generated token; None: no logprobs
+    prompt_logprobs: int | None = None  # alternatives per prompt token; None: not computed
+    constraint: Constraint | None = None
+    cancelled: bool = False
+    submitted: float = field(default_factory=time.monotonic)
+
+    def cancel(self) -> None:
+        self.cancelled = True  # read by the engine thread at its next step
+
+
+@dataclass
+class _Seq:
+    req: Request
+    generator: torch.Generator
+    slot: int = -1
+    cached: int = 0  # positions written to the KV cache
+    out: list[int] = field(default_factory=list)
+    prompt_scores: list[TokenLogprob | None] = field(default_factory=list)
+    done: str = ""
+
+
+class Scheduler:
+    def __init__(self, model: torch.nn.Module, max_running: int = 8, max_queue: int = 64,
+                 prefill_chunk: int = PREFILL_CHUNK, on_step: Callable[["Scheduler"], None] | None = None):
+        self.model, self.cfg = model, model.cfg
+        self.device = model.embed.weight.device
+        self.max_running, self.max_queue, self.prefill_chunk = max_running, max_queue, prefill_chunk
+        self.cache = KVCache.for_model(model, 1, 16)
+        self.waiting: deque[_Seq] = deque()
+        self.running: list[_Seq] = []
+        self.admitting: _Seq | None = None
+        self.cond = threading.Condition()
+        self.closed = False
+        self.on_step = on_step
+        self.steps = 0
+        self.thread = threading.Thread(target=self._loop, daemon=True, name="ownlm-engine")
+        self.thread.start()
+
+    # --- the caller's side ---------------------------------------------------------------------
+
+    def submit(self, req: Request) -> Request:
+        if len(req.prompt) + req.limit > self.cfg.context_length:
+            raise ValueError("request exceeds the context; callers check budget() first")
+        with self.cond:
+            if self.closed:
+                raise OwnlmError("the model is unloading")
+            busy = len(self.running) + (self.admitting is not None)
+            if busy >= self.max_running and len(self.waiting) >= self.max_queue:
+                raise Overloaded(f"{busy} sequences are running and {len(self.waiting)} are queued")
+            self.waiting.append(_Seq(req, make_generator(req.params.seed)))
+            self.cond.notify()
+        return req
+
+    def stats(self) -> dict[str, int]:
+        with self.cond:
+            return {"running": len(self.running) + (self.admitting is not None), "waiting": len(self.waiting),
+                    "steps": self.steps}
+
+    def close(self) -> None:
+        with self.cond:
+            self.closed = True
+            self.cond.notify()
+        self.thread.join(timeout=10)
+
+    # --- the engine thread ---------------------------------------------------------------------
+
+    def _loop(self) -> None:
+        while True:
+            with self.cond:
+                while not self.closed and not self.waiting and not self.running and self.admitting is None:
+                    self.cond.wait()
+                if self.closed:
+                    pending = list(self.waiting) + self.running + ([self.admitting] if self.admitting else [])
+                    self.waiting.clear()
+                    break
+                for s in [s for s in self.waiting if s.req.cancelled]:
+                    self.waiting.remove(s)
+                    s.req.emit(Event("done", reason="cancelled"))
+                if self.admitting is None and self.waiting and len(self.running) < self.max_running:
+                    self.admitting = self.waiting.popleft()
+                    self.admitting.slot = len(self.running)
+            try:
+                with torch.inference_mode():
+                    self._step()
+            except Exception as e:  # noqa: BLE001 - a failed step fails its requests, not the server
+                with self.cond:
+                    victims = self.running + ([self.admitting] if self.admitting else [])
+                    self.running, self.admitting = [], None
+                for s in victims:
+                    s.req.emit(Event("error", error=e))
+            self.steps += 1
+            if self.on_step:
+                self.on_step(self)
+        for s in pending:
+            s.req.emit(Event("error", error=OwnlmError("the model was unloaded")))
+
+    def _step(self) -> None:
+        if self.admitting is not None:
+            self._prefill_chunk(self.admitting)
+            self._retire()
+        if self.running:
+            self._decode()
+            self._retire()
+
+    def _prefill_chunk(self, s: _Seq) -> None:
+        req = s.req
+        if req.cancelled:
+            s.done = "cancelled"
+            return
+        prompt = req.prompt
+        start = s.cached
+        end = min(len(prompt), start + self.prefill_chunk)
+        self.cache.grow(s.slot + 1, end, self.cfg.context_length)
+        self.cache.base, self.cache.length = s.slot, end
+        ids = torch.tensor([list(prompt[start:end])], dtype=torch.long, device=self.device)
+        pos = torch.arange(start, end, device=self.device)[None]
+        full = req.prompt_logprobs is not None
+        logits = self.model(ids, pos, self.cache, last_only=not full)  # (1, T or 1, V)
+        s.cached = end
+        if full:
+            self._score_prompt(s, start, end, logits[0])
+        if end < len(prompt):
+            return
+        if full:
+            req.emit(Event("prompt", prompt_logprobs=s.prompt_scores))
+        self.admitting = None
+        if req.limit == 0:
+            s.done = "length"
+        else:
+            self._sample(s, logits[0, -1])
+        assert s.slot == len(self.running)
+        self.running.append(s)
+
+    def _score_prompt(self, s: _Seq, start: int, end: int, logits: torch.Tensor) -> None:
+        """Log-probability of each prompt token given the tokens before it (echo + logprobs)."""
+        prompt, k = s.req.prompt, s.req.prompt_logprobs or 0
+        if start == 0:
+            s.prompt_scores = [None]  # the first token has no context
+        lp = torch.log_softmax(logits.float(), dim=-1)  # (T, V): row t predicts position start+t+1
+        for t in range(end - start):
+            nxt = start + t + 1
+            if nxt < len(prompt):
+                s.prompt_scores.append(_logprob(lp[t], prompt[nxt], k))
+
+    def _decode(self) -> None:
+        n = len(self.running)
+        pos_list = [s.cached for s in self.running]  # where each last token goes
+        length = max(pos_list) + 1
+        self.cache.grow(n + (self.admitting is not None), length, self.cfg.context_length)
+        self.cache.base, self.cache.length = 0, length
+        tokens = torch.tensor([[s.out[-1]] for s in self.running], dtype=torch.long, device=self.device)
+        pos = torch.tensor(pos_list, dtype=torch.long, device=self.device)[:, None]
+        logits = self.model(tokens, pos, self.cache)  # (n, 1, V)
+        rows = logits[:, -1].float().cpu()
+        for i, s in enumerate(self.running):
+            s.cached += 1
+            self._sample(s, rows[i])
+
+    def _sample(self, s: _Seq, row: torch.Tensor) -> None:
+        req, p = s.req, s.req.params
+        if req.cancelled:
+            s.done = "cancelled"
+            return
+        row = row.float().cpu()
+        scored = row
+        if req.constraint is not None:
+            row = req.constraint.mask(row.clone())
+        if p.repetition_penalty != 1.0 or p.presence_penalty or p.frequency_penalty:
+            out_t = torch.tensor(s.out, dtype=torch.long)
+            token = sample(row, p, s.generator, torch.cat([torch.tensor(list(req.prompt), dtype=torch.long), out_t]), out_t)
+        else:
+            token = sample(row, p, s.generator)
+        if token in req.stop_ids:
+            s.done = "stop"
+            return
+        lp = _logprob(torch.log_softmax(scored, -1), token, req.logprobs) if req.logprobs is not None else None
+        s.out.append(token)
+        req.emit(Event("token", token=token, logprob=lp))
+        if req.constraint is not None:
+            req.constraint.advance(token)
+            if req.constraint.finished():
+                s.done = "stop"
+                return
+        if len(s.out) >= req.limit:
+            s.done = "length"
+
+    def _retire(self) -> None:
+        if self.admitting is not None and self.admitting.done:
+            self.admitting.req.emit(Event("done", reason=self.admitting.done))
+            self.admitting = None
+        for s in self.running:
+            if not s.done and s.req.cancelled:
+                s.done = "cancelled"
+        if not any(s.done for s in self.running):
+            return
+        keep = []
+        for s in self.running:
+            if s.done:
+                s.req.emit(Event("done", reason=s.done))
+            else:
+                keep.append(s)
+        # compact: move survivors down into the freed slots, then the one being admitted
+        for i, s in enumerate(keep):
+            if s.slot != i:
+                self.cache.move(s.slot, i, s.cached)
+                s.slot = i
+        if self.admitting is not None and self.admitting.slot != len(keep):
+            self.cache.move(self.admitting.slot, len(keep), self.admitting.cached)
+            self.admitting.slot = len(keep)
+        with self.cond:
+            self.running = keep
+
+
+def _logprob(lp: torch.Tensor, token: int, k: int | None) -> TokenLogprob:
+    top: list[tuple[int, float]] = []
+    if k:
+        vals, ids = torch.topk(lp, k)
+        top = [(int(i), float(v)) for i, v in zip(ids, vals)]
+    value = float(lp[token])
+    return TokenLogprob(token, value if math.isfinite(value) else -9999.0, top)
+
+
+def run_all(scheduler: Scheduler, requests: Sequence[dict[str, Any]]) -> list[list[int]]:
+    """Submit several requests at once and wait for all: token ids per request (for tests and
+    benchmarks of the batch path without a server)."""
+    results: list[list[int]] = [[] for _ in requests]
+    done = threading.Semaphore(0)
+
+    def sink(i: int) -> Callable[[Event], None]:
+        def emit(ev: Event) -> None:
+            if ev.kind == "token":
+                results[i].append(ev.token)
+            elif ev.kind in ("done", "error"):
+                done.release()
+        return emit
+
+    for i, r in enumerate(requests):
+        scheduler.submit(Request(emit=sink(i), **r))
+    for _ in requests:
+        done.acquire()
+    return results

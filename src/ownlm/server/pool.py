@@ -1,0 +1,120 @@
+"""The models a server offers: loaded on first use, unloaded after an idle keep-alive, at most
+`max_loaded` at once. Each loaded model has its own engine loop (a Scheduler)."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from ..engine.constraints import grammar_tokenizer
+from ..engine.scheduler import Scheduler
+from ..errors import ModelNotFound, OwnlmError
+from ..loading import LoadedModel, load
+from ..manage import list_models
+from ..store.refs import parse_ref
+
+
+class PoolFull(OwnlmError):
+    """Every loaded model is busy and no more may be loaded."""
+
+
+@dataclass
+class Served:
+    id: str
+    lm: LoadedModel
+    scheduler: Scheduler
+    created: int
+    active: int = 0
+    last_used: float = field(default_factory=time.monotonic)
+    _grammar_tok: Any = None
+
+    def grammar_tokenizer(self):
+        if self._grammar_tok is None:
+            self._grammar_tok = grammar_tokenizer(self.lm.tokenizer, self.lm.config.vocab_size)
+        return self._grammar_tok
+
+
+def model_id(name: str) -> str:
+    """The API's name for a store entry: `name` for the latest tag, else `name:tag`."""
+    return name.removesuffix(":latest")
+
+
+class ModelPool:
+    def __init__(self, refs: list[str] | None = None, keep_alive: float = 300.0, max_loaded: int = 1,
+                 max_running: int = 8, max_queue: int = 64, device: str | None = None, dtype: str | None = None,
+                 loader: Callable[..., LoadedModel] = load, on_step: Callable[[Scheduler], None] | None = None):
+        self.fixed = {model_id(r) if parse_ref(r).kind == "name" else r: r for r in (refs or [])}
+        self.keep_alive, self.max_loaded = keep_alive, max_loaded
+        self.engine_opts = {"max_running": max_running, "max_queue": max_queue, "on_step": on_step}
+        self.device, self.dtype, self.loader = device, dtype, loader
+        self.loaded: dict[str, Served] = {}
+        self.locks: dict[str, asyncio.Lock] = {}
+        self.guard = threading.Lock()
+
+    def available(self) -> dict[str, str]:
+        """{API id: reference to load}: the models named at start, or else everything in the store."""
+        if self.fixed:
+            return dict(self.fixed)
+        return {model_id(row["name"]): row["name"] for row in list_models() if "error" not in row}
+
+    def _ref(self, model: str) -> str:
+        models = self.available()
+        ref = models.get(model) or models.get(model_id(model))
+        if ref is None:
+            raise ModelNotFound(f"the model {model!r} does not exist",
+                                f"this server offers: {', '.join(sorted(models)) or 'nothing yet (ownlm pull)'}")
+        return ref
+
+    def _load(self, mid: str, ref: str) -> Served:
+        lm = self.loader(ref, device=self.device, dtype=self.dtype, pull_missing=False)
+        sched = Scheduler(lm.model, **self.engine_opts)
+        return Served(mid, lm, sched, int(time.time()))
+
+    async def acquire(self, model: str) -> Served:
+        """The loaded model for an API name, loading it (in a worker thread) on first use. The
+        caller must `release` it."""
+        ref = self._ref(model)
+        mid = model_id(model) if model_id(model) in self.available() else model
+        lock = self.locks.setdefault(mid, asyncio.Lock())
+        async with lock:
+            served = self.loaded.get(mid)
+            if served is None:
+                self._make_room()
+                served = await asyncio.to_thread(self._load, mid, ref)
+                self.loaded[mid] = served
+            served.active += 1
+            served.last_used = time.monotonic()
+            return served
+
+    def release(self, served: Served) -> None:
+        served.active -= 1
+        served.last_used = time.monotonic()
+
+    def _make_room(self) -> None:
+        while len(self.loaded) >= self.max_loaded:
+            idle = [s for s in self.loaded.values() if s.active == 0]
+            if not idle:
+                raise PoolFull(f"{len(self.loaded)} model(s) are loaded and busy (--max-loaded {self.max_loaded})",
+                               "retry later, or start the server with a larger --max-loaded")
+            self.unload(min(idle, key=lambda s: s.last_used).id)
+
+    def unload(self, mid: str) -> None:
+        served = self.loaded.pop(mid, None)
+        if served is not None:
+            served.scheduler.close()
+
+    def reap(self) -> None:
+        """Unload models idle for longer than the keep-alive (keep_alive < 0: never)."""
+        if self.keep_alive < 0:
+            return
+        now = time.monotonic()
+        for s in list(self.loaded.values()):
+            if s.active == 0 and now - s.last_used > self.keep_alive and s.scheduler.stats()["running"] == 0:
+                self.unload(s.id)
+
+    def close(self) -> None:
+        for mid in list(self.loaded):
+            self.unload(mid)

@@ -1,0 +1,261 @@
+"""From an API request to engine requests and back: prompts, sampling, grammars, tool calls, and
+the per-choice text assembly that turns engine events into OpenAI-shaped pieces."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import secrets
+import time
+from dataclasses import dataclass, field
+from typing import Any, AsyncIterator, Sequence
+
+from ..engine import constraints
+from ..engine.generate import TextAssembler, budget
+from ..engine.sampling import SamplingParams
+from ..engine.scheduler import Event, Request, TokenLogprob
+from ..errors import BadRequest, OwnlmError
+from .pool import Served
+
+TOOLS_PROMPT = (
+    "You can call functions. To call one, reply with nothing but\n"
+    '<tool_call>{{"name": "<function name>", "arguments": {{<arguments as JSON>}}}}</tool_call>\n'
+    "The functions, as JSON schemas:\n{tools}"
+)
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}-{secrets.token_hex(12)}"
+
+
+# --- prompts ------------------------------------------------------------------------------------
+
+def _template_knows_tools(served: Served) -> bool:
+    return "tools" in served.lm.template.source
+
+
+def render_chat(served: Served, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None) -> str:
+    """The prompt for a conversation, tools included: through the model's own template when it
+    renders tools, else as a system message ahead of the conversation."""
+    lm = served.lm
+    if not tools:
+        return lm.template.render(messages, add_generation_prompt=True)
+    if _template_knows_tools(served):
+        return lm.template.render(messages, add_generation_prompt=True, tools=tools)
+    text = TOOLS_PROMPT.format(tools=json.dumps([t["function"] for t in tools], ensure_ascii=False))
+    msgs = [dict(m) for m in messages]
+    for m in msgs:  # earlier calls, written back in the format the model is asked to use
+        if m.get("role") == "assistant" and m.get("tool_calls"):
+            m["content"] = (m.get("content") or "") + "".join(
+                constraints.TOOL_OPEN + json.dumps({"name": c["function"]["name"],
+                                                    "arguments": _args(c["function"].get("arguments"))})
+                + constraints.TOOL_CLOSE for c in m["tool_calls"])
+    if msgs[0].get("role") == "system":
+        msgs[0] = {**msgs[0], "content": f"{msgs[0].get('content') or ''}\n\n{text}".strip()}
+    else:
+        msgs.insert(0, {"role": "system", "content": text})
+    return lm.template.render(msgs, add_generation_prompt=True)
+
+
+def _args(arguments: Any) -> Any:
+    if isinstance(arguments, str):
+        try:
+            return json.loads(arguments)
+        except ValueError:
+            return arguments
+    return arguments
+
+
+def token_ids(served: Served, prompt: Any, where: str = "prompt") -> list[int]:
+    if isinstance(prompt, str):
+        return served.lm.encode(prompt)
+    vocab = served.lm.config.vocab_size
+    if not prompt or not all(isinstance(t, int) and not isinstance(t, bool) and 0 <= t < vocab for t in prompt):
+        raise BadRequest(f"{where}: token ids must be a non-empty list of integers in [0, {vocab})")
+    return list(prompt)
+
+
+def sampling(served: Served, body: Any, max_tokens: int | None, seed: int | None) -> SamplingParams:
+    kw: dict[str, Any] = dict(served.lm.defaults)
+    for name in ("temperature", "top_p", "top_k", "min_p", "repetition_penalty", "presence_penalty",
+                 "frequency_penalty"):
+        value = getattr(body, name)
+        if value is not None:
+            kw[name] = value
+    kw.setdefault("temperature", 1.0)
+    if body.stop is not None:
+        kw["stop"] = [body.stop] if isinstance(body.stop, str) else body.stop
+    if body.logit_bias:
+        try:
+            kw["logit_bias"] = {int(k): v for k, v in body.logit_bias.items()}
+        except ValueError:
+            raise BadRequest("logit_bias keys must be token ids") from None
+        if any(not -100 <= v <= 100 for v in kw["logit_bias"].values()):
+            raise BadRequest("logit_bias values must be between -100 and 100")
+    return SamplingParams.from_kwargs(**kw, seed=seed, max_tokens=max_tokens or None)
+
+
+def limit_for(served: Served, prompt: list[int], params: SamplingParams, max_tokens: int | None) -> int:
+    if max_tokens == 0:
+        if len(prompt) > served.lm.config.context_length:
+            budget(len(prompt), params, served.lm.config.context_length)  # raises
+        return 0
+    return budget(len(prompt), params, served.lm.config.context_length)
+
+
+# --- grammars -----------------------------------------------------------------------------------
+
+@dataclass
+class Plan:
+    """How one chat request decodes: its grammar (if any) and whether tool calls may come out."""
+
+    grammar: str | None = None
+    tools: list[dict[str, Any]] | None = None  # rendered into the prompt
+    tool_mode: str = "none"  # none | auto | required
+
+
+def chat_plan(served: Served, body: Any) -> Plan:
+    tools = [t.model_dump(exclude_none=True) for t in body.tools] if body.tools else None
+    choice = body.tool_choice if body.tool_choice is not None else ("auto" if tools else "none")
+    fmt = body.response_format.type if body.response_format else "text"
+    if not tools:
+        if choice != "none":
+            raise BadRequest("tool_choice needs tools", "param:tool_choice")
+        return Plan(grammar=_format_grammar(body))
+    if choice == "none":
+        return Plan(grammar=_format_grammar(body))
+    if fmt != "text":
+        raise BadRequest("response_format cannot be combined with tools unless tool_choice is 'none'",
+                         "param:response_format")
+    functions = [t["function"] for t in tools]
+    if isinstance(choice, str):
+        mode, chosen = choice, functions
+    else:
+        chosen = [f for f in functions if f["name"] == choice.function.name]
+        if not chosen:
+            raise BadRequest(f"tool_choice names {choice.function.name!r}, which is not among the tools",
+                             "param:tool_choice")
+        mode = "required"
+    single = body.parallel_tool_calls is False or not isinstance(choice, str)
+    grammar = constraints.tool_grammar(chosen, required=mode == "required", single=single)
+    return Plan(grammar=grammar, tools=tools, tool_mode=mode)
+
+
+def _format_grammar(body: Any) -> str | None:
+    rf = body.response_format
+    if rf is None or rf.type == "text":
+        return None
+    if rf.type == "json_object":
+        return constraints.json_schema_grammar({"type": "object"})
+    if rf.json_schema is None or rf.json_schema.schema_ is None:
+        raise BadRequest("response_format json_schema needs json_schema.schema", "param:response_format")
+    return constraints.json_schema_grammar(rf.json_schema.schema_)
+
+
+def parse_tool_calls(text: str) -> list[dict[str, Any]]:
+    calls = []
+    rest = text.strip()
+    while rest.startswith(constraints.TOOL_OPEN):
+        end = rest.find(constraints.TOOL_CLOSE)
+        if end < 0:
+            break
+        body = json.loads(rest[len(constraints.TOOL_OPEN):end])
+        calls.append({"id": new_id("call"), "type": "function",
+                      "function": {"name": body["name"], "arguments": json.dumps(body["arguments"], ensure_ascii=False)}})
+        rest = rest[end + len(constraints.TOOL_CLOSE):].lstrip()
+    return calls
+
+
+# --- running ------------------------------------------------------------------------------------
+
+@dataclass
+class Choice:
+    """One sequence on the engine, seen from the event loop."""
+
+    index: int
+    prompt: list[int]
+    text: TextAssembler
+    request: Request | None = None
+    tokens: list[int] = field(default_factory=list)
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+    prompt_logprobs: list[TokenLogprob | None] | None = None
+    finish: str | None = None
+    error: BaseException | None = None
+    first_token_at: float | None = None
+
+
+def submit_choices(served: Served, loop: asyncio.AbstractEventLoop, queue: asyncio.Queue, prompts: Sequence[list[int]],
+                   params_for: Sequence[SamplingParams], limits: Sequence[int], stop: Sequence[str],
+                   logprobs: int | None = None, prompt_logprobs: int | None = None,
+                   grammar: str | None = None) -> list[Choice]:
+    """Queue every choice on the model's engine; events arrive on `queue` as (index, Event)."""
+    choices: list[Choice] = []
+    gtok = served.grammar_tokenizer() if grammar else None
+    if grammar:
+        constraints.validate_grammar(grammar, gtok)
+    try:
+        for i, (prompt, params, limit) in enumerate(zip(prompts, params_for, limits)):
+            c = Choice(i, prompt, TextAssembler(served.lm.tokenizer, stop))
+
+            def emit(ev: Event, i: int = i) -> None:
+                loop.call_soon_threadsafe(queue.put_nowait, (i, ev))
+
+            constraint = (constraints.GrammarConstraint(grammar, gtok, served.lm.config.vocab_size)
+                          if grammar else None)
+            c.request = served.scheduler.submit(Request(
+                prompt=prompt, params=params, limit=limit, emit=emit,
+                stop_ids=frozenset(served.lm.tokenizer.eos_ids) | frozenset(params.stop_token_ids),
+                logprobs=logprobs, prompt_logprobs=prompt_logprobs, constraint=constraint))
+            choices.append(c)
+    except BaseException:
+        cancel(choices)
+        raise
+    return choices
+
+
+def cancel(choices: Sequence[Choice]) -> None:
+    for c in choices:
+        if c.request is not None:
+            c.request.cancel()
+
+
+class TimedOut(OwnlmError):
+    """The request ran past the server's per-request time limit."""
+
+
+async def events(choices: Sequence[Choice], queue: asyncio.Queue, deadline: float
+                 ) -> AsyncIterator[tuple[Choice, str, list[TokenLogprob]]]:
+    """(choice, new text, new token logprobs) as tokens arrive, until every choice is finished;
+    a choice whose stop string appeared is cancelled on the engine at once. `deadline` is on the
+    time.monotonic() clock."""
+    open_ = {c.index for c in choices}
+    by_index = {c.index: c for c in choices}
+    while open_:
+        try:
+            i, ev = await asyncio.wait_for(queue.get(), max(0.001, deadline - time.monotonic()))
+        except asyncio.TimeoutError:
+            cancel(choices)
+            raise TimedOut("the request ran past the server's time limit (--request-timeout)") from None
+        c = by_index[i]
+        if ev.kind == "token":
+            if c.finish is not None:
+                continue
+            c.tokens.append(ev.token)
+            if ev.logprob is not None:
+                c.logprobs.append(ev.logprob)
+            piece = c.text.push(ev.token)
+            if c.text.stopped:
+                c.finish = "stop"
+                c.request.cancel()
+            yield c, piece, [ev.logprob] if ev.logprob is not None else []
+        elif ev.kind == "prompt":
+            c.prompt_logprobs = ev.prompt_logprobs
+        else:
+            open_.discard(i)
+            if ev.kind == "error":
+                c.error = ev.error
+            if c.finish is None:
+                c.finish = ev.reason if ev.reason in ("stop", "length") else "stop"
+            piece = c.text.finish()
+            if piece:
+                yield c, piece, []
