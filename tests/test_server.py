@@ -443,3 +443,24 @@ def test_non_loopback_needs_keys(home):
                        env={**os.environ, "OWNLM_HOME": str(home), "OWNLM_API_KEYS": ""}, capture_output=True,
                        text=True, timeout=60)
     assert r.returncode == 2 and "without API keys" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_timeout_keep_alive_and_reload(home):
+    s = Server(home, ["smollm2", "--request-timeout", "1", "--keep-alive", "1", "--preload"])
+    try:
+        endless = {"model": "smollm2", "messages": USER, "max_tokens": 1000, "logit_bias": {"0": -100, "1": -100, "2": -100}}
+        r = httpx.post(f"{s.base}/v1/chat/completions", json=endless, timeout=60)
+        assert r.status_code == 503 and "time limit" in r.json()["error"]["message"]
+        lines = []
+        with httpx.stream("POST", f"{s.base}/v1/chat/completions", json={**endless, "stream": True}, timeout=60) as st:
+            lines = [line for line in st.iter_lines() if line.startswith("data: ")]
+        assert st.status_code == 200 and '"error"' in lines[-1]  # mid-stream: an error event
+        deadline = time.monotonic() + 10
+        while httpx.get(f"{s.base}/health").json()["models_loaded"] and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert httpx.get(f"{s.base}/health").json()["models_loaded"] == []  # unloaded after the keep-alive
+        ok = httpx.post(f"{s.base}/v1/chat/completions", json={"model": "smollm2", "messages": USER, "max_tokens": 3},
+                        timeout=60)
+        assert ok.status_code == 200 and httpx.get(f"{s.base}/health").json()["models_loaded"] == ["smollm2"]
+    finally:
+        s.stop()

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
 import json
 import os
+import signal
 import sys
+import threading
+import time
 from pathlib import Path
 
-from ..errors import BadRequest
+from ..errors import BadRequest, OwnlmError
 
 
 def _is_loopback(host: str) -> bool:
@@ -37,6 +41,8 @@ def api_keys(args) -> list[str]:
 def cmd_serve(args) -> int:
     import uvicorn
 
+    from ..engine.scheduler import Driver
+    from ..manage import resolve
     from ..server import ModelPool, ServerConfig, create_app
 
     keys = api_keys(args)
@@ -46,29 +52,47 @@ def cmd_serve(args) -> int:
                          "pass --api-key KEY (or OWNLM_API_KEYS / --api-key-file), or bind 127.0.0.1")
     if args.max_running < 1 or args.max_queue < 0 or args.max_loaded < 1:
         raise BadRequest("--max-running and --max-loaded must be at least 1, --max-queue at least 0")
-    pool = ModelPool(args.models, keep_alive=args.keep_alive, max_loaded=args.max_loaded,
-                     max_running=args.max_running, max_queue=args.max_queue, device=args.device, dtype=args.dtype)
     for ref in args.models:  # refuse an unknown model now, not at the first request
-        from ..manage import resolve
-
         resolve(ref, pull_missing=True)
+    driver = Driver()
+    pool = ModelPool(args.models, keep_alive=args.keep_alive, max_loaded=args.max_loaded,
+                     max_running=args.max_running, max_queue=args.max_queue, device=args.device, dtype=args.dtype,
+                     driver=driver)
     if args.preload:
-        import asyncio
-
-        targets = list(pool.available())[: args.max_loaded]
-        for mid in targets:
-            served = asyncio.run(pool.acquire(mid))
-            pool.release(served)
+        for mid in list(pool.available())[: args.max_loaded]:
+            pool.release(asyncio.run(pool.acquire(mid)))
+        pool.locks.clear()  # they belonged to that event loop
     config = ServerConfig(api_keys=keys, check_host=loopback, max_body_bytes=int(args.max_body_mb * (1 << 20)),
                           request_timeout=args.request_timeout)
-    app = create_app(pool, config)
+    server = uvicorn.Server(uvicorn.Config(create_app(pool, config), host=args.host, port=args.port,
+                                           log_level="warning", access_log=False, timeout_graceful_shutdown=5))
+    # HTTP on a secondary thread, the engines on this (the main) thread: see engine.scheduler.Driver
+    stop = threading.Event()
+
+    def http() -> None:
+        try:
+            server.run()
+        finally:
+            stop.set()
+            driver.wake()
+
+    thread = threading.Thread(target=http, name="ownlm-http", daemon=True)
+    thread.start()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: setattr(server, "should_exit", True))
+    while not server.started and thread.is_alive():
+        time.sleep(0.02)
+    if not server.started:
+        raise OwnlmError(f"could not listen on {args.host}:{args.port}", "is another server using that port?")
     url = f"http://{'[' + args.host + ']' if ':' in args.host else args.host}:{args.port}/v1"
     ready = {"url": url, "models": sorted(pool.available()), "auth": bool(keys), "preloaded": sorted(pool.loaded)}
-    print(json.dumps(ready) if args.json else f"ownlm serving {', '.join(ready['models']) or 'no models yet'} "
-          f"at {url}" + (" (API key required)" if keys else ""), file=sys.stderr if not args.json else sys.stdout,
-          flush=True)
-    uvicorn.run(app, host=args.host, port=args.port, log_level="warning", access_log=False,
-                timeout_graceful_shutdown=5)
+    if args.json:
+        print(json.dumps(ready), flush=True)
+    else:
+        print(f"ownlm serving {', '.join(ready['models']) or 'no models yet'} at {url}"
+              + (" (API key required)" if keys else ""), file=sys.stderr, flush=True)
+    driver.run(stop)
+    thread.join(timeout=15)
     return 0
 
 

@@ -11,10 +11,10 @@ import torch
 
 from ..errors import BadRequest
 from ..text.tokenizer import IncrementalDecoder, TextTokenizer
-from .kv_cache import KVCache
+from .kv_cache import KVCache, span
 from .sampling import SamplingParams, make_generator, sample
 
-PREFILL_CHUNK = 512
+PREFILL_CHUNK = 256  # the batch scheduler uses the same: same chunks, same numbers
 
 
 @dataclass
@@ -59,7 +59,7 @@ def generate_ids(model: torch.nn.Module, prompt: Sequence[int], params: Sampling
     stats = stats if stats is not None else StepStats()
     limit = budget(len(prompt), params, cfg.context_length)
     device = model.embed.weight.device
-    cache = KVCache.for_model(model, 1, len(prompt) + limit)
+    cache = KVCache.for_model(model, 1, span(len(prompt) + limit))
     gen = make_generator(params.seed, "cpu")
     stops = set(stop_ids) | set(params.stop_token_ids)
     context = torch.tensor(list(prompt), dtype=torch.long)
@@ -91,7 +91,7 @@ def generate_ids(model: torch.nn.Module, prompt: Sequence[int], params: Sampling
         yield token
         if len(out) == limit:
             break
-        cache.length = n + 1
+        cache.length = span(n + 1)
         logits = model(torch.tensor([[token]], device=device), torch.tensor([[n]], device=device), cache)
         n += 1
     stats.decode_s = time.perf_counter() - t1

@@ -8,6 +8,15 @@ from __future__ import annotations
 import torch
 
 
+ALIGN = 64
+
+
+def span(n: int) -> int:
+    """Attention length for a decode step that needs `n` positions: rounded up to ALIGN, so a
+    sequence's decode arithmetic is the same alone and in a batch (the model masks the rest)."""
+    return -(-n // ALIGN) * ALIGN
+
+
 class KVCache:
     """`length` is the number of positions the next forward may attend to and `base` the first
     slot of the next forward's batch; the engine sets both before each forward."""
@@ -26,7 +35,11 @@ class KVCache:
     def for_model(cls, model, batch: int, max_len: int) -> "KVCache":
         cfg = model.cfg
         w = model.embed.weight
-        return cls(cfg.n_layers, batch, cfg.n_kv_heads, max_len, cfg.head_dim, w.dtype, w.device)
+        # on a CPU, keys and values (rounded to the compute type as they are) are kept in fp32:
+        # one-token attention runs in fp32 there, and converting the cache every step cost more
+        # than the memory saved
+        dtype = torch.float32 if w.device.type == "cpu" else w.dtype
+        return cls(cfg.n_layers, batch, cfg.n_kv_heads, max_len, cfg.head_dim, dtype, w.device)
 
     @property
     def bytes_per_position(self) -> int:
@@ -39,7 +52,7 @@ class KVCache:
         if slots <= self.slots and max_len <= self.max_len:
             return
         new_slots = max(slots, self.slots)
-        new_len = self.max_len if max_len <= self.max_len else min(limit, max(max_len, 2 * self.max_len, 128))
+        new_len = self.max_len if max_len <= self.max_len else min(limit, span(max(max_len, 2 * self.max_len, 128)))
         shape = (new_slots, self.n_kv, new_len, self.head_dim)
         for store in (self.k, self.v):
             for i, old in enumerate(store):
@@ -57,6 +70,7 @@ class KVCache:
     def update(self, layer: int, pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
         # pos: (B, T) absolute positions; k, v: (B, Hkv, T, D); the batch occupies slots base..base+B-1
         B = pos.shape[0]
+        k, v = k.to(self.dtype), v.to(self.dtype)
         ck = self.k[layer][self.base: self.base + B]
         cv = self.v[layer][self.base: self.base + B]
         if B == 1:

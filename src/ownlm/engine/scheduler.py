@@ -22,10 +22,9 @@ from typing import Any, Callable, Protocol, Sequence
 import torch
 
 from ..errors import OwnlmError
-from .kv_cache import KVCache
+from .kv_cache import KVCache, span
+from .generate import PREFILL_CHUNK
 from .sampling import SamplingParams, make_generator, sample
-
-PREFILL_CHUNK = 256
 
 
 class Overloaded(OwnlmError):
@@ -90,7 +89,9 @@ class _Seq:
 
 class Scheduler:
     def __init__(self, model: torch.nn.Module, max_running: int = 8, max_queue: int = 64,
-                 prefill_chunk: int = PREFILL_CHUNK, on_step: Callable[["Scheduler"], None] | None = None):
+                 prefill_chunk: int = PREFILL_CHUNK, on_step: Callable[["Scheduler"], None] | None = None,
+                 driver: "Driver | None" = None):
+        """With a `driver`, the driver's thread runs the steps; otherwise a thread of its own."""
         self.model, self.cfg = model, model.cfg
         self.device = model.embed.weight.device
         self.max_running, self.max_queue, self.prefill_chunk = max_running, max_queue, prefill_chunk
@@ -98,12 +99,16 @@ class Scheduler:
         self.waiting: deque[_Seq] = deque()
         self.running: list[_Seq] = []
         self.admitting: _Seq | None = None
-        self.cond = threading.Condition()
+        self.driver = driver
+        self.cond = driver.cond if driver else threading.Condition()
         self.closed = False
         self.on_step = on_step
         self.steps = 0
-        self.thread = threading.Thread(target=self._loop, daemon=True, name="ownlm-engine")
-        self.thread.start()
+        if driver:
+            driver.add(self)
+        else:
+            self.thread = threading.Thread(target=self._loop, daemon=True, name="ownlm-engine")
+            self.thread.start()
 
     # --- the caller's side ---------------------------------------------------------------------
 
@@ -114,10 +119,10 @@ class Scheduler:
             if self.closed:
                 raise OwnlmError("the model is unloading")
             busy = len(self.running) + (self.admitting is not None)
-            if busy >= self.max_running and len(self.waiting) >= self.max_queue:
+            if busy + len(self.waiting) >= self.max_running + self.max_queue:
                 raise Overloaded(f"{busy} sequences are running and {len(self.waiting)} are queued")
             self.waiting.append(_Seq(req, make_generator(req.params.seed)))
-            self.cond.notify()
+            self.cond.notify_all()
         return req
 
     def stats(self) -> dict[str, int]:
@@ -125,43 +130,56 @@ class Scheduler:
             return {"running": len(self.running) + (self.admitting is not None), "waiting": len(self.waiting),
                     "steps": self.steps}
 
+    def has_work(self) -> bool:
+        return self.closed or bool(self.waiting or self.running or self.admitting)
+
     def close(self) -> None:
+        """Stop; requests still queued or running get an error event."""
         with self.cond:
             self.closed = True
-            self.cond.notify()
-        self.thread.join(timeout=10)
+            self.cond.notify_all()
+        if self.driver is None:
+            self.thread.join(timeout=10)
 
-    # --- the engine thread ---------------------------------------------------------------------
+    # --- the engine side -----------------------------------------------------------------------
 
     def _loop(self) -> None:
-        while True:
+        while not self.closed:
             with self.cond:
-                while not self.closed and not self.waiting and not self.running and self.admitting is None:
+                while not self.has_work():
                     self.cond.wait()
-                if self.closed:
-                    pending = list(self.waiting) + self.running + ([self.admitting] if self.admitting else [])
-                    self.waiting.clear()
-                    break
-                for s in [s for s in self.waiting if s.req.cancelled]:
-                    self.waiting.remove(s)
-                    s.req.emit(Event("done", reason="cancelled"))
-                if self.admitting is None and self.waiting and len(self.running) < self.max_running:
-                    self.admitting = self.waiting.popleft()
-                    self.admitting.slot = len(self.running)
-            try:
-                with torch.inference_mode():
-                    self._step()
-            except Exception as e:  # noqa: BLE001 - a failed step fails its requests, not the server
-                with self.cond:
-                    victims = self.running + ([self.admitting] if self.admitting else [])
-                    self.running, self.admitting = [], None
-                for s in victims:
-                    s.req.emit(Event("error", error=e))
-            self.steps += 1
-            if self.on_step:
-                self.on_step(self)
-        for s in pending:
-            s.req.emit(Event("error", error=OwnlmError("the model was unloaded")))
+            self.step()  # a closed scheduler's last step fails what is left
+
+    def step(self) -> None:
+        """One iteration: admit, prefill a chunk, decode every running sequence, retire."""
+        with self.cond:
+            if self.closed:
+                pending = list(self.waiting) + self.running + ([self.admitting] if self.admitting else [])
+                self.waiting.clear()
+                self.running, self.admitting = [], None
+                for s in pending:
+                    s.req.emit(Event("error", error=OwnlmError("the model was unloaded")))
+                if self.driver is not None:
+                    self.driver.remove(self)
+                return
+            for s in [s for s in self.waiting if s.req.cancelled]:
+                self.waiting.remove(s)
+                s.req.emit(Event("done", reason="cancelled"))
+            if self.admitting is None and self.waiting and len(self.running) < self.max_running:
+                self.admitting = self.waiting.popleft()
+                self.admitting.slot = len(self.running)
+        try:
+            with torch.inference_mode():
+                self._step()
+        except Exception as e:  # noqa: BLE001 - a failed step fails its requests, not the server
+            with self.cond:
+                victims = self.running + ([self.admitting] if self.admitting else [])
+                self.running, self.admitting = [], None
+            for s in victims:
+                s.req.emit(Event("error", error=e))
+        self.steps += 1
+        if self.on_step:
+            self.on_step(self)
 
     def _step(self) -> None:
         if self.admitting is not None:
@@ -179,7 +197,7 @@ class Scheduler:
         prompt = req.prompt
         start = s.cached
         end = min(len(prompt), start + self.prefill_chunk)
-        self.cache.grow(s.slot + 1, end, self.cfg.context_length)
+        self.cache.grow(s.slot + 1, end, span(self.cfg.context_length))
         self.cache.base, self.cache.length = s.slot, end
         ids = torch.tensor([list(prompt[start:end])], dtype=torch.long, device=self.device)
         pos = torch.arange(start, end, device=self.device)[None]
@@ -214,8 +232,8 @@ class Scheduler:
     def _decode(self) -> None:
         n = len(self.running)
         pos_list = [s.cached for s in self.running]  # where each last token goes
-        length = max(pos_list) + 1
-        self.cache.grow(n + (self.admitting is not None), length, self.cfg.context_length)
+        length = span(max(pos_list) + 1)
+        self.cache.grow(n + (self.admitting is not None), length, span(self.cfg.context_length))
         self.cache.base, self.cache.length = 0, length
         tokens = torch.tensor([[s.out[-1]] for s in self.running], dtype=torch.long, device=self.device)
         pos = torch.tensor(pos_list, dtype=torch.long, device=self.device)[:, None]
@@ -278,6 +296,39 @@ class Scheduler:
             self.admitting.slot = len(keep)
         with self.cond:
             self.running = keep
+
+
+class Driver:
+    """Runs the steps of several schedulers on one thread, the caller's. Measured here: PyTorch's
+    OpenMP kernels (the int4 matmul, softmax) run about twice as slow from a secondary thread as
+    from the main one, so a server runs its engines on the main thread through a Driver."""
+
+    def __init__(self):
+        self.cond = threading.Condition()
+        self.schedulers: list[Scheduler] = []
+
+    def add(self, s: Scheduler) -> None:
+        with self.cond:
+            self.schedulers.append(s)
+
+    def remove(self, s: Scheduler) -> None:
+        with self.cond:
+            if s in self.schedulers:
+                self.schedulers.remove(s)
+
+    def run(self, stop: threading.Event) -> None:
+        while not stop.is_set():
+            with self.cond:
+                busy = [s for s in self.schedulers if s.has_work()]
+                if not busy:
+                    self.cond.wait(0.2)
+                    continue
+            for s in busy:
+                s.step()
+
+    def wake(self) -> None:
+        with self.cond:
+            self.cond.notify_all()
 
 
 def _logprob(lp: torch.Tensor, token: int, k: int | None) -> TokenLogprob:

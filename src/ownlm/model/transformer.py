@@ -72,8 +72,6 @@ class Attention(nn.Module):
         self.o = dense(cfg.n_heads * cfg.head_dim, cfg.dim, cfg.o_bias)
 
     def forward(self, x, cos, sin, mask, pos, cache):
-        """mask: a boolean (B, 1, T, S) mask, or for one-token decode through a cache a list of
-        (start, end) key spans, one per sequence."""
         B, T, _ = x.shape
         q, k, v = self.qkv(x).split(self.sizes, dim=-1)
         q = q.reshape(B, T, self.n_heads, self.hd).transpose(1, 2)  # (B, H, T, D)
@@ -82,24 +80,20 @@ class Attention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
             k, v = cache.update(self.layer, pos, k, v)  # (B, Hkv, S, D), S = cache length
-        if isinstance(mask, list):
-            # one-token decode, each sequence over exactly its own keys: the same arithmetic in a
-            # batch as alone, so batching never changes a sequence's tokens
-            y = torch.cat([self._decode_one(q[i:i + 1], k[i:i + 1, :, a:b], v[i:i + 1, :, a:b])
-                           for i, (a, b) in enumerate(mask)])
+        if T == 1 and cache is not None:
+            # one-token decode: plain matmuls beat the fused kernel's setup cost at this size; fp32
+            # because tiny shapes that change every step are slow through bf16 GEMM primitives.
+            # The engine pads S to a multiple of KVCache.ALIGN and masked keys add exact zeros, so
+            # a sequence gets bit-identical results alone or in a batch of any lengths.
+            rep = self.n_heads // self.n_kv
+            qg = q.float().view(B, self.n_kv, rep, self.hd) * self.hd ** -0.5  # query heads grouped by KV head
+            att = (qg @ k.float().transpose(-1, -2)) + mask  # (B, Hkv, rep, S); mask: 0 or -inf
+            y = (att.softmax(-1) @ v.float()).to(q.dtype).view(B, self.n_heads, 1, self.hd)
         else:
             # grouped-query attention: each KV head serves n_heads / n_kv query heads
+            k, v = k.to(q.dtype), v.to(q.dtype)  # the cache may hold a wider type than the compute
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=self.n_kv != self.n_heads)  # (B, H, T, D)
         return self.o(y.transpose(1, 2).reshape(B, T, self.n_heads * self.hd))
-
-    def _decode_one(self, q, k, v):
-        """q: (1, H, 1, D), k/v: (1, Hkv, S, D) -> (1, H, 1, D). Plain matmuls beat the fused
-        kernel's setup cost at this size; fp32 because tiny shapes that change every step are
-        slow through bf16 GEMM primitives."""
-        rep = self.n_heads // self.n_kv
-        qg = q.view(1, self.n_kv, rep, self.hd)  # query heads grouped by their KV head
-        att = (qg.float() @ k.float().transpose(-1, -2)) * self.hd ** -0.5  # (1, Hkv, rep, S)
-        return (att.softmax(-1) @ v.float()).to(q.dtype).view(1, self.n_heads, 1, self.hd)
 
 
 class MLP(nn.Module):
@@ -167,11 +161,9 @@ class Transformer(nn.Module):
         emb = torch.cat((freqs, freqs), dim=-1)[:, None]  # (B, 1, T, D)
         cos, sin = emb.cos().to(x.dtype), emb.sin().to(x.dtype)
         total = cache.length if cache is not None else T
-        if T == 1 and cache is not None:
-            window = self.cfg.sliding_window
-            mask = [(max(0, p + 1 - window) if window else 0, p + 1) for p in pos[:, 0].tolist()]
-        else:
-            mask = self._mask(pos, total, tokens.device)
+        mask = self._mask(pos, total, tokens.device)
+        if T == 1 and cache is not None:  # additive form for the decode path, built once per step
+            mask = torch.zeros(mask.shape, device=tokens.device).masked_fill_(~mask, -math.inf)
         for block in self.layers:
             x = block(x, cos, sin, mask, pos, cache)
         if last_only:

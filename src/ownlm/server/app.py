@@ -334,13 +334,13 @@ def create_app(pool: ModelPool, config: ServerConfig | None = None) -> FastAPI:
 
     @app.post("/v1/chat/completions")
     async def chat(request: Request):
-        t0 = time.monotonic()
         body: ChatRequest = await parse(request, ChatRequest)
         if body.max_tokens == 0:
             raise APIError(400, "max_tokens must be at least 1", param="max_tokens")
         if body.top_logprobs is not None and not body.logprobs:
             raise APIError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
         served = await pool.acquire(body.model)
+        t0 = time.monotonic()  # the time limit and time-to-first-token start once the model is loaded
         try:
             plan = runs.chat_plan(served, body)
             prompt_text = await asyncio.to_thread(runs.render_chat, served, body.messages, plan.tools)
@@ -416,13 +416,13 @@ def create_app(pool: ModelPool, config: ServerConfig | None = None) -> FastAPI:
 
     @app.post("/v1/completions")
     async def completions(request: Request):
-        t0 = time.monotonic()
         body: CompletionRequest = await parse(request, CompletionRequest)
         if body.max_tokens == 0 and not body.echo:
             raise APIError(400, "max_tokens 0 is only meaningful with echo", param="max_tokens")
         if body.stream and body.echo and body.logprobs is not None:
             raise APIError(400, "echo with logprobs is not available when streaming", param="echo")
         served = await pool.acquire(body.model)
+        t0 = time.monotonic()  # the time limit and time-to-first-token start once the model is loaded
         try:
             p = body.prompt
             batch = [p] if isinstance(p, str) or (p and isinstance(p[0], int)) else list(p)

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from ..engine.constraints import grammar_tokenizer
-from ..engine.scheduler import Scheduler
+from ..engine.scheduler import Driver, Scheduler
 from ..errors import ModelNotFound, OwnlmError
 from ..loading import LoadedModel, load
 from ..manage import list_models
@@ -45,10 +45,10 @@ def model_id(name: str) -> str:
 class ModelPool:
     def __init__(self, refs: list[str] | None = None, keep_alive: float = 300.0, max_loaded: int = 1,
                  max_running: int = 8, max_queue: int = 64, device: str | None = None, dtype: str | None = None,
-                 loader: Callable[..., LoadedModel] = load, on_step: Callable[[Scheduler], None] | None = None):
+                 loader: Callable[..., LoadedModel] = load, driver: Driver | None = None):
         self.fixed = {model_id(r) if parse_ref(r).kind == "name" else r: r for r in (refs or [])}
         self.keep_alive, self.max_loaded = keep_alive, max_loaded
-        self.engine_opts = {"max_running": max_running, "max_queue": max_queue, "on_step": on_step}
+        self.engine_opts = {"max_running": max_running, "max_queue": max_queue, "driver": driver}
         self.device, self.dtype, self.loader = device, dtype, loader
         self.loaded: dict[str, Served] = {}
         self.locks: dict[str, asyncio.Lock] = {}
