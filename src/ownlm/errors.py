@@ -19,9 +19,14 @@ class OwnlmError(Exception):
 
 
 class BadRequest(OwnlmError):
-    """The user asked for something malformed: a bad ref, flag, parameter or name."""
+    """The user asked for something malformed: a bad ref, flag, parameter or name. `param` names
+    the offending API parameter, when there is one."""
 
     exit_code = 2
+
+    def __init__(self, message: str, hint: str | None = None, param: str | None = None):
+        super().__init__(message, hint)
+        self.param = param
 
 
 class ModelNotFound(OwnlmError):

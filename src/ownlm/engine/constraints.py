@@ -7,7 +7,6 @@ Grammars come from a JSON schema (`response_format`), "any JSON object", or the 
 from __future__ import annotations
 
 import json
-import threading
 from typing import Any, Sequence
 
 import torch
@@ -19,10 +18,6 @@ TOOL_OPEN, TOOL_CLOSE = "<tool_call>", "</tool_call>"
 JSON_OPTIONS = {"whitespace_flexible": False}
 MAX_SCHEMA_BYTES = 256 << 10
 
-_tokenizers: dict[int, Any] = {}
-_lock = threading.Lock()
-
-
 def _llg():
     import llguidance
 
@@ -30,14 +25,8 @@ def _llg():
 
 
 def grammar_tokenizer(tokenizer, vocab_size: int):
-    """llguidance's view of a TextTokenizer (built once per tokenizer: ~0.3 s)."""
-    with _lock:
-        key = id(tokenizer)
-        if key not in _tokenizers:
-            llg = _llg()
-            _tokenizers[key] = (tokenizer, llg.LLTokenizer(tokenizer.tk.to_str(), n_vocab=vocab_size,
-                                                            eos_token=list(tokenizer.eos_ids)))
-        return _tokenizers[key][1]
+    """llguidance's view of a TextTokenizer (~0.3 s to build: the caller keeps it)."""
+    return _llg().LLTokenizer(tokenizer.tk.to_str(), n_vocab=vocab_size, eos_token=list(tokenizer.eos_ids))
 
 
 def _check_schema(schema: Any, where: str) -> str:

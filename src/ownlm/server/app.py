@@ -20,7 +20,7 @@ from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import JSONResponse, PlainTextResponse, StreamingResponse
 
-from ..engine.scheduler import Overloaded, Scheduler, TokenLogprob
+from ..engine.scheduler import Overloaded, TokenLogprob
 from ..errors import BadRequest, ChatTemplateError, ModelNotFound, OwnlmError
 from . import runs
 from .metrics import Metrics
@@ -67,8 +67,7 @@ def _as_api_error(e: BaseException, retry_after: int = 1) -> APIError:
     if isinstance(e, ChatTemplateError):
         return APIError(422, f"the model's chat template cannot render these messages: {e}", param="messages")
     if isinstance(e, BadRequest):
-        param = e.hint[6:] if e.hint and e.hint.startswith("param:") else None
-        return APIError(400, e.message if param else str(e), param=param)
+        return APIError(400, str(e), param=e.param)
     if isinstance(e, OwnlmError):
         return APIError(503, str(e))
     return APIError(500, f"internal error: {type(e).__name__}: {e}")
@@ -249,7 +248,7 @@ def create_app(pool: ModelPool, config: ServerConfig | None = None) -> FastAPI:
 
     # --- generation ------------------------------------------------------------------------------
 
-    async def run_choices(request: Request, served: Served, prepare) -> tuple[list[runs.Choice], asyncio.Queue]:
+    async def run_choices(served: Served, prepare) -> tuple[list[runs.Choice], asyncio.Queue]:
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue()
         choices = prepare(loop, queue)
@@ -291,6 +290,19 @@ def create_app(pool: ModelPool, config: ServerConfig | None = None) -> FastAPI:
                 last[c.index] = now
                 metrics.inc("generation_tokens_total", 1)
             yield c, piece, lps
+
+    async def wait_all(request: Request, served: Served, choices, queue, t0: float) -> None:
+        """The non-streaming end of a request: every choice finished (or an error raised)."""
+        try:
+            await collect(request, choices, queue, t0)
+        finally:
+            pool.release(served)
+        first_error(choices)
+
+    def stream_end(head: dict[str, Any], usage_: dict[str, int] | None) -> bytes:
+        """The last events of a stream: the usage chunk when asked for, then [DONE]."""
+        final = sse({**head, "choices": [], "usage": usage_}) if usage_ is not None else b""
+        return final + b"data: [DONE]\n\n"
 
     def first_error(choices) -> None:
         for c in choices:
@@ -350,7 +362,7 @@ def create_app(pool: ModelPool, config: ServerConfig | None = None) -> FastAPI:
                       for i in range(body.n)]
             limit = runs.limit_for(served, prompt, params[0], max_tokens)
             logprobs = (body.top_logprobs or 0) if body.logprobs else None
-            choices, queue = await run_choices(request, served, lambda loop, q: runs.submit_choices(
+            choices, queue = await run_choices(served, lambda loop, q: runs.submit_choices(
                 served, loop, q, [prompt] * body.n, params, [limit] * body.n, params[0].stop,
                 logprobs=logprobs, grammar=plan.grammar))
         except BaseException:
@@ -389,17 +401,11 @@ def create_app(pool: ModelPool, config: ServerConfig | None = None) -> FastAPI:
                 for c in choices:
                     finish = "tool_calls" if calls_sent.get(c.index) else c.finish
                     yield chunk(c.index, {}, finish)
-                if include_usage:
-                    yield sse({**head, "choices": [], "usage": usage(choices, len(prompt) * body.n)})
-                yield b"data: [DONE]\n\n"
+                yield stream_end(head, usage(choices, len(prompt) * body.n) if include_usage else None)
 
             return streaming(gen(), served, choices)
 
-        try:
-            await collect(request, choices, queue, t0)
-        finally:
-            pool.release(served)
-        first_error(choices)
+        await wait_all(request, served, choices, queue, t0)
         out = []
         for c in choices:
             message: dict[str, Any] = {"role": "assistant", "content": c.text.text, "refusal": None}
@@ -438,7 +444,7 @@ def create_app(pool: ModelPool, config: ServerConfig | None = None) -> FastAPI:
                     params.append(sp)
                     limits.append(runs.limit_for(served, prompt, sp, max_tokens))
             echo_lp = body.logprobs if body.echo and body.logprobs is not None else None
-            choices, queue = await run_choices(request, served, lambda loop, q: runs.submit_choices(
+            choices, queue = await run_choices(served, lambda loop, q: runs.submit_choices(
                 served, loop, q, all_prompts, params, limits, params[0].stop, logprobs=body.logprobs,
                 prompt_logprobs=echo_lp))
         except BaseException:
@@ -471,17 +477,11 @@ def create_app(pool: ModelPool, config: ServerConfig | None = None) -> FastAPI:
                 first_error(choices)
                 for c in choices:
                     yield chunk(c.index, "", c.finish)
-                if include_usage:
-                    yield sse({**head, "choices": [], "usage": usage(choices, n_prompt)})
-                yield b"data: [DONE]\n\n"
+                yield stream_end(head, usage(choices, n_prompt) if include_usage else None)
 
             return streaming(gen(), served, choices)
 
-        try:
-            await collect(request, choices, queue, t0)
-        finally:
-            pool.release(served)
-        first_error(choices)
+        await wait_all(request, served, choices, queue, t0)
         out = []
         for c in choices:
             text = prompt_text(c) + c.text.text
@@ -553,4 +553,4 @@ def embed(served: Served, batch: list[list[int]], dimensions: int | None = None)
     return out
 
 
-__all__ = ["create_app", "ServerConfig", "ModelPool", "Scheduler", "embed"]
+__all__ = ["create_app", "ServerConfig", "embed"]

@@ -92,7 +92,8 @@ def sampling(served: Served, body: Any, max_tokens: int | None, seed: int | None
             raise BadRequest("logit_bias keys must be token ids") from None
         if any(not -100 <= v <= 100 for v in kw["logit_bias"].values()):
             raise BadRequest("logit_bias values must be between -100 and 100")
-    return SamplingParams.from_kwargs(**kw, seed=seed, max_tokens=max_tokens or None)
+    kw.update(seed=seed, max_tokens=max_tokens or None)
+    return SamplingParams.from_kwargs(**kw)
 
 
 def limit_for(served: Served, prompt: list[int], params: SamplingParams, max_tokens: int | None) -> int:
@@ -120,13 +121,13 @@ def chat_plan(served: Served, body: Any) -> Plan:
     fmt = body.response_format.type if body.response_format else "text"
     if not tools:
         if choice != "none":
-            raise BadRequest("tool_choice needs tools", "param:tool_choice")
+            raise BadRequest("tool_choice needs tools", param="tool_choice")
         return Plan(grammar=_format_grammar(body))
     if choice == "none":
         return Plan(grammar=_format_grammar(body))
     if fmt != "text":
         raise BadRequest("response_format cannot be combined with tools unless tool_choice is 'none'",
-                         "param:response_format")
+                         param="response_format")
     functions = [t["function"] for t in tools]
     if isinstance(choice, str):
         mode, chosen = choice, functions
@@ -134,7 +135,7 @@ def chat_plan(served: Served, body: Any) -> Plan:
         chosen = [f for f in functions if f["name"] == choice.function.name]
         if not chosen:
             raise BadRequest(f"tool_choice names {choice.function.name!r}, which is not among the tools",
-                             "param:tool_choice")
+                             param="tool_choice")
         mode = "required"
     single = body.parallel_tool_calls is False or not isinstance(choice, str)
     grammar = constraints.tool_grammar(chosen, required=mode == "required", single=single)
@@ -148,7 +149,7 @@ def _format_grammar(body: Any) -> str | None:
     if rf.type == "json_object":
         return constraints.json_schema_grammar({"type": "object"})
     if rf.json_schema is None or rf.json_schema.schema_ is None:
-        raise BadRequest("response_format json_schema needs json_schema.schema", "param:response_format")
+        raise BadRequest("response_format json_schema needs json_schema.schema", param="response_format")
     return constraints.json_schema_grammar(rf.json_schema.schema_)
 
 
@@ -181,7 +182,6 @@ class Choice:
     prompt_logprobs: list[TokenLogprob | None] | None = None
     finish: str | None = None
     error: BaseException | None = None
-    first_token_at: float | None = None
 
 
 def submit_choices(served: Served, loop: asyncio.AbstractEventLoop, queue: asyncio.Queue, prompts: Sequence[list[int]],

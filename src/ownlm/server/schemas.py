@@ -15,6 +15,10 @@ class _Body(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+class StreamOptions(_Body):
+    include_usage: bool = False
+
+
 class _Sampling(_Body):
     model: str
     temperature: Optional[float] = Field(None, ge=0, le=2)
@@ -28,15 +32,11 @@ class _Sampling(_Body):
     logit_bias: Optional[dict[str, float]] = None
     user: Optional[str] = None
     stream: bool = False
-    stream_options: Optional["StreamOptions"] = None
+    stream_options: Optional[StreamOptions] = None
     # extensions, named as vLLM and llama.cpp's server name them
     top_k: Optional[int] = Field(None, ge=0)
     min_p: Optional[float] = Field(None, ge=0, le=1)
     repetition_penalty: Optional[float] = Field(None, gt=0, le=10)
-
-
-class StreamOptions(_Body):
-    include_usage: bool = False
 
 
 class FunctionDef(_Body):
@@ -98,5 +98,3 @@ class EmbeddingRequest(_Body):
     dimensions: Optional[int] = Field(None, ge=1)
     user: Optional[str] = None
 
-
-_Sampling.model_rebuild()
