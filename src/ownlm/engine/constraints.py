@@ -91,6 +91,8 @@ class GrammarConstraint:
 
     def mask(self, logits: torch.Tensor) -> torch.Tensor:
         allowed = self.allowed()
+        if not bool(allowed.any()):
+            raise RuntimeError(f"the output grammar allows no next token ({self.matcher.get_error() or 'dead end'})")
         n = min(allowed.shape[0], logits.shape[-1])
         out = torch.full_like(logits, float("-inf"))
         out[:n] = torch.where(allowed[:n], logits[:n], out[:n])

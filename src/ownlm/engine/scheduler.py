@@ -214,7 +214,7 @@ class Scheduler:
         if req.limit == 0:
             s.done = "length"
         else:
-            self._sample(s, logits[0, -1])
+            self._sample_safely(s, logits[0, -1])
         assert s.slot == len(self.running)
         self.running.append(s)
 
@@ -241,7 +241,16 @@ class Scheduler:
         rows = logits[:, -1].float().cpu()
         for i, s in enumerate(self.running):
             s.cached += 1
-            self._sample(s, rows[i])
+            self._sample_safely(s, rows[i])
+
+    def _sample_safely(self, s: _Seq, row: torch.Tensor) -> None:
+        """A sequence whose sampling fails (a grammar in an error state, say) ends with an error
+        event; the others in the batch go on."""
+        try:
+            self._sample(s, row)
+        except Exception as e:  # noqa: BLE001 - reported to that request alone
+            s.done = "error"
+            s.req.emit(Event("error", error=e))
 
     def _sample(self, s: _Seq, row: torch.Tensor) -> None:
         req, p = s.req, s.req.params
@@ -283,7 +292,8 @@ class Scheduler:
         keep = []
         for s in self.running:
             if s.done:
-                s.req.emit(Event("done", reason=s.done))
+                if s.done != "error":  # an errored sequence has had its (last) event
+                    s.req.emit(Event("done", reason=s.done))
             else:
                 keep.append(s)
         # compact: move survivors down into the freed slots, then the one being admitted
