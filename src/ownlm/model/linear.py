@@ -7,11 +7,37 @@ and a `weight`-like state (quantized int4 / int8 weights, a LoRA wrapper) can be
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
+
+from . import kernels
+
+SMALL_BATCH = 64  # rows up to which bf16 weights go through kernels.bf16_matmul on a CPU
+
+
+def matmul(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """F.linear, except that a few rows times bf16 weights on an x86 CPU, outside autograd, use
+    the small-batch kernel (same bits for a row whatever the number of rows)."""
+    rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
+    if (weight.dtype == torch.bfloat16 and weight.device.type == "cpu" and 0 < rows <= SMALL_BATCH
+            and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))):
+        lib = kernels.load()
+        if lib is not None and weight.is_contiguous():
+            y = kernels.bf16_matmul(lib, x.reshape(rows, -1).float().contiguous(), weight)
+            y = y.reshape(*x.shape[:-1], weight.shape[0]).to(x.dtype)
+            return y if bias is None else y + bias
+    return F.linear(x, weight, bias)
+
+
+class Linear(nn.Linear):
+    """nn.Linear whose forward is `matmul` (see above)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return matmul(x, self.weight, self.bias)
 
 
 def dense(in_features: int, out_features: int, bias: bool) -> nn.Module:
-    return nn.Linear(in_features, out_features, bias=bias)
+    return Linear(in_features, out_features, bias=bias)
 
 
 def replace(model: nn.Module, name: str, new: nn.Module) -> None:

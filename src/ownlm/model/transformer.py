@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import ModelConfig, RopeScaling
-from .linear import dense
+from .linear import dense, matmul
 
 
 class Cache(Protocol):
@@ -172,4 +172,4 @@ class Transformer(nn.Module):
         if not head:
             return x
         # tied embeddings: the input table doubles as the output head
-        return F.linear(x, self.embed.weight) if self.lm_head is None else self.lm_head(x)  # (B, T, V)
+        return matmul(x, self.embed.weight) if self.lm_head is None else self.lm_head(x)  # (B, T, V)
