@@ -13,6 +13,7 @@ import argparse
 import concurrent.futures as cf
 import json
 import os
+import resource
 import socket
 import statistics
 import subprocess
@@ -64,17 +65,21 @@ def level(base: str, model: str, clients: int, n_gen: int, eos_ids: list[int]) -
         barrier.wait()
         return one_request(base, model, i, n_gen, eos_ids)
 
+    cpu0 = resource.getrusage(resource.RUSAGE_SELF)
     t0 = time.perf_counter()
     with cf.ThreadPoolExecutor(clients) as pool:
         results = list(pool.map(go, range(clients)))
     wall = max(r["end"] for r in results) - t0
+    cpu1 = resource.getrusage(resource.RUSAGE_SELF)
+    client_cpu = (cpu1.ru_utime - cpu0.ru_utime) + (cpu1.ru_stime - cpu0.ru_stime)
     tokens = sum(r["tokens"] for r in results)
     ttft = [r["ttft"] for r in results]
     itl = [x for r in results for x in r["itl"]]
     return {"clients": clients, "tokens": tokens, "wall_s": round(wall, 2),
             "aggregate_tokens_per_s": round(tokens / wall, 2),
             "ttft_p50_s": round(percentile(ttft, 50), 3), "ttft_p99_s": round(percentile(ttft, 99), 3),
-            "itl_p50_ms": round(1000 * percentile(itl, 50), 1), "itl_p99_ms": round(1000 * percentile(itl, 99), 1)}
+            "itl_p50_ms": round(1000 * percentile(itl, 50), 1), "itl_p99_ms": round(1000 * percentile(itl, 99), 1),
+            "client_cpu_share": round(client_cpu / wall, 3)}  # of one core, spent by this benchmark's clients
 
 
 def main() -> None:
