@@ -317,6 +317,8 @@ def test_error_statuses_and_shapes(server, client):
     _error(server, "/v1/chat/completions", bad_schema, 400)
     assert _error(server, "/v1/chat/completions", {"model": "nope", "messages": USER}, 404)["code"] == "model_not_found"
     _error(server, "/v1/chat/completions", {"model": "smollm2", "messages": USER, "x": "a" * (2 << 20)}, 413)
+    broken_history = [{"role": "assistant", "content": None, "tool_calls": [{"x": 1}]}] + USER
+    assert _error(server, "/v1/chat/completions", {"model": "tiny", "messages": broken_history}, 400)["param"] == "messages"
     system = [{"role": "system", "content": "Be brief."}] + USER
     assert _error(server, "/v1/chat/completions", {"model": "strict", "messages": system}, 422)["param"] == "messages"
     with pytest.raises(openai.BadRequestError):

@@ -41,10 +41,6 @@ class KVCache:
         dtype = torch.float32 if w.device.type == "cpu" else w.dtype
         return cls(cfg.n_layers, batch, cfg.n_kv_heads, max_len, cfg.head_dim, dtype, w.device)
 
-    @property
-    def bytes_per_position(self) -> int:
-        return 2 * self.n_layers * self.n_kv * self.head_dim * torch.empty(0, dtype=self.dtype).element_size()
-
     def grow(self, slots: int, max_len: int, limit: int) -> None:
         """Make room for at least `slots` sequences of `max_len` positions (kept contents stay);
         lengths grow geometrically, up to `limit`, so sequences lengthening a token at a time

@@ -83,7 +83,7 @@ class Attention(nn.Module):
         if T == 1 and cache is not None:
             # one-token decode: plain matmuls beat the fused kernel's setup cost at this size; fp32
             # because tiny shapes that change every step are slow through bf16 GEMM primitives.
-            # The engine pads S to a multiple of KVCache.ALIGN and masked keys add exact zeros, so
+            # The engine pads S to a multiple of kv_cache.ALIGN and masked keys add exact zeros, so
             # a sequence gets bit-identical results alone or in a batch of any lengths.
             rep = self.n_heads // self.n_kv
             qg = q.float().view(B, self.n_kv, rep, self.hd) * self.hd ** -0.5  # query heads grouped by KV head

@@ -36,24 +36,28 @@ def _template_knows_tools(served: Served) -> bool:
 
 def render_chat(served: Served, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None) -> str:
     """The prompt for a conversation, tools included: through the model's own template when it
-    renders tools, else as a system message ahead of the conversation."""
+    renders tools, else as a system message ahead of the conversation (and earlier tool calls
+    written into the assistant turns in the format the model is asked to use)."""
     lm = served.lm
-    if not tools:
-        return lm.template.render(messages, add_generation_prompt=True)
     if _template_knows_tools(served):
-        return lm.template.render(messages, add_generation_prompt=True, tools=tools)
-    text = TOOLS_PROMPT.format(tools=json.dumps([t["function"] for t in tools], ensure_ascii=False))
+        return lm.template.render(messages, add_generation_prompt=True, **({"tools": tools} if tools else {}))
     msgs = [dict(m) for m in messages]
-    for m in msgs:  # earlier calls, written back in the format the model is asked to use
+    for i, m in enumerate(msgs):
         if m.get("role") == "assistant" and m.get("tool_calls"):
-            m["content"] = (m.get("content") or "") + "".join(
-                constraints.TOOL_OPEN + json.dumps({"name": c["function"]["name"],
-                                                    "arguments": _args(c["function"].get("arguments"))})
-                + constraints.TOOL_CLOSE for c in m["tool_calls"])
-    if msgs[0].get("role") == "system":
-        msgs[0] = {**msgs[0], "content": f"{msgs[0].get('content') or ''}\n\n{text}".strip()}
-    else:
-        msgs.insert(0, {"role": "system", "content": text})
+            try:
+                calls = "".join(constraints.TOOL_OPEN + json.dumps(
+                    {"name": c["function"]["name"], "arguments": _args(c["function"].get("arguments"))})
+                    + constraints.TOOL_CLOSE for c in m["tool_calls"])
+            except (TypeError, KeyError, AttributeError):
+                raise BadRequest(f"messages[{i}].tool_calls must be a list of {{function: {{name, arguments}}}}",
+                                 param="messages") from None
+            m["content"] = (m.get("content") or "") + calls
+    if tools:
+        text = TOOLS_PROMPT.format(tools=json.dumps([t["function"] for t in tools], ensure_ascii=False))
+        if msgs and msgs[0].get("role") == "system":
+            msgs[0] = {**msgs[0], "content": f"{msgs[0].get('content') or ''}\n\n{text}".strip()}
+        else:
+            msgs.insert(0, {"role": "system", "content": text})
     return lm.template.render(msgs, add_generation_prompt=True)
 
 
