@@ -44,3 +44,39 @@ def test_linear_uses_it_only_outside_autograd():
     y.sum().backward()
     assert x.grad is not None and lin.weight.grad is not None
     assert torch.equal(matmul(x.detach()[:0], lin.weight), torch.nn.functional.linear(x.detach()[:0], lin.weight))
+
+
+def _int4_case(n=3072, k=576, seed=3):
+    from ownlm.formats.quants import Int4Weight
+
+    torch.manual_seed(seed)
+    w = Int4Weight(torch.randint(0, 16, (n, k), dtype=torch.uint8), torch.rand(k // 32, n) * 0.02,
+                   torch.randn(k // 32, n) * 0.01)
+    return w, w.dequantize().double()
+
+
+def test_int4_matmul_equals_reference_and_is_batch_invariant():
+    w, dense = _int4_case()
+    packed = kernels.pack_int4(w.q)
+    scale, zs = w.scale.t().contiguous(), (w.zero - 8 * w.scale).t().contiguous()
+    x = torch.randn(13, 576)
+    got = kernels.int4_matmul(lib, x, packed, scale, zs)
+    assert torch.allclose(got.double(), x.double() @ dense.t(), atol=1e-4, rtol=0)
+    for i in range(13):
+        assert torch.equal(kernels.int4_matmul(lib, x[i:i + 1].contiguous(), packed, scale, zs)[0], got[i])
+
+
+def test_int4_linear_both_backends_match_the_dequantized_weights(monkeypatch):
+    from ownlm.model.linear import Int4Linear
+
+    w, dense = _int4_case(n=256, k=128)
+    x = torch.randn(5, 128).bfloat16()
+    want = x.double() @ dense.t()
+    ours = Int4Linear(w.q, w.scale, w.zero, 32)
+    with torch.inference_mode():
+        assert ours.own_kernel
+        assert torch.allclose(ours(x).double(), want, atol=0.03 * want.abs().max().item())
+        monkeypatch.setattr(kernels, "load", lambda: None)  # as on a machine without AVX2 or a compiler
+        theirs = Int4Linear(w.q, w.scale, w.zero, 32)
+        assert not theirs.own_kernel
+        assert torch.allclose(theirs(x).double(), want, atol=0.03 * want.abs().max().item())

@@ -12,14 +12,11 @@ from torch import nn
 
 from . import kernels
 
-SMALL_BATCH = 64  # rows up to which bf16 weights go through kernels.bf16_matmul on a CPU
-
-
 def matmul(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """F.linear, except that a few rows times bf16 weights on an x86 CPU, outside autograd, use
-    the small-batch kernel (same bits for a row whatever the number of rows)."""
+    """F.linear, except that bf16 weights on an x86 CPU, outside autograd, use ownlm's kernel
+    (see kernels.py: faster here, and the same bits for a row whatever the number of rows)."""
     rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
-    if (weight.dtype == torch.bfloat16 and weight.device.type == "cpu" and 0 < rows <= SMALL_BATCH
+    if (weight.dtype == torch.bfloat16 and weight.device.type == "cpu" and rows > 0
             and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))):
         lib = kernels.load()
         if lib is not None and weight.is_contiguous():
@@ -48,23 +45,32 @@ def replace(model: nn.Module, name: str, new: nn.Module) -> None:
 
 
 class Int4Linear(nn.Module):
-    """Group-wise int4 weights kept quantized in memory, multiplied with PyTorch's int4
-    weight-only kernel: w = (q - 8) * scale + zero per group of `group` input columns.
-
-    packed: the kernel's packed layout of q (N, K) in 0..15; scales_zeros: (K / group, N, 2)."""
+    """Group-wise int4 weights kept quantized in memory: w = (q - 8) * scale + zero per group of
+    `group` input columns. Multiplied by ownlm's kernel where it runs (packed nibbles, fp32
+    scales), else by PyTorch's int4 weight-only kernel (its packed layout, scales in `dtype`)."""
 
     def __init__(self, q, scale, zero, group: int, bias=None, dtype=torch.bfloat16):
         super().__init__()
         self.out_features, self.in_features = q.shape
         self.group = group
-        self.register_buffer("packed", torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.to(torch.int32).contiguous(), 2))
-        self.register_buffer("scales_zeros", torch.stack([scale, zero], dim=-1).to(dtype).contiguous())  # (K/g, N, 2)
+        self.own_kernel = group == 32 and kernels.load() is not None
+        if self.own_kernel:
+            self.register_buffer("packed", kernels.pack_int4(q))  # (N, K/2)
+            self.register_buffer("scale", scale.t().float().contiguous())  # (N, K/32)
+            self.register_buffer("zs", (zero - 8 * scale).t().float().contiguous())  # (N, K/32)
+        else:
+            self.register_buffer("packed", torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.to(torch.int32).contiguous(), 2))
+            self.register_buffer("scales_zeros", torch.stack([scale, zero], dim=-1).to(dtype).contiguous())  # (K/g, N, 2)
+        self.dtype = dtype
         self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
-        y = torch.ops.aten._weight_int4pack_mm_for_cpu(
-            x.reshape(-1, self.in_features).to(self.scales_zeros.dtype), self.packed, self.group, self.scales_zeros)
+        flat = x.reshape(-1, self.in_features)
+        if self.own_kernel:
+            y = kernels.int4_matmul(kernels.load(), flat.float().contiguous(), self.packed, self.scale, self.zs)
+        else:
+            y = torch.ops.aten._weight_int4pack_mm_for_cpu(flat.to(self.dtype), self.packed, self.group, self.scales_zeros)
         y = y.reshape(*shape[:-1], self.out_features).to(x.dtype)
         return y if self.bias is None else y + self.bias
 
