@@ -4,8 +4,9 @@
 
 For each concurrency level, that many clients start together, each streaming one chat completion
 of exactly --gen tokens (end-of-text is masked with logit_bias so every request is the same
-length). Prints one JSON object: per level the aggregate generated tokens/s, p50/p99 time to first
-token and p50/p99 inter-token latency, and the ratio of each level's throughput to one client's."""
+length). Levels run round-robin --repeat times. Prints one JSON object: per level the median
+aggregate generated tokens/s, p50/p99 time to first token and p50/p99 inter-token latency, and
+the ratio of each level's throughput to one client's."""
 
 from __future__ import annotations
 
@@ -88,6 +89,7 @@ def main() -> None:
     ap.add_argument("--clients", default="1,4,8,16")
     ap.add_argument("--gen", type=int, default=128)
     ap.add_argument("--max-running", type=int, default=16)
+    ap.add_argument("--repeat", type=int, default=3, help="rounds over the levels; medians are reported")
     args = ap.parse_args()
     levels = [int(x) for x in args.clients.split(",")]
 
@@ -116,7 +118,18 @@ def main() -> None:
                 raise SystemExit("the server did not start")
             time.sleep(0.2)
         level(base, args.model, 2, 8, eos_ids)  # warm-up
-        rows = [level(base, args.model, n, args.gen, eos_ids) for n in levels]
+        # the levels run round-robin, --repeat times, and each figure is the median over its runs:
+        # this machine's speed drifts by ~15% over minutes, which would otherwise skew the ratios
+        runs = {n: [] for n in levels}
+        for _ in range(args.repeat):
+            for n in levels:
+                runs[n].append(level(base, args.model, n, args.gen, eos_ids))
+        rows = []
+        for n in levels:
+            row = {k: statistics.median(r[k] for r in runs[n]) for k in runs[n][0]}
+            row["clients"] = n
+            row["runs_aggregate_tokens_per_s"] = [r["aggregate_tokens_per_s"] for r in runs[n]]
+            rows.append(row)
     finally:
         proc.terminate()
         proc.wait(30)
