@@ -31,6 +31,38 @@ SOURCE = r"""
 #include <immintrin.h>
 #include <stdint.h>
 
+#include <stdlib.h>
+
+static inline float bf16_to_f32(uint16_t h) {
+    uint32_t bits = ((uint32_t)h) << 16;
+    float f;
+    __builtin_memcpy(&f, &bits, 4);
+    return f;
+}
+
+static inline uint16_t f32_to_bf16(float f) {  /* round to nearest even, as PyTorch does */
+    uint32_t bits;
+    __builtin_memcpy(&bits, &f, 4);
+    if ((bits & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((bits >> 16) | 0x40);  /* NaN stays NaN */
+    return (uint16_t)((bits + 0x7fffu + ((bits >> 16) & 1u)) >> 16);
+}
+
+/* x as float32: itself, or a converted copy of a bfloat16 x (the caller frees *owned) */
+static const float* as_f32(const void* x, int64_t n, int bf16, float** owned) {
+    *owned = 0;
+    if (!bf16) return (const float*)x;
+    float* f = (float*)malloc((size_t)n * sizeof(float));
+    const uint16_t* h = (const uint16_t*)x;
+    for (int64_t i = 0; i < n; i++) f[i] = bf16_to_f32(h[i]);
+    *owned = f;
+    return f;
+}
+
+static inline void store(void* y, int64_t i, float v, int bf16) {
+    if (bf16) ((uint16_t*)y)[i] = f32_to_bf16(v);
+    else ((float*)y)[i] = v;
+}
+
 static inline float hsum(__m256 v) {
     __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
     s = _mm_add_ps(s, _mm_movehl_ps(s, s));
@@ -41,7 +73,8 @@ static inline __m256 u8_to_ps(__m128i b) { return _mm256_cvtepi32_ps(_mm256_cvte
 
 /* MB rows of x against weight row n: accumulators in registers (MB is a constant at each call) */
 static inline __attribute__((always_inline)) void int4_rows(const float* x, int64_t K, const uint8_t* qn,
-        const float* sn, const float* zn, const float* xsum, int64_t G, float* y, int64_t N, const int MB) {
+        const float* sn, const float* zn, const float* xsum, int64_t G, void* y, int64_t yi, int64_t N, int ybf,
+        const int MB) {
     const __m128i mask = _mm_set1_epi8(0x0F);
     __m256 acc[8];
     for (int r = 0; r < MB; r++) acc[r] = _mm256_setzero_ps();
@@ -65,13 +98,16 @@ static inline __attribute__((always_inline)) void int4_rows(const float* x, int6
     for (int r = 0; r < MB; r++) {
         float v = hsum(acc[r]);
         for (int64_t g = 0; g < G; g++) v += zn[g] * xsum[r * G + g];
-        y[r * N] = v;
+        store(y, yi + r * N, v, ybf);
     }
 }
 
-void int4_gemm(const float* x, int64_t M, int64_t K, const uint8_t* q, const float* s, const float* zs,
-               int64_t N, float* y, float* xsum) {
+void int4_gemm(const void* xin, int xbf, int64_t M, int64_t K, const uint8_t* q, const float* s, const float* zs,
+               int64_t N, void* y, int ybf) {
     const int64_t G = K / 32;
+    float* owned;
+    const float* x = as_f32(xin, M * K, xbf, &owned);
+    float* xsum = (float*)malloc((size_t)(M * G) * sizeof(float));
     for (int64_t m = 0; m < M; m++)
         for (int64_t g = 0; g < G; g++) {
             float t = 0.f;
@@ -84,15 +120,17 @@ void int4_gemm(const float* x, int64_t M, int64_t K, const uint8_t* q, const flo
         const float* sn = s + n * G;
         const float* zn = zs + n * G;
         int64_t m = 0;
-        for (; m + 8 <= M; m += 8) int4_rows(x + m * K, K, qn, sn, zn, xsum + m * G, G, y + m * N + n, N, 8);
-        for (; m + 4 <= M; m += 4) int4_rows(x + m * K, K, qn, sn, zn, xsum + m * G, G, y + m * N + n, N, 4);
-        for (; m + 2 <= M; m += 2) int4_rows(x + m * K, K, qn, sn, zn, xsum + m * G, G, y + m * N + n, N, 2);
-        for (; m < M; m += 1) int4_rows(x + m * K, K, qn, sn, zn, xsum + m * G, G, y + m * N + n, N, 1);
+        for (; m + 8 <= M; m += 8) int4_rows(x + m * K, K, qn, sn, zn, xsum + m * G, G, y, m * N + n, N, ybf, 8);
+        for (; m + 4 <= M; m += 4) int4_rows(x + m * K, K, qn, sn, zn, xsum + m * G, G, y, m * N + n, N, ybf, 4);
+        for (; m + 2 <= M; m += 2) int4_rows(x + m * K, K, qn, sn, zn, xsum + m * G, G, y, m * N + n, N, ybf, 2);
+        for (; m < M; m += 1) int4_rows(x + m * K, K, qn, sn, zn, xsum + m * G, G, y, m * N + n, N, ybf, 1);
     }
+    free(xsum);
+    free(owned);
 }
 
 static inline __attribute__((always_inline)) void bf16_rows(const float* x, int64_t K, const uint16_t* wn,
-        float* y, int64_t N, const int MB) {
+        void* y, int64_t yi, int64_t N, int ybf, const int MB) {
     const int64_t K8 = K - K % 8;
     __m256 acc[8];
     for (int r = 0; r < MB; r++) acc[r] = _mm256_setzero_ps();
@@ -103,26 +141,24 @@ static inline __attribute__((always_inline)) void bf16_rows(const float* x, int6
     }
     for (int r = 0; r < MB; r++) {
         float v = hsum(acc[r]);
-        for (int64_t k = K8; k < K; k++) {
-            uint32_t bits = ((uint32_t)wn[k]) << 16;
-            float wf;
-            __builtin_memcpy(&wf, &bits, 4);
-            v += x[r * K + k] * wf;
-        }
-        y[r * N] = v;
+        for (int64_t k = K8; k < K; k++) v += x[r * K + k] * bf16_to_f32(wn[k]);
+        store(y, yi + r * N, v, ybf);
     }
 }
 
-void bf16_gemm(const float* x, int64_t M, int64_t K, const uint16_t* w, int64_t N, float* y) {
+void bf16_gemm(const void* xin, int xbf, int64_t M, int64_t K, const uint16_t* w, int64_t N, void* y, int ybf) {
+    float* owned;
+    const float* x = as_f32(xin, M * K, xbf, &owned);
     #pragma omp parallel for schedule(static)
     for (int64_t n = 0; n < N; n++) {
         const uint16_t* wn = w + n * K;
         int64_t m = 0;
-        for (; m + 8 <= M; m += 8) bf16_rows(x + m * K, K, wn, y + m * N + n, N, 8);
-        for (; m + 4 <= M; m += 4) bf16_rows(x + m * K, K, wn, y + m * N + n, N, 4);
-        for (; m + 2 <= M; m += 2) bf16_rows(x + m * K, K, wn, y + m * N + n, N, 2);
-        for (; m < M; m += 1) bf16_rows(x + m * K, K, wn, y + m * N + n, N, 1);
+        for (; m + 8 <= M; m += 8) bf16_rows(x + m * K, K, wn, y, m * N + n, N, ybf, 8);
+        for (; m + 4 <= M; m += 4) bf16_rows(x + m * K, K, wn, y, m * N + n, N, ybf, 4);
+        for (; m + 2 <= M; m += 2) bf16_rows(x + m * K, K, wn, y, m * N + n, N, ybf, 2);
+        for (; m < M; m += 1) bf16_rows(x + m * K, K, wn, y, m * N + n, N, ybf, 1);
     }
+    free(owned);
 }
 """
 
@@ -175,9 +211,10 @@ def load() -> ctypes.CDLL | None:
         except (OSError, subprocess.SubprocessError):
             return None
         p, i64 = ctypes.c_void_p, ctypes.c_int64
-        lib.int4_gemm.argtypes = [p, i64, i64, p, p, p, i64, p, p]
+        i32 = ctypes.c_int
+        lib.int4_gemm.argtypes = [p, i32, i64, i64, p, p, p, i64, p, i32]
         lib.int4_gemm.restype = None
-        lib.bf16_gemm.argtypes = [p, i64, i64, p, i64, p]
+        lib.bf16_gemm.argtypes = [p, i32, i64, i64, p, i64, p, i32]
         lib.bf16_gemm.restype = None
         _lib = lib
         return lib
@@ -190,22 +227,29 @@ def pack_int4(q: torch.Tensor) -> torch.Tensor:
     return (g[:, :, 0] | (g[:, :, 1] << 4)).reshape(n, k // 2).contiguous()
 
 
+def _check(x: torch.Tensor) -> bool:
+    if x.dtype not in (torch.float32, torch.bfloat16) or x.dim() != 2 or not x.is_contiguous():
+        raise ValueError("kernels take a contiguous (M, K) float32 or bfloat16 x")
+    return x.dtype == torch.bfloat16
+
+
 def int4_matmul(lib, x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, zs: torch.Tensor) -> torch.Tensor:
-    """x: (M, K) float32 contiguous; packed (N, K/2); scale, zs (= zero - 8 scale): (N, K/32)
-    float32 -> (M, N) float32."""
+    """x: (M, K) float32 or bfloat16, contiguous; packed (N, K/2); scale, zs (= zero - 8 scale):
+    (N, K/32) float32 -> (M, N) in x's dtype (accumulated in float32)."""
+    xbf = _check(x)
     m, k = x.shape
     n = packed.shape[0]
-    y = torch.empty(m, n, dtype=torch.float32)
-    xsum = torch.empty(m, k // 32, dtype=torch.float32)
-    lib.int4_gemm(x.data_ptr(), m, k, packed.data_ptr(), scale.data_ptr(), zs.data_ptr(), n, y.data_ptr(),
-                  xsum.data_ptr())
+    y = torch.empty(m, n, dtype=x.dtype)
+    lib.int4_gemm(x.data_ptr(), xbf, m, k, packed.data_ptr(), scale.data_ptr(), zs.data_ptr(), n, y.data_ptr(), xbf)
     return y
 
 
 def bf16_matmul(lib, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """x: (M, K) float32 contiguous; w: (N, K) bfloat16 contiguous -> (M, N) float32."""
+    """x: (M, K) float32 or bfloat16, contiguous; w: (N, K) bfloat16 contiguous -> (M, N) in x's
+    dtype (accumulated in float32)."""
+    xbf = _check(x)
     m, k = x.shape
     n = w.shape[0]
-    y = torch.empty(m, n, dtype=torch.float32)
-    lib.bf16_gemm(x.data_ptr(), m, k, w.data_ptr(), n, y.data_ptr())
+    y = torch.empty(m, n, dtype=x.dtype)
+    lib.bf16_gemm(x.data_ptr(), xbf, m, k, w.data_ptr(), n, y.data_ptr(), xbf)
     return y

@@ -20,7 +20,9 @@ def matmul(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
             and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))):
         lib = kernels.load()
         if lib is not None and weight.is_contiguous():
-            y = kernels.bf16_matmul(lib, x.reshape(rows, -1).float().contiguous(), weight)
+            flat = x.reshape(rows, -1)
+            flat = flat if flat.dtype in (torch.float32, torch.bfloat16) else flat.float()
+            y = kernels.bf16_matmul(lib, flat.contiguous(), weight)
             y = y.reshape(*x.shape[:-1], weight.shape[0]).to(x.dtype)
             return y if bias is None else y + bias
     return F.linear(x, weight, bias)
@@ -68,7 +70,8 @@ class Int4Linear(nn.Module):
         shape = x.shape
         flat = x.reshape(-1, self.in_features)
         if self.own_kernel:
-            y = kernels.int4_matmul(kernels.load(), flat.float().contiguous(), self.packed, self.scale, self.zs)
+            flat = flat if flat.dtype in (torch.float32, torch.bfloat16) else flat.float()
+            y = kernels.int4_matmul(kernels.load(), flat.contiguous(), self.packed, self.scale, self.zs)
         else:
             y = torch.ops.aten._weight_int4pack_mm_for_cpu(flat.to(self.dtype), self.packed, self.group, self.scales_zeros)
         y = y.reshape(*shape[:-1], self.out_features).to(x.dtype)
