@@ -48,30 +48,31 @@ def replace(model: nn.Module, name: str, new: nn.Module) -> None:
 
 class Int4Linear(nn.Module):
     """Group-wise int4 weights kept quantized in memory: w = (q - 8) * scale + zero per group of
-    `group` input columns. Multiplied by ownlm's kernel where it runs (packed nibbles, fp32
-    scales), else by PyTorch's int4 weight-only kernel (its packed layout, scales in `dtype`)."""
+    `group` input columns. One-token decode steps (any number of sequences) go through ownlm's
+    kernel where it runs (see kernels.py; packed nibbles, fp32 scales); longer inputs (prefill
+    chunks) through PyTorch's int4 weight-only kernel, which is faster there (its packed layout,
+    scales in `dtype`). Both layouts are kept: ~1.25x the int4 bytes."""
 
     def __init__(self, q, scale, zero, group: int, bias=None, dtype=torch.bfloat16):
         super().__init__()
         self.out_features, self.in_features = q.shape
         self.group = group
+        self.dtype = dtype
+        self.register_buffer("packed", torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.to(torch.int32).contiguous(), 2))
+        self.register_buffer("scales_zeros", torch.stack([scale, zero], dim=-1).to(dtype).contiguous())  # (K/g, N, 2)
         self.own_kernel = group == 32 and kernels.load() is not None
         if self.own_kernel:
-            self.register_buffer("packed", kernels.pack_int4(q))  # (N, K/2)
+            self.register_buffer("nibbles", kernels.pack_int4(q))  # (N, K/2)
             self.register_buffer("scale", scale.t().float().contiguous())  # (N, K/32)
             self.register_buffer("zs", (zero - 8 * scale).t().float().contiguous())  # (N, K/32)
-        else:
-            self.register_buffer("packed", torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.to(torch.int32).contiguous(), 2))
-            self.register_buffer("scales_zeros", torch.stack([scale, zero], dim=-1).to(dtype).contiguous())  # (K/g, N, 2)
-        self.dtype = dtype
         self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         flat = x.reshape(-1, self.in_features)
-        if self.own_kernel:
+        if self.own_kernel and (x.dim() < 2 or shape[-2] == 1):  # one token per sequence: decode
             flat = flat if flat.dtype in (torch.float32, torch.bfloat16) else flat.float()
-            y = kernels.int4_matmul(kernels.load(), flat.contiguous(), self.packed, self.scale, self.zs)
+            y = kernels.int4_matmul(kernels.load(), flat.contiguous(), self.nibbles, self.scale, self.zs)
         else:
             y = torch.ops.aten._weight_int4pack_mm_for_cpu(flat.to(self.dtype), self.packed, self.group, self.scales_zeros)
         y = y.reshape(*shape[:-1], self.out_features).to(x.dtype)
