@@ -355,6 +355,8 @@ def create_app(pool: ModelPool, config: ServerConfig | None = None) -> FastAPI:
         t0 = time.monotonic()  # the time limit and time-to-first-token start once the model is loaded
         try:
             plan = runs.chat_plan(served, body)
+            if plan.grammar:  # built once per model (~0.3 s): off the event loop
+                await asyncio.to_thread(served.grammar_tokenizer)
             prompt_text = await asyncio.to_thread(runs.render_chat, served, body.messages, plan.tools)
             prompt = served.lm.encode(prompt_text)
             max_tokens = body.max_completion_tokens or body.max_tokens

@@ -30,11 +30,13 @@ class Served:
     active: int = 0
     last_used: float = field(default_factory=time.monotonic)
     _grammar_tok: Any = None
+    _grammar_lock: threading.Lock = field(default_factory=threading.Lock)
 
     def grammar_tokenizer(self):
-        if self._grammar_tok is None:
-            self._grammar_tok = grammar_tokenizer(self.lm.tokenizer, self.lm.config.vocab_size)
-        return self._grammar_tok
+        with self._grammar_lock:
+            if self._grammar_tok is None:
+                self._grammar_tok = grammar_tokenizer(self.lm.tokenizer, self.lm.config.vocab_size)
+            return self._grammar_tok
 
 
 def model_id(name: str) -> str:
