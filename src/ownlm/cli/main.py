@@ -9,7 +9,7 @@ import sys
 import traceback
 
 from ..errors import OwnlmError
-from . import models, run, serve
+from . import inspect, models, run, serve
 
 
 class _Parser(argparse.ArgumentParser):
@@ -25,6 +25,7 @@ def build_parser() -> argparse.ArgumentParser:
     models.register(sub)
     run.register(sub)
     serve.register(sub)
+    inspect.register(sub)
     return p
 
 

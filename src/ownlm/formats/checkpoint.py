@@ -32,6 +32,8 @@ class Checkpoint:
     # tensors(dtype, int4) -> (our name, dense tensor or Int4Weight); int4=True keeps Q4_0/Q4_1
     # linear weights in their lossless int4 form instead of dequantizing them
     tensors: Callable[..., Iterator[tuple[str, torch.Tensor | Int4Weight]]] = field(repr=False)
+    # one row per model tensor in the file: {"name" (ours), "file_name", "shape", "type", "bytes"}
+    listing: list[dict[str, Any]] = field(default_factory=list, repr=False)
 
 
 def open_checkpoint(files: Mapping[str, Path]) -> Checkpoint:
@@ -106,7 +108,9 @@ def _open_gguf(path: Path) -> Checkpoint:
         "model_name": g.get("general.name"),
         "vocab_size": cfg.vocab_size,
     }
-    return Checkpoint("gguf", cfg, spec, g.get("tokenizer.chat_template"), facts, tensors)
+    listing = [{"name": ours, "file_name": name, "shape": list(g.tensors[name].shape),
+                "type": g.tensors[name].type_name, "bytes": g.tensors[name].nbytes} for name, ours in names.items()]
+    return Checkpoint("gguf", cfg, spec, g.get("tokenizer.chat_template"), facts, tensors, listing)
 
 
 def _dominant(g: GGUFFile) -> str:
@@ -158,4 +162,8 @@ def _open_hf(files: Mapping[str, Path]) -> Checkpoint:
         "model_name": raw.get("_name_or_path") or None,
         "vocab_size": cfg.vocab_size,
     }
-    return Checkpoint("safetensors", cfg, spec, template, facts, tensors)
+    listing = [{"name": ours, "file_name": name, "shape": list(shapes[name][0]),
+                "type": str(shapes[name][1]).removeprefix("torch."),
+                "bytes": int(np.prod(shapes[name][0])) * torch.empty(0, dtype=shapes[name][1]).element_size()}
+               for name, ours in names.items()]
+    return Checkpoint("safetensors", cfg, spec, template, facts, tensors, listing)

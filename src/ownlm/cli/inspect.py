@@ -1,0 +1,53 @@
+"""ownlm inspect: a model card, every tensor's statistics, a memory estimate."""
+
+from __future__ import annotations
+
+import json
+
+from ..inspect import QUANT_BYTES, check_options, inspect_model
+from ..manage import resolve
+from ..progress import Bar, human_bytes
+
+
+def cmd_inspect(args) -> int:
+    check_options(args.ctx, args.batch, args.quant)
+    total = None
+    if not args.json:
+        from ..formats.checkpoint import open_checkpoint
+
+        total = sum(r["bytes"] for r in open_checkpoint(resolve(args.model, pull_missing=False)[1]).listing)
+    bar = Bar("reading tensors", total, quiet=args.json)
+    info = inspect_model(args.model, ctx=args.ctx, batch=args.batch, quant=args.quant, progress=bar)
+    bar.close()
+    if args.json:
+        print(json.dumps(info, indent=2, ensure_ascii=False))
+        return 0
+    m, mem = info["model"], info["memory"]
+    print(f"model          {m['name']}  ({m['format']}, {m['architecture']}, {m['quantization']})")
+    print(f"parameters     {m['parameters']:,}  " + "  ".join(f"{k} {v:,}" for k, v in m["parameters_by_component"].items()))
+    print(f"context        {m['context_length']}   vocabulary {m['vocab_size']}   license {m['license'] or '?'}")
+    print("quantization   " + ", ".join(f"{k} x{v}" for k, v in m["quantization_mix"].items()))
+    print(f"weights        {human_bytes(m['weight_bytes'])}   digest {(m['digest'] or '-')[:12]}   source {m['source'] or '-'}")
+    print(f"memory         {human_bytes(mem['total_bytes'])} = weights {human_bytes(mem['weights_bytes'])} ({mem['quant']}) "
+          f"+ KV cache {human_bytes(mem['kv_cache_bytes'])} for {mem['batch']} x {mem['ctx']} positions")
+    print(f"chat template  {'yes' if m['chat_template'] else 'none (ChatML fallback)'}")
+    print()
+    print(f"{'TENSOR':<34} {'SHAPE':<16} {'TYPE':<6} {'BYTES':>9} {'MEAN':>10} {'STD':>9} {'ABSMAX':>9} {'ZEROS':>6}")
+    for t in info["tensors"]:
+        shape = "x".join(str(d) for d in t["shape"])
+        print(f"{t['name']:<34} {shape:<16} {t['type']:<6} {human_bytes(t['bytes']):>9} {t['mean']:>10.3g} "
+              f"{t['std']:>9.3g} {t['absmax']:>9.3g} {100 * t['zeros']:>5.1f}%")
+    return 0
+
+
+def register(sub) -> None:
+    p = sub.add_parser("inspect", help="model card, per-tensor statistics and a memory estimate",
+                       description="Look inside a model (a store name or a path): its card, every tensor's "
+                                   "shape, type, bytes, mean, std, absmax and fraction of zeros, and the "
+                                   "memory it needs for a context length and batch.")
+    p.add_argument("model", metavar="MODEL")
+    p.add_argument("--ctx", type=int, help="context length for the memory estimate (default: the model's)")
+    p.add_argument("--batch", type=int, default=1, help="sequences for the memory estimate (default 1)")
+    p.add_argument("--quant", choices=sorted(QUANT_BYTES), help="estimate memory with weights held as this type")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_inspect)

@@ -1,0 +1,92 @@
+"""ownlm inspect: statistics equal numpy's on the file's own values, the memory estimate follows
+from config.json, every documented JSON field is there, bad input is one line."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import gguf
+import numpy as np
+import pytest
+from safetensors.numpy import load_file, save_file
+
+from ownlm.inspect import inspect_model
+
+from .conftest import copy_model
+from .ggufs import hf_folder_to_gguf
+
+CARD = {"name", "source", "digest", "format", "architecture", "parameters", "parameters_by_component",
+        "context_length", "vocab_size", "quantization", "quantization_mix", "license", "chat_template", "config",
+        "weight_bytes"}
+MEMORY = {"ctx", "batch", "quant", "weights_bytes", "kv_cache_bytes", "total_bytes"}
+TENSOR = {"name", "file_name", "shape", "type", "bytes", "mean", "std", "absmax", "zeros", "parameters"}
+
+
+def numpy_stats(a: np.ndarray) -> dict[str, float]:
+    a = a.astype(np.float64).ravel()
+    return {"mean": a.mean(), "std": a.std(), "absmax": np.abs(a).max(), "zeros": float(np.mean(a == 0))}
+
+
+@pytest.fixture
+def zeroed(hf_models, tmp_path):
+    """The tiny Llama with 30% of one weight's entries set to exactly zero."""
+    folder = copy_model(hf_models["llama"], tmp_path / "zeroed")
+    tensors = {k: v.copy() for k, v in load_file(str(folder / "model.safetensors")).items()}
+    w = tensors["model.layers.1.mlp.up_proj.weight"]
+    w.ravel()[: int(0.3 * w.size)] = 0
+    save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    return folder
+
+
+def test_statistics_equal_numpy_on_safetensors(zeroed):
+    info = inspect_model(str(zeroed), ctx=100, batch=3)
+    raw = load_file(str(zeroed / "model.safetensors"))
+    assert {t["file_name"] for t in info["tensors"]} == set(raw)
+    for t in info["tensors"]:
+        assert set(t) == TENSOR
+        want = numpy_stats(raw[t["file_name"]])
+        for key, value in want.items():
+            assert t[key] == pytest.approx(value, rel=1e-9, abs=1e-12), (t["name"], key)
+        assert t["shape"] == list(raw[t["file_name"]].shape) and t["bytes"] == raw[t["file_name"]].nbytes
+    up = next(t for t in info["tensors"] if t["file_name"] == "model.layers.1.mlp.up_proj.weight")
+    assert up["zeros"] == pytest.approx(0.3, abs=1e-3)
+    assert set(info["model"]) == CARD and set(info["memory"]) == MEMORY
+    assert sum(info["model"]["parameters_by_component"].values()) == info["model"]["parameters"]
+    cfg = json.loads((zeroed / "config.json").read_text())
+    head_dim = cfg["hidden_size"] // cfg["num_attention_heads"]
+    kv = 2 * cfg["num_hidden_layers"] * cfg["num_key_value_heads"] * head_dim * 4 * 100 * 3
+    assert info["memory"]["kv_cache_bytes"] == kv
+    assert info["memory"]["total_bytes"] == kv + sum(a.nbytes for a in raw.values())
+    as_int4 = inspect_model(str(zeroed), quant="int4")["memory"]
+    assert as_int4["weights_bytes"] == int(info["model"]["parameters"] * (0.5 + 8 / 32))
+
+
+def test_statistics_equal_numpy_on_gguf(hf_models, tmp_path):
+    path = hf_folder_to_gguf(hf_models["llama"], tmp_path / "q8.gguf", qtype=gguf.GGMLQuantizationType.Q8_0)
+    info = inspect_model(str(path))
+    reader = gguf.GGUFReader(str(path))
+    by_name = {t.name: t for t in reader.tensors}
+    for t in info["tensors"]:
+        rt = by_name[t["file_name"]]
+        values = gguf.quants.dequantize(rt.data, rt.tensor_type)  # Q/K rows come permuted: same statistics
+        want = numpy_stats(values)
+        for key, value in want.items():
+            assert t[key] == pytest.approx(value, rel=1e-6, abs=1e-9), (t["name"], key)
+        assert t["type"] == rt.tensor_type.name and t["bytes"] == int(rt.n_bytes)
+    assert info["model"]["quantization"] == "Q8_0"
+
+
+def test_cli_json_and_errors(hf_models, ownlm_home):
+    ok = subprocess.run([sys.executable, "-m", "ownlm.cli.main", "inspect", str(hf_models["llama"]), "--json"],
+                        capture_output=True, text=True, timeout=120)
+    assert ok.returncode == 0, ok.stderr
+    assert set(json.loads(ok.stdout)) == {"model", "memory", "tensors"}
+    table = subprocess.run([sys.executable, "-m", "ownlm.cli.main", "inspect", str(hf_models["llama"])],
+                           capture_output=True, text=True, timeout=120)
+    assert table.returncode == 0 and "layers.1.mlp.up.weight" in table.stdout and "KV cache" in table.stdout
+    for bad in (["/nonexistent/model.gguf"], ["absent-model"], [str(hf_models["llama"]), "--batch", "0"]):
+        r = subprocess.run([sys.executable, "-m", "ownlm.cli.main", "inspect", *bad], capture_output=True, text=True,
+                           timeout=120)
+        assert r.returncode == 2 and r.stderr.startswith("error: ") and "Traceback" not in r.stderr, r.stderr
