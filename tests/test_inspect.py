@@ -90,3 +90,37 @@ def test_cli_json_and_errors(hf_models, ownlm_home):
         r = subprocess.run([sys.executable, "-m", "ownlm.cli.main", "inspect", *bad], capture_output=True, text=True,
                            timeout=120)
         assert r.returncode == 2 and r.stderr.startswith("error: ") and "Traceback" not in r.stderr, r.stderr
+
+
+def test_diff_with_itself_is_zero_and_a_perturbed_tensor_comes_first(hf_models, tmp_path):
+    from ownlm.inspect import diff_models
+
+    same = diff_models(str(hf_models["llama"]), str(hf_models["llama"]))
+    assert same["summary"]["changed"] == 0
+    assert all(r["relative_change"] == 0 and r["cosine"] == pytest.approx(1.0, abs=1e-12) for r in same["tensors"])
+    folder = copy_model(hf_models["llama"], tmp_path / "perturbed")
+    tensors = {k: v.copy() for k, v in load_file(str(folder / "model.safetensors")).items()}
+    key = "model.layers.0.self_attn.v_proj.weight"
+    original = tensors[key].astype(np.float64)
+    rng = np.random.default_rng(0)
+    tensors[key] = (tensors[key] + rng.normal(0, 0.05, tensors[key].shape)).astype(tensors[key].dtype)
+    save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    d = diff_models(str(hf_models["llama"]), str(folder))
+    first = d["tensors"][0]
+    assert first["name"] == "layers.0.attn.v.weight" and d["summary"]["changed"] == 1
+    changed = tensors[key].astype(np.float64)
+    assert first["relative_change"] == pytest.approx(np.linalg.norm(changed - original) / np.linalg.norm(original), rel=1e-9)
+    cos = float((changed * original).sum() / (np.linalg.norm(changed) * np.linalg.norm(original)))
+    assert first["cosine"] == pytest.approx(cos, rel=1e-9)
+    quantized = diff_models(str(hf_models["llama"]), str(hf_folder_to_gguf(hf_models["llama"], tmp_path / "q8.gguf",
+                                                                           qtype=gguf.GGMLQuantizationType.Q8_0)))
+    assert quantized["summary"]["changed"] > 0 and quantized["summary"]["min_cosine"] > 0.999
+
+
+def test_diff_of_incompatible_models_is_one_line(hf_models, ownlm_home):
+    r = subprocess.run([sys.executable, "-m", "ownlm.cli.main", "diff", str(hf_models["llama"]), str(hf_models["qwen2"])],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and r.stderr.startswith("error: ") and "Traceback" not in r.stderr, r.stderr
+    ok = subprocess.run([sys.executable, "-m", "ownlm.cli.main", "diff", str(hf_models["llama"]), str(hf_models["llama"]),
+                         "--json"], capture_output=True, text=True, timeout=120)
+    assert ok.returncode == 0 and set(json.loads(ok.stdout)) == {"a", "b", "architecture", "summary", "tensors"}

@@ -92,3 +92,48 @@ def inspect_model(ref: str, ctx: int | None = None, batch: int = 1, quant: str |
 
 def _natural(name: str) -> list:
     return [int(p) if p.isdigit() else p for p in re.split(r"(\d+)", name)]
+
+
+def diff_models(a_ref: str, b_ref: str, progress: Callable[[int], None] | None = None) -> dict[str, Any]:
+    """Per-tensor relative change ‖B−A‖/‖A‖ and cosine similarity between two models of the same
+    architecture, most-changed first. Quantized tensors are compared by their dequantized values."""
+    ckpts = []
+    for ref in (a_ref, b_ref):
+        manifest, files = resolve(ref, pull_missing=False)
+        ckpts.append((manifest, open_checkpoint(files)))
+    (ma, a), (mb, b) = ckpts
+    shapes_a = {r["name"]: r["shape"] for r in a.listing}
+    shapes_b = {r["name"]: r["shape"] for r in b.listing}
+    if a.config.architecture != b.config.architecture:
+        raise BadRequest(f"cannot diff a {a.config.architecture} model against a {b.config.architecture} model")
+    for name in sorted(set(shapes_a) | set(shapes_b), key=_natural):
+        if name not in shapes_a or name not in shapes_b:
+            where = "first" if name in shapes_a else "second"
+            raise BadRequest(f"the models have different tensors: {name} is only in the {where}")
+        if shapes_a[name] != shapes_b[name]:
+            raise BadRequest(f"the models differ in shape at {name}: {shapes_a[name]} vs {shapes_b[name]}")
+    pending: dict[str, torch.Tensor] = {}
+    b_iter = b.tensors(torch.float32)
+    rows = []
+    for name, ta in a.tensors(torch.float32):
+        while name not in pending:  # the same layout yields the same order; anything else waits here
+            nb, tb = next(b_iter)
+            pending[nb] = tb
+        tb = pending.pop(name)
+        x, y = ta.double().reshape(-1), tb.double().reshape(-1)
+        na, nb_ = float(x.norm()), float(y.norm())
+        change = float((y - x).norm())
+        rows.append({"name": name, "shape": shapes_a[name],
+                     "relative_change": change / na if na else (0.0 if change == 0 else float("inf")),
+                     "cosine": float(x @ y) / (na * nb_) if na and nb_ else (1.0 if na == nb_ else 0.0),
+                     "max_abs_change": float((y - x).abs().max()) if x.numel() else 0.0})
+        if progress:
+            progress(1)
+    rows.sort(key=lambda r: -r["relative_change"])
+    changed = [r for r in rows if r["relative_change"] > 0]
+    name_of = lambda m: f"{m['name']}:{m['tag']}" if "tag" in m else m["name"]  # noqa: E731
+    return {"a": name_of(ma), "b": name_of(mb), "architecture": a.config.architecture,
+            "summary": {"tensors": len(rows), "changed": len(changed),
+                        "max_relative_change": rows[0]["relative_change"] if rows else 0.0,
+                        "min_cosine": min((r["cosine"] for r in rows), default=1.0)},
+            "tensors": rows}

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from ..inspect import QUANT_BYTES, check_options, inspect_model
+from ..inspect import QUANT_BYTES, check_options, diff_models, inspect_model
 from ..manage import resolve
 from ..progress import Bar, human_bytes
 
@@ -40,6 +40,22 @@ def cmd_inspect(args) -> int:
     return 0
 
 
+def cmd_diff(args) -> int:
+    info = diff_models(args.a, args.b)
+    if args.json:
+        print(json.dumps(info, indent=2, ensure_ascii=False))
+        return 0
+    s = info["summary"]
+    print(f"{info['a']}  vs  {info['b']}  ({info['architecture']}): {s['changed']} of {s['tensors']} tensors differ, "
+          f"largest relative change {s['max_relative_change']:.3g}, lowest cosine {s['min_cosine']:.6f}")
+    rows = info["tensors"] if args.all else info["tensors"][: args.top]
+    print(f"{'TENSOR':<34} {'SHAPE':<16} {'REL CHANGE':>11} {'COSINE':>10} {'MAX |B-A|':>10}")
+    for t in rows:
+        shape = "x".join(str(d) for d in t["shape"])
+        print(f"{t['name']:<34} {shape:<16} {t['relative_change']:>11.4g} {t['cosine']:>10.6f} {t['max_abs_change']:>10.3g}")
+    return 0
+
+
 def register(sub) -> None:
     p = sub.add_parser("inspect", help="model card, per-tensor statistics and a memory estimate",
                        description="Look inside a model (a store name or a path): its card, every tensor's "
@@ -51,3 +67,12 @@ def register(sub) -> None:
     p.add_argument("--quant", choices=sorted(QUANT_BYTES), help="estimate memory with weights held as this type")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_inspect)
+    d = sub.add_parser("diff", help="per-tensor change between two models of the same architecture",
+                       description="Compare two models tensor by tensor: relative change ||B-A||/||A||, cosine "
+                                   "similarity and largest absolute change, most-changed first.")
+    d.add_argument("a", metavar="A")
+    d.add_argument("b", metavar="B")
+    d.add_argument("--top", type=int, default=20, help="rows to print (default 20)")
+    d.add_argument("--all", action="store_true", help="print every tensor")
+    d.add_argument("--json", action="store_true")
+    d.set_defaults(func=cmd_diff)
