@@ -9,7 +9,7 @@ import sys
 import traceback
 
 from ..errors import OwnlmError
-from . import inspect, models, run, serve
+from . import evaluate, inspect, models, run, serve
 
 
 class _Parser(argparse.ArgumentParser):
@@ -26,6 +26,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.register(sub)
     serve.register(sub)
     inspect.register(sub)
+    evaluate.register(sub)
     return p
 
 

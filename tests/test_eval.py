@@ -1,0 +1,69 @@
+"""ownlm eval (perplexity): equal to exp of the mean negative log-likelihood computed
+independently with transformers on a tiny model, with and without a sliding window."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+
+import pytest
+import torch
+import transformers
+
+import ownlm
+from ownlm.evaluate.perplexity import perplexity
+
+from .conftest import CORPUS
+
+TEXT = " ".join(CORPUS[:3])
+
+
+@pytest.fixture(scope="module")
+def pair(hf_models):
+    folder = hf_models["llama"]
+    return ownlm.load(str(folder), dtype="float32"), transformers.AutoModelForCausalLM.from_pretrained(folder).eval()
+
+
+def test_whole_text_equals_transformers_loss(pair):
+    lm, ref = pair
+    ids = lm.encode(TEXT)
+    with torch.no_grad():
+        loss = ref(torch.tensor([ids]), labels=torch.tensor([ids])).loss.item()  # mean NLL of tokens 1..n-1
+    r = perplexity(lm, TEXT)
+    assert r["scored_tokens"] == len(ids) - 1
+    assert r["perplexity"] == pytest.approx(math.exp(loss), rel=1e-4)
+    assert r["bits_per_byte"] == pytest.approx(loss * (len(ids) - 1) / (math.log(2) * len(TEXT.encode())), rel=1e-4)
+
+
+def test_sliding_window_scores_each_token_with_its_window(pair):
+    lm, ref = pair
+    ids = lm.encode(TEXT)
+    w = 16
+    nll = 0.0
+    with torch.no_grad():  # stride 1: token i is scored given the w - 1 tokens before it (fewer at the start)
+        for i in range(1, len(ids)):
+            ctx = ids[max(0, i - w + 1): i + 1]
+            logp = torch.log_softmax(ref(torch.tensor([ctx])).logits[0, -2].double(), -1)
+            nll -= float(logp[ids[i]])
+    r = perplexity(lm, TEXT, window=w, stride=1)
+    assert r["scored_tokens"] == len(ids) - 1
+    assert r["nll"] == pytest.approx(nll, rel=1e-4)
+    coarse = perplexity(lm, TEXT, window=w, stride=8)  # fewer windows, less context for some tokens
+    assert coarse["scored_tokens"] == len(ids) - 1 and coarse["perplexity"] > 1
+
+
+def test_cli(hf_models, tmp_path, ownlm_home):
+    task = tmp_path / "text.txt"
+    task.write_text(TEXT)
+    r = subprocess.run([sys.executable, "-m", "ownlm.cli.main", "eval", str(hf_models["llama"]), str(hf_models["qwen2"]),
+                        "--task", str(task), "--json", "--dtype", "float32"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    rows = json.loads(r.stdout)["results"]
+    assert len(rows) == 2 and all(set(row) >= {"model", "perplexity", "bits_per_byte", "tokens"} for row in rows)
+    for bad in (["--task", str(tmp_path / "missing.txt")], ["--task", str(tmp_path / "x.jsonl")],
+                ["--task", str(task), "--window", "1"]):
+        r = subprocess.run([sys.executable, "-m", "ownlm.cli.main", "eval", str(hf_models["llama"]), *bad],
+                           capture_output=True, text=True, timeout=120)
+        assert r.returncode == 2 and "error: " in r.stderr and "Traceback" not in r.stderr, r.stderr
