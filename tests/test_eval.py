@@ -67,3 +67,32 @@ def test_cli(hf_models, tmp_path, ownlm_home):
         r = subprocess.run([sys.executable, "-m", "ownlm.cli.main", "eval", str(hf_models["llama"]), *bad],
                            capture_output=True, text=True, timeout=120)
         assert r.returncode == 2 and "error: " in r.stderr and "Traceback" not in r.stderr, r.stderr
+
+
+def test_kl_is_zero_with_itself_and_grows_with_quantization(hf_models, tmp_path):
+    import gguf
+
+    from ownlm.evaluate.kl import kl_divergence
+
+    from .ggufs import hf_folder_to_gguf
+
+    src = ownlm.load(str(hf_models["llama"]), dtype="float32")
+    same = kl_divergence(src, src, TEXT)
+    assert same["mean_kl"] == pytest.approx(0.0, abs=1e-12) and same["top1_agreement"] == 1.0
+    kls = []
+    for qtype in (gguf.GGMLQuantizationType.Q8_0, gguf.GGMLQuantizationType.Q4_0):
+        path = hf_folder_to_gguf(hf_models["llama"], tmp_path / f"{qtype.name}.gguf", qtype=qtype)
+        kls.append(kl_divergence(src, ownlm.load(str(path), dtype="float32", quant="none"), TEXT)["mean_kl"])
+    assert 0 < kls[0] < kls[1]
+
+
+def test_kl_cli_needs_two_models_of_one_vocabulary(hf_models, tmp_path, ownlm_home):
+    task = tmp_path / "text.txt"
+    task.write_text(TEXT)
+    base = [sys.executable, "-m", "ownlm.cli.main", "eval", "--task", str(task), "--kl"]
+    ok = subprocess.run(base + [str(hf_models["llama"]), str(hf_models["llama3-rope"]), "--json"], capture_output=True,
+                        text=True, timeout=120)
+    assert ok.returncode == 0, ok.stderr
+    assert json.loads(ok.stdout)["results"][0]["mean_kl"] > 0
+    one = subprocess.run(base + [str(hf_models["llama"])], capture_output=True, text=True, timeout=120)
+    assert one.returncode == 2 and "at least two" in one.stderr
