@@ -96,3 +96,29 @@ def test_kl_cli_needs_two_models_of_one_vocabulary(hf_models, tmp_path, ownlm_ho
     assert json.loads(ok.stdout)["results"][0]["mean_kl"] > 0
     one = subprocess.run(base + [str(hf_models["llama"])], capture_output=True, text=True, timeout=120)
     assert one.returncode == 2 and "at least two" in one.stderr
+
+
+def test_bench_json_fields_and_cost(hf_models, ownlm_home):
+    from ownlm.evaluate.bench import cost_per_mtok
+
+    cmd = [sys.executable, "-m", "ownlm.cli.main", "bench", str(hf_models["llama"]), "--prompt-tokens", "20",
+           "--gen-tokens", "8", "--batch", "1,3", "--cost", "--price-per-hour", "0.5", "--api-price-per-mtok", "2",
+           "--json"]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert set(out) == {"model", "device", "dtype", "prompt_tokens", "gen_tokens", "load_s", "runs", "peak_rss_bytes", "cost"}
+    one, three = out["runs"]
+    assert set(one) == {"batch", "prefill_tokens_per_s", "time_to_first_token_s", "decode_tokens_per_s"}
+    assert set(three) == {"batch", "aggregate_tokens_per_s", "wall_s"} and three["batch"] == 3
+    assert out["peak_rss_bytes"] > 10 << 20 and out["load_s"] > 0
+    c = out["cost"]
+    best = max(one["decode_tokens_per_s"], three["aggregate_tokens_per_s"])
+    assert c["tokens_per_s"] == best
+    assert c["cost_per_mtok"] == pytest.approx(0.5 / (best * 3600) * 1e6)
+    assert c["api_over_own"] == pytest.approx(2 / c["cost_per_mtok"])
+    assert cost_per_mtok(1.0, 1e6 / 3600) == pytest.approx(1.0)  # $1/hour at 1M tokens an hour is $1 per M
+    for bad in (["--batch", "1,x"], ["--cost"], ["--gen-tokens", "1"]):
+        r = subprocess.run([sys.executable, "-m", "ownlm.cli.main", "bench", str(hf_models["llama"]), *bad],
+                           capture_output=True, text=True, timeout=120)
+        assert r.returncode == 2 and "error: " in r.stderr and "Traceback" not in r.stderr, r.stderr

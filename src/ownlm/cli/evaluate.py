@@ -60,6 +60,39 @@ def _kl(args, text: str, path: Path) -> int:
     return 0
 
 
+def cmd_bench(args) -> int:
+    from ..evaluate.bench import bench
+
+    try:
+        batches = tuple(int(x) for x in args.batch.split(","))
+    except ValueError:
+        raise BadRequest(f"--batch {args.batch!r}: give comma-separated integers, e.g. 1,4,8") from None
+    if args.cost and args.price_per_hour is None:
+        raise BadRequest("--cost needs --price-per-hour (what this machine costs you per hour)")
+    if args.api_price_per_mtok is not None and args.price_per_hour is None:
+        raise BadRequest("--api-price-per-mtok needs --price-per-hour (the price of this machine)")
+    r = bench(args.model, args.prompt_tokens, args.gen_tokens, batches, args.device, args.dtype,
+              args.price_per_hour, args.api_price_per_mtok)
+    if args.json:
+        print(json.dumps(r, indent=2))
+        return 0
+    print(f"{r['model']} on {r['device']} ({r['dtype']}): load {r['load_s']:.2f} s, peak memory "
+          f"{r['peak_rss_bytes'] / 1e6:.0f} MB, prompt {r['prompt_tokens']} + {r['gen_tokens']} generated tokens")
+    for run in r["runs"]:
+        if run["batch"] == 1:
+            print(f"  batch 1: time to first token {run['time_to_first_token_s']:.3f} s, prefill "
+                  f"{run['prefill_tokens_per_s']:.1f} tok/s, decode {run['decode_tokens_per_s']:.1f} tok/s")
+        else:
+            print(f"  batch {run['batch']}: {run['aggregate_tokens_per_s']:.1f} tok/s generated in aggregate")
+    if "cost" in r:
+        c = r["cost"]
+        line = f"  cost: ${c['cost_per_mtok']:.4f} per million generated tokens at ${c['price_per_hour']}/hour"
+        if c["api_price_per_mtok"]:
+            line += f"; the API's ${c['api_price_per_mtok']}/M is {c['api_over_own']:.1f}x that"
+        print(line)
+    return 0
+
+
 def register(sub) -> None:
     p = sub.add_parser("eval", help="measure models on a task (perplexity of a .txt file)",
                        description="Perplexity and bits per byte of a text file under each MODEL, side by side, "
@@ -73,3 +106,18 @@ def register(sub) -> None:
                    help="instead: KL divergence of each later MODEL's next-token distributions from the first's")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_eval)
+    b = sub.add_parser("bench", help="speed and memory of a model here (and its cost per million tokens)",
+                       description="Load time, time to first token, prefill and decode tokens/s, batched "
+                                   "throughput and peak memory on this machine; with --cost, the cost per "
+                                   "million generated tokens at the hourly price you give.")
+    b.add_argument("model", metavar="MODEL")
+    b.add_argument("--prompt-tokens", type=int, default=512)
+    b.add_argument("--gen-tokens", type=int, default=128)
+    b.add_argument("--batch", default="1", help="batch sizes, comma-separated (default 1)")
+    b.add_argument("--cost", action="store_true", help="report cost per million tokens (needs --price-per-hour)")
+    b.add_argument("--price-per-hour", type=float, help="what this machine costs you per hour")
+    b.add_argument("--api-price-per-mtok", type=float, help="an API's price per million output tokens, to compare")
+    b.add_argument("--device")
+    b.add_argument("--dtype")
+    b.add_argument("--json", action="store_true")
+    b.set_defaults(func=cmd_bench)

@@ -1,0 +1,73 @@
+"""Speed and memory of a model on this machine: load time, time to first token, prefill and
+decode tokens/s (one sequence, and batches through the continuous-batching scheduler), peak
+memory; optionally what that throughput costs per million tokens at a given hourly price."""
+
+from __future__ import annotations
+
+import resource
+import sys
+import time
+from typing import Any
+
+from ..errors import BadRequest
+
+TEXT = ("Owning a language model means running it on your own hardware, where nobody can change its "
+        "price, its rules or its availability. ")
+
+
+def peak_rss_bytes() -> int:
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss if sys.platform == "darwin" else rss * 1024  # Linux reports KiB
+
+
+def cost_per_mtok(price_per_hour: float, tokens_per_s: float) -> float:
+    return price_per_hour / (tokens_per_s * 3600) * 1e6
+
+
+def bench(ref: str, prompt_tokens: int = 512, gen_tokens: int = 128, batches: tuple[int, ...] = (1,),
+          device: str | None = None, dtype: str | None = None, price_per_hour: float | None = None,
+          api_price_per_mtok: float | None = None) -> dict[str, Any]:
+    from ..engine.generate import StepStats, generate_ids
+    from ..engine.sampling import SamplingParams
+    from ..engine.scheduler import Scheduler, run_all
+    from ..loading import load
+
+    if prompt_tokens < 1 or gen_tokens < 2 or any(b < 1 for b in batches):
+        raise BadRequest("--prompt-tokens must be >= 1, --gen-tokens >= 2 and batch sizes >= 1")
+    if price_per_hour is not None and price_per_hour <= 0 or api_price_per_mtok is not None and api_price_per_mtok <= 0:
+        raise BadRequest("prices must be positive")
+    t0 = time.perf_counter()
+    lm = load(ref, device=device, dtype=dtype, pull_missing=False)
+    load_s = time.perf_counter() - t0
+    if prompt_tokens + gen_tokens > lm.config.context_length:
+        raise BadRequest(f"{prompt_tokens} + {gen_tokens} tokens exceed the context ({lm.config.context_length})")
+    ids = lm.encode(TEXT)
+    ids = (ids * (prompt_tokens // len(ids) + 1))[:prompt_tokens]
+    greedy = SamplingParams(temperature=0, max_tokens=gen_tokens)
+    list(generate_ids(lm.model, ids[:16], SamplingParams(temperature=0, max_tokens=4)))  # warm-up
+    stats = StepStats()
+    out = list(generate_ids(lm.model, ids, greedy, (), stats))  # end-of-text ignored: exactly gen_tokens
+    single = {"batch": 1, "prefill_tokens_per_s": len(ids) / stats.prefill_s,
+              "time_to_first_token_s": stats.prefill_s,
+              "decode_tokens_per_s": (len(out) - 1) / stats.decode_s}
+    rows = [single]
+    if any(b > 1 for b in batches):
+        sched = Scheduler(lm.model, max_running=max(batches))
+        try:
+            for b in sorted({b for b in batches if b > 1}):
+                t = time.perf_counter()
+                results = run_all(sched, [dict(prompt=ids, params=greedy, limit=gen_tokens) for _ in range(b)])
+                wall = time.perf_counter() - t
+                rows.append({"batch": b, "aggregate_tokens_per_s": sum(map(len, results)) / wall, "wall_s": wall})
+        finally:
+            sched.close()
+    result = {"model": lm.name, "device": str(lm.model.embed.weight.device), "dtype": str(lm.model.embed.weight.dtype),
+              "prompt_tokens": prompt_tokens, "gen_tokens": gen_tokens, "load_s": load_s, "runs": rows,
+              "peak_rss_bytes": peak_rss_bytes()}
+    if price_per_hour is not None:
+        best = max(r.get("aggregate_tokens_per_s", r.get("decode_tokens_per_s", 0)) for r in rows)
+        own = cost_per_mtok(price_per_hour, best)
+        result["cost"] = {"price_per_hour": price_per_hour, "tokens_per_s": best, "cost_per_mtok": own,
+                          "api_price_per_mtok": api_price_per_mtok,
+                          "api_over_own": api_price_per_mtok / own if api_price_per_mtok else None}
+    return result
