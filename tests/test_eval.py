@@ -122,3 +122,52 @@ def test_bench_json_fields_and_cost(hf_models, ownlm_home):
         r = subprocess.run([sys.executable, "-m", "ownlm.cli.main", "bench", str(hf_models["llama"]), *bad],
                            capture_output=True, text=True, timeout=120)
         assert r.returncode == 2 and "error: " in r.stderr and "Traceback" not in r.stderr, r.stderr
+
+
+MC = [{"context": "The quick brown", "choices": [" fox", " dog", " lazy"], "gold": 0},
+      {"context": "def add(a, b):\n    return", "choices": [" a + b", " 42", " print"], "gold": 0},
+      {"context": "Numbers: 0 1 2", "choices": [" 3", " fox jumps over", " 9"], "gold": 2}]
+
+
+def test_multiple_choice_equals_a_hand_computation(pair, tmp_path):
+    from ownlm.evaluate.tasks import multiple_choice, read_task
+
+    lm, ref = pair
+    task = tmp_path / "mc.jsonl"
+    task.write_text("\n".join(json.dumps(r) for r in MC) + "\n")
+    kind, rows = read_task(task)
+    assert kind == "multiple_choice"
+    acc = acc_norm = 0
+    with torch.no_grad():  # by hand, with transformers: sum of the continuation tokens' log-probabilities
+        for row in MC:
+            scores = []
+            for choice in row["choices"]:
+                ctx, whole = lm.encode(row["context"]), lm.encode(row["context"] + choice)
+                logp = torch.log_softmax(ref(torch.tensor([whole])).logits[0].double(), -1)
+                scores.append(sum(float(logp[i - 1, whole[i]]) for i in range(len(ctx), len(whole))))
+            norm = [s / len(c.encode()) for s, c in zip(scores, row["choices"])]
+            acc += int(max(range(3), key=scores.__getitem__) == row["gold"])
+            acc_norm += int(max(range(3), key=norm.__getitem__) == row["gold"])
+    got = multiple_choice(lm, rows)
+    assert got["acc"] == pytest.approx(acc / 3) and got["acc_norm"] == pytest.approx(acc_norm / 3)
+
+
+def test_generation_task_and_bad_rows(pair, tmp_path, hf_models, ownlm_home):
+    from ownlm.evaluate.tasks import generation
+
+    lm, _ = pair
+    prompts = ["Owning your model", "Numbers: 0 1 2"]
+    outs = [lm.chat([{"role": "user", "content": p}], temperature=0, max_tokens=8).text.strip() for p in prompts]
+    rows = [{"prompt": prompts[0], "answer": outs[0]}, {"prompt": prompts[1], "answer": outs[1] + " and more"}]
+    got = generation(lm, rows, max_tokens=8)
+    assert got["exact_match"] == 0.5 and got["contains"] == pytest.approx(0.5 + 0.5 * (outs[1] + " and more" in outs[1]))
+    task = tmp_path / "gen.jsonl"
+    task.write_text("\n".join(json.dumps(r) for r in rows))
+    r = subprocess.run([sys.executable, "-m", "ownlm.cli.main", "eval", str(hf_models["llama"]), "--task", str(task),
+                        "--max-tokens", "8", "--dtype", "float32", "--json"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and json.loads(r.stdout)["results"][0]["exact_match"] == 0.5, r.stderr
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps(MC[0]) + "\n" + json.dumps({"context": "x", "choices": ["a", "b"], "gold": 5}) + "\n")
+    r = subprocess.run([sys.executable, "-m", "ownlm.cli.main", "eval", str(hf_models["llama"]), "--task", str(bad)],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and f"{bad}:2:" in r.stderr and "Traceback" not in r.stderr, r.stderr

@@ -1,4 +1,4 @@
-"""ownlm eval: measure models on a task (for now: perplexity of a text file)."""
+"""ownlm eval: perplexity (.txt), multiple choice and generation (.jsonl), KL; ownlm bench."""
 
 from __future__ import annotations
 
@@ -14,8 +14,10 @@ def cmd_eval(args) -> int:
     from ..loading import load
 
     path = Path(args.task)
+    if path.suffix == ".jsonl":
+        return _tasks(args, path)
     if path.suffix != ".txt":
-        raise BadRequest(f"task {args.task!r}: only .txt perplexity tasks are supported so far")
+        raise BadRequest(f"task {args.task!r}: a .txt file (perplexity) or a .jsonl file (multiple choice or generation)")
     try:
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as e:
@@ -35,6 +37,30 @@ def cmd_eval(args) -> int:
     print(f"{'MODEL':<30} {'PERPLEXITY':>11} {'BITS/BYTE':>10} {'TOKENS':>8}  window/stride")
     for r in rows:
         print(f"{r['model']:<30} {r['perplexity']:>11.4f} {r['bits_per_byte']:>10.4f} {r['tokens']:>8}  {r['window']}/{r['stride']}")
+    return 0
+
+
+def _tasks(args, path: Path) -> int:
+    from ..evaluate.tasks import generation, multiple_choice, read_task
+    from ..loading import load
+
+    if args.kl:
+        raise BadRequest("--kl takes a .txt task")
+    kind, task_rows = read_task(path)
+    rows = []
+    for ref in args.models:
+        lm = load(ref, pull_missing=False, dtype=args.dtype)
+        bar = Bar(f"{lm.name}: {len(task_rows)} {kind.replace('_', '-')} rows", None, quiet=args.json)
+        r = multiple_choice(lm, task_rows) if kind == "multiple_choice" else generation(lm, task_rows, args.max_tokens)
+        bar.close()
+        rows.append({"model": lm.name, "task": str(path), **r})
+    if args.json:
+        print(json.dumps({"results": rows}, indent=2))
+        return 0
+    keys = ("acc", "acc_norm") if kind == "multiple_choice" else ("exact_match", "contains")
+    print(f"{'MODEL':<30} " + " ".join(f"{k.upper():>12}" for k in keys) + f" {'ROWS':>6}")
+    for r in rows:
+        print(f"{r['model']:<30} " + " ".join(f"{r[k]:>12.4f}" for k in keys) + f" {r['rows']:>6}")
     return 0
 
 
@@ -94,14 +120,15 @@ def cmd_bench(args) -> int:
 
 
 def register(sub) -> None:
-    p = sub.add_parser("eval", help="measure models on a task (perplexity of a .txt file)",
+    p = sub.add_parser("eval", help="measure models on a task: perplexity, multiple choice, generation, KL",
                        description="Perplexity and bits per byte of a text file under each MODEL, side by side, "
                                    "with a sliding window for texts longer than the context.")
     p.add_argument("models", nargs="+", metavar="MODEL")
-    p.add_argument("--task", required=True, help="a .txt file (perplexity)")
+    p.add_argument("--task", required=True, help="a .txt file (perplexity) or .jsonl (multiple choice / generation)")
     p.add_argument("--window", type=int, help="tokens per window (default: the model's context)")
     p.add_argument("--stride", type=int, help="tokens between window starts (default: the window)")
     p.add_argument("--dtype", help="auto, float32, bfloat16 or float16")
+    p.add_argument("--max-tokens", type=int, default=64, help="generation tasks: tokens per answer (default 64)")
     p.add_argument("--kl", action="store_true",
                    help="instead: KL divergence of each later MODEL's next-token distributions from the first's")
     p.add_argument("--json", action="store_true")

@@ -1,0 +1,97 @@
+"""JSONL tasks: multiple choice scored by log-likelihood as lm-evaluation-harness does (acc, and
+acc_norm over the choices' byte lengths), and generation scored by exact match / contains with the
+model's chat template applied. A row's fields say its kind: {context, choices, gold} or
+{prompt, answer}."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from ..errors import BadRequest
+
+MAX_ROWS = 100_000
+
+
+def read_task(path: Path) -> tuple[str, list[dict[str, Any]]]:
+    """(kind, rows) of a JSONL task; a bad row is an error naming file:line."""
+    rows, kinds = [], set()
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise BadRequest(f"cannot read task {path}: {e}") from None
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        where = f"{path}:{n}"
+        try:
+            row = json.loads(line)
+        except ValueError as e:
+            raise BadRequest(f"{where}: not JSON ({e})") from None
+        if not isinstance(row, dict):
+            raise BadRequest(f"{where}: each line must be a JSON object")
+        if "choices" in row:
+            ok = (isinstance(row.get("context"), str) and isinstance(row["choices"], list) and len(row["choices"]) >= 2
+                  and all(isinstance(c, str) and c for c in row["choices"]) and isinstance(row.get("gold"), int)
+                  and not isinstance(row.get("gold"), bool) and 0 <= row["gold"] < len(row["choices"]))
+            if not ok:
+                raise BadRequest(f"{where}: a multiple-choice row needs context (text), choices (2+ non-empty texts) "
+                                 "and gold (the index of the right choice)")
+            kinds.add("multiple_choice")
+        elif "answer" in row:
+            if not (isinstance(row.get("prompt"), str) and row["prompt"] and isinstance(row["answer"], str)):
+                raise BadRequest(f"{where}: a generation row needs prompt (non-empty text) and answer (text)")
+            kinds.add("generation")
+        else:
+            raise BadRequest(f"{where}: a row needs either context/choices/gold or prompt/answer")
+        rows.append(row)
+        if len(rows) > MAX_ROWS:
+            raise BadRequest(f"{path}: more than {MAX_ROWS} rows")
+    if not rows:
+        raise BadRequest(f"{path}: the task has no rows")
+    if len(kinds) > 1:
+        raise BadRequest(f"{path}: mixes multiple-choice and generation rows")
+    return kinds.pop(), rows
+
+
+@torch.inference_mode()
+def continuation_logprob(lm, context: str, continuation: str) -> float:
+    """Sum of log-probabilities of `continuation`'s tokens after `context` (lm-evaluation-harness's
+    split: the continuation is what encoding context + continuation adds after the context)."""
+    ctx_ids = lm.encode(context)
+    whole = lm.encode(context + continuation)
+    cont = whole[len(ctx_ids):]
+    if not cont:
+        raise BadRequest(f"choice {continuation!r} adds no tokens after its context")
+    ids = whole[-(lm.config.context_length + 1):]  # keep the end if it is longer than the context
+    logits = lm.model(torch.tensor([ids[:-1]], device=lm.model.embed.weight.device))[0].float()
+    lp = torch.log_softmax(logits, -1)[-len(cont):]
+    return float(lp.gather(1, torch.tensor(cont, device=lp.device)[:, None]).double().sum())
+
+
+def multiple_choice(lm, rows: list[dict[str, Any]], progress: Callable[[int], None] | None = None) -> dict[str, Any]:
+    acc = acc_norm = 0
+    for row in rows:
+        scores = [continuation_logprob(lm, row["context"], c) for c in row["choices"]]
+        norm = [s / len(c.encode("utf-8")) for s, c in zip(scores, row["choices"])]
+        acc += max(range(len(scores)), key=scores.__getitem__) == row["gold"]
+        acc_norm += max(range(len(norm)), key=norm.__getitem__) == row["gold"]
+        if progress:
+            progress(1)
+    return {"kind": "multiple_choice", "rows": len(rows), "acc": acc / len(rows), "acc_norm": acc_norm / len(rows)}
+
+
+def generation(lm, rows: list[dict[str, Any]], max_tokens: int = 64,
+               progress: Callable[[int], None] | None = None) -> dict[str, Any]:
+    exact = contains = 0
+    for row in rows:
+        out = lm.chat([{"role": "user", "content": row["prompt"]}], temperature=0, max_tokens=max_tokens).text.strip()
+        answer = row["answer"].strip()
+        exact += out == answer
+        contains += answer in out
+        if progress:
+            progress(1)
+    return {"kind": "generation", "rows": len(rows), "exact_match": exact / len(rows), "contains": contains / len(rows)}
