@@ -12,7 +12,7 @@ import torch
 
 from .errors import BadRequest
 from .formats.checkpoint import open_checkpoint
-from .manage import resolve
+from .manage import display_name, resolve
 
 QUANT_BYTES = {"int4": 0.5 + 8 / 32, "bf16": 2.0, "fp16": 2.0, "fp32": 4.0}  # int4: nibbles + fp32 scale/zero per 32
 
@@ -58,18 +58,19 @@ def memory_estimate(cfg, params: int, weight_bytes: int, ctx: int, batch: int, q
 
 
 def inspect_model(ref: str, ctx: int | None = None, batch: int = 1, quant: str | None = None,
-                  progress: Callable[[int], None] | None = None) -> dict[str, Any]:
+                  progress: Callable[[int, int], None] | None = None) -> dict[str, Any]:
     """Everything `ownlm inspect` prints, for a store name or a path (never pulls). `progress`
-    is called with each tensor's stored bytes as it is read."""
+    is called with each tensor's stored bytes as it is read, and the total."""
     check_options(ctx, batch, quant)
     manifest, files = resolve(ref, pull_missing=False)
     ckpt = open_checkpoint(files)
     cfg, f = ckpt.config, ckpt.facts
     rows = {r["name"]: dict(r) for r in ckpt.listing}
+    weight_bytes = sum(r["bytes"] for r in rows.values())
     for name, t in ckpt.tensors(torch.float32):
         rows[name].update(tensor_stats(t))
         if progress:
-            progress(rows[name]["bytes"])
+            progress(rows[name]["bytes"], weight_bytes)
     by_component: dict[str, int] = {}
     for r in rows.values():
         n = 1
@@ -77,10 +78,8 @@ def inspect_model(ref: str, ctx: int | None = None, batch: int = 1, quant: str |
             n *= d
         r["parameters"] = n
         by_component[component(r["name"])] = by_component.get(component(r["name"]), 0) + n
-    weight_bytes = sum(r["bytes"] for r in rows.values())
-    name = f"{manifest['name']}:{manifest['tag']}" if "tag" in manifest else manifest["name"]
     card = {
-        "name": name, "source": manifest.get("source"), "digest": manifest.get("digest"), "format": f["format"],
+        "name": display_name(manifest), "source": manifest.get("source"), "digest": manifest.get("digest"), "format": f["format"],
         "architecture": f["architecture"], "parameters": f["parameters"], "parameters_by_component": by_component,
         "context_length": f["context_length"], "vocab_size": f["vocab_size"], "quantization": f["quantization"],
         "quantization_mix": f["quantization_mix"], "license": manifest.get("license") or f.get("license"),
@@ -131,8 +130,7 @@ def diff_models(a_ref: str, b_ref: str, progress: Callable[[int], None] | None =
             progress(1)
     rows.sort(key=lambda r: -r["relative_change"])
     changed = [r for r in rows if r["relative_change"] > 0]
-    name_of = lambda m: f"{m['name']}:{m['tag']}" if "tag" in m else m["name"]  # noqa: E731
-    return {"a": name_of(ma), "b": name_of(mb), "architecture": a.config.architecture,
+    return {"a": display_name(ma), "b": display_name(mb), "architecture": a.config.architecture,
             "summary": {"tensors": len(rows), "changed": len(changed),
                         "max_relative_change": rows[0]["relative_change"] if rows else 0.0,
                         "min_cosine": min((r["cosine"] for r in rows), default=1.0)},

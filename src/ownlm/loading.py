@@ -12,7 +12,7 @@ from .engine.generate import Completion, TextStream
 from .engine.sampling import SamplingParams
 from .errors import BadRequest, ModelFormatError
 from .formats.checkpoint import Checkpoint, open_checkpoint
-from .manage import resolve
+from .manage import display_name, resolve
 from .formats.keymaps import FUSED
 from .formats.quants import Int4Weight, concat_int4
 from .model.linear import Int4Linear, int4_supported, replace
@@ -183,5 +183,5 @@ def load(ref: str, device: str | None = None, dtype: str | torch.dtype | None = 
     model = build_model(ckpt, dev, pick_dtype(dtype, dev), quant)
     tok = TextTokenizer(ckpt.tokenizer)
     template = ChatTemplate(ckpt.chat_template, tok.bos_token, tok.eos_token)
-    name = f"{manifest['name']}:{manifest['tag']}" if "tag" in manifest else manifest["name"]
+    name = display_name(manifest)
     return LoadedModel(name, model, tok, template, manifest, ckpt.facts, time.perf_counter() - t0)

@@ -148,6 +148,11 @@ def import_path(path: str | Path, name: str | None = None, link: bool = False, s
     return manifest
 
 
+def display_name(manifest: dict[str, Any]) -> str:
+    """`name:tag` for a store model, the path for a model read in place."""
+    return f"{manifest['name']}:{manifest['tag']}" if "tag" in manifest else manifest["name"]
+
+
 def resolve(ref_text: str, store: Store | None = None, pull_missing: bool = True, say: Say = _stderr
             ) -> tuple[dict[str, Any], dict[str, Path]]:
     """(manifest, files) for any model reference; a catalog alias not yet in the store is pulled
@@ -200,7 +205,7 @@ def show(ref_text: str, store: Store | None = None) -> dict[str, Any]:
     f = ckpt.facts
     size = manifest.get("size") or sum(p.stat().st_size for p in files.values())
     return {
-        "name": manifest.get("name") if "tag" not in manifest else f"{manifest['name']}:{manifest['tag']}",
+        "name": display_name(manifest),
         "source": manifest.get("source"), "digest": manifest.get("digest"), "format": f["format"],
         "architecture": f["architecture"], "parameters": f["parameters"], "context_length": f["context_length"],
         "vocab_size": f["vocab_size"], "quantization": f["quantization"], "quantization_mix": f["quantization_mix"],

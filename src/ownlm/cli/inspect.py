@@ -5,20 +5,21 @@ from __future__ import annotations
 import json
 
 from ..inspect import QUANT_BYTES, check_options, diff_models, inspect_model
-from ..manage import resolve
 from ..progress import Bar, human_bytes
 
 
 def cmd_inspect(args) -> int:
     check_options(args.ctx, args.batch, args.quant)
-    total = None
-    if not args.json:
-        from ..formats.checkpoint import open_checkpoint
+    bars: list[Bar] = []
 
-        total = sum(r["bytes"] for r in open_checkpoint(resolve(args.model, pull_missing=False)[1]).listing)
-    bar = Bar("reading tensors", total, quiet=args.json)
-    info = inspect_model(args.model, ctx=args.ctx, batch=args.batch, quant=args.quant, progress=bar)
-    bar.close()
+    def progress(nbytes: int, total: int) -> None:
+        if not bars:  # the total is known once the model is open
+            bars.append(Bar("reading tensors", total, quiet=args.json))
+        bars[0](nbytes)
+
+    info = inspect_model(args.model, ctx=args.ctx, batch=args.batch, quant=args.quant, progress=progress)
+    for bar in bars:
+        bar.close()
     if args.json:
         print(json.dumps(info, indent=2, ensure_ascii=False))
         return 0

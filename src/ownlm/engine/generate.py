@@ -63,7 +63,7 @@ def generate_ids(model: torch.nn.Module, prompt: Sequence[int], params: Sampling
     gen = make_generator(params.seed, "cpu")
     stops = set(stop_ids) | set(params.stop_token_ids)
     context = torch.tensor(list(prompt), dtype=torch.long)
-    penalized = params.repetition_penalty != 1.0 or params.presence_penalty or params.frequency_penalty
+    penalized = params.needs_history
     out: list[int] = []
 
     t0 = time.perf_counter()

@@ -27,6 +27,11 @@ class SamplingParams:
     stop_token_ids: tuple[int, ...] = ()
     logit_bias: tuple[tuple[int, float], ...] = field(default=())
 
+    @property
+    def needs_history(self) -> bool:
+        """Whether sampling looks at the tokens so far (repetition / presence / frequency penalties)."""
+        return self.repetition_penalty != 1.0 or bool(self.presence_penalty) or bool(self.frequency_penalty)
+
     def __post_init__(self) -> None:
         def check(ok: bool, name: str, rule: str) -> None:
             if not ok:
@@ -92,7 +97,7 @@ def sample(logits: torch.Tensor, p: SamplingParams, generator: torch.Generator |
            context: torch.Tensor | None = None, output: torch.Tensor | None = None) -> int:
     """One token id from (V,) logits."""
     logits = logits.float()
-    if p.repetition_penalty != 1.0 or p.presence_penalty or p.frequency_penalty or p.logit_bias:
+    if p.needs_history or p.logit_bias:
         empty = torch.empty(0, dtype=torch.long, device=logits.device)
         logits = apply_penalties(logits.clone(), p, empty if context is None else context,
                                  empty if output is None else output)

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import math
 import threading
-import time
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Callable, Protocol, Sequence
@@ -70,7 +69,6 @@ class Request:
     prompt_logprobs: int | None = None  # alternatives per prompt token; None: not computed
     constraint: Constraint | None = None
     cancelled: bool = False
-    submitted: float = field(default_factory=time.monotonic)
 
     def cancel(self) -> None:
         self.cancelled = True  # read by the engine thread at its next step
@@ -84,6 +82,7 @@ class _Seq:
     cached: int = 0  # positions written to the KV cache
     out: list[int] = field(default_factory=list)
     prompt_scores: list[TokenLogprob | None] = field(default_factory=list)
+    prompt_t: torch.Tensor | None = None  # the prompt as a tensor, built once when penalties need it
     done: str = ""
 
 
@@ -261,9 +260,11 @@ class Scheduler:
         scored = row
         if req.constraint is not None:
             row = req.constraint.mask(row.clone())
-        if p.repetition_penalty != 1.0 or p.presence_penalty or p.frequency_penalty:
+        if p.needs_history:
+            if s.prompt_t is None:
+                s.prompt_t = torch.tensor(list(req.prompt), dtype=torch.long)
             out_t = torch.tensor(s.out, dtype=torch.long)
-            token = sample(row, p, s.generator, torch.cat([torch.tensor(list(req.prompt), dtype=torch.long), out_t]), out_t)
+            token = sample(row, p, s.generator, torch.cat([s.prompt_t, out_t]), out_t)
         else:
             token = sample(row, p, s.generator)
         if token in req.stop_ids:

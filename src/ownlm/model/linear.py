@@ -12,6 +12,11 @@ from torch import nn
 
 from . import kernels
 
+def _kernel_input(flat: torch.Tensor) -> torch.Tensor:
+    """(M, K) rows as the kernels take them: contiguous float32 or bfloat16."""
+    return (flat if flat.dtype in (torch.float32, torch.bfloat16) else flat.float()).contiguous()
+
+
 def matmul(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """F.linear, except that bf16 weights on an x86 CPU, outside autograd, use ownlm's kernel
     (see kernels.py: faster here, and the same bits for a row whatever the number of rows)."""
@@ -20,9 +25,7 @@ def matmul(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
             and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))):
         lib = kernels.load()
         if lib is not None and weight.is_contiguous():
-            flat = x.reshape(rows, -1)
-            flat = flat if flat.dtype in (torch.float32, torch.bfloat16) else flat.float()
-            y = kernels.bf16_matmul(lib, flat.contiguous(), weight)
+            y = kernels.bf16_matmul(lib, _kernel_input(x.reshape(rows, -1)), weight)
             y = y.reshape(*x.shape[:-1], weight.shape[0]).to(x.dtype)
             return y if bias is None else y + bias
     return F.linear(x, weight, bias)
@@ -71,8 +74,7 @@ class Int4Linear(nn.Module):
         shape = x.shape
         flat = x.reshape(-1, self.in_features)
         if self.own_kernel and (x.dim() < 2 or shape[-2] == 1):  # one token per sequence: decode
-            flat = flat if flat.dtype in (torch.float32, torch.bfloat16) else flat.float()
-            y = kernels.int4_matmul(kernels.load(), flat.contiguous(), self.nibbles, self.scale, self.zs)
+            y = kernels.int4_matmul(kernels.load(), _kernel_input(flat), self.nibbles, self.scale, self.zs)
         else:
             y = torch.ops.aten._weight_int4pack_mm_for_cpu(flat.to(self.dtype), self.packed, self.group, self.scales_zeros)
         y = y.reshape(*shape[:-1], self.out_features).to(x.dtype)

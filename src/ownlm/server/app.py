@@ -182,7 +182,6 @@ def create_app(pool: ModelPool, config: ServerConfig | None = None) -> FastAPI:
             await asyncio.to_thread(pool.close)
 
     app = FastAPI(title="ownlm", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
-    app.state.pool, app.state.metrics, app.state.config = pool, metrics, config
     app.add_middleware(Guard, config=config, metrics=metrics)
 
     def err(e: BaseException) -> JSONResponse:

@@ -62,13 +62,14 @@ class ModelPool:
             return dict(self.fixed)
         return {model_id(row["name"]): row["name"] for row in list_models() if "error" not in row}
 
-    def _ref(self, model: str) -> str:
+    def _ref(self, model: str) -> tuple[str, str]:
+        """(API id, reference to load) for a requested model name."""
         models = self.available()
-        ref = models.get(model) or models.get(model_id(model))
-        if ref is None:
-            raise ModelNotFound(f"the model {model!r} does not exist",
-                                f"this server offers: {', '.join(sorted(models)) or 'nothing yet (ownlm pull)'}")
-        return ref
+        for mid in (model, model_id(model)):
+            if mid in models:
+                return mid, models[mid]
+        raise ModelNotFound(f"the model {model!r} does not exist",
+                            f"this server offers: {', '.join(sorted(models)) or 'nothing yet (ownlm pull)'}")
 
     def _load(self, mid: str, ref: str) -> Served:
         lm = self.loader(ref, device=self.device, dtype=self.dtype, pull_missing=False)
@@ -78,8 +79,7 @@ class ModelPool:
     async def acquire(self, model: str) -> Served:
         """The loaded model for an API name, loading it (in a worker thread) on first use. The
         caller must `release` it."""
-        ref = self._ref(model)
-        mid = model_id(model) if model_id(model) in self.available() else model
+        mid, ref = self._ref(model)
         lock = self.locks.setdefault(mid, asyncio.Lock())
         async with lock:
             served = self.loaded.get(mid)
