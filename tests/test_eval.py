@@ -171,3 +171,25 @@ def test_generation_task_and_bad_rows(pair, tmp_path, hf_models, ownlm_home):
     r = subprocess.run([sys.executable, "-m", "ownlm.cli.main", "eval", str(hf_models["llama"]), "--task", str(bad)],
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and f"{bad}:2:" in r.stderr and "Traceback" not in r.stderr, r.stderr
+
+
+def test_shipped_tasks_parse_and_run_by_name(hf_models, ownlm_home):
+    from ownlm.evaluate.tasks import find_task, read_task, shipped_tasks
+
+    shipped = shipped_tasks()
+    assert set(shipped) == {"prose", "everyday", "arithmetic"}
+    assert read_task(shipped["everyday"])[0] == "multiple_choice" and len(read_task(shipped["everyday"])[1]) == 32
+    assert read_task(shipped["arithmetic"])[0] == "generation"
+    for row in read_task(shipped["arithmetic"])[1]:  # every answer is the arithmetic it asks for
+        a, op, b = row["prompt"].split("?")[0].split()[2:5]
+        assert int(row["answer"]) == {"+": int(a) + int(b), "-": int(a) - int(b), "*": int(a) * int(b)}[op]
+    assert find_task("prose").read_text(encoding="utf-8").count("bicycle") > 5
+    cli = [sys.executable, "-m", "ownlm.cli.main", "eval", str(hf_models["llama"]), "--dtype", "float32"]
+    r = subprocess.run([*cli, "--task", "everyday", "--json"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    got = json.loads(r.stdout)["results"][0]
+    assert got["task"] == "everyday" and got["rows"] == 32 and 0 <= got["acc"] <= 1
+    r = subprocess.run([*cli, "--task", "prose"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and "PERPLEXITY" in r.stdout and "scoring (" in r.stderr, r.stderr
+    r = subprocess.run([*cli, "--task", "no-such-task"], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and "arithmetic, everyday, prose" in r.stderr and "Traceback" not in r.stderr

@@ -21,12 +21,14 @@ CARD = {"name", "source", "digest", "format", "architecture", "parameters", "par
         "context_length", "vocab_size", "quantization", "quantization_mix", "license", "chat_template", "config",
         "weight_bytes"}
 MEMORY = {"ctx", "batch", "quant", "weights_bytes", "kv_cache_bytes", "total_bytes"}
-TENSOR = {"name", "file_name", "shape", "type", "bytes", "mean", "std", "absmax", "zeros", "parameters"}
+TENSOR = {"name", "file_name", "shape", "type", "bytes", "mean", "std", "absmax", "norm", "zeros", "parameters",
+          "requant_error", "rounding_noise"}
 
 
 def numpy_stats(a: np.ndarray) -> dict[str, float]:
     a = a.astype(np.float64).ravel()
-    return {"mean": a.mean(), "std": a.std(), "absmax": np.abs(a).max(), "zeros": float(np.mean(a == 0))}
+    return {"mean": a.mean(), "std": a.std(), "absmax": np.abs(a).max(), "norm": np.linalg.norm(a),
+            "zeros": float(np.mean(a == 0))}
 
 
 @pytest.fixture
@@ -124,3 +126,77 @@ def test_diff_of_incompatible_models_is_one_line(hf_models, ownlm_home):
     ok = subprocess.run([sys.executable, "-m", "ownlm.cli.main", "diff", str(hf_models["llama"]), str(hf_models["llama"]),
                          "--json"], capture_output=True, text=True, timeout=120)
     assert ok.returncode == 0 and set(json.loads(ok.stdout)) == {"a", "b", "architecture", "summary", "tensors"}
+
+
+def test_quantization_errors_of_q4_0_against_the_source(hf_models, tmp_path):
+    """Blocks written by gguf's reference quantizer requantize to themselves; the rounding-noise
+    estimate from each block's step matches the real error against the source weights; blocks
+    that use only part of their range are caught by the requantization error."""
+    from .ggufs import llama_cpp_permute
+
+    Q = gguf.GGMLQuantizationType
+    folder = hf_models["llama"]
+    path = hf_folder_to_gguf(folder, tmp_path / "q4.gguf", qtype=Q.Q4_0)
+    src = load_file(str(folder / "model.safetensors"))
+    cfg = json.loads((folder / "config.json").read_text())
+    reader = gguf.GGUFReader(str(path))
+    info = {t["file_name"]: t for t in inspect_model(str(path))["tensors"]}
+    checked = 0
+    for hf_name, w in src.items():
+        rt = next(t for t in reader.tensors if info[t.name]["name"] == _ours(hf_name))
+        row = info[rt.name]
+        if rt.tensor_type != Q.Q4_0:
+            assert row["requant_error"] is None and row["rounding_noise"] is None
+            continue
+        w = w.astype(np.float64)
+        if hf_name.endswith("q_proj.weight"):
+            w = llama_cpp_permute(w, cfg["num_attention_heads"])
+        elif hf_name.endswith("k_proj.weight"):
+            w = llama_cpp_permute(w, cfg["num_key_value_heads"])
+        deq = gguf.quants.dequantize(rt.data, Q.Q4_0).astype(np.float64)
+        actual = np.linalg.norm(deq - w) / np.linalg.norm(deq)
+        assert row["requant_error"] < 1e-6
+        assert row["rounding_noise"] == pytest.approx(actual, rel=0.25), hf_name
+        checked += 1
+    assert checked >= 7
+
+    # squeeze one tensor's levels from -8..7 to -6..5: valid blocks, but not what the quantizer writes
+    from ownlm.inspect import requant_error
+    import torch
+
+    rt = next(t for t in reader.tensors if t.tensor_type == Q.Q4_0)
+    raw = np.array(rt.data, dtype=np.uint8).reshape(-1, 18).copy()
+    nib = np.stack([raw[:, 2:] & 0x0F, raw[:, 2:] >> 4])
+    nib = (8 + (nib.astype(np.int16) - 8) * 3 // 4).astype(np.uint8)
+    raw[:, 2:] = nib[0] | (nib[1] << 4)
+    squeezed = gguf.quants.dequantize(raw.reshape(np.array(rt.data).shape), Q.Q4_0)
+    again = gguf.quants.dequantize(gguf.quants.quantize(squeezed, Q.Q4_0), Q.Q4_0)
+    want = np.linalg.norm(again - squeezed) / np.linalg.norm(squeezed)
+    assert want > 0.01
+    assert requant_error(torch.from_numpy(squeezed), "Q4_0") == pytest.approx(want, rel=1e-5)
+
+
+def _ours(hf_name: str) -> str:
+    from ownlm.formats import keymaps
+
+    return keymaps.rename(hf_name, keymaps.HF, keymaps.HF_IGNORE, "test")
+
+
+def test_plots_are_written_atomically_and_bad_paths_refused(hf_models, tmp_path, ownlm_home):
+    cli = [sys.executable, "-m", "ownlm.cli.main"]
+    fig = tmp_path / "inspect.png"
+    r = subprocess.run([*cli, "inspect", str(hf_models["llama"]), "--plot", str(fig), "--json"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["plot"] == str(fig) and fig.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    svg = tmp_path / "diff.svg"
+    q8 = hf_folder_to_gguf(hf_models["llama"], tmp_path / "q8.gguf", qtype=gguf.GGMLQuantizationType.Q8_0)
+    r = subprocess.run([*cli, "diff", str(hf_models["llama"]), str(q8), "--plot", str(svg)],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert "<svg" in svg.read_text() and "layers.0" in svg.read_text()
+    assert sorted(p.name for p in tmp_path.iterdir() if p.suffix in (".png", ".svg")) == ["diff.svg", "inspect.png"]
+    for bad in (tmp_path / "figure.txt", tmp_path / "missing-dir" / "f.png"):
+        r = subprocess.run([*cli, "inspect", str(hf_models["llama"]), "--plot", str(bad)],
+                           capture_output=True, text=True, timeout=120)
+        assert r.returncode == 2 and r.stderr.startswith("error: ") and "Traceback" not in r.stderr, r.stderr

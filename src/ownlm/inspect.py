@@ -1,31 +1,77 @@
 """Look inside a model: a model card, every tensor with its statistics, and a memory estimate.
 
 Statistics are computed on the values the model runs with (quantized tensors dequantized), in
-float64 sums over one tensor at a time, so memory stays at one tensor's worth."""
+float64 sums over one tensor at a time, so memory stays at one tensor's worth. A quantized tensor
+also gets its reconstruction error: its dequantized values quantized again with the same block
+type and dequantized, ‖requantized − dequantized‖ / ‖dequantized‖ (0 for a stable quantizer,
+larger where the stored blocks are not what this type's reference quantizer would write), and the
+error expected against the unknown source: uniform rounding noise of each block's step (step/√12
+per value) relative to ‖dequantized‖. Against a known source, `ownlm diff SOURCE QUANTIZED` gives
+the exact error."""
 
 from __future__ import annotations
 
 import re
 from typing import Any, Callable
 
+import numpy as np
 import torch
+from gguf import GGMLQuantizationType, quants
 
 from .errors import BadRequest
 from .formats.checkpoint import open_checkpoint
 from .manage import display_name, resolve
 
 QUANT_BYTES = {"int4": 0.5 + 8 / 32, "bf16": 2.0, "fp16": 2.0, "fp32": 4.0}  # int4: nibbles + fp32 scale/zero per 32
+# block types whose reference quantizer the gguf package implements (K-quants it does not)
+REQUANTIZABLE = {"Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0"}
+# block types' quantization step from a block of 32 dequantized values: symmetric ones step by
+# absmax / levels below zero, asymmetric ones by (max - min) / (levels - 1)
+BLOCK_STEP = {"Q4_0": ("sym", 8), "Q5_0": ("sym", 16), "Q8_0": ("sym", 127), "Q4_1": ("asym", 15), "Q5_1": ("asym", 31)}
+SAMPLES_PER_TENSOR = 4096  # values kept per tensor for `--plot` histograms (more for big ones, up to 64k)
 
 
 def tensor_stats(t: torch.Tensor) -> dict[str, float]:
-    """mean, std (population), absmax and fraction of exact zeros of a tensor's values."""
+    """mean, std (population), absmax, L2 norm and fraction of exact zeros of a tensor's values."""
     x = t.detach().reshape(-1).double()
     n = x.numel()
     if n == 0:
-        return {"mean": 0.0, "std": 0.0, "absmax": 0.0, "zeros": 0.0}
+        return {"mean": 0.0, "std": 0.0, "absmax": 0.0, "norm": 0.0, "zeros": 0.0}
     mean = float(x.mean())
     return {"mean": mean, "std": float(((x - mean) ** 2).mean().sqrt()), "absmax": float(x.abs().max()),
-            "zeros": float((x == 0).sum()) / n}
+            "norm": float(x.norm()), "zeros": float((x == 0).sum()) / n}
+
+
+def requant_error(t: torch.Tensor, qtype: str) -> float | None:
+    """‖deq(quant(t)) − t‖ / ‖t‖ with `qtype`'s reference quantizer, or None where there is none."""
+    if qtype not in REQUANTIZABLE or t.numel() == 0:
+        return None
+    x = t.detach().float().reshape(-1, t.shape[-1]).numpy()
+    kind = GGMLQuantizationType[qtype]
+    back = quants.dequantize(quants.quantize(x, kind), kind)
+    ref = float(np.linalg.norm(x.astype(np.float64)))
+    err = float(np.linalg.norm((back - x).astype(np.float64)))
+    return err / ref if ref else (0.0 if err == 0 else float("inf"))
+
+
+def rounding_noise(t: torch.Tensor, qtype: str) -> float | None:
+    """Expected relative error of `qtype`'s rounding against the (unknown) source values: the RMS
+    of step/√12 over the blocks, over the RMS of the values. None for types without such blocks."""
+    if qtype not in BLOCK_STEP or t.numel() == 0 or t.shape[-1] % 32:
+        return None
+    kind, levels = BLOCK_STEP[qtype]
+    x = t.detach().double().reshape(-1, 32)
+    step = x.abs().amax(1) / levels if kind == "sym" else (x.amax(1) - x.amin(1)) / levels
+    rms = float(x.pow(2).mean().sqrt())
+    return float((step.pow(2) / 12).mean().sqrt()) / rms if rms else 0.0
+
+
+def value_sample(t: torch.Tensor) -> np.ndarray:
+    """Some of a tensor's values, evenly strided (deterministic), for histograms."""
+    x = t.detach().reshape(-1)
+    k = min(max(SAMPLES_PER_TENSOR, x.numel() // 256), 65536)
+    step = max(1, x.numel() // k)
+    return x[::step][:k].float().numpy().copy()
 
 
 def component(name: str) -> str:
@@ -58,9 +104,11 @@ def memory_estimate(cfg, params: int, weight_bytes: int, ctx: int, batch: int, q
 
 
 def inspect_model(ref: str, ctx: int | None = None, batch: int = 1, quant: str | None = None,
-                  progress: Callable[[int, int], None] | None = None) -> dict[str, Any]:
+                  progress: Callable[[int, int], None] | None = None,
+                  samples: dict[str, np.ndarray] | None = None) -> dict[str, Any]:
     """Everything `ownlm inspect` prints, for a store name or a path (never pulls). `progress`
-    is called with each tensor's stored bytes as it is read, and the total."""
+    is called with each tensor's stored bytes as it is read, and the total; `samples`, if given,
+    is filled with a few thousand values of each tensor (for plots)."""
     check_options(ctx, batch, quant)
     manifest, files = resolve(ref, pull_missing=False)
     ckpt = open_checkpoint(files)
@@ -69,6 +117,10 @@ def inspect_model(ref: str, ctx: int | None = None, batch: int = 1, quant: str |
     weight_bytes = sum(r["bytes"] for r in rows.values())
     for name, t in ckpt.tensors(torch.float32):
         rows[name].update(tensor_stats(t))
+        rows[name]["requant_error"] = requant_error(t, rows[name]["type"])
+        rows[name]["rounding_noise"] = rounding_noise(t, rows[name]["type"])
+        if samples is not None:
+            samples[name] = value_sample(t)
         if progress:
             progress(rows[name]["bytes"], weight_bytes)
     by_component: dict[str, int] = {}

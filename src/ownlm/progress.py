@@ -15,13 +15,19 @@ def _human(n: float) -> str:
 
 
 class Bar:
-    def __init__(self, label: str, total: int | None, quiet: bool = False):
+    """Counts bytes (shown as KB/MB/GB) unless `unit` names what it counts (tokens, rows, ...)."""
+
+    def __init__(self, label: str, total: int | None, quiet: bool = False, unit: str = "B"):
         self.label, self.total, self.done = label, total, 0
+        self.unit = unit
         self.quiet = quiet
         self.tty = sys.stderr.isatty()
         self.t0 = self.last = time.monotonic()
         if not quiet and not self.tty:
-            print(f"{label} ({_human(total)})" if total else label, file=sys.stderr, flush=True)
+            print(f"{label} ({self.fmt(total)})" if total else label, file=sys.stderr, flush=True)
+
+    def fmt(self, n: float) -> str:
+        return _human(n) if self.unit == "B" else f"{n:,.0f} {self.unit}"
 
     def __call__(self, n: int) -> None:
         self.done += n
@@ -34,16 +40,16 @@ class Bar:
             frac = min(self.done / self.total, 1.0)
             bar = "#" * int(frac * 30)
             eta = (self.total - self.done) / rate if rate > 0 else 0
-            line = f"{self.label} [{bar:<30}] {frac:4.0%} {_human(self.done)}/{_human(self.total)} {_human(rate)}/s ETA {eta:.0f}s"
+            line = f"{self.label} [{bar:<30}] {frac:4.0%} {self.fmt(self.done)}/{self.fmt(self.total)} {self.fmt(rate)}/s ETA {eta:.0f}s"
         else:
-            line = f"{self.label} {_human(self.done)} {_human(rate)}/s"
+            line = f"{self.label} {self.fmt(self.done)} {self.fmt(rate)}/s"
         print("\r" + line[:120], end="", file=sys.stderr, flush=True)
 
     def close(self) -> None:
         if self.quiet:
             return
         if self.tty:
-            print(f"\r{self.label} done, {_human(self.done)} in {time.monotonic() - self.t0:.1f}s".ljust(120),
+            print(f"\r{self.label} done, {self.fmt(self.done)} in {time.monotonic() - self.t0:.1f}s".ljust(120),
                   file=sys.stderr, flush=True)
 
 

@@ -4,20 +4,44 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Callable
 
 from ..errors import BadRequest
 from ..progress import Bar
 
 
+class Progress:
+    """A progress callback `(n, total)` that opens its bar once the total is known."""
+
+    def __init__(self, label: str, unit: str, quiet: bool):
+        self.label, self.unit, self.quiet, self.bar = label, unit, quiet, None
+
+    def __call__(self, n: int, total: int) -> None:
+        if self.bar is None:
+            self.bar = Bar(self.label, total, quiet=self.quiet, unit=self.unit)
+        self.bar(n)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _with_progress(label: str, unit: str, quiet: bool, work: Callable[[Progress], dict]) -> dict:
+    progress = Progress(label, unit, quiet)
+    try:
+        return work(progress)
+    finally:
+        progress.close()
+
+
 def cmd_eval(args) -> int:
     from ..evaluate.perplexity import perplexity
+    from ..evaluate.tasks import find_task
     from ..loading import load
 
-    path = Path(args.task)
+    path = find_task(args.task)
     if path.suffix == ".jsonl":
         return _tasks(args, path)
-    if path.suffix != ".txt":
-        raise BadRequest(f"task {args.task!r}: a .txt file (perplexity) or a .jsonl file (multiple choice or generation)")
     try:
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as e:
@@ -27,10 +51,9 @@ def cmd_eval(args) -> int:
     rows = []
     for ref in args.models:
         lm = load(ref, pull_missing=False, dtype=args.dtype)
-        bar = Bar(f"{lm.name}: scoring", None, quiet=args.json)
-        r = perplexity(lm, text, window=args.window, stride=args.stride)
-        bar.close()
-        rows.append({"model": lm.name, "task": str(path), **r})
+        r = _with_progress(f"{lm.name}: scoring", "tokens", args.json,
+                           lambda p: perplexity(lm, text, window=args.window, stride=args.stride, progress=p))
+        rows.append({"model": lm.name, "task": args.task, **r})
     if args.json:
         print(json.dumps({"results": rows}, indent=2))
         return 0
@@ -50,10 +73,13 @@ def _tasks(args, path: Path) -> int:
     rows = []
     for ref in args.models:
         lm = load(ref, pull_missing=False, dtype=args.dtype)
-        bar = Bar(f"{lm.name}: {len(task_rows)} {kind.replace('_', '-')} rows", None, quiet=args.json)
-        r = multiple_choice(lm, task_rows) if kind == "multiple_choice" else generation(lm, task_rows, args.max_tokens)
-        bar.close()
-        rows.append({"model": lm.name, "task": str(path), **r})
+        bar = Bar(f"{lm.name}: {kind.replace('_', '-')}", len(task_rows), quiet=args.json, unit="rows")
+        try:
+            r = (multiple_choice(lm, task_rows, progress=bar) if kind == "multiple_choice"
+                 else generation(lm, task_rows, args.max_tokens, progress=bar))
+        finally:
+            bar.close()
+        rows.append({"model": lm.name, "task": args.task, **r})
     if args.json:
         print(json.dumps({"results": rows}, indent=2))
         return 0
@@ -74,8 +100,9 @@ def _kl(args, text: str, path: Path) -> int:
     rows = []
     for other_ref in args.models[1:]:
         other = load(other_ref, pull_missing=False, dtype=args.dtype)
-        rows.append({"reference": ref.name, "model": other.name, "task": str(path),
-                     **kl_divergence(ref, other, text, window=args.window)})
+        r = _with_progress(f"{other.name}: KL", "positions", args.json,
+                           lambda p: kl_divergence(ref, other, text, window=args.window, progress=p))
+        rows.append({"reference": ref.name, "model": other.name, "task": args.task, **r})
     if args.json:
         print(json.dumps({"results": rows}, indent=2))
         return 0
@@ -124,7 +151,9 @@ def register(sub) -> None:
                        description="Perplexity and bits per byte of a text file under each MODEL, side by side, "
                                    "with a sliding window for texts longer than the context.")
     p.add_argument("models", nargs="+", metavar="MODEL")
-    p.add_argument("--task", required=True, help="a .txt file (perplexity) or .jsonl (multiple choice / generation)")
+    p.add_argument("--task", required=True,
+                   help="a .txt file (perplexity), a .jsonl file (multiple choice / generation), or a shipped "
+                        "task: prose (perplexity), everyday (multiple choice), arithmetic (generation)")
     p.add_argument("--window", type=int, help="tokens per window (default: the model's context)")
     p.add_argument("--stride", type=int, help="tokens between window starts (default: the window)")
     p.add_argument("--dtype", help="auto, float32, bfloat16 or float16")

@@ -5,11 +5,14 @@ from __future__ import annotations
 import json
 
 from ..inspect import QUANT_BYTES, check_options, diff_models, inspect_model
+from ..plots import check_path, plot_diff, plot_inspect
 from ..progress import Bar, human_bytes
 
 
 def cmd_inspect(args) -> int:
     check_options(args.ctx, args.batch, args.quant)
+    plot = check_path(args.plot) if args.plot else None
+    samples: dict | None = {} if plot else None
     bars: list[Bar] = []
 
     def progress(nbytes: int, total: int) -> None:
@@ -17,9 +20,13 @@ def cmd_inspect(args) -> int:
             bars.append(Bar("reading tensors", total, quiet=args.json))
         bars[0](nbytes)
 
-    info = inspect_model(args.model, ctx=args.ctx, batch=args.batch, quant=args.quant, progress=progress)
+    info = inspect_model(args.model, ctx=args.ctx, batch=args.batch, quant=args.quant, progress=progress,
+                         samples=samples)
     for bar in bars:
         bar.close()
+    if plot:
+        plot_inspect(info, samples, plot)
+        info["plot"] = str(plot)
     if args.json:
         print(json.dumps(info, indent=2, ensure_ascii=False))
         return 0
@@ -33,16 +40,27 @@ def cmd_inspect(args) -> int:
           f"+ KV cache {human_bytes(mem['kv_cache_bytes'])} for {mem['batch']} x {mem['ctx']} positions")
     print(f"chat template  {'yes' if m['chat_template'] else 'none (ChatML fallback)'}")
     print()
-    print(f"{'TENSOR':<34} {'SHAPE':<16} {'TYPE':<6} {'BYTES':>9} {'MEAN':>10} {'STD':>9} {'ABSMAX':>9} {'ZEROS':>6}")
+    print("REQUANT: dequantized values quantized again with the same type, relative error; NOISE: the\n"
+          "rounding error expected against the source from each block's step (ownlm diff SOURCE THIS measures it)\n")
+    print(f"{'TENSOR':<34} {'SHAPE':<16} {'TYPE':<6} {'BYTES':>9} {'MEAN':>10} {'STD':>9} {'ABSMAX':>9} "
+          f"{'ZEROS':>6} {'REQUANT':>8} {'NOISE':>7}")
     for t in info["tensors"]:
         shape = "x".join(str(d) for d in t["shape"])
+        err = "-" if t["requant_error"] is None else f"{t['requant_error']:.2g}"
+        noise = "-" if t["rounding_noise"] is None else f"{t['rounding_noise']:.3f}"
         print(f"{t['name']:<34} {shape:<16} {t['type']:<6} {human_bytes(t['bytes']):>9} {t['mean']:>10.3g} "
-              f"{t['std']:>9.3g} {t['absmax']:>9.3g} {100 * t['zeros']:>5.1f}%")
+              f"{t['std']:>9.3g} {t['absmax']:>9.3g} {100 * t['zeros']:>5.1f}% {err:>8} {noise:>7}")
+    if plot:
+        print(f"\nwrote {plot}")
     return 0
 
 
 def cmd_diff(args) -> int:
+    plot = check_path(args.plot) if args.plot else None
     info = diff_models(args.a, args.b)
+    if plot:
+        plot_diff(info, plot, args.top)
+        info["plot"] = str(plot)
     if args.json:
         print(json.dumps(info, indent=2, ensure_ascii=False))
         return 0
@@ -54,18 +72,21 @@ def cmd_diff(args) -> int:
     for t in rows:
         shape = "x".join(str(d) for d in t["shape"])
         print(f"{t['name']:<34} {shape:<16} {t['relative_change']:>11.4g} {t['cosine']:>10.6f} {t['max_abs_change']:>10.3g}")
+    if plot:
+        print(f"wrote {plot}")
     return 0
 
 
 def register(sub) -> None:
     p = sub.add_parser("inspect", help="model card, per-tensor statistics and a memory estimate",
                        description="Look inside a model (a store name or a path): its card, every tensor's "
-                                   "shape, type, bytes, mean, std, absmax and fraction of zeros, and the "
-                                   "memory it needs for a context length and batch.")
+                                   "shape, type, bytes, mean, std, absmax, fraction of zeros and, for quantized "
+                                   "tensors, the requantization error, and the memory it needs for a context length and batch.")
     p.add_argument("model", metavar="MODEL")
     p.add_argument("--ctx", type=int, help="context length for the memory estimate (default: the model's)")
     p.add_argument("--batch", type=int, default=1, help="sequences for the memory estimate (default 1)")
     p.add_argument("--quant", choices=sorted(QUANT_BYTES), help="estimate memory with weights held as this type")
+    p.add_argument("--plot", metavar="FILE.png", help="also draw per-layer weight norms and value histograms (matplotlib)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_inspect)
     d = sub.add_parser("diff", help="per-tensor change between two models of the same architecture",
@@ -75,5 +96,6 @@ def register(sub) -> None:
     d.add_argument("b", metavar="B")
     d.add_argument("--top", type=int, default=20, help="rows to print (default 20)")
     d.add_argument("--all", action="store_true", help="print every tensor")
+    d.add_argument("--plot", metavar="FILE.png", help="also draw relative change by layer and the most-changed tensors")
     d.add_argument("--json", action="store_true")
     d.set_defaults(func=cmd_diff)

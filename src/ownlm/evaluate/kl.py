@@ -4,7 +4,7 @@ often their most likely tokens agree."""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -12,7 +12,9 @@ from ..errors import BadRequest
 
 
 @torch.inference_mode()
-def kl_divergence(ref, other, text: str, window: int | None = None) -> dict[str, Any]:
+def kl_divergence(ref, other, text: str, window: int | None = None,
+                  progress: Callable[[int, int], None] | None = None) -> dict[str, Any]:
+    """`progress(n, total)` is called with each window's positions and the total."""
     ids = ref.encode(text)
     if other.encode(text) != ids:
         raise BadRequest("the two models tokenize the text differently: KL needs the same vocabulary")
@@ -31,4 +33,6 @@ def kl_divergence(ref, other, text: str, window: int | None = None) -> dict[str,
         worst = max(worst, float(kl.max()))
         agree += int((a.argmax(-1) == b.argmax(-1)).sum())
         n += kl.numel()
+        if progress:
+            progress(kl.numel(), len(ids))
     return {"positions": n, "mean_kl": total / n, "max_kl": worst, "top1_agreement": agree / n, "window": window}

@@ -18,7 +18,8 @@ from ..errors import BadRequest
 
 @torch.inference_mode()
 def perplexity(lm, text: str, window: int | None = None, stride: int | None = None,
-               progress: Callable[[int], None] | None = None) -> dict[str, Any]:
+               progress: Callable[[int, int], None] | None = None) -> dict[str, Any]:
+    """`progress(n, total)` is called with each window's newly scored tokens and the total to score."""
     if not text:
         raise BadRequest("the text is empty")
     ids = lm.encode(text)
@@ -42,7 +43,7 @@ def perplexity(lm, text: str, window: int | None = None, stride: int | None = No
         nll -= float(rows.gather(1, targets[:, None]).double().sum())
         scored += end - done
         if progress:
-            progress(end - done)
+            progress(end - done, len(ids) - 1)
         done = end
         begin = min(begin + stride, end - 1)  # the next token to score keeps at least one token of context
     n_bytes = len(text.encode("utf-8"))

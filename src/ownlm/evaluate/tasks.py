@@ -14,6 +14,23 @@ import torch
 from ..errors import BadRequest
 
 MAX_ROWS = 100_000
+SHIPPED = Path(__file__).parent / "data"  # small tasks written for ownlm: --task NAME
+
+
+def shipped_tasks() -> dict[str, Path]:
+    return {p.stem: p for p in sorted(SHIPPED.iterdir()) if p.suffix in (".txt", ".jsonl")}
+
+
+def find_task(task: str) -> Path:
+    """A task file: a path, or the name of a task that ships with ownlm."""
+    path = Path(task)
+    if path.suffix in (".txt", ".jsonl"):
+        return path
+    shipped = shipped_tasks()
+    if task in shipped:
+        return shipped[task]
+    raise BadRequest(f"unknown task {task!r}: give a .txt file (perplexity), a .jsonl file (multiple choice or "
+                     f"generation), or a shipped task: {', '.join(shipped)}")
 
 
 def read_task(path: Path) -> tuple[str, list[dict[str, Any]]]:
