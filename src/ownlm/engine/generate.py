@@ -11,6 +11,8 @@ import torch
 
 from ..errors import BadRequest
 from ..text.tokenizer import IncrementalDecoder, TextTokenizer
+from .graphs import DecodeGraphs
+from .graphs import enabled as graphs_enabled
 from .kv_cache import KVCache, span
 from .sampling import SamplingParams, make_generator, sample
 
@@ -60,6 +62,7 @@ def generate_ids(model: torch.nn.Module, prompt: Sequence[int], params: Sampling
     limit = budget(len(prompt), params, cfg.context_length)
     device = model.embed.weight.device
     cache = KVCache.for_model(model, 1, span(len(prompt) + limit))
+    graphs = DecodeGraphs(model, cache) if graphs_enabled(device) else None
     gen = make_generator(params.seed, "cpu")
     stops = set(stop_ids) | set(params.stop_token_ids)
     context = torch.tensor(list(prompt), dtype=torch.long)
@@ -91,8 +94,12 @@ def generate_ids(model: torch.nn.Module, prompt: Sequence[int], params: Sampling
         yield token
         if len(out) == limit:
             break
-        cache.length = span(n + 1)
-        logits = model(torch.tensor([[token]], device=device), torch.tensor([[n]], device=device), cache)
+        tokens, pos = torch.tensor([[token]], device=device), torch.tensor([[n]], device=device)
+        if graphs is not None:
+            logits = graphs.step(tokens, pos, n + 1)
+        else:
+            cache.length = span(n + 1)
+            logits = model(tokens, pos, cache)
         n += 1
     stats.decode_s = time.perf_counter() - t1
 

@@ -21,6 +21,8 @@ from typing import Any, Callable, Protocol, Sequence
 import torch
 
 from ..errors import OwnlmError
+from .graphs import DecodeGraphs
+from .graphs import enabled as graphs_enabled
 from .kv_cache import KVCache, span
 from .generate import PREFILL_CHUNK
 from .sampling import SamplingParams, make_generator, sample
@@ -95,6 +97,7 @@ class Scheduler:
         self.device = model.embed.weight.device
         self.max_running, self.max_queue, self.prefill_chunk = max_running, max_queue, prefill_chunk
         self.cache = KVCache.for_model(model, 1, 16)
+        self.graphs: DecodeGraphs | None = None  # CUDA graphs of decode steps, made on first use
         self.waiting: deque[_Seq] = deque()
         self.running: list[_Seq] = []
         self.admitting: _Seq | None = None
@@ -236,7 +239,12 @@ class Scheduler:
         self.cache.base, self.cache.length = 0, length
         tokens = torch.tensor([[s.out[-1]] for s in self.running], dtype=torch.long, device=self.device)
         pos = torch.tensor(pos_list, dtype=torch.long, device=self.device)[:, None]
-        logits = self.model(tokens, pos, self.cache)  # (n, 1, V)
+        if graphs_enabled(self.device):
+            if self.graphs is None or self.graphs.cache is not self.cache:
+                self.graphs = DecodeGraphs(self.model, self.cache)
+            logits = self.graphs.step(tokens, pos, max(pos_list) + 1)
+        else:
+            logits = self.model(tokens, pos, self.cache)  # (n, 1, V)
         rows = logits[:, -1].float().cpu()
         for i, s in enumerate(self.running):
             s.cached += 1

@@ -1,0 +1,198 @@
+"""GPU check and decode benchmark (run where a CUDA GPU is): prints one JSON object.
+
+    python bench/gpu.py [--gen 128] [--batch 8]
+
+1. Correctness on CUDA, tiny random Llama and Mistral (sliding window) folders built here:
+   ownlm's fp32 logits against transformers' on the same GPU (full prompt, and token by token
+   through the KV cache); greedy tokens with CUDA graphs equal to those without; the batch
+   scheduler (with graphs) gives each sequence the tokens it gets alone.
+2. Speed, a SmolLM2-135M-shaped random Llama in bf16: decode tokens/s of ownlm without and with
+   CUDA graphs at batch 1, aggregate tokens/s at --batch through the scheduler, and transformers'
+   `generate` (bf16, same prompt and length) in the same run as the reference."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT / "src"), str(ROOT)]
+
+SMOL = dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
+            num_key_value_heads=3, max_position_embeddings=8192, rope_theta=100000.0, tie_word_embeddings=True,
+            vocab_size=49152)
+
+
+def graphs(on: bool) -> None:
+    os.environ["OWNLM_CUDA_GRAPHS"] = "1" if on else "0"
+
+
+def run_collecting_errors(sched, reqs) -> tuple[list[list[int]], list[str]]:
+    import threading
+
+    from ownlm.engine.scheduler import Request
+
+    tokens: list[list[int]] = [[] for _ in reqs]
+    errors: set[str] = set()
+    done = threading.Semaphore(0)
+
+    def sink(i):
+        def emit(ev):
+            if ev.kind == "token":
+                tokens[i].append(ev.token)
+            elif ev.kind in ("done", "error"):
+                if ev.error is not None:
+                    errors.add(repr(ev.error)[:300])
+                done.release()
+        return emit
+
+    for i, r in enumerate(reqs):
+        sched.submit(Request(emit=sink(i), **r))
+    for _ in reqs:
+        done.acquire()
+    return tokens, sorted(errors)
+
+
+def correctness(base: Path) -> dict:
+    import transformers
+
+    import ownlm
+    from ownlm.engine.generate import generate_ids
+    from ownlm.engine.sampling import SamplingParams
+    from ownlm.engine.scheduler import Scheduler
+    from tests.conftest import build_hf_model
+
+    out = {}
+    for family, extra in (("llama", {}), ("mistral", {"sliding_window": 8})):
+        folder = build_hf_model(base / family, family, seed=2, **extra)
+        lm = ownlm.load(str(folder), device="cuda", dtype="float32")
+        ref = transformers.AutoModelForCausalLM.from_pretrained(folder, torch_dtype=torch.float32).cuda().eval()
+        ids = lm.encode("Owning your model means nobody can change its price. " * 3)
+        x = torch.tensor([ids], device="cuda")
+        with torch.inference_mode():
+            want = ref(x).logits[0].float()
+            got = lm.model(x)[0].float()
+        full = float((got - want).abs().max())
+        # token by token through ownlm's KV cache, with and without graphs: greedy continuation
+        params = SamplingParams(temperature=0, max_tokens=40)
+        graphs(False)
+        eager = list(generate_ids(lm.model, ids, params))
+        graphs(True)
+        graphed = list(generate_ids(lm.model, ids, params))
+        with torch.inference_mode():
+            hf = ref.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=40, do_sample=False,
+                              eos_token_id=None, pad_token_id=0)[0, len(ids):].tolist()
+        reqs = [dict(prompt=lm.encode(t * (1 + i % 3)), params=SamplingParams(temperature=0 if i % 2 == 0 else 0.9,
+                                                                               seed=i, max_tokens=30), limit=30 - i % 4)
+                for i, t in enumerate(["The quick brown fox", "def add(a, b):", "Un café", "Numbers: 0 1 2 3",
+                                       "The lazy dog", "print(add(2, 3))"])]
+        graphs(False)
+        alone = [list(generate_ids(lm.model, r["prompt"], r["params"]))[: r["limit"]] for r in reqs]
+        batched = {}
+        for on in (False, True):
+            graphs(on)
+            sched = Scheduler(lm.model, max_running=8, prefill_chunk=7)
+            try:
+                batched[on], errors = run_collecting_errors(sched, reqs)
+                n_graphs = len(sched.graphs.graphs) if sched.graphs is not None else 0
+            finally:
+                sched.close()
+        greedy = [i for i, r in enumerate(reqs) if r["params"].temperature == 0]
+        out[family] = {"prefill_max_abs_logit_diff": full, "greedy_equals_transformers": eager == hf,
+                       "graphs_equal_eager": graphed == eager,
+                       "batched_eager_equal_alone": batched[False] == alone,
+                       "batched_graphs_equal_batched_eager": batched[True] == batched[False],
+                       "batched_greedy_equal_alone": all(batched[True][i] == alone[i] for i in greedy),
+                       "scheduler_graphs_captured": n_graphs, "scheduler_errors": errors}
+    return out
+
+
+def speed(base: Path, n_gen: int, batch: int) -> dict:
+    import transformers
+
+    import ownlm
+    from ownlm.engine.generate import StepStats, generate_ids
+    from ownlm.engine.sampling import SamplingParams
+    from ownlm.engine.scheduler import Scheduler, run_all
+    from tests.conftest import build_hf_model
+
+    folder = build_hf_model(base / "smol", "llama", seed=5, **SMOL)
+    lm = ownlm.load(str(folder), device="cuda", dtype="bfloat16")
+    prompt = list(range(10, 10 + 128))
+    params = SamplingParams(temperature=0, max_tokens=n_gen)
+    res = {"model": "SmolLM2-135M-shaped random Llama, bf16", "prompt_tokens": len(prompt), "gen_tokens": n_gen}
+
+    def decode_rate() -> float:
+        best = 0.0
+        for _ in range(3):
+            stats = StepStats()
+            out = list(generate_ids(lm.model, prompt, params, (), stats))
+            torch.cuda.synchronize()
+            assert len(out) == n_gen
+            best = max(best, (n_gen - 1) / stats.decode_s)
+        return best
+
+    graphs(False)
+    res["ownlm_eager_decode_tok_s"] = decode_rate()
+    graphs(True)
+    res["ownlm_graphs_decode_tok_s"] = decode_rate()
+    for on in (False, True):
+        graphs(on)
+        sched = Scheduler(lm.model, max_running=batch)
+        try:
+            reqs = [dict(prompt=prompt[i:], params=params, limit=n_gen) for i in range(batch)]
+            run_all(sched, reqs)  # warm-up (and graph capture)
+            t0 = time.perf_counter()
+            outs = run_all(sched, reqs)
+            dt = time.perf_counter() - t0
+        finally:
+            sched.close()
+        res[f"ownlm_{'graphs' if on else 'eager'}_batch{batch}_tok_s"] = sum(map(len, outs)) / dt
+    ref = transformers.AutoModelForCausalLM.from_pretrained(folder, torch_dtype=torch.bfloat16).cuda().eval()
+    x = torch.tensor([prompt], device="cuda")
+    best = 0.0
+    for _ in range(3):
+        with torch.inference_mode():
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            ref.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=1, do_sample=False, min_new_tokens=1,
+                         pad_token_id=0)
+            torch.cuda.synchronize()
+            t1 = time.perf_counter()
+            ref.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=n_gen, min_new_tokens=n_gen,
+                         do_sample=False, pad_token_id=0)
+            torch.cuda.synchronize()
+            t2 = time.perf_counter()
+        best = max(best, (n_gen - 1) / ((t2 - t1) - (t1 - t0)))  # decode time: minus the prefill
+    res["transformers_decode_tok_s"] = best
+    res["graphs_over_eager"] = res["ownlm_graphs_decode_tok_s"] / res["ownlm_eager_decode_tok_s"]
+    res["graphs_over_transformers"] = res["ownlm_graphs_decode_tok_s"] / best
+    return res
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--gen", type=int, default=128)
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--skip-speed", action="store_true")
+    args = ap.parse_args()
+    if not torch.cuda.is_available():
+        sys.exit("no CUDA GPU here")
+    with tempfile.TemporaryDirectory() as tmp:
+        os.environ.setdefault("OWNLM_HOME", str(Path(tmp) / "home"))
+        report = {"device": torch.cuda.get_device_name(), "torch": torch.__version__}
+        report["correctness"] = correctness(Path(tmp))
+        if not args.skip_speed:
+            report["speed"] = speed(Path(tmp), args.gen, args.batch)
+    print(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+    main()
