@@ -112,3 +112,13 @@ def test_python_api_shapes(lm):
     assert "".join(pieces) == c.text
     g = lm.generate("The quick", max_tokens=5, temperature=0)
     assert "".join(lm.stream("The quick", max_tokens=5, temperature=0)) == g.text
+
+
+def test_cuda_graph_length_buckets():
+    """Decode graphs are keyed by a power-of-two attention length, never past the cache's capacity
+    (the graphs themselves run only where there is a GPU: bench/gpu.py)."""
+    from ownlm.engine.graphs import MIN_LENGTH, enabled, length_bucket
+
+    assert [length_bucket(n, 4096) for n in (1, MIN_LENGTH, MIN_LENGTH + 1, 1000, 4096)] == [256, 256, 512, 1024, 4096]
+    assert length_bucket(3000, 2112) == 2112
+    assert not enabled(torch.device("cpu"))

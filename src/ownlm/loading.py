@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass, field
 from typing import Any, Iterator, Sequence
@@ -11,8 +12,10 @@ import torch
 from .engine.generate import Completion, TextStream
 from .engine.sampling import SamplingParams
 from .errors import BadRequest, ModelFormatError
+from .formats import repacked
 from .formats.checkpoint import Checkpoint, open_checkpoint
 from .manage import display_name, resolve
+from .store.store import Store
 from .formats.keymaps import FUSED
 from .formats.quants import Int4Weight, concat_int4
 from .model.linear import Int4Linear, int4_supported, replace
@@ -177,11 +180,25 @@ def load(ref: str, device: str | None = None, dtype: str | torch.dtype | None = 
     dtype: auto (bfloat16 on CUDA and x86 CPUs with AVX2 or better, else float32), float32, bfloat16, float16.
     quant: auto (GGUF Q4_0/Q4_1 stay int4 on CPU in bfloat16) or none (dequantize everything)."""
     t0 = time.perf_counter()
+    if quant not in QUANT_MODES:
+        raise BadRequest(f"unknown quantization mode {quant!r}", f"use one of: {', '.join(QUANT_MODES)}")
     manifest, files = resolve(ref, pull_missing=pull_missing)
-    ckpt = open_checkpoint(files)
     dev = pick_device(device)
-    model = build_model(ckpt, dev, pick_dtype(dtype, dev), quant)
-    tok = TextTokenizer(ckpt.tokenizer)
-    template = ChatTemplate(ckpt.chat_template, tok.bos_token, tok.eos_token)
+    dt = pick_dtype(dtype, dev)
+    # store models (they have a digest) are cached as built: a second load reads one file
+    cache = (repacked.folder(Store().root, manifest["digest"], dev, dt, quant)
+             if manifest.get("digest") and repacked.enabled() else None)
+    hit = repacked.load(cache, dev) if cache else None
+    if hit:
+        model, spec, chat_template, facts = hit
+    else:
+        ckpt = open_checkpoint(files)
+        model = build_model(ckpt, dev, dt, quant)
+        spec, chat_template, facts = ckpt.tokenizer, ckpt.chat_template, ckpt.facts
+        if cache:
+            with contextlib.suppress(OSError):  # a read-only or full disk only costs the next load time
+                repacked.save(cache, model, spec, chat_template, facts, Store().root / "tmp")
+    tok = TextTokenizer(spec)
+    template = ChatTemplate(chat_template, tok.bos_token, tok.eos_token)
     name = display_name(manifest)
-    return LoadedModel(name, model, tok, template, manifest, ckpt.facts, time.perf_counter() - t0)
+    return LoadedModel(name, model, tok, template, manifest, facts, time.perf_counter() - t0)

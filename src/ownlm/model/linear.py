@@ -70,6 +70,21 @@ class Int4Linear(nn.Module):
             self.register_buffer("zs", (zero - 8 * scale).t().float().contiguous())  # (N, K/32)
         self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
 
+    @classmethod
+    def from_buffers(cls, buffers: dict[str, torch.Tensor], group: int, dtype: torch.dtype) -> "Int4Linear":
+        """Rebuild from the tensors of a saved state_dict (the repacked-model cache), no repacking."""
+        self = cls.__new__(cls)
+        nn.Module.__init__(self)
+        groups, self.out_features, _ = buffers["scales_zeros"].shape
+        self.in_features, self.group, self.dtype = groups * group, group, dtype
+        for name in ("packed", "scales_zeros", "nibbles", "scale", "zs"):
+            if name in buffers:
+                self.register_buffer(name, buffers[name])
+        self.own_kernel = "nibbles" in buffers and kernels.load() is not None
+        bias = buffers.get("bias")
+        self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
+        return self
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         flat = x.reshape(-1, self.in_features)

@@ -239,11 +239,17 @@ class Store:
         return manifest
 
     def gc(self) -> int:
-        """Delete blobs no manifest refers to."""
-        used = set()
+        """Delete blobs no manifest refers to, and repacked-model caches of models no longer here."""
+        used, models = set(), set()
         for n in self.names():
             with contextlib.suppress(Exception):
-                used |= {f["sha256"] for f in self.read(n).get("files", {}).values()}
+                manifest = self.read(n)
+                used |= {f["sha256"] for f in manifest.get("files", {}).values()}
+                models.add(manifest.get("digest"))
+        repacked = self.root / "cache" / "repacked"
+        for p in list(repacked.iterdir()) if repacked.is_dir() else []:
+            if p.name.split("-")[0] not in models:
+                shutil.rmtree(p, ignore_errors=True)
         removed = 0
         for p in list((self.root / "blobs").iterdir()) + list((self.root / "links").iterdir()):
             digest = p.name.removeprefix("sha256-").removesuffix(".json")

@@ -1,0 +1,145 @@
+"""The repacked-model cache: a store model as the engine holds it in memory (projections fused,
+GGUF int4 blocks repacked into both int4 layouts, everything else in the compute dtype), with its
+config, tokenizer and chat template, in one safetensors file per (model digest, variant).
+
+The first load of a store model builds it from its files and writes this cache; later loads read
+one file and assign its tensors, with no GGUF parsing, dequantizing or repacking. The variant
+names everything the bytes depend on: dtype, device type, int4 on or off, ownlm's kernels, the
+CPU's capability and torch's version (PyTorch's int4 layout is its own). A cache is written to a
+temporary folder, fsynced and renamed into place, so a killed load leaves none or a whole one; one
+that fails to read is ignored and rewritten. `ownlm rm` removes a model's caches with its files.
+OWNLM_REPACK_CACHE=0 turns it off."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file
+from tokenizers import Tokenizer
+
+from ..model import kernels
+from ..model.config import ModelConfig, RopeScaling
+from ..model.linear import Int4Linear, replace
+from ..model.transformer import Transformer
+from .tokenizer import TokenizerSpec
+
+VERSION = 1
+FILE = "model.safetensors"
+
+
+def enabled() -> bool:
+    return os.environ.get("OWNLM_REPACK_CACHE", "1") != "0"
+
+
+def folder(root: Path, digest: str, device: torch.device, dtype: torch.dtype, quant: str) -> Path:
+    try:
+        capability = torch.backends.cpu.get_cpu_capability()
+    except AttributeError:
+        capability = "?"
+    variant = json.dumps([VERSION, str(dtype), device.type, quant, kernels.load() is not None, capability,
+                          torch.__version__])
+    return root / "cache" / "repacked" / f"{digest}-{hashlib.sha256(variant.encode()).hexdigest()[:16]}"
+
+
+def save(path: Path, model: Transformer, tokenizer: TokenizerSpec, chat_template: str | None,
+         facts: dict[str, Any], tmp_root: Path) -> None:
+    """Write the cache for `model` at `path` (atomically; an existing one is kept)."""
+    if path.exists():
+        return
+    int4 = {name: {"group": m.group, "dtype": str(m.dtype).removeprefix("torch.")}
+            for name, m in model.named_modules() if isinstance(m, Int4Linear)}
+    meta = {"version": VERSION, "config": asdict(model.cfg), "int4": int4, "facts": facts,
+            "chat_template": chat_template,
+            "tokenizer": {"json": tokenizer.tokenizer.to_str(), "bos_id": tokenizer.bos_id,
+                          "eos_ids": list(tokenizer.eos_ids), "add_bos": tokenizer.add_bos,
+                          "bos_token": tokenizer.bos_token, "eos_token": tokenizer.eos_token}}
+    tensors = model.state_dict()
+    tmp_root.mkdir(parents=True, exist_ok=True)
+    tmp = tmp_root / f"{os.getpid()}-repack-{path.name}"  # the store sweeps it if this process dies
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        tmp.mkdir()
+        write_safetensors(tmp / FILE, tensors, {"ownlm": json.dumps(meta)})
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            os.rename(tmp, path)
+        except OSError:  # another process wrote it first
+            pass
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+ST_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16", torch.int64: "I64",
+             torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8", torch.bool: "BOOL"}
+
+
+def write_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
+    """A safetensors file written one tensor at a time (safetensors' own writer holds a copy of
+    every tensor at once: a whole model's worth of extra memory), then fsynced."""
+    header: dict[str, Any] = {"__metadata__": metadata}
+    offset = 0
+    for name, t in tensors.items():
+        n = t.numel() * t.element_size()
+        header[name] = {"dtype": ST_DTYPES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + n]}
+        offset += n
+    head = json.dumps(header, separators=(",", ":")).encode()
+    head += b" " * (-len(head) % 8)
+    with open(path, "wb") as f:
+        f.write(len(head).to_bytes(8, "little"))
+        f.write(head)
+        for t in tensors.values():
+            flat = t.detach().to("cpu").contiguous().reshape(-1)
+            if flat.numel():
+                f.write(memoryview(flat.view(torch.uint8).numpy()))
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def load(path: Path, device: torch.device) -> tuple[Transformer, TokenizerSpec, str | None, dict] | None:
+    """(model, tokenizer spec, chat template, facts) from a cache, or None where there is none or
+    it does not read back whole."""
+    file = path / FILE
+    if not file.is_file():
+        return None
+    hit = _read(file, device)
+    if hit is None:  # damaged or from another version: drop it, the caller writes a new one
+        shutil.rmtree(path, ignore_errors=True)
+    return hit
+
+
+def _read(file: Path, device: torch.device):
+    try:
+        from safetensors import safe_open
+
+        with safe_open(str(file), framework="pt") as f:
+            meta = json.loads(f.metadata()["ownlm"])
+        if meta.get("version") != VERSION:
+            return None
+        tensors = load_file(str(file))
+        cfg_dict = dict(meta["config"])
+        scaling = dict(cfg_dict.pop("rope_scaling"))
+        scaling["factors"] = tuple(scaling.get("factors", ()))
+        cfg = ModelConfig(**cfg_dict, rope_scaling=RopeScaling(**scaling))
+        with torch.device("meta"):
+            model = Transformer(cfg)
+        for name, spec in meta["int4"].items():
+            buffers = {k[len(name) + 1:]: tensors.pop(k) for k in list(tensors) if k.startswith(name + ".")}
+            replace(model, name, Int4Linear.from_buffers(buffers, spec["group"], getattr(torch, spec["dtype"])).to(device))
+        expected = {k for k in model.state_dict() if not any(k.startswith(n + ".") for n in meta["int4"])}
+        if set(tensors) != expected:
+            return None
+        model.load_state_dict({k: v.to(device) for k, v in tensors.items()}, assign=True, strict=False)
+        model.init_buffers(device)
+        t = meta["tokenizer"]
+        tok = TokenizerSpec(Tokenizer.from_str(t["json"]), t["bos_id"], list(t["eos_ids"]), t["add_bos"],
+                            t["bos_token"], t["eos_token"])
+        return model.eval(), tok, meta["chat_template"], meta["facts"]
+    except Exception:  # noqa: BLE001 - a cache that does not read back is rebuilt, never fatal
+        return None

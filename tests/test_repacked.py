@@ -1,0 +1,60 @@
+"""The repacked-model cache: a second load of a store model reads one file and gives the very same
+model; a damaged cache is ignored and rebuilt; `ownlm rm` removes it with the model."""
+
+from __future__ import annotations
+
+import gguf
+import torch
+
+import ownlm
+from ownlm import manage
+from ownlm.formats import repacked
+from ownlm.store.store import Store
+
+from .ggufs import hf_folder_to_gguf
+
+
+def _logits(lm) -> torch.Tensor:
+    ids = torch.tensor([lm.encode("Owning your model means nobody can change its price.")])
+    with torch.inference_mode():
+        return lm.model(ids)[0].float()
+
+
+def _caches(home) -> list:
+    root = home / "cache" / "repacked"
+    return sorted(root.iterdir()) if root.is_dir() else []
+
+
+def test_second_load_reads_the_cache_and_equals_a_fresh_build(hf_models, tmp_path, ownlm_home, monkeypatch):
+    path = hf_folder_to_gguf(hf_models["llama"], tmp_path / "q4.gguf", qtype=gguf.GGMLQuantizationType.Q4_0)
+    manage.import_path(path, name="tiny-q4", quiet=True)
+    calls = []
+    real_load = repacked.load
+    monkeypatch.setattr(repacked, "load", lambda *a: calls.append(real_load(*a)) or calls[-1])
+
+    first = ownlm.load("tiny-q4", dtype="bfloat16")  # int4 linears on this CPU
+    assert calls == [None] and len(_caches(ownlm_home)) == 1
+    second = ownlm.load("tiny-q4", dtype="bfloat16")
+    assert calls[-1] is not None  # served from the cache
+    assert any(type(m).__name__ == "Int4Linear" for m in second.model.modules())
+    monkeypatch.setenv("OWNLM_REPACK_CACHE", "0")
+    fresh = ownlm.load("tiny-q4", dtype="bfloat16")
+    assert torch.equal(_logits(second), _logits(fresh)) and torch.equal(_logits(first), _logits(fresh))
+    msgs = [{"role": "user", "content": "Owning your model"}]
+    assert second.chat(msgs, temperature=0, max_tokens=12).token_ids == fresh.chat(msgs, temperature=0,
+                                                                                   max_tokens=12).token_ids
+    assert second.facts == fresh.facts and second.template.source == fresh.template.source
+    assert second.tokenizer.eos_ids == fresh.tokenizer.eos_ids
+
+
+def test_a_damaged_cache_is_rebuilt_and_rm_removes_it(hf_models, ownlm_home):
+    manage.import_path(hf_models["llama"], name="tiny", quiet=True)
+    want = _logits(ownlm.load("tiny", dtype="float32"))
+    (cache,) = _caches(ownlm_home)
+    file = cache / repacked.FILE
+    file.write_bytes(file.read_bytes()[: file.stat().st_size // 2])  # cut in half
+    again = ownlm.load("tiny", dtype="float32")
+    assert torch.equal(_logits(again), want)
+    assert repacked.load(cache, torch.device("cpu")) is not None  # dropped and written whole again
+    manage.remove("tiny")
+    assert _caches(ownlm_home) == [] and Store().names() == []
