@@ -10,8 +10,10 @@ object with both and the ratios ownlm / transformers."""
 from __future__ import annotations
 
 import argparse
+import atexit
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -38,14 +40,15 @@ def run_ownlm(path: str, n_prompt: int, n_gen: int) -> dict:
 
     # a store of its own (the GGUF linked, not copied): the first load builds the model and writes
     # the repacked cache, the second reads it back
-    os.environ["OWNLM_HOME"] = tempfile.mkdtemp(prefix="ownlm-bench-")
-    manage.import_path(path, name="bench", link=True, quiet=True)
+    os.environ["OWNLM_HOME"] = home = tempfile.mkdtemp(prefix="ownlm-bench-")
+    atexit.register(shutil.rmtree, home, True)
+    manage.import_path(path, name="decode-bench", link=True, quiet=True)
     t0 = time.perf_counter()
-    lm = ownlm.load("bench")
+    lm = ownlm.load("decode-bench")
     load_s = time.perf_counter() - t0
     del lm
     t0 = time.perf_counter()
-    lm = ownlm.load("bench")
+    lm = ownlm.load("decode-bench")
     second_load_s = time.perf_counter() - t0
     ids = lm.encode(TEXT)[:n_prompt]
     params = SamplingParams(temperature=0, max_tokens=n_gen)
@@ -112,7 +115,7 @@ def main() -> None:
         sys.exit("bench/decode.py compares on a GGUF model")
     with tempfile.TemporaryDirectory() as d:  # transformers wants a *.gguf name inside a folder
         link = os.path.join(d, "model.gguf")
-        os.symlink(gguf, link)
+        os.symlink(os.path.abspath(gguf), link)
         results = {}
         for engine in ("ownlm", "transformers"):
             env = {**os.environ, "OMP_NUM_THREADS": str(a.threads)}

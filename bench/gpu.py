@@ -114,6 +114,48 @@ def correctness(base: Path) -> dict:
     return out
 
 
+def serve(base: Path) -> dict:
+    """`ownlm serve --device cuda`: 6 concurrent greedy chat requests (graphs on) answer what
+    `ownlm.load(..., device="cuda").chat` answers alone, and a streamed one equals its non-streamed."""
+    import concurrent.futures
+    import json as _json
+
+    import httpx
+
+    import ownlm
+    from ownlm import manage
+    from tests.conftest import build_hf_model
+    from tests.server_util import Server
+
+    os.environ["PYTHONPATH"] = os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")])
+    home = Path(os.environ["OWNLM_HOME"])
+    manage.import_path(build_hf_model(base / "served", "llama", seed=7), name="tiny", quiet=True)
+    prompts = ["The quick brown fox", "def add(a, b):", "Un café", "Numbers: 0 1 2 3", "The lazy dog", "Owning"]
+    lm = ownlm.load("tiny", device="cuda", dtype="float32")
+    want = [lm.chat([{"role": "user", "content": p}], temperature=0, max_tokens=24).text for p in prompts]
+    server = Server(home, ["tiny", "--device", "cuda", "--dtype", "float32"])
+    try:
+        def ask(p: str) -> str:
+            r = httpx.post(f"{server.base}/v1/chat/completions", timeout=120, json={
+                "model": "tiny", "messages": [{"role": "user", "content": p}], "temperature": 0, "max_tokens": 24})
+            r.raise_for_status()
+            return r.json()["choices"][0]["message"]["content"]
+        with concurrent.futures.ThreadPoolExecutor(6) as pool:
+            got = list(pool.map(ask, prompts))
+        pieces = []
+        with httpx.stream("POST", f"{server.base}/v1/chat/completions", timeout=120, json={
+                "model": "tiny", "messages": [{"role": "user", "content": prompts[0]}], "temperature": 0,
+                "max_tokens": 24, "stream": True}) as r:
+            for line in r.iter_lines():
+                if line.startswith("data: ") and line != "data: [DONE]":
+                    delta = _json.loads(line[6:])["choices"][0]["delta"]
+                    pieces.append(delta.get("content") or "")
+    finally:
+        server.stop()
+    return {"concurrent_equal_alone": got == want, "stream_equals_alone": "".join(pieces) == want[0],
+            "answers": len(got)}
+
+
 def speed(base: Path, n_gen: int, batch: int) -> dict:
     import transformers
 
@@ -189,6 +231,10 @@ def main() -> None:
         os.environ.setdefault("OWNLM_HOME", str(Path(tmp) / "home"))
         report = {"device": torch.cuda.get_device_name(), "torch": torch.__version__}
         report["correctness"] = correctness(Path(tmp))
+        try:
+            report["serve"] = serve(Path(tmp))
+        except Exception as e:  # noqa: BLE001 - report it beside the other checks
+            report["serve"] = {"error": repr(e)[:2000]}
         if not args.skip_speed:
             report["speed"] = speed(Path(tmp), args.gen, args.batch)
     print(json.dumps(report, indent=2))
