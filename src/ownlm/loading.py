@@ -196,7 +196,8 @@ def load(ref: str, device: str | None = None, dtype: str | torch.dtype | None = 
         model = build_model(ckpt, dev, dt, quant)
         spec, chat_template, facts = ckpt.tokenizer, ckpt.chat_template, ckpt.facts
         if cache:
-            with contextlib.suppress(OSError):  # a read-only or full disk only costs the next load time
+            # a read-only or full disk, or facts that are not JSON, only cost the next load its time
+            with contextlib.suppress(OSError, TypeError, ValueError):
                 repacked.save(cache, model, spec, chat_template, facts, Store().root / "tmp")
     tok = TextTokenizer(spec)
     template = ChatTemplate(chat_template, tok.bos_token, tok.eos_token)
