@@ -34,39 +34,13 @@ def graphs(on: bool) -> None:
     os.environ["OWNLM_CUDA_GRAPHS"] = "1" if on else "0"
 
 
-def run_collecting_errors(sched, reqs) -> tuple[list[list[int]], list[str]]:
-    import threading
-
-    from ownlm.engine.scheduler import Request
-
-    tokens: list[list[int]] = [[] for _ in reqs]
-    errors: set[str] = set()
-    done = threading.Semaphore(0)
-
-    def sink(i):
-        def emit(ev):
-            if ev.kind == "token":
-                tokens[i].append(ev.token)
-            elif ev.kind in ("done", "error"):
-                if ev.error is not None:
-                    errors.add(repr(ev.error)[:300])
-                done.release()
-        return emit
-
-    for i, r in enumerate(reqs):
-        sched.submit(Request(emit=sink(i), **r))
-    for _ in reqs:
-        done.acquire()
-    return tokens, sorted(errors)
-
-
 def correctness(base: Path) -> dict:
     import transformers
 
     import ownlm
     from ownlm.engine.generate import generate_ids
     from ownlm.engine.sampling import SamplingParams
-    from ownlm.engine.scheduler import Scheduler
+    from ownlm.engine.scheduler import Scheduler, run_all
     from tests.conftest import build_hf_model
 
     out = {}
@@ -100,7 +74,9 @@ def correctness(base: Path) -> dict:
             graphs(on)
             sched = Scheduler(lm.model, max_running=8, prefill_chunk=7)
             try:
-                batched[on], errors = run_collecting_errors(sched, reqs)
+                failures: list[BaseException] = []
+                batched[on] = run_all(sched, reqs, failures)
+                errors = sorted({repr(e)[:300] for e in failures})
                 n_graphs = len(sched.graphs.graphs) if sched.graphs is not None else 0
             finally:
                 sched.close()

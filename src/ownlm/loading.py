@@ -186,8 +186,10 @@ def load(ref: str, device: str | None = None, dtype: str | torch.dtype | None = 
     dev = pick_device(device)
     dt = pick_dtype(dtype, dev)
     # store models (they have a digest) are cached as built: a second load reads one file
-    cache = (repacked.folder(Store().root, manifest["digest"], dev, dt, quant)
-             if manifest.get("digest") and repacked.enabled() else None)
+    cache = root = None
+    if manifest.get("digest") and repacked.enabled():
+        root = Store().root
+        cache = repacked.folder(root, manifest["digest"], dev, dt, quant)
     hit = repacked.load(cache, dev) if cache else None
     if hit:
         model, spec, chat_template, facts = hit
@@ -198,7 +200,7 @@ def load(ref: str, device: str | None = None, dtype: str | torch.dtype | None = 
         if cache:
             # a read-only or full disk, or facts that are not JSON, only cost the next load its time
             with contextlib.suppress(OSError, TypeError, ValueError):
-                repacked.save(cache, model, spec, chat_template, facts, Store().root / "tmp")
+                repacked.save(cache, model, spec, chat_template, facts, root / "tmp")
     tok = TextTokenizer(spec)
     template = ChatTemplate(chat_template, tok.bos_token, tok.eos_token)
     name = display_name(manifest)

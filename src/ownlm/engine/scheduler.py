@@ -97,7 +97,8 @@ class Scheduler:
         self.device = model.embed.weight.device
         self.max_running, self.max_queue, self.prefill_chunk = max_running, max_queue, prefill_chunk
         self.cache = KVCache.for_model(model, 1, 16)
-        self.graphs: DecodeGraphs | None = None  # CUDA graphs of decode steps, made on first use
+        # CUDA graphs of decode steps (captured on first use); the cache grows in place
+        self.graphs = DecodeGraphs(model, self.cache) if graphs_enabled(self.device) else None
         self.waiting: deque[_Seq] = deque()
         self.running: list[_Seq] = []
         self.admitting: _Seq | None = None
@@ -239,9 +240,7 @@ class Scheduler:
         self.cache.base, self.cache.length = 0, length
         tokens = torch.tensor([[s.out[-1]] for s in self.running], dtype=torch.long, device=self.device)
         pos = torch.tensor(pos_list, dtype=torch.long, device=self.device)[:, None]
-        if graphs_enabled(self.device):
-            if self.graphs is None or self.graphs.cache is not self.cache:
-                self.graphs = DecodeGraphs(self.model, self.cache)
+        if self.graphs is not None:
             logits = self.graphs.step(tokens, pos, max(pos_list) + 1)
         else:
             logits = self.model(tokens, pos, self.cache)  # (n, 1, V)
@@ -359,9 +358,10 @@ def _logprob(lp: torch.Tensor, token: int, k: int | None) -> TokenLogprob:
     return TokenLogprob(token, value if math.isfinite(value) else -9999.0, top)
 
 
-def run_all(scheduler: Scheduler, requests: Sequence[dict[str, Any]]) -> list[list[int]]:
+def run_all(scheduler: Scheduler, requests: Sequence[dict[str, Any]],
+            errors: list[BaseException] | None = None) -> list[list[int]]:
     """Submit several requests at once and wait for all: token ids per request (for tests and
-    benchmarks of the batch path without a server)."""
+    benchmarks of the batch path without a server); failed requests' errors go to `errors`."""
     results: list[list[int]] = [[] for _ in requests]
     done = threading.Semaphore(0)
 
@@ -370,6 +370,8 @@ def run_all(scheduler: Scheduler, requests: Sequence[dict[str, Any]]) -> list[li
             if ev.kind == "token":
                 results[i].append(ev.token)
             elif ev.kind in ("done", "error"):
+                if ev.error is not None and errors is not None:
+                    errors.append(ev.error)
                 done.release()
         return emit
 
