@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import time
+from pathlib import Path
 from dataclasses import dataclass, field
 from typing import Any, Iterator, Sequence
 
@@ -11,13 +12,14 @@ import torch
 
 from .engine.generate import Completion, TextStream
 from .engine.sampling import SamplingParams
-from .errors import BadRequest, ModelFormatError
-from .formats import repacked
+from .errors import BadRequest, ModelFormatError, ModelNotFound
+from .formats import peft, repacked
 from .formats.checkpoint import Checkpoint, open_checkpoint
 from .manage import display_name, resolve
 from .store.store import Store
 from .formats.keymaps import FUSED
-from .formats.quants import Int4Weight, concat_int4
+from .formats.quants import Int4Weight, concat_int4, quantize_int4
+from .model import adapters
 from .model.linear import Int4Linear, int4_supported, replace
 from .model.transformer import Transformer
 from .text.chat import ChatTemplate
@@ -25,7 +27,7 @@ from .text.tokenizer import TextTokenizer
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16}
-QUANT_MODES = ("auto", "none")
+QUANT_MODES = ("auto", "none", "int4")
 
 
 def pick_device(device: str | None = None) -> torch.device:
@@ -73,14 +75,22 @@ def build_model(ckpt: Checkpoint, device: torch.device, dtype: torch.dtype, quan
     """Build on the meta device, then assign the checkpoint's tensors; every parameter must be
     filled exactly once (missing or unexpected names are format errors). quant="auto" keeps
     GGUF Q4_0/Q4_1 linears as int4 on CPU when computing in bfloat16 (lossless weights, 4x less
-    memory traffic); "none" dequantizes everything to `dtype`."""
+    memory traffic); "none" dequantizes everything to `dtype`; "int4" makes every layer linear
+    int4 (GGUF Q4_0/Q4_1 losslessly, anything else quantized group-wise at load)."""
     if quant not in QUANT_MODES:
         raise BadRequest(f"unknown quantization mode {quant!r}", f"use one of: {', '.join(QUANT_MODES)}")
-    int4 = quant == "auto" and dtype == torch.bfloat16 and int4_supported(device)
+    if quant == "int4" and not int4_supported(device):
+        raise BadRequest(f"int4 weights are not supported on {device}", "use --quant none")
+    int4 = quant == "int4" or (quant == "auto" and dtype == torch.bfloat16 and int4_supported(device))
     with torch.device("meta"):
         model = Transformer(ckpt.config)
     expected = model.state_names()
-    state = fuse(dict(ckpt.tensors(dtype, int4)), dtype)
+    state = dict(ckpt.tensors(dtype, int4))
+    if quant == "int4":
+        for name, t in state.items():
+            if name.startswith("layers.") and name.endswith(".weight") and not isinstance(t, Int4Weight) and t.dim() == 2:
+                state[name] = quantize_int4(t)
+    state = fuse(state, dtype)
     for name, tensor in state.items():
         if name not in expected:
             raise ModelFormatError(f"checkpoint tensor {name!r} has no place in the model")
@@ -174,34 +184,87 @@ class LoadedModel:
         return self.stream_ids(self.encode(self.chat_prompt(messages)), **sampling).run()
 
 
+def split_adapter(ref: str) -> tuple[str, str | None]:
+    """"BASE+ADAPTER" -> (BASE, ADAPTER); a plain reference -> (ref, None)."""
+    if "+" in ref and not Path(ref).expanduser().exists():
+        base, _, adapter = ref.rpartition("+")
+        if not base.strip() or not adapter.strip():
+            raise BadRequest(f"{ref!r}: expected BASE+ADAPTER")
+        return base.strip(), adapter.strip()
+    return ref, None
+
+
+def resolve_adapter(ref: str) -> tuple[dict[str, Any], dict[str, Path]]:
+    """(manifest, files) of an adapter: a store name, or a PEFT adapter folder."""
+    path = Path(ref).expanduser()
+    if (path / peft.CONFIG).is_file():
+        return {"name": str(path), "format": "peft"}, {n: path / n for n in (peft.CONFIG, peft.WEIGHTS)}
+    manifest, files = resolve(ref, pull_missing=False)
+    if manifest.get("format") != "peft":
+        raise BadRequest(f"{display_name(manifest)} is a model, not an adapter",
+                         "the part after + must be an adapter made by `ownlm tune` (or a PEFT adapter folder)")
+    return manifest, files
+
+
+def attach_adapter(model: Transformer, files: dict[str, Path], merge: bool = False) -> peft.LoraSettings:
+    """Attach a PEFT adapter to a built model (merged into dense weights if asked)."""
+    settings, tensors = peft.read(files)
+    adapters.attach(model, list(settings.parts), settings.r, settings.alpha, 0.0, settings.rslora)
+    try:
+        adapters.load_state(model, {n: t.to(next(model.parameters()).device) for n, t in tensors.items()})
+    except ValueError as e:
+        raise ModelFormatError(f"adapter: {e}", "it was trained for a different base model") from None
+    if merge:
+        adapters.merge(model)
+    return settings
+
+
 def load(ref: str, device: str | None = None, dtype: str | torch.dtype | None = None, quant: str = "auto",
-         pull_missing: bool = True) -> LoadedModel:
-    """Load any model reference (store name, catalog alias, path, pypi:/hf: ref) for inference.
+         pull_missing: bool = True, cache: bool = True) -> LoadedModel:
+    """Load any model reference (store name, catalog alias, path, pypi:/hf: ref, BASE+ADAPTER or
+    an adapter's store name) for inference.
     dtype: auto (bfloat16 on CUDA and x86 CPUs with AVX2 or better, else float32), float32, bfloat16, float16.
-    quant: auto (GGUF Q4_0/Q4_1 stay int4 on CPU in bfloat16) or none (dequantize everything)."""
+    quant: auto (GGUF Q4_0/Q4_1 stay int4 on CPU in bfloat16), none (dequantize everything) or int4
+    (every layer linear int4, quantized at load if it is not already).
+    An adapter is merged into dense weights, and kept beside int4 weights (so they stay int4)."""
     t0 = time.perf_counter()
     if quant not in QUANT_MODES:
         raise BadRequest(f"unknown quantization mode {quant!r}", f"use one of: {', '.join(QUANT_MODES)}")
-    manifest, files = resolve(ref, pull_missing=pull_missing)
+    base_ref, adapter_ref = split_adapter(ref)
+    adapter = resolve_adapter(adapter_ref) if adapter_ref else None
+    manifest, files = resolve(base_ref, pull_missing=pull_missing)
+    if adapter is None and manifest.get("format") == "peft":  # an adapter by its own name: its base from the store
+        adapter = manifest, files
+        base = manifest.get("base") or {}
+        manifest, files = resolve(str(base.get("name")), pull_missing=False)
+        if manifest.get("digest") != base.get("digest"):
+            raise ModelNotFound(f"the base this adapter was trained on ({base.get('name')}, sha256 "
+                                     f"{str(base.get('digest'))[:12]}) is no longer in the store",
+                                     f"import that model again, or name a base: `BASE+{display_name(adapter[0])}`")
     dev = pick_device(device)
     dt = pick_dtype(dtype, dev)
     # store models (they have a digest) are cached as built: a second load reads one file
-    cache = root = None
-    if manifest.get("digest") and repacked.enabled():
+    cache_dir = root = None
+    if cache and manifest.get("digest") and repacked.enabled():
         root = Store().root
-        cache = repacked.folder(root, manifest["digest"], dev, dt, quant)
-    hit = repacked.load(cache, dev) if cache else None
+        cache_dir = repacked.folder(root, manifest["digest"], dev, dt, quant)
+    hit = repacked.load(cache_dir, dev) if cache_dir else None
     if hit:
         model, spec, chat_template, facts = hit
     else:
         ckpt = open_checkpoint(files)
         model = build_model(ckpt, dev, dt, quant)
         spec, chat_template, facts = ckpt.tokenizer, ckpt.chat_template, ckpt.facts
-        if cache:
+        if cache_dir:
             # a read-only or full disk, or facts that are not JSON, only cost the next load its time
             with contextlib.suppress(OSError, TypeError, ValueError):
-                repacked.save(cache, model, spec, chat_template, facts, root / "tmp")
+                repacked.save(cache_dir, model, spec, chat_template, facts, root / "tmp")
+    name = display_name(manifest)
+    if adapter is not None:
+        int4 = any(isinstance(m, Int4Linear) for m in model.modules())
+        attach_adapter(model, adapter[1], merge=not int4)
+        model.eval()
+        name = f"{name}+{display_name(adapter[0])}"
     tok = TextTokenizer(spec)
     template = ChatTemplate(chat_template, tok.bos_token, tok.eos_token)
-    name = display_name(manifest)
     return LoadedModel(name, model, tok, template, manifest, facts, time.perf_counter() - t0)

@@ -201,6 +201,11 @@ def list_models(store: Store | None = None) -> list[dict[str, Any]]:
 def show(ref_text: str, store: Store | None = None) -> dict[str, Any]:
     """Everything `ownlm show` prints, read from the checkpoint's header (no weights loaded)."""
     manifest, files = resolve(ref_text, store, pull_missing=False)
+    if manifest.get("format") == "peft":  # an adapter: what it adapts and how
+        return {"name": display_name(manifest), "kind": "adapter", "format": "peft", "base": manifest.get("base"),
+                "source": manifest.get("source"), "digest": manifest.get("digest"), "size": manifest.get("size"),
+                "parameters": manifest.get("parameters"), "architecture": manifest.get("architecture"),
+                "lora": manifest.get("lora"), "created": manifest.get("created")}
     ckpt = open_checkpoint(files)
     f = ckpt.facts
     size = manifest.get("size") or sum(p.stat().st_size for p in files.values())

@@ -20,6 +20,7 @@ class Bar:
     def __init__(self, label: str, total: int | None, quiet: bool = False, unit: str = "B"):
         self.label, self.total, self.done = label, total, 0
         self.unit = unit
+        self.note = ""  # shown after the counts (e.g. a training loss)
         self.quiet = quiet
         self.tty = sys.stderr.isatty()
         self.t0 = self.last = time.monotonic()
@@ -43,7 +44,9 @@ class Bar:
             line = f"{self.label} [{bar:<30}] {frac:4.0%} {self.fmt(self.done)}/{self.fmt(self.total)} {self.fmt(rate)}/s ETA {eta:.0f}s"
         else:
             line = f"{self.label} {self.fmt(self.done)} {self.fmt(rate)}/s"
-        print("\r" + line[:120], end="", file=sys.stderr, flush=True)
+        if self.note:
+            line += f" {self.note}"
+        print("\r" + line[:160], end="", file=sys.stderr, flush=True)
 
     def close(self) -> None:
         if self.quiet:

@@ -9,7 +9,7 @@ import sys
 import traceback
 
 from ..errors import OwnlmError
-from . import evaluate, inspect, models, run, serve
+from . import evaluate, inspect, models, run, serve, tune
 
 
 class _Parser(argparse.ArgumentParser):
@@ -27,6 +27,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.register(sub)
     inspect.register(sub)
     evaluate.register(sub)
+    tune.register(sub)
     return p
 
 

@@ -57,6 +57,15 @@ def cmd_show(args) -> int:
     if args.json:
         _print_json(info)
         return 0
+    if info.get("kind") == "adapter":
+        lora = info.get("lora") or {}
+        for k, v in (("adapter", info["name"]), ("base", f"{info['base']['name']} (sha256:{info['base']['digest']})"),
+                     ("architecture", info["architecture"]), ("parameters", f"{info['parameters']:,}"),
+                     ("lora", f"rank {lora.get('r')}, alpha {lora.get('alpha')}, on {', '.join(lora.get('targets', []))}"
+                              + (", rsLoRA" if lora.get("rslora") else "")),
+                     ("size", human_bytes(info["size"])), ("source", info["source"])):
+            print(f"  {k:<15} {v}")
+        return 0
     cfg = info["config"]
     mix = ", ".join(f"{k} x{v}" for k, v in info["quantization_mix"].items())
     lines = [

@@ -128,3 +128,29 @@ def iter_safetensors(files: Mapping[str, Path]) -> Iterator[tuple[str, torch.Ten
                 raise ModelFormatError(f"{fname}: tensor {name!r} appears in more than one file")
             seen.add(name)
             yield name, st.tensor(name), fname
+
+
+ST_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16", torch.int64: "I64",
+             torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8", torch.bool: "BOOL"}
+
+
+def write_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
+    """A safetensors file written one tensor at a time (safetensors' own writer holds a copy of
+    every tensor at once: a whole model's worth of extra memory), then fsynced."""
+    header: dict[str, Any] = {"__metadata__": metadata}
+    offset = 0
+    for name, t in tensors.items():
+        n = t.numel() * t.element_size()
+        header[name] = {"dtype": ST_DTYPES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + n]}
+        offset += n
+    head = json.dumps(header, separators=(",", ":")).encode()
+    head += b" " * (-len(head) % 8)
+    with open(path, "wb") as f:
+        f.write(len(head).to_bytes(8, "little"))
+        f.write(head)
+        for t in tensors.values():
+            flat = t.detach().to("cpu").contiguous().reshape(-1)
+            if flat.numel():
+                f.write(memoryview(flat.view(torch.uint8).numpy()))
+        f.flush()
+        os.fsync(f.fileno())

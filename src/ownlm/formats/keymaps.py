@@ -60,3 +60,36 @@ def unpermute_qk(w, n_heads: int):
     rows = w.shape[0]
     rest = tuple(w.shape[1:])
     return w.reshape(n_heads, rows // n_heads // 2, 2, *rest).swapaxes(1, 2).reshape(rows, *rest)
+
+# Projection parts (model/adapters.py) -> the HF module that holds them, for PEFT adapter names
+# ("base_model.model.model.layers.{i}.{module}.lora_A.weight").
+HF_MODULES = {"q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_proj", "o": "self_attn.o_proj",
+              "gate": "mlp.gate_proj", "up": "mlp.up_proj", "down": "mlp.down_proj"}
+
+# The way back: our per-projection names -> file names, for export (model/adapters unfuses first).
+HF_OUT = [
+    (r"embed\.weight", r"model.embed_tokens.weight"),
+    (r"layers\.(\d+)\.attn_norm\.weight", r"model.layers.\1.input_layernorm.weight"),
+    (r"layers\.(\d+)\.attn\.(q|k|v|o)\.(weight|bias)", r"model.layers.\1.self_attn.\2_proj.\3"),
+    (r"layers\.(\d+)\.mlp_norm\.weight", r"model.layers.\1.post_attention_layernorm.weight"),
+    (r"layers\.(\d+)\.mlp\.(gate|up|down)\.(weight|bias)", r"model.layers.\1.mlp.\2_proj.\3"),
+    (r"norm\.weight", r"model.norm.weight"),
+    (r"lm_head\.weight", r"lm_head.weight"),
+]
+GGUF_OUT = [
+    (r"embed\.weight", r"token_embd.weight"),
+    (r"layers\.(\d+)\.attn_norm\.weight", r"blk.\1.attn_norm.weight"),
+    (r"layers\.(\d+)\.attn\.(q|k|v)\.(weight|bias)", r"blk.\1.attn_\2.\3"),
+    (r"layers\.(\d+)\.attn\.o\.(weight|bias)", r"blk.\1.attn_output.\2"),
+    (r"layers\.(\d+)\.mlp_norm\.weight", r"blk.\1.ffn_norm.weight"),
+    (r"layers\.(\d+)\.mlp\.(gate|up|down)\.(weight|bias)", r"blk.\1.ffn_\2.\3"),
+    (r"norm\.weight", r"output_norm.weight"),
+    (r"lm_head\.weight", r"output.weight"),
+]
+
+
+def permute_qk(w, n_heads: int):
+    """llama.cpp's convert-time Q/K row order (half-rotated -> interleaved): the inverse of unpermute_qk."""
+    rows = w.shape[0]
+    rest = tuple(w.shape[1:])
+    return w.reshape(n_heads, 2, rows // n_heads // 2, *rest).swapaxes(1, 2).reshape(rows, *rest)

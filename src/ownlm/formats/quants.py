@@ -50,3 +50,17 @@ def concat_int4(parts: list[Int4Weight]) -> Int4Weight:
     """Stack int4 weights along the output dimension (for fused projections)."""
     return Int4Weight(torch.cat([p.q for p in parts]), torch.cat([p.scale for p in parts], dim=1),
                       torch.cat([p.zero for p in parts], dim=1), parts[0].group)
+
+
+def quantize_int4(w: torch.Tensor, group: int = 32) -> Int4Weight:
+    """Group-wise asymmetric int4 of a dense (N, K) weight: per group of `group` columns the 16
+    levels span [min, max] (round to nearest), w ~ (q - 8) * scale + zero."""
+    n, k = w.shape
+    if k % group:
+        raise ValueError(f"input dimension {k} is not a multiple of the int4 group {group}")
+    g = w.float().reshape(n, k // group, group)
+    lo, hi = g.amin(-1), g.amax(-1)
+    scale = ((hi - lo) / 15).clamp_min(1e-12)
+    q = ((g - lo[..., None]) / scale[..., None]).round_().clamp_(0, 15).to(torch.uint8).reshape(n, k)
+    zero = lo + 8 * scale
+    return Int4Weight(q, scale.t().contiguous(), zero.t().contiguous(), group)

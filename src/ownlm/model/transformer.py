@@ -14,6 +14,7 @@ from typing import Protocol
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from .config import ModelConfig, RopeScaling
 from .linear import dense, matmul
@@ -131,6 +132,7 @@ class Transformer(nn.Module):
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.lm_head = None if cfg.tie_embeddings else dense(cfg.dim, cfg.vocab_size, False)
         self.register_buffer("inv_freq", torch.empty(cfg.head_dim // 2), persistent=False)
+        self.checkpointing = False  # recompute each block in the backward pass (training memory)
 
     def init_buffers(self, device: torch.device | str | None = None) -> None:
         """Compute the non-persistent buffers (call after loading weights onto a device)."""
@@ -141,18 +143,31 @@ class Transformer(nn.Module):
     def state_names(self) -> set[str]:
         return set(self.state_dict().keys())
 
-    def _mask(self, pos: torch.Tensor, total: int, device) -> torch.Tensor | None:
+    def _mask(self, pos: torch.Tensor, total: int, device, segments: torch.Tensor | None = None) -> torch.Tensor:
         """Boolean (B or 1, 1, T, S) mask: key j visible to query at position p iff j <= p (and
-        within the sliding window). `total` is the key length (cache length or T)."""
+        within the sliding window). `total` is the key length (cache length or T). With
+        `segments` (packed training rows, no cache) keys are the row's own tokens and a query
+        sees only earlier tokens of its own segment."""
+        if segments is not None:
+            idx = torch.arange(segments.shape[1], device=device)
+            visible = (segments[:, None, :] == segments[:, :, None]) & (idx[None, None, :] <= idx[None, :, None])
+            if self.cfg.sliding_window:
+                visible &= pos[:, None, :] > pos[:, :, None] - self.cfg.sliding_window
+            return visible[:, None]
         keys = torch.arange(total, device=device)  # (S,)
         visible = keys[None, None, :] <= pos[:, :, None]  # (B, T, S)
         if self.cfg.sliding_window:
             visible &= keys[None, None, :] > pos[:, :, None] - self.cfg.sliding_window
         return visible[:, None]  # (B, 1, T, S)
 
+    def head(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits of final normalized hidden states (tied embeddings: the input table is the head)."""
+        return matmul(x, self.embed.weight) if self.lm_head is None else self.lm_head(x)
+
     def forward(self, tokens: torch.Tensor, pos: torch.Tensor | None = None, cache: Cache | None = None,
-                last_only: bool = False, head: bool = True) -> torch.Tensor:
-        """tokens: (B, T) ids; pos: (B, T) absolute positions (default 0..T-1).
+                last_only: bool = False, head: bool = True, segments: torch.Tensor | None = None) -> torch.Tensor:
+        """tokens: (B, T) ids; pos: (B, T) absolute positions (default 0..T-1); segments: (B, T)
+        ids of the packed examples a training row holds (attention stays inside each).
         Returns logits (B, T, V), or (B, 1, V) with last_only; with head=False the final
         normalized hidden states (B, T, C) instead."""
         B, T = tokens.shape
@@ -163,15 +178,16 @@ class Transformer(nn.Module):
         emb = torch.cat((freqs, freqs), dim=-1)[:, None]  # (B, 1, T, D)
         cos, sin = emb.cos().to(x.dtype), emb.sin().to(x.dtype)
         total = cache.length if cache is not None else T
-        mask = self._mask(pos, total, tokens.device)
+        mask = self._mask(pos, total, tokens.device, segments)
         if T == 1 and cache is not None:  # additive form for the decode path, built once per step
             mask = torch.zeros(mask.shape, device=tokens.device).masked_fill_(~mask, -math.inf)
+        recompute = self.checkpointing and torch.is_grad_enabled() and cache is None
         for block in self.layers:
-            x = block(x, cos, sin, mask, pos, cache)
+            if recompute:
+                x = checkpoint(block, x, cos, sin, mask, pos, None, use_reentrant=False)
+            else:
+                x = block(x, cos, sin, mask, pos, cache)
         if last_only:
             x = x[:, -1:]
         x = self.norm(x)
-        if not head:
-            return x
-        # tied embeddings: the input table doubles as the output head
-        return matmul(x, self.embed.weight) if self.lm_head is None else self.lm_head(x)  # (B, T, V)
+        return self.head(x) if head else x  # (B, T, V) or (B, T, C)

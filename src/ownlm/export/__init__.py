@@ -1,0 +1,1 @@
+"""Writing models out: an HF safetensors folder, a GGUF file, or a PEFT adapter."""

@@ -1,0 +1,156 @@
+"""Export to a GGUF file with the `gguf` package's writer: llama.cpp's architecture and tensor
+names (Llama Q/K rows permuted back into its rotary layout), tokenizer, chat template and
+metadata; weights in F32, F16, Q8_0 or Q4_0."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import gguf
+import numpy as np
+from tokenizers import Tokenizer, models, pre_tokenizers
+
+from ..errors import BadRequest
+from ..formats import keymaps
+from ..formats import tokenizer as tok_formats
+from ..fsutil import atomic_file
+from ..model.transformer import rope_frequencies
+from .tensors import dense_state
+
+Q = gguf.GGMLQuantizationType
+QUANTS = {"f32": (Q.F32, gguf.LlamaFileType.ALL_F32), "f16": (Q.F16, gguf.LlamaFileType.MOSTLY_F16),
+          "q8_0": (Q.Q8_0, gguf.LlamaFileType.MOSTLY_Q8_0), "q4_0": (Q.Q4_0, gguf.LlamaFileType.MOSTLY_Q4_0)}
+# our architecture -> llama.cpp's (Mistral runs as llama there)
+ARCHS = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2"}
+
+
+def _pre_name(tk: Tokenizer) -> str:
+    """llama.cpp's name for this byte-level BPE pre-tokenizer (the inverse of formats/tokenizer)."""
+    own = json.loads(tk.to_str()).get("pre_tokenizer")
+    for name, build in tok_formats.PRE_TOKENIZERS.items():
+        probe = Tokenizer(models.BPE())
+        parts = build()
+        for form in (pre_tokenizers.Sequence(parts),) + ((parts[0],) if len(parts) == 1 else ()):
+            probe.pre_tokenizer = form
+            if json.loads(probe.to_str()).get("pre_tokenizer") == own:
+                return name
+    raise BadRequest("this tokenizer's pre-tokenizer has no llama.cpp name, so a GGUF could not reproduce it",
+                     "export --format safetensors instead")
+
+
+def _add_tokenizer(w: gguf.GGUFWriter, lm) -> None:
+    tk = lm.tokenizer.tk
+    spec = json.loads(tk.to_str())
+    model = spec.get("model", {})
+    if model.get("type") != "BPE":
+        raise BadRequest(f"{model.get('type')} tokenizers cannot be exported to GGUF yet", "export --format safetensors")
+    n = tk.get_vocab_size(with_added_tokens=True)
+    tokens: list[str | None] = [None] * n
+    for t, i in model["vocab"].items():
+        if 0 <= i < n:
+            tokens[i] = t
+    types = [tok_formats.NORMAL] * n
+    for a in spec.get("added_tokens", []):
+        tokens[a["id"]] = a["content"]
+        types[a["id"]] = tok_formats.CONTROL if a.get("special") else tok_formats.USER_DEFINED
+    for i, t in enumerate(tokens):
+        if t is None:
+            tokens[i], types[i] = f"[PAD{i}]", tok_formats.UNUSED
+    merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
+    if model.get("byte_fallback"):  # SentencePiece-style: scores rank the merges (higher first)
+        w.add_tokenizer_model("llama")
+        rank = {}
+        for r, m in enumerate(merges):
+            rank.setdefault(m.replace(" ", ""), r)
+        scores = [-float(rank.get(t, len(merges))) if types[i] == tok_formats.NORMAL else 0.0 for i, t in enumerate(tokens)]
+        for i, t in enumerate(tokens):
+            if len(t) == 6 and t.startswith("<0x") and t.endswith(">"):
+                types[i] = tok_formats.BYTE
+        if model.get("unk_token") in model["vocab"]:
+            unk = model["vocab"][model["unk_token"]]
+            types[unk] = tok_formats.UNKNOWN
+            w.add_unk_token_id(unk)
+        w.add_token_scores(scores)
+        w.add_add_space_prefix("Prepend" in json.dumps(spec.get("normalizer")))
+    else:
+        w.add_tokenizer_model("gpt2")
+        w.add_tokenizer_pre(_pre_name(tk))
+        w.add_token_merges(merges)
+    w.add_token_list(tokens)
+    w.add_token_types(types)
+    t = lm.tokenizer
+    if t.bos_id is not None:
+        w.add_bos_token_id(t.bos_id)
+    if t.eos_ids:
+        w.add_eos_token_id(t.eos_ids[0])
+        if len(t.eos_ids) > 1:
+            w.add_eot_token_id(t.eos_ids[1])
+    w.add_add_bos_token(bool(t.add_bos))
+    if not lm.template.is_fallback:
+        w.add_chat_template(lm.template.source)
+
+
+def write_gguf(lm, out: Path, quant: str = "f16") -> Path:
+    """Write `lm` (a LoadedModel: adapters merged, int4 dequantized, then quantized to `quant`)."""
+    if quant not in QUANTS:
+        raise BadRequest(f"unknown GGUF quantization {quant!r}", f"use one of: {', '.join(QUANTS)}")
+    c = lm.config
+    if c.architecture not in ARCHS:
+        raise BadRequest(f"exporting {c.architecture} models to GGUF is not supported yet", f"supported: {', '.join(ARCHS)}")
+    arch = ARCHS[c.architecture]
+    qtype, ftype = QUANTS[quant]
+    out = Path(out)
+    if out.exists():
+        raise BadRequest(f"{out} already exists", "choose another --out, or remove it")
+    with atomic_file(out) as tmp:
+        w = gguf.GGUFWriter(str(tmp), arch)
+        w.add_name(lm.facts.get("model_name") or lm.name)
+        w.add_file_type(int(ftype))
+        w.add_quantization_version(gguf.GGML_QUANT_VERSION)
+        w.add_context_length(c.context_length)
+        w.add_embedding_length(c.dim)
+        w.add_block_count(c.n_layers)
+        w.add_feed_forward_length(c.ffn_dim)
+        w.add_head_count(c.n_heads)
+        w.add_head_count_kv(c.n_kv_heads)
+        w.add_layer_norm_rms_eps(c.norm_eps)
+        w.add_rope_freq_base(c.rope_theta)
+        w.add_rope_dimension_count(c.head_dim)
+        if c.head_dim != c.dim // c.n_heads:
+            w.add_key_length(c.head_dim)
+            w.add_value_length(c.head_dim)
+        if c.sliding_window:
+            w.add_sliding_window(c.sliding_window)
+        if lm.facts.get("license"):
+            w.add_license(str(lm.facts["license"]))
+        _add_tokenizer(w, lm)
+        if c.rope_scaling.kind == "linear":
+            w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+            w.add_rope_scaling_factor(c.rope_scaling.factor)
+        elif c.rope_scaling.kind in ("llama3", "factors"):  # per-frequency divisors, as llama.cpp keeps them
+            plain = rope_frequencies(c.head_dim, c.rope_theta, type(c.rope_scaling)())
+            factors = plain / rope_frequencies(c.head_dim, c.rope_theta, c.rope_scaling)
+            w.add_tensor("rope_freqs.weight", factors.numpy().astype(np.float32))
+        permuted = arch in keymaps.GGUF_PERMUTED_QK
+        for name, t in dense_state(lm.model):
+            gname = keymaps.rename(name, keymaps.GGUF_OUT, r"$^", "export")
+            a = t.numpy()
+            if permuted and name.endswith(("attn.q.weight", "attn.q.bias")):
+                a = keymaps.permute_qk(a, c.n_heads)
+            elif permuted and name.endswith(("attn.k.weight", "attn.k.bias")):
+                a = keymaps.permute_qk(a, c.n_kv_heads)
+            a = np.ascontiguousarray(a, dtype=np.float32)
+            if a.ndim < 2 or qtype == Q.F32:
+                w.add_tensor(gname, a)
+            elif qtype == Q.F16 or a.shape[-1] % 32:
+                w.add_tensor(gname, a.astype(np.float16))
+            else:
+                w.add_tensor(gname, gguf.quants.quantize(a, qtype), raw_dtype=qtype)
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_tensors_to_file()
+        w.close()
+    return out
+
+

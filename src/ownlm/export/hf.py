@@ -1,0 +1,79 @@
+"""Export to an HF folder (config.json, model.safetensors, tokenizer files) that transformers
+loads with AutoModelForCausalLM / AutoTokenizer."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..errors import BadRequest
+from ..formats import keymaps
+from ..formats.hf import write_safetensors
+from ..fsutil import atomic_dir
+from .tensors import dense_state
+
+HF_CLASSES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}
+
+
+def hf_config(lm, dtype: torch.dtype) -> dict[str, Any]:
+    c = lm.config
+    if c.architecture not in HF_CLASSES:
+        raise BadRequest(f"exporting {c.architecture} models as HF folders is not supported yet",
+                         f"supported: {', '.join(HF_CLASSES)}")
+    if c.architecture != "qwen2" and c.qkv_bias != c.o_bias:
+        raise BadRequest(f"{c.architecture} in transformers has biases on all of q, k, v, o or none; this model differs")
+    cfg: dict[str, Any] = {
+        "architectures": [HF_CLASSES[c.architecture]], "model_type": c.architecture, "vocab_size": c.vocab_size,
+        "hidden_size": c.dim, "intermediate_size": c.ffn_dim, "num_hidden_layers": c.n_layers,
+        "num_attention_heads": c.n_heads, "num_key_value_heads": c.n_kv_heads, "head_dim": c.head_dim,
+        "rms_norm_eps": c.norm_eps, "rope_theta": c.rope_theta, "max_position_embeddings": c.context_length,
+        "tie_word_embeddings": c.tie_embeddings, "hidden_act": "silu", "mlp_bias": c.mlp_bias,
+        "torch_dtype": str(dtype).removeprefix("torch."),
+        "bos_token_id": lm.tokenizer.bos_id, "eos_token_id": (lm.tokenizer.eos_ids or [None])[0],
+    }
+    if c.architecture != "qwen2":
+        cfg["attention_bias"] = c.qkv_bias
+    s = c.rope_scaling
+    if s.kind == "linear":
+        cfg["rope_scaling"] = {"rope_type": "linear", "factor": s.factor}
+    elif s.kind == "llama3":
+        cfg["rope_scaling"] = {"rope_type": "llama3", "factor": s.factor, "low_freq_factor": s.low_freq_factor,
+                               "high_freq_factor": s.high_freq_factor,
+                               "original_max_position_embeddings": s.original_context}
+    elif s.kind != "none":
+        raise BadRequest(f"rope scaling {s.kind!r} has no HF config form", "export to GGUF instead")
+    if c.sliding_window:
+        cfg["sliding_window"] = c.sliding_window
+        if c.architecture == "qwen2":
+            cfg["use_sliding_window"] = True
+    return cfg
+
+
+def write_hf_folder(lm, out: Path, state: dict[str, torch.Tensor] | None = None,
+                    dtype: torch.dtype = torch.float32, replace: bool = False) -> Path:
+    """Write `lm` (a LoadedModel; adapters merged, int4 dequantized) as an HF folder at `out`."""
+    out = Path(out)
+    cfg = hf_config(lm, dtype)
+    tensors = {}
+    for name, t in dense_state(lm.model, state):
+        hf_name = keymaps.rename(name, keymaps.HF_OUT, r"$^", "export")
+        tensors[hf_name] = t.to(dtype)
+    tok = lm.tokenizer
+    tcfg = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": tok.bos_token or None,
+            "eos_token": tok.eos_token or None, "add_bos_token": tok.add_bos, "model_max_length": lm.config.context_length}
+    if not lm.template.is_fallback:
+        tcfg["chat_template"] = lm.template.source
+    try:
+        with atomic_dir(out, replace=replace) as tmp:
+            (tmp / "config.json").write_text(json.dumps(cfg, indent=2), encoding="utf-8")
+            (tmp / "generation_config.json").write_text(json.dumps(
+                {"bos_token_id": tok.bos_id, "eos_token_id": tok.eos_ids or None}, indent=2), encoding="utf-8")
+            (tmp / "tokenizer.json").write_text(tok.tk.to_str(), encoding="utf-8")
+            (tmp / "tokenizer_config.json").write_text(json.dumps(tcfg, indent=2), encoding="utf-8")
+            write_safetensors(tmp / "model.safetensors", tensors, {"format": "pt"})
+    except FileExistsError:
+        raise BadRequest(f"{out} already exists", "choose another --out, or remove it") from None
+    return out

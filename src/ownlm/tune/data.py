@@ -1,0 +1,368 @@
+"""Training data: the formats people already have -> token ids and loss masks, rendered through the
+model's own chat template (the code path inference uses), then packed into training rows.
+
+Formats (auto-detected per file from its first row, or forced):
+  alpaca             {"instruction", "input"?, "output", "system"?}
+  sharegpt           {"conversations": [{"from": "human"|"gpt"|"system"|..., "value"}]}
+  messages           {"messages": [{"role", "content"}]}            (OpenAI chat fine-tuning)
+  prompt-completion  {"prompt", "completion"}                      (one user turn, one answer)
+  text               {"text"} rows, or a .txt file                 (continued pretraining)
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+from ..errors import BadRequest, ChatTemplateError, OwnlmError
+from ..text.chat import ChatTemplate
+from ..text.tokenizer import TextTokenizer
+
+FORMATS = ("alpaca", "sharegpt", "messages", "prompt-completion", "text")
+TRAIN_ON = ("assistant", "all", "last")
+MAX_LINE = 32 << 20  # one JSONL row
+MAX_FILE = 1 << 30  # a .json array or .txt file read whole
+SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "model": "assistant",
+                  "chatgpt": "assistant", "bing": "assistant", "bard": "assistant", "system": "system", "tool": "tool"}
+
+
+class DataError(BadRequest):
+    """A row of the user's data is wrong: the message starts with `file:line:`."""
+
+
+@dataclass
+class Example:
+    ids: list[int]
+    mask: list[bool]  # True where the token is a training target
+    where: str = ""
+
+    @property
+    def targets(self) -> int:
+        return sum(self.mask)
+
+
+@dataclass
+class Dataset:
+    examples: list[Example]
+    format: str
+    skipped: list[str] = field(default_factory=list)  # "file:line: what is wrong" of dropped rows
+    truncated: int = 0  # chat examples longer than the row length, cut (reported, never silent)
+
+    @property
+    def tokens(self) -> int:
+        return sum(len(e.ids) for e in self.examples)
+
+
+# -- reading ----------------------------------------------------------------------------------
+def read_rows(path: Path) -> Iterator[tuple[str, Any]]:
+    """(where, row) for each row of a .jsonl / .json / .txt file; bad JSON raises with file:line."""
+    path = Path(path)
+    if not path.is_file():
+        raise BadRequest(f"{path}: no such data file")
+    name = path.name
+    if path.suffix in (".txt", ".md"):
+        if path.stat().st_size > MAX_FILE:
+            raise BadRequest(f"{path}: larger than {MAX_FILE >> 20} MB", "split it, or use JSONL with a text field")
+        text = _read_text(path)
+        if not text.strip():
+            raise DataError(f"{name}: the file is empty")
+        yield f"{name}:1", {"text": text}
+        return
+    if path.suffix == ".json":
+        if path.stat().st_size > MAX_FILE:
+            raise BadRequest(f"{path}: larger than {MAX_FILE >> 20} MB", "use JSONL (one row per line) for large data")
+        text = _read_text(path)
+        try:
+            rows = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{name}:{e.lineno}: invalid JSON ({e.msg})") from None
+        if not isinstance(rows, list):
+            raise DataError(f"{name}:1: a .json data file must hold an array of rows")
+        lines = _item_lines(text, len(rows))
+        for i, row in enumerate(rows):
+            yield f"{name}:{lines[i]}", row
+        return
+    if path.suffix not in (".jsonl", ".ndjson"):
+        raise BadRequest(f"{path}: unknown data file type {path.suffix!r}", "use .jsonl, .json or .txt")
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(iter(lambda: f.readline(MAX_LINE + 1), b""), 1):
+            if len(raw) > MAX_LINE:
+                raise DataError(f"{name}:{lineno}: line longer than {MAX_LINE >> 20} MB")
+            try:
+                line = raw.decode("utf-8").strip()
+            except UnicodeDecodeError:
+                raise DataError(f"{name}:{lineno}: not UTF-8 text") from None
+            if not line:
+                continue
+            try:
+                yield f"{name}:{lineno}", json.loads(line)
+            except json.JSONDecodeError as e:
+                yield f"{name}:{lineno}", _Bad(f"invalid JSON ({e.msg} at column {e.colno})")
+
+
+class _Bad:
+    """A row that could not be parsed; reported (or skipped) like any other bad row."""
+
+    def __init__(self, why: str):
+        self.why = why
+
+
+def _read_text(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise DataError(f"{path.name}:1: not UTF-8 text") from None
+
+
+def _item_lines(text: str, n: int) -> list[int]:
+    """The line each top-level array item starts on (for file:line messages)."""
+    dec = json.JSONDecoder()
+    lines, i = [], text.index("[") + 1
+    while len(lines) < n:
+        while text[i] in " \t\r\n,":
+            i += 1
+        lines.append(text.count("\n", 0, i) + 1)
+        _, i = dec.raw_decode(text, i)
+    return lines
+
+
+# -- formats -> conversations -----------------------------------------------------------------
+def detect(row: Any) -> str:
+    if isinstance(row, dict):
+        if "messages" in row:
+            return "messages"
+        if "conversations" in row:
+            return "sharegpt"
+        if "instruction" in row and "output" in row:
+            return "alpaca"
+        if "prompt" in row and "completion" in row:
+            return "prompt-completion"
+        if "text" in row:
+            return "text"
+    keys = ", ".join(sorted(row)) if isinstance(row, dict) else type(row).__name__
+    raise DataError(f"cannot tell the data format from a row with {keys}",
+                    "rows need instruction/output (alpaca), conversations (sharegpt), messages, prompt/completion "
+                    "or text; or pass --format")
+
+
+def _str(row: dict, key: str, required: bool = True) -> str:
+    v = row.get(key)
+    if v is None and not required:
+        return ""
+    if not isinstance(v, str):
+        raise ValueError(f"{key!r} must be a string" if key in row else f"{key!r} is missing")
+    return v
+
+
+def to_conversation(row: Any, fmt: str) -> list[dict[str, str]] | str:
+    """The messages of a chat row, or the text of a text row. Raises ValueError for a bad row."""
+    if isinstance(row, _Bad):
+        raise ValueError(row.why)
+    if not isinstance(row, dict):
+        raise ValueError(f"a row must be a JSON object, not {type(row).__name__}")
+    if fmt == "text":
+        text = _str(row, "text")
+        if not text:
+            raise ValueError("'text' is empty")
+        return text
+    if fmt == "alpaca":
+        prompt = _str(row, "instruction")
+        extra = _str(row, "input", required=False)
+        msgs = [{"role": "system", "content": _str(row, "system")}] if row.get("system") else []
+        return msgs + [{"role": "user", "content": f"{prompt}\n\n{extra}" if extra else prompt},
+                       {"role": "assistant", "content": _str(row, "output")}]
+    if fmt == "prompt-completion":
+        return [{"role": "user", "content": _str(row, "prompt")}, {"role": "assistant", "content": _str(row, "completion")}]
+    if fmt == "sharegpt":
+        turns = row.get("conversations")
+        if not isinstance(turns, list) or not turns:
+            raise ValueError("'conversations' must be a non-empty list")
+        msgs = []
+        for i, t in enumerate(turns):
+            if not isinstance(t, dict) or not isinstance(t.get("value"), str):
+                raise ValueError(f"conversations[{i}] needs a string 'value'")
+            role = SHAREGPT_ROLES.get(str(t.get("from", "")).lower())
+            if role is None:
+                raise ValueError(f"conversations[{i}].from {t.get('from')!r} is not one of human, gpt, system")
+            msgs.append({"role": role, "content": t["value"]})
+        return msgs
+    if fmt == "messages":
+        msgs = row.get("messages")
+        if not isinstance(msgs, list) or not msgs:
+            raise ValueError("'messages' must be a non-empty list")
+        out = []
+        for i, m in enumerate(msgs):
+            if not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant", "tool"):
+                raise ValueError(f"messages[{i}].role must be system, user, assistant or tool")
+            if not isinstance(m.get("content"), str):
+                raise ValueError(f"messages[{i}].content must be a string")
+            out.append({"role": m["role"], "content": m["content"]})
+        return out
+    raise BadRequest(f"unknown data format {fmt!r}", f"use one of: {', '.join(FORMATS)}")
+
+
+# -- conversations -> token ids and masks -----------------------------------------------------
+class Encoder:
+    """Renders and tokenizes rows the way the model sees them at inference."""
+
+    def __init__(self, tokenizer: TextTokenizer, template: ChatTemplate, train_on: str = "assistant"):
+        if train_on not in TRAIN_ON:
+            raise BadRequest(f"unknown --train-on {train_on!r}", f"use one of: {', '.join(TRAIN_ON)}")
+        self.tok, self.template, self.train_on = tokenizer, template, train_on
+
+    def _spans(self, msgs: list[dict[str, str]]) -> tuple[str, list[tuple[int, int]]]:
+        """The rendered conversation and the character span of each assistant turn (its text and
+        the template's end-of-turn marker), found by rendering growing prefixes."""
+        if not any(m["role"] == "assistant" for m in msgs):
+            raise ValueError("the conversation has no assistant turn to learn from")
+        full = self.template.render(msgs, add_generation_prompt=False)
+        spans = []
+        for k, m in enumerate(msgs):
+            if m["role"] != "assistant":
+                continue
+            before = self.template.render(msgs[:k], add_generation_prompt=True) if k else ""
+            through = self.template.render(msgs[:k + 1], add_generation_prompt=False)
+            if not (through.startswith(before) and full.startswith(through)):
+                raise ValueError("the chat template renders this conversation differently turn by turn, so its "
+                                 "assistant turns cannot be located (use --train-on all)")
+            spans.append((len(before), len(through)))
+        return full, spans
+
+    def encode(self, conv: list[dict[str, str]] | str, where: str = "") -> Example:
+        if isinstance(conv, str):  # raw text: every token is a target, EOS taught at the end
+            text, spans = conv, [(0, len(conv))]
+        else:
+            text, spans = self._spans(conv)
+            if self.train_on == "all":
+                spans = [(0, len(text))]
+            elif self.train_on == "last":
+                spans = spans[-1:]
+        enc = self.tok.tk.encode(text, add_special_tokens=False)
+        ids = list(enc.ids)
+        mask = [any(s <= start < e for s, e in spans) for start, _ in enc.offsets]
+        if self.tok.add_bos and self.tok.bos_id is not None and (not ids or ids[0] != self.tok.bos_id):
+            ids.insert(0, self.tok.bos_id)
+            mask.insert(0, False)
+        eos = self.tok.eos_ids
+        if eos and (isinstance(conv, str) or not any(m and t in eos for t, m in zip(ids, mask))):
+            # no stop token among the targets: teach one, or the tuned model never stops
+            ids.append(eos[0])
+            mask.append(True)
+        if not any(mask[1:]):
+            raise ValueError("no token to learn from after rendering")
+        return Example(ids, mask, where)
+
+
+def load_dataset(path: str | Path, encoder: Encoder, fmt: str = "auto", skip_bad: bool = False) -> Dataset:
+    """Every row of the file as an Example; the first bad row raises `file:line: what is wrong`
+    unless skip_bad, which drops bad rows and lists them in Dataset.skipped."""
+    if fmt != "auto" and fmt not in FORMATS:
+        raise BadRequest(f"unknown --format {fmt!r}", f"use auto or one of: {', '.join(FORMATS)}")
+    examples, skipped = [], []
+    for where, row in read_rows(Path(path)):
+        try:
+            if fmt == "auto":
+                if isinstance(row, _Bad):
+                    raise ValueError(row.why)
+                try:
+                    fmt = detect(row)
+                except DataError as e:
+                    raise ValueError(e.message) from None
+            examples.append(encoder.encode(to_conversation(row, fmt), where))
+        except (ValueError, ChatTemplateError, BadRequest) as e:
+            msg = f"{where}: {e.message if isinstance(e, OwnlmError) else e}"
+            if not skip_bad:
+                raise DataError(msg, "fix the row, or pass --skip-bad to drop bad rows") from None
+            skipped.append(msg)
+    if not examples:
+        raise DataError(f"{Path(path).name}: no usable rows" + (f" ({len(skipped)} bad)" if skipped else ""))
+    return Dataset(examples, fmt if fmt != "auto" else "text", skipped)
+
+
+def split(data: Dataset, fraction: float, seed: int) -> tuple[Dataset, Dataset | None]:
+    """Hold out `fraction` of the examples (at least one) for validation, chosen by the seed."""
+    if not fraction:
+        return data, None
+    if not 0 < fraction < 1:
+        raise BadRequest(f"--val-split {fraction} must be between 0 and 1")
+    n = len(data.examples)
+    k = max(1, round(n * fraction))
+    if k >= n:
+        raise BadRequest(f"--val-split {fraction} leaves no training example out of {n}")
+    order = list(range(n))
+    random.Random(seed).shuffle(order)
+    held = set(order[:k])
+    train = [e for i, e in enumerate(data.examples) if i not in held]
+    val = [e for i, e in enumerate(data.examples) if i in held]
+    return Dataset(train, data.format, data.skipped), Dataset(val, data.format)
+
+
+# -- packing ----------------------------------------------------------------------------------
+@dataclass
+class Row:
+    """One training sequence: several examples side by side, each attending only to itself."""
+
+    ids: list[int]
+    mask: list[bool]
+    pos: list[int]
+    seg: list[int]
+
+
+def pack(data: Dataset, seq_len: int, pack_rows: bool = True, seed: int = 0) -> list[Row]:
+    """Examples (shuffled by the seed) into rows of at most seq_len tokens. Text longer than a row
+    continues in the next row; a chat example longer than a row is cut (counted in
+    data.truncated). Without packing, one example per row."""
+    order = list(range(len(data.examples)))
+    random.Random(seed).shuffle(order)
+    pieces: list[Example] = []
+    data.truncated = 0
+    for i in order:
+        e = data.examples[i]
+        if len(e.ids) <= seq_len:
+            pieces.append(e)
+        elif data.format == "text":
+            for s in range(0, len(e.ids), seq_len):
+                if any(e.mask[s + 1:s + seq_len]):
+                    pieces.append(Example(e.ids[s:s + seq_len], e.mask[s:s + seq_len], e.where))
+        else:
+            data.truncated += 1
+            pieces.append(Example(e.ids[:seq_len], e.mask[:seq_len], e.where))
+    rows: list[Row] = []
+    cur = Row([], [], [], [])
+    for e in pieces:
+        if cur.ids and (not pack_rows or len(cur.ids) + len(e.ids) > seq_len):
+            rows.append(cur)
+            cur = Row([], [], [], [])
+        seg = cur.seg[-1] + 1 if cur.seg else 0
+        cur.ids += e.ids
+        cur.mask += e.mask
+        cur.pos += range(len(e.ids))
+        cur.seg += [seg] * len(e.ids)
+    if cur.ids:
+        rows.append(cur)
+    return rows
+
+
+def collate(rows: Sequence[Row], pad_id: int = 0):
+    """(tokens, targets, pos, seg) tensors of shape (B, T), T the longest row; targets[t] is the
+    next token where it is a training target, else -100."""
+    import torch
+
+    T = max(len(r.ids) for r in rows)
+    B = len(rows)
+    tokens = torch.full((B, T), pad_id, dtype=torch.long)
+    targets = torch.full((B, T), -100, dtype=torch.long)
+    pos = torch.zeros((B, T), dtype=torch.long)
+    seg = torch.full((B, T), -1, dtype=torch.long)
+    for b, r in enumerate(rows):
+        n = len(r.ids)
+        ids = torch.tensor(r.ids)
+        tokens[b, :n] = ids
+        pos[b, :n] = torch.tensor(r.pos)
+        seg[b, :n] = torch.tensor(r.seg)
+        nxt = torch.tensor(r.mask[1:] + [False]) & (torch.tensor(r.seg[1:] + [-2]) == torch.tensor(r.seg))
+        targets[b, :n] = torch.where(nxt, torch.cat([ids[1:], ids[:1]]), torch.tensor(-100))
+    return tokens, targets, pos, seg

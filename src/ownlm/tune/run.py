@@ -1,0 +1,235 @@
+"""`ownlm tune`: load the base, read the data, train, checkpoint, and store the result (a PEFT
+adapter linked to its base by digest, or a whole model after full fine-tuning)."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import sys
+import tempfile
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from ..errors import BadRequest
+from ..formats import peft
+from ..formats.hf import write_safetensors
+from ..fsutil import atomic_dir
+from ..loading import LoadedModel, load, pick_device
+from ..manage import display_name, import_path
+from ..model import adapters
+from ..store.refs import split_name
+from ..store.store import Store, now_iso
+from . import checkpoints
+from .data import Encoder
+from .trainer import Trainer, TuneConfig, make_plan
+
+
+def run_dir(name: str, store: Store | None = None) -> Path:
+    n, tag = split_name(name)
+    return (store or Store()).root / "runs" / f"{n}-{tag}"
+
+
+def _say(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def prepare(base: str, cfg: TuneConfig, device: torch.device) -> LoadedModel:
+    """The base loaded for training: float32 on CPU (bf16 is emulated on most CPUs), frozen,
+    with adapters attached (LoRA, QLoRA) or everything trainable (full)."""
+    if cfg.method == "qlora" and device.type != "cpu":
+        raise BadRequest("--method qlora keeps int4 weights with ownlm's CPU int4 kernels; it runs on CPU only",
+                         "use --method lora on GPUs")
+    dtype = torch.float32 if device.type == "cpu" or cfg.method == "full" else torch.bfloat16
+    lm = load(base, str(device), dtype, quant="int4" if cfg.method == "qlora" else "none", pull_missing=False,
+              cache=False)
+    if lm.manifest.get("format") == "peft" or "+" in lm.name:
+        raise BadRequest(f"{base} is an adapter", "tune a base model; merge the adapter first with `ownlm merge`")
+    model = lm.model
+    model.requires_grad_(False)
+    if cfg.method == "full":
+        for p in model.parameters():
+            if p.is_floating_point():
+                p.requires_grad_(True)
+    else:
+        torch.manual_seed(cfg.seed)  # adapter initialisation
+        adapters.attach(model, adapters.parse_targets(cfg.targets), cfg.rank, cfg.alpha, cfg.dropout, cfg.rslora)
+    return lm
+
+
+def tune(base: str, data: str | Path, name: str, cfg: TuneConfig, resume: bool = False, device: str | None = None,
+         nproc: int = 1, quiet: bool = False, on_step: Callable[[dict], None] | None = None) -> dict[str, Any]:
+    """Train and store NAME; returns a summary (steps, losses, speed, where things are)."""
+    split_name(name)
+    if nproc > 1:
+        return _launch(base, data, name, cfg, resume, device, nproc, quiet)
+    rank, world = _dist_env()
+    return _train(base, data, name, cfg, resume, device, quiet, on_step, rank, world)
+
+
+def _dist_env() -> tuple[int, int]:
+    """(rank, world size) under torchrun (its environment), else (0, 1)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return 0, 1
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        dist.init_process_group(backend)
+    return dist.get_rank(), dist.get_world_size()
+
+
+def _train(base, data, name, cfg: TuneConfig, resume, device, quiet, on_step, rank, world) -> dict[str, Any]:
+    t0 = time.perf_counter()
+    dev = pick_device(device)
+    if world > 1 and dev.type == "cuda":
+        dev = torch.device("cuda", rank % torch.cuda.device_count())
+        torch.cuda.set_device(dev)
+    torch.manual_seed(cfg.seed)
+    lm = prepare(base, cfg, dev)
+    encoder = Encoder(lm.tokenizer, lm.template, cfg.train_on)
+    plan = make_plan(cfg, encoder, data, world)
+    say = (lambda m: None) if quiet or rank else _say
+    say(f"{len(plan.train.examples)} examples ({plan.train.format}, {plan.train.tokens:,} tokens) -> "
+        f"{len(plan.rows)} rows of <= {cfg.seq_len} tokens; {plan.steps} steps of {plan.rows_per_step} rows"
+        + (f"; {len(plan.val.examples)} held out for validation" if plan.val else ""))
+    if plan.train.skipped:
+        say(f"skipped {len(plan.train.skipped)} bad row(s), first: {plan.train.skipped[0]}")
+    if plan.train.truncated:
+        say(f"{plan.train.truncated} example(s) longer than --seq-len {cfg.seq_len} were cut to fit")
+    folder = run_dir(name)
+    if rank == 0:
+        folder.mkdir(parents=True, exist_ok=True)
+    if world > 1:
+        _shard(lm.model)  # before the optimizer is made: it must hold the sharded parameters
+    trainer = Trainer(lm.model, cfg, plan, folder, dev, rank, world, quiet, on_step)
+    existing = checkpoints.complete(folder)
+    if existing and not resume:
+        raise BadRequest(f"run {name} already has checkpoints in {folder}",
+                         "pass --resume to continue it, or remove that folder to start over")
+    if resume and existing:
+        trainer.restore(existing[-1])
+        say(f"resuming {name} from step {trainer.step} of {plan.steps} ({existing[-1].name})")
+    if rank == 0:
+        _trim_log(folder / "metrics.jsonl", trainer.step)
+        (folder / "run.json").write_text(json.dumps({
+            "base": display_name(lm.manifest), "base_digest": lm.manifest.get("digest"), "data": str(Path(data).resolve()),
+            "config": asdict(cfg), "steps": plan.steps, "world_size": world}, indent=1), encoding="utf-8")
+    history = trainer.run()
+    result: dict[str, Any] = {"name": None, "steps": plan.steps, "resumed_from": None, "run_dir": str(folder),
+                              "examples": len(plan.train.examples), "skipped": len(plan.train.skipped),
+                              "truncated": plan.train.truncated, "format": plan.train.format}
+    if rank == 0:
+        if history:
+            result.update(final_loss=history[-1]["loss"], tokens_per_s=history[-1]["tokens_per_s"],
+                          val_loss=next((h["val_loss"] for h in reversed(history) if "val_loss" in h), None))
+        state = trainer.final_state()
+        result["name"] = store_result(lm, name, cfg, state, data)
+        result["seconds"] = time.perf_counter() - t0
+        say(f"stored {result['name']} (run {plan.steps} steps in {result['seconds']:.0f}s; "
+            f"try: ownlm run {result['name']})")
+    elif world > 1:
+        trainer.final_state()  # collective: every process takes part
+    return result
+
+
+def _trim_log(log: Path, step: int) -> None:
+    """Drop metrics of steps after the checkpoint a run resumes from (they are computed again)."""
+    if not log.exists():
+        return
+    keep = [line for line in log.read_text(encoding="utf-8").splitlines()
+            if line.strip() and json.loads(line).get("step", 0) <= step]
+    log.write_text("".join(line + "\n" for line in keep), encoding="utf-8")
+
+
+def store_result(lm: LoadedModel, name: str, cfg: TuneConfig, trained: dict[str, torch.Tensor], data) -> str:
+    """Store the adapter (PEFT files) or the fully tuned model under NAME; returns its name."""
+    store = Store()
+    n, tag = split_name(name)
+    target = f"{n}:{tag}"
+    if cfg.method == "full":
+        from ..export.hf import write_hf_folder
+
+        with store.tmp_dir() as tmp:
+            write_hf_folder(lm, tmp / "model", trained)
+            import_path(tmp / "model", target, store=store, quiet=True)
+        return target
+    settings = peft.LoraSettings(cfg.rank, cfg.alpha, cfg.dropout, cfg.rslora, tuple(adapters.parse_targets(cfg.targets)))
+    with store.tmp_dir() as tmp:
+        write_adapter(tmp, settings, trained, display_name(lm.manifest))
+        files = {}
+        for rel in (peft.CONFIG, peft.WEIGHTS):
+            size = (tmp / rel).stat().st_size
+            files[rel] = {"sha256": store.put_file(tmp / rel), "size": size}
+    params = sum(t.numel() for t in trained.values())
+    digest = __import__("hashlib").sha256("".join(f"{k}:{v['sha256']}\n" for k, v in sorted(files.items())).encode()).hexdigest()
+    manifest = {
+        "schema": 1, "name": n, "tag": tag, "format": "peft", "kind": "adapter", "digest": digest, "files": files,
+        "base": {"name": display_name(lm.manifest), "digest": lm.manifest.get("digest")},
+        "architecture": lm.config.architecture, "parameters": params, "quantization": "F32",
+        "context_length": lm.config.context_length, "license": lm.manifest.get("license"),
+        "size": sum(v["size"] for v in files.values()), "created": now_iso(),
+        "source": f"ownlm tune {display_name(lm.manifest)} --data {Path(data).name} --method {cfg.method}",
+        "lora": {"r": cfg.rank, "alpha": cfg.alpha, "targets": list(settings.parts), "rslora": cfg.rslora},
+    }
+    with store.lock(f"model:{target}"):
+        store.write(target, manifest)
+    return target
+
+
+def write_adapter(folder: Path, settings: peft.LoraSettings, tensors: dict[str, torch.Tensor], base_name: str) -> None:
+    """adapter_config.json + adapter_model.safetensors (PEFT's names) into `folder`."""
+    (folder / peft.CONFIG).write_text(json.dumps(settings.config(base_name), indent=2), encoding="utf-8")
+    write_safetensors(folder / peft.WEIGHTS, peft.to_peft({k: v.float().cpu() for k, v in tensors.items()}),
+                      {"format": "pt"})
+
+
+def _shard(model: torch.nn.Module) -> None:
+    """Data parallelism with FSDP2: each block's parameters sharded across the processes."""
+    from torch.distributed.fsdp import fully_shard
+
+    for block in model.layers:
+        fully_shard(block)
+    fully_shard(model)
+
+
+# -- several processes on this machine ----------------------------------------------------------
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker(rank: int, world: int, port: int, args: tuple, out: str) -> None:
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank))
+    threads = max(1, (os.cpu_count() or 1) // world)
+    torch.set_num_threads(threads)
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    dist.init_process_group(backend, rank=rank, world_size=world)
+    try:
+        base, data, name, cfg, resume, device, quiet = args
+        result = _train(base, data, name, cfg, resume, device, quiet, None, rank, world)
+        if rank == 0:
+            Path(out).write_text(json.dumps(result), encoding="utf-8")
+    finally:
+        dist.destroy_process_group()
+
+
+def _launch(base, data, name, cfg, resume, device, nproc, quiet) -> dict[str, Any]:
+    import torch.multiprocessing as mp
+
+    if nproc > 64:
+        raise BadRequest(f"--nproc {nproc} is more than one machine runs; use torchrun across nodes")
+    with tempfile.TemporaryDirectory() as tmp:
+        out = str(Path(tmp) / "result.json")
+        mp.start_processes(_worker, args=(nproc, _free_port(), (base, str(data), name, cfg, resume, device, quiet), out),
+                           nprocs=nproc, join=True, start_method="spawn")
+        return json.loads(Path(out).read_text(encoding="utf-8"))

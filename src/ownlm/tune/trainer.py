@@ -1,0 +1,341 @@
+"""One training loop for LoRA, QLoRA and full fine-tuning, on one process or data-parallel over
+torch.distributed (FSDP2).
+
+The data stream is a pure function of the seed: rows are packed once, each epoch visits them in a
+seeded order, and step s takes the rows [s * rows_per_step, (s + 1) * rows_per_step) of that
+stream. A checkpoint therefore needs only the step to restore the data position; with the model,
+optimizer, scheduler and RNG states restored, a resumed run computes what the uninterrupted run
+would have. The loss of a step is the mean over all its target tokens, whatever the number of
+micro-batches or processes they were spread over."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import random
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+
+from ..errors import BadRequest
+from ..model import adapters
+from ..model.transformer import Transformer
+from ..progress import Bar
+from . import checkpoints
+from .data import Dataset, Encoder, Row, collate, load_dataset, pack, split
+
+METHODS = ("lora", "qlora", "full")
+
+
+@dataclass
+class TuneConfig:
+    method: str = "lora"
+    rank: int = 16
+    alpha: float = 32.0
+    dropout: float = 0.05
+    targets: str = "all-linear"
+    rslora: bool = False
+    lr: float | None = None  # default: 1e-3 for adapters, 5e-5 for full fine-tuning
+    epochs: float = 3.0
+    max_steps: int | None = None
+    batch_size: int = 4
+    grad_accum: int = 1
+    seq_len: int = 512
+    pack: bool = True
+    warmup: float = 0.05  # fraction of the steps
+    weight_decay: float = 0.0
+    clip: float = 1.0
+    grad_checkpointing: bool = False
+    seed: int = 0
+    format: str = "auto"
+    train_on: str = "assistant"
+    skip_bad: bool = False
+    val_split: float = 0.0
+    val_file: str | None = None
+    eval_every: int | None = None
+    save_every: int | None = None
+    keep: int = 2
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise BadRequest(f"unknown --method {self.method!r}", f"use one of: {', '.join(METHODS)}")
+        for name in ("rank", "batch_size", "grad_accum", "seq_len"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or v < 1:
+                raise BadRequest(f"--{name.replace('_', '-')} must be a positive integer, not {v!r}")
+        if self.seq_len > 1 << 20:
+            raise BadRequest(f"--seq-len {self.seq_len} is too large")
+        if not 0 <= self.dropout < 1:
+            raise BadRequest(f"--dropout {self.dropout} must be in [0, 1)")
+        if not (self.epochs > 0 or self.max_steps):
+            raise BadRequest("--epochs must be positive (or give --max-steps)")
+        if self.lr is not None and not (0 < self.lr < 1):
+            raise BadRequest(f"--lr {self.lr} is not a sensible learning rate")
+        if not 0 <= self.warmup < 1:
+            raise BadRequest(f"--warmup {self.warmup} must be a fraction of the steps in [0, 1)")
+        try:
+            adapters.parse_targets(self.targets)
+        except ValueError as e:
+            raise BadRequest(str(e)) from None
+
+    @property
+    def learning_rate(self) -> float:
+        return self.lr if self.lr is not None else (5e-5 if self.method == "full" else 1e-3)
+
+
+@dataclass
+class Plan:
+    """What a run will do, fixed before its first step (saved with the run, checked on resume)."""
+
+    rows: list[Row]
+    val_rows: list[Row]
+    steps: int
+    rows_per_step: int
+    train: Dataset
+    val: Dataset | None = None
+    data_digest: str = ""
+
+
+def make_plan(cfg: TuneConfig, encoder: Encoder, data_path: str | Path, world: int = 1) -> Plan:
+    data = load_dataset(data_path, encoder, cfg.format, cfg.skip_bad)
+    if cfg.val_file:
+        train, val = data, load_dataset(cfg.val_file, encoder, cfg.format, cfg.skip_bad)
+    else:
+        train, val = split(data, cfg.val_split, cfg.seed)
+    rows = pack(train, cfg.seq_len, cfg.pack, cfg.seed)
+    val_rows = pack(val, cfg.seq_len, cfg.pack, cfg.seed) if val else []
+    if cfg.batch_size % world:
+        raise BadRequest(f"--batch-size {cfg.batch_size} must be a multiple of the {world} processes")
+    per_step = cfg.batch_size * cfg.grad_accum
+    steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * len(rows) / per_step))
+    h = hashlib.sha256()
+    for r in rows + [None] + val_rows:  # the exact token stream, so a resume on other data is refused
+        h.update(b"|" if r is None else json.dumps([r.ids, r.mask, r.pos]).encode())
+    return Plan(rows, val_rows, steps, per_step, train, val, h.hexdigest())
+
+
+def step_rows(plan: Plan, step: int, seed: int) -> list[Row]:
+    """The rows of optimizer step `step` (a pure function of the step and seed)."""
+    n = len(plan.rows)
+    out = []
+    for j in range(step * plan.rows_per_step, (step + 1) * plan.rows_per_step):
+        epoch, k = divmod(j, n)
+        out.append(plan.rows[_order(n, seed, epoch)[k]])
+    return out
+
+
+_orders: dict[tuple[int, int, int], list[int]] = {}
+
+
+def _order(n: int, seed: int, epoch: int) -> list[int]:
+    key = (n, seed, epoch)
+    if key not in _orders:
+        order = list(range(n))
+        random.Random(seed * 100003 + epoch).shuffle(order)
+        _orders.clear()
+        _orders[key] = order
+    return _orders[key]
+
+
+def lr_lambda(steps: int, warmup: float) -> Callable[[int], float]:
+    w = int(warmup * steps)
+
+    def f(s: int) -> float:
+        if s < w:
+            return (s + 1) / (w + 1)
+        progress = (s - w) / max(1, steps - w)
+        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))  # cosine to 10%
+
+    return f
+
+
+def autocast_dtype(device: torch.device) -> torch.dtype | None:
+    """bf16 autocast where the hardware computes bf16 natively; None (fp32) elsewhere."""
+    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    if device.type == "cpu":
+        try:
+            if torch.backends.cpu.get_cpu_capability() in ("AVX512_BF16", "AMX"):
+                return torch.bfloat16
+        except AttributeError:
+            pass
+    return None
+
+
+def batch_loss(model: Transformer, rows: list[Row], device: torch.device, amp: torch.dtype | None) -> tuple[torch.Tensor, int]:
+    """(sum of cross-entropy over the rows' target tokens, number of target tokens). The output
+    head runs only at target positions: with loss masking, most positions need no logits."""
+    tokens, targets, pos, seg = (t.to(device) for t in collate(rows))
+    with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
+        h = model(tokens, pos, segments=seg, head=False)
+        sel = targets != -100
+        logits = model.head(h[sel])
+    n = int(sel.sum())
+    return F.cross_entropy(logits.float(), targets[sel], reduction="sum"), n
+
+
+@dataclass
+class Trainer:
+    model: Transformer
+    cfg: TuneConfig
+    plan: Plan
+    run_dir: Path
+    device: torch.device
+    rank: int = 0
+    world: int = 1
+    quiet: bool = False
+    on_step: Callable[[dict], None] | None = None
+    params: list = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        self.names = [n for n, p in self.model.named_parameters() if p.requires_grad]
+        self.opt = torch.optim.AdamW(self.params, lr=self.cfg.learning_rate, weight_decay=self.cfg.weight_decay,
+                                     foreach=True)
+        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lr_lambda(self.plan.steps, self.cfg.warmup))
+        self.amp = autocast_dtype(self.device)
+        self.step = 0
+        self.model.checkpointing = self.cfg.grad_checkpointing
+
+    # -- checkpoints --------------------------------------------------------------------------
+    def _state_dicts(self) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+
+        opts = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=True)
+        model_sd, opt_sd = get_state_dict(self.model, self.opt, options=opts)
+        model_sd = {k: v for k, v in model_sd.items() if k in set(self.names)}
+        flat = {}
+        for name, st in opt_sd.get("state", {}).items():  # empty on all but rank 0 under FSDP
+            for k, v in st.items():
+                flat[f"{name}/{k}"] = v if torch.is_tensor(v) else torch.tensor(v)
+        flat["rng/torch"] = torch.get_rng_state()
+        return model_sd, flat
+
+    def final_state(self) -> dict[str, torch.Tensor]:
+        """The trained tensors, whole, on the CPU (gathered from every process under FSDP)."""
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        opts = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=True)
+        wanted = set(self.names)  # not the frozen buffers (int4 weights) the options keep
+        return {k: v for k, v in get_model_state_dict(self.model, options=opts).items() if k in wanted}
+
+    def save(self) -> Path | None:
+        model_sd, opt_flat = self._state_dicts()  # collective under FSDP: every rank calls it
+        if self.rank != 0:
+            return None
+        state = {"step": self.step, "scheduler": self.sched.state_dict(), "config": asdict(self.cfg),
+                 "data_digest": self.plan.data_digest, "steps": self.plan.steps}
+        return checkpoints.save(self.run_dir, self.step, model_sd, opt_flat, state, self.cfg.keep)
+
+    def restore(self, path: Path) -> None:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+
+        model_sd, opt_flat, state = checkpoints.load(path)
+        if state.get("data_digest") != self.plan.data_digest:
+            raise checkpoints.CheckpointError(f"checkpoint {path} was trained on other data or settings",
+                                              "resume with the same --data and settings, or start a new run")
+        if set(model_sd) != set(self.names):
+            raise checkpoints.CheckpointError(f"checkpoint {path} holds other trainable tensors than this run")
+        opt_state: dict[str, dict[str, Any]] = {}
+        for key, v in opt_flat.items():
+            name, _, k = key.rpartition("/")
+            if name != "rng":
+                opt_state.setdefault(name, {})[k] = v
+        groups = [{**{k: v for k, v in g.items() if k != "params"}, "params": self.names}
+                  for g in self.opt.state_dict()["param_groups"]]
+        opts = StateDictOptions(full_state_dict=True, ignore_frozen_params=True, strict=False)
+        set_state_dict(self.model, self.opt, model_state_dict=model_sd,
+                       optim_state_dict={"state": opt_state, "param_groups": groups}, options=opts)
+        self.sched.load_state_dict(state["scheduler"])
+        for group, lr in zip(self.opt.param_groups, self.sched.get_last_lr()):  # the scheduler sets it only on step()
+            group["lr"] = lr
+        torch.set_rng_state(opt_flat["rng/torch"])
+        self.step = int(state["step"])
+
+    # -- the loop -----------------------------------------------------------------------------
+    def evaluate(self) -> float | None:
+        if not self.plan.val_rows:
+            return None
+        self.model.eval()
+        total, count = torch.zeros((), dtype=torch.float64), 0
+        with torch.no_grad():
+            rows = self.plan.val_rows[self.rank::self.world]
+            for i in range(0, len(rows), self.cfg.batch_size):
+                loss, n = batch_loss(self.model, rows[i:i + self.cfg.batch_size], self.device, self.amp)
+                total += loss.double().cpu()
+                count += n
+        self.model.train()
+        sums = torch.tensor([float(total), float(count)], dtype=torch.float64)
+        if self.world > 1:
+            import torch.distributed as dist
+
+            dist.all_reduce(sums)
+        return float(sums[0] / max(sums[1], 1))
+
+    def train_step(self) -> dict[str, Any]:
+        rows = step_rows(self.plan, self.step, self.cfg.seed)
+        micro = [rows[i:i + self.cfg.batch_size] for i in range(0, len(rows), self.cfg.batch_size)]
+        total = sum(sum(r.mask[k + 1] and r.seg[k + 1] == r.seg[k] for k in range(len(r.ids) - 1))
+                    for r in rows)  # target tokens of the whole step, across processes
+        loss_sum, tokens = 0.0, 0
+        for mb in micro:
+            mine = mb[self.rank::self.world]
+            loss, n = batch_loss(self.model, mine, self.device, self.amp)
+            # the mean over the step's targets; FSDP averages gradients over processes, so scale back up
+            (loss * (self.world / max(total, 1))).backward()
+            loss_sum += float(loss.detach())
+            tokens += sum(len(r.ids) for r in mine)
+        norm = torch.nn.utils.clip_grad_norm_(self.params, self.cfg.clip) if self.cfg.clip > 0 else None
+        lr = self.sched.get_last_lr()[0]
+        self.opt.step()
+        self.sched.step()
+        self.opt.zero_grad(set_to_none=True)
+        self.step += 1
+        stats = torch.tensor([loss_sum, float(tokens)], dtype=torch.float64)
+        if self.world > 1:
+            import torch.distributed as dist
+
+            dist.all_reduce(stats)
+        return {"step": self.step, "loss": float(stats[0]) / max(total, 1), "lr": lr, "tokens": int(stats[1]),
+                "grad_norm": float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm) if norm is not None else None}
+
+    def run(self) -> list[dict[str, Any]]:
+        cfg, plan = self.cfg, self.plan
+        eval_every = cfg.eval_every or max(1, plan.steps // 10)
+        save_every = cfg.save_every or max(1, plan.steps // 5)
+        log = self.run_dir / "metrics.jsonl"
+        history = []
+        bar = Bar("tune", plan.steps, quiet=self.quiet or self.rank != 0, unit="steps")
+        bar.done = self.step
+        t0 = time.perf_counter()
+        seen = 0
+        self.model.train()
+        while self.step < plan.steps:
+            rec = self.train_step()
+            seen += rec["tokens"]
+            rec["tokens_per_s"] = seen / max(time.perf_counter() - t0, 1e-9)
+            rec["elapsed_s"] = time.perf_counter() - t0
+            if plan.val_rows and (self.step % eval_every == 0 or self.step == plan.steps):
+                rec["val_loss"] = self.evaluate()
+            if self.rank == 0:
+                with open(log, "a", encoding="utf-8") as f:
+                    f.write(json.dumps(rec) + "\n")
+            history.append(rec)
+            bar.note = f"loss {rec['loss']:.3f}" + (f" val {rec['val_loss']:.3f}" if "val_loss" in rec else "") + \
+                f" {rec['tokens_per_s']:.0f} tok/s"
+            bar(1)
+            if not bar.tty and not bar.quiet and (self.step % eval_every == 0 or self.step == plan.steps):
+                print(f"step {self.step}/{plan.steps} {bar.note}", file=sys.stderr, flush=True)
+            if self.on_step:
+                self.on_step(rec)
+            if self.step % save_every == 0 or self.step == plan.steps:
+                self.save()
+        bar.close()
+        return history
