@@ -317,3 +317,18 @@ def test_two_gloo_processes_follow_the_single_process_loss_curve(hf_models, tmp_
     a, b = _read(_adapter_files("one")["adapter_model.safetensors"]), _read(_adapter_files("two")["adapter_model.safetensors"])
     for n in a:
         torch.testing.assert_close(a[n], b[n], atol=1e-5, rtol=1e-4)
+
+
+def test_example_task_generator_is_deterministic_and_split(tmp_path):
+    script = Path(__file__).resolve().parents[1] / "examples" / "dates" / "make_data.py"
+    for out in ("a", "b"):
+        subprocess.run([sys.executable, str(script), "--out", str(tmp_path / out)], check=True, capture_output=True)
+    for f in ("train.jsonl", "test.jsonl"):
+        assert (tmp_path / "a" / f).read_bytes() == (tmp_path / "b" / f).read_bytes()
+    train = [json.loads(x) for x in (tmp_path / "a/train.jsonl").read_text().splitlines()]
+    test = [json.loads(x) for x in (tmp_path / "a/test.jsonl").read_text().splitlines()]
+    assert (len(train), len(test)) == (400, 100)
+    assert not {r["completion"] for r in train} & {r["answer"] for r in test}
+    import datetime
+    for r in test:
+        datetime.date.fromisoformat(r["answer"])

@@ -39,7 +39,7 @@ class TuneConfig:
     method: str = "lora"
     rank: int = 16
     alpha: float = 32.0
-    dropout: float = 0.05
+    dropout: float = 0.0
     targets: str = "all-linear"
     rslora: bool = False
     lr: float | None = None  # default: 1e-3 for adapters, 5e-5 for full fine-tuning
