@@ -16,6 +16,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from pathlib import Path
 
 TEXT = ("Owning a language model means running it on your own hardware, where nobody can change its "
         "price, its rules or its availability. Fine-tuning it on your own data makes it yours. ") * 200
@@ -41,7 +42,7 @@ def run_ownlm(path: str, a) -> dict:
     rows = [Row(ids, [True] * len(ids), list(range(len(ids))), [0] * len(ids)) for _ in range(a.batch)]
     plan = Plan(rows, [], a.steps + 1, a.batch, None)
     with tempfile.TemporaryDirectory() as d:
-        tr = Trainer(lm.model, cfg, plan, __import__("pathlib").Path(d), torch.device("cpu"), quiet=True)
+        tr = Trainer(lm.model, cfg, plan, Path(d), torch.device("cpu"), quiet=True)
         lm.model.train()
         losses = [tr.train_step()["loss"]]  # warm-up
         t0 = time.perf_counter()

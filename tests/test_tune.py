@@ -253,7 +253,7 @@ def test_killed_run_resumes_to_the_same_weights(hf_models, tmp_path):
     assert done, "no checkpoint before the kill"
     assert not Store().has("killed")  # it never finished
     res = _tune(common + ["--name", "killed", "--resume"])
-    assert res["name"] == "killed:latest"
+    assert res["name"] == "killed:latest" and res["resumed_from"] in (3, 6, 9, 12)
     a = {n: t for n, t in _read(_adapter_files("straight")["adapter_model.safetensors"]).items()}
     b = _read(_adapter_files("killed")["adapter_model.safetensors"])
     assert a.keys() == b.keys()

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import contextlib
 import time
-from pathlib import Path
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 import torch
@@ -239,8 +239,8 @@ def load(ref: str, device: str | None = None, dtype: str | torch.dtype | None = 
         manifest, files = resolve(str(base.get("name")), pull_missing=False)
         if manifest.get("digest") != base.get("digest"):
             raise ModelNotFound(f"the base this adapter was trained on ({base.get('name')}, sha256 "
-                                     f"{str(base.get('digest'))[:12]}) is no longer in the store",
-                                     f"import that model again, or name a base: `BASE+{display_name(adapter[0])}`")
+                                f"{str(base.get('digest'))[:12]}) is no longer in the store",
+                                f"import that model again, or name a base: `BASE+{display_name(adapter[0])}`")
     dev = pick_device(device)
     dt = pick_dtype(dtype, dev)
     # store models (they have a digest) are cached as built: a second load reads one file

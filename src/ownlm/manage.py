@@ -28,7 +28,7 @@ def _facts_manifest(name: str, source: str, files: dict[str, dict], ckpt: Checkp
     if GGUF_FILE in files:
         digest = files[GGUF_FILE]["sha256"]
     else:  # a folder: the digest of its sorted (name, digest) list
-        digest = hashlib.sha256("".join(f"{k}:{v['sha256']}\n" for k, v in sorted(files.items())).encode()).hexdigest()
+        digest = files_digest(files)
     f = ckpt.facts
     return {
         "schema": 1, "name": n, "tag": tag, "source": source, "format": f["format"], "digest": digest,
@@ -37,6 +37,11 @@ def _facts_manifest(name: str, source: str, files: dict[str, dict], ckpt: Checkp
         "quantization_mix": f["quantization_mix"], "license": license_ or f.get("license"),
         "size": sum(v["size"] for v in files.values()), "created": now_iso(),
     }
+
+
+def files_digest(files: dict[str, dict]) -> str:
+    """The digest of a model made of several files: that of its sorted (name, digest) list."""
+    return hashlib.sha256("".join(f"{k}:{v['sha256']}\n" for k, v in sorted(files.items())).encode()).hexdigest()
 
 
 def _resolve_store_files(store: Store, manifest: dict) -> dict[str, Path]:

@@ -18,9 +18,8 @@ import torch
 from ..errors import BadRequest
 from ..formats import peft
 from ..formats.hf import write_safetensors
-from ..fsutil import atomic_dir
 from ..loading import LoadedModel, load, pick_device
-from ..manage import display_name, import_path
+from ..manage import display_name, files_digest, import_path
 from ..model import adapters
 from ..store.refs import split_name
 from ..store.store import Store, now_iso
@@ -112,8 +111,10 @@ def _train(base, data, name, cfg: TuneConfig, resume, device, quiet, on_step, ra
     if existing and not resume:
         raise BadRequest(f"run {name} already has checkpoints in {folder}",
                          "pass --resume to continue it, or remove that folder to start over")
+    resumed_from = None
     if resume and existing:
         trainer.restore(existing[-1])
+        resumed_from = trainer.step
         say(f"resuming {name} from step {trainer.step} of {plan.steps} ({existing[-1].name})")
     if rank == 0:
         _trim_log(folder / "metrics.jsonl", trainer.step)
@@ -121,7 +122,7 @@ def _train(base, data, name, cfg: TuneConfig, resume, device, quiet, on_step, ra
             "base": display_name(lm.manifest), "base_digest": lm.manifest.get("digest"), "data": str(Path(data).resolve()),
             "config": asdict(cfg), "steps": plan.steps, "world_size": world}, indent=1), encoding="utf-8")
     history = trainer.run()
-    result: dict[str, Any] = {"name": None, "steps": plan.steps, "resumed_from": None, "run_dir": str(folder),
+    result: dict[str, Any] = {"name": None, "steps": plan.steps, "resumed_from": resumed_from, "run_dir": str(folder),
                               "examples": len(plan.train.examples), "skipped": len(plan.train.skipped),
                               "truncated": plan.train.truncated, "format": plan.train.format}
     if rank == 0:
@@ -167,7 +168,7 @@ def store_result(lm: LoadedModel, name: str, cfg: TuneConfig, trained: dict[str,
             size = (tmp / rel).stat().st_size
             files[rel] = {"sha256": store.put_file(tmp / rel), "size": size}
     params = sum(t.numel() for t in trained.values())
-    digest = __import__("hashlib").sha256("".join(f"{k}:{v['sha256']}\n" for k, v in sorted(files.items())).encode()).hexdigest()
+    digest = files_digest(files)
     manifest = {
         "schema": 1, "name": n, "tag": tag, "format": "peft", "kind": "adapter", "digest": digest, "files": files,
         "base": {"name": display_name(lm.manifest), "digest": lm.manifest.get("digest")},
