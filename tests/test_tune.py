@@ -237,7 +237,7 @@ def test_killed_run_resumes_to_the_same_weights(hf_models, tmp_path):
     """SIGKILL at a random moment after the first checkpoint; --resume ends where the
     uninterrupted run (same seed, dropout on) ends, to the last bit."""
     data = _write(tmp_path / "d.jsonl", ROWS)
-    common = [str(hf_models["llama"]), "--data", str(data), "--max-steps", "12", "--save-every", "3",
+    common = [str(hf_models["llama"]), "--data", str(data), "--max-steps", "60", "--save-every", "3",
               "--batch-size", "2", "--seq-len", "96", "--dropout", "0.1"]
     _tune(common + ["--name", "straight"])
     cmd = [sys.executable, "-m", "ownlm.cli.main", "tune", *common, "--name", "killed"]
@@ -246,14 +246,14 @@ def test_killed_run_resumes_to_the_same_weights(hf_models, tmp_path):
     deadline = time.time() + 120
     while time.time() < deadline and not checkpoints.complete(run) and proc.poll() is None:
         time.sleep(0.05)
-    time.sleep(random.Random(os.getpid()).uniform(0, 0.3))
+    time.sleep(random.Random(os.getpid()).uniform(0, 0.15))  # the run takes seconds more
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     done = checkpoints.complete(run)
     assert done, "no checkpoint before the kill"
     assert not Store().has("killed")  # it never finished
     res = _tune(common + ["--name", "killed", "--resume"])
-    assert res["name"] == "killed:latest" and res["resumed_from"] in (3, 6, 9, 12)
+    assert res["name"] == "killed:latest" and res["resumed_from"] % 3 == 0 and res["resumed_from"] < 60
     a = {n: t for n, t in _read(_adapter_files("straight")["adapter_model.safetensors"]).items()}
     b = _read(_adapter_files("killed")["adapter_model.safetensors"])
     assert a.keys() == b.keys()
