@@ -4,7 +4,6 @@ sibling temp path, fsync every file, then rename into place."""
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import os
 import secrets
 import shutil
@@ -29,14 +28,6 @@ def fsync_tree(path: Path) -> None:
             with open(p, "rb+") as f:
                 os.fsync(f.fileno())
     fsync_dir(path)
-
-
-def sha256_of(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def tmp_sibling(final: Path) -> Path:
@@ -90,11 +81,11 @@ def sweep(parent: Path) -> None:
         return
     for p in parent.glob(".*.tmp-*"):
         pid = p.name.rsplit(".tmp-", 1)[1].split("-")[0]
-        if pid.isdigit() and not _alive(int(pid)):
+        if pid.isdigit() and not pid_alive(int(pid)):
             shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
 
 
-def _alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
     except ProcessLookupError:

@@ -83,7 +83,7 @@ def read_settings(path: Path) -> LoraSettings:
     if isinstance(targets, str):
         targets = [targets]
     names = {v.split(".")[1]: k for k, v in HF_MODULES.items()}
-    if targets == "all-linear" or targets == ["all-linear"]:
+    if targets == ["all-linear"]:
         parts = tuple(HF_MODULES)
     else:
         unknown = [t for t in targets if t not in names]

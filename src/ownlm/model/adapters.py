@@ -70,11 +70,6 @@ def attach(model: Transformer, parts: list[str], r: int, alpha: float, dropout: 
     return count
 
 
-def state(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The adapter tensors by our names: layers.{i}.{path}.lora_{a|b}.{part}."""
-    return {n: p.detach() for n, p in model.named_parameters() if ".lora_a." in n or ".lora_b." in n}
-
-
 def load_state(model: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
     """Copy adapter tensors into an attached adapter; names and shapes must match exactly."""
     own = dict(model.named_parameters())

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any, BinaryIO, Callable, Iterator
 
 from ..errors import IntegrityError, ModelNotFound
+from ..fsutil import fsync_dir, pid_alive
 from .refs import split_name
 
 CHUNK = 1 << 20
@@ -32,15 +33,6 @@ Progress = Callable[[int], None]
 
 def home() -> Path:
     return Path(os.environ.get("OWNLM_HOME") or Path.home() / ".ownlm").expanduser()
-
-
-def _fsync_dir(path: Path) -> None:
-    with contextlib.suppress(OSError):
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
 
 
 def _stamp(path: Path) -> dict[str, int]:
@@ -73,7 +65,7 @@ class Store:
         removed = 0
         for p in (self.root / "tmp").iterdir():
             pid = p.name.split("-", 1)[0]
-            alive = pid.isdigit() and _pid_alive(int(pid))
+            alive = pid.isdigit() and pid_alive(int(pid))
             if not alive:
                 if p.is_dir():
                     shutil.rmtree(p, ignore_errors=True)
@@ -100,7 +92,7 @@ class Store:
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(tmp, path)
-            _fsync_dir(path.parent)
+            fsync_dir(path.parent)
         finally:
             tmp.unlink(missing_ok=True)
 
@@ -144,7 +136,7 @@ class Store:
             final = self.blob_path(digest)
             if not final.exists():
                 os.replace(tmp, final)
-                _fsync_dir(final.parent)
+                fsync_dir(final.parent)
             self._mark_verified(final, digest)
             return digest
         finally:
@@ -260,14 +252,6 @@ class Store:
         return removed
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def now_iso() -> str:

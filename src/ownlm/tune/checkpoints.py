@@ -15,7 +15,8 @@ import torch
 from ..errors import OwnlmError
 from ..formats import hf
 from ..formats.hf import write_safetensors
-from ..fsutil import MANIFEST, atomic_dir, sha256_of, sweep
+from ..fsutil import MANIFEST, atomic_dir, sweep
+from ..store.store import sha256_file
 
 TRAINABLE = "trainable.safetensors"
 OPTIMIZER = "optimizer.safetensors"
@@ -38,7 +39,7 @@ def save(run_dir: Path, step: int, trainable: dict[str, torch.Tensor], optimizer
         write_safetensors(tmp / TRAINABLE, {k: v.detach().contiguous().cpu() for k, v in trainable.items()}, {})
         write_safetensors(tmp / OPTIMIZER, {k: v.detach().contiguous().cpu() for k, v in optimizer.items()}, {})
         (tmp / STATE).write_text(json.dumps(state, indent=1), encoding="utf-8")
-        digests = {p.name: sha256_of(p) for p in sorted(tmp.iterdir())}
+        digests = {p.name: sha256_file(p) for p in sorted(tmp.iterdir())}
         (tmp / MANIFEST).write_text(json.dumps(digests, indent=1), encoding="utf-8")  # last
     for old in complete(run_dir)[:-keep] if keep > 0 else []:
         shutil.rmtree(old, ignore_errors=True)
@@ -68,7 +69,7 @@ def load(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], 
         if name not in manifest:
             raise CheckpointError(f"checkpoint {path}: {MANIFEST} does not list {name}", "remove this checkpoint")
         f = path / name
-        if not f.is_file() or sha256_of(f) != manifest[name]:
+        if not f.is_file() or sha256_file(f) != manifest[name]:
             raise CheckpointError(f"checkpoint {path}: {name} is missing or does not match its sha256",
                                   "the checkpoint is damaged; remove it to resume from an earlier one")
     try:

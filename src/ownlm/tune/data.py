@@ -39,10 +39,6 @@ class Example:
     mask: list[bool]  # True where the token is a training target
     where: str = ""
 
-    @property
-    def targets(self) -> int:
-        return sum(self.mask)
-
 
 @dataclass
 class Dataset:
@@ -265,12 +261,7 @@ def load_dataset(path: str | Path, encoder: Encoder, fmt: str = "auto", skip_bad
     for where, row in read_rows(Path(path)):
         try:
             if fmt == "auto":
-                if isinstance(row, _Bad):
-                    raise ValueError(row.why)
-                try:
-                    fmt = detect(row)
-                except DataError as e:
-                    raise ValueError(e.message) from None
+                fmt = detect(row) if not isinstance(row, _Bad) else fmt
             examples.append(encoder.encode(to_conversation(row, fmt), where))
         except (ValueError, ChatTemplateError, BadRequest) as e:
             msg = f"{where}: {e.message if isinstance(e, OwnlmError) else e}"
@@ -346,6 +337,11 @@ def pack(data: Dataset, seq_len: int, pack_rows: bool = True, seed: int = 0) -> 
     return rows
 
 
+def predicts(row: Row) -> list[bool]:
+    """Per position: does the next token count as a training target (a target of the same example)?"""
+    return [row.mask[k + 1] and row.seg[k + 1] == row.seg[k] for k in range(len(row.ids) - 1)] + [False]
+
+
 def collate(rows: Sequence[Row], pad_id: int = 0):
     """(tokens, targets, pos, seg) tensors of shape (B, T), T the longest row; targets[t] is the
     next token where it is a training target, else -100."""
@@ -363,6 +359,6 @@ def collate(rows: Sequence[Row], pad_id: int = 0):
         tokens[b, :n] = ids
         pos[b, :n] = torch.tensor(r.pos)
         seg[b, :n] = torch.tensor(r.seg)
-        nxt = torch.tensor(r.mask[1:] + [False]) & (torch.tensor(r.seg[1:] + [-2]) == torch.tensor(r.seg))
+        nxt = torch.tensor(predicts(r))
         targets[b, :n] = torch.where(nxt, torch.cat([ids[1:], ids[:1]]), torch.tensor(-100))
     return tokens, targets, pos, seg

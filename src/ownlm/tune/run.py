@@ -46,7 +46,7 @@ def prepare(base: str, cfg: TuneConfig, device: torch.device) -> LoadedModel:
     dtype = torch.float32 if device.type == "cpu" or cfg.method == "full" else torch.bfloat16
     lm = load(base, str(device), dtype, quant="int4" if cfg.method == "qlora" else "none", pull_missing=False,
               cache=False)
-    if lm.manifest.get("format") == "peft" or "+" in lm.name:
+    if "+" in lm.name:  # load() names a model with an adapter BASE+ADAPTER
         raise BadRequest(f"{base} is an adapter", "tune a base model; merge the adapter first with `ownlm merge`")
     model = lm.model
     model.requires_grad_(False)

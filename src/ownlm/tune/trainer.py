@@ -16,7 +16,7 @@ import math
 import random
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -28,7 +28,7 @@ from ..model import adapters
 from ..model.transformer import Transformer
 from ..progress import Bar
 from . import checkpoints
-from .data import Dataset, Encoder, Row, collate, load_dataset, pack, split
+from .data import Dataset, Encoder, Row, collate, load_dataset, pack, predicts, split
 
 METHODS = ("lora", "qlora", "full")
 
@@ -191,7 +191,6 @@ class Trainer:
     world: int = 1
     quiet: bool = False
     on_step: Callable[[dict], None] | None = None
-    params: list = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self.params = [p for p in self.model.parameters() if p.requires_grad]
@@ -281,8 +280,7 @@ class Trainer:
     def train_step(self) -> dict[str, Any]:
         rows = step_rows(self.plan, self.step, self.cfg.seed)
         micro = [rows[i:i + self.cfg.batch_size] for i in range(0, len(rows), self.cfg.batch_size)]
-        total = sum(sum(r.mask[k + 1] and r.seg[k + 1] == r.seg[k] for k in range(len(r.ids) - 1))
-                    for r in rows)  # target tokens of the whole step, across processes
+        total = sum(sum(predicts(r)) for r in rows)  # target tokens of the whole step, across processes
         loss_sum, tokens = 0.0, 0
         for mb in micro:
             mine = mb[self.rank::self.world]
