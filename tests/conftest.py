@@ -60,7 +60,11 @@ def build_hf_model(folder: Path, family: str, seed: int = 0, **overrides) -> Pat
     common.update(overrides)
     cls = {"llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
            "mistral": (transformers.MistralConfig, transformers.MistralForCausalLM),
-           "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM)}[family]
+           "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM),
+           "qwen3": (transformers.Qwen3Config, transformers.Qwen3ForCausalLM),
+           "phi3": (transformers.Phi3Config, transformers.Phi3ForCausalLM),
+           "mixtral": (transformers.MixtralConfig, transformers.MixtralForCausalLM),
+           "gpt_neox": (transformers.GPTNeoXConfig, transformers.GPTNeoXForCausalLM)}[family]
     cfg = cls[0](**common)
     torch.manual_seed(seed)
     model = cls[1](cfg).eval()

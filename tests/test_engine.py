@@ -121,4 +121,8 @@ def test_cuda_graph_length_buckets():
 
     assert [length_bucket(n, 4096) for n in (1, MIN_LENGTH, MIN_LENGTH + 1, 1000, 4096)] == [256, 256, 512, 1024, 4096]
     assert length_bucket(3000, 2112) == 2112
-    assert not enabled(torch.device("cpu"))
+    from types import SimpleNamespace
+
+    dense, moe = (SimpleNamespace(cfg=SimpleNamespace(n_experts=n)) for n in (0, 8))
+    assert not enabled(torch.device("cpu"), dense)
+    assert enabled(torch.device("cuda"), dense) and not enabled(torch.device("cuda"), moe)

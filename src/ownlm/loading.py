@@ -115,26 +115,28 @@ def build_model(ckpt: Checkpoint, device: torch.device, dtype: torch.dtype, quan
 
 
 def fuse(state: dict, dtype: torch.dtype) -> dict:
-    """Concatenate per-projection tensors into the Transformer's fused projections
-    (keymaps.FUSED); int4 parts stay int4 when all of a group's parts are int4."""
+    """Concatenate per-projection tensors into the Transformer's fused projections (keymaps.FUSED:
+    PARENT.q/k/v -> PARENT.qkv, PARENT.gate/up -> PARENT.gate_up, for attention, MLPs and experts
+    alike); int4 parts stay int4 when all of a group's parts are int4. A lone part (a plain MLP's
+    `up`) is not a group and stays as it is."""
     out = dict(state)
-    layers = {k.split(".")[1] for k in state if k.startswith("layers.")}
-    for i in layers:
+    parents = {n.rsplit(".", 2)[0] for n in state if n.count(".") >= 2}
+    for parent in sorted(parents):
         for fused, parts in FUSED.items():
             for kind in ("weight", "bias"):
-                names = [f"layers.{i}.{p}.{kind}" for p in parts]
+                names = [f"{parent}.{p}.{kind}" for p in parts]
                 present = [n for n in names if n in out]
-                if not present:
+                if len(present) < 2:
                     continue
                 if len(present) != len(names):
                     missing = sorted(set(names) - set(present))[0]
                     raise ModelFormatError(f"checkpoint lacks {missing!r}")
                 tensors = [out.pop(n) for n in names]
                 if all(isinstance(t, Int4Weight) for t in tensors):
-                    out[f"layers.{i}.{fused}.{kind}"] = concat_int4(tensors)
+                    out[f"{parent}.{fused}.{kind}"] = concat_int4(tensors)
                 else:
                     dense = [t.dequantize().to(dtype) if isinstance(t, Int4Weight) else t for t in tensors]
-                    out[f"layers.{i}.{fused}.{kind}"] = torch.cat(dense)
+                    out[f"{parent}.{fused}.{kind}"] = torch.cat(dense)
     return out
 
 

@@ -79,6 +79,7 @@ def cmd_show(args) -> int:
                    f"head dim {cfg['head_dim']}, ffn {cfg['ffn_dim']}"),
         ("rope", f"theta {cfg['rope_theta']:g}, scaling {cfg['rope_scaling']['kind']}"),
         ("embeddings", "tied" if cfg["tie_embeddings"] else "separate head"),
+        ("blocks", _blocks(cfg)),
     ]
     for k, v in lines:
         print(f"  {k:<15} {v}")
@@ -89,6 +90,25 @@ def cmd_show(args) -> int:
         for line in info["chat_template"].splitlines()[:40]:
             print(f"    {line}")
     return 0
+
+
+def _blocks(cfg: dict) -> str:
+    """The architecture switches of a block, in words."""
+    parts = ["LayerNorm" + (" with bias" if cfg["norm_bias"] else "") if cfg["norm"] == "layer" else "RMSNorm",
+             "GeLU MLP" if cfg["mlp"] == "gelu" else "SwiGLU MLP"]
+    if cfg["n_experts"]:
+        parts[-1] = f"mixture of {cfg['n_experts']} SwiGLU experts, top {cfg['experts_per_token']}"
+    if cfg["rotary_dim"]:
+        parts.append(f"partial rotary ({cfg['rotary_dim']} of {cfg['head_dim']} dims)")
+    if cfg["qk_norm"]:
+        parts.append("qk-norm")
+    if cfg["parallel_residual"]:
+        parts.append("parallel attention and MLP")
+    if cfg["qkv_bias"] or cfg["o_bias"] or cfg["mlp_bias"]:
+        parts.append("biases on " + "/".join(n for n, k in (("qkv", "qkv_bias"), ("o", "o_bias"), ("mlp", "mlp_bias")) if cfg[k]))
+    if cfg["sliding_window"]:
+        parts.append(f"sliding window {cfg['sliding_window']}")
+    return ", ".join(parts)
 
 
 def cmd_rm(args) -> int:

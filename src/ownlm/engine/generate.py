@@ -62,7 +62,7 @@ def generate_ids(model: torch.nn.Module, prompt: Sequence[int], params: Sampling
     limit = budget(len(prompt), params, cfg.context_length)
     device = model.embed.weight.device
     cache = KVCache.for_model(model, 1, span(len(prompt) + limit))
-    graphs = DecodeGraphs(model, cache) if graphs_enabled(device) else None
+    graphs = DecodeGraphs(model, cache) if graphs_enabled(device, model) else None
     gen = make_generator(params.seed, "cpu")
     stops = set(stop_ids) | set(params.stop_token_ids)
     context = torch.tensor(list(prompt), dtype=torch.long)

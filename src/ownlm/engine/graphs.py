@@ -22,8 +22,11 @@ from .kv_cache import KVCache
 MIN_LENGTH = 256
 
 
-def enabled(device: torch.device) -> bool:
-    return device.type == "cuda" and os.environ.get("OWNLM_CUDA_GRAPHS", "1") != "0"
+def enabled(device: torch.device, model: torch.nn.Module) -> bool:
+    """On CUDA unless turned off; never for a mixture of experts (its routing picks experts on the
+    host each step, which a captured graph cannot replay)."""
+    return (device.type == "cuda" and os.environ.get("OWNLM_CUDA_GRAPHS", "1") != "0"
+            and not model.cfg.n_experts)
 
 
 def length_bucket(length: int, capacity: int) -> int:

@@ -98,7 +98,7 @@ class Scheduler:
         self.max_running, self.max_queue, self.prefill_chunk = max_running, max_queue, prefill_chunk
         self.cache = KVCache.for_model(model, 1, 16)
         # CUDA graphs of decode steps (captured on first use); the cache grows in place
-        self.graphs = DecodeGraphs(model, self.cache) if graphs_enabled(self.device) else None
+        self.graphs = DecodeGraphs(model, self.cache) if graphs_enabled(self.device, model) else None
         self.waiting: deque[_Seq] = deque()
         self.running: list[_Seq] = []
         self.admitting: _Seq | None = None

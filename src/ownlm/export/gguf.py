@@ -16,13 +16,14 @@ from ..formats import keymaps
 from ..formats import tokenizer as tok_formats
 from ..fsutil import atomic_file
 from ..model.transformer import rope_frequencies
-from .tensors import dense_state
+from .tensors import file_tensors
 
 Q = gguf.GGMLQuantizationType
 QUANTS = {"f32": (Q.F32, gguf.LlamaFileType.ALL_F32), "f16": (Q.F16, gguf.LlamaFileType.MOSTLY_F16),
           "q8_0": (Q.Q8_0, gguf.LlamaFileType.MOSTLY_Q8_0), "q4_0": (Q.Q4_0, gguf.LlamaFileType.MOSTLY_Q4_0)}
 # our architecture -> llama.cpp's (Mistral runs as llama there)
-ARCHS = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2"}
+ARCHS = {"llama": "llama", "mistral": "llama", "mixtral": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "phi3": "phi3",
+         "gpt_neox": "gptneox", "gptneox": "gptneox"}
 
 
 def _pre_name(tk: Tokenizer) -> str:
@@ -114,9 +115,17 @@ def write_gguf(lm, out: Path, quant: str = "f16") -> Path:
         w.add_feed_forward_length(c.ffn_dim)
         w.add_head_count(c.n_heads)
         w.add_head_count_kv(c.n_kv_heads)
-        w.add_layer_norm_rms_eps(c.norm_eps)
+        if c.norm == "rms":
+            w.add_layer_norm_rms_eps(c.norm_eps)
+        else:
+            w.add_layer_norm_eps(c.norm_eps)
+        if c.parallel_residual:
+            w.add_parallel_residual(True)
+        if c.n_experts:
+            w.add_expert_count(c.n_experts)
+            w.add_expert_used_count(c.experts_per_token)
         w.add_rope_freq_base(c.rope_theta)
-        w.add_rope_dimension_count(c.head_dim)
+        w.add_rope_dimension_count(c.rope_dim)
         if c.head_dim != c.dim // c.n_heads:
             w.add_key_length(c.head_dim)
             w.add_value_length(c.head_dim)
@@ -129,18 +138,20 @@ def write_gguf(lm, out: Path, quant: str = "f16") -> Path:
             w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
             w.add_rope_scaling_factor(c.rope_scaling.factor)
         elif c.rope_scaling.kind in ("llama3", "factors"):  # per-frequency divisors, as llama.cpp keeps them
-            plain = rope_frequencies(c.head_dim, c.rope_theta, type(c.rope_scaling)())
-            factors = plain / rope_frequencies(c.head_dim, c.rope_theta, c.rope_scaling)
+            plain = rope_frequencies(c.rope_dim, c.rope_theta, type(c.rope_scaling)())
+            factors = plain / rope_frequencies(c.rope_dim, c.rope_theta, c.rope_scaling)
             w.add_tensor("rope_freqs.weight", factors.numpy().astype(np.float32))
         permuted = arch in keymaps.GGUF_PERMUTED_QK
-        for name, t in dense_state(lm.model):
-            gname = keymaps.rename(name, keymaps.GGUF_OUT, r"$^", "export")
+        arrays: dict[str, list[np.ndarray]] = {}  # experts of a layer share one name: stacked
+        for gname, name, t in file_tensors(lm.model, keymaps.GGUF_OUT_ARCH.get(arch, []) + keymaps.GGUF_OUT):
             a = t.numpy()
             if permuted and name.endswith(("attn.q.weight", "attn.q.bias")):
                 a = keymaps.permute_qk(a, c.n_heads)
             elif permuted and name.endswith(("attn.k.weight", "attn.k.bias")):
                 a = keymaps.permute_qk(a, c.n_kv_heads)
-            a = np.ascontiguousarray(a, dtype=np.float32)
+            arrays.setdefault(gname, []).append(a)
+        for gname, parts in arrays.items():
+            a = np.ascontiguousarray(parts[0] if len(parts) == 1 else np.stack(parts), dtype=np.float32)
             if a.ndim < 2 or qtype == Q.F32:
                 w.add_tensor(gname, a)
             elif qtype == Q.F16 or a.shape[-1] % 32:

@@ -13,9 +13,10 @@ from ..errors import BadRequest
 from ..formats import keymaps
 from ..formats.hf import write_safetensors
 from ..fsutil import atomic_dir
-from .tensors import dense_state
+from .tensors import file_tensors
 
-HF_CLASSES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}
+HF_CLASSES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
+              "qwen3": "Qwen3ForCausalLM"}
 
 
 def hf_config(lm, dtype: torch.dtype) -> dict[str, Any]:
@@ -23,6 +24,8 @@ def hf_config(lm, dtype: torch.dtype) -> dict[str, Any]:
     if c.architecture not in HF_CLASSES:
         raise BadRequest(f"exporting {c.architecture} models as HF folders is not supported yet",
                          f"supported: {', '.join(HF_CLASSES)}")
+    if c.norm != "rms" or c.mlp != "gated_silu" or c.rotary_dim or c.parallel_residual or c.n_experts:
+        raise BadRequest(f"this {c.architecture} model's switches have no HF config form here", "export to GGUF instead")
     if c.architecture != "qwen2" and c.qkv_bias != c.o_bias:
         raise BadRequest(f"{c.architecture} in transformers has biases on all of q, k, v, o or none; this model differs")
     cfg: dict[str, Any] = {
@@ -58,8 +61,7 @@ def write_hf_folder(lm, out: Path, state: dict[str, torch.Tensor] | None = None,
     out = Path(out)
     cfg = hf_config(lm, dtype)
     tensors = {}
-    for name, t in dense_state(lm.model, state):
-        hf_name = keymaps.rename(name, keymaps.HF_OUT, r"$^", "export")
+    for hf_name, _, t in file_tensors(lm.model, keymaps.HF_OUT, state):
         tensors[hf_name] = t.to(dtype)
     tok = lm.tokenizer
     tcfg = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": tok.bos_token or None,

@@ -68,8 +68,9 @@ def _open_gguf(path: Path) -> Checkpoint:
     cfg = model_config.from_gguf(g.metadata, "output.weight" in g.tensors, rope_factors, where)
     spec = tok.from_gguf(g.metadata)
     names = {}
+    table = keymaps.GGUF_ARCH.get(arch, []) + keymaps.GGUF
     for name in g.tensors:
-        ours = keymaps.rename(name, keymaps.GGUF, keymaps.GGUF_IGNORE, where)
+        ours = keymaps.rename(name, table, keymaps.GGUF_IGNORE, where)
         if ours is not None:
             names[name] = ours
     permuted = arch in keymaps.GGUF_PERMUTED_QK
@@ -85,6 +86,11 @@ def _open_gguf(path: Path) -> Checkpoint:
     def tensors(dtype: torch.dtype, int4: bool = False) -> Iterator[tuple[str, torch.Tensor | Int4Weight]]:
         for name, ours in names.items():
             qtype = g.tensors[name].qtype
+            if keymaps.STACKED in ours:  # every expert of a layer in one tensor: one tensor each
+                stacked = g.dequantize(name)
+                for e in range(stacked.shape[0]):
+                    yield ours.replace(keymaps.STACKED, f".experts.{e}."), torch.from_numpy(np.array(stacked[e])).to(dtype)
+                continue
             if int4 and qtype in INT4_TYPES and ours.startswith("layers.") and ours.endswith(".weight"):
                 yield ours, int4_from_blocks(unpermute(ours, g.raw(name)), qtype)
                 continue
@@ -147,7 +153,10 @@ def _open_hf(files: Mapping[str, Path]) -> Checkpoint:
     def tensors(dtype: torch.dtype, int4: bool = False) -> Iterator[tuple[str, torch.Tensor]]:
         for name, t, _ in hf.iter_safetensors(st_files):
             if name in names:
-                yield names[name], t if t.dtype == dtype else t.to(dtype)
+                ours = names[name]
+                if keymaps.QKV_PER_HEAD in ours:  # GPT-NeoX: per-head q/k/v rows into our three blocks
+                    t, ours = keymaps.qkv_per_head_to_blocks(t, cfg.n_heads), ours.replace(keymaps.QKV_PER_HEAD, ".attn.qkv.")
+                yield ours, t if t.dtype == dtype else t.to(dtype)
 
     dtypes = Counter(str(d).removeprefix("torch.") for n, (s, d) in shapes.items() if n in names)
     params = sum(int(np.prod(s)) for n, (s, d) in shapes.items() if n in names)

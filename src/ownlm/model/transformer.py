@@ -37,6 +37,12 @@ class RMSNorm(nn.Module):
         return self.weight * h.to(x.dtype)
 
 
+def make_norm(cfg: ModelConfig, dim: int) -> nn.Module:
+    if cfg.norm == "layer":
+        return nn.LayerNorm(dim, eps=cfg.norm_eps, bias=cfg.norm_bias)
+    return RMSNorm(dim, cfg.norm_eps)
+
+
 def rope_frequencies(head_dim: int, theta: float, scaling: RopeScaling) -> torch.Tensor:
     inv = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))  # (D/2,)
     if scaling.kind == "linear":
@@ -56,7 +62,11 @@ def rope_frequencies(head_dim: int, theta: float, scaling: RopeScaling) -> torch
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    # x: (B, H, T, D); cos/sin: (B, 1, T, D). Half-rotated layout (first half pairs with second).
+    # x: (B, H, T, D); cos/sin: (B, 1, T, R). Half-rotated layout (first half pairs with second)
+    # over the first R dims of each head; with partial rotary (R < D) the rest pass unchanged.
+    if cos.shape[-1] < x.shape[-1]:
+        r = cos.shape[-1]
+        return torch.cat((apply_rope(x[..., :r], cos, sin), x[..., r:]), dim=-1)
     x1, x2 = x.chunk(2, dim=-1)
     rotated = torch.cat((-x2, x1), dim=-1)
     return (x * cos + rotated * sin).to(x.dtype)
@@ -71,6 +81,10 @@ class Attention(nn.Module):
         self.sizes = (cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim)
         self.qkv = dense(cfg.dim, sum(self.sizes), cfg.qkv_bias)
         self.o = dense(cfg.n_heads * cfg.head_dim, cfg.dim, cfg.o_bias)
+        if cfg.qk_norm:
+            self.q_norm = RMSNorm(cfg.head_dim, cfg.norm_eps)
+            self.k_norm = RMSNorm(cfg.head_dim, cfg.norm_eps)
+        self.qk_norm = cfg.qk_norm
 
     def forward(self, x, cos, sin, mask, pos, cache):
         B, T, _ = x.shape
@@ -78,6 +92,8 @@ class Attention(nn.Module):
         q = q.reshape(B, T, self.n_heads, self.hd).transpose(1, 2)  # (B, H, T, D)
         k = k.reshape(B, T, self.n_kv, self.hd).transpose(1, 2)  # (B, Hkv, T, D)
         v = v.reshape(B, T, self.n_kv, self.hd).transpose(1, 2)  # (B, Hkv, T, D)
+        if self.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
             k, v = cache.update(self.layer, pos, k, v)  # (B, Hkv, S, D), S = cache length
@@ -100,23 +116,54 @@ class Attention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.gate_up = dense(cfg.dim, 2 * cfg.ffn_dim, cfg.mlp_bias)  # gate and up fused
+        self.gated = cfg.mlp == "gated_silu"
+        if self.gated:
+            self.gate_up = dense(cfg.dim, 2 * cfg.ffn_dim, cfg.mlp_bias)  # gate and up fused
+        else:
+            self.up = dense(cfg.dim, cfg.ffn_dim, cfg.mlp_bias)
         self.down = dense(cfg.ffn_dim, cfg.dim, cfg.mlp_bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.gated:
+            return self.down(F.gelu(self.up(x)))
         gate, up = self.gate_up(x).chunk(2, dim=-1)
         return self.down(F.silu(gate) * up)
+
+
+class MoE(nn.Module):
+    """Sparse mixture of experts: a router picks `experts_per_token` gated-SiLU experts per token
+    (top-k of its softmax, weights renormalized to sum to 1) and sums their outputs."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.k = cfg.experts_per_token
+        self.router = dense(cfg.dim, cfg.n_experts, False)
+        self.experts = nn.ModuleList(MLP(cfg) for _ in range(cfg.n_experts))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        flat = x.reshape(-1, x.shape[-1])  # (N, C)
+        probs = self.router(flat).float().softmax(-1)
+        weight, chosen = probs.topk(self.k, dim=-1)  # (N, k)
+        weight = (weight / weight.sum(-1, keepdim=True)).to(x.dtype)
+        out = torch.zeros_like(flat)
+        for e in chosen.unique().tolist():  # only the experts some token was routed to
+            rows, slot = (chosen == e).nonzero(as_tuple=True)
+            out.index_add_(0, rows, self.experts[e](flat[rows]) * weight[rows, slot, None])
+        return out.reshape(x.shape)
 
 
 class Block(nn.Module):
     def __init__(self, cfg: ModelConfig, layer: int):
         super().__init__()
-        self.attn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.attn_norm = make_norm(cfg, cfg.dim)
         self.attn = Attention(cfg, layer)
-        self.mlp_norm = RMSNorm(cfg.dim, cfg.norm_eps)
-        self.mlp = MLP(cfg)
+        self.mlp_norm = make_norm(cfg, cfg.dim)
+        self.mlp = MoE(cfg) if cfg.n_experts else MLP(cfg)
+        self.parallel = cfg.parallel_residual
 
     def forward(self, x, cos, sin, mask, pos, cache):
+        if self.parallel:  # both branches read the same input
+            return x + self.attn(self.attn_norm(x), cos, sin, mask, pos, cache) + self.mlp(self.mlp_norm(x))
         x = x + self.attn(self.attn_norm(x), cos, sin, mask, pos, cache)
         return x + self.mlp(self.mlp_norm(x))
 
@@ -129,16 +176,16 @@ class Transformer(nn.Module):
         # device would import torch._dynamo, a second and more of every load)
         self.embed = nn.Embedding(cfg.vocab_size, cfg.dim, _weight=torch.empty(cfg.vocab_size, cfg.dim))
         self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
-        self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.norm = make_norm(cfg, cfg.dim)
         self.lm_head = None if cfg.tie_embeddings else dense(cfg.dim, cfg.vocab_size, False)
-        self.register_buffer("inv_freq", torch.empty(cfg.head_dim // 2), persistent=False)
+        self.register_buffer("inv_freq", torch.empty(cfg.rope_dim // 2), persistent=False)
         self.checkpointing = False  # recompute each block in the backward pass (training memory)
 
     def init_buffers(self, device: torch.device | str | None = None) -> None:
         """Compute the non-persistent buffers (call after loading weights onto a device)."""
         cfg = self.cfg
         device = device or self.embed.weight.device
-        self.inv_freq = rope_frequencies(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling).to(device)
+        self.inv_freq = rope_frequencies(cfg.rope_dim, cfg.rope_theta, cfg.rope_scaling).to(device)
 
     def state_names(self) -> set[str]:
         return set(self.state_dict().keys())

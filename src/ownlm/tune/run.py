@@ -28,6 +28,10 @@ from .data import Encoder
 from .trainer import Trainer, TuneConfig, make_plan
 
 
+# families whose projections carry PEFT's llama-style module names (q_proj ... down_proj)
+ADAPTER_FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
+
+
 def run_dir(name: str, store: Store | None = None) -> Path:
     n, tag = split_name(name)
     return (store or Store()).root / "runs" / f"{n}-{tag}"
@@ -48,6 +52,9 @@ def prepare(base: str, cfg: TuneConfig, device: torch.device) -> LoadedModel:
               cache=False)
     if "+" in lm.name:  # load() names a model with an adapter BASE+ADAPTER
         raise BadRequest(f"{base} is an adapter", "tune a base model; merge the adapter first with `ownlm merge`")
+    if cfg.method != "full" and lm.config.architecture not in ADAPTER_FAMILIES:
+        raise BadRequest(f"LoRA adapters for {lm.config.architecture} models are not supported yet",
+                         f"LoRA works for {', '.join(ADAPTER_FAMILIES)}; or use --method full")
     model = lm.model
     model.requires_grad_(False)
     if cfg.method == "full":
