@@ -64,7 +64,10 @@ def build_hf_model(folder: Path, family: str, seed: int = 0, **overrides) -> Pat
            "qwen3": (transformers.Qwen3Config, transformers.Qwen3ForCausalLM),
            "phi3": (transformers.Phi3Config, transformers.Phi3ForCausalLM),
            "mixtral": (transformers.MixtralConfig, transformers.MixtralForCausalLM),
-           "gpt_neox": (transformers.GPTNeoXConfig, transformers.GPTNeoXForCausalLM)}[family]
+           "gpt_neox": (transformers.GPTNeoXConfig, transformers.GPTNeoXForCausalLM),
+           "gemma3_text": (transformers.Gemma3TextConfig, transformers.Gemma3ForCausalLM),
+           "falcon": (transformers.FalconConfig, transformers.FalconForCausalLM),
+           "mpt": (transformers.MptConfig, transformers.MptForCausalLM)}[family]
     cfg = cls[0](**common)
     torch.manual_seed(seed)
     model = cls[1](cfg).eval()

@@ -1,6 +1,9 @@
 """More open families through the same Transformer: Qwen3 (qk-norm), Phi-3 (fused qkv and gate_up),
-Mixtral (sparse MoE, top-2) and GPT-NeoX / Pythia (LayerNorm with bias, partial rotary, parallel
-residual, per-head fused qkv). transformers on tiny random configs is the reference."""
+Mixtral (sparse MoE, top-2), GPT-NeoX / Pythia (LayerNorm with bias, partial rotary, parallel
+residual, per-head fused qkv), Gemma 3 (interleaved local / global layers with their own rope
+bases, qk-norm, (1 + w) norms, scaled embeddings, GeLU-tanh, pre and post norms), Falcon (new
+decoder architecture, multi-query 7B layout, sequential) and MPT (ALiBi, clip_qkv, no biases).
+transformers on tiny random configs is the reference. A "-variant" suffix names a second config."""
 
 from __future__ import annotations
 
@@ -20,6 +23,16 @@ FAMILIES = {
     "phi3": dict(pad_token_id=0, bos_token_id=1),
     "mixtral": dict(num_local_experts=4, num_experts_per_tok=2),
     "gpt_neox": dict(rotary_pct=0.25, num_key_value_heads=4, layer_norm_eps=1e-5, use_parallel_residual=True),
+    "gemma3_text": dict(head_dim=16, sliding_window=6, num_hidden_layers=3, query_pre_attn_scalar=24,
+                        layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+                        rope_parameters={"full_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 1e6},
+                                         "sliding_attention": {"rope_type": "default", "rope_theta": 1e4}},
+                        hidden_activation="gelu_pytorch_tanh", tie_word_embeddings=True),
+    "falcon": dict(num_kv_heads=2, new_decoder_architecture=True, bias=False),
+    "falcon-7b": dict(multi_query=True, new_decoder_architecture=False, parallel_attn=True, bias=False),
+    "falcon-sequential": dict(multi_query=False, new_decoder_architecture=False, parallel_attn=False, bias=True),
+    "mpt": dict(attn_config={"alibi": True, "alibi_bias_max": 8, "clip_qkv": 0.5}),
+    "mpt-6heads": dict(hidden_size=96, num_attention_heads=6, attn_config={"alibi": True}),
 }
 SWITCHES = {
     "qwen3": {"qk_norm": True, "head_dim": 24},
@@ -27,13 +40,21 @@ SWITCHES = {
     "mixtral": {"n_experts": 4, "experts_per_token": 2},
     "gpt_neox": {"norm": "layer", "norm_bias": True, "mlp": "gelu", "rotary_dim": 4, "parallel_residual": True,
                  "qkv_bias": True, "o_bias": True, "mlp_bias": True, "n_kv_heads": 4},
+    "gemma3_text": {"qk_norm": True, "embed_scale": True, "post_norms": True, "mlp": "gated_gelu_tanh",
+                    "local_layers": [True, False, True], "rope_theta_local": 1e4, "rope_theta": 1e6, "sliding_window": 6},
+    "falcon": {"n_kv_heads": 2, "parallel_residual": True, "shared_norm": False, "norm": "layer", "mlp": "gelu"},
+    "falcon-7b": {"n_kv_heads": 1, "parallel_residual": True, "shared_norm": True},
+    "falcon-sequential": {"n_kv_heads": 4, "parallel_residual": False, "qkv_bias": True, "mlp_bias": True},
+    "mpt": {"position": "alibi", "alibi_max": 8.0, "clip_qkv": 0.5, "norm": "layer", "norm_bias": False,
+            "qkv_bias": False},
+    "mpt-6heads": {"position": "alibi", "n_heads": 6, "n_kv_heads": 6},
 }
 
 
 @pytest.fixture(scope="module")
 def folders(tmp_path_factory):
     base = tmp_path_factory.mktemp("families")
-    return {f: build_hf_model(base / f, f, seed=10 + i, **kw) for i, (f, kw) in enumerate(FAMILIES.items())}
+    return {f: build_hf_model(base / f, f.split("-")[0], seed=10 + i, **kw) for i, (f, kw) in enumerate(FAMILIES.items())}
 
 
 def reference(folder):
@@ -73,6 +94,10 @@ def test_gguf_export_reloads_to_the_same_logits_and_show_reports_switches(folder
         assert main(["show", str(model), "--json"]) == 0
         cfg = json.loads(capsys.readouterr().out)["config"]
         assert {k: cfg[k] for k in SWITCHES[family]} == SWITCHES[family]
+        assert main(["inspect", str(model), "--json"]) == 0  # every tensor listed under the name it loads as
+        rows = json.loads(capsys.readouterr().out)["tensors"]
+        assert all("std" in r for r in rows)
+        assert sum(r["parameters"] for r in rows) == sum(p.numel() for p in src.model.parameters())
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -113,3 +138,25 @@ def test_unknown_architecture_names_the_supported_ones(tmp_path):
     assert "'rwkv' is not supported" in e.value.message
     for fam in ("gpt_neox", "mixtral", "phi3", "qwen3", "llama"):
         assert fam in e.value.hint
+
+
+def test_phi3_longrope_switches_factors_past_the_original_context(tmp_path):
+    """Phi-3's longrope: short factors while a sequence fits the original context, long factors
+    (and the attention factor) beyond it; the GGUF export keeps both factor sets."""
+    r = torch.Generator().manual_seed(3)
+    rope = {"rope_type": "longrope", "rope_theta": 10000.0, "original_max_position_embeddings": 16,
+            "short_factor": (1 + torch.rand(8, generator=r)).tolist(), "long_factor": (2 + 3 * torch.rand(8, generator=r)).tolist()}
+    folder = build_hf_model(tmp_path / "phi3", "phi3", seed=5, pad_token_id=0, bos_token_id=1, max_position_embeddings=256,
+                            original_max_position_embeddings=16, rope_parameters=rope)
+    ref = reference(folder)
+    lm = ownlm.load(str(folder), dtype="float32")
+    assert lm.config.rope_scaling.kind == "longrope" and lm.config.rope_scaling.attention_factor > 1
+    out = tmp_path / "phi3.gguf"
+    assert main(["export", str(folder), "--format", "gguf", "--out", str(out), "--quant", "f32"]) == 0
+    again = ownlm.load(str(out), dtype="float32")
+    for n in (10, 30):  # within and past the original 16 positions
+        ids = torch.randint(3, lm.config.vocab_size, (1, n), generator=r)
+        with torch.no_grad():
+            want = ref(ids).logits
+            torch.testing.assert_close(lm.model(ids), want, atol=2e-5, rtol=1e-4)
+            torch.testing.assert_close(again.model(ids), want, atol=2e-5, rtol=1e-4)

@@ -23,7 +23,8 @@ QUANTS = {"f32": (Q.F32, gguf.LlamaFileType.ALL_F32), "f16": (Q.F16, gguf.LlamaF
           "q8_0": (Q.Q8_0, gguf.LlamaFileType.MOSTLY_Q8_0), "q4_0": (Q.Q4_0, gguf.LlamaFileType.MOSTLY_Q4_0)}
 # our architecture -> llama.cpp's (Mistral runs as llama there)
 ARCHS = {"llama": "llama", "mistral": "llama", "mixtral": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "phi3": "phi3",
-         "gpt_neox": "gptneox", "gptneox": "gptneox"}
+         "gpt_neox": "gptneox", "gptneox": "gptneox", "gemma3_text": "gemma3", "gemma3": "gemma3",
+         "falcon": "falcon", "mpt": "mpt"}
 
 
 def _pre_name(tk: Tokenizer) -> str:
@@ -119,8 +120,7 @@ def write_gguf(lm, out: Path, quant: str = "f16") -> Path:
             w.add_layer_norm_rms_eps(c.norm_eps)
         else:
             w.add_layer_norm_eps(c.norm_eps)
-        if c.parallel_residual:
-            w.add_parallel_residual(True)
+        w.add_parallel_residual(c.parallel_residual)
         if c.n_experts:
             w.add_expert_count(c.n_experts)
             w.add_expert_used_count(c.experts_per_token)
@@ -131,12 +131,27 @@ def write_gguf(lm, out: Path, quant: str = "f16") -> Path:
             w.add_value_length(c.head_dim)
         if c.sliding_window:
             w.add_sliding_window(c.sliding_window)
+        if c.local_layers:
+            w.add_sliding_window_pattern(list(c.local_layers))
+            w.add_rope_freq_base_swa(c.rope_theta_local)
+        if c.attn_scale:
+            w.add_attention_scale(c.attn_scale)
+        if c.position == "alibi":
+            w.add_max_alibi_bias(c.alibi_max)
+        if c.clip_qkv:
+            w.add_clamp_kqv(c.clip_qkv)
         if lm.facts.get("license"):
             w.add_license(str(lm.facts["license"]))
         _add_tokenizer(w, lm)
         if c.rope_scaling.kind == "linear":
             w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
             w.add_rope_scaling_factor(c.rope_scaling.factor)
+        elif c.rope_scaling.kind == "longrope":  # both factor sets as tensors, as llama.cpp keeps Phi-3's
+            s = c.rope_scaling
+            w.add_tensor("rope_factors_short.weight", np.array(s.factors, dtype=np.float32))
+            w.add_tensor("rope_factors_long.weight", np.array(s.long_factors, dtype=np.float32))
+            w.add_rope_scaling_attn_factors(s.attention_factor)
+            w.add_rope_scaling_orig_ctx_len(s.original_context)
         elif c.rope_scaling.kind in ("llama3", "factors"):  # per-frequency divisors, as llama.cpp keeps them
             plain = rope_frequencies(c.rope_dim, c.rope_theta, type(c.rope_scaling)())
             factors = plain / rope_frequencies(c.rope_dim, c.rope_theta, c.rope_scaling)
@@ -149,6 +164,8 @@ def write_gguf(lm, out: Path, quant: str = "f16") -> Path:
                 a = keymaps.permute_qk(a, c.n_heads)
             elif permuted and name.endswith(("attn.k.weight", "attn.k.bias")):
                 a = keymaps.permute_qk(a, c.n_kv_heads)
+            if c.norm_offset and name.endswith("norm.weight"):  # llama.cpp's Gemma norms hold offset + w
+                a = a + c.norm_offset
             arrays.setdefault(gname, []).append(a)
         for gname, parts in arrays.items():
             a = np.ascontiguousarray(parts[0] if len(parts) == 1 else np.stack(parts), dtype=np.float32)

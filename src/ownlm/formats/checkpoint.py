@@ -64,8 +64,12 @@ def _open_gguf(path: Path) -> Checkpoint:
     g = GGUFFile(path)
     arch = g.architecture
     where = Path(path).name
-    rope_factors = tuple(g.dequantize("rope_freqs.weight").tolist()) if "rope_freqs.weight" in g.tensors else ()
-    cfg = model_config.from_gguf(g.metadata, "output.weight" in g.tensors, rope_factors, where)
+    def factors(name: str) -> tuple[float, ...]:
+        return tuple(g.dequantize(name).tolist()) if name in g.tensors else ()
+
+    long = factors("rope_factors_long.weight")
+    rope_factors = factors("rope_factors_short.weight") if long else factors("rope_freqs.weight")
+    cfg = model_config.from_gguf(g.metadata, set(g.tensors), rope_factors, where, long)
     spec = tok.from_gguf(g.metadata)
     names = {}
     table = keymaps.GGUF_ARCH.get(arch, []) + keymaps.GGUF
@@ -114,8 +118,14 @@ def _open_gguf(path: Path) -> Checkpoint:
         "model_name": g.get("general.name"),
         "vocab_size": cfg.vocab_size,
     }
-    listing = [{"name": ours, "file_name": name, "shape": list(g.tensors[name].shape),
-                "type": g.tensors[name].type_name, "bytes": g.tensors[name].nbytes} for name, ours in names.items()]
+    listing = []
+    for name, ours in names.items():
+        t = g.tensors[name]
+        experts = t.shape[0] if keymaps.STACKED in ours else 0  # listed as the tensors() yields them
+        for e in range(experts) if experts else [None]:
+            listing.append({"name": ours if e is None else ours.replace(keymaps.STACKED, f".experts.{e}."),
+                            "file_name": name, "shape": list(t.shape[1:] if experts else t.shape),
+                            "type": t.type_name, "bytes": t.nbytes // (experts or 1)})
     return Checkpoint("gguf", cfg, spec, g.get("tokenizer.chat_template"), facts, tensors, listing)
 
 
@@ -144,19 +154,22 @@ def _open_hf(files: Mapping[str, Path]) -> Checkpoint:
             shapes[k] = (shape, dtype)
     names = {}
     for name in shapes:
-        ours = keymaps.rename(name, keymaps.HF, keymaps.HF_IGNORE, "safetensors")
+        ours = keymaps.rename(name, keymaps.HF_ARCH.get(cfg.architecture, []) + keymaps.HF, keymaps.HF_IGNORE,
+                               "safetensors")
         if ours == "lm_head.weight" and cfg.tie_embeddings:
             continue  # tied: the embedding serves as the head
         if ours is not None:
             names[name] = ours
+    # GPT-NeoX, Falcon: q/k/v rows laid out per KV group, reordered into our three blocks on read
+    grouped = {name for name, ours in names.items() if keymaps.QKV_GROUPED in ours}
+    names.update({name: names[name].replace(keymaps.QKV_GROUPED, ".attn.qkv.") for name in grouped})
 
     def tensors(dtype: torch.dtype, int4: bool = False) -> Iterator[tuple[str, torch.Tensor]]:
         for name, t, _ in hf.iter_safetensors(st_files):
             if name in names:
-                ours = names[name]
-                if keymaps.QKV_PER_HEAD in ours:  # GPT-NeoX: per-head q/k/v rows into our three blocks
-                    t, ours = keymaps.qkv_per_head_to_blocks(t, cfg.n_heads), ours.replace(keymaps.QKV_PER_HEAD, ".attn.qkv.")
-                yield ours, t if t.dtype == dtype else t.to(dtype)
+                if name in grouped:
+                    t = keymaps.qkv_grouped_to_blocks(t, cfg.n_heads, cfg.n_kv_heads)
+                yield names[name], t if t.dtype == dtype else t.to(dtype)
 
     dtypes = Counter(str(d).removeprefix("torch.") for n, (s, d) in shapes.items() if n in names)
     params = sum(int(np.prod(s)) for n, (s, d) in shapes.items() if n in names)

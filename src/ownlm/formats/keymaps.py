@@ -25,19 +25,43 @@ HF = [
     (r"model\.layers\.(\d+)\.block_sparse_moe\.experts\.(\d+)\.w2\.weight", r"layers.\1.mlp.experts.\2.down.weight"),
     (r"model\.norm\.weight", r"norm.weight"),
     (r"lm_head\.weight", r"lm_head.weight"),
-    # GPT-NeoX / Pythia; its fused query_key_value interleaves q, k, v per head (see QKV_PER_HEAD)
+    # GPT-NeoX / Pythia and Falcon fuse query_key_value per KV-head group (see QKV_GROUPED)
     (r"gpt_neox\.embed_in\.weight", r"embed.weight"),
     (r"gpt_neox\.layers\.(\d+)\.input_layernorm\.(weight|bias)", r"layers.\1.attn_norm.\2"),
     (r"gpt_neox\.layers\.(\d+)\.post_attention_layernorm\.(weight|bias)", r"layers.\1.mlp_norm.\2"),
-    (r"gpt_neox\.layers\.(\d+)\.attention\.query_key_value\.(weight|bias)", r"layers.\1.attn.qkv_per_head.\2"),
+    (r"gpt_neox\.layers\.(\d+)\.attention\.query_key_value\.(weight|bias)", r"layers.\1.attn.qkv_grouped.\2"),
     (r"gpt_neox\.layers\.(\d+)\.attention\.dense\.(weight|bias)", r"layers.\1.attn.o.\2"),
     (r"gpt_neox\.layers\.(\d+)\.mlp\.dense_h_to_4h\.(weight|bias)", r"layers.\1.mlp.up.\2"),
     (r"gpt_neox\.layers\.(\d+)\.mlp\.dense_4h_to_h\.(weight|bias)", r"layers.\1.mlp.down.\2"),
     (r"gpt_neox\.final_layer_norm\.(weight|bias)", r"norm.\1"),
     (r"embed_out\.weight", r"lm_head.weight"),
+    (r"transformer\.word_embeddings\.weight", r"embed.weight"),
+    (r"transformer\.h\.(\d+)\.(?:ln_attn|input_layernorm)\.(weight|bias)", r"layers.\1.attn_norm.\2"),
+    (r"transformer\.h\.(\d+)\.(?:ln_mlp|post_attention_layernorm)\.(weight|bias)", r"layers.\1.mlp_norm.\2"),
+    (r"transformer\.h\.(\d+)\.self_attention\.query_key_value\.(weight|bias)", r"layers.\1.attn.qkv_grouped.\2"),
+    (r"transformer\.h\.(\d+)\.self_attention\.dense\.(weight|bias)", r"layers.\1.attn.o.\2"),
+    (r"transformer\.h\.(\d+)\.mlp\.dense_h_to_4h\.(weight|bias)", r"layers.\1.mlp.up.\2"),
+    (r"transformer\.h\.(\d+)\.mlp\.dense_4h_to_h\.(weight|bias)", r"layers.\1.mlp.down.\2"),
+    (r"transformer\.ln_f\.(weight|bias)", r"norm.\1"),
+    # MPT
+    (r"transformer\.wte\.weight", r"embed.weight"),
+    (r"transformer\.blocks\.(\d+)\.norm_1\.(weight|bias)", r"layers.\1.attn_norm.\2"),
+    (r"transformer\.blocks\.(\d+)\.norm_2\.(weight|bias)", r"layers.\1.mlp_norm.\2"),
+    (r"transformer\.blocks\.(\d+)\.attn\.Wqkv\.(weight|bias)", r"layers.\1.attn.qkv.\2"),
+    (r"transformer\.blocks\.(\d+)\.attn\.out_proj\.(weight|bias)", r"layers.\1.attn.o.\2"),
+    (r"transformer\.blocks\.(\d+)\.ffn\.(up|down)_proj\.(weight|bias)", r"layers.\1.mlp.\2.\3"),
+    (r"transformer\.norm_f\.(weight|bias)", r"norm.\1"),
 ]
+# Per HF model_type, rules tried before the common ones: Gemma 3's post_attention_layernorm is a
+# norm on the attention output, not the MLP's input norm.
+_GEMMA_NORMS = [
+    (r"model\.layers\.(\d+)\.post_attention_layernorm\.weight", r"layers.\1.attn_post_norm.weight"),
+    (r"model\.layers\.(\d+)\.pre_feedforward_layernorm\.weight", r"layers.\1.mlp_norm.weight"),
+    (r"model\.layers\.(\d+)\.post_feedforward_layernorm\.weight", r"layers.\1.mlp_post_norm.weight"),
+]
+HF_ARCH = {"gemma3_text": _GEMMA_NORMS}
 HF_IGNORE = r".*rotary_emb\.inv_freq|gpt_neox\.layers\.\d+\.attention\.(bias|masked_bias)"
-QKV_PER_HEAD = ".attn.qkv_per_head."
+QKV_GROUPED = ".attn.qkv_grouped."
 
 GGUF = [
     (r"token_embd\.weight", r"embed.weight"),
@@ -55,9 +79,12 @@ GGUF = [
     (r"output\.weight", r"lm_head.weight"),
 ]
 # Per architecture, rules tried before the common ones: Phi-3 keeps gate and up fused in ffn_up.
-GGUF_ARCH = {"phi3": [(r"blk\.(\d+)\.ffn_up\.(weight|bias)", r"layers.\1.mlp.gate_up.\2")]}
+GGUF_ARCH = {"phi3": [(r"blk\.(\d+)\.ffn_up\.(weight|bias)", r"layers.\1.mlp.gate_up.\2")],
+             "falcon": [(r"blk\.(\d+)\.attn_norm_2\.(weight|bias)", r"layers.\1.mlp_norm.\2")],
+             "gemma3": [(r"blk\.(\d+)\.post_attention_norm\.weight", r"layers.\1.attn_post_norm.weight"),
+                        (r"blk\.(\d+)\.post_ffw_norm\.weight", r"layers.\1.mlp_post_norm.weight")]}
 STACKED = ".experts.*."  # a GGUF tensor holding every expert of a layer, split on load
-GGUF_IGNORE = r"rope_freqs\.weight"  # consumed into the config's rope scaling
+GGUF_IGNORE = r"rope_freqs\.weight|rope_factors_(long|short)\.weight"  # consumed into the config's rope scaling
 
 # GGUF architectures whose converter permuted Q/K rows into llama.cpp's interleaved rotary layout.
 GGUF_PERMUTED_QK = {"llama"}
@@ -66,13 +93,13 @@ GGUF_PERMUTED_QK = {"llama"}
 # concatenated along the output dimension in this order when loading.
 FUSED = {"qkv": ("q", "k", "v"), "gate_up": ("gate", "up")}
 
-_compiled: dict[int, list[tuple[re.Pattern, str]]] = {}
+_compiled: dict[str, re.Pattern] = {}  # by pattern text (tables are concatenated per architecture)
 
 
 def lookup(name: str, table: list[tuple[str, str]]) -> str | None:
     """The first rule's rewrite of `name`, None when no rule matches."""
-    rules = _compiled.setdefault(id(table), [(re.compile(p), r) for p, r in table])
-    for pattern, repl in rules:
+    for p, repl in table:
+        pattern = _compiled.get(p) or _compiled.setdefault(p, re.compile(p))
         if pattern.fullmatch(name):
             return pattern.sub(repl, name)
     return None
@@ -88,15 +115,21 @@ def rename(name: str, table: list[tuple[str, str]], ignore: str, where: str) -> 
     raise ModelFormatError(f"{where}: unexpected tensor {name!r}", "this checkpoint has parts ownlm does not know")
 
 
-def qkv_per_head_to_blocks(w, n_heads: int):
-    """GPT-NeoX's fused rows (head, [q k v], head_dim) -> ours ([q k v], head, head_dim)."""
-    rest = tuple(w.shape[1:])
-    return w.reshape(n_heads, 3, w.shape[0] // n_heads // 3, *rest).swapaxes(0, 1).reshape(w.shape[0], *rest)
+def qkv_grouped_to_blocks(w, n_heads: int, n_kv: int):
+    """Fused rows laid out per KV head: (kv group, [its query heads, k, v], head_dim), as GPT-NeoX
+    (one query head per group) and Falcon keep them -> ours: all q rows, then k, then v.
+    Works on numpy arrays and torch tensors (rows picked by index)."""
+    group = n_heads // n_kv
+    hd = w.shape[0] // (n_heads + 2 * n_kv)
 
+    def rows(kv: int, j: int) -> range:
+        start = (kv * (group + 2) + j) * hd
+        return range(start, start + hd)
 
-def qkv_blocks_to_per_head(w, n_heads: int):
-    rest = tuple(w.shape[1:])
-    return w.reshape(3, n_heads, w.shape[0] // n_heads // 3, *rest).swapaxes(0, 1).reshape(w.shape[0], *rest)
+    order = [r for kv in range(n_kv) for j in range(group) for r in rows(kv, j)]
+    for j in (group, group + 1):  # every k row, then every v row
+        order += [r for kv in range(n_kv) for r in rows(kv, j)]
+    return w[order]
 
 
 def unpermute_qk(w, n_heads: int):
@@ -141,6 +174,11 @@ GGUF_OUT_ARCH = {
     "phi3": [(r"layers\.(\d+)\.attn\.qkv\.(weight|bias)", r"blk.\1.attn_qkv.\2"),
              (r"layers\.(\d+)\.mlp\.gate_up\.(weight|bias)", r"blk.\1.ffn_up.\2")],
     "gptneox": [(r"layers\.(\d+)\.attn\.qkv\.(weight|bias)", r"blk.\1.attn_qkv.\2")],
+    "mpt": [(r"layers\.(\d+)\.attn\.qkv\.(weight|bias)", r"blk.\1.attn_qkv.\2")],
+    "falcon": [(r"layers\.(\d+)\.attn\.qkv\.(weight|bias)", r"blk.\1.attn_qkv.\2"),
+               (r"layers\.(\d+)\.mlp_norm\.(weight|bias)", r"blk.\1.attn_norm_2.\2")],
+    "gemma3": [(r"layers\.(\d+)\.attn_post_norm\.weight", r"blk.\1.post_attention_norm.weight"),
+               (r"layers\.(\d+)\.mlp_post_norm\.weight", r"blk.\1.post_ffw_norm.weight")],
 }
 
 

@@ -101,6 +101,8 @@ def _read(file: Path, device: torch.device):
         cfg_dict = dict(meta["config"])
         scaling = dict(cfg_dict.pop("rope_scaling"))
         scaling["factors"] = tuple(scaling.get("factors", ()))
+        scaling["long_factors"] = tuple(scaling.get("long_factors", ()))
+        cfg_dict["local_layers"] = tuple(cfg_dict.get("local_layers", ()))
         cfg = ModelConfig(**cfg_dict, rope_scaling=RopeScaling(**scaling))
         with torch.device("meta"):
             model = Transformer(cfg)

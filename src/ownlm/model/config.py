@@ -13,12 +13,14 @@ from ..errors import ModelFormatError
 
 @dataclass(frozen=True)
 class RopeScaling:
-    kind: str = "none"  # none | linear | llama3 | factors
+    kind: str = "none"  # none | linear | llama3 | factors | longrope
     factor: float = 1.0
     low_freq_factor: float = 1.0
     high_freq_factor: float = 4.0
     original_context: int = 8192
-    factors: tuple[float, ...] = ()  # per-frequency divisors (GGUF rope_freqs)
+    factors: tuple[float, ...] = ()  # per-frequency divisors (GGUF rope_freqs; longrope: the short ones)
+    long_factors: tuple[float, ...] = ()  # longrope: divisors once a sequence passes original_context
+    attention_factor: float = 1.0  # longrope: cos and sin scaled by it
 
 
 @dataclass(frozen=True)
@@ -49,6 +51,16 @@ class ModelConfig:
     parallel_residual: bool = False  # x + attn(norm1(x)) + mlp(norm2(x)) instead of one after the other
     n_experts: int = 0  # sparse mixture of experts in place of the MLP (0: a dense MLP)
     experts_per_token: int = 0  # experts each token is routed to (top-k of the router's softmax)
+    norm_offset: float = 0.0  # RMSNorm scales by (offset + weight): Gemma stores weight - 1
+    embed_scale: bool = False  # embeddings multiplied by sqrt(dim)
+    post_norms: bool = False  # a norm on each branch's output too (attention and MLP), before the residual add
+    attn_scale: float | None = None  # query scaling; None: 1 / sqrt(head_dim)
+    local_layers: tuple[bool, ...] = ()  # per layer: sliding-window attention with the local rope base;
+    #                                      empty: every layer uses sliding_window (if any) and rope_theta
+    rope_theta_local: float = 10000.0  # rope base of the local layers
+    shared_norm: bool = False  # parallel residual with one norm feeding both branches (Falcon 7B)
+    alibi_max: float = 0.0  # position="alibi": the largest head slope exponent (MPT's alibi_bias_max)
+    clip_qkv: float | None = None  # clamp the fused q/k/v projection to [-clip, clip] (MPT)
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "head_dim", "ffn_dim"):
@@ -61,7 +73,11 @@ class ModelConfig:
             raise ModelFormatError(f"model config: head_dim {self.head_dim} must be even for rotary embeddings")
         if self.rotary_dim is not None and not (0 < self.rotary_dim <= self.head_dim and self.rotary_dim % 2 == 0):
             raise ModelFormatError(f"model config: rotary_dim {self.rotary_dim} must be even and within head_dim {self.head_dim}")
-        if self.norm not in ("rms", "layer") or self.mlp not in ("gated_silu", "gelu"):
+        if self.local_layers and (len(self.local_layers) != self.n_layers or not self.sliding_window):
+            raise ModelFormatError("model config: local layers need one flag per layer and a sliding window")
+        if self.position not in ("rope", "alibi") or (self.position == "alibi") != (self.alibi_max > 0):
+            raise ModelFormatError(f"model config: position {self.position!r} with alibi_max {self.alibi_max} is not supported")
+        if self.norm not in ("rms", "layer") or self.mlp not in ("gated_silu", "gated_gelu_tanh", "gelu"):
             raise ModelFormatError(f"model config: norm {self.norm!r} / mlp {self.mlp!r} is not supported")
         if self.n_experts and not 0 < self.experts_per_token <= self.n_experts:
             raise ModelFormatError(f"model config: {self.experts_per_token} experts per token of {self.n_experts}")
@@ -74,13 +90,15 @@ class ModelConfig:
 
     def switches(self) -> dict[str, Any]:
         d = asdict(self)
-        d["rope_scaling"] = {k: v for k, v in d["rope_scaling"].items() if k != "factors" or v}
+        d["rope_scaling"] = {k: v for k, v in d["rope_scaling"].items() if k not in ("factors", "long_factors") or v}
         return d
 
 
 # Family data: HF model_type / GGUF architecture -> switches that differ from the defaults.
 # HF model_type and llama.cpp's GGUF architecture name differ for some families: both are keys.
-_NEOX = {"mha": True, "norm": "layer", "norm_bias": True, "mlp": "gelu", "qkv_bias": True, "o_bias": True, "mlp_bias": True,
+_GEMMA3 = {"swa_pattern": 6, "tie": True, "act": "gelu_pytorch_tanh", "mlp": "gated_gelu_tanh", "qk_norm": True, "norm_offset": 1.0,
+           "embed_scale": True, "post_norms": True}
+_NEOX = {"mha": True, "act": "gelu", "norm": "layer", "norm_bias": True, "mlp": "gelu", "qkv_bias": True, "o_bias": True, "mlp_bias": True,
          "parallel_residual": True}
 FAMILIES: dict[str, dict[str, Any]] = {
     "llama": {},
@@ -91,6 +109,11 @@ FAMILIES: dict[str, dict[str, Any]] = {
     "mixtral": {},
     "gpt_neox": _NEOX,
     "gptneox": _NEOX,
+    "falcon": {"act": "gelu", "norm": "layer", "norm_bias": True, "mlp": "gelu", "parallel_residual": True, "tie": True,
+               "second_norm": "blk.0.attn_norm_2.weight"},  # a GGUF without it shares one norm
+    "mpt": {"mha": True, "act": "gelu", "norm": "layer", "mlp": "gelu", "tie": True, "position": "alibi", "alibi_max": 8.0},
+    "gemma3_text": _GEMMA3,
+    "gemma3": {**_GEMMA3, "norm_offset": 0.0},  # llama.cpp's converter stores Gemma's norms as 1 + w
 }
 
 
@@ -118,6 +141,7 @@ def _num(value: Any, name: str, kind: type = int) -> Any:
 
 def _hf_rope(cfg: Mapping[str, Any]) -> tuple[float, RopeScaling]:
     params = cfg.get("rope_parameters") or {}
+    params = params.get("full_attention", params)  # per layer kind (Gemma 3): the global layers' rope
     scaling = cfg.get("rope_scaling") or params
     theta = cfg.get("rope_theta", params.get("rope_theta", 10000.0))
     kind = (scaling or {}).get("rope_type", scaling.get("type") if scaling else None) or "default"
@@ -133,7 +157,22 @@ def _hf_rope(cfg: Mapping[str, Any]) -> tuple[float, RopeScaling]:
             high_freq_factor=_num(scaling["high_freq_factor"], "high_freq_factor", float),
             original_context=_num(scaling["original_max_position_embeddings"], "original_max_position_embeddings"),
         )
-    raise ModelFormatError(f"config.json: rope scaling {kind!r} is not supported", "supported: default, linear, llama3")
+    if kind == "longrope":
+        orig = _num(scaling.get("original_max_position_embeddings", cfg.get("original_max_position_embeddings")),
+                    "original_max_position_embeddings")
+        factor = scaling.get("factor") or _num(cfg.get("max_position_embeddings", orig), "max_position_embeddings") / orig
+        attn = scaling.get("attention_factor")
+        if attn is None:
+            attn = 1.0 if factor <= 1 else math.sqrt(1 + math.log(factor) / math.log(orig))
+        short, long = scaling.get("short_factor"), scaling.get("long_factor")
+        if not isinstance(short, list) or not isinstance(long, list) or len(short) != len(long):
+            raise ModelFormatError("config.json: longrope needs short_factor and long_factor lists of one length")
+        return _num(theta, "rope_theta", float), RopeScaling(
+            "longrope", original_context=orig, attention_factor=_num(attn, "attention_factor", float),
+            factors=tuple(_num(f, "short_factor", float) for f in short),
+            long_factors=tuple(_num(f, "long_factor", float) for f in long))
+    raise ModelFormatError(f"config.json: rope scaling {kind!r} is not supported",
+                           "supported: default, linear, llama3, longrope")
 
 
 def _partial_rotary(cfg: Mapping[str, Any], head_dim: int) -> int | None:
@@ -143,15 +182,62 @@ def _partial_rotary(cfg: Mapping[str, Any], head_dim: int) -> int | None:
     return None if frac == 1.0 else int(head_dim * frac)
 
 
+def _falcon_keys(cfg: Mapping[str, Any], where: str) -> dict[str, Any]:
+    """Falcon's config.json in the common key names (its three layouts of heads and norms)."""
+    if cfg.get("alibi"):
+        raise ModelFormatError(f"{where}: Falcon with ALiBi is not supported", "RoPE Falcon models are")
+    heads = cfg.get("num_attention_heads")
+    new = bool(cfg.get("new_decoder_architecture"))
+    kv = cfg.get("num_kv_heads", heads) if new else (1 if cfg.get("multi_query", True) else heads)
+    parallel = bool(cfg.get("parallel_attn", True))
+    bias = bool(cfg.get("bias", False))
+    return {**cfg, "num_key_value_heads": kv, "hidden_act": cfg.get("activation", "gelu"),
+            "intermediate_size": cfg.get("ffn_hidden_size") or 4 * _num(cfg.get("hidden_size"), "hidden_size"),
+            "attention_bias": bias, "mlp_bias": bias, "use_parallel_residual": parallel,
+            "shared_norm": parallel and (not new or cfg.get("num_ln_in_parallel_attn") == 1)}
+
+
+def _mpt_keys(cfg: Mapping[str, Any], where: str) -> dict[str, Any]:
+    """MPT's config.json in the common key names."""
+    attn = cfg.get("attn_config") or {}
+    if not isinstance(attn, dict) or not attn.get("alibi", False) or attn.get("qk_ln"):
+        raise ModelFormatError(f"{where}: only MPT with ALiBi (no qk LayerNorm) is supported")
+    if attn.get("softmax_scale") or cfg.get("logit_scale"):
+        raise ModelFormatError(f"{where}: MPT softmax_scale / logit_scale are not supported")
+    dim = _num(cfg.get("d_model"), "d_model")
+    bias = not cfg.get("no_bias", True)
+    return {**cfg, "hidden_size": dim, "num_attention_heads": cfg.get("n_heads"), "num_hidden_layers": cfg.get("n_layers"),
+            "intermediate_size": int(dim * _num(cfg.get("expansion_ratio", 4), "expansion_ratio", float)),
+            "max_position_embeddings": cfg.get("max_seq_len", 2048), "hidden_act": "gelu", "attention_bias": bias,
+            "mlp_bias": bias, "norm_bias": bias, "alibi_max": attn.get("alibi_bias_max", 8), "clip_qkv": attn.get("clip_qkv")}
+
+
+KEYS = {"falcon": _falcon_keys, "mpt": _mpt_keys}  # families whose config.json uses other key names
+
+
 def from_hf(cfg: Mapping[str, Any], where: str = "config.json") -> ModelConfig:
     arch = cfg.get("model_type")
     if not isinstance(arch, str):
         raise ModelFormatError(f"{where}: model_type is missing")
     fam = _family(arch, where)
+    if arch in KEYS:
+        cfg = KEYS[arch](cfg, where)
     act = cfg.get("hidden_act", cfg.get("hidden_activation", "silu"))
-    want = "gelu" if fam.get("mlp") == "gelu" else "silu"
+    want = fam.get("act", "silu")
     if act != want:
         raise ModelFormatError(f"{where}: activation {act!r} is not supported for {arch}", f"supported: {want}")
+    for cap in ("attn_logit_softcapping", "final_logit_softcapping"):
+        if cfg.get(cap):
+            raise ModelFormatError(f"{where}: {cap} is not supported yet")
+    types = cfg.get("layer_types") or []
+    if not types and fam.get("swa_pattern"):  # older configs: every Nth layer global
+        n = _num(cfg.get("sliding_window_pattern", fam["swa_pattern"]), "sliding_window_pattern")
+        types = ["full_attention" if n and i % n == n - 1 else "sliding_attention"
+                 for i in range(_num(cfg.get("num_hidden_layers", 0), "num_hidden_layers"))]
+    local = tuple(t == "sliding_attention" for t in types) if "sliding_attention" in types else ()
+    local_theta = ((cfg.get("rope_parameters") or {}).get("sliding_attention") or {}).get(
+        "rope_theta", cfg.get("rope_local_base_freq", 10000.0))
+    scalar = cfg.get("query_pre_attn_scalar")
     try:
         dim = _num(cfg["hidden_size"], "hidden_size")
         n_heads = _num(cfg["num_attention_heads"], "num_attention_heads")
@@ -159,6 +245,8 @@ def from_hf(cfg: Mapping[str, Any], where: str = "config.json") -> ModelConfig:
         theta, scaling = _hf_rope(cfg)
         window = cfg.get("sliding_window")
         if arch in ("qwen2", "qwen3") and not cfg.get("use_sliding_window", False):
+            window = None
+        if types and not local:  # per-layer kinds, none of them sliding
             window = None
         bias = cfg.get("attention_bias")
         return ModelConfig(
@@ -174,27 +262,37 @@ def from_hf(cfg: Mapping[str, Any], where: str = "config.json") -> ModelConfig:
             rope_theta=theta,
             rope_scaling=scaling,
             context_length=_num(cfg.get("max_position_embeddings", 2048), "max_position_embeddings"),
-            tie_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+            tie_embeddings=bool(cfg.get("tie_word_embeddings", fam.get("tie", False))),
             qkv_bias=bool(bias if bias is not None and arch != "qwen2" else fam.get("qkv_bias", False)),
             o_bias=bool(bias if bias is not None and arch != "qwen2" else fam.get("o_bias", False)),
             mlp_bias=bool(cfg.get("mlp_bias", fam.get("mlp_bias", False))),
             sliding_window=_num(window, "sliding_window") if window else None,
             norm=fam.get("norm", "rms"),
-            norm_bias=fam.get("norm_bias", False),
+            norm_bias=bool(cfg.get("norm_bias", fam.get("norm_bias", False))),
             mlp=fam.get("mlp", "gated_silu"),
+            position=fam.get("position", "rope"),
+            alibi_max=_num(cfg.get("alibi_max", fam.get("alibi_max", 0.0)), "alibi_bias_max", float),
+            clip_qkv=_num(cfg["clip_qkv"], "clip_qkv", float) if cfg.get("clip_qkv") else None,
+            shared_norm=bool(cfg.get("shared_norm", False)),
             rotary_dim=_partial_rotary(cfg, head_dim),
             qk_norm=fam.get("qk_norm", False),
             parallel_residual=bool(cfg.get("use_parallel_residual", fam.get("parallel_residual", False))),
             n_experts=_num(cfg.get("num_local_experts", 0), "num_local_experts"),
             experts_per_token=_num(cfg.get("num_experts_per_tok", 0), "num_experts_per_tok")
             if cfg.get("num_local_experts") else 0,
+            norm_offset=fam.get("norm_offset", 0.0),
+            embed_scale=fam.get("embed_scale", False),
+            post_norms=fam.get("post_norms", False),
+            attn_scale=_num(scalar, "query_pre_attn_scalar", float) ** -0.5 if scalar else None,
+            local_layers=local,
+            rope_theta_local=_num(local_theta, "rope_local_base_freq", float),
         )
     except KeyError as e:
         raise ModelFormatError(f"{where}: required field {e.args[0]!r} is missing") from None
 
 
-def from_gguf(meta: Mapping[str, Any], has_output: bool, rope_factors: tuple[float, ...] = (),
-              where: str = "GGUF") -> ModelConfig:
+def from_gguf(meta: Mapping[str, Any], tensor_names: set[str] | frozenset[str], rope_factors: tuple[float, ...] = (),
+              where: str = "GGUF", long_factors: tuple[float, ...] = ()) -> ModelConfig:
     arch = meta.get("general.architecture")
     if not isinstance(arch, str):
         raise ModelFormatError(f"{where}: general.architecture is missing")
@@ -216,7 +314,11 @@ def from_gguf(meta: Mapping[str, Any], has_output: bool, rope_factors: tuple[flo
         raise ModelFormatError(f"{where}: vocabulary size is unknown")
     scaling = RopeScaling()
     kind = meta.get(f"{arch}.rope.scaling.type", "none")
-    if rope_factors:
+    if long_factors:  # longrope (Phi-3): both factor sets are tensors in the file
+        scaling = RopeScaling("longrope", original_context=key("rope.scaling.original_context_length"),
+                              attention_factor=key("rope.scaling.attn_factor", 1.0, float),
+                              factors=tuple(float(f) for f in rope_factors), long_factors=tuple(float(f) for f in long_factors))
+    elif rope_factors:
         scaling = RopeScaling("factors", factors=tuple(float(f) for f in rope_factors))
     elif kind == "linear":
         scaling = RopeScaling("linear", key("rope.scaling.factor", kind=float))
@@ -242,17 +344,44 @@ def from_gguf(meta: Mapping[str, Any], has_output: bool, rope_factors: tuple[flo
         rope_theta=key("rope.freq_base", 10000.0, float),
         rope_scaling=scaling,
         context_length=key("context_length", 2048),
-        tie_embeddings=not has_output,
-        qkv_bias=fam.get("qkv_bias", False),
-        o_bias=fam.get("o_bias", False),
-        mlp_bias=fam.get("mlp_bias", False),
+        tie_embeddings="output.weight" not in tensor_names,
+        # biases are in the file or not: the tensors of the first block say which
+        qkv_bias=fam.get("qkv_bias", False) or bool({"blk.0.attn_qkv.bias", "blk.0.attn_q.bias"} & tensor_names),
+        o_bias="blk.0.attn_output.bias" in tensor_names,
+        mlp_bias="blk.0.ffn_down.bias" in tensor_names,
+        norm_bias="blk.0.attn_norm.bias" in tensor_names,
+        position=fam.get("position", "rope"),
+        alibi_max=key("attention.max_alibi_bias", fam.get("alibi_max", 0.0), float),
+        clip_qkv=key("attention.clamp_kqv", 0.0, float) or None,
+        shared_norm=bool(fam.get("second_norm")) and fam["second_norm"] not in tensor_names,
         sliding_window=int(window) if window else None,
         norm=fam.get("norm", "rms"),
-        norm_bias=fam.get("norm_bias", False),
         mlp=fam.get("mlp", "gated_silu"),
         rotary_dim=rope_dims if rope_dims and rope_dims != head_dim else None,
         qk_norm=fam.get("qk_norm", False),
         parallel_residual=bool(meta.get(f"{arch}.use_parallel_residual", fam.get("parallel_residual", False))),
         n_experts=experts,
         experts_per_token=key("expert_used_count", 0) if experts else 0,
+        norm_offset=fam.get("norm_offset", 0.0),
+        embed_scale=fam.get("embed_scale", False),
+        post_norms=fam.get("post_norms", False),
+        attn_scale=key("attention.scale", 0.0, float) or None,
+        local_layers=_gguf_local_layers(meta.get(f"{arch}.attention.sliding_window_pattern", fam.get("swa_pattern")),
+                                        key("block_count"), window),
+        rope_theta_local=key("rope.freq_base_swa", 10000.0, float),
     )
+
+
+def _gguf_local_layers(pattern: Any, n_layers: int, window: Any) -> tuple[bool, ...]:
+    """llama.cpp's sliding_window_pattern: per layer flags (true: sliding window), or N (every Nth
+    layer global). Gemma 3 files without it use N = 6."""
+    if not window or pattern is None:
+        return ()
+    if hasattr(pattern, "tolist"):
+        pattern = pattern.tolist()
+    if isinstance(pattern, list):
+        if len(pattern) != n_layers:
+            raise ModelFormatError(f"GGUF: sliding_window_pattern has {len(pattern)} entries for {n_layers} layers")
+        return tuple(bool(p) for p in pattern)
+    n = _num(pattern, "sliding_window_pattern")
+    return tuple(n == 0 or i % n < n - 1 for i in range(n_layers))

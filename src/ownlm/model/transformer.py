@@ -8,6 +8,7 @@ linears after construction without touching this file.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Protocol
 
@@ -25,29 +26,31 @@ class Cache(Protocol):
 
 
 class RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float):
+    def __init__(self, dim: int, eps: float, offset: float = 0.0):
         super().__init__()
-        self.eps = eps
+        self.eps, self.offset = eps, offset
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # normalize in fp32 as the reference implementations do, then cast back
         h = x.float()
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        if self.offset:  # Gemma: scaled by (1 + w) in fp32
+            return (h * (self.offset + self.weight.float())).to(x.dtype)
         return self.weight * h.to(x.dtype)
 
 
 def make_norm(cfg: ModelConfig, dim: int) -> nn.Module:
     if cfg.norm == "layer":
         return nn.LayerNorm(dim, eps=cfg.norm_eps, bias=cfg.norm_bias)
-    return RMSNorm(dim, cfg.norm_eps)
+    return RMSNorm(dim, cfg.norm_eps, cfg.norm_offset)
 
 
 def rope_frequencies(head_dim: int, theta: float, scaling: RopeScaling) -> torch.Tensor:
     inv = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))  # (D/2,)
     if scaling.kind == "linear":
         inv = inv / scaling.factor
-    elif scaling.kind == "factors":
+    elif scaling.kind in ("factors", "longrope"):  # longrope: the short factors (see Transformer.forward)
         inv = inv / torch.tensor(scaling.factors, dtype=torch.float64)
     elif scaling.kind == "llama3":
         lo_wave = scaling.original_context / scaling.low_freq_factor
@@ -59,6 +62,15 @@ def rope_frequencies(head_dim: int, theta: float, scaling: RopeScaling) -> torch
         mid = (wave >= hi_wave) & (wave <= lo_wave)
         inv = torch.where(mid, (1 - smooth) * scaled / scaling.factor + smooth * scaled, scaled)
     return inv.float()
+
+
+def alibi_slopes(n_heads: int, max_bias: float) -> torch.Tensor:
+    """ALiBi's per-head slopes (as MPT computes them, including head counts that are not a power of 2)."""
+    p2 = 2 ** math.ceil(math.log2(n_heads))
+    slopes = 1.0 / 2.0 ** (torch.arange(1, p2 + 1, dtype=torch.float64) * (max_bias / p2))
+    if p2 != n_heads:
+        slopes = torch.cat([slopes[1::2], slopes[::2]])[:n_heads]
+    return slopes.float()
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -82,19 +94,25 @@ class Attention(nn.Module):
         self.qkv = dense(cfg.dim, sum(self.sizes), cfg.qkv_bias)
         self.o = dense(cfg.n_heads * cfg.head_dim, cfg.dim, cfg.o_bias)
         if cfg.qk_norm:
-            self.q_norm = RMSNorm(cfg.head_dim, cfg.norm_eps)
-            self.k_norm = RMSNorm(cfg.head_dim, cfg.norm_eps)
+            self.q_norm = make_norm(cfg, cfg.head_dim)
+            self.k_norm = make_norm(cfg, cfg.head_dim)
         self.qk_norm = cfg.qk_norm
+        self.scale = cfg.attn_scale or cfg.head_dim ** -0.5
+        self.clip = cfg.clip_qkv
 
     def forward(self, x, cos, sin, mask, pos, cache):
         B, T, _ = x.shape
-        q, k, v = self.qkv(x).split(self.sizes, dim=-1)
+        qkv = self.qkv(x)
+        if self.clip:
+            qkv = qkv.clamp(-self.clip, self.clip)
+        q, k, v = qkv.split(self.sizes, dim=-1)
         q = q.reshape(B, T, self.n_heads, self.hd).transpose(1, 2)  # (B, H, T, D)
         k = k.reshape(B, T, self.n_kv, self.hd).transpose(1, 2)  # (B, Hkv, T, D)
         v = v.reshape(B, T, self.n_kv, self.hd).transpose(1, 2)  # (B, Hkv, T, D)
         if self.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cos is not None:  # None: positions come from an ALiBi bias in the mask
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
             k, v = cache.update(self.layer, pos, k, v)  # (B, Hkv, S, D), S = cache length
         if T == 1 and cache is not None:
@@ -103,20 +121,24 @@ class Attention(nn.Module):
             # The engine pads S to a multiple of kv_cache.ALIGN and masked keys add exact zeros, so
             # a sequence gets bit-identical results alone or in a batch of any lengths.
             rep = self.n_heads // self.n_kv
-            qg = q.float().view(B, self.n_kv, rep, self.hd) * self.hd ** -0.5  # query heads grouped by KV head
+            qg = q.float().view(B, self.n_kv, rep, self.hd) * self.scale  # query heads grouped by KV head
+            if mask.shape[1] > 1:  # a bias per head (ALiBi): grouped like the query heads
+                mask = mask.view(B, self.n_kv, rep, mask.shape[-1])
             att = (qg @ k.float().transpose(-1, -2)) + mask  # (B, Hkv, rep, S); mask: 0 or -inf
             y = (att.softmax(-1) @ v.float()).to(q.dtype).view(B, self.n_heads, 1, self.hd)
         else:
             # grouped-query attention: each KV head serves n_heads / n_kv query heads
             k, v = k.to(q.dtype), v.to(q.dtype)  # the cache may hold a wider type than the compute
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=self.n_kv != self.n_heads)  # (B, H, T, D)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=self.n_kv != self.n_heads,
+                                               scale=self.scale)  # (B, H, T, D)
         return self.o(y.transpose(1, 2).reshape(B, T, self.n_heads * self.hd))
 
 
 class MLP(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.gated = cfg.mlp == "gated_silu"
+        self.gated = cfg.mlp.startswith("gated")
+        self.act = (lambda g: F.gelu(g, approximate="tanh")) if cfg.mlp == "gated_gelu_tanh" else F.silu
         if self.gated:
             self.gate_up = dense(cfg.dim, 2 * cfg.ffn_dim, cfg.mlp_bias)  # gate and up fused
         else:
@@ -127,7 +149,7 @@ class MLP(nn.Module):
         if not self.gated:
             return self.down(F.gelu(self.up(x)))
         gate, up = self.gate_up(x).chunk(2, dim=-1)
-        return self.down(F.silu(gate) * up)
+        return self.down(self.act(gate) * up)
 
 
 class MoE(nn.Module):
@@ -157,15 +179,25 @@ class Block(nn.Module):
         super().__init__()
         self.attn_norm = make_norm(cfg, cfg.dim)
         self.attn = Attention(cfg, layer)
-        self.mlp_norm = make_norm(cfg, cfg.dim)
+        self.shared_norm = cfg.shared_norm
+        if not cfg.shared_norm:
+            self.mlp_norm = make_norm(cfg, cfg.dim)
         self.mlp = MoE(cfg) if cfg.n_experts else MLP(cfg)
         self.parallel = cfg.parallel_residual
+        self.local = bool(cfg.local_layers and cfg.local_layers[layer])  # sliding window, local rope
+        if cfg.post_norms:
+            self.attn_post_norm = make_norm(cfg, cfg.dim)
+            self.mlp_post_norm = make_norm(cfg, cfg.dim)
+        self.post_norms = cfg.post_norms
 
     def forward(self, x, cos, sin, mask, pos, cache):
         if self.parallel:  # both branches read the same input
-            return x + self.attn(self.attn_norm(x), cos, sin, mask, pos, cache) + self.mlp(self.mlp_norm(x))
-        x = x + self.attn(self.attn_norm(x), cos, sin, mask, pos, cache)
-        return x + self.mlp(self.mlp_norm(x))
+            h = self.attn_norm(x)
+            return x + self.attn(h, cos, sin, mask, pos, cache) + self.mlp(h if self.shared_norm else self.mlp_norm(x))
+        a = self.attn(self.attn_norm(x), cos, sin, mask, pos, cache)
+        x = x + (self.attn_post_norm(a) if self.post_norms else a)
+        m = self.mlp(self.mlp_norm(x))
+        return x + (self.mlp_post_norm(m) if self.post_norms else m)
 
 
 class Transformer(nn.Module):
@@ -179,6 +211,12 @@ class Transformer(nn.Module):
         self.norm = make_norm(cfg, cfg.dim)
         self.lm_head = None if cfg.tie_embeddings else dense(cfg.dim, cfg.vocab_size, False)
         self.register_buffer("inv_freq", torch.empty(cfg.rope_dim // 2), persistent=False)
+        if cfg.local_layers:  # local layers rotate with their own base, unscaled
+            self.register_buffer("inv_freq_local", torch.empty(cfg.rope_dim // 2), persistent=False)
+        if cfg.position == "alibi":
+            self.register_buffer("alibi_slopes", torch.empty(cfg.n_heads), persistent=False)
+        if cfg.rope_scaling.kind == "longrope":
+            self.register_buffer("inv_freq_long", torch.empty(cfg.rope_dim // 2), persistent=False)
         self.checkpointing = False  # recompute each block in the backward pass (training memory)
 
     def init_buffers(self, device: torch.device | str | None = None) -> None:
@@ -186,11 +224,19 @@ class Transformer(nn.Module):
         cfg = self.cfg
         device = device or self.embed.weight.device
         self.inv_freq = rope_frequencies(cfg.rope_dim, cfg.rope_theta, cfg.rope_scaling).to(device)
+        if cfg.local_layers:
+            self.inv_freq_local = rope_frequencies(cfg.rope_dim, cfg.rope_theta_local, RopeScaling()).to(device)
+        if cfg.position == "alibi":
+            self.alibi_slopes = alibi_slopes(cfg.n_heads, cfg.alibi_max).to(device)
+        if cfg.rope_scaling.kind == "longrope":
+            long = dataclasses.replace(cfg.rope_scaling, factors=cfg.rope_scaling.long_factors)
+            self.inv_freq_long = rope_frequencies(cfg.rope_dim, cfg.rope_theta, long).to(device)
 
     def state_names(self) -> set[str]:
         return set(self.state_dict().keys())
 
-    def _mask(self, pos: torch.Tensor, total: int, device, segments: torch.Tensor | None = None) -> torch.Tensor:
+    def _mask(self, pos: torch.Tensor, total: int, device, segments: torch.Tensor | None = None,
+              window: int | None = None) -> torch.Tensor:
         """Boolean (B or 1, 1, T, S) mask: key j visible to query at position p iff j <= p (and
         within the sliding window). `total` is the key length (cache length or T). With
         `segments` (packed training rows, no cache) keys are the row's own tokens and a query
@@ -198,14 +244,37 @@ class Transformer(nn.Module):
         if segments is not None:
             idx = torch.arange(segments.shape[1], device=device)
             visible = (segments[:, None, :] == segments[:, :, None]) & (idx[None, None, :] <= idx[None, :, None])
-            if self.cfg.sliding_window:
-                visible &= pos[:, None, :] > pos[:, :, None] - self.cfg.sliding_window
+            if window:
+                visible &= pos[:, None, :] > pos[:, :, None] - window
             return visible[:, None]
         keys = torch.arange(total, device=device)  # (S,)
         visible = keys[None, None, :] <= pos[:, :, None]  # (B, T, S)
-        if self.cfg.sliding_window:
-            visible &= keys[None, None, :] > pos[:, :, None] - self.cfg.sliding_window
+        if window:
+            visible &= keys[None, None, :] > pos[:, :, None] - window
         return visible[:, None]  # (B, 1, T, S)
+
+    def _attention_inputs(self, inv_freq, pos, total, segments, window, dtype, decode):
+        """(cos, sin, mask) for one kind of layer. With ALiBi there is no rotation (cos, sin are
+        None) and the mask is additive per head: slope * (key position - query position)."""
+        mask = self._mask(pos, total, pos.device, segments, window)
+        if self.cfg.position == "alibi":
+            keys = pos if segments is not None else torch.arange(total, device=pos.device).expand(pos.shape[0], total)
+            rel = (keys[:, None, :] - pos[:, :, None]).float()  # (B, T, S)
+            bias = self.alibi_slopes[None, :, None, None] * rel[:, None]  # (B, H, T, S)
+            return None, None, bias.masked_fill(~mask, -math.inf).to(torch.float32 if decode else dtype)
+        scaling = self.cfg.rope_scaling
+        if scaling.kind == "longrope" and inv_freq is self.inv_freq:
+            # each sequence rotates with the long factors once it is longer than the original context
+            longer = (pos.amax(-1, keepdim=True) + 1 > scaling.original_context)[..., None]  # (B, 1, 1)
+            inv_freq = torch.where(longer, self.inv_freq_long, self.inv_freq)
+        freqs = pos[..., None].float() * inv_freq  # (B, T, R/2)
+        emb = torch.cat((freqs, freqs), dim=-1)[:, None]  # (B, 1, T, R)
+        if decode:  # additive form for the decode path, built once per step
+            mask = torch.zeros(mask.shape, device=pos.device).masked_fill_(~mask, -math.inf)
+        cos, sin = emb.cos(), emb.sin()
+        if scaling.attention_factor != 1.0:
+            cos, sin = cos * scaling.attention_factor, sin * scaling.attention_factor
+        return cos.to(dtype), sin.to(dtype), mask
 
     def head(self, x: torch.Tensor) -> torch.Tensor:
         """Logits of final normalized hidden states (tied embeddings: the input table is the head)."""
@@ -221,15 +290,21 @@ class Transformer(nn.Module):
         if pos is None:
             pos = torch.arange(T, device=tokens.device).expand(B, T)
         x = self.embed(tokens)  # (B, T, C)
-        freqs = pos[..., None].float() * self.inv_freq  # (B, T, D/2)
-        emb = torch.cat((freqs, freqs), dim=-1)[:, None]  # (B, 1, T, D)
-        cos, sin = emb.cos().to(x.dtype), emb.sin().to(x.dtype)
+        cfg = self.cfg
+        if cfg.embed_scale:
+            x = x * torch.tensor(cfg.dim ** 0.5, dtype=x.dtype)
         total = cache.length if cache is not None else T
-        mask = self._mask(pos, total, tokens.device, segments)
-        if T == 1 and cache is not None:  # additive form for the decode path, built once per step
-            mask = torch.zeros(mask.shape, device=tokens.device).masked_fill_(~mask, -math.inf)
+        decode = T == 1 and cache is not None
+        if cfg.local_layers:  # global layers: full attention, main rope; local: window, local rope
+            kinds = {False: self._attention_inputs(self.inv_freq, pos, total, segments, None, x.dtype, decode),
+                     True: self._attention_inputs(self.inv_freq_local, pos, total, segments, cfg.sliding_window,
+                                                  x.dtype, decode)}
+        else:
+            kinds = {False: self._attention_inputs(self.inv_freq, pos, total, segments, cfg.sliding_window, x.dtype,
+                                                   decode)}
         recompute = self.checkpointing and torch.is_grad_enabled() and cache is None
         for block in self.layers:
+            cos, sin, mask = kinds[block.local]
             if recompute:
                 x = checkpoint(block, x, cos, sin, mask, pos, None, use_reentrant=False)
             else:

@@ -29,7 +29,7 @@ from .trainer import Trainer, TuneConfig, make_plan
 
 
 # families whose projections carry PEFT's llama-style module names (q_proj ... down_proj)
-ADAPTER_FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
+ADAPTER_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma3_text")
 
 
 def run_dir(name: str, store: Store | None = None) -> Path:
