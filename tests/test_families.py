@@ -160,3 +160,11 @@ def test_phi3_longrope_switches_factors_past_the_original_context(tmp_path):
             want = ref(ids).logits
             torch.testing.assert_close(lm.model(ids), want, atol=2e-5, rtol=1e-4)
             torch.testing.assert_close(again.model(ids), want, atol=2e-5, rtol=1e-4)
+
+
+def test_tuning_a_family_without_adapter_support_is_refused_up_front(folders, tmp_path, capsys):
+    data = tmp_path / "d.jsonl"
+    data.write_text(json.dumps({"prompt": "a", "completion": "b"}) + "\n")
+    assert main(["tune", str(folders["falcon"]), "--data", str(data), "--name", "f"]) == 2
+    assert "LoRA adapters for falcon models are not supported yet" in capsys.readouterr().err
+    assert main(["tune", str(folders["gemma3_text"]), "--data", str(data), "--name", "g", "--method", "full"]) == 2

@@ -16,6 +16,7 @@ from typing import Any, Callable
 import torch
 
 from ..errors import BadRequest
+from ..export.hf import HF_CLASSES, write_hf_folder
 from ..formats import peft
 from ..formats.hf import write_safetensors
 from ..loading import LoadedModel, load, pick_device
@@ -52,9 +53,12 @@ def prepare(base: str, cfg: TuneConfig, device: torch.device) -> LoadedModel:
               cache=False)
     if "+" in lm.name:  # load() names a model with an adapter BASE+ADAPTER
         raise BadRequest(f"{base} is an adapter", "tune a base model; merge the adapter first with `ownlm merge`")
-    if cfg.method != "full" and lm.config.architecture not in ADAPTER_FAMILIES:
-        raise BadRequest(f"LoRA adapters for {lm.config.architecture} models are not supported yet",
-                         f"LoRA works for {', '.join(ADAPTER_FAMILIES)}; or use --method full")
+    arch = lm.config.architecture
+    if cfg.method != "full" and arch not in ADAPTER_FAMILIES:
+        raise BadRequest(f"LoRA adapters for {arch} models are not supported yet",
+                         f"LoRA works for {', '.join(ADAPTER_FAMILIES)}")
+    if cfg.method == "full" and arch not in HF_CLASSES:  # the result is stored as an HF folder
+        raise BadRequest(f"full fine-tuning of {arch} models is not supported yet", f"it works for {', '.join(HF_CLASSES)}")
     model = lm.model
     model.requires_grad_(False)
     if cfg.method == "full":
@@ -161,8 +165,6 @@ def store_result(lm: LoadedModel, name: str, cfg: TuneConfig, trained: dict[str,
     n, tag = split_name(name)
     target = f"{n}:{tag}"
     if cfg.method == "full":
-        from ..export.hf import write_hf_folder
-
         with store.tmp_dir() as tmp:
             write_hf_folder(lm, tmp / "model", trained)
             import_path(tmp / "model", target, store=store, quiet=True)
