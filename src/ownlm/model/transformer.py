@@ -9,6 +9,7 @@ linears after construction without touching this file.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Protocol
 
@@ -138,7 +139,7 @@ class MLP(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.gated = cfg.mlp.startswith("gated")
-        self.act = (lambda g: F.gelu(g, approximate="tanh")) if cfg.mlp == "gated_gelu_tanh" else F.silu
+        self.act = functools.partial(F.gelu, approximate="tanh") if cfg.mlp == "gated_gelu_tanh" else F.silu
         if self.gated:
             self.gate_up = dense(cfg.dim, 2 * cfg.ffn_dim, cfg.mlp_bias)  # gate and up fused
         else:
