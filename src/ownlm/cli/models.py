@@ -95,9 +95,13 @@ def cmd_show(args) -> int:
 def _blocks(cfg: dict) -> str:
     """The architecture switches of a block, in words."""
     parts = ["LayerNorm" + (" with bias" if cfg["norm_bias"] else "") if cfg["norm"] == "layer" else "RMSNorm",
-             "GeLU MLP" if cfg["mlp"] == "gelu" else "SwiGLU MLP"]
+             {"gelu": "GeLU MLP", "gated_gelu_tanh": "GeGLU (tanh) MLP"}.get(cfg["mlp"], "SwiGLU MLP")]
     if cfg["n_experts"]:
         parts[-1] = f"mixture of {cfg['n_experts']} SwiGLU experts, top {cfg['experts_per_token']}"
+    if cfg["local_layers"]:
+        parts.append(f"{sum(cfg['local_layers'])} of {len(cfg['local_layers'])} layers local")
+    if cfg["position"] == "alibi":
+        parts.append("ALiBi positions")
     if cfg["rotary_dim"]:
         parts.append(f"partial rotary ({cfg['rotary_dim']} of {cfg['head_dim']} dims)")
     if cfg["qk_norm"]:

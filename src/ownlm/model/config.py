@@ -103,8 +103,8 @@ _NEOX = {"mha": True, "act": "gelu", "norm": "layer", "norm_bias": True, "mlp": 
 FAMILIES: dict[str, dict[str, Any]] = {
     "llama": {},
     "mistral": {},
-    "qwen2": {"qkv_bias": True},
-    "qwen3": {"qk_norm": True},
+    "qwen2": {"qkv_bias": True, "swa_opt_in": True},  # swa_opt_in: sliding_window counts only with use_sliding_window
+    "qwen3": {"qk_norm": True, "swa_opt_in": True},
     "phi3": {},
     "mixtral": {},
     "gpt_neox": _NEOX,
@@ -244,7 +244,7 @@ def from_hf(cfg: Mapping[str, Any], where: str = "config.json") -> ModelConfig:
         head_dim = _num(cfg.get("head_dim") or dim // n_heads, "head_dim")
         theta, scaling = _hf_rope(cfg)
         window = cfg.get("sliding_window")
-        if arch in ("qwen2", "qwen3") and not cfg.get("use_sliding_window", False):
+        if fam.get("swa_opt_in") and not cfg.get("use_sliding_window", False):
             window = None
         if types and not local:  # per-layer kinds, none of them sliding
             window = None
@@ -263,8 +263,8 @@ def from_hf(cfg: Mapping[str, Any], where: str = "config.json") -> ModelConfig:
             rope_scaling=scaling,
             context_length=_num(cfg.get("max_position_embeddings", 2048), "max_position_embeddings"),
             tie_embeddings=bool(cfg.get("tie_word_embeddings", fam.get("tie", False))),
-            qkv_bias=bool(bias if bias is not None and arch != "qwen2" else fam.get("qkv_bias", False)),
-            o_bias=bool(bias if bias is not None and arch != "qwen2" else fam.get("o_bias", False)),
+            qkv_bias=bool(bias if bias is not None else fam.get("qkv_bias", False)),
+            o_bias=bool(bias if bias is not None else fam.get("o_bias", False)),
             mlp_bias=bool(cfg.get("mlp_bias", fam.get("mlp_bias", False))),
             sliding_window=_num(window, "sliding_window") if window else None,
             norm=fam.get("norm", "rms"),
