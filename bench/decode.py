@@ -59,7 +59,7 @@ def run_ownlm(path: str, n_prompt: int, n_gen: int) -> dict:
     assert len(out) == n_gen
     return {"load_s": load_s, "second_load_s": second_load_s, "prefill_tokens_per_s": len(ids) / stats.prefill_s,
             "decode_tokens_per_s": (n_gen - 1) / stats.decode_s, "peak_rss_mb": peak_rss_mb(),
-            "dtype": str(lm.model.embed.weight.dtype), "threads": torch.get_num_threads()}
+            "dtype": str(lm.model.dtype), "threads": torch.get_num_threads()}
 
 
 def run_transformers(path: str, n_prompt: int, n_gen: int) -> dict:

@@ -82,8 +82,10 @@ def child(path: str, gen: int) -> None:
     load_s = time.perf_counter() - t
     t = time.perf_counter()
     c = lm.generate("tok1 tok2 tok3 tok4", max_tokens=gen, temperature=0, stop_token_ids=[])
+    from ownlm.model.linear import QuantEmbedding, QuantLinear
+
     params = sum(p.numel() for p in lm.model.parameters()) + sum(
-        b.numel() * 2 for n, b in lm.model.named_buffers() if n.endswith(".packed"))  # two int4 weights per byte
+        m.in_features * m.out_features for m in lm.model.modules() if isinstance(m, (QuantLinear, QuantEmbedding)))
     print(json.dumps({"load_s": load_s, "decode_tokens_per_s": len(c.token_ids) / (time.perf_counter() - t),
                       "generated": len(c.token_ids), "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
                       "parameters": params}))

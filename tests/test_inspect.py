@@ -62,7 +62,7 @@ def test_statistics_equal_numpy_on_safetensors(zeroed):
     assert info["memory"]["kv_cache_bytes"] == kv
     assert info["memory"]["total_bytes"] == kv + sum(a.nbytes for a in raw.values())
     as_int4 = inspect_model(str(zeroed), quant="int4")["memory"]
-    assert as_int4["weights_bytes"] == int(info["model"]["parameters"] * (0.5 + 8 / 32))
+    assert as_int4["weights_bytes"] == int(info["model"]["parameters"] * (0.5 + 4 / 32))
 
 
 def test_statistics_equal_numpy_on_gguf(hf_models, tmp_path):

@@ -1,5 +1,7 @@
-"""The small-batch bf16 matmul kernel: equal to a float64 reference within fp32 rounding, and a
-row gets the same bits alone as in a batch (what keeps batched decoding exact)."""
+"""ownlm's CPU kernels against PyTorch / float64 references: the small-batch bf16 matmul (a row
+gets the same bits alone as in a batch, what keeps batched decoding exact), the one-token
+attention with its cache write, RMSNorm and the gated activations. The quantized matmul is in
+test_quant.py."""
 
 from __future__ import annotations
 
@@ -46,40 +48,52 @@ def test_linear_uses_it_only_outside_autograd():
     assert torch.equal(matmul(x.detach()[:0], lin.weight), torch.nn.functional.linear(x.detach()[:0], lin.weight))
 
 
-def _int4_case(n=3072, k=576, seed=3):
-    from ownlm.formats.quants import Int4Weight
+@pytest.mark.parametrize("window,dtype", [(0, torch.float32), (5, torch.float32), (0, torch.bfloat16)])
+def test_decode_attention_equals_the_reference(window, dtype):
+    """Rotation, cache write and attention in one call, against a float64 reference (keys the
+    window excludes and positions after the token are never read). bfloat16: activations and
+    cache in bfloat16, q and k rounded to it after the rotation."""
+    torch.manual_seed(4)
+    b, h, hkv, d, r, cap = 3, 6, 2, 16, 8, 24  # partial rotary (8 of 16 dims), grouped heads
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    qkv = torch.randn(b, 1, (h + 2 * hkv) * d).to(dtype)
+    pos = torch.tensor([9, 0, 17])
+    ang = pos[:, None].double() * (1.0 / 10000 ** (torch.arange(0, r, 2).double() / r))
+    cos, sin = torch.cat([ang.cos()] * 2, -1).float(), torch.cat([ang.sin()] * 2, -1).float()
+    kc, vc = torch.randn(b + 1, hkv, cap, d).to(dtype), torch.randn(b + 1, hkv, cap, d).to(dtype)  # slot 0: another's
+    k0, v0 = kc.clone(), vc.clone()
+    out = kernels.attend_decode(qkv, h, hkv, d, cos, sin, kc, vc, 1, pos, window, 0.25)
 
-    torch.manual_seed(seed)
-    w = Int4Weight(torch.randint(0, 16, (n, k), dtype=torch.uint8), torch.rand(k // 32, n) * 0.02,
-                   torch.randn(k // 32, n) * 0.01)
-    return w, w.dequantize().double()
+    def rot(x):  # (B, heads, d), half-rotated over the first r dims, in float64
+        x = x.double()
+        x1, x2 = x[..., : r // 2], x[..., r // 2: r]
+        c, s = cos.double()[:, None], sin.double()[:, None]
+        return torch.cat([torch.cat([x1, x2], -1) * c + torch.cat([-x2, x1], -1) * s, x[..., r:]], -1)
+
+    q, k, v = qkv[:, 0].split([h * d, hkv * d, hkv * d], -1)
+    q, k, v = rot(q.view(b, h, d)), rot(k.view(b, hkv, d)), v.view(b, hkv, d).double()
+    assert torch.equal(kc[0], k0[0]) and torch.equal(vc[0], v0[0])  # another slot untouched
+    for i in range(b):
+        p = int(pos[i])
+        torch.testing.assert_close(kc[i + 1, :, p].double(), k[i], atol=tol, rtol=0)
+        torch.testing.assert_close(vc[i + 1, :, p].double(), v[i], atol=0, rtol=0)
+        lo = max(0, p - window + 1) if window else 0
+        keys, vals = kc[i + 1, :, lo:p + 1].double(), vc[i + 1, :, lo:p + 1].double()
+        for j in range(h):
+            att = (q[i, j] * 0.25 @ keys[j // (h // hkv)].t()).softmax(-1)
+            torch.testing.assert_close(out[i, 0, j * d:(j + 1) * d].double(), att @ vals[j // (h // hkv)],
+                                       atol=tol, rtol=0)
 
 
-def test_int4_matmul_equals_reference_and_is_batch_invariant():
-    w, dense = _int4_case()
-    packed = kernels.pack_int4(w.q)
-    scale, zs = w.scale.t().contiguous(), (w.zero - 8 * w.scale).t().contiguous()
-    x = torch.randn(13, 576)
-    got = kernels.int4_matmul(lib, x, packed, scale, zs)
-    assert torch.allclose(got.double(), x.double() @ dense.t(), atol=1e-4, rtol=0)
-    for i in range(13):
-        assert torch.equal(kernels.int4_matmul(lib, x[i:i + 1].contiguous(), packed, scale, zs)[0], got[i])
-
-
-def test_int4_linear_both_backends_match_the_dequantized_weights(monkeypatch):
-    from ownlm.model.linear import Int4Linear
-
-    w, dense = _int4_case(n=256, k=128)
-    x = torch.randn(5, 128).bfloat16()
-    want = x.double() @ dense.t()
-    ours = Int4Linear(w.q, w.scale, w.zero, 32)
-    with torch.inference_mode():
-        assert ours.own_kernel
-        decode = ours(x[:, None]).squeeze(1)  # (B, 1, K): one token per sequence -> ownlm's kernel
-        prefill = ours(x[None])[0]  # (1, T, K) -> PyTorch's kernel
-        for y in (decode, prefill):
-            assert torch.allclose(y.double(), want, atol=0.03 * want.abs().max().item())
-        monkeypatch.setattr(kernels, "load", lambda: None)  # as on a machine without AVX2 or a compiler
-        theirs = Int4Linear(w.q, w.scale, w.zero, 32)
-        assert not theirs.own_kernel
-        assert torch.allclose(theirs(x[:, None]).squeeze(1).double(), want, atol=0.03 * want.abs().max().item())
+def test_norm_and_gated_activation_equal_pytorch():
+    torch.manual_seed(5)
+    x = torch.randn(7, 96)
+    w = torch.randn(96)
+    want = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-5) * w
+    torch.testing.assert_close(kernels.rms_norm(x, w, 1e-5, 0.0), want, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(kernels.rms_norm(x, w, 1e-5, 1.0), want / w * (1 + w), atol=1e-5, rtol=1e-5)
+    gu = torch.randn(7, 2 * 40)
+    gate, up = gu.chunk(2, -1)
+    torch.testing.assert_close(kernels.act_mul(gu, 0), torch.nn.functional.silu(gate) * up, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(kernels.act_mul(gu, 1), torch.nn.functional.gelu(gate, approximate="tanh") * up,
+                               atol=1e-6, rtol=1e-5)

@@ -36,7 +36,7 @@ def test_second_load_reads_the_cache_and_equals_a_fresh_build(hf_models, tmp_pat
     assert calls == [None] and len(_caches(ownlm_home)) == 1
     second = ownlm.load("tiny-q4", dtype="bfloat16")
     assert calls[-1] is not None  # served from the cache
-    assert any(type(m).__name__ == "Int4Linear" for m in second.model.modules())
+    assert any(type(m).__name__ == "QuantLinear" for m in second.model.modules())
     monkeypatch.setenv("OWNLM_REPACK_CACHE", "0")
     fresh = ownlm.load("tiny-q4", dtype="bfloat16")
     assert torch.equal(_logits(second), _logits(fresh)) and torch.equal(_logits(first), _logits(fresh))

@@ -291,12 +291,12 @@ def test_damaged_checkpoints_are_refused(hf_models, tmp_path):
 
 def test_qlora_keeps_int4_weights_and_trains(smollm2_gguf, tmp_path):
     """QLoRA on the real Q4_1 GGUF: int4 base frozen, adapter learns; the tuned model answers."""
-    from ownlm.model.linear import Int4Linear, LoRALinear
+    from ownlm.model.linear import LoRALinear, QuantLinear
     from ownlm.tune.run import prepare
 
     lm = prepare(str(smollm2_gguf), TuneConfig(method="qlora", targets="q,v"), torch.device("cpu"))
     qkv = lm.model.layers[0].attn.qkv
-    assert isinstance(qkv, LoRALinear) and isinstance(qkv.base, Int4Linear)
+    assert isinstance(qkv, LoRALinear) and isinstance(qkv.base, QuantLinear) and qkv.base.bits == 4
     # int4 matmul with autograd (dequantized on the fly) equals the dequantized dense layer
     x = torch.randn(3, qkv.in_features, requires_grad=True)
     w = qkv.base.dequantize()

@@ -22,7 +22,8 @@ from .errors import BadRequest
 from .formats.checkpoint import open_checkpoint
 from .manage import display_name, resolve
 
-QUANT_BYTES = {"int4": 0.5 + 8 / 32, "bf16": 2.0, "fp16": 2.0, "fp32": 4.0}  # int4: nibbles + fp32 scale/zero per 32
+# bytes per weight as ownlm holds it; int4 / int8: the values plus float16 scale (and offset) per 32
+QUANT_BYTES = {"int4": 0.5 + 4 / 32, "int8": 1 + 2 / 32, "bf16": 2.0, "fp16": 2.0, "fp32": 4.0}
 # block types whose reference quantizer the gguf package implements (K-quants it does not)
 REQUANTIZABLE = {"Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0"}
 # block types' quantization step from a block of 32 dequantized values: symmetric ones step by

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,16 +19,18 @@ from .formats.checkpoint import Checkpoint, open_checkpoint
 from .manage import display_name, resolve
 from .store.store import Store
 from .formats.keymaps import FUSED
-from .formats.quants import Int4Weight, concat_int4, quantize_int4
+from .formats.checkpoint import quantizable
+from .formats.quants import GROUP, QuantWeight, concat, quantize
 from .model import adapters
-from .model.linear import Int4Linear, int4_supported, replace
+from .model.linear import QuantEmbedding, QuantLinear, fast_quant, quant_supported, replace
 from .model.transformer import Transformer
 from .text.chat import ChatTemplate
 from .text.tokenizer import TextTokenizer
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16}
-QUANT_MODES = ("auto", "none", "int4")
+QUANT_MODES = ("auto", "none", "int4", "int8")
+QUANT_BITS = {"int4": 4, "int8": 8}
 
 
 def pick_device(device: str | None = None) -> torch.device:
@@ -72,41 +75,50 @@ def _cpu_has_fast_bf16() -> bool:
 
 
 def build_model(ckpt: Checkpoint, device: torch.device, dtype: torch.dtype, quant: str = "auto") -> Transformer:
-    """Build on the meta device, then assign the checkpoint's tensors; every parameter must be
-    filled exactly once (missing or unexpected names are format errors). quant="auto" keeps
-    GGUF Q4_0/Q4_1 linears as int4 on CPU when computing in bfloat16 (lossless weights, 4x less
-    memory traffic); "none" dequantizes everything to `dtype`; "int4" makes every layer linear
-    int4 (GGUF Q4_0/Q4_1 losslessly, anything else quantized group-wise at load)."""
+    """Build on the meta device, then assign the checkpoint's tensors, one at a time as they are
+    read (a tensor is in its final form before the next is read, so memory peaks near the model's
+    own size); every parameter must be filled exactly once (missing or unexpected names are
+    format errors).
+    quant="auto" keeps GGUF Q4_0/Q4_1/Q4_K/Q8_0 weights (linears, embedding, head) as int4 /
+    int8 on a CPU with ownlm's kernels when computing in bfloat16; "none" dequantizes everything
+    to `dtype`; "int4" / "int8" hold every linear of the layers that way (GGUF blocks of that
+    width as they are, anything else quantized group-wise at load) and keep a GGUF's quantized
+    embedding and head."""
     if quant not in QUANT_MODES:
         raise BadRequest(f"unknown quantization mode {quant!r}", f"use one of: {', '.join(QUANT_MODES)}")
-    if quant == "int4" and not int4_supported(device):
-        raise BadRequest(f"int4 weights are not supported on {device}", "use --quant none")
-    int4 = quant == "int4" or (quant == "auto" and dtype == torch.bfloat16 and int4_supported(device))
+    bits = QUANT_BITS.get(quant)
+    if bits and not quant_supported(device):
+        raise BadRequest(f"{quant} weights are not supported on {device}", "use --quant none")
+    keep = bits is not None or (quant == "auto" and dtype == torch.bfloat16 and fast_quant(device))
     with torch.device("meta"):
         model = Transformer(ckpt.config)
     expected = model.state_names()
-    state = dict(ckpt.tensors(dtype, int4))
-    if quant == "int4":
-        for name, t in state.items():
-            if name.startswith("layers.") and name.endswith(".weight") and not isinstance(t, Int4Weight) and t.dim() == 2:
-                state[name] = quantize_int4(t)
+    state: dict[str, torch.Tensor | QuantWeight] = {}
+    for name, t in ckpt.tensors(dtype, keep):
+        # the layers' linears; the embedding and head only as the file keeps them
+        if bits and name.startswith("layers.") and quantizable(name) and len(t.shape) == 2 and (
+                not isinstance(t, QuantWeight) or t.bits != bits) and t.shape[-1] % GROUP == 0:
+            t = quantize(t.dequantize() if isinstance(t, QuantWeight) else t, bits)
+        state[name] = t
     state = fuse(state, dtype)
     for name, tensor in state.items():
         if name not in expected:
             raise ModelFormatError(f"checkpoint tensor {name!r} has no place in the model")
         want = tuple(model.get_parameter(name).shape)
-        got = tuple(tensor.q.shape) if isinstance(tensor, Int4Weight) else tuple(tensor.shape)
+        got = tuple(tensor.shape)
         if got != want:
             raise ModelFormatError(f"checkpoint tensor {name!r} has shape {got}, the config implies {want}")
     missing = sorted(expected - set(state))
     if missing:
         raise ModelFormatError(f"checkpoint lacks {len(missing)} tensor(s), first {missing[0]!r}")
     for name, tensor in list(state.items()):
-        if isinstance(tensor, Int4Weight):
+        if isinstance(tensor, QuantWeight):
             path = name.removesuffix(".weight")
-            bias = state.pop(f"{path}.bias", None)  # a bias beside int4 weights stays dense
-            replace(model, path, Int4Linear(tensor.q, tensor.scale, tensor.zero, tensor.group, bias=bias,
-                                            dtype=dtype).to(device))
+            if path == "embed":
+                replace(model, path, QuantEmbedding(tensor, dtype).to(device))
+            else:
+                bias = state.pop(f"{path}.bias", None)  # a bias beside quantized weights stays dense
+                replace(model, path, QuantLinear(tensor, bias=bias, dtype=dtype).to(device))
             del state[name]
     dense = {name: t.to(device) for name, t in state.items()}
     model.load_state_dict(dense, assign=True, strict=False)
@@ -117,9 +129,10 @@ def build_model(ckpt: Checkpoint, device: torch.device, dtype: torch.dtype, quan
 def fuse(state: dict, dtype: torch.dtype) -> dict:
     """Concatenate per-projection tensors into the Transformer's fused projections (keymaps.FUSED:
     PARENT.q/k/v -> PARENT.qkv, PARENT.gate/up -> PARENT.gate_up, for attention, MLPs and experts
-    alike); int4 parts stay int4 when all of a group's parts are int4. A lone part (a plain MLP's
-    `up`) is not a group and stays as it is."""
-    out = dict(state)
+    alike); quantized parts stay quantized when all of a group's parts are of one kind. A lone
+    part (a plain MLP's `up`) is not a group and stays as it is. In place: each part is freed as
+    its group is joined, so memory never holds the model twice."""
+    out = state
     parents = {n.rsplit(".", 2)[0] for n in state if n.count(".") >= 2}
     for parent in sorted(parents):
         for fused, parts in FUSED.items():
@@ -132,10 +145,10 @@ def fuse(state: dict, dtype: torch.dtype) -> dict:
                     missing = sorted(set(names) - set(present))[0]
                     raise ModelFormatError(f"checkpoint lacks {missing!r}")
                 tensors = [out.pop(n) for n in names]
-                if all(isinstance(t, Int4Weight) for t in tensors):
-                    out[f"{parent}.{fused}.{kind}"] = concat_int4(tensors)
+                if all(isinstance(t, QuantWeight) and t.bits == tensors[0].bits for t in tensors):
+                    out[f"{parent}.{fused}.{kind}"] = concat(tensors)
                 else:
-                    dense = [t.dequantize().to(dtype) if isinstance(t, Int4Weight) else t for t in tensors]
+                    dense = [t.dequantize().to(dtype) if isinstance(t, QuantWeight) else t for t in tensors]
                     out[f"{parent}.{fused}.{kind}"] = torch.cat(dense)
     return out
 
@@ -226,9 +239,10 @@ def load(ref: str, device: str | None = None, dtype: str | torch.dtype | None = 
     """Load any model reference (store name, catalog alias, path, pypi:/hf: ref, BASE+ADAPTER or
     an adapter's store name) for inference.
     dtype: auto (bfloat16 on CUDA and x86 CPUs with AVX2 or better, else float32), float32, bfloat16, float16.
-    quant: auto (GGUF Q4_0/Q4_1 stay int4 on CPU in bfloat16), none (dequantize everything) or int4
-    (every layer linear int4, quantized at load if it is not already).
-    An adapter is merged into dense weights, and kept beside int4 weights (so they stay int4)."""
+    quant: auto (GGUF Q4_0/Q4_1/Q4_K stay int4 and Q8_0 int8 on a CPU in bfloat16), none
+    (dequantize everything), int4 or int8 (every linear of the layers, quantized at load where it
+    is not already).
+    An adapter is merged into dense weights, and kept beside quantized weights (so they stay so)."""
     t0 = time.perf_counter()
     if quant not in QUANT_MODES:
         raise BadRequest(f"unknown quantization mode {quant!r}", f"use one of: {', '.join(QUANT_MODES)}")
@@ -263,10 +277,20 @@ def load(ref: str, device: str | None = None, dtype: str | torch.dtype | None = 
                 repacked.save(cache_dir, model, spec, chat_template, facts, root / "tmp")
     name = display_name(manifest)
     if adapter is not None:
-        int4 = any(isinstance(m, Int4Linear) for m in model.modules())
-        attach_adapter(model, adapter[1], merge=not int4)
+        quantized = any(isinstance(m, QuantLinear) for m in model.modules())
+        attach_adapter(model, adapter[1], merge=not quantized)
         model.eval()
         name = f"{name}+{display_name(adapter[0])}"
     tok = TextTokenizer(spec)
     template = ChatTemplate(chat_template, tok.bos_token, tok.eos_token)
+    _trim_heap()
     return LoadedModel(name, model, tok, template, manifest, facts, time.perf_counter() - t0)
+
+
+def _trim_heap() -> None:
+    """Give the heap's free pages back to the system: loading leaves holes between the tensors it
+    kept (the temporaries of each step), which would otherwise stay in the process's RSS."""
+    try:
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError):
+        pass  # not glibc

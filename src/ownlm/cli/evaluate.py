@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 from typing import Callable
 
+from . import add_quant_option
 from ..errors import BadRequest
 from ..progress import Bar
 
@@ -50,7 +51,7 @@ def cmd_eval(args) -> int:
         return _kl(args, text, path)
     rows = []
     for ref in args.models:
-        lm = load(ref, pull_missing=False, dtype=args.dtype)
+        lm = load(ref, pull_missing=False, dtype=args.dtype, quant=args.quant)
         r = _with_progress(f"{lm.name}: scoring", "tokens", args.json,
                            lambda p: perplexity(lm, text, window=args.window, stride=args.stride, progress=p))
         rows.append({"model": lm.name, "task": args.task, **r})
@@ -72,7 +73,7 @@ def _tasks(args, path: Path) -> int:
     kind, task_rows = read_task(path)
     rows = []
     for ref in args.models:
-        lm = load(ref, pull_missing=False, dtype=args.dtype)
+        lm = load(ref, pull_missing=False, dtype=args.dtype, quant=args.quant)
         bar = Bar(f"{lm.name}: {kind.replace('_', '-')}", len(task_rows), quiet=args.json, unit="rows")
         try:
             r = (multiple_choice(lm, task_rows, progress=bar) if kind == "multiple_choice"
@@ -96,10 +97,10 @@ def _kl(args, text: str, path: Path) -> int:
 
     if len(args.models) < 2:
         raise BadRequest("--kl compares models against the first one: give at least two")
-    ref = load(args.models[0], pull_missing=False, dtype=args.dtype)
+    ref = load(args.models[0], pull_missing=False, dtype=args.dtype, quant=args.quant)
     rows = []
     for other_ref in args.models[1:]:
-        other = load(other_ref, pull_missing=False, dtype=args.dtype)
+        other = load(other_ref, pull_missing=False, dtype=args.dtype, quant=args.quant)
         r = _with_progress(f"{other.name}: KL", "positions", args.json,
                            lambda p: kl_divergence(ref, other, text, window=args.window, progress=p))
         rows.append({"reference": ref.name, "model": other.name, "task": args.task, **r})
@@ -125,7 +126,7 @@ def cmd_bench(args) -> int:
     if args.api_price_per_mtok is not None and args.price_per_hour is None:
         raise BadRequest("--api-price-per-mtok needs --price-per-hour (the price of this machine)")
     r = bench(args.model, args.prompt_tokens, args.gen_tokens, batches, args.device, args.dtype,
-              args.price_per_hour, args.api_price_per_mtok)
+              args.price_per_hour, args.api_price_per_mtok, quant=args.quant)
     if args.json:
         print(json.dumps(r, indent=2))
         return 0
@@ -157,6 +158,7 @@ def register(sub) -> None:
     p.add_argument("--window", type=int, help="tokens per window (default: the model's context)")
     p.add_argument("--stride", type=int, help="tokens between window starts (default: the window)")
     p.add_argument("--dtype", help="auto, float32, bfloat16 or float16")
+    add_quant_option(p)
     p.add_argument("--max-tokens", type=int, default=64, help="generation tasks: tokens per answer (default 64)")
     p.add_argument("--kl", action="store_true",
                    help="instead: KL divergence of each later MODEL's next-token distributions from the first's")
@@ -175,5 +177,6 @@ def register(sub) -> None:
     b.add_argument("--api-price-per-mtok", type=float, help="an API's price per million output tokens, to compare")
     b.add_argument("--device")
     b.add_argument("--dtype")
+    add_quant_option(b)
     b.add_argument("--json", action="store_true")
     b.set_defaults(func=cmd_bench)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import sys
 
+from . import add_quant_option
 from ..errors import BadRequest
 from ..loading import load
 
@@ -32,7 +33,7 @@ def cmd_run(args) -> int:
         raise BadRequest("--system has no effect with --raw", "drop one of them")
     if prompt is None and (args.json or args.raw):
         raise BadRequest("--json and --raw need a prompt (an argument or stdin)")
-    lm = load(args.model, device=args.device, dtype=args.dtype)
+    lm = load(args.model, device=args.device, dtype=args.dtype, quant=args.quant)
     sampling = _sampling(args)
     lm.params(**sampling)  # validate before any output
     if prompt is None:
@@ -116,4 +117,5 @@ def register(sub) -> None:
     p.add_argument("--json", action="store_true", help="print one JSON object: text, token_ids, finish_reason, usage, timings")
     p.add_argument("--device", help="cpu, cuda, mps (default: the best available)")
     p.add_argument("--dtype", help="auto, float32, bfloat16, float16")
+    add_quant_option(p)
     p.set_defaults(func=cmd_run)

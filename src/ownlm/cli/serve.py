@@ -12,6 +12,7 @@ import threading
 import time
 from pathlib import Path
 
+from . import add_quant_option
 from ..errors import BadRequest, OwnlmError
 
 
@@ -57,7 +58,7 @@ def cmd_serve(args) -> int:
     driver = Driver()
     pool = ModelPool(args.models, keep_alive=args.keep_alive, max_loaded=args.max_loaded,
                      max_running=args.max_running, max_queue=args.max_queue, device=args.device, dtype=args.dtype,
-                     driver=driver)
+                     quant=args.quant, driver=driver)
     if args.preload:
         for mid in list(pool.available())[: args.max_loaded]:
             pool.release(asyncio.run(pool.acquire(mid)))
@@ -115,5 +116,6 @@ def register(sub) -> None:
     p.add_argument("--max-body-mb", type=float, default=8.0, help="largest request body in MiB (default 8)")
     p.add_argument("--device", help="cpu, cuda, cuda:N or mps (default: best available)")
     p.add_argument("--dtype", help="auto, float32, bfloat16 or float16")
+    add_quant_option(p)
     p.add_argument("--json", action="store_true", help="print the ready line as JSON on stdout")
     p.set_defaults(func=cmd_serve)

@@ -60,7 +60,7 @@ def generate_ids(model: torch.nn.Module, prompt: Sequence[int], params: Sampling
     cfg = model.cfg
     stats = stats if stats is not None else StepStats()
     limit = budget(len(prompt), params, cfg.context_length)
-    device = model.embed.weight.device
+    device = model.device
     cache = KVCache.for_model(model, 1, span(len(prompt) + limit))
     graphs = DecodeGraphs(model, cache) if graphs_enabled(device, model) else None
     gen = make_generator(params.seed, "cpu")

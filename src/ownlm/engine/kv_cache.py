@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import torch
 
+from ..model import kernels
+
 
 ALIGN = 64
 
@@ -34,12 +36,12 @@ class KVCache:
     @classmethod
     def for_model(cls, model, batch: int, max_len: int) -> "KVCache":
         cfg = model.cfg
-        w = model.embed.weight
-        # on a CPU, keys and values (rounded to the compute type as they are) are kept in fp32:
-        # one-token attention runs in fp32 there, and converting the cache every step cost more
-        # than the memory saved
-        dtype = torch.float32 if w.device.type == "cpu" else w.dtype
-        return cls(cfg.n_layers, batch, cfg.n_kv_heads, max_len, cfg.head_dim, dtype, w.device)
+        # keys and values are held in the compute dtype (they are rounded to it as they are made);
+        # on a CPU without ownlm's kernels in fp32, since one-token attention runs in fp32 there
+        # and converting the cache every step cost more than the memory saved
+        cpu = model.device.type == "cpu"
+        dtype = torch.float32 if cpu and kernels.load() is None else model.dtype
+        return cls(cfg.n_layers, batch, cfg.n_kv_heads, max_len, cfg.head_dim, dtype, model.device)
 
     def grow(self, slots: int, max_len: int, limit: int) -> None:
         """Make room for at least `slots` sequences of `max_len` positions (kept contents stay);
@@ -62,6 +64,13 @@ class KVCache:
         for store in (self.k, self.v):
             for t in store:
                 t[dst, :, :length] = t[src, :, :length]
+
+    def decode_buffers(self, layer: int) -> tuple[torch.Tensor, torch.Tensor, int] | None:
+        """(keys, values, first slot) of a layer for a decode kernel that writes and reads the
+        cache itself: float32 or bfloat16 CPU tensors (slots, Hkv, capacity, D); None elsewhere."""
+        if self.dtype not in (torch.float32, torch.bfloat16) or torch.device(self.device).type != "cpu":
+            return None
+        return self.k[layer], self.v[layer], self.base
 
     def update(self, layer: int, pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
         # pos: (B, T) absolute positions; k, v: (B, Hkv, T, D); the batch occupies slots base..base+B-1

@@ -94,7 +94,7 @@ class Scheduler:
                  driver: "Driver | None" = None):
         """With a `driver`, the driver's thread runs the steps; otherwise a thread of its own."""
         self.model, self.cfg = model, model.cfg
-        self.device = model.embed.weight.device
+        self.device = model.device
         self.max_running, self.max_queue, self.prefill_chunk = max_running, max_queue, prefill_chunk
         self.cache = KVCache.for_model(model, 1, 16)
         # CUDA graphs of decode steps (captured on first use); the cache grows in place

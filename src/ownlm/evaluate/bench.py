@@ -26,7 +26,7 @@ def cost_per_mtok(price_per_hour: float, tokens_per_s: float) -> float:
 
 def bench(ref: str, prompt_tokens: int = 512, gen_tokens: int = 128, batches: tuple[int, ...] = (1,),
           device: str | None = None, dtype: str | None = None, price_per_hour: float | None = None,
-          api_price_per_mtok: float | None = None) -> dict[str, Any]:
+          api_price_per_mtok: float | None = None, quant: str = "auto") -> dict[str, Any]:
     from ..engine.generate import StepStats, generate_ids
     from ..engine.sampling import SamplingParams
     from ..engine.scheduler import Scheduler, run_all
@@ -37,7 +37,7 @@ def bench(ref: str, prompt_tokens: int = 512, gen_tokens: int = 128, batches: tu
     if price_per_hour is not None and price_per_hour <= 0 or api_price_per_mtok is not None and api_price_per_mtok <= 0:
         raise BadRequest("prices must be positive")
     t0 = time.perf_counter()
-    lm = load(ref, device=device, dtype=dtype, pull_missing=False)
+    lm = load(ref, device=device, dtype=dtype, quant=quant, pull_missing=False)
     load_s = time.perf_counter() - t0
     if prompt_tokens + gen_tokens > lm.config.context_length:
         raise BadRequest(f"{prompt_tokens} + {gen_tokens} tokens exceed the context ({lm.config.context_length})")
@@ -61,7 +61,7 @@ def bench(ref: str, prompt_tokens: int = 512, gen_tokens: int = 128, batches: tu
                 rows.append({"batch": b, "aggregate_tokens_per_s": sum(map(len, results)) / wall, "wall_s": wall})
         finally:
             sched.close()
-    result = {"model": lm.name, "device": str(lm.model.embed.weight.device), "dtype": str(lm.model.embed.weight.dtype),
+    result = {"model": lm.name, "device": str(lm.model.device), "dtype": str(lm.model.dtype),
               "prompt_tokens": prompt_tokens, "gen_tokens": gen_tokens, "load_s": load_s, "runs": rows,
               "peak_rss_bytes": peak_rss_bytes()}
     if price_per_hour is not None:

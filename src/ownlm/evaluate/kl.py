@@ -24,7 +24,7 @@ def kl_divergence(ref, other, text: str, window: int | None = None,
     total, worst, agree, n = 0.0, 0.0, 0, 0
     for begin in range(0, len(ids) - 1, window):
         chunk = ids[begin: begin + window]
-        lp = [torch.log_softmax(m.model(torch.tensor([chunk], device=m.model.embed.weight.device))[0].double().cpu(), -1)
+        lp = [torch.log_softmax(m.model(torch.tensor([chunk], device=m.model.device))[0].double().cpu(), -1)
               for m in (ref, other)]
         vocab = min(lp[0].shape[-1], lp[1].shape[-1])
         a, b = lp[0][:, :vocab], lp[1][:, :vocab]

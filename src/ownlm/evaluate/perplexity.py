@@ -31,7 +31,7 @@ def perplexity(lm, text: str, window: int | None = None, stride: int | None = No
     if len(ids) < 2:
         raise BadRequest("the text is shorter than two tokens: nothing to score")
     model = lm.model
-    device = model.embed.weight.device
+    device = model.device
     nll, scored, done = 0.0, 0, 1  # `done`: tokens [0, done) are scored (token 0 never is)
     begin = 0
     while done < len(ids):

@@ -84,7 +84,7 @@ def continuation_logprob(lm, context: str, continuation: str) -> float:
     if not cont:
         raise BadRequest(f"choice {continuation!r} adds no tokens after its context")
     ids = whole[-(lm.config.context_length + 1):]  # keep the end if it is longer than the context
-    logits = lm.model(torch.tensor([ids[:-1]], device=lm.model.embed.weight.device))[0].float()
+    logits = lm.model(torch.tensor([ids[:-1]], device=lm.model.device))[0].float()
     lp = torch.log_softmax(logits, -1)[-len(cont):]
     return float(lp.gather(1, torch.tensor(cont, device=lp.device)[:, None]).double().sum())
 

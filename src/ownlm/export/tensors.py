@@ -1,4 +1,4 @@
-"""A built model's weights as plain dense tensors (adapters merged, int4 dequantized), named for
+"""A built model's weights as plain dense tensors (adapters merged, int4 / int8 dequantized), named for
 a file format: fused projections the format has no name for are split into their parts."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import torch
 
 from ..errors import BadRequest
 from ..formats import keymaps
-from ..model.linear import Int4Linear, LoRALinear
+from ..model.linear import LoRALinear, QuantEmbedding, QuantLinear
 from ..model.transformer import Transformer
 
 
@@ -19,11 +19,11 @@ def dense_state(model: Transformer, state: dict[str, torch.Tensor] | None = None
     out: dict[str, torch.Tensor] = {}
     special = []  # linears whose tensors are not plain parameters
     for name, module in model.named_modules():
-        if isinstance(module, (LoRALinear, Int4Linear)) and not any(name.startswith(s + ".") for s in special):
+        if isinstance(module, (LoRALinear, QuantLinear, QuantEmbedding)) and not any(name.startswith(s + ".") for s in special):
             special.append(name)
             dense = module.merged() if isinstance(module, LoRALinear) else None
             out[f"{name}.weight"] = dense.weight if dense is not None else module.dequantize()
-            bias = dense.bias if dense is not None else module.bias
+            bias = dense.bias if dense is not None else getattr(module, "bias", None)
             if bias is not None:
                 out[f"{name}.bias"] = bias
     for name, t in model.state_dict().items():

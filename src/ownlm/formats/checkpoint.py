@@ -17,7 +17,7 @@ from ..model.config import ModelConfig
 from . import hf, keymaps
 from . import tokenizer as tok
 from .gguf import GGUFFile
-from .quants import INT4_TYPES, Int4Weight, int4_from_blocks
+from .quants import QUANT_TYPES, QuantWeight, from_blocks
 
 GGUF_FILE = "model.gguf"
 
@@ -29,9 +29,10 @@ class Checkpoint:
     tokenizer: tok.TokenizerSpec
     chat_template: str | None
     facts: dict[str, Any]
-    # tensors(dtype, int4) -> (our name, dense tensor or Int4Weight); int4=True keeps Q4_0/Q4_1
-    # linear weights in their lossless int4 form instead of dequantizing them
-    tensors: Callable[..., Iterator[tuple[str, torch.Tensor | Int4Weight]]] = field(repr=False)
+    # tensors(dtype, keep) -> (our name, dense tensor or QuantWeight); keep=True keeps GGUF
+    # Q4_0/Q4_1/Q4_K/Q8_0 weights of linears, the embedding and the head as int4 / int8
+    # (formats/quants.py) instead of dequantizing them
+    tensors: Callable[..., Iterator[tuple[str, torch.Tensor | QuantWeight]]] = field(repr=False)
     # one row per model tensor in the file: {"name" (ours), "file_name", "shape", "type", "bytes"}
     listing: list[dict[str, Any]] = field(default_factory=list, repr=False)
 
@@ -87,21 +88,23 @@ def _open_gguf(path: Path) -> Checkpoint:
             return keymaps.unpermute_qk(w, cfg.n_kv_heads)
         return w
 
-    def tensors(dtype: torch.dtype, int4: bool = False) -> Iterator[tuple[str, torch.Tensor | Int4Weight]]:
+    def tensors(dtype: torch.dtype, keep: bool = False) -> Iterator[tuple[str, torch.Tensor | QuantWeight]]:
+        # one tensor at a time: each is copied out of the map, which then lets its pages go
         for name, ours in names.items():
-            qtype = g.tensors[name].qtype
+            info = g.tensors[name]
             if keymaps.STACKED in ours:  # every expert of a layer in one tensor: one tensor each
                 stacked = g.dequantize(name)
-                for e in range(stacked.shape[0]):
-                    yield ours.replace(keymaps.STACKED, f".experts.{e}."), torch.from_numpy(np.array(stacked[e])).to(dtype)
-                continue
-            if int4 and qtype in INT4_TYPES and ours.startswith("layers.") and ours.endswith(".weight"):
-                yield ours, int4_from_blocks(unpermute(ours, g.raw(name)), qtype)
-                continue
-            w = unpermute(ours, g.dequantize(name))
-            if not w.flags.writeable or not w.flags.c_contiguous:
-                w = np.array(w)  # F32 tensors are views of the read-only map
-            yield ours, torch.from_numpy(w).to(dtype)
+                out = [(ours.replace(keymaps.STACKED, f".experts.{e}."), torch.from_numpy(np.array(stacked[e])).to(dtype))
+                       for e in range(stacked.shape[0])]
+            elif keep and info.qtype in QUANT_TYPES and len(info.shape) == 2 and quantizable(ours):
+                out = [(ours, from_blocks(unpermute(ours, g.raw(name)), info.qtype))]
+            else:
+                w = unpermute(ours, g.dequantize(name))
+                if not w.flags.writeable or not w.flags.c_contiguous:
+                    w = np.array(w)  # F32 tensors are views of the read-only map
+                out = [(ours, torch.from_numpy(w).to(dtype))]
+            g.release(name)
+            yield from out
 
     counts = Counter(t.type_name for t in g.tensors.values())
     params = sum(t.n_elements for n, t in g.tensors.items() if n in names)
@@ -127,6 +130,14 @@ def _open_gguf(path: Path) -> Checkpoint:
                             "file_name": name, "shape": list(t.shape[1:] if experts else t.shape),
                             "type": t.type_name, "bytes": t.nbytes // (experts or 1)})
     return Checkpoint("gguf", cfg, spec, g.get("tokenizer.chat_template"), facts, tensors, listing)
+
+
+def quantizable(ours: str) -> bool:
+    """Whether a tensor (our name) can be held as group-wise int4 / int8: the weight of a layer's
+    linear, the embedding table or the output head."""
+    if ours in ("embed.weight", "lm_head.weight"):
+        return True
+    return ours.startswith("layers.") and ours.endswith(".weight") and not ours.endswith("norm.weight")
 
 
 def _dominant(g: GGUFFile) -> str:

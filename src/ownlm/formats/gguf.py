@@ -243,6 +243,17 @@ class GGUFFile:
                                    "re-quantize the model to a k-quant or Q8_0") from None
         return out.reshape(t.shape).astype(np.float32, copy=False)
 
+    def release(self, name: str) -> None:
+        """Drop the tensor's pages from this process's memory (they stay in the page cache and
+        come back if read again): a loader that has copied a tensor calls this, so the mapped
+        file does not add its size to the process's peak."""
+        t = self.tensors[name]
+        start = t.offset - t.offset % mmap.PAGESIZE
+        try:
+            self._mmap.madvise(mmap.MADV_DONTNEED, start, t.offset + t.nbytes - start)
+        except (AttributeError, OSError, ValueError):
+            pass  # no madvise here: the pages stay until the file is closed
+
     def close(self) -> None:
         try:
             self._mmap.close()

@@ -10,6 +10,7 @@ import struct
 from pathlib import Path
 from typing import Any, Iterator, Mapping
 
+import numpy as np
 import torch
 
 from ..errors import ModelFormatError
@@ -134,9 +135,47 @@ ST_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16",
              torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8", torch.bool: "BOOL"}
 
 
+def map_safetensors(path: Path) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
+    """(metadata, tensors) of a safetensors file written by write_safetensors, the tensors backed
+    by a private copy-on-write map of the file: nothing is read before it is used and nothing is
+    copied. A header that does not describe the file is a ModelFormatError."""
+    by_name = {v: k for k, v in ST_DTYPES.items()}
+    with open(path, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        n = int.from_bytes(f.read(8), "little")
+        if n > min(size - 8, 1 << 30):
+            raise ModelFormatError(f"{path}: bad safetensors header")
+        try:
+            header = json.loads(f.read(n))
+        except ValueError:
+            raise ModelFormatError(f"{path}: bad safetensors header") from None
+        mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY) if size > 8 + n else None
+    meta = header.pop("__metadata__", {}) if isinstance(header, dict) else None
+    if not isinstance(header, dict) or not isinstance(meta, dict):
+        raise ModelFormatError(f"{path}: bad safetensors header")
+    tensors = {}
+    for name, info in header.items():
+        try:
+            dtype = by_name[info["dtype"]]
+            shape = [int(d) for d in info["shape"]]
+            start, end = (int(x) for x in info["data_offsets"])
+        except (KeyError, TypeError, ValueError):
+            raise ModelFormatError(f"{path}: bad entry for {name!r}") from None
+        count = int(np.prod(shape, dtype=np.int64)) if shape else 1
+        item = torch.empty(0, dtype=dtype).element_size()
+        at = 8 + n + start
+        if start < 0 or end - start != count * item or 8 + n + end > size or at % item:
+            raise ModelFormatError(f"{path}: tensor {name!r} does not fit the file")
+        t = torch.frombuffer(mm, dtype=dtype, count=count, offset=at) if count else torch.empty(0, dtype=dtype)
+        tensors[name] = t.reshape(shape)
+    return meta, tensors
+
+
 def write_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
     """A safetensors file written one tensor at a time (safetensors' own writer holds a copy of
-    every tensor at once: a whole model's worth of extra memory), then fsynced."""
+    every tensor at once: a whole model's worth of extra memory), then fsynced. Wider elements
+    first, so every tensor starts at a multiple of its element size (and can be mapped in place)."""
+    tensors = dict(sorted(tensors.items(), key=lambda kv: -kv[1].element_size()))
     header: dict[str, Any] = {"__metadata__": metadata}
     offset = 0
     for name, t in tensors.items():

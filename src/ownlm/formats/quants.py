@@ -1,5 +1,12 @@
-"""GGUF quantized blocks -> the int4 group-wise form PyTorch's int4 kernels take, losslessly for
-Q4_0 and Q4_1 (w = d * q + m  ==  (q - 8) * d + (m + 8 d))."""
+"""Group-wise integer weights in the layout ownlm's CPU kernels read (see model/kernels.py), from
+GGUF blocks or quantized at load.
+
+Groups of 32 input columns; per group a float16 scale (and, for int4, a float16 offset):
+- int4: w = q * scale + offset, q in 0..15, two per byte (byte i = q[i] | q[16 + i] << 4, the
+  order of GGUF's Q4_0 / Q4_1 blocks). Q4_0 (w = d (q - 8)) and Q4_1 (w = d q + m) are exact:
+  scale = d, offset = -8 d or m. Q4_K's per-32 scales and mins (d * sc, dmin * m, products of a
+  float16 and a 6-bit integer) are rounded to float16 (relative error <= 2^-11 of the scale).
+- int8: w = q * scale, q in -128..127. Q8_0 is exact."""
 
 from __future__ import annotations
 
@@ -8,59 +15,99 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from gguf import GGMLQuantizationType as Q
+from gguf import quants as gguf_quants
 
-INT4_TYPES = {Q.Q4_0, Q.Q4_1}
+from ..model.kernels import pack_int4, unpack_int4
+
+GROUP = 32
+QUANT_TYPES = {Q.Q4_0: 4, Q.Q4_1: 4, Q.Q4_K: 4, Q.Q8_0: 8}  # GGUF block type -> bits kept in memory
 
 
 @dataclass
-class Int4Weight:
-    q: torch.Tensor  # (N, K) uint8 in 0..15
-    scale: torch.Tensor  # (K / 32, N) float32
-    zero: torch.Tensor  # (K / 32, N) float32
-    group: int = 32
+class QuantWeight:
+    bits: int  # 4 or 8
+    data: torch.Tensor  # (N, K/2) uint8 packed nibbles, or (N, K) int8
+    scale: torch.Tensor  # (N, K/32) float16
+    offset: torch.Tensor | None = None  # (N, K/32) float16, int4 only
 
-    def dequantize(self) -> torch.Tensor:
-        s = self.scale.t().repeat_interleave(self.group, dim=1)  # (N, K)
-        z = self.zero.t().repeat_interleave(self.group, dim=1)
-        return (self.q.float() - 8) * s + z
+    @property
+    def shape(self) -> tuple[int, int]:
+        n, b = self.data.shape
+        return n, b * 2 if self.bits == 4 else b
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.data, self.scale, self.offset) if t is not None)
+
+    def dequantize(self, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """The weight as float32 (N, K), or only the given rows of it (an embedding lookup)."""
+        data, scale = self.data, self.scale
+        offset = self.offset
+        if rows is not None:
+            data, scale = data[rows], scale[rows]
+            offset = offset[rows] if offset is not None else None
+        q = unpack_int4(data) if self.bits == 4 else data
+        n, k = q.shape
+        w = q.float().view(n, k // GROUP, GROUP) * scale.float()[..., None]
+        if offset is not None:
+            w = w + offset.float()[..., None]
+        return w.view(n, k)
 
 
-def int4_from_blocks(raw: np.ndarray, qtype: Q) -> Int4Weight:
-    """raw: (N, bytes per row) of Q4_0 / Q4_1 blocks."""
+def concat(parts: list[QuantWeight]) -> QuantWeight:
+    """Stack weights of the same kind along the output dimension (fused projections)."""
+    offsets = [p.offset for p in parts]
+    return QuantWeight(parts[0].bits, torch.cat([p.data for p in parts]), torch.cat([p.scale for p in parts]),
+                       None if offsets[0] is None else torch.cat(offsets))
+
+
+def _f16(blocks: np.ndarray, at: int) -> np.ndarray:
+    """The float16 at byte `at` of each block, as float16 (N, nb)."""
+    return np.ascontiguousarray(blocks[..., at:at + 2]).view(np.float16)[..., 0]
+
+
+def from_blocks(raw: np.ndarray, qtype: Q) -> QuantWeight:
+    """raw: (N, bytes per row) of GGUF blocks of a type in QUANT_TYPES."""
     n = raw.shape[0]
-    if qtype == Q.Q4_1:
-        blocks = raw.reshape(n, -1, 20)
-        d = blocks[..., 0:2].copy().view(np.float16).astype(np.float32)[..., 0]  # (N, nb)
-        m = blocks[..., 2:4].copy().view(np.float16).astype(np.float32)[..., 0]
-        qs = blocks[..., 4:20]
-        zero = m + 8 * d
-    elif qtype == Q.Q4_0:
-        blocks = raw.reshape(n, -1, 18)
-        d = blocks[..., 0:2].copy().view(np.float16).astype(np.float32)[..., 0]
-        qs = blocks[..., 2:18]
-        zero = np.zeros_like(d)
-    else:
-        raise ValueError(f"{qtype.name} is not an int4 block type")
-    q = np.concatenate([qs & 0x0F, qs >> 4], axis=-1).reshape(n, -1)  # (N, K): low nibbles first, then high
-    return Int4Weight(torch.from_numpy(q), torch.from_numpy(np.ascontiguousarray(d.T)),
-                      torch.from_numpy(np.ascontiguousarray(zero.T)))
+    t = torch.from_numpy
+    if qtype in (Q.Q4_0, Q.Q4_1):
+        size = 18 if qtype == Q.Q4_0 else 20
+        blocks = raw.reshape(n, -1, size)
+        d = _f16(blocks, 0)
+        offset = d * np.float16(-8) if qtype == Q.Q4_0 else _f16(blocks, 2)
+        data = np.ascontiguousarray(blocks[..., size - 16:]).reshape(n, -1)
+        return QuantWeight(4, t(data), t(np.ascontiguousarray(d)), t(np.ascontiguousarray(offset)))
+    if qtype == Q.Q8_0:
+        blocks = raw.reshape(n, -1, 34)
+        data = np.ascontiguousarray(blocks[..., 2:]).view(np.int8).reshape(n, -1)
+        return QuantWeight(8, t(data), t(np.ascontiguousarray(_f16(blocks, 0))))
+    if qtype == Q.Q4_K:  # super-blocks of 256: d, dmin, 8 six-bit (scale, min) pairs, 128 bytes of nibbles
+        blocks = raw.reshape(-1, 144)
+        d = blocks[:, 0:2].copy().view(np.float16).astype(np.float32)  # (B, 1)
+        dmin = blocks[:, 2:4].copy().view(np.float16).astype(np.float32)
+        sc, mn = gguf_quants.Q4_K.get_scale_min(blocks[:, 4:16].copy())  # (B, 8) each
+        scale = (d * sc.astype(np.float32)).astype(np.float16).reshape(n, -1)
+        offset = (-(dmin * mn.astype(np.float32))).astype(np.float16).reshape(n, -1)
+        qs = blocks[:, 16:].reshape(-1, 4, 1, 32) >> np.array([0, 4], dtype=np.uint8).reshape(1, 1, 2, 1)
+        q = (qs & 0x0F).reshape(n, -1)  # sub-block 2j: low nibbles of bytes 32j.., 2j+1: their high nibbles
+        return QuantWeight(4, pack_int4(t(q)), t(scale), t(offset))
+    raise ValueError(f"{qtype.name} is not kept quantized")
 
 
-def concat_int4(parts: list[Int4Weight]) -> Int4Weight:
-    """Stack int4 weights along the output dimension (for fused projections)."""
-    return Int4Weight(torch.cat([p.q for p in parts]), torch.cat([p.scale for p in parts], dim=1),
-                      torch.cat([p.zero for p in parts], dim=1), parts[0].group)
-
-
-def quantize_int4(w: torch.Tensor, group: int = 32) -> Int4Weight:
-    """Group-wise asymmetric int4 of a dense (N, K) weight: per group of `group` columns the 16
-    levels span [min, max] (round to nearest), w ~ (q - 8) * scale + zero."""
+def quantize(w: torch.Tensor, bits: int) -> QuantWeight:
+    """Group-wise quantization of a dense (N, K) weight (K a multiple of 32), rounding to nearest:
+    int4 asymmetric (16 levels from each group's min to its max), int8 symmetric (absmax / 127).
+    Values are rounded against the float16 scale they will be stored with."""
     n, k = w.shape
-    if k % group:
-        raise ValueError(f"input dimension {k} is not a multiple of the int4 group {group}")
-    g = w.float().reshape(n, k // group, group)
-    lo, hi = g.amin(-1), g.amax(-1)
-    scale = ((hi - lo) / 15).clamp_min(1e-12)
-    q = ((g - lo[..., None]) / scale[..., None]).round_().clamp_(0, 15).to(torch.uint8).reshape(n, k)
-    zero = lo + 8 * scale
-    return Int4Weight(q, scale.t().contiguous(), zero.t().contiguous(), group)
+    if k % GROUP:
+        raise ValueError(f"input dimension {k} is not a multiple of {GROUP}")
+    g = w.float().reshape(n, k // GROUP, GROUP)
+    if bits == 4:
+        lo, hi = g.amin(-1), g.amax(-1)
+        scale = ((hi - lo) / 15).clamp_min(1e-7).half()
+        offset = lo.half()
+        q = ((g - offset.float()[..., None]) / scale.float()[..., None]).round_().clamp_(0, 15).to(torch.uint8)
+        return QuantWeight(4, pack_int4(q.reshape(n, k)), scale, offset)
+    scale = (g.abs().amax(-1) / 127).clamp_min(1e-7).half()
+    q = (g / scale.float()[..., None]).round_().clamp_(-127, 127).to(torch.int8)
+    return QuantWeight(8, q.reshape(n, k).contiguous(), scale)

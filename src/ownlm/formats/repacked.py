@@ -1,11 +1,11 @@
 """The repacked-model cache: a store model as the engine holds it in memory (projections fused,
-GGUF int4 blocks repacked into both int4 layouts, everything else in the compute dtype), with its
+GGUF blocks in the kernels' int4 / int8 layout, everything else in the compute dtype), with its
 config, tokenizer and chat template, in one safetensors file per (model digest, variant).
 
-The first load of a store model builds it from its files and writes this cache; later loads read
-one file and assign its tensors, with no GGUF parsing, dequantizing or repacking. The variant
-names everything the bytes depend on: dtype, device type, int4 on or off, ownlm's kernels, the
-CPU's capability and torch's version (PyTorch's int4 layout is its own). A cache is written to a
+The first load of a store model builds it from its files and writes this cache; later loads map
+one file and take its tensors in place, with no GGUF parsing, dequantizing, repacking or copying. The variant
+names everything the bytes depend on: dtype, device type, quantization mode, ownlm's kernels, the
+CPU's capability and torch's version. A cache is written to a
 temporary folder, fsynced and renamed into place, so a killed load leaves none or a whole one; one
 that fails to read is ignored and rewritten. `ownlm rm` removes a model's caches with its files.
 OWNLM_REPACK_CACHE=0 turns it off."""
@@ -21,17 +21,17 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file
 from tokenizers import Tokenizer
 
 from ..model import kernels
 from ..model.config import ModelConfig, RopeScaling
-from ..model.linear import Int4Linear, replace
+from ..model.linear import QuantEmbedding, QuantLinear, replace
+from .quants import QuantWeight
 from ..model.transformer import Transformer
-from .hf import write_safetensors
+from .hf import map_safetensors, write_safetensors
 from .tokenizer import TokenizerSpec
 
-VERSION = 1
+VERSION = 2
 FILE = "model.safetensors"
 
 
@@ -54,9 +54,10 @@ def save(path: Path, model: Transformer, tokenizer: TokenizerSpec, chat_template
     """Write the cache for `model` at `path` (atomically; an existing one is kept)."""
     if path.exists():
         return
-    int4 = {name: {"group": m.group, "dtype": str(m.dtype).removeprefix("torch.")}
-            for name, m in model.named_modules() if isinstance(m, Int4Linear)}
-    meta = {"version": VERSION, "config": asdict(model.cfg), "int4": int4, "facts": facts,
+    quantized = {name: {"embedding": isinstance(m, QuantEmbedding), "bits": m.bits,
+                        "dtype": str(m.dtype).removeprefix("torch.")}
+                 for name, m in model.named_modules() if isinstance(m, (QuantLinear, QuantEmbedding))}
+    meta = {"version": VERSION, "config": asdict(model.cfg), "quantized": quantized, "facts": facts,
             "chat_template": chat_template,
             "tokenizer": {"json": tokenizer.tokenizer.to_str(), "bos_id": tokenizer.bos_id,
                           "eos_ids": list(tokenizer.eos_ids), "add_bos": tokenizer.add_bos,
@@ -91,13 +92,10 @@ def load(path: Path, device: torch.device) -> tuple[Transformer, TokenizerSpec, 
 
 def _read(file: Path, device: torch.device):
     try:
-        from safetensors import safe_open
-
-        with safe_open(str(file), framework="pt") as f:
-            meta = json.loads(f.metadata()["ownlm"])
+        metadata, tensors = map_safetensors(file)  # mapped, not read: pages come in as they are used
+        meta = json.loads(metadata["ownlm"])
         if meta.get("version") != VERSION:
             return None
-        tensors = load_file(str(file))
         cfg_dict = dict(meta["config"])
         scaling = dict(cfg_dict.pop("rope_scaling"))
         scaling["factors"] = tuple(scaling.get("factors", ()))
@@ -106,10 +104,13 @@ def _read(file: Path, device: torch.device):
         cfg = ModelConfig(**cfg_dict, rope_scaling=RopeScaling(**scaling))
         with torch.device("meta"):
             model = Transformer(cfg)
-        for name, spec in meta["int4"].items():
-            buffers = {k[len(name) + 1:]: tensors.pop(k) for k in list(tensors) if k.startswith(name + ".")}
-            replace(model, name, Int4Linear.from_buffers(buffers, spec["group"], getattr(torch, spec["dtype"])).to(device))
-        expected = {k for k in model.state_dict() if not any(k.startswith(n + ".") for n in meta["int4"])}
+        for name, spec in meta["quantized"].items():
+            parts = {k[len(name) + 1:]: tensors.pop(k) for k in list(tensors) if k.startswith(name + ".")}
+            w = QuantWeight(spec["bits"], parts["data"], parts["scale"], parts.get("offset"))
+            dtype = getattr(torch, spec["dtype"])
+            layer = QuantEmbedding(w, dtype) if spec["embedding"] else QuantLinear(w, parts.get("bias"), dtype)
+            replace(model, name, layer.to(device))
+        expected = {k for k in model.state_dict() if not any(k.startswith(n + ".") for n in meta["quantized"])}
         if set(tensors) != expected:
             return None
         model.load_state_dict({k: v.to(device) for k, v in tensors.items()}, assign=True, strict=False)

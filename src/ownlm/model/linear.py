@@ -1,8 +1,9 @@
 """The linear-layer interface the Transformer builds on.
 
-The model calls `dense(in, out, bias)` and afterwards only `layer(x)`; anything with that call
-and a `weight`-like state (quantized int4 / int8 weights, a LoRA wrapper) can be swapped in with
-`replace(model, name, new)` without touching the model code."""
+The model calls `dense(in, out, bias)` and afterwards only `layer(x)`, and its embedding table
+`embed(tokens)` and `embed.head(x)` (tied output head); anything with those calls (int4 / int8
+weights, a LoRA wrapper) can be swapped in with `replace(model, name, new)` without touching
+the model code."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..formats.quants import QuantWeight
 from . import kernels
 
 def _kernel_input(flat: torch.Tensor) -> torch.Tensor:
@@ -51,75 +53,98 @@ def replace(model: nn.Module, name: str, new: nn.Module) -> None:
     setattr(parent, child, new)
 
 
-class Int4Linear(nn.Module):
-    """Group-wise int4 weights kept quantized in memory: w = (q - 8) * scale + zero per group of
-    `group` input columns. One-token decode steps (any number of sequences) go through ownlm's
-    kernel where it runs (see kernels.py; packed nibbles, fp32 scales); longer inputs (prefill
-    chunks) through PyTorch's int4 weight-only kernel, which is faster there (its packed layout,
-    scales in `dtype`). Both layouts are kept: ~1.25x the int4 bytes."""
+class Embedding(nn.Embedding):
+    """nn.Embedding that can also serve as the output head (tied embeddings)."""
 
-    def __init__(self, q, scale, zero, group: int, bias=None, dtype=torch.bfloat16):
-        super().__init__()
-        self.out_features, self.in_features = q.shape
-        self.group = group
-        self.dtype = dtype
-        self.register_buffer("packed", torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.to(torch.int32).contiguous(), 2))
-        self.register_buffer("scales_zeros", torch.stack([scale, zero], dim=-1).to(dtype).contiguous())  # (K/g, N, 2)
-        self.own_kernel = group == 32 and kernels.load() is not None
-        if self.own_kernel:
-            self.register_buffer("nibbles", kernels.pack_int4(q))  # (N, K/2)
-            self.register_buffer("scale", scale.t().float().contiguous())  # (N, K/32)
-            self.register_buffer("zs", (zero - 8 * scale).t().float().contiguous())  # (N, K/32)
-        self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
+    def head(self, x: torch.Tensor) -> torch.Tensor:
+        return matmul(x, self.weight)
 
-    @classmethod
-    def from_buffers(cls, buffers: dict[str, torch.Tensor], group: int, dtype: torch.dtype) -> "Int4Linear":
-        """Rebuild from the tensors of a saved state_dict (the repacked-model cache), no repacking."""
-        self = cls.__new__(cls)
-        nn.Module.__init__(self)
-        groups, self.out_features, _ = buffers["scales_zeros"].shape
-        self.in_features, self.group, self.dtype = groups * group, group, dtype
-        for name in ("packed", "scales_zeros", "nibbles", "scale", "zs"):
-            if name in buffers:
-                self.register_buffer(name, buffers[name])
-        self.own_kernel = "nibbles" in buffers and kernels.load() is not None
-        bias = buffers.get("bias")
-        self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
-        return self
+
+def fast_quant(device) -> bool:
+    """Whether group-wise int4 / int8 weights have a fast kernel on `device` (ownlm's CPU kernels)."""
+    return torch.device(device).type == "cpu" and kernels.load() is not None
+
+
+def quant_supported(device) -> bool:
+    """Int4 / int8 weights work on CPUs (fast with ownlm's kernels, else dequantized per call)."""
+    return torch.device(device).type == "cpu"
+
+
+class _Quantized(nn.Module):
+    """Holds a QuantWeight as buffers: `data` (packed nibbles or int8), `scale` and, for int4,
+    `offset`, the layout ownlm's kernels read (see formats/quants.py)."""
+
+    def _set_weight(self, w: QuantWeight, dtype: torch.dtype) -> None:
+        self.bits, self.dtype = w.bits, dtype
+        self.out_features, self.in_features = w.shape
+        self.register_buffer("data", w.data)
+        self.register_buffer("scale", w.scale)
+        self.register_buffer("offset", w.offset)
+
+    @property
+    def weight_q(self) -> QuantWeight:
+        return QuantWeight(self.bits, self.data, self.scale, self.offset)
 
     def dequantize(self) -> torch.Tensor:
-        """The weight as a dense float32 (N, K) tensor: from the nibbles when this layer keeps
-        them, else the int4 kernel applied to the identity."""
-        if "nibbles" in self._buffers:
-            nb = self.nibbles.view(self.out_features, -1, 16)
-            q = torch.cat([nb & 15, nb >> 4], dim=-1).float()  # (N, K/32, 32)
-            return (q * self.scale[..., None] + self.zs[..., None]).reshape(self.out_features, self.in_features)
-        eye = torch.eye(self.in_features, dtype=self.dtype, device=self.packed.device)
-        return torch.ops.aten._weight_int4pack_mm_for_cpu(eye, self.packed, self.group, self.scales_zeros).t().float()
+        """The weight as a dense float32 (N, K) tensor."""
+        return self.weight_q.dequantize()
+
+    def linear(self, x: torch.Tensor) -> torch.Tensor:
+        """x @ W.T: ownlm's integer kernel in inference; in training (gradients wanted for x: an
+        adapter over frozen quantized weights, QLoRA) the weight is dequantized per call and kept
+        nowhere."""
+        if torch.is_grad_enabled() and x.requires_grad:
+            return _QuantMatMul.apply(x, self)
+        flat = x.reshape(-1, self.in_features)
+        lib = kernels.load() if self.data.device.type == "cpu" else None
+        if lib is not None and flat.shape[0]:
+            y = kernels.quant_matmul(lib, _kernel_input(flat), self.bits, self.data, self.scale, self.offset)
+        else:  # no kernel here: the dense weight for this call only
+            y = F.linear(flat.to(self.dtype), self.dequantize().to(self.dtype))
+        return y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
+
+
+class QuantLinear(_Quantized):
+    """A linear layer whose weight stays int4 or int8 (group-wise) in memory. Inference runs
+    ownlm's integer kernel (activations rounded to int8 per group of 32, as llama.cpp does)."""
+
+    def __init__(self, w: QuantWeight, bias: torch.Tensor | None = None, dtype: torch.dtype = torch.bfloat16):
+        super().__init__()
+        self._set_weight(w, dtype)
+        self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if torch.is_grad_enabled() and x.requires_grad:  # training an adapter over frozen int4 weights (QLoRA)
-            y = _Int4MatMul.apply(x, self)
-            return y if self.bias is None else y + self.bias
-        shape = x.shape
-        flat = x.reshape(-1, self.in_features)
-        if self.own_kernel and (x.dim() < 2 or shape[-2] == 1):  # one token per sequence: decode
-            y = kernels.int4_matmul(kernels.load(), _kernel_input(flat), self.nibbles, self.scale, self.zs)
-        elif self.dtype == torch.float32:  # PyTorch's int4 kernel is ~50x slower in float32 than bf16 here
-            y = F.linear(flat.float(), self.dequantize())
-        else:
-            y = torch.ops.aten._weight_int4pack_mm_for_cpu(flat.to(self.dtype), self.packed, self.group, self.scales_zeros)
-        y = y.reshape(*shape[:-1], self.out_features).to(x.dtype)
+        y = self.linear(x)
         return y if self.bias is None else y + self.bias
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, int4 group={self.group}"
+        return f"in_features={self.in_features}, out_features={self.out_features}, int{self.bits} group=32"
 
 
-class _Int4MatMul(torch.autograd.Function):
-    """x @ W.T for frozen int4 weights in training (QLoRA): the weight is dequantized for the
-    forward and again for the backward (dL/dx = dL/dy @ W) and never kept, so memory stays int4;
-    the matmuls run in x's dtype (float32 on CPUs whose bfloat16 is emulated)."""
+class QuantEmbedding(_Quantized):
+    """An embedding table kept int4 / int8: a lookup dequantizes the rows it reads; as a tied
+    output head it runs the integer kernel like QuantLinear."""
+
+    def __init__(self, w: QuantWeight, dtype: torch.dtype = torch.bfloat16):
+        super().__init__()
+        self._set_weight(w, dtype)
+        self.num_embeddings, self.embedding_dim = self.out_features, self.in_features
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        rows = self.weight_q.dequantize(tokens.reshape(-1))
+        return rows.to(self.dtype).reshape(*tokens.shape, self.embedding_dim)
+
+    def head(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear(x)
+
+    def extra_repr(self) -> str:
+        return f"{self.num_embeddings}, {self.embedding_dim}, int{self.bits} group=32"
+
+
+class _QuantMatMul(torch.autograd.Function):
+    """x @ W.T for frozen quantized weights in training (QLoRA): the weight is dequantized for
+    the forward and again for the backward (dL/dx = dL/dy @ W) and never kept, so memory stays
+    int4; the matmuls run in x's dtype (float32 on CPUs whose bfloat16 is emulated)."""
 
     @staticmethod
     def forward(ctx, x, layer):
@@ -150,7 +175,7 @@ class LoRALinear(nn.Module):
         self.scale = alpha / (math.sqrt(r) if rslora else r)
         self.in_features = base.in_features
         self.out_features = base.out_features
-        device = next(iter(base.buffers() if isinstance(base, Int4Linear) else base.parameters())).device
+        device = next(iter(base.buffers() if isinstance(base, QuantLinear) else base.parameters())).device
         self.lora_a = nn.ParameterDict({n: nn.Parameter(torch.empty(r, self.in_features, device=device)) for n in parts})
         self.lora_b = nn.ParameterDict({n: nn.Parameter(torch.zeros(s1 - s0, r, device=device))
                                         for n, (s0, s1) in parts.items()})
@@ -187,8 +212,8 @@ class LoRALinear(nn.Module):
     def merged(self) -> nn.Module:
         """A plain dense Linear with the adapter folded in (onto the dequantized base if int4)."""
         base = self.base
-        w = base.dequantize() if isinstance(base, Int4Linear) else base.weight
-        dtype = base.dtype if isinstance(base, Int4Linear) else w.dtype
+        w = base.dequantize() if isinstance(base, QuantLinear) else base.weight
+        dtype = base.dtype if isinstance(base, QuantLinear) else w.dtype
         layer = Linear(self.in_features, self.out_features, bias=base.bias is not None, device=w.device, dtype=dtype)
         with torch.no_grad():
             layer.weight.copy_((w.float() + self.delta().float()).to(dtype))
@@ -198,7 +223,3 @@ class LoRALinear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"parts={list(self.parts)}, r={self.r}, alpha={self.alpha}, rslora={self.rslora}"
-
-
-def int4_supported(device) -> bool:
-    return torch.device(device).type == "cpu" and hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu")

@@ -19,7 +19,8 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from .config import ModelConfig, RopeScaling
-from .linear import dense, matmul
+from . import fastpath, kernels
+from .linear import Embedding, dense
 
 
 class Cache(Protocol):
@@ -33,12 +34,21 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if kernels.usable(x) and not (torch.is_grad_enabled() and self.weight.requires_grad):  # the same arithmetic in one call
+            return kernels.rms_norm(x, self._weight32(), self.eps, self.offset)
         # normalize in fp32 as the reference implementations do, then cast back
         h = x.float()
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
         if self.offset:  # Gemma: scaled by (1 + w) in fp32
             return (h * (self.offset + self.weight.float())).to(x.dtype)
         return self.weight * h.to(x.dtype)
+
+    def _weight32(self) -> torch.Tensor:
+        """The weight as float32 for the kernel, converted once per change of the weight."""
+        key = (self.weight.data_ptr(), self.weight._version)
+        if getattr(self, "_w32_key", None) != key:
+            self._w32, self._w32_key = self.weight.detach().float().contiguous(), key
+        return self._w32
 
 
 def make_norm(cfg: ModelConfig, dim: int) -> nn.Module:
@@ -100,12 +110,21 @@ class Attention(nn.Module):
         self.qk_norm = cfg.qk_norm
         self.scale = cfg.attn_scale or cfg.head_dim ** -0.5
         self.clip = cfg.clip_qkv
+        local = bool(cfg.local_layers and cfg.local_layers[layer])
+        self.window = (cfg.sliding_window or 0) if (local or not cfg.local_layers) else 0  # keys this layer sees
 
     def forward(self, x, cos, sin, mask, pos, cache):
         B, T, _ = x.shape
         qkv = self.qkv(x)
         if self.clip:
             qkv = qkv.clamp(-self.clip, self.clip)
+        buffers = cache.decode_buffers(self.layer) if T == 1 and cache is not None and cos is not None else None
+        if buffers is not None and not self.qk_norm and kernels.usable(qkv):
+            # one-token decode in one kernel call: rotate, write the cache, attend (exact key range)
+            k_cache, v_cache, slot0 = buffers
+            y = kernels.attend_decode(qkv, self.n_heads, self.n_kv, self.hd, cos[:, 0, 0], sin[:, 0, 0], k_cache,
+                                      v_cache, slot0, pos[:, 0], self.window, self.scale)
+            return self.o(y)
         q, k, v = qkv.split(self.sizes, dim=-1)
         q = q.reshape(B, T, self.n_heads, self.hd).transpose(1, 2)  # (B, H, T, D)
         k = k.reshape(B, T, self.n_kv, self.hd).transpose(1, 2)  # (B, Hkv, T, D)
@@ -140,6 +159,7 @@ class MLP(nn.Module):
         super().__init__()
         self.gated = cfg.mlp.startswith("gated")
         self.act = functools.partial(F.gelu, approximate="tanh") if cfg.mlp == "gated_gelu_tanh" else F.silu
+        self.act_id = 1 if cfg.mlp == "gated_gelu_tanh" else 0  # the kernel's name for it
         if self.gated:
             self.gate_up = dense(cfg.dim, 2 * cfg.ffn_dim, cfg.mlp_bias)  # gate and up fused
         else:
@@ -149,7 +169,10 @@ class MLP(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.gated:
             return self.down(F.gelu(self.up(x)))
-        gate, up = self.gate_up(x).chunk(2, dim=-1)
+        h = self.gate_up(x)
+        if kernels.usable(h):
+            return self.down(kernels.act_mul(h, self.act_id))
+        gate, up = h.chunk(2, dim=-1)
         return self.down(self.act(gate) * up)
 
 
@@ -207,7 +230,7 @@ class Transformer(nn.Module):
         self.cfg = cfg
         # weights always come from a checkpoint: no random init (Embedding's normal_ on the meta
         # device would import torch._dynamo, a second and more of every load)
-        self.embed = nn.Embedding(cfg.vocab_size, cfg.dim, _weight=torch.empty(cfg.vocab_size, cfg.dim))
+        self.embed = Embedding(cfg.vocab_size, cfg.dim, _weight=torch.empty(cfg.vocab_size, cfg.dim))
         self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
         self.norm = make_norm(cfg, cfg.dim)
         self.lm_head = None if cfg.tie_embeddings else dense(cfg.dim, cfg.vocab_size, False)
@@ -223,7 +246,7 @@ class Transformer(nn.Module):
     def init_buffers(self, device: torch.device | str | None = None) -> None:
         """Compute the non-persistent buffers (call after loading weights onto a device)."""
         cfg = self.cfg
-        device = device or self.embed.weight.device
+        device = device or self.norm.weight.device
         self.inv_freq = rope_frequencies(cfg.rope_dim, cfg.rope_theta, cfg.rope_scaling).to(device)
         if cfg.local_layers:
             self.inv_freq_local = rope_frequencies(cfg.rope_dim, cfg.rope_theta_local, RopeScaling()).to(device)
@@ -232,6 +255,15 @@ class Transformer(nn.Module):
         if cfg.rope_scaling.kind == "longrope":
             long = dataclasses.replace(cfg.rope_scaling, factors=cfg.rope_scaling.long_factors)
             self.inv_freq_long = rope_frequencies(cfg.rope_dim, cfg.rope_theta, long).to(device)
+
+    @property
+    def device(self) -> torch.device:
+        return self.norm.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The compute dtype (what the norms and activations are held in)."""
+        return self.norm.weight.dtype
 
     def state_names(self) -> set[str]:
         return set(self.state_dict().keys())
@@ -275,11 +307,13 @@ class Transformer(nn.Module):
         cos, sin = emb.cos(), emb.sin()
         if scaling.attention_factor != 1.0:
             cos, sin = cos * scaling.attention_factor, sin * scaling.attention_factor
+        if decode:  # kept in float32 for one token (the decode kernel takes them so)
+            return cos, sin, mask
         return cos.to(dtype), sin.to(dtype), mask
 
     def head(self, x: torch.Tensor) -> torch.Tensor:
         """Logits of final normalized hidden states (tied embeddings: the input table is the head)."""
-        return matmul(x, self.embed.weight) if self.lm_head is None else self.lm_head(x)
+        return self.embed.head(x) if self.lm_head is None else self.lm_head(x)
 
     def forward(self, tokens: torch.Tensor, pos: torch.Tensor | None = None, cache: Cache | None = None,
                 last_only: bool = False, head: bool = True, segments: torch.Tensor | None = None) -> torch.Tensor:
@@ -304,7 +338,10 @@ class Transformer(nn.Module):
             kinds = {False: self._attention_inputs(self.inv_freq, pos, total, segments, cfg.sliding_window, x.dtype,
                                                    decode)}
         recompute = self.checkpointing and torch.is_grad_enabled() and cache is None
-        for block in self.layers:
+        plan = fastpath.plan(self, x, cache) if decode and kinds[False][0] is not None else None
+        if plan is not None:  # every block in one kernel call, bit-identical to the loop below
+            x = plan.run(x, pos, kinds, cache)
+        for block in self.layers if plan is None else ():
             cos, sin, mask = kinds[block.local]
             if recompute:
                 x = checkpoint(block, x, cos, sin, mask, pos, None, use_reentrant=False)

@@ -542,7 +542,7 @@ def create_app(pool: ModelPool, config: ServerConfig | None = None) -> FastAPI:
 def embed(served: Served, batch: list[list[int]], dimensions: int | None = None) -> list[list[float]]:
     """Mean of the final normalized hidden states over the tokens, L2-normalized."""
     model = served.lm.model
-    device = model.embed.weight.device
+    device = model.device
     out = []
     with torch.inference_mode():
         for ids in batch:

@@ -47,11 +47,11 @@ def model_id(name: str) -> str:
 class ModelPool:
     def __init__(self, refs: list[str] | None = None, keep_alive: float = 300.0, max_loaded: int = 1,
                  max_running: int = 8, max_queue: int = 64, device: str | None = None, dtype: str | None = None,
-                 loader: Callable[..., LoadedModel] = load, driver: Driver | None = None):
+                 quant: str = "auto", loader: Callable[..., LoadedModel] = load, driver: Driver | None = None):
         self.fixed = {model_id(r) if parse_ref(r).kind == "name" else r: r for r in (refs or [])}
         self.keep_alive, self.max_loaded = keep_alive, max_loaded
         self.engine_opts = {"max_running": max_running, "max_queue": max_queue, "driver": driver}
-        self.device, self.dtype, self.loader = device, dtype, loader
+        self.device, self.dtype, self.quant, self.loader = device, dtype, quant, loader
         self.loaded: dict[str, Served] = {}
         self.locks: dict[str, asyncio.Lock] = {}
         self.guard = threading.Lock()
@@ -72,7 +72,7 @@ class ModelPool:
                             f"this server offers: {', '.join(sorted(models)) or 'nothing yet (ownlm pull)'}")
 
     def _load(self, mid: str, ref: str) -> Served:
-        lm = self.loader(ref, device=self.device, dtype=self.dtype, pull_missing=False)
+        lm = self.loader(ref, device=self.device, dtype=self.dtype, quant=self.quant, pull_missing=False)
         sched = Scheduler(lm.model, **self.engine_opts)
         return Served(mid, lm, sched, int(time.time()))
 

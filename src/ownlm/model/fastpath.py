@@ -1,0 +1,110 @@
+"""The CPU decode step of a quantized model in one kernel call.
+
+A one-token step through 30 blocks is some 300 small operations; in eager PyTorch each costs
+microseconds of dispatch, together more than the matmuls. Where every block is the common
+pre-norm shape (RMSNorm, fused qkv with rotary attention, RMSNorm, gated MLP, sequential
+residuals) and its four projections are int4 / int8 QuantLinears, `decode_layers` (kernels.py)
+runs all blocks in C: the same kernels the modules call, in the same order, with the same
+roundings, so the result is bit-identical to the modules' forward. Anything else (another block
+shape, an adapter wrapped around a projection, training, a GPU) takes the modules' path.
+
+The plan holds raw pointers into the model's buffers; it is rebuilt when any of the modules it
+read is replaced (an adapter attached, a layer swapped)."""
+
+from __future__ import annotations
+
+import ctypes
+
+import torch
+
+from . import kernels
+from .linear import QuantLinear
+
+
+def _modules(model) -> list:
+    return [m for b in model.layers for m in (b.attn_norm, b.attn.qkv, b.attn.o, getattr(b, "mlp_norm", None),
+                                              getattr(b.mlp, "gate_up", None), b.mlp.down if hasattr(b.mlp, "down") else None)]
+
+
+def eligible(model) -> bool:
+    """Whether every block has the shape decode_layers runs (switches read from the config, the
+    projections' types from the modules)."""
+    from .transformer import RMSNorm
+
+    cfg = model.cfg
+    if (cfg.norm != "rms" or cfg.position != "rope" or cfg.qk_norm or cfg.clip_qkv or cfg.parallel_residual
+            or cfg.post_norms or cfg.shared_norm or cfg.n_experts or not cfg.mlp.startswith("gated")
+            or cfg.head_dim % 8 or cfg.n_heads % cfg.n_kv_heads):
+        return False
+    for b in model.layers:
+        linears = (b.attn.qkv, b.attn.o, b.mlp.gate_up, b.mlp.down)
+        if not all(type(m) is QuantLinear for m in linears) or type(b.attn_norm) is not RMSNorm:
+            return False
+    return True
+
+
+class DecodePlan:
+    def __init__(self, model):
+        self.key = [id(m) for m in _modules(model)]
+        cfg = model.cfg
+        self.bf = model.dtype == torch.bfloat16
+        self.keep: list[torch.Tensor] = []  # float32 copies the structs point into
+        self.layers = (kernels.Layer * cfg.n_layers)()
+        for i, block in enumerate(model.layers):
+            ly = self.layers[i]
+            for j, lin in enumerate((block.attn.qkv, block.attn.o, block.mlp.gate_up, block.mlp.down)):
+                ly.w[j], ly.s[j] = lin.data.data_ptr(), lin.scale.data_ptr()
+                ly.o[j] = lin.offset.data_ptr() if lin.offset is not None else None
+                if lin.bias is not None:
+                    self.keep.append(lin.bias.detach().float().contiguous())
+                    ly.bias[j] = self.keep[-1].data_ptr()
+                ly.bits[j], ly.n[j], ly.k[j] = lin.bits, lin.out_features, lin.in_features
+            for field, norm in (("norm1", block.attn_norm), ("norm2", block.mlp_norm)):
+                self.keep.append(norm._weight32())
+                setattr(ly, field, self.keep[-1].data_ptr())
+            ly.window, ly.local = block.attn.window, int(block.local)
+            ly.scale, ly.norm_offset = block.attn.scale, block.attn_norm.offset
+        self.cache_key = None
+        self.act = model.layers[0].mlp.act_id
+        self.eps = cfg.norm_eps
+        self.shape = (cfg.n_heads, cfg.n_kv_heads, cfg.head_dim)
+
+    def _bind(self, cache) -> None:
+        """Point each layer at its cache tensors (again after the cache grew)."""
+        key = (id(cache), cache.k[0].data_ptr(), cache.v[0].data_ptr(), cache.max_len, cache.slots)
+        if key == self.cache_key:
+            return
+        for i, ly in enumerate(self.layers):
+            k, v, _ = cache.decode_buffers(i)
+            ly.kc, ly.vc = k.data_ptr(), v.data_ptr()
+        self.cache_key = key
+
+    def run(self, x: torch.Tensor, pos: torch.Tensor, rotations: dict, cache) -> torch.Tensor:
+        """x (B, 1, C) after the embedding -> the last block's output (B, 1, C)."""
+        self._bind(cache)
+        x = x.contiguous().clone()
+        cos0, sin0, _ = rotations[False]
+        cos1, sin1, _ = rotations.get(True, rotations[False])
+        cos0, sin0, cos1, sin1 = (t[:, 0, 0].contiguous() for t in (cos0, sin0, cos1, sin1))
+        pos = pos[:, 0].contiguous()
+        h, hkv, d = self.shape
+        kernels.load().decode_layers(
+            x.data_ptr(), self.bf, x.shape[0], x.shape[-1], len(self.layers), ctypes.byref(self.layers), h, hkv, d,
+            cos0.shape[-1], cos0.data_ptr(), sin0.data_ptr(), cos1.data_ptr(), sin1.data_ptr(),
+            cache.k[0].dtype == torch.bfloat16, cache.base,
+            cache.k[0].shape[2], pos.data_ptr(), self.eps, self.act)
+        return x
+
+
+def plan(model, x: torch.Tensor, cache) -> DecodePlan | None:
+    """The model's decode plan if this step can take it: a CPU inference step on a KVCache that
+    the kernels can write, every block eligible."""
+    if cache is None or not kernels.usable(x) or cache.decode_buffers(0) is None:
+        return None
+    current = getattr(model, "_decode_plan", None)
+    if current is not None and current.key == [id(m) for m in _modules(model)]:
+        return current
+    if not eligible(model):
+        return None
+    model._decode_plan = DecodePlan(model)
+    return model._decode_plan

@@ -1,0 +1,184 @@
+"""Quantized weights kept in memory: GGUF blocks taken losslessly into the kernels' layout
+(against the `gguf` package's own dequantizer), quantization at load, the integer kernels
+against a float64 reference, whole models against their dequantized selves, the one-call decode
+step against the modules, and memory equal to the file's blocks."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import gguf
+import numpy as np
+import pytest
+import torch
+
+import ownlm
+from ownlm.engine.kv_cache import KVCache, span
+from ownlm.formats.gguf import GGUFFile
+from ownlm.formats.quants import QuantWeight, from_blocks, quantize
+from ownlm.model import fastpath, kernels
+from ownlm.model.linear import QuantEmbedding, QuantLinear
+
+from .ggufs import hf_folder_to_gguf
+
+ROOT = Path(__file__).resolve().parents[1]
+
+Q = gguf.GGMLQuantizationType
+PROMPTS = ["Name three colors of the rainbow.", "What is the capital of France?", "Write a haiku about the sea."]
+
+
+@pytest.mark.parametrize("qtype", [Q.Q4_0, Q.Q4_1, Q.Q8_0])
+def test_gguf_blocks_are_taken_losslessly(hf_models, tmp_path, qtype):
+    path = hf_folder_to_gguf(hf_models["llama"], tmp_path / "q.gguf", qtype=qtype)
+    g = GGUFFile(path)
+    n = 0
+    for name, t in g.tensors.items():
+        if t.qtype == qtype:
+            w = from_blocks(g.raw(name), qtype)
+            assert w.bits == (8 if qtype == Q.Q8_0 else 4)
+            np.testing.assert_array_equal(w.dequantize().numpy(), g.dequantize(name))
+            assert w.nbytes == t.nbytes + (2 * w.scale.numel() if qtype == Q.Q4_0 else 0)  # Q4_0 gains an offset
+            n += 1
+    assert n >= 15
+
+
+def test_q4_k_blocks_match_the_reference_dequantizer():
+    """Random Q4_K super-blocks (sane float16 d and dmin, random 6-bit scales and nibbles)."""
+    rng = np.random.default_rng(0)
+    rows, blocks = 6, 3
+    raw = rng.integers(0, 256, size=(rows, blocks, 144), dtype=np.uint8)
+    raw[..., 0:2] = np.float16(0.011).tobytes()[0], np.float16(0.011).tobytes()[1]
+    dmin = np.frombuffer(np.float16(0.007).tobytes(), dtype=np.uint8)
+    raw[..., 2], raw[..., 3] = dmin[0], dmin[1]
+    raw = raw.reshape(rows, -1)
+    want = gguf.quants.dequantize(raw, Q.Q4_K)
+    got = from_blocks(raw, Q.Q4_K).dequantize().numpy()
+    # per-32 scales d * sc and mins dmin * m are held as float16: within 2^-11 of each
+    np.testing.assert_allclose(got, want, rtol=0, atol=float(np.abs(want).max()) * 2 ** -10)
+
+
+def _reference(x: torch.Tensor, w: QuantWeight) -> torch.Tensor:
+    """The kernel's arithmetic in float64: x rounded per row and group of 32 to int16 (scale
+    absmax / 32767), times the exact dequantized weight (the offsets times the exact group sums)."""
+    n, k = w.shape
+    xg = x.double().view(x.shape[0], k // 32, 32)
+    d = xg.abs().amax(-1, keepdim=True) / 32767
+    xq = torch.where(d > 0, torch.round(xg / torch.where(d > 0, d, 1)), 0) * d
+    q = (w.dequantize().double() if w.offset is None else
+         (w.dequantize().double().view(n, -1, 32) - w.offset.double()[..., None]).view(n, k))
+    y = xq.view(x.shape[0], k) @ q.t()
+    if w.offset is not None:
+        y = y + xg.sum(-1) @ w.offset.double().t()
+    return y
+
+
+@pytest.mark.skipif(kernels.load() is None, reason="needs an x86 CPU with AVX2 and a C compiler")
+@pytest.mark.parametrize("bits", [4, 8])
+def test_quant_matmul_equals_reference_and_is_batch_invariant(bits):
+    torch.manual_seed(bits)
+    w = quantize(torch.randn(301, 96 * 2), bits)  # N not a multiple of any block
+    x = torch.randn(70, 96 * 2) * torch.rand(70, 1) * 4  # 70 rows: crosses the 64-row tile
+    got = kernels.quant_matmul(kernels.load(), x, bits, w.data, w.scale, w.offset)
+    want = _reference(x, w)
+    assert torch.allclose(got.double(), want, atol=2e-5 * want.abs().max().item(), rtol=0)
+    dense = x.double() @ w.dequantize().double().t()  # and the int16 rounding of x costs ~1e-5
+    assert ((got.double() - dense).norm() / dense.norm()).item() < 1e-4
+    for i in (0, 1, 63, 64, 69):
+        assert torch.equal(kernels.quant_matmul(kernels.load(), x[i:i + 1].contiguous(), bits, w.data, w.scale,
+                                                w.offset)[0], got[i])
+
+
+def test_quant_linear_without_kernels_and_in_training(monkeypatch):
+    torch.manual_seed(0)
+    w = quantize(torch.randn(48, 64), 4)
+    layer = QuantLinear(w, bias=torch.randn(48), dtype=torch.float32)
+    x = torch.randn(5, 64)
+    want = x @ w.dequantize().t() + layer.bias
+    tol = 1e-4 * want.abs().max().item()  # the kernel rounds x to int16 per group of 32
+    with torch.inference_mode():
+        assert torch.allclose(layer(x), want, atol=tol)
+        monkeypatch.setattr(kernels, "load", lambda: None)  # a machine without AVX2 or a compiler
+        assert torch.allclose(layer(x), want, atol=1e-6 * want.abs().max().item())
+    monkeypatch.undo()
+    xg = x.clone().requires_grad_(True)  # QLoRA: gradients flow to x through the frozen weight
+    layer(xg).square().sum().backward()
+    x2 = x.clone().requires_grad_(True)
+    (x2 @ w.dequantize().t() + layer.bias).square().sum().backward()
+    torch.testing.assert_close(xg.grad, x2.grad, atol=1e-4, rtol=1e-4)
+
+
+def test_smollm2_keeps_its_blocks_and_equals_the_dequantized_model(smollm2_gguf):
+    """Q4_1 layers and the Q8_0 embedding/head stay in their bytes. In float32 the quantized model
+    gives the dequantized model's logits and greedy answers; in the default bfloat16 it departs
+    from them no more than bfloat16 rounding alone does (the dequantized model in bfloat16)."""
+    exact = ownlm.load(str(smollm2_gguf), dtype="float32", quant="none", cache=False)
+    f32 = ownlm.load(str(smollm2_gguf), dtype="float32", quant="int4", cache=False)
+    fast = ownlm.load(str(smollm2_gguf), cache=False)  # bf16, int4 / int8 kept
+    rounded = ownlm.load(str(smollm2_gguf), dtype="bfloat16", quant="none", cache=False)
+    g = GGUFFile(smollm2_gguf)
+    quantized = {n: m for n, m in fast.model.named_modules() if isinstance(m, (QuantLinear, QuantEmbedding))}
+    assert isinstance(fast.model.embed, QuantEmbedding) and fast.model.embed.bits == 8
+    assert len(quantized) == 1 + 4 * fast.config.n_layers
+    held = sum(t.numel() * t.element_size() for m in quantized.values() for t in m.buffers())
+    assert held == sum(t.nbytes for t in g.tensors.values() if t.qtype in (Q.Q4_1, Q.Q8_0))
+    text = (ROOT / "src/ownlm/evaluate/data/prose.txt").read_text()[:2000]
+    ids = torch.tensor([exact.encode(text)[:300]])
+    with torch.inference_mode():
+        b = exact.model(ids).log_softmax(-1)
+        kl = {name: (b.exp() * (b - lm.model(ids).float().log_softmax(-1))).sum(-1).mean().item()
+              for name, lm in (("f32", f32), ("fast", fast), ("rounded", rounded))}
+    assert kl["f32"] < 1e-5 and kl["fast"] < 1.5 * kl["rounded"] + 1e-4, kl
+    for prompt in PROMPTS:
+        msgs = [{"role": "user", "content": prompt}]
+        assert f32.chat(msgs, max_tokens=24, temperature=0).text == exact.chat(msgs, max_tokens=24, temperature=0).text
+
+
+@pytest.mark.parametrize("quant", ["int4", "int8"])
+def test_quantize_at_load_follows_the_dense_model(hf_models, quant):
+    dense = ownlm.load(str(hf_models["qwen2"]), dtype="float32", quant="none")
+    q = ownlm.load(str(hf_models["qwen2"]), dtype="float32", quant=quant)
+    assert all(isinstance(b.attn.qkv, QuantLinear) and b.attn.qkv.bits == int(quant[3]) for b in q.model.layers)
+    ids = torch.tensor([list(range(3, 40))])
+    with torch.inference_mode():
+        b, a = dense.model(ids).log_softmax(-1), q.model(ids).log_softmax(-1)
+    kl = (b.exp() * (b - a)).sum(-1).mean().item()
+    assert kl < (0.05 if quant == "int4" else 1e-3), kl
+
+
+def _decode(model, ids, steps=6):
+    cache = KVCache.for_model(model, 1, 128)
+    out = []
+    with torch.inference_mode():
+        cache.length = len(ids)
+        logits = model(torch.tensor([ids]), torch.arange(len(ids))[None], cache, last_only=True)
+        n = len(ids)
+        for _ in range(steps):
+            token = logits[0, -1].float().argmax().view(1, 1)
+            cache.length = span(n + 1)
+            logits = model(token, torch.tensor([[n]]), cache)
+            out.append(logits.float())
+            n += 1
+    return torch.cat(out)
+
+
+@pytest.mark.skipif(kernels.load() is None, reason="needs an x86 CPU with AVX2 and a C compiler")
+@pytest.mark.parametrize("family,dtype,quant", [("qwen2", "bfloat16", "int8"), ("mistral", "float32", "int4"),
+                                                 ("llama3-rope", "bfloat16", "int4")])
+def test_one_call_decode_step_is_bit_identical_to_the_modules(hf_models, monkeypatch, family, dtype, quant):
+    """qwen2: biases; mistral: a sliding window shorter than the sequence; llama3: tied head."""
+    lm = ownlm.load(str(hf_models[family]), dtype=dtype, quant=quant)
+    assert fastpath.eligible(lm.model)
+    ids = list(range(3, 21))
+    fused = _decode(lm.model, ids)
+    assert lm.model._decode_plan is not None
+    monkeypatch.setattr(fastpath, "plan", lambda *a: None)
+    assert torch.equal(fused, _decode(lm.model, ids))
+
+
+def test_blocks_the_fused_step_does_not_cover_take_the_modules(hf_models, tmp_path):
+    from .conftest import build_hf_model
+
+    qwen3 = ownlm.load(str(build_hf_model(tmp_path / "q3", "qwen3")), dtype="float32", quant="int4")
+    assert not fastpath.eligible(qwen3.model)  # qk-norm
+    dense = ownlm.load(str(hf_models["llama"]), dtype="float32", quant="none")
+    assert not fastpath.eligible(dense.model)  # dense projections
