@@ -32,9 +32,11 @@ def _requests(lm, n: int, limit: int = 40):
     return out
 
 
-@pytest.mark.parametrize("family", ["llama", "mistral"])
-def test_batched_equals_alone(hf_models, family):
-    lm = ownlm.load(str(hf_models[family]), dtype="float32")  # mistral: sliding window 8
+@pytest.mark.parametrize("family,dtype,quant", [("llama", "float32", "none"), ("mistral", "float32", "none"),
+                                                 ("mistral", "bfloat16", "int4")])
+def test_batched_equals_alone(hf_models, family, dtype, quant):
+    """mistral: sliding window 8; int4 in bfloat16: the one-call decode step and a bf16 cache."""
+    lm = ownlm.load(str(hf_models[family]), dtype=dtype, quant=quant)
     reqs = _requests(lm, 8)
     alone = [list(generate_ids(lm.model, r["prompt"], r["params"])) [: r["limit"]] for r in reqs]
     sched = Scheduler(lm.model, max_running=8, prefill_chunk=7)

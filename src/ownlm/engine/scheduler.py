@@ -361,7 +361,8 @@ def _logprob(lp: torch.Tensor, token: int, k: int | None) -> TokenLogprob:
 def run_all(scheduler: Scheduler, requests: Sequence[dict[str, Any]],
             errors: list[BaseException] | None = None) -> list[list[int]]:
     """Submit several requests at once and wait for all: token ids per request (for tests and
-    benchmarks of the batch path without a server); failed requests' errors go to `errors`."""
+    benchmarks of the batch path without a server); failed requests' errors go to `errors`. A
+    scheduler with a driver is stepped right here, on the caller's thread (see Driver)."""
     results: list[list[int]] = [[] for _ in requests]
     done = threading.Semaphore(0)
 
@@ -377,6 +378,9 @@ def run_all(scheduler: Scheduler, requests: Sequence[dict[str, Any]],
 
     for i, r in enumerate(requests):
         scheduler.submit(Request(emit=sink(i), **r))
+    if scheduler.driver is not None:
+        while scheduler.has_work():
+            scheduler.step()
     for _ in requests:
         done.acquire()
     return results

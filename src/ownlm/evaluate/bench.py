@@ -29,7 +29,7 @@ def bench(ref: str, prompt_tokens: int = 512, gen_tokens: int = 128, batches: tu
           api_price_per_mtok: float | None = None, quant: str = "auto") -> dict[str, Any]:
     from ..engine.generate import StepStats, generate_ids
     from ..engine.sampling import SamplingParams
-    from ..engine.scheduler import Scheduler, run_all
+    from ..engine.scheduler import Driver, Scheduler, run_all
     from ..loading import load
 
     if prompt_tokens < 1 or gen_tokens < 2 or any(b < 1 for b in batches):
@@ -52,7 +52,7 @@ def bench(ref: str, prompt_tokens: int = 512, gen_tokens: int = 128, batches: tu
               "decode_tokens_per_s": (len(out) - 1) / stats.decode_s}
     rows = [single]
     if any(b > 1 for b in batches):
-        sched = Scheduler(lm.model, max_running=max(batches))
+        sched = Scheduler(lm.model, max_running=max(batches), driver=Driver())  # stepped on this thread
         try:
             for b in sorted({b for b in batches if b > 1}):
                 t = time.perf_counter()

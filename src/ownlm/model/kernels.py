@@ -2,13 +2,19 @@
 OpenMP), compiled once with the system C compiler and loaded with ctypes; without a compiler or
 AVX2 (or with OWNLM_KERNELS=0), callers use PyTorch instead.
 
-Why: on an AVX2 CPU (no native bf16 arithmetic) PyTorch's bf16 GEMM costs as much per row as a
-one-row GEMV, and its int4 weight-only kernel nearly so, so a decode step for 8 sequences cost
-about 3x one for 1. These kernels convert each weight once and multiply it with up to 8 rows held
-in registers. Measured here (2 threads): smollm2's 49152 x 576 bf16 head, 8 rows: 6.4 ms vs
-PyTorch's 19.4; a 576 -> 3072 int4 layer, 8 rows: 0.43 ms vs 0.51; one row: on par. Each output
-element is computed by the same sequence of operations whatever the number of rows, so a
-sequence decodes to the same bits alone and in a batch.
+What: group-wise int4 / int8 matmuls (activations rounded to int16 per group of 32, integer
+multiply-adds, float32 accumulation), a small-batch bf16 matmul, RMSNorm, the gated activations,
+one-token attention with its cache write, and `decode_layers`, which runs a whole decode step of
+common-shaped blocks in one call (see fastpath.py).
+
+Why: in eager PyTorch a one-token step is hundreds of small operations whose dispatch costs more
+than their arithmetic, PyTorch's int4 kernel wants its own weight layout (a second copy beside
+the GGUF's), and on an AVX2 CPU its bf16 GEMM costs as much per row as a one-row GEMV. Measured
+here (2 threads), smollm2: the 120 int4 matmuls of one token 6.4 ms (13.4 ms for the previous
+float-activation kernel), the int8 head 1.1 ms (2.7 ms in bf16); decode 97-114 tok/s against
+llama.cpp's 63-75 in the same runs. Each output element is computed by the same sequence of
+operations whatever the number of rows, so a sequence decodes to the same bits alone and in a
+batch.
 
 The shared object is built into OWNLM_HOME/kernels/<hash of the source>.so (atomically: a temp
 file, then a rename) and links the libgomp PyTorch has already loaded (same soname)."""
