@@ -32,7 +32,7 @@ def llama_cpp_permute(w: np.ndarray, n_head: int) -> np.ndarray:
 
 
 def hf_folder_to_gguf(folder: Path, out: Path, qtype=gguf.GGMLQuantizationType.F32, arch: str = "llama",
-                      chat_template: str | None = None) -> Path:
+                      chat_template: str | None = None, pre: str = "default") -> Path:
     cfg = json.loads((folder / "config.json").read_text())
     tok = json.loads((folder / "tokenizer.json").read_text())
     tensors = load_file(str(folder / "model.safetensors"))
@@ -57,7 +57,7 @@ def hf_folder_to_gguf(folder: Path, out: Path, qtype=gguf.GGMLQuantizationType.F
         if t in added:
             types[i] = gguf.TokenType.CONTROL
     w.add_tokenizer_model("gpt2")
-    w.add_tokenizer_pre("default")
+    w.add_tokenizer_pre(pre)
     w.add_token_list(tokens)
     w.add_token_types(types)
     merges = [m if isinstance(m, str) else " ".join(m) for m in tok["model"]["merges"]]

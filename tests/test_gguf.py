@@ -178,3 +178,61 @@ def test_wrong_shape_for_config(tmp_path, hf_models):
 def test_u32_kv_helper_roundtrip(tmp_path):
     g = GGUFFile(write(tmp_path, raw_gguf([ARCH, kv_u32("llama.block_count", 7)], [], b"")))
     assert g.get("llama.block_count") == 7
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's byte-level alphabet: printable Latin-1 bytes stand for themselves, the others for
+    the code points from 256 up, in byte order."""
+    keep = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    table, extra = {}, 0
+    for b in range(256):
+        if b in keep:
+            table[b] = chr(b)
+        else:
+            table[b] = chr(256 + extra)
+            extra += 1
+    return table
+
+
+def _regex_pieces(text: str, patterns: list[str]) -> list[str]:
+    """llama.cpp's pre-tokenization: each regex in turn splits every piece into its matches and
+    the text between them."""
+    import regex
+
+    pieces = [text]
+    for p in patterns:
+        out = []
+        for piece in pieces:
+            at = 0
+            for m in regex.finditer(p, piece):
+                if m.start() > at:
+                    out.append(piece[at:m.start()])
+                if m.end() > m.start():
+                    out.append(m.group())
+                at = m.end()
+            if at < len(piece):
+                out.append(piece[at:])
+        pieces = out
+    return pieces
+
+
+@pytest.mark.parametrize("pre,patterns", [
+    ("falcon", [r"[\p{P}\$\+<=>\^~\|`]+", r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)",
+                r"[0-9][0-9][0-9]"]),
+    ("mpt", [r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"]),
+])
+def test_falcon_and_mpt_pre_tokenizers_cut_text_as_llama_cpp(hf_models, tmp_path, pre, patterns):
+    """Pieces equal llama.cpp's regexes applied in turn (written here with the `regex` module), and
+    a GGUF naming that pre-tokenizer loads and round-trips text."""
+    from tokenizers import pre_tokenizers
+
+    from ownlm.formats.tokenizer import PRE_TOKENIZERS
+
+    text = "He's paid $1234567 (or 12,5€) -- isn't it <x>=y^2|z~`q`? \u00e9t\u00e9 9 99 999 9999  \n\n  end"
+    byte = _bytes_to_unicode()
+    want = ["".join(byte[b] for b in piece.encode()) for piece in _regex_pieces(text, patterns)]
+    got = [p for p, _ in pre_tokenizers.Sequence(PRE_TOKENIZERS[pre]()).pre_tokenize_str(text)]
+    assert got == want
+    lm = ownlm.load(str(hf_folder_to_gguf(hf_models["llama"], tmp_path / "t.gguf", pre=pre)), dtype="float32")
+    ids = lm.encode("print(add(2, 3)) # 1234")
+    assert lm.tokenizer.decode(ids) == "print(add(2, 3)) # 1234"

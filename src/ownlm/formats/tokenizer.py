@@ -22,8 +22,16 @@ _QWEN2 = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p
           r"|\s*[\r\n]+|\s+(?!\S)|\s+")
 
 
-def _split(pattern: str) -> list:
-    return [pre_tokenizers.Split(Regex(pattern), behavior="isolated"),
+# Falcon: runs of punctuation and ASCII symbols first, then GPT-2's pieces, then digit runs cut
+# into threes (llama.cpp's three regexes for "falcon", applied one after the other)
+_FALCON = (r"[\p{P}\$\+<=>\^~\|`]+", r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)",
+           r"[0-9][0-9][0-9]")
+
+
+def _split(*patterns: str) -> list:
+    """Each regex splits every piece so far (matches and the text between them kept, as llama.cpp's
+    unicode_regex_split does), then the pieces are mapped to GPT-2's byte-level alphabet."""
+    return [*(pre_tokenizers.Split(Regex(p), behavior="isolated") for p in patterns),
             pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)]
 
 
@@ -38,6 +46,10 @@ PRE_TOKENIZERS: dict[str, Any] = {
     "llama-bpe": lambda: _split(_LLAMA3),
     "llama3": lambda: _split(_LLAMA3),
     "qwen2": lambda: _split(_QWEN2),
+    "falcon": lambda: _split(*_FALCON),
+    # GPT-2's own regex, under the names llama.cpp's converter gives these families' tokenizers
+    "mpt": lambda: [pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)],
+    "olmo": lambda: [pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)],
 }
 IGNORE_MERGES = {"llama-bpe", "llama3"}
 
