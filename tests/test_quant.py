@@ -161,24 +161,39 @@ def _decode(model, ids, steps=6):
     return torch.cat(out)
 
 
+GEMMA3 = dict(head_dim=16, sliding_window=6, num_hidden_layers=3, query_pre_attn_scalar=24,
+              layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+              rope_parameters={"full_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 1e6},
+                               "sliding_attention": {"rope_type": "default", "rope_theta": 1e4}},
+              hidden_activation="gelu_pytorch_tanh", tie_word_embeddings=True)
+
+
 @pytest.mark.skipif(kernels.load() is None, reason="needs an x86 CPU with AVX2 and a C compiler")
 @pytest.mark.parametrize("family,dtype,quant", [("qwen2", "bfloat16", "int8"), ("mistral", "float32", "int4"),
-                                                 ("llama3-rope", "bfloat16", "int4")])
-def test_one_call_decode_step_is_bit_identical_to_the_modules(hf_models, monkeypatch, family, dtype, quant):
-    """qwen2: biases; mistral: a sliding window shorter than the sequence; llama3: tied head."""
-    lm = ownlm.load(str(hf_models[family]), dtype=dtype, quant=quant)
+                                                 ("llama3-rope", "bfloat16", "int4"), ("qwen3", "bfloat16", "int4"),
+                                                 ("gemma3_text", "bfloat16", "int8"), ("phi3", "float32", "int4")])
+def test_one_call_decode_step_is_bit_identical_to_the_modules(hf_models, tmp_path, monkeypatch, family, dtype, quant):
+    """qwen2: biases; mistral: a sliding window shorter than the sequence; llama3: tied head;
+    qwen3: qk-norms; gemma3: (1 + w) norms, post-norms, local layers with their own rope, GeLU;
+    phi3: fused projections from the file."""
+    from .conftest import build_hf_model
+
+    extra = {"qwen3": dict(head_dim=24), "gemma3_text": GEMMA3, "phi3": dict(pad_token_id=0, bos_token_id=1)}
+    path = hf_models[family] if family in hf_models else build_hf_model(tmp_path / family, family, **extra[family])
+    lm = ownlm.load(str(path), dtype=dtype, quant=quant)
     assert fastpath.eligible(lm.model)
     ids = list(range(3, 21))
     fused = _decode(lm.model, ids)
     assert lm.model._decode_plan is not None
     monkeypatch.setattr(fastpath, "plan", lambda *a: None)
-    assert torch.equal(fused, _decode(lm.model, ids))
+    assert torch.equal(fused, _decode(lm.model, ids))  # the modules themselves follow transformers: test_families
 
 
 def test_blocks_the_fused_step_does_not_cover_take_the_modules(hf_models, tmp_path):
     from .conftest import build_hf_model
 
-    qwen3 = ownlm.load(str(build_hf_model(tmp_path / "q3", "qwen3")), dtype="float32", quant="int4")
-    assert not fastpath.eligible(qwen3.model)  # qk-norm
+    neox = ownlm.load(str(build_hf_model(tmp_path / "neox", "gpt_neox", rotary_pct=0.25, num_key_value_heads=4)),
+                      dtype="float32", quant="int4")
+    assert not fastpath.eligible(neox.model)  # LayerNorm, parallel residual
     dense = ownlm.load(str(hf_models["llama"]), dtype="float32", quant="none")
     assert not fastpath.eligible(dense.model)  # dense projections

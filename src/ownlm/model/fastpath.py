@@ -3,7 +3,8 @@
 A one-token step through 30 blocks is some 300 small operations; in eager PyTorch each costs
 microseconds of dispatch, together more than the matmuls. Where every block is the common
 pre-norm shape (RMSNorm, fused qkv with rotary attention, RMSNorm, gated MLP, sequential
-residuals) and its four projections are int4 / int8 QuantLinears, `decode_layers` (kernels.py)
+residuals; qk-norms and post-norms too: Llama, Mistral, Qwen 2 and 3, Gemma 3, Phi-3) and its
+four projections are int4 / int8 QuantLinears, `decode_layers` (kernels.py)
 runs all blocks in C: the same kernels the modules call, in the same order, with the same
 roundings, so the result is bit-identical to the modules' forward. Anything else (another block
 shape, an adapter wrapped around a projection, training, a GPU) takes the modules' path.
@@ -22,8 +23,10 @@ from .linear import QuantLinear
 
 
 def _modules(model) -> list:
-    return [m for b in model.layers for m in (b.attn_norm, b.attn.qkv, b.attn.o, getattr(b, "mlp_norm", None),
-                                              getattr(b.mlp, "gate_up", None), b.mlp.down if hasattr(b.mlp, "down") else None)]
+    return [getattr(owner, name, None) for b in model.layers
+            for owner, name in ((b, "attn_norm"), (b.attn, "qkv"), (b.attn, "o"), (b.attn, "q_norm"), (b.attn, "k_norm"),
+                                (b, "attn_post_norm"), (b, "mlp_norm"), (b, "mlp_post_norm"), (b.mlp, "gate_up"),
+                                (b.mlp, "down"))]
 
 
 def eligible(model) -> bool:
@@ -32,13 +35,15 @@ def eligible(model) -> bool:
     from .transformer import RMSNorm
 
     cfg = model.cfg
-    if (cfg.norm != "rms" or cfg.position != "rope" or cfg.qk_norm or cfg.clip_qkv or cfg.parallel_residual
-            or cfg.post_norms or cfg.shared_norm or cfg.n_experts or not cfg.mlp.startswith("gated")
+    if (cfg.norm != "rms" or cfg.position != "rope" or cfg.clip_qkv or cfg.parallel_residual
+            or cfg.shared_norm or cfg.n_experts or not cfg.mlp.startswith("gated")
             or cfg.head_dim % 8 or cfg.n_heads % cfg.n_kv_heads):
         return False
     for b in model.layers:
         linears = (b.attn.qkv, b.attn.o, b.mlp.gate_up, b.mlp.down)
-        if not all(type(m) is QuantLinear for m in linears) or type(b.attn_norm) is not RMSNorm:
+        norms = [getattr(owner, name) for owner, name in ((b, "attn_norm"), (b, "mlp_norm"), (b.attn, "q_norm"),
+                 (b.attn, "k_norm"), (b, "attn_post_norm"), (b, "mlp_post_norm")) if hasattr(owner, name)]
+        if not all(type(m) is QuantLinear for m in linears) or not all(type(n) is RMSNorm for n in norms):
             return False
     return True
 
@@ -59,9 +64,14 @@ class DecodePlan:
                     self.keep.append(lin.bias.detach().float().contiguous())
                     ly.bias[j] = self.keep[-1].data_ptr()
                 ly.bits[j], ly.n[j], ly.k[j] = lin.bits, lin.out_features, lin.in_features
-            for field, norm in (("norm1", block.attn_norm), ("norm2", block.mlp_norm)):
-                self.keep.append(norm._weight32())
-                setattr(ly, field, self.keep[-1].data_ptr())
+            for field, norm in (("norm1", block.attn_norm), ("norm2", block.mlp_norm),
+                                ("q_norm", getattr(block.attn, "q_norm", None)),
+                                ("k_norm", getattr(block.attn, "k_norm", None)),
+                                ("post1", getattr(block, "attn_post_norm", None)),
+                                ("post2", getattr(block, "mlp_post_norm", None))):
+                if norm is not None:
+                    self.keep.append(norm._weight32())
+                    setattr(ly, field, self.keep[-1].data_ptr())
             ly.window, ly.local = block.attn.window, int(block.local)
             ly.scale, ly.norm_offset = block.attn.scale, block.attn_norm.offset
         self.cache_key = None

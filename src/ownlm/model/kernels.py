@@ -422,8 +422,10 @@ void act_mul(const void* x, int bf, int64_t M, int64_t F, int act, void* y) {
 }
 
 /* One layer's weights for decode_layers: the four projections (qkv, o, gate_up, down) as
-   group-wise int4 / int8 (w, s, o as quant_gemm takes them; bias float32 or null), the two
-   RMSNorm weights (float32) with their offset, the layer's caches, window and attention scale. */
+   group-wise int4 / int8 (w, s, o as quant_gemm takes them; bias float32 or null), the RMSNorm
+   weights (float32; all with one offset): before attention and MLP, optional per-head q / k
+   norms and optional norms of the attention and MLP outputs (null: none), the layer's caches,
+   window and attention scale. */
 typedef struct {
     const uint8_t* w[4];
     const uint16_t* s[4];
@@ -434,6 +436,10 @@ typedef struct {
     int64_t k[4];
     const float* norm1;
     const float* norm2;
+    const float* q_norm;
+    const float* k_norm;
+    const float* post1;
+    const float* post2;
     void* kc;
     void* vc;
     int64_t window;
@@ -452,10 +458,11 @@ static void add_into(void* x, const void* a, int bf, int64_t n) {
     for (int64_t i = 0; i < n; i++) store(x, i, load_x(x, i, bf) + load_x(a, i, bf), bf);
 }
 
-/* The decode step of L pre-norm blocks (RMSNorm, attention, RMSNorm, gated MLP, residuals) for B
-   sequences of one token, x (B, C) updated in place: the same kernels, in the same order and with
-   the same roundings as the modules' own forward on a CPU, in one call. cos0/sin0: the rotation
-   of global layers, cos1/sin1 of local ones, (B, R) each. act: 0 SiLU, 1 GeLU (tanh). */
+/* The decode step of L pre-norm blocks (RMSNorm, attention, RMSNorm, gated MLP, sequential
+   residuals; optionally qk-norms and post-norms) for B sequences of one token, x (B, C) updated
+   in place: the same kernels, in the same order and with the same roundings as the modules' own
+   forward on a CPU, in one call. cos0/sin0: the rotation of global layers, cos1/sin1 of local
+   ones, (B, R) each. act: 0 SiLU, 1 GeLU (tanh). */
 void decode_layers(void* x, int bf, int64_t B, int64_t C, int64_t L, const layer_t* layers, int64_t H,
                    int64_t Hkv, int64_t D, int64_t R, const float* cos0, const float* sin0, const float* cos1,
                    const float* sin1, int cbf, int64_t slot0, int64_t cap, const int64_t* pos, float eps, int act) {
@@ -471,10 +478,16 @@ void decode_layers(void* x, int bf, int64_t B, int64_t C, int64_t L, const layer
         rms_norm(x, bf, B, C, ly->norm1, eps, ly->norm_offset, h);
         quant_gemm(h, bf, B, ly->k[0], ly->w[0], ly->s[0], ly->o[0], (int)ly->bits[0], ly->n[0], big, bf);
         add_bias(big, bf, B, ly->n[0], ly->bias[0]);
+        for (int64_t b = 0; ly->q_norm && b < B; b++) {  /* per head, in place: q heads, then k heads */
+            char* row = big + b * ly->n[0] * es;
+            rms_norm(row, bf, H, D, ly->q_norm, eps, ly->norm_offset, row);
+            rms_norm(row + H * D * es, bf, Hkv, D, ly->k_norm, eps, ly->norm_offset, row + H * D * es);
+        }
         attend_decode(big, bf, B, H, Hkv, D, R, ly->local ? cos1 : cos0, ly->local ? sin1 : sin0, ly->kc, ly->vc,
                       cbf, slot0, cap, pos, ly->window, ly->scale, mid);
         quant_gemm(mid, bf, B, ly->k[1], ly->w[1], ly->s[1], ly->o[1], (int)ly->bits[1], ly->n[1], h, bf);
         add_bias(h, bf, B, ly->n[1], ly->bias[1]);
+        if (ly->post1) rms_norm(h, bf, B, C, ly->post1, eps, ly->norm_offset, h);
         add_into(x, h, bf, B * C);
         rms_norm(x, bf, B, C, ly->norm2, eps, ly->norm_offset, h);
         quant_gemm(h, bf, B, ly->k[2], ly->w[2], ly->s[2], ly->o[2], (int)ly->bits[2], ly->n[2], big, bf);
@@ -482,6 +495,7 @@ void decode_layers(void* x, int bf, int64_t B, int64_t C, int64_t L, const layer
         act_mul(big, bf, B, ly->n[2] / 2, act, mid);
         quant_gemm(mid, bf, B, ly->k[3], ly->w[3], ly->s[3], ly->o[3], (int)ly->bits[3], ly->n[3], h, bf);
         add_bias(h, bf, B, ly->n[3], ly->bias[3]);
+        if (ly->post2) rms_norm(h, bf, B, C, ly->post2, eps, ly->norm_offset, h);
         add_into(x, h, bf, B * C);
     }
     free(h);
@@ -649,5 +663,7 @@ class Layer(ctypes.Structure):
     _fields_ = [("w", ctypes.c_void_p * 4), ("s", ctypes.c_void_p * 4), ("o", ctypes.c_void_p * 4),
                 ("bias", ctypes.c_void_p * 4), ("bits", ctypes.c_int64 * 4), ("n", ctypes.c_int64 * 4),
                 ("k", ctypes.c_int64 * 4), ("norm1", ctypes.c_void_p), ("norm2", ctypes.c_void_p),
+                ("q_norm", ctypes.c_void_p), ("k_norm", ctypes.c_void_p), ("post1", ctypes.c_void_p),
+                ("post2", ctypes.c_void_p),
                 ("kc", ctypes.c_void_p), ("vc", ctypes.c_void_p), ("window", ctypes.c_int64),
                 ("local", ctypes.c_int64), ("scale", ctypes.c_float), ("norm_offset", ctypes.c_float)]

@@ -119,8 +119,13 @@ class Attention(nn.Module):
         if self.clip:
             qkv = qkv.clamp(-self.clip, self.clip)
         buffers = cache.decode_buffers(self.layer) if T == 1 and cache is not None and cos is not None else None
-        if buffers is not None and not self.qk_norm and kernels.usable(qkv):
+        if buffers is not None and kernels.usable(qkv):
             # one-token decode in one kernel call: rotate, write the cache, attend (exact key range)
+            if self.qk_norm:  # each q and k head normalized first, the rest of qkv as it is
+                q, k, v = qkv.split(self.sizes, dim=-1)
+                q = self.q_norm(q.reshape(B, T, self.n_heads, self.hd)).reshape(B, T, -1)
+                k = self.k_norm(k.reshape(B, T, self.n_kv, self.hd)).reshape(B, T, -1)
+                qkv = torch.cat([q, k, v], dim=-1)
             k_cache, v_cache, slot0 = buffers
             y = kernels.attend_decode(qkv, self.n_heads, self.n_kv, self.hd, cos[:, 0, 0], sin[:, 0, 0], k_cache,
                                       v_cache, slot0, pos[:, 0], self.window, self.scale)
