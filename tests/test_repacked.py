@@ -58,3 +58,23 @@ def test_a_damaged_cache_is_rebuilt_and_rm_removes_it(hf_models, ownlm_home):
     assert repacked.load(cache, torch.device("cpu")) is not None  # dropped and written whole again
     manage.remove("tiny")
     assert _caches(ownlm_home) == [] and Store().names() == []
+
+
+def test_a_cache_whose_shapes_disagree_with_the_config_is_rebuilt(hf_models, tmp_path, ownlm_home):
+    """A cache that reads back whole but holds a quantized weight of the wrong shape (fewer rows:
+    the kernels would read past it) is refused and rebuilt, never run."""
+    from ownlm.formats.hf import map_safetensors, write_safetensors
+
+    path = hf_folder_to_gguf(hf_models["llama"], tmp_path / "q4.gguf", qtype=gguf.GGMLQuantizationType.Q4_0)
+    manage.import_path(path, name="tiny-q4", quiet=True)
+    want = _logits(ownlm.load("tiny-q4", dtype="bfloat16"))
+    (cache,) = _caches(ownlm_home)
+    meta, tensors = map_safetensors(cache / repacked.FILE)
+    tensors = {k: v.clone() for k, v in tensors.items()}
+    for part in ("data", "scale", "offset"):  # consistent with each other, not with the config
+        name = f"layers.0.mlp.down.{part}"
+        tensors[name] = tensors[name][:-3].contiguous()
+    (cache / repacked.FILE).unlink()
+    write_safetensors(cache / repacked.FILE, tensors, meta)
+    assert repacked.load(cache, torch.device("cpu")) is None
+    assert torch.equal(_logits(ownlm.load("tiny-q4", dtype="bfloat16")), want)

@@ -35,6 +35,20 @@ class QuantWeight:
         n, b = self.data.shape
         return n, b * 2 if self.bits == 4 else b
 
+    def check(self) -> None:
+        """ValueError unless the parts agree (the kernels read them by these shapes)."""
+        n, width = self.data.shape if self.data.dim() == 2 else (0, -1)
+        k = width * 2 if self.bits == 4 else width
+        groups = (n, k // GROUP)
+        ok = (self.bits in (4, 8) and k > 0 and k % GROUP == 0
+              and self.data.dtype == (torch.uint8 if self.bits == 4 else torch.int8) and self.data.is_contiguous()
+              and self.scale.dtype == torch.float16 and tuple(self.scale.shape) == groups and self.scale.is_contiguous()
+              and (self.offset is None) == (self.bits == 8)
+              and (self.offset is None or (self.offset.dtype == torch.float16 and tuple(self.offset.shape) == groups
+                                           and self.offset.is_contiguous())))
+        if not ok:
+            raise ValueError("inconsistent quantized weight")
+
     @property
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (self.data, self.scale, self.offset) if t is not None)

@@ -107,6 +107,9 @@ def _read(file: Path, device: torch.device):
         for name, spec in meta["quantized"].items():
             parts = {k[len(name) + 1:]: tensors.pop(k) for k in list(tensors) if k.startswith(name + ".")}
             w = QuantWeight(spec["bits"], parts["data"], parts["scale"], parts.get("offset"))
+            original = model.get_submodule(name)  # the shape the config gives this layer
+            if w.shape != tuple(original.weight.shape):
+                return None
             dtype = getattr(torch, spec["dtype"])
             layer = QuantEmbedding(w, dtype) if spec["embedding"] else QuantLinear(w, parts.get("bias"), dtype)
             replace(model, name, layer.to(device))

@@ -75,6 +75,7 @@ class _Quantized(nn.Module):
     `offset`, the layout ownlm's kernels read (see formats/quants.py)."""
 
     def _set_weight(self, w: QuantWeight, dtype: torch.dtype) -> None:
+        w.check()
         self.bits, self.dtype = w.bits, dtype
         self.out_features, self.in_features = w.shape
         self.register_buffer("data", w.data)
@@ -106,7 +107,7 @@ class _Quantized(nn.Module):
 
 class QuantLinear(_Quantized):
     """A linear layer whose weight stays int4 or int8 (group-wise) in memory. Inference runs
-    ownlm's integer kernel (activations rounded to int8 per group of 32, as llama.cpp does)."""
+    ownlm's integer kernel (activations rounded to int16 per group of 32, see kernels.py)."""
 
     def __init__(self, w: QuantWeight, bias: torch.Tensor | None = None, dtype: torch.dtype = torch.bfloat16):
         super().__init__()
@@ -144,7 +145,7 @@ class QuantEmbedding(_Quantized):
 class _QuantMatMul(torch.autograd.Function):
     """x @ W.T for frozen quantized weights in training (QLoRA): the weight is dequantized for
     the forward and again for the backward (dL/dx = dL/dy @ W) and never kept, so memory stays
-    int4; the matmuls run in x's dtype (float32 on CPUs whose bfloat16 is emulated)."""
+    quantized; the matmuls run in x's dtype (float32 on CPUs whose bfloat16 is emulated)."""
 
     @staticmethod
     def forward(ctx, x, layer):
