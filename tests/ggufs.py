@@ -32,7 +32,8 @@ def llama_cpp_permute(w: np.ndarray, n_head: int) -> np.ndarray:
 
 
 def hf_folder_to_gguf(folder: Path, out: Path, qtype=gguf.GGMLQuantizationType.F32, arch: str = "llama",
-                      chat_template: str | None = None, pre: str = "default") -> Path:
+                      chat_template: str | None = None, pre: str = "default", overrides: dict | None = None) -> Path:
+    """overrides: a GGUF tensor-name suffix ("attn_v.weight") -> the block type of those tensors."""
     cfg = json.loads((folder / "config.json").read_text())
     tok = json.loads((folder / "tokenizer.json").read_text())
     tensors = load_file(str(folder / "model.safetensors"))
@@ -77,9 +78,10 @@ def hf_folder_to_gguf(folder: Path, out: Path, qtype=gguf.GGMLQuantizationType.F
             t = llama_cpp_permute(t, cfg["num_attention_heads"])
         elif arch == "llama" and rest_is(name, "k_proj"):
             t = llama_cpp_permute(t, cfg["num_key_value_heads"])
-        if t.ndim == 2 and qtype != gguf.GGMLQuantizationType.F32:
-            data = gguf.quants.quantize(t, qtype)
-            w.add_tensor(gname, data, raw_dtype=qtype)
+        kind = next((q for suffix, q in (overrides or {}).items() if gname.endswith(suffix)), qtype)
+        if t.ndim == 2 and kind != gguf.GGMLQuantizationType.F32:
+            data = gguf.quants.quantize(t, kind)
+            w.add_tensor(gname, data, raw_dtype=kind)
         else:
             w.add_tensor(gname, t)
     w.write_header_to_file()

@@ -197,3 +197,25 @@ def test_blocks_the_fused_step_does_not_cover_take_the_modules(hf_models, tmp_pa
     assert not fastpath.eligible(neox.model)  # LayerNorm, parallel residual
     dense = ownlm.load(str(hf_models["llama"]), dtype="float32", quant="none")
     assert not fastpath.eligible(dense.model)  # dense projections
+
+
+def test_other_block_types_are_held_as_int8_and_mixed_groups_fuse_as_int8(hf_models, tmp_path):
+    """Q5_0 layers (a type without an int4 / int8 form of its own) and a Q4_0 file whose v and
+    down projections are Q5_1 (as llama.cpp's _M mixes do): every projection quantized, mixed
+    groups as int8, and the model follows its dequantized self."""
+    mixed = {"attn_v.weight": Q.Q5_1, "ffn_down.weight": Q.Q5_1}
+    for name, path in (("q5", hf_folder_to_gguf(hf_models["llama"], tmp_path / "q5.gguf", qtype=Q.Q5_0)),
+                       ("mixed", hf_folder_to_gguf(hf_models["llama"], tmp_path / "m.gguf", qtype=Q.Q4_0,
+                                                   overrides=mixed))):
+        q = ownlm.load(str(path), dtype="bfloat16", cache=False)
+        exact = ownlm.load(str(path), dtype="float32", quant="none", cache=False)
+        for block in q.model.layers:
+            bits = {n: getattr(m, "bits", None) for n, m in (("qkv", block.attn.qkv), ("o", block.attn.o),
+                                                            ("gate_up", block.mlp.gate_up), ("down", block.mlp.down))}
+            assert bits == ({"qkv": 8, "o": 8, "gate_up": 8, "down": 8} if name == "q5" else
+                            {"qkv": 8, "o": 4, "gate_up": 4, "down": 8}), (name, bits)
+        assert fastpath.eligible(q.model)
+        ids = torch.tensor([list(range(3, 60))])
+        with torch.inference_mode():
+            b, a = exact.model(ids).log_softmax(-1), q.model(ids).float().log_softmax(-1)
+        assert (b.exp() * (b - a)).sum(-1).mean().item() < 5e-3

@@ -80,7 +80,8 @@ def build_model(ckpt: Checkpoint, device: torch.device, dtype: torch.dtype, quan
     own size); every parameter must be filled exactly once (missing or unexpected names are
     format errors).
     quant="auto" keeps GGUF Q4_0/Q4_1/Q4_K/Q8_0 weights (linears, embedding, head) as int4 /
-    int8 on a CPU with ownlm's kernels when computing in bfloat16; "none" dequantizes everything
+    int8 on a CPU with ownlm's kernels when computing in bfloat16, and holds the other block
+    types (Q5_*, Q6_K, ...) as int8; "none" dequantizes everything
     to `dtype`; "int4" / "int8" hold every linear of the layers that way (GGUF blocks of that
     width as they are, anything else quantized group-wise at load) and keep a GGUF's quantized
     embedding and head."""
@@ -129,7 +130,7 @@ def build_model(ckpt: Checkpoint, device: torch.device, dtype: torch.dtype, quan
 def fuse(state: dict, dtype: torch.dtype) -> dict:
     """Concatenate per-projection tensors into the Transformer's fused projections (keymaps.FUSED:
     PARENT.q/k/v -> PARENT.qkv, PARENT.gate/up -> PARENT.gate_up, for attention, MLPs and experts
-    alike); quantized parts stay quantized when all of a group's parts are of one kind. A lone
+    alike); quantized parts stay quantized (int4 with int8 parts: all as int8). A lone
     part (a plain MLP's `up`) is not a group and stays as it is. In place: each part is freed as
     its group is joined, so memory never holds the model twice."""
     out = state
@@ -145,7 +146,9 @@ def fuse(state: dict, dtype: torch.dtype) -> dict:
                     missing = sorted(set(names) - set(present))[0]
                     raise ModelFormatError(f"checkpoint lacks {missing!r}")
                 tensors = [out.pop(n) for n in names]
-                if all(isinstance(t, QuantWeight) and t.bits == tensors[0].bits for t in tensors):
+                if all(isinstance(t, QuantWeight) for t in tensors):
+                    if len({t.bits for t in tensors}) > 1:  # e.g. Q4_K q, k and a Q6_K v: all int8
+                        tensors = [t if t.bits == 8 else quantize(t.dequantize(), 8) for t in tensors]
                     out[f"{parent}.{fused}.{kind}"] = concat(tensors)
                 else:
                     dense = [t.dequantize().to(dtype) if isinstance(t, QuantWeight) else t for t in tensors]

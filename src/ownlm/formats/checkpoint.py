@@ -17,7 +17,7 @@ from ..model.config import ModelConfig
 from . import hf, keymaps
 from . import tokenizer as tok
 from .gguf import GGUFFile
-from .quants import QUANT_TYPES, QuantWeight, from_blocks
+from .quants import FLOAT_TYPES, GROUP, QUANT_TYPES, QuantWeight, from_blocks, quantize
 
 GGUF_FILE = "model.gguf"
 
@@ -31,7 +31,7 @@ class Checkpoint:
     facts: dict[str, Any]
     # tensors(dtype, keep) -> (our name, dense tensor or QuantWeight); keep=True keeps GGUF
     # Q4_0/Q4_1/Q4_K/Q8_0 weights of linears, the embedding and the head as int4 / int8
-    # (formats/quants.py) instead of dequantizing them
+    # (formats/quants.py) instead of dequantizing them, and holds other block types as int8
     tensors: Callable[..., Iterator[tuple[str, torch.Tensor | QuantWeight]]] = field(repr=False)
     # one row per model tensor in the file: {"name" (ours), "file_name", "shape", "type", "bytes"}
     listing: list[dict[str, Any]] = field(default_factory=list, repr=False)
@@ -98,6 +98,9 @@ def _open_gguf(path: Path) -> Checkpoint:
                        for e in range(stacked.shape[0])]
             elif keep and info.qtype in QUANT_TYPES and len(info.shape) == 2 and quantizable(ours):
                 out = [(ours, from_blocks(unpermute(ours, g.raw(name)), info.qtype))]
+            elif (keep and info.qtype not in FLOAT_TYPES and len(info.shape) == 2 and quantizable(ours)
+                  and info.shape[-1] % GROUP == 0):
+                out = [(ours, quantize(torch.from_numpy(unpermute(ours, g.dequantize(name))), 8))]
             else:
                 w = unpermute(ours, g.dequantize(name))
                 if not w.flags.writeable or not w.flags.c_contiguous:

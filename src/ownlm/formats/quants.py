@@ -21,6 +21,10 @@ from ..model.kernels import pack_int4, unpack_int4
 
 GROUP = 32
 QUANT_TYPES = {Q.Q4_0: 4, Q.Q4_1: 4, Q.Q4_K: 4, Q.Q8_0: 8}  # GGUF block type -> bits kept in memory
+# other block types (Q5_*, Q6_K, Q2_K, ...): dequantized, then held as int8 (its rounding, at most
+# 1/254 of a group's largest value, is far below theirs; half the bytes of bfloat16 and a faster
+# kernel); plain float tensors stay dense
+FLOAT_TYPES = {Q.F32, Q.F16, Q.BF16, Q.F64}
 
 
 @dataclass
