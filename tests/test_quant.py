@@ -37,7 +37,7 @@ def test_gguf_blocks_are_taken_losslessly(hf_models, tmp_path, qtype):
             w = from_blocks(g.raw(name), qtype)
             assert w.bits == (8 if qtype == Q.Q8_0 else 4)
             np.testing.assert_array_equal(w.dequantize().numpy(), g.dequantize(name))
-            assert w.nbytes == t.nbytes + (2 * w.scale.numel() if qtype == Q.Q4_0 else 0)  # Q4_0 gains an offset
+            assert w.nbytes == t.nbytes  # the file's bytes, rearranged
             n += 1
     assert n >= 15
 
@@ -59,24 +59,28 @@ def test_q4_k_blocks_match_the_reference_dequantizer():
 
 def _reference(x: torch.Tensor, w: QuantWeight) -> torch.Tensor:
     """The kernel's arithmetic in float64: x rounded per row and group of 32 to int16 (scale
-    absmax / 32767), times the exact dequantized weight (the offsets times the exact group sums)."""
+    absmax / 32767), times q * scale, plus the int4 offsets (-8 * scale where none are stored)
+    times the exact group sums of x."""
     n, k = w.shape
     xg = x.double().view(x.shape[0], k // 32, 32)
     d = xg.abs().amax(-1, keepdim=True) / 32767
     xq = torch.where(d > 0, torch.round(xg / torch.where(d > 0, d, 1)), 0) * d
-    q = (w.dequantize().double() if w.offset is None else
-         (w.dequantize().double().view(n, -1, 32) - w.offset.double()[..., None]).view(n, k))
+    off = None if w.bits == 8 else (w.offset.double() if w.offset is not None else w.scale.double() * -8)
+    q = w.dequantize().double()
+    if off is not None:
+        q = (q.view(n, -1, 32) - off[..., None]).view(n, k)
     y = xq.view(x.shape[0], k) @ q.t()
-    if w.offset is not None:
-        y = y + xg.sum(-1) @ w.offset.double().t()
-    return y
+    return y if off is None else y + xg.sum(-1) @ off.t()
 
 
 @pytest.mark.skipif(kernels.load() is None, reason="needs an x86 CPU with AVX2 and a C compiler")
-@pytest.mark.parametrize("bits", [4, 8])
-def test_quant_matmul_equals_reference_and_is_batch_invariant(bits):
+@pytest.mark.parametrize("kind", ["int4", "int4-symmetric", "int8"])
+def test_quant_matmul_equals_reference_and_is_batch_invariant(kind):
+    bits = int(kind[3])
     torch.manual_seed(bits)
     w = quantize(torch.randn(301, 96 * 2), bits)  # N not a multiple of any block
+    if kind == "int4-symmetric":  # Q4_0's form: no offsets stored
+        w = QuantWeight(4, w.data, w.scale, None)
     x = torch.randn(70, 96 * 2) * torch.rand(70, 1) * 4  # 70 rows: crosses the 64-row tile
     got = kernels.quant_matmul(kernels.load(), x, bits, w.data, w.scale, w.offset)
     want = _reference(x, w)

@@ -3,8 +3,8 @@ GGUF blocks or quantized at load.
 
 Groups of 32 input columns; per group a float16 scale (and, for int4, a float16 offset):
 - int4: w = q * scale + offset, q in 0..15, two per byte (byte i = q[i] | q[16 + i] << 4, the
-  order of GGUF's Q4_0 / Q4_1 blocks). Q4_0 (w = d (q - 8)) and Q4_1 (w = d q + m) are exact:
-  scale = d, offset = -8 d or m. Q4_K's per-32 scales and mins (d * sc, dmin * m, products of a
+  order of GGUF's Q4_0 / Q4_1 blocks); without offsets (symmetric) w = (q - 8) * scale. Q4_0
+  (w = d (q - 8), no offsets) and Q4_1 (w = d q + m: scale d, offset m) are exact, in their bytes. Q4_K's per-32 scales and mins (d * sc, dmin * m, products of a
   float16 and a 6-bit integer) are rounded to float16 (relative error <= 2^-11 of the scale).
 - int8: w = q * scale, q in -128..127. Q8_0 is exact."""
 
@@ -32,7 +32,7 @@ class QuantWeight:
     bits: int  # 4 or 8
     data: torch.Tensor  # (N, K/2) uint8 packed nibbles, or (N, K) int8
     scale: torch.Tensor  # (N, K/32) float16
-    offset: torch.Tensor | None = None  # (N, K/32) float16, int4 only
+    offset: torch.Tensor | None = None  # (N, K/32) float16, int4 only; None: -8 * scale
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -47,7 +47,7 @@ class QuantWeight:
         ok = (self.bits in (4, 8) and k > 0 and k % GROUP == 0
               and self.data.dtype == (torch.uint8 if self.bits == 4 else torch.int8) and self.data.is_contiguous()
               and self.scale.dtype == torch.float16 and tuple(self.scale.shape) == groups and self.scale.is_contiguous()
-              and (self.offset is None) == (self.bits == 8)
+              and (self.offset is None or self.bits == 4)
               and (self.offset is None or (self.offset.dtype == torch.float16 and tuple(self.offset.shape) == groups
                                            and self.offset.is_contiguous())))
         if not ok:
@@ -64,9 +64,9 @@ class QuantWeight:
         if rows is not None:
             data, scale = data[rows], scale[rows]
             offset = offset[rows] if offset is not None else None
-        q = unpack_int4(data) if self.bits == 4 else data
+        q = unpack_int4(data).float() - (8 if offset is None else 0) if self.bits == 4 else data.float()
         n, k = q.shape
-        w = q.float().view(n, k // GROUP, GROUP) * scale.float()[..., None]
+        w = q.view(n, k // GROUP, GROUP) * scale.float()[..., None]
         if offset is not None:
             w = w + offset.float()[..., None]
         return w.view(n, k)
@@ -75,6 +75,8 @@ class QuantWeight:
 def concat(parts: list[QuantWeight]) -> QuantWeight:
     """Stack weights of the same kind along the output dimension (fused projections)."""
     offsets = [p.offset for p in parts]
+    if any(o is not None for o in offsets):  # symmetric parts get their implicit offsets (exact in float16)
+        offsets = [p.scale * -8 if o is None else o for p, o in zip(parts, offsets)]
     return QuantWeight(parts[0].bits, torch.cat([p.data for p in parts]), torch.cat([p.scale for p in parts]),
                        None if offsets[0] is None else torch.cat(offsets))
 
@@ -92,9 +94,9 @@ def from_blocks(raw: np.ndarray, qtype: Q) -> QuantWeight:
         size = 18 if qtype == Q.Q4_0 else 20
         blocks = raw.reshape(n, -1, size)
         d = _f16(blocks, 0)
-        offset = d * np.float16(-8) if qtype == Q.Q4_0 else _f16(blocks, 2)
+        offset = None if qtype == Q.Q4_0 else t(np.ascontiguousarray(_f16(blocks, 2)))
         data = np.ascontiguousarray(blocks[..., size - 16:]).reshape(n, -1)
-        return QuantWeight(4, t(data), t(np.ascontiguousarray(d)), t(np.ascontiguousarray(offset)))
+        return QuantWeight(4, t(data), t(np.ascontiguousarray(d)), offset)
     if qtype == Q.Q8_0:
         blocks = raw.reshape(n, -1, 34)
         data = np.ascontiguousarray(blocks[..., 2:]).view(np.int8).reshape(n, -1)

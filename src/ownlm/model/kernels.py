@@ -123,7 +123,7 @@ static inline __m256 dot16(__m256i w0, __m256i w1, const int16_t* x) {
 static inline float h2f(uint16_t h) { return _cvtsh_ss(h); }
 
 /* MB activation rows against weight row n: bits 4: w = q * s + o (q 0..15, two per byte: byte i
-   holds q[i] and q[16 + i]); bits 8: w = q * s (q int8). Per row r the group factors s[g] xd[r, g]
+   holds q[i] and q[16 + i]; no offsets: o = -8 s); bits 8: w = q * s (q int8). Per row r the group factors s[g] xd[r, g]
    and the offset term sum_g o[g] xs[r, g] are computed 8 groups at a time first, then the groups'
    integer dot products are scaled and accumulated in registers. Every output's arithmetic is the
    same whatever MB (a constant at each call), so its bits do not depend on the batch. */
@@ -140,14 +140,16 @@ static inline __attribute__((always_inline)) void qrows(const int16_t* xq, const
         for (; g < G8; g += 8) {
             const __m256 sv = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(sn + g)));
             _mm256_storeu_ps(sx + r * G + g, _mm256_mul_ps(sv, _mm256_loadu_ps(xd + r * G + g)));
-            if (bits == 4)
-                ov = _mm256_fmadd_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(on + g))),
-                                     _mm256_loadu_ps(xs + r * G + g), ov);
+            if (bits == 4) {  /* no offsets stored: symmetric, o = -8 s (GGUF's Q4_0) */
+                const __m256 ow = on ? _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(on + g)))
+                                     : _mm256_mul_ps(sv, _mm256_set1_ps(-8.f));
+                ov = _mm256_fmadd_ps(ow, _mm256_loadu_ps(xs + r * G + g), ov);
+            }
         }
         float ot = hsum(ov);
         for (; g < G; g++) {
             sx[r * G + g] = _cvtsh_ss(sn[g]) * xd[r * G + g];
-            if (bits == 4) ot += _cvtsh_ss(on[g]) * xs[r * G + g];
+            if (bits == 4) ot += (on ? _cvtsh_ss(on[g]) : -8.f * _cvtsh_ss(sn[g])) * xs[r * G + g];
         }
         oacc[r] = bits == 4 ? ot : 0.f;
         acc[r] = _mm256_setzero_ps();
@@ -195,7 +197,7 @@ void quant_gemm(const void* xin, int xbf, int64_t M, int64_t K, const uint8_t* w
             for (int64_t n = 0; n < N; n++) {
                 const uint8_t* wn = w + n * rb;
                 const uint16_t* sn = s + n * G;
-                const uint16_t* on = bits == 4 ? o + n * G : 0;
+                const uint16_t* on = bits == 4 && o ? o + n * G : 0;
                 float out[8];
                 for (int64_t m = m0; m < m1; ) {
                     const int64_t left = m1 - m;
@@ -591,7 +593,8 @@ def _check(x: torch.Tensor) -> bool:
 def quant_matmul(lib, x: torch.Tensor, bits: int, data: torch.Tensor, scale: torch.Tensor,
                  offset: torch.Tensor | None) -> torch.Tensor:
     """x: (M, K) float32 or bfloat16, contiguous, K a multiple of 32 -> (M, N) in x's dtype.
-    Weights in groups of 32 inputs: bits=4: data (N, K/2) uint8 (pack_int4), w = q * scale + offset;
+    Weights in groups of 32 inputs: bits=4: data (N, K/2) uint8 (pack_int4), w = q * scale + offset
+    (offset None: -8 * scale);
     bits=8: data (N, K) int8, w = q * scale; scale, offset (N, K/32) float16. x is rounded per
     row and group to int8 (scale absmax / 127) and multiplied in integers, accumulated in float32."""
     xbf = _check(x)
