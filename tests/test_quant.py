@@ -223,3 +223,28 @@ def test_other_block_types_are_held_as_int8_and_mixed_groups_fuse_as_int8(hf_mod
         with torch.inference_mode():
             b, a = exact.model(ids).log_softmax(-1), q.model(ids).float().log_softmax(-1)
         assert (b.exp() * (b - a)).sum(-1).mean().item() < 5e-3
+
+
+def test_threads_decoding_with_one_model_get_their_own_answers(hf_models):
+    """The one-call step keeps cache pointers per cache: two threads generating at once with the
+    same model get exactly what each gets alone."""
+    import threading
+
+    from ownlm.engine.generate import generate_ids
+    from ownlm.engine.sampling import SamplingParams
+
+    lm = ownlm.load(str(hf_models["mistral"]), dtype="bfloat16", quant="int4")
+    prompts = [list(range(3, 30)), list(range(40, 52))]
+    params = SamplingParams(temperature=0, max_tokens=40)
+    alone = [list(generate_ids(lm.model, p, params)) for p in prompts]
+    together: list = [None, None]
+
+    def work(i):
+        together[i] = list(generate_ids(lm.model, prompts[i], params))
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert together == alone and lm.model._decode_plan is not None

@@ -10,11 +10,13 @@ roundings, so the result is bit-identical to the modules' forward. Anything else
 shape, an adapter wrapped around a projection, training, a GPU) takes the modules' path.
 
 The plan holds raw pointers into the model's buffers; it is rebuilt when any of the modules it
-read is replaced (an adapter attached, a layer swapped)."""
+read is replaced (an adapter attached, a layer swapped). Cache pointers are kept per cache, so
+threads decoding into their own caches with one model share nothing that a step changes."""
 
 from __future__ import annotations
 
 import ctypes
+import weakref
 
 import torch
 
@@ -50,7 +52,7 @@ def eligible(model) -> bool:
 
 class DecodePlan:
     def __init__(self, model):
-        self.key = [id(m) for m in _modules(model)]
+        self.modules = _modules(model)  # held (not their ids): a replaced module cannot pass for them
         cfg = model.cfg
         self.bf = model.dtype == torch.bfloat16
         self.keep: list[torch.Tensor] = []  # float32 copies the structs point into
@@ -74,24 +76,28 @@ class DecodePlan:
                     setattr(ly, field, self.keep[-1].data_ptr())
             ly.window, ly.local = block.attn.window, int(block.local)
             ly.scale, ly.norm_offset = block.attn.scale, block.attn_norm.offset
-        self.cache_key = None
         self.act = model.layers[0].mlp.act_id
         self.eps = cfg.norm_eps
         self.shape = (cfg.n_heads, cfg.n_kv_heads, cfg.head_dim)
+        self.bound: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # cache -> its pointer arrays
 
-    def _bind(self, cache) -> None:
-        """Point each layer at its cache tensors (again after the cache grew)."""
-        key = (id(cache), cache.k[0].data_ptr(), cache.v[0].data_ptr(), cache.max_len, cache.slots)
-        if key == self.cache_key:
-            return
-        for i, ly in enumerate(self.layers):
-            k, v, _ = cache.decode_buffers(i)
-            ly.kc, ly.vc = k.data_ptr(), v.data_ptr()
-        self.cache_key = key
+    def _pointers(self, cache):
+        """Each layer's key and value cache as pointer arrays, per cache (so threads decoding
+        into caches of their own share nothing mutable), rebuilt after the cache grew."""
+        key = (cache.k[0].data_ptr(), cache.v[0].data_ptr(), cache.max_len, cache.slots)
+        hit = self.bound.get(cache)
+        if hit is None or hit[0] != key:
+            n = len(self.layers)
+            ks, vs = (ctypes.c_void_p * n)(), (ctypes.c_void_p * n)()
+            for i in range(n):
+                k, v, _ = cache.decode_buffers(i)
+                ks[i], vs[i] = k.data_ptr(), v.data_ptr()
+            hit = self.bound[cache] = (key, ks, vs)
+        return hit[1], hit[2]
 
     def run(self, x: torch.Tensor, pos: torch.Tensor, rotations: dict, cache) -> torch.Tensor:
         """x (B, 1, C) after the embedding -> the last block's output (B, 1, C)."""
-        self._bind(cache)
+        ks, vs = self._pointers(cache)
         x = x.contiguous().clone()
         cos0, sin0, _ = rotations[False]
         cos1, sin1, _ = rotations.get(True, rotations[False])
@@ -99,10 +105,9 @@ class DecodePlan:
         pos = pos[:, 0].contiguous()
         h, hkv, d = self.shape
         kernels.load().decode_layers(
-            x.data_ptr(), self.bf, x.shape[0], x.shape[-1], len(self.layers), ctypes.byref(self.layers), h, hkv, d,
-            cos0.shape[-1], cos0.data_ptr(), sin0.data_ptr(), cos1.data_ptr(), sin1.data_ptr(),
-            cache.k[0].dtype == torch.bfloat16, cache.base,
-            cache.k[0].shape[2], pos.data_ptr(), self.eps, self.act)
+            x.data_ptr(), self.bf, x.shape[0], x.shape[-1], len(self.layers), ctypes.byref(self.layers), ks, vs,
+            h, hkv, d, cos0.shape[-1], cos0.data_ptr(), sin0.data_ptr(), cos1.data_ptr(), sin1.data_ptr(),
+            cache.k[0].dtype == torch.bfloat16, cache.base, cache.k[0].shape[2], pos.data_ptr(), self.eps, self.act)
         return x
 
 
@@ -112,7 +117,7 @@ def plan(model, x: torch.Tensor, cache) -> DecodePlan | None:
     if cache is None or not kernels.usable(x) or cache.decode_buffers(0) is None:
         return None
     current = getattr(model, "_decode_plan", None)
-    if current is not None and current.key == [id(m) for m in _modules(model)]:
+    if current is not None and all(a is b for a, b in zip(current.modules, _modules(model))):
         return current
     if not eligible(model):
         return None

@@ -426,8 +426,8 @@ void act_mul(const void* x, int bf, int64_t M, int64_t F, int act, void* y) {
 /* One layer's weights for decode_layers: the four projections (qkv, o, gate_up, down) as
    group-wise int4 / int8 (w, s, o as quant_gemm takes them; bias float32 or null), the RMSNorm
    weights (float32; all with one offset): before attention and MLP, optional per-head q / k
-   norms and optional norms of the attention and MLP outputs (null: none), the layer's caches,
-   window and attention scale. */
+   norms and optional norms of the attention and MLP outputs (null: none), the layer's window and
+   attention scale. */
 typedef struct {
     const uint8_t* w[4];
     const uint16_t* s[4];
@@ -442,8 +442,6 @@ typedef struct {
     const float* k_norm;
     const float* post1;
     const float* post2;
-    void* kc;
-    void* vc;
     int64_t window;
     int64_t local;
     float scale;
@@ -464,8 +462,9 @@ static void add_into(void* x, const void* a, int bf, int64_t n) {
    residuals; optionally qk-norms and post-norms) for B sequences of one token, x (B, C) updated
    in place: the same kernels, in the same order and with the same roundings as the modules' own
    forward on a CPU, in one call. cos0/sin0: the rotation of global layers, cos1/sin1 of local
-   ones, (B, R) each. act: 0 SiLU, 1 GeLU (tanh). */
-void decode_layers(void* x, int bf, int64_t B, int64_t C, int64_t L, const layer_t* layers, int64_t H,
+   ones, (B, R) each. kcs, vcs: each layer's key and value cache. act: 0 SiLU, 1 GeLU (tanh). */
+void decode_layers(void* x, int bf, int64_t B, int64_t C, int64_t L, const layer_t* layers, void* const* kcs,
+                   void* const* vcs, int64_t H,
                    int64_t Hkv, int64_t D, int64_t R, const float* cos0, const float* sin0, const float* cos1,
                    const float* sin1, int cbf, int64_t slot0, int64_t cap, const int64_t* pos, float eps, int act) {
     const int64_t es = bf ? 2 : 4;
@@ -485,7 +484,7 @@ void decode_layers(void* x, int bf, int64_t B, int64_t C, int64_t L, const layer
             rms_norm(row, bf, H, D, ly->q_norm, eps, ly->norm_offset, row);
             rms_norm(row + H * D * es, bf, Hkv, D, ly->k_norm, eps, ly->norm_offset, row + H * D * es);
         }
-        attend_decode(big, bf, B, H, Hkv, D, R, ly->local ? cos1 : cos0, ly->local ? sin1 : sin0, ly->kc, ly->vc,
+        attend_decode(big, bf, B, H, Hkv, D, R, ly->local ? cos1 : cos0, ly->local ? sin1 : sin0, kcs[l], vcs[l],
                       cbf, slot0, cap, pos, ly->window, ly->scale, mid);
         quant_gemm(mid, bf, B, ly->k[1], ly->w[1], ly->s[1], ly->o[1], (int)ly->bits[1], ly->n[1], h, bf);
         add_bias(h, bf, B, ly->n[1], ly->bias[1]);
@@ -562,7 +561,8 @@ def load() -> ctypes.CDLL | None:
         lib.attend_decode.argtypes = [p, i32, i64, i64, i64, i64, i64, p, p, p, p, i32, i64, i64, p, i64, f32, p]
         lib.rms_norm.argtypes = [p, i32, i64, i64, p, f32, f32, p]
         lib.act_mul.argtypes = [p, i32, i64, i64, i32, p]
-        lib.decode_layers.argtypes = [p, i32, i64, i64, i64, p, i64, i64, i64, i64, p, p, p, p, i32, i64, i64, p, f32, i32]
+        lib.decode_layers.argtypes = [p, i32, i64, i64, i64, p, p, p, i64, i64, i64, i64, p, p, p, p, i32, i64, i64, p, f32,
+                                      i32]
         for f in (lib.quant_gemm, lib.bf16_gemm, lib.attend_decode, lib.rms_norm, lib.act_mul, lib.decode_layers):
             f.restype = None
         _lib = lib
@@ -667,6 +667,5 @@ class Layer(ctypes.Structure):
                 ("bias", ctypes.c_void_p * 4), ("bits", ctypes.c_int64 * 4), ("n", ctypes.c_int64 * 4),
                 ("k", ctypes.c_int64 * 4), ("norm1", ctypes.c_void_p), ("norm2", ctypes.c_void_p),
                 ("q_norm", ctypes.c_void_p), ("k_norm", ctypes.c_void_p), ("post1", ctypes.c_void_p),
-                ("post2", ctypes.c_void_p),
-                ("kc", ctypes.c_void_p), ("vc", ctypes.c_void_p), ("window", ctypes.c_int64),
+                ("post2", ctypes.c_void_p), ("window", ctypes.c_int64),
                 ("local", ctypes.c_int64), ("scale", ctypes.c_float), ("norm_offset", ctypes.c_float)]
