@@ -1,9 +1,11 @@
 """One decoder-only Transformer for every supported family, driven by ModelConfig switches.
 
 Pure compute: no file formats, no tokenizers, no cache management. The engine passes a KV cache
-object (see engine/kv_cache.py) with `update(layer, pos, k, v) -> (k_all, v_all)`; the model
-only calls it. Linear layers are built by `linear.dense` and may be swapped for quantized or LoRA
-linears after construction without touching this file.
+object (see engine/kv_cache.py) with `update(layer, pos, k, v) -> (k_all, v_all)` and
+`decode_buffers(layer)`; the model only calls them. Linear layers are built by `linear.dense` and
+may be swapped for quantized or LoRA linears after construction without touching this file. On
+a CPU, one-token steps go through ownlm's kernels (kernels.py): per module, or every block in one
+call where all blocks allow it (fastpath.py), with the same arithmetic either way.
 """
 
 from __future__ import annotations
@@ -25,6 +27,10 @@ from .linear import Embedding, dense
 
 class Cache(Protocol):
     def update(self, layer: int, pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+    def decode_buffers(self, layer: int) -> tuple[torch.Tensor, torch.Tensor, int] | None:
+        """(keys, values, first slot) for CPU kernels that write and read the cache themselves, or None."""
+        ...
 
 
 class RMSNorm(nn.Module):
