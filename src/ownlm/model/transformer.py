@@ -323,7 +323,11 @@ class Transformer(nn.Module):
         return cos.to(dtype), sin.to(dtype), mask
 
     def head(self, x: torch.Tensor) -> torch.Tensor:
-        """Logits of final normalized hidden states (tied embeddings: the input table is the head)."""
+        """Logits of final normalized hidden states (tied embeddings: the input table is the head).
+        Through ownlm's CPU kernels they come out in float32 (the kernels accumulate in float32;
+        rounding logits to bfloat16 would make near ties among large logits exact ties)."""
+        if kernels.usable(x):
+            x = x.float()
         return self.embed.head(x) if self.lm_head is None else self.lm_head(x)
 
     def forward(self, tokens: torch.Tensor, pos: torch.Tensor | None = None, cache: Cache | None = None,
