@@ -621,9 +621,10 @@ def bf16_matmul(lib, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
 
 def usable(x: torch.Tensor) -> bool:
     """Whether ownlm's CPU kernels can take x here and now: a CPU float32 / bfloat16 tensor, in
-    inference (no gradient wanted), with the kernels built."""
+    inference (gradients off: training, even of a frozen part, stays on PyTorch's ops), with the
+    kernels built."""
     return (x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16)
-            and not (torch.is_grad_enabled() and x.requires_grad) and load() is not None)
+            and not torch.is_grad_enabled() and load() is not None)
 
 
 def rms_norm(x: torch.Tensor, weight32: torch.Tensor, eps: float, offset: float) -> torch.Tensor:
