@@ -15,11 +15,10 @@ from .engine.generate import Completion, TextStream
 from .engine.sampling import SamplingParams
 from .errors import BadRequest, ModelFormatError, ModelNotFound
 from .formats import peft, repacked
-from .formats.checkpoint import Checkpoint, open_checkpoint
+from .formats.checkpoint import Checkpoint, open_checkpoint, quantizable
 from .manage import display_name, resolve
 from .store.store import Store
 from .formats.keymaps import FUSED
-from .formats.checkpoint import quantizable
 from .formats.quants import GROUP, QuantWeight, concat, quantize
 from .model import adapters
 from .model.linear import QuantEmbedding, QuantLinear, fast_quant, quant_supported, replace
@@ -81,10 +80,9 @@ def build_model(ckpt: Checkpoint, device: torch.device, dtype: torch.dtype, quan
     format errors).
     quant="auto" keeps GGUF Q4_0/Q4_1/Q4_K/Q8_0 weights (linears, embedding, head) as int4 /
     int8 on a CPU with ownlm's kernels when computing in bfloat16, and holds the other block
-    types (Q5_*, Q6_K, ...) as int8; "none" dequantizes everything
-    to `dtype`; "int4" / "int8" hold every linear of the layers that way (GGUF blocks of that
-    width as they are, anything else quantized group-wise at load) and keep a GGUF's quantized
-    embedding and head."""
+    types (Q5_*, Q6_K, ...) as int8; "none" dequantizes everything to `dtype`; "int4" / "int8"
+    hold every linear of the layers that way (GGUF blocks of that width as they are, anything
+    else quantized group-wise at load) and keep a GGUF's quantized embedding and head."""
     if quant not in QUANT_MODES:
         raise BadRequest(f"unknown quantization mode {quant!r}", f"use one of: {', '.join(QUANT_MODES)}")
     bits = QUANT_BITS.get(quant)

@@ -3,12 +3,12 @@ GGUF blocks in the kernels' int4 / int8 layout, everything else in the compute d
 config, tokenizer and chat template, in one safetensors file per (model digest, variant).
 
 The first load of a store model builds it from its files and writes this cache; later loads map
-one file and take its tensors in place, with no GGUF parsing, dequantizing, repacking or copying. The variant
-names everything the bytes depend on: dtype, device type, quantization mode, ownlm's kernels, the
-CPU's capability and torch's version. A cache is written to a
-temporary folder, fsynced and renamed into place, so a killed load leaves none or a whole one; one
-that fails to read is ignored and rewritten. `ownlm rm` removes a model's caches with its files.
-OWNLM_REPACK_CACHE=0 turns it off."""
+one file and take its tensors in place, with no GGUF parsing, dequantizing, repacking or copying.
+The variant names everything the bytes depend on: dtype, device type, quantization mode, ownlm's
+kernels, the CPU's capability and torch's version. A cache is written to a temporary folder,
+fsynced and renamed into place, so a killed load leaves none or a whole one; one that fails to
+read back (or whose shapes disagree with its config) is ignored and rewritten. `ownlm rm`
+removes a model's caches with its files. OWNLM_REPACK_CACHE=0 turns it off."""
 
 from __future__ import annotations
 
