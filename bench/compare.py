@@ -22,7 +22,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from decode import TEXT, peak_rss_mb, run_ownlm, run_transformers
+from decode import TEXT, common_args, peak_rss_mb, run_ownlm, run_transformers
 
 HERE = Path(__file__).resolve().parent
 LLAMA_ENV = HERE / ".llama-env"
@@ -90,10 +90,7 @@ def child(a) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--model", default="smollm2", help="store name / alias / path of a GGUF")
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--prompt-tokens", type=int, default=512)
-    ap.add_argument("--gen", type=int, default=128)
+    common_args(ap)
     ap.add_argument("--batches", default="4,8", help="batch sizes for ownlm's batched decode")
     ap.add_argument("--llama-python", help="a Python with llama_cpp installed (default: bench/.llama-env)")
     ap.add_argument("--skip", default="", help="engines to leave out, comma-separated")

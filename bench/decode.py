@@ -95,12 +95,17 @@ def child(engine: str, path: str, n_prompt: int, n_gen: int, threads: int) -> No
     print(json.dumps(fn(path, n_prompt, n_gen)))
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser()
+def common_args(ap: argparse.ArgumentParser) -> None:
+    """The options bench/decode.py and bench/compare.py share."""
     ap.add_argument("--model", default="smollm2", help="store name / alias / path of a GGUF")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--prompt-tokens", type=int, default=512)
     ap.add_argument("--gen", type=int, default=128)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    common_args(ap)
     ap.add_argument("--child", help=argparse.SUPPRESS)
     ap.add_argument("--path", help=argparse.SUPPRESS)
     a = ap.parse_args()

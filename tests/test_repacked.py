@@ -63,14 +63,14 @@ def test_a_damaged_cache_is_rebuilt_and_rm_removes_it(hf_models, ownlm_home):
 def test_a_cache_whose_shapes_disagree_with_the_config_is_rebuilt(hf_models, tmp_path, ownlm_home):
     """A cache that reads back whole but holds a quantized weight of the wrong shape (fewer rows:
     the kernels would read past it) is refused and rebuilt, never run."""
-    from ownlm.formats.hf import map_safetensors, write_safetensors
+    from ownlm.formats.hf import SafetensorsFile, write_safetensors
 
     path = hf_folder_to_gguf(hf_models["llama"], tmp_path / "q4.gguf", qtype=gguf.GGMLQuantizationType.Q4_0)
     manage.import_path(path, name="tiny-q4", quiet=True)
     want = _logits(ownlm.load("tiny-q4", dtype="bfloat16"))
     (cache,) = _caches(ownlm_home)
-    meta, tensors = map_safetensors(cache / repacked.FILE)
-    tensors = {k: v.clone() for k, v in tensors.items()}
+    st = SafetensorsFile(cache / repacked.FILE)
+    meta, tensors = st.metadata, {k: st.tensor(k).clone() for k in st.entries}
     for part in ("data", "scale"):  # consistent with each other (Q4_0: no offsets), not with the config
         name = f"layers.0.mlp.down.{part}"
         tensors[name] = tensors[name][:-3].contiguous()

@@ -10,7 +10,6 @@ import struct
 from pathlib import Path
 from typing import Any, Iterator, Mapping
 
-import numpy as np
 import torch
 
 from ..errors import ModelFormatError
@@ -133,42 +132,6 @@ def iter_safetensors(files: Mapping[str, Path]) -> Iterator[tuple[str, torch.Ten
 
 ST_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16", torch.int64: "I64",
              torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8", torch.bool: "BOOL"}
-
-
-def map_safetensors(path: Path) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
-    """(metadata, tensors) of a safetensors file written by write_safetensors, the tensors backed
-    by a private copy-on-write map of the file: nothing is read before it is used and nothing is
-    copied. A header that does not describe the file is a ModelFormatError."""
-    by_name = {v: k for k, v in ST_DTYPES.items()}
-    with open(path, "rb") as f:
-        size = os.fstat(f.fileno()).st_size
-        n = int.from_bytes(f.read(8), "little")
-        if n > min(size - 8, 1 << 30):
-            raise ModelFormatError(f"{path}: bad safetensors header")
-        try:
-            header = json.loads(f.read(n))
-        except ValueError:
-            raise ModelFormatError(f"{path}: bad safetensors header") from None
-        mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY) if size > 8 + n else None
-    meta = header.pop("__metadata__", {}) if isinstance(header, dict) else None
-    if not isinstance(header, dict) or not isinstance(meta, dict):
-        raise ModelFormatError(f"{path}: bad safetensors header")
-    tensors = {}
-    for name, info in header.items():
-        try:
-            dtype = by_name[info["dtype"]]
-            shape = [int(d) for d in info["shape"]]
-            start, end = (int(x) for x in info["data_offsets"])
-        except (KeyError, TypeError, ValueError):
-            raise ModelFormatError(f"{path}: bad entry for {name!r}") from None
-        count = int(np.prod(shape, dtype=np.int64)) if shape else 1
-        item = torch.empty(0, dtype=dtype).element_size()
-        at = 8 + n + start
-        if start < 0 or end - start != count * item or 8 + n + end > size or at % item:
-            raise ModelFormatError(f"{path}: tensor {name!r} does not fit the file")
-        t = torch.frombuffer(mm, dtype=dtype, count=count, offset=at) if count else torch.empty(0, dtype=dtype)
-        tensors[name] = t.reshape(shape)
-    return meta, tensors
 
 
 def write_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:

@@ -28,7 +28,7 @@ from ..model.config import ModelConfig, RopeScaling
 from ..model.linear import QuantEmbedding, QuantLinear, replace
 from .quants import QuantWeight
 from ..model.transformer import Transformer
-from .hf import map_safetensors, write_safetensors
+from .hf import SafetensorsFile, write_safetensors
 from .tokenizer import TokenizerSpec
 
 VERSION = 2
@@ -92,8 +92,9 @@ def load(path: Path, device: torch.device) -> tuple[Transformer, TokenizerSpec, 
 
 def _read(file: Path, device: torch.device):
     try:
-        metadata, tensors = map_safetensors(file)  # mapped, not read: pages come in as they are used
-        meta = json.loads(metadata["ownlm"])
+        st = SafetensorsFile(file)  # mapped, not read: pages come in as they are used
+        meta = json.loads(st.metadata["ownlm"])
+        tensors = {name: st.tensor(name) for name in st.entries}
         if meta.get("version") != VERSION:
             return None
         cfg_dict = dict(meta["config"])

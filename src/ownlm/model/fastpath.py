@@ -9,9 +9,11 @@ runs all blocks in C: the same kernels the modules call, in the same order, with
 roundings, so the result is bit-identical to the modules' forward. Anything else (another block
 shape, an adapter wrapped around a projection, training, a GPU) takes the modules' path.
 
-The plan holds raw pointers into the model's buffers; it is rebuilt when any of the modules it
-read is replaced (an adapter attached, a layer swapped). Cache pointers are kept per cache, so
-threads decoding into their own caches with one model share nothing that a step changes."""
+The plan holds raw pointers into the model's buffers (and the tensors themselves, so they stay
+valid); it is dropped when a module is swapped through `linear.replace` (an adapter attached or
+merged), the model is moved or converted, or a state dict is loaded, and built again at the next
+step. Cache pointers are kept per cache, so threads decoding into their own caches with one
+model share nothing that a step changes."""
 
 from __future__ import annotations
 
@@ -22,13 +24,6 @@ import torch
 
 from . import kernels
 from .linear import QuantLinear
-
-
-def _modules(model) -> list:
-    return [getattr(owner, name, None) for b in model.layers
-            for owner, name in ((b, "attn_norm"), (b.attn, "qkv"), (b.attn, "o"), (b.attn, "q_norm"), (b.attn, "k_norm"),
-                                (b, "attn_post_norm"), (b, "mlp_norm"), (b, "mlp_post_norm"), (b.mlp, "gate_up"),
-                                (b.mlp, "down"))]
 
 
 def eligible(model) -> bool:
@@ -52,16 +47,16 @@ def eligible(model) -> bool:
 
 class DecodePlan:
     def __init__(self, model):
-        self.modules = _modules(model)  # held (not their ids): a replaced module cannot pass for them
         cfg = model.cfg
         self.bf = model.dtype == torch.bfloat16
-        self.keep: list[torch.Tensor] = []  # float32 copies the structs point into
+        self.keep: list[torch.Tensor] = []  # every tensor the structs point into, held
         self.layers = (kernels.Layer * cfg.n_layers)()
         for i, block in enumerate(model.layers):
             ly = self.layers[i]
             for j, lin in enumerate((block.attn.qkv, block.attn.o, block.mlp.gate_up, block.mlp.down)):
                 ly.w[j], ly.s[j] = lin.data.data_ptr(), lin.scale.data_ptr()
                 ly.o[j] = lin.offset.data_ptr() if lin.offset is not None else None
+                self.keep += [t for t in (lin.data, lin.scale, lin.offset) if t is not None]
                 if lin.bias is not None:
                     self.keep.append(lin.bias.detach().float().contiguous())
                     ly.bias[j] = self.keep[-1].data_ptr()
@@ -113,13 +108,17 @@ class DecodePlan:
 
 def plan(model, x: torch.Tensor, cache) -> DecodePlan | None:
     """The model's decode plan if this step can take it: a CPU inference step on a KVCache that
-    the kernels can write, every block eligible."""
+    the kernels can write, every block eligible. Built (or found ineligible) once, then kept until
+    `forget`."""
     if cache is None or not kernels.usable(x) or cache.decode_buffers(0) is None:
         return None
-    current = getattr(model, "_decode_plan", None)
-    if current is not None and all(a is b for a, b in zip(current.modules, _modules(model))):
-        return current
-    if not eligible(model):
-        return None
-    model._decode_plan = DecodePlan(model)
-    return model._decode_plan
+    current = model.__dict__.get("_decode_plan")
+    if current is None:
+        current = model.__dict__["_decode_plan"] = DecodePlan(model) if eligible(model) else False
+    return current or None
+
+
+def forget(model) -> None:
+    """Drop the model's plan; called whenever its modules or tensors change: a module swapped
+    (linear.replace), the model moved or converted, or a state dict loaded into it."""
+    model.__dict__.pop("_decode_plan", None)

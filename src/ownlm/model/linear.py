@@ -47,10 +47,14 @@ def dense(in_features: int, out_features: int, bias: bool) -> nn.Module:
 
 
 def replace(model: nn.Module, name: str, new: nn.Module) -> None:
-    """Swap the submodule at dotted path `name` for `new`."""
+    """Swap the submodule at dotted path `name` for `new` (and drop the model's one-call decode
+    plan, which points into the modules it read)."""
+    from .fastpath import forget
+
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
     setattr(parent, child, new)
+    forget(model)
 
 
 class Embedding(nn.Embedding):

@@ -267,6 +267,14 @@ class Transformer(nn.Module):
             long = dataclasses.replace(cfg.rope_scaling, factors=cfg.rope_scaling.long_factors)
             self.inv_freq_long = rope_frequencies(cfg.rope_dim, cfg.rope_theta, long).to(device)
 
+    def _apply(self, fn, *args, **kwargs):  # .to(), .float(), .cuda(), ...: tensors move
+        fastpath.forget(self)
+        return super()._apply(fn, *args, **kwargs)
+
+    def load_state_dict(self, *args, **kwargs):
+        fastpath.forget(self)
+        return super().load_state_dict(*args, **kwargs)
+
     @property
     def device(self) -> torch.device:
         return self.norm.weight.device
