@@ -8,7 +8,10 @@
    scheduler (with graphs) gives each sequence the tokens it gets alone.
 2. Speed, a SmolLM2-135M-shaped random Llama in bf16: decode tokens/s of ownlm without and with
    CUDA graphs at batch 1, aggregate tokens/s at --batch through the scheduler, and transformers'
-   `generate` (bf16, same prompt and length) in the same run as the reference."""
+   `generate` (bf16, same prompt and length) in the same run as the reference.
+3. int4 (GGUF Q4_0 through PyTorch's int4 kernel): KL against the float32 dequantized model
+   beside dense bf16's, greedy tokens with and without graphs, decode tokens/s and weight memory
+   against dense bf16."""
 
 from __future__ import annotations
 
@@ -195,6 +198,60 @@ def speed(base: Path, n_gen: int, batch: int) -> dict:
     return res
 
 
+def int4(base: Path, n_gen: int) -> dict:
+    """GGUF Q4_0 on CUDA: the layers' linears held in PyTorch's int4 layout (tinygemm). A
+    SmolLM2-shaped random Llama written as Q4_0: KL of its last-position distributions against
+    the float32 dequantized model beside the dense bfloat16 model's; greedy tokens with graphs
+    equal to those without; decode tokens/s and weight memory of int4 against dense bfloat16, both
+    with CUDA graphs."""
+    import gguf
+
+    import ownlm
+    from ownlm.engine.generate import StepStats, generate_ids
+    from ownlm.engine.sampling import SamplingParams
+    from ownlm.model.linear import QuantLinear
+    from tests.conftest import build_hf_model
+    from tests.ggufs import hf_folder_to_gguf
+
+    folder = build_hf_model(base / "smol4", "llama", seed=6, **SMOL)
+    path = hf_folder_to_gguf(folder, base / "smol4.gguf", qtype=gguf.GGMLQuantizationType.Q4_0)
+    exact = ownlm.load(str(path), device="cuda", dtype="float32", quant="none")
+    res: dict = {"model": "SmolLM2-135M-shaped random Llama, GGUF Q4_0"}
+    prompt = list(range(10, 10 + 128))
+    x = torch.tensor([prompt], device="cuda")
+    with torch.inference_mode():
+        want = exact.model(x)[0].float().log_softmax(-1)
+    del exact
+    for quant in ("none", "auto"):
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+        lm = ownlm.load(str(path), device="cuda", dtype="bfloat16", quant=quant)
+        key = "int4" if quant == "auto" else "bf16"
+        res[f"{key}_weights_mb"] = torch.cuda.memory_allocated() / 2 ** 20
+        if quant == "auto":
+            layers = [m for m in lm.model.modules() if isinstance(m, QuantLinear)]
+            res["int4_tinygemm_linears"] = sum(m.layout == "tinygemm" for m in layers)
+        with torch.inference_mode():
+            got = lm.model(x)[0].float().log_softmax(-1)
+        res[f"{key}_kl_vs_float32"] = float((want.exp() * (want - got)).sum(-1).mean())
+        params = SamplingParams(temperature=0, max_tokens=n_gen)
+        runs = {}
+        for on in (False, True):
+            graphs(on)
+            best, out = 0.0, []
+            for _ in range(3):
+                stats = StepStats()
+                out = list(generate_ids(lm.model, prompt, params, (), stats))
+                torch.cuda.synchronize()
+                best = max(best, (n_gen - 1) / stats.decode_s)
+            runs[on] = out
+            res[f"{key}_{'graphs' if on else 'eager'}_decode_tok_s"] = best
+        res[f"{key}_graphs_equal_eager"] = runs[True] == runs[False]
+        del lm
+    res["int4_over_bf16_decode"] = res["int4_graphs_decode_tok_s"] / res["bf16_graphs_decode_tok_s"]
+    return res
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--gen", type=int, default=128)
@@ -211,6 +268,10 @@ def main() -> None:
             report["serve"] = serve(Path(tmp))
         except Exception as e:  # noqa: BLE001 - report it beside the other checks
             report["serve"] = {"error": repr(e)[:2000]}
+        try:
+            report["int4"] = int4(Path(tmp), args.gen)
+        except Exception as e:  # noqa: BLE001
+            report["int4"] = {"error": repr(e)[:2000]}
         if not args.skip_speed:
             report["speed"] = speed(Path(tmp), args.gen, args.batch)
     print(json.dumps(report, indent=2))

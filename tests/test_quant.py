@@ -141,6 +141,61 @@ def test_smollm2_keeps_its_blocks_and_equals_the_dequantized_model(smollm2_gguf)
         assert fast.chat(msgs, max_tokens=24, temperature=0).text == want
 
 
+@pytest.mark.parametrize("qtype", [Q.Q4_0, Q.Q4_1, Q.Q4_K])
+def test_tinygemm_layout_computes_the_files_weight(qtype):
+    """The layout for PyTorch's int4 kernel (used on CUDA; its CPU twin, which takes the same
+    (q - 8) * scale + zero pairs, runs here) gives the weight gguf's own dequantizer reads from
+    the blocks, up to its bfloat16 scales and zeros (2^-9 of each) and bfloat16 outputs."""
+    rng = np.random.default_rng(int(qtype))
+    if qtype == Q.Q4_K:  # gguf cannot write Q4_K: random super-blocks with sane d and dmin
+        raw = rng.integers(0, 256, size=(48, 2, 144), dtype=np.uint8)
+        raw[..., 0:2] = np.frombuffer(np.float16(0.011).tobytes(), dtype=np.uint8)
+        raw[..., 2:4] = np.frombuffer(np.float16(0.007).tobytes(), dtype=np.uint8)
+        raw = raw.reshape(48, -1)
+    else:
+        raw = gguf.quants.quantize((rng.standard_normal((48, 512)) * 0.05 + 0.01).astype(np.float32), qtype)
+    want = torch.from_numpy(gguf.quants.dequantize(raw, qtype)).double()
+    layer = QuantLinear(from_blocks(raw, qtype), layout="tinygemm")
+    assert not hasattr(layer, "data") and layer.packed.numel() < want.numel()  # int4, nothing else held
+    tol = 2 ** -7 * want.abs().max().item()
+    assert (layer.dequantize().double() - want).abs().max().item() < tol
+    x = torch.randn(5, want.shape[1], dtype=torch.bfloat16)
+    with torch.inference_mode():
+        got = layer(x).double()
+    ref = x.double() @ want.t()
+    assert ((got - ref).norm() / ref.norm()).item() < 1e-2
+    with pytest.raises(ValueError, match="int4 kernel"):
+        QuantLinear(quantize(want.float(), 8), layout="tinygemm")
+
+
+def test_cuda_build_holds_the_int4_linears_for_pytorchs_int4_kernel(smollm2_gguf, monkeypatch):
+    """What `load` builds on CUDA, built here by asking for CUDA's layout on the CPU: the layers'
+    int4 linears in PyTorch's int4 layout, everything else (the Q8_0 embedding) dense bfloat16;
+    it departs from the float32 dequantized model about as far as the bfloat16 dense model does."""
+    from ownlm import loading
+    from ownlm.errors import BadRequest
+    from ownlm.formats.checkpoint import files_of_path, open_checkpoint
+
+    with pytest.raises(BadRequest, match="int8 weights are not supported on cuda"):
+        loading.build_model(open_checkpoint(files_of_path(smollm2_gguf)), torch.device("cuda"), torch.bfloat16, "int8")
+    exact = ownlm.load(str(smollm2_gguf), dtype="float32", quant="none", cache=False)
+    rounded = ownlm.load(str(smollm2_gguf), dtype="bfloat16", quant="none", cache=False)
+    monkeypatch.setattr(loading, "layout_for", lambda device: "tinygemm")
+    lm = ownlm.load(str(smollm2_gguf), cache=False)
+    linears = [m for m in lm.model.modules() if isinstance(m, QuantLinear)]
+    assert len(linears) == 4 * lm.config.n_layers and all(m.layout == "tinygemm" for m in linears)
+    assert lm.model.embed.weight.dtype == torch.bfloat16
+    text = (ROOT / "src/ownlm/evaluate/data/prose.txt").read_text()[:2000]
+    ids = torch.tensor([exact.encode(text)[:300]])
+    with torch.inference_mode():
+        b = exact.model(ids).log_softmax(-1)
+        kl = {name: (b.exp() * (b - m.model(ids).float().log_softmax(-1))).sum(-1).mean().item()
+              for name, m in (("int4", lm), ("rounded", rounded))}
+    assert kl["int4"] < 1.5 * kl["rounded"] + 1e-4, kl
+    msgs = [{"role": "user", "content": PROMPTS[0]}]  # decoding through the KV cache (no one-call step)
+    assert lm.chat(msgs, max_tokens=16, temperature=0).text == exact.chat(msgs, max_tokens=16, temperature=0).text
+
+
 @pytest.mark.parametrize("quant", ["int4", "int8"])
 def test_quantize_at_load_follows_the_dense_model(hf_models, quant):
     dense = ownlm.load(str(hf_models["qwen2"]), dtype="float32", quant="none")

@@ -21,7 +21,8 @@ from .store.store import Store
 from .formats.keymaps import FUSED
 from .formats.quants import GROUP, QuantWeight, concat, quantize
 from .model import adapters
-from .model.linear import QuantEmbedding, QuantLinear, fast_quant, quant_supported, replace
+from .model.linear import (QuantEmbedding, QuantLinear, fast_quant, layout_for, quant_supported, replace,
+                           tinygemm_fits)
 from .model.transformer import Transformer
 from .text.chat import ChatTemplate
 from .text.tokenizer import TextTokenizer
@@ -82,12 +83,20 @@ def build_model(ckpt: Checkpoint, device: torch.device, dtype: torch.dtype, quan
     int8 on a CPU with ownlm's kernels when computing in bfloat16, and holds the other block
     types (Q5_*, Q6_K, ...) as int8; "none" dequantizes everything to `dtype`; "int4" / "int8"
     hold every linear of the layers that way (GGUF blocks of that width as they are, anything
-    else quantized group-wise at load) and keep a GGUF's quantized embedding and head."""
+    else quantized group-wise at load) and keep a GGUF's quantized embedding and head.
+    On CUDA (Ampere or newer, bfloat16) int4 linears of the layers are held in PyTorch's int4
+    layout and run its kernel; everything else there (int8, the embedding) is dequantized."""
     if quant not in QUANT_MODES:
         raise BadRequest(f"unknown quantization mode {quant!r}", f"use one of: {', '.join(QUANT_MODES)}")
     bits = QUANT_BITS.get(quant)
-    if bits and not quant_supported(device):
-        raise BadRequest(f"{quant} weights are not supported on {device}", "use --quant none")
+    if bits and not quant_supported(device, bits):
+        hint = "use --quant int4 (a GPU of the Ampere generation or newer) or none" if device.type == "cuda" \
+            else "use --quant none"
+        raise BadRequest(f"{quant} weights are not supported on {device}", hint)
+    layout = layout_for(device)
+    if bits and layout == "tinygemm" and dtype != torch.bfloat16:
+        raise BadRequest(f"int4 weights on {device} compute in bfloat16, not {str(dtype).removeprefix('torch.')}",
+                         "use --dtype bfloat16 (or auto)")
     keep = bits is not None or (quant == "auto" and dtype == torch.bfloat16 and fast_quant(device))
     with torch.device("meta"):
         model = Transformer(ckpt.config)
@@ -111,14 +120,18 @@ def build_model(ckpt: Checkpoint, device: torch.device, dtype: torch.dtype, quan
     if missing:
         raise ModelFormatError(f"checkpoint lacks {len(missing)} tensor(s), first {missing[0]!r}")
     for name, tensor in list(state.items()):
-        if isinstance(tensor, QuantWeight):
-            path = name.removesuffix(".weight")
-            if path == "embed":
-                replace(model, path, QuantEmbedding(tensor, dtype).to(device))
-            else:
-                bias = state.pop(f"{path}.bias", None)  # a bias beside quantized weights stays dense
-                replace(model, path, QuantLinear(tensor, bias=bias, dtype=dtype).to(device))
-            del state[name]
+        if not isinstance(tensor, QuantWeight):
+            continue
+        path = name.removesuffix(".weight")
+        if layout == "tinygemm" and (path == "embed" or tensor.bits != 4 or not tinygemm_fits(tensor.shape)):
+            state[name] = tensor.dequantize().to(dtype)  # on CUDA only int4 linears have a kernel
+            continue
+        del state[name]
+        if path == "embed":
+            replace(model, path, QuantEmbedding(tensor, dtype).to(device))
+        else:
+            bias = state.pop(f"{path}.bias", None)  # a bias beside quantized weights stays dense
+            replace(model, path, QuantLinear(tensor.to(device), bias=bias, dtype=dtype, layout=layout).to(device))
     dense = {name: t.to(device) for name, t in state.items()}
     model.load_state_dict(dense, assign=True, strict=False)
     model.init_buffers(device)
@@ -240,9 +253,9 @@ def load(ref: str, device: str | None = None, dtype: str | torch.dtype | None = 
     """Load any model reference (store name, catalog alias, path, pypi:/hf: ref, BASE+ADAPTER or
     an adapter's store name) for inference.
     dtype: auto (bfloat16 on CUDA and x86 CPUs with AVX2 or better, else float32), float32, bfloat16, float16.
-    quant: auto (GGUF Q4_0/Q4_1/Q4_K stay int4 and Q8_0 int8 on a CPU in bfloat16), none
-    (dequantize everything), int4 or int8 (every linear of the layers, quantized at load where it
-    is not already).
+    quant: auto (GGUF Q4_0/Q4_1/Q4_K stay int4 in bfloat16, on a CPU or a CUDA GPU, and Q8_0
+    int8 on a CPU), none (dequantize everything), int4 or int8 (every linear of the layers,
+    quantized at load where it is not already; int8 on CPUs only).
     An adapter is merged into dense weights, and kept beside quantized weights (so they stay so)."""
     t0 = time.perf_counter()
     if quant not in QUANT_MODES:

@@ -10,5 +10,6 @@ def add_quant_option(p: argparse.ArgumentParser) -> None:
     from ..loading import QUANT_MODES
 
     p.add_argument("--quant", choices=QUANT_MODES, default="auto",
-                   help="weights in memory: auto (a GGUF's int4 / int8 blocks kept as they are on a CPU), none "
-                        "(everything dense in --dtype), int4 or int8 (every layer's linears quantized at load)")
+                   help="weights in memory: auto (a GGUF's int4 / int8 blocks kept as they are on a CPU, its int4 on "
+                        "CUDA), none (everything dense in --dtype), int4 or int8 (every layer's linears quantized "
+                        "at load; int8 on CPUs only)")

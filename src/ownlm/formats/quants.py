@@ -53,6 +53,10 @@ class QuantWeight:
         if not ok:
             raise ValueError("inconsistent quantized weight")
 
+    def to(self, device: torch.device | str) -> "QuantWeight":
+        return QuantWeight(self.bits, self.data.to(device), self.scale.to(device),
+                           None if self.offset is None else self.offset.to(device))
+
     @property
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (self.data, self.scale, self.offset) if t is not None)
@@ -70,6 +74,20 @@ class QuantWeight:
         if offset is not None:
             w = w + offset.float()[..., None]
         return w.view(n, k)
+
+
+def tinygemm_params(w: QuantWeight) -> tuple[torch.Tensor, torch.Tensor]:
+    """An int4 weight in the terms of PyTorch's int4 kernels (`_weight_int4pack_mm` on CUDA and its
+    CPU twin): the (N, K) values 0..15 and the (K/32, N, 2) bfloat16 (scale, zero) pairs, with
+    w = (q - 8) * scale + zero. Ours is w = q * scale + offset, so zero = offset + 8 * scale
+    (symmetric: zero = 0, exact); both are rounded to bfloat16, the kernels' type (relative error
+    <= 2^-9 of each)."""
+    if w.bits != 4:
+        raise ValueError("only int4 weights have a tinygemm form")
+    scale = w.scale.float()
+    zero = torch.zeros_like(scale) if w.offset is None else w.offset.float() + 8 * scale
+    pairs = torch.stack([scale, zero], dim=-1).transpose(0, 1).to(torch.bfloat16).contiguous()
+    return unpack_int4(w.data), pairs
 
 
 def concat(parts: list[QuantWeight]) -> QuantWeight:

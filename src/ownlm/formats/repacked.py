@@ -52,8 +52,8 @@ def folder(root: Path, digest: str, device: torch.device, dtype: torch.dtype, qu
 def save(path: Path, model: Transformer, tokenizer: TokenizerSpec, chat_template: str | None,
          facts: dict[str, Any], tmp_root: Path) -> None:
     """Write the cache for `model` at `path` (atomically; an existing one is kept)."""
-    if path.exists():
-        return
+    if path.exists() or any(getattr(m, "layout", "blocks") != "blocks" for m in model.modules()):
+        return  # PyTorch's int4 layout (CUDA) is rebuilt from the file each time
     quantized = {name: {"embedding": isinstance(m, QuantEmbedding), "bits": m.bits,
                         "dtype": str(m.dtype).removeprefix("torch.")}
                  for name, m in model.named_modules() if isinstance(m, (QuantLinear, QuantEmbedding))}

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..formats.quants import QuantWeight
+from ..formats.quants import GROUP, QuantWeight, tinygemm_params
 from . import kernels
 
 def _kernel_input(flat: torch.Tensor) -> torch.Tensor:
@@ -65,42 +65,102 @@ class Embedding(nn.Embedding):
 
 
 def fast_quant(device) -> bool:
-    """Whether group-wise int4 / int8 weights have a fast kernel on `device` (ownlm's CPU kernels)."""
-    return torch.device(device).type == "cpu" and kernels.load() is not None
+    """Whether int4 weights have a fast kernel on `device`: ownlm's kernels on an x86 CPU,
+    PyTorch's int4 kernel (tinygemm, bfloat16, Ampere or newer) on CUDA."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.is_available() and torch.cuda.get_device_capability(device)[0] >= 8
+    return device.type == "cpu" and kernels.load() is not None
 
 
-def quant_supported(device) -> bool:
-    """Int4 / int8 weights work on CPUs (fast with ownlm's kernels, else dequantized per call)."""
-    return torch.device(device).type == "cpu"
+def quant_supported(device, bits: int) -> bool:
+    """Int4 / int8 weights work on CPUs (fast with ownlm's kernels, else dequantized per call);
+    on CUDA int4 works where PyTorch's int4 kernel does."""
+    device = torch.device(device)
+    return device.type == "cpu" or (bits == 4 and fast_quant(device))
+
+
+def layout_for(device) -> str:
+    """How a QuantLinear holds its weight on `device` (see _Quantized)."""
+    return "tinygemm" if torch.device(device).type == "cuda" else "blocks"
+
+
+def tinygemm_fits(shape: tuple[int, int]) -> bool:
+    """PyTorch's int4 kernels take outputs in multiples of 8 (CUDA) or 16 (its CPU twin); inputs
+    are multiples of 32 already."""
+    return shape[0] % 16 == 0
+
+
+def _tinygemm_pack(q: torch.Tensor) -> torch.Tensor:
+    """(N, K) values 0..15 -> the weight operand of PyTorch's int4 kernel on q's device."""
+    tiles = next(t for t in (8, 4, 2) if q.shape[1] % (16 * t) == 0)
+    if q.device.type == "cpu":
+        return torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.to(torch.int32).contiguous(), tiles)
+    pairs = (q[:, ::2] << 4 | q[:, 1::2]).to(torch.uint8).contiguous()  # even column in the high nibble
+    return torch.ops.aten._convert_weight_to_int4pack(pairs, tiles)
+
+
+def _tinygemm_mm(x: torch.Tensor, packed: torch.Tensor, scale_zero: torch.Tensor) -> torch.Tensor:
+    """(M, K) bfloat16 @ the packed weight's transpose -> (M, N) bfloat16."""
+    if x.device.type == "cpu":
+        return torch.ops.aten._weight_int4pack_mm_for_cpu(x, packed, GROUP, scale_zero)
+    return torch.ops.aten._weight_int4pack_mm(x, packed, GROUP, scale_zero)
 
 
 class _Quantized(nn.Module):
-    """Holds a QuantWeight as buffers: `data` (packed nibbles or int8), `scale` and, for int4,
-    `offset`, the layout ownlm's kernels read (see formats/quants.py)."""
+    """Holds a QuantWeight in one of two layouts:
+    - "blocks": buffers `data` (packed nibbles or int8), `scale` and, for int4, `offset`: the
+      file's bytes, which ownlm's CPU kernels read (see formats/quants.py);
+    - "tinygemm" (int4 on CUDA): buffers `packed` and `scale_zero`, the operands of PyTorch's int4
+      kernel `_weight_int4pack_mm` (scale and zero in bfloat16: quants.tinygemm_params)."""
 
-    def _set_weight(self, w: QuantWeight, dtype: torch.dtype) -> None:
+    def _set_weight(self, w: QuantWeight, dtype: torch.dtype, layout: str = "blocks") -> None:
         w.check()
-        self.bits, self.dtype = w.bits, dtype
+        self.bits, self.dtype, self.layout = w.bits, dtype, layout
         self.out_features, self.in_features = w.shape
+        if layout == "tinygemm":
+            if w.bits != 4 or dtype != torch.bfloat16 or not tinygemm_fits(w.shape):
+                raise ValueError(f"PyTorch's int4 kernel takes int4 weights with a multiple of 16 outputs in "
+                                 f"bfloat16, not int{w.bits} {w.shape} in {dtype}")
+            q, scale_zero = tinygemm_params(w)
+            self.register_buffer("packed", _tinygemm_pack(q))
+            self.register_buffer("scale_zero", scale_zero)
+            return
         self.register_buffer("data", w.data)
         self.register_buffer("scale", w.scale)
         self.register_buffer("offset", w.offset)
 
     @property
     def weight_q(self) -> QuantWeight:
+        if self.layout != "blocks":
+            raise ValueError("this weight is held in PyTorch's int4 layout; use dequantize()")
         return QuantWeight(self.bits, self.data, self.scale, self.offset)
 
     def dequantize(self) -> torch.Tensor:
-        """The weight as a dense float32 (N, K) tensor."""
-        return self.weight_q.dequantize()
+        """The weight as a dense float32 (N, K) tensor (in the tinygemm layout: read back through
+        the kernel itself, a slice of the identity at a time, so it is the weight the kernel uses,
+        in bfloat16)."""
+        if self.layout == "blocks":
+            return self.weight_q.dequantize()
+        k, step = self.in_features, 1024
+        rows = []
+        for i in range(0, k, step):
+            n = min(step, k - i)
+            eye = torch.zeros(n, k, dtype=torch.bfloat16, device=self.packed.device)
+            eye[torch.arange(n), torch.arange(i, i + n)] = 1
+            rows.append(_tinygemm_mm(eye, self.packed, self.scale_zero).float())  # (n, N): W.T's rows
+        return torch.cat(rows).T.contiguous()
 
     def linear(self, x: torch.Tensor) -> torch.Tensor:
-        """x @ W.T: ownlm's integer kernel in inference; in training (gradients wanted for x: an
-        adapter over frozen quantized weights, QLoRA) the weight is dequantized per call and kept
-        nowhere."""
+        """x @ W.T: ownlm's integer kernel (CPU) or PyTorch's int4 kernel (CUDA) in inference; in
+        training (gradients wanted for x: an adapter over frozen quantized weights, QLoRA) the
+        weight is dequantized per call and kept nowhere."""
         if torch.is_grad_enabled() and x.requires_grad:
             return _QuantMatMul.apply(x, self)
         flat = x.reshape(-1, self.in_features)
+        if self.layout == "tinygemm":
+            y = _tinygemm_mm(flat.to(torch.bfloat16).contiguous(), self.packed, self.scale_zero)
+            return y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
         lib = kernels.load() if self.data.device.type == "cpu" else None
         if lib is not None and flat.shape[0]:
             y = kernels.quant_matmul(lib, _kernel_input(flat), self.bits, self.data, self.scale, self.offset)
@@ -111,11 +171,13 @@ class _Quantized(nn.Module):
 
 class QuantLinear(_Quantized):
     """A linear layer whose weight stays int4 or int8 (group-wise) in memory. Inference runs
-    ownlm's integer kernel (activations rounded to int16 per group of 32, see kernels.py)."""
+    ownlm's integer kernel on a CPU (activations rounded to int16 per group of 32, see
+    kernels.py) and PyTorch's int4 kernel on CUDA (layout "tinygemm")."""
 
-    def __init__(self, w: QuantWeight, bias: torch.Tensor | None = None, dtype: torch.dtype = torch.bfloat16):
+    def __init__(self, w: QuantWeight, bias: torch.Tensor | None = None, dtype: torch.dtype = torch.bfloat16,
+                 layout: str = "blocks"):
         super().__init__()
-        self._set_weight(w, dtype)
+        self._set_weight(w, dtype, layout)
         self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -123,7 +185,8 @@ class QuantLinear(_Quantized):
         return y if self.bias is None else y + self.bias
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, int{self.bits} group=32"
+        return (f"in_features={self.in_features}, out_features={self.out_features}, int{self.bits} group=32"
+                + (", tinygemm" if self.layout == "tinygemm" else ""))
 
 
 class QuantEmbedding(_Quantized):
