@@ -7,8 +7,9 @@ llama-cpp-python is a benchmark reference, never a dependency: the script looks 
 bench/.llama-env (or --llama-python), and creates that environment with
 `pip install llama-cpp-python==0.3.36` when it is missing (a source build: ~5 minutes here).
 Each engine runs in its own subprocess (so peak RSS is its own) and reports load seconds,
-prefill tokens/s, greedy decode tokens/s and peak RSS; ownlm and transformers also decode
-batches of sequences (aggregate tokens/s). One JSON object with every figure and the ratios
+prefill tokens/s, greedy decode tokens/s and peak RSS; ownlm also runs batches of sequences
+through its scheduler (aggregate tokens/s including the prompts' prefills, and of the decode
+steps alone once every sequence is admitted). One JSON object with every figure and the ratios
 ownlm / llama.cpp and ownlm / transformers."""
 
 from __future__ import annotations
@@ -57,7 +58,12 @@ def run_ownlm_batches(path: str, n_prompt: int, n_gen: int, batches: list[int]) 
     from ownlm.evaluate.bench import bench
 
     out = bench(path, prompt_tokens=n_prompt, gen_tokens=n_gen, batches=tuple(batches))
-    return {f"batch_{r['batch']}_aggregate_tokens_per_s": r["aggregate_tokens_per_s"] for r in out["runs"] if r["batch"] > 1}
+    res = {}
+    for r in out["runs"]:
+        if r["batch"] > 1:  # with the B prompts' prefills, and the decode steps alone
+            res[f"batch_{r['batch']}_aggregate_tokens_per_s"] = r["aggregate_tokens_per_s"]
+            res[f"batch_{r['batch']}_decode_aggregate_tokens_per_s"] = r.get("decode_aggregate_tokens_per_s")
+    return res
 
 
 def llama_python(explicit: str | None) -> str:

@@ -110,7 +110,8 @@ def test_bench_json_fields_and_cost(hf_models, ownlm_home):
     assert set(out) == {"model", "device", "dtype", "prompt_tokens", "gen_tokens", "load_s", "runs", "peak_rss_bytes", "cost"}
     one, three = out["runs"]
     assert set(one) == {"batch", "prefill_tokens_per_s", "time_to_first_token_s", "decode_tokens_per_s"}
-    assert set(three) == {"batch", "aggregate_tokens_per_s", "wall_s"} and three["batch"] == 3
+    assert set(three) == {"batch", "aggregate_tokens_per_s", "wall_s", "decode_aggregate_tokens_per_s"}
+    assert three["batch"] == 3 and 0 < three["aggregate_tokens_per_s"] and 0 < three["decode_aggregate_tokens_per_s"]
     assert out["peak_rss_bytes"] > 10 << 20 and out["load_s"] > 0
     c = out["cost"]
     best = max(one["decode_tokens_per_s"], three["aggregate_tokens_per_s"])

@@ -208,6 +208,20 @@ def test_quantize_at_load_follows_the_dense_model(hf_models, quant):
     assert kl < (0.05 if quant == "int4" else 1e-3), kl
 
 
+def test_quant_bf16_is_dense_bfloat16(hf_models, tmp_path):
+    from ownlm.errors import BadRequest
+
+    path = hf_folder_to_gguf(hf_models["llama"], tmp_path / "q.gguf", qtype=Q.Q4_0)
+    lm = ownlm.load(str(path), dtype="float32", quant="none")
+    dense = ownlm.load(str(path), quant="bf16")
+    assert not any(isinstance(m, (QuantLinear, QuantEmbedding)) for m in dense.model.modules())
+    assert {p.dtype for p in dense.model.parameters()} == {torch.bfloat16}
+    for name, p in dense.model.named_parameters():  # the file's values, rounded once to bfloat16
+        torch.testing.assert_close(p, lm.model.get_parameter(name).to(torch.bfloat16), atol=0, rtol=0)
+    with pytest.raises(BadRequest, match="bf16"):
+        ownlm.load(str(path), dtype="float32", quant="bf16")
+
+
 def _decode(model, ids, steps=6):
     cache = KVCache.for_model(model, 1, 128)
     out = []

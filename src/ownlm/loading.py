@@ -29,7 +29,7 @@ from .text.tokenizer import TextTokenizer
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16}
-QUANT_MODES = ("auto", "none", "int4", "int8")
+QUANT_MODES = ("auto", "none", "int4", "int8", "bf16")  # bf16: none, computing in bfloat16
 QUANT_BITS = {"int4": 4, "int8": 8}
 
 
@@ -254,8 +254,8 @@ def load(ref: str, device: str | None = None, dtype: str | torch.dtype | None = 
     an adapter's store name) for inference.
     dtype: auto (bfloat16 on CUDA and x86 CPUs with AVX2 or better, else float32), float32, bfloat16, float16.
     quant: auto (GGUF Q4_0/Q4_1/Q4_K stay int4 in bfloat16, on a CPU or a CUDA GPU, and Q8_0
-    int8 on a CPU), none (dequantize everything), int4 or int8 (every linear of the layers,
-    quantized at load where it is not already; int8 on CPUs only).
+    int8 on a CPU), none (dequantize everything), bf16 (none, in bfloat16), int4 or int8 (every
+    linear of the layers, quantized at load where it is not already; int8 on CPUs only).
     An adapter is merged into dense weights, and kept beside quantized weights (so they stay so)."""
     t0 = time.perf_counter()
     if quant not in QUANT_MODES:
@@ -273,6 +273,11 @@ def load(ref: str, device: str | None = None, dtype: str | torch.dtype | None = 
                                 f"import that model again, or name a base: `BASE+{display_name(adapter[0])}`")
     dev = pick_device(device)
     dt = pick_dtype(dtype, dev)
+    if quant == "bf16":  # dense bfloat16 weights: "none" in bfloat16
+        if dtype not in (None, "auto") and dt != torch.bfloat16:
+            raise BadRequest(f"--quant bf16 holds weights in bfloat16, --dtype asks for {str(dt).removeprefix('torch.')}",
+                             "drop one of the two")
+        quant, dt = "none", torch.bfloat16
     # store models (they have a digest) are cached as built: a second load reads one file
     cache_dir = root = None
     if cache and manifest.get("digest") and repacked.enabled():

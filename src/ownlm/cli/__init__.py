@@ -11,5 +11,5 @@ def add_quant_option(p: argparse.ArgumentParser) -> None:
 
     p.add_argument("--quant", choices=QUANT_MODES, default="auto",
                    help="weights in memory: auto (a GGUF's int4 / int8 blocks kept as they are on a CPU, its int4 on "
-                        "CUDA), none (everything dense in --dtype), int4 or int8 (every layer's linears quantized "
-                        "at load; int8 on CPUs only)")
+                        "CUDA), none (everything dense in --dtype), bf16 (everything dense in bfloat16), int4 or int8 "
+                        "(every layer's linears quantized at load; int8 on CPUs only)")

@@ -137,7 +137,9 @@ def cmd_bench(args) -> int:
             print(f"  batch 1: time to first token {run['time_to_first_token_s']:.3f} s, prefill "
                   f"{run['prefill_tokens_per_s']:.1f} tok/s, decode {run['decode_tokens_per_s']:.1f} tok/s")
         else:
-            print(f"  batch {run['batch']}: {run['aggregate_tokens_per_s']:.1f} tok/s generated in aggregate")
+            decode = (f" ({run['decode_aggregate_tokens_per_s']:.1f} tok/s once all are decoding)"
+                      if "decode_aggregate_tokens_per_s" in run else "")
+            print(f"  batch {run['batch']}: {run['aggregate_tokens_per_s']:.1f} tok/s generated in aggregate{decode}")
     if "cost" in r:
         c = r["cost"]
         line = f"  cost: ${c['cost_per_mtok']:.4f} per million generated tokens at ${c['price_per_hour']}/hour"
