@@ -135,6 +135,19 @@ def test_absurd_array_length(tmp_path):
     expect_error(tmp_path, raw_gguf([ARCH, arr], [], b""), "array")
 
 
+def test_string_arrays_replace_bad_utf8_and_refuse_hostile_lengths(tmp_path):
+    def strings(*items: bytes, count: int | None = None) -> bytes:
+        body = b"".join(struct.pack("<Q", len(s)) + s for s in items)
+        return struct.pack("<IQ", 8, len(items) if count is None else count) + body
+
+    g = GGUFFile(write(tmp_path, raw_gguf([ARCH, ("tokenizer.ggml.tokens", 9, strings(b"a", b"\xff\xfe", b"ok"))],
+                                          [], b"")))
+    assert g.metadata["tokenizer.ggml.tokens"] == ["a", "\ufffd\ufffd", "ok"]
+    hostile = strings(b"a") + struct.pack("<Q", 1 << 40) + b"x"
+    hostile = struct.pack("<IQ", 8, 2) + hostile[12:]
+    expect_error(tmp_path, raw_gguf([ARCH, ("tokenizer.ggml.tokens", 9, hostile)], [], b"\0" * 64), "string length")
+
+
 def test_tensor_outside_file(tmp_path):
     expect_error(tmp_path, raw_gguf([ARCH], [("t", [4], F32, 1 << 40)], b"\0" * 16), "outside the file")
 

@@ -56,6 +56,9 @@ class TensorInfo:
         return int(np.prod(self.shape, dtype=np.int64))
 
 
+_U64 = struct.Struct("<Q")
+
+
 class _Cursor:
     def __init__(self, buf: memoryview, path: str):
         self.buf, self.pos, self.path = buf, 0, path
@@ -86,6 +89,31 @@ class _Cursor:
         except UnicodeDecodeError:
             return raw.decode("utf-8", errors="replace")
 
+    def strings(self, count: int) -> list[str]:
+        """`count` strings in a row (a vocabulary and its merges: some 100k) in one tight loop,
+        with string()'s checks."""
+        buf, pos, end = self.buf, self.pos, len(self.buf)
+        length = _U64.unpack_from
+        out: list[str] = []
+        append = out.append
+        for _ in range(count):
+            if pos + 8 > end:
+                self.pos = pos
+                raise self.fail(f"needs 8 bytes but the file ends after {end - pos}")
+            (n,) = length(buf, pos)
+            pos += 8
+            if n > MAX_STRING or n > end - pos:
+                self.pos = pos
+                raise self.fail(f"string length {n} exceeds the limit or the file")
+            raw = buf[pos:pos + n].tobytes()
+            pos += n
+            try:
+                append(raw.decode("utf-8"))
+            except UnicodeDecodeError:
+                append(raw.decode("utf-8", errors="replace"))
+        self.pos = pos
+        return out
+
     def value(self, vtype: int, depth: int = 0) -> Any:
         if vtype in _SCALARS:
             return self.scalar(_SCALARS[vtype][0])
@@ -108,7 +136,7 @@ class _Cursor:
             if etype == _STRING:
                 if count * 8 > remaining:
                     raise self.fail(f"array of {count} strings runs past the end of the file")
-                return [self.string() for _ in range(count)]
+                return self.strings(count)
             if etype == _ARRAY:
                 raise self.fail("nested arrays are not supported")
             raise self.fail(f"unknown array element type {etype}")
