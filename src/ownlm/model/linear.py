@@ -123,6 +123,7 @@ class _Quantized(nn.Module):
                 raise ValueError(f"PyTorch's int4 kernel takes int4 weights with a multiple of 16 outputs in "
                                  f"bfloat16, not int{w.bits} {w.shape} in {dtype}")
             q, scale_zero = tinygemm_params(w)
+            self.packed_for = w.data.device.type  # the packing differs between CUDA and CPUs
             self.register_buffer("packed", _tinygemm_pack(q))
             self.register_buffer("scale_zero", scale_zero)
             return
@@ -142,12 +143,12 @@ class _Quantized(nn.Module):
         in bfloat16)."""
         if self.layout == "blocks":
             return self.weight_q.dequantize()
-        k, step = self.in_features, 1024
+        k, step, device = self.in_features, 1024, self.packed.device
         rows = []
         for i in range(0, k, step):
             n = min(step, k - i)
-            eye = torch.zeros(n, k, dtype=torch.bfloat16, device=self.packed.device)
-            eye[torch.arange(n), torch.arange(i, i + n)] = 1
+            eye = torch.zeros(n, k, dtype=torch.bfloat16, device=device)
+            eye[torch.arange(n, device=device), torch.arange(i, i + n, device=device)] = 1
             rows.append(_tinygemm_mm(eye, self.packed, self.scale_zero).float())  # (n, N): W.T's rows
         return torch.cat(rows).T.contiguous()
 
@@ -159,6 +160,9 @@ class _Quantized(nn.Module):
             return _QuantMatMul.apply(x, self)
         flat = x.reshape(-1, self.in_features)
         if self.layout == "tinygemm":
+            if self.packed.device.type != self.packed_for:
+                raise RuntimeError(f"int4 weights packed for {self.packed_for} cannot run on {self.packed.device}; "
+                                   "load the model again for this device")
             y = _tinygemm_mm(flat.to(torch.bfloat16).contiguous(), self.packed, self.scale_zero)
             return y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
         lib = kernels.load() if self.data.device.type == "cpu" else None
