@@ -10,9 +10,10 @@ common-shaped blocks in one call (see fastpath.py).
 Why: in eager PyTorch a one-token step is hundreds of small operations whose dispatch costs more
 than their arithmetic, PyTorch's int4 kernel wants its own weight layout (a second copy beside
 the GGUF's), and on an AVX2 CPU its bf16 GEMM costs as much per row as a one-row GEMV. Measured
-here (2 threads), smollm2: the 120 int4 matmuls of one token 6.4 ms (13.4 ms for the previous
-float-activation kernel), the int8 head 1.1 ms (2.7 ms in bf16); decode 97-114 tok/s against
-llama.cpp's 63-75 in the same runs. Each output element is computed by the same sequence of
+here (2 threads), smollm2: the 120 int4 matmuls of one token 6.1 ms (median; 7.0 ms in the
+same run with one weight row at a time, 13.4 ms for an earlier float-activation kernel), the
+int8 head 1.1 ms (2.7 ms in bf16); decode 97-127 tok/s against llama.cpp's 58-69 in the same
+runs. Each output element is computed by the same sequence of
 operations whatever the number of rows, so a sequence decodes to the same bits alone and in a
 batch.
 
