@@ -113,8 +113,6 @@ static void quantize_rows(const float* x, int64_t M, int64_t K, int16_t* xq, flo
         }
 }
 
-static inline float h2f(uint16_t h) { return _cvtsh_ss(h); }
-
 /* Row r's part of weight row n that does not depend on the group loop: the group factors
    s[g] xd[r, g] (into sx) and the int4 offset term sum_g o[g] xs[r, g] (returned), 8 groups at a
    time. bits 4: w = q * s + o (q 0..15, two per byte: byte i holds q[i] and q[16 + i]; no
