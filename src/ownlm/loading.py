@@ -97,7 +97,10 @@ def build_model(ckpt: Checkpoint, device: torch.device, dtype: torch.dtype, quan
     if bits and layout == "tinygemm" and dtype != torch.bfloat16:
         raise BadRequest(f"int4 weights on {device} compute in bfloat16, not {str(dtype).removeprefix('torch.')}",
                          "use --dtype bfloat16 (or auto)")
-    keep = bits is not None or (quant == "auto" and dtype == torch.bfloat16 and fast_quant(device))
+    # GGUF blocks held as they are: int4 and int8 on a CPU; on CUDA only int4 has a kernel, so the
+    # rest is dequantized straight from the file
+    holding = bits is not None or (quant == "auto" and dtype == torch.bfloat16 and fast_quant(device))
+    keep = ((4,) if layout == "tinygemm" else (4, 8)) if holding else ()
     with torch.device("meta"):
         model = Transformer(ckpt.config)
     expected = model.state_names()
@@ -123,8 +126,8 @@ def build_model(ckpt: Checkpoint, device: torch.device, dtype: torch.dtype, quan
         if not isinstance(tensor, QuantWeight):
             continue
         path = name.removesuffix(".weight")
-        if layout == "tinygemm" and (path == "embed" or tensor.bits != 4 or not tinygemm_fits(tensor.shape)):
-            state[name] = tensor.dequantize().to(dtype)  # on CUDA only int4 linears have a kernel
+        if layout == "tinygemm" and (path == "embed" or not tinygemm_fits(tensor.shape)):
+            state[name] = tensor.dequantize().to(dtype)  # no int4 kernel for these on CUDA
             continue
         del state[name]
         if path == "embed":

@@ -29,9 +29,10 @@ class Checkpoint:
     tokenizer: tok.TokenizerSpec
     chat_template: str | None
     facts: dict[str, Any]
-    # tensors(dtype, keep) -> (our name, dense tensor or QuantWeight); keep=True keeps GGUF
-    # Q4_0/Q4_1/Q4_K/Q8_0 weights of linears, the embedding and the head as int4 / int8
-    # (formats/quants.py) instead of dequantizing them, and holds other block types as int8
+    # tensors(dtype, keep) -> (our name, dense tensor or QuantWeight); keep names the bit widths
+    # held quantized: GGUF Q4_0/Q4_1/Q4_K (4) and Q8_0 (8) weights of linears, the embedding and
+    # the head stay as int4 / int8 (formats/quants.py) instead of being dequantized, and with 8
+    # kept the other block types are held as int8
     tensors: Callable[..., Iterator[tuple[str, torch.Tensor | QuantWeight]]] = field(repr=False)
     # one row per model tensor in the file: {"name" (ours), "file_name", "shape", "type", "bytes"}
     listing: list[dict[str, Any]] = field(default_factory=list, repr=False)
@@ -88,7 +89,7 @@ def _open_gguf(path: Path) -> Checkpoint:
             return keymaps.unpermute_qk(w, cfg.n_kv_heads)
         return w
 
-    def tensors(dtype: torch.dtype, keep: bool = False) -> Iterator[tuple[str, torch.Tensor | QuantWeight]]:
+    def tensors(dtype: torch.dtype, keep: tuple[int, ...] = ()) -> Iterator[tuple[str, torch.Tensor | QuantWeight]]:
         # one tensor at a time: each is copied out of the map, which then lets its pages go
         for name, ours in names.items():
             info = g.tensors[name]
@@ -96,9 +97,9 @@ def _open_gguf(path: Path) -> Checkpoint:
                 stacked = g.dequantize(name)
                 out = [(ours.replace(keymaps.STACKED, f".experts.{e}."), torch.from_numpy(np.array(stacked[e])).to(dtype))
                        for e in range(stacked.shape[0])]
-            elif keep and info.qtype in QUANT_TYPES and len(info.shape) == 2 and quantizable(ours):
+            elif QUANT_TYPES.get(info.qtype) in keep and len(info.shape) == 2 and quantizable(ours):
                 out = [(ours, from_blocks(unpermute(ours, g.raw(name)), info.qtype))]
-            elif (keep and info.qtype not in FLOAT_TYPES and len(info.shape) == 2 and quantizable(ours)
+            elif (8 in keep and info.qtype not in FLOAT_TYPES and len(info.shape) == 2 and quantizable(ours)
                   and info.shape[-1] % GROUP == 0):
                 out = [(ours, quantize(torch.from_numpy(unpermute(ours, g.dequantize(name))), 8))]
             else:
@@ -178,7 +179,7 @@ def _open_hf(files: Mapping[str, Path]) -> Checkpoint:
     grouped = {name for name, ours in names.items() if keymaps.QKV_GROUPED in ours}
     names.update({name: names[name].replace(keymaps.QKV_GROUPED, ".attn.qkv.") for name in grouped})
 
-    def tensors(dtype: torch.dtype, int4: bool = False) -> Iterator[tuple[str, torch.Tensor]]:
+    def tensors(dtype: torch.dtype, keep: tuple[int, ...] = ()) -> Iterator[tuple[str, torch.Tensor]]:
         for name, t, _ in hf.iter_safetensors(st_files):
             if name in names:
                 if name in grouped:

@@ -40,7 +40,9 @@ def eligible(model) -> bool:
         linears = (b.attn.qkv, b.attn.o, b.mlp.gate_up, b.mlp.down)
         norms = [getattr(owner, name) for owner, name in ((b, "attn_norm"), (b, "mlp_norm"), (b.attn, "q_norm"),
                  (b.attn, "k_norm"), (b, "attn_post_norm"), (b, "mlp_post_norm")) if hasattr(owner, name)]
-        if not all(type(m) is QuantLinear and m.layout == "blocks" for m in linears) or not all(type(n) is RMSNorm for n in norms):
+        if not all(type(m) is QuantLinear and m.layout == "blocks" for m in linears):
+            return False
+        if not all(type(n) is RMSNorm for n in norms):
             return False
     return True
 

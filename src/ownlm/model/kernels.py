@@ -595,46 +595,52 @@ def _cpu_ok() -> bool:
 
 def load() -> ctypes.CDLL | None:
     """The compiled kernels, building them on first use; None where they cannot run here
-    (not x86 with AVX2, no C compiler, OWNLM_KERNELS=0)."""
+    (not x86 with AVX2, no C compiler, OWNLM_KERNELS=0). After the first call, a lock-free read
+    (it is asked on every kernel-eligible operation)."""
     global _lib, _tried
-    with _lock:
-        if _tried:
-            return _lib
-        _tried = True
-        if os.environ.get("OWNLM_KERNELS", "1") == "0" or not _cpu_ok():
-            return None
-        cc = shutil.which(os.environ.get("CC", "cc")) or shutil.which("gcc")
-        if cc is None:
-            return None
-        digest = hashlib.sha256((SOURCE + cc).encode()).hexdigest()[:16]
-        target = _build_dir() / f"cpu-{digest}.so"
-        try:
-            if not target.exists():
-                target.parent.mkdir(parents=True, exist_ok=True)
-                with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
-                    src = Path(tmp) / "kernels.c"
-                    src.write_text(SOURCE)
-                    out = Path(tmp) / "kernels.so"
-                    subprocess.run([cc, "-O3", "-mavx2", "-mfma", "-mf16c", "-ffp-contract=off", "-fopenmp", "-shared", "-fPIC", str(src),
-                                    "-o", str(out), "-lm"], check=True, capture_output=True, timeout=120)
-                    os.replace(out, target)
-            lib = ctypes.CDLL(str(target))
-        except (OSError, subprocess.SubprocessError):
-            return None
-        p, i64 = ctypes.c_void_p, ctypes.c_int64
-        i32 = ctypes.c_int
-        lib.quant_gemm.argtypes = [p, i32, i64, i64, p, p, p, i32, i64, p, i32]
-        lib.bf16_gemm.argtypes = [p, i32, i64, i64, p, i64, p, i32]
-        f32 = ctypes.c_float
-        lib.attend_decode.argtypes = [p, i32, i64, i64, i64, i64, i64, p, p, p, p, i32, i64, i64, p, i64, f32, p]
-        lib.rms_norm.argtypes = [p, i32, i64, i64, p, f32, f32, p]
-        lib.act_mul.argtypes = [p, i32, i64, i64, i32, p]
-        lib.decode_layers.argtypes = [p, i32, i64, i64, i64, p, p, p, i64, i64, i64, i64, p, p, p, p, i32, i64, i64, p, f32,
-                                      i32]
-        for f in (lib.quant_gemm, lib.bf16_gemm, lib.attend_decode, lib.rms_norm, lib.act_mul, lib.decode_layers):
-            f.restype = None
-        _lib = lib
-        return lib
+    if not _tried:
+        with _lock:
+            if not _tried:
+                _lib = _build()
+                _tried = True  # set after _lib: a reader that sees it sees the library
+    return _lib
+
+
+def _build() -> ctypes.CDLL | None:
+    if os.environ.get("OWNLM_KERNELS", "1") == "0" or not _cpu_ok():
+        return None
+    cc = shutil.which(os.environ.get("CC", "cc")) or shutil.which("gcc")
+    if cc is None:
+        return None
+    digest = hashlib.sha256((SOURCE + cc).encode()).hexdigest()[:16]
+    target = _build_dir() / f"cpu-{digest}.so"
+    try:
+        if not target.exists():
+            target.parent.mkdir(parents=True, exist_ok=True)
+            with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+                src = Path(tmp) / "kernels.c"
+                src.write_text(SOURCE)
+                out = Path(tmp) / "kernels.so"
+                flags = ["-O3", "-mavx2", "-mfma", "-mf16c", "-ffp-contract=off", "-fopenmp", "-shared", "-fPIC"]
+                subprocess.run([cc, *flags, str(src), "-o", str(out), "-lm"], check=True, capture_output=True,
+                               timeout=120)
+                os.replace(out, target)
+        lib = ctypes.CDLL(str(target))
+    except (OSError, subprocess.SubprocessError):
+        return None
+    p, i64 = ctypes.c_void_p, ctypes.c_int64
+    i32 = ctypes.c_int
+    lib.quant_gemm.argtypes = [p, i32, i64, i64, p, p, p, i32, i64, p, i32]
+    lib.bf16_gemm.argtypes = [p, i32, i64, i64, p, i64, p, i32]
+    f32 = ctypes.c_float
+    lib.attend_decode.argtypes = [p, i32, i64, i64, i64, i64, i64, p, p, p, p, i32, i64, i64, p, i64, f32, p]
+    lib.rms_norm.argtypes = [p, i32, i64, i64, p, f32, f32, p]
+    lib.act_mul.argtypes = [p, i32, i64, i64, i32, p]
+    lib.decode_layers.argtypes = [p, i32, i64, i64, i64, p, p, p, i64, i64, i64, i64, p, p, p, p, i32, i64, i64, p, f32,
+                                  i32]
+    for f in (lib.quant_gemm, lib.bf16_gemm, lib.attend_decode, lib.rms_norm, lib.act_mul, lib.decode_layers):
+        f.restype = None
+    return lib
 
 
 def pack_int4(q: torch.Tensor) -> torch.Tensor:
@@ -664,7 +670,8 @@ def quant_matmul(lib, x: torch.Tensor, bits: int, data: torch.Tensor, scale: tor
     Weights in groups of 32 inputs: bits=4: data (N, K/2) uint8 (pack_int4), w = q * scale + offset
     (offset None: -8 * scale);
     bits=8: data (N, K) int8, w = q * scale; scale, offset (N, K/32) float16. x is rounded per
-    row and group to int8 (scale absmax / 127) and multiplied in integers, accumulated in float32."""
+    row and group to int16 (scale absmax / 32767) and multiplied in integers, accumulated in
+    float32."""
     xbf = _check(x)
     m, k = x.shape
     n = data.shape[0]
