@@ -21,6 +21,7 @@ demo: setup
 	$(BIN)/ownlm run smollm2 "$(PROMPT)"
 
 test: setup
+	$(BIN)/ruff check src tests bench examples
 	$(BIN)/python -m pytest -q -ra
 
 bench: setup

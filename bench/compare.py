@@ -48,8 +48,9 @@ def run_llama_cpp(path: str, n_prompt: int, n_gen: int, threads: int) -> dict:
         token = llm.sample(temp=0.0)
         llm.eval([token])
     decode_s = time.perf_counter() - t
-    return {"load_s": load_s, "prefill_tokens_per_s": len(ids) / prefill_s, "decode_tokens_per_s": (n_gen - 1) / decode_s,
-            "peak_rss_mb": peak_rss_mb(), "threads": threads, "version": __import__("llama_cpp").__version__}
+    return {"load_s": load_s, "prefill_tokens_per_s": len(ids) / prefill_s,
+            "decode_tokens_per_s": (n_gen - 1) / decode_s, "peak_rss_mb": peak_rss_mb(), "threads": threads,
+            "version": __import__("llama_cpp").__version__}
 
 
 def run_ownlm_batches(path: str, n_prompt: int, n_gen: int, batches: list[int]) -> dict:
@@ -73,7 +74,8 @@ def llama_python(explicit: str | None) -> str:
     py = LLAMA_ENV / "bin" / "python"
     if py.exists() and subprocess.run([str(py), "-c", "import llama_cpp"], capture_output=True).returncode == 0:
         return str(py)
-    print(f"installing llama-cpp-python=={LLAMA_VERSION} into {LLAMA_ENV} (a source build, ~5 minutes)", file=sys.stderr)
+    print(f"installing llama-cpp-python=={LLAMA_VERSION} into {LLAMA_ENV} (a source build, ~5 minutes)",
+          file=sys.stderr)
     subprocess.run([sys.executable, "-m", "venv", str(LLAMA_ENV)], check=True)
     subprocess.run([str(py), "-m", "pip", "install", "-q", f"llama-cpp-python=={LLAMA_VERSION}"], check=True)
     return str(py)

@@ -48,7 +48,8 @@ def write(path: str) -> None:
     w.add_file_type(int(gguf.LlamaFileType.MOSTLY_Q4_0))
     w.add_tokenizer_model("gpt2")
     w.add_tokenizer_pre("default")
-    byte_chars = [chr(c) for c in range(33, 127)] + [chr(c) for c in range(161, 173)] + [chr(c) for c in range(174, 256)]
+    byte_chars = ([chr(c) for c in range(33, 127)] + [chr(c) for c in range(161, 173)]
+                  + [chr(c) for c in range(174, 256)])
     byte_chars += [chr(256 + i) for i in range(256 - len(byte_chars))]  # GPT-2's byte-level alphabet, in some order
     tokens = byte_chars + [f"tok{i}" for i in range(s["vocab"] - len(byte_chars) - 1)] + ["<|eot|>"]
     w.add_token_list(tokens)
@@ -87,8 +88,8 @@ def child(path: str, gen: int) -> None:
     params = sum(p.numel() for p in lm.model.parameters()) + sum(
         m.in_features * m.out_features for m in lm.model.modules() if isinstance(m, (QuantLinear, QuantEmbedding)))
     print(json.dumps({"load_s": load_s, "decode_tokens_per_s": len(c.token_ids) / (time.perf_counter() - t),
-                      "generated": len(c.token_ids), "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-                      "parameters": params}))
+                      "generated": len(c.token_ids),
+                      "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "parameters": params}))
 
 
 def main() -> None:

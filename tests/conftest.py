@@ -6,15 +6,27 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 
+from ownlm.model import cpu
+
 ROOT = Path(__file__).resolve().parents[1]
 CACHE = ROOT / ".cache"
+# One build of the CPU kernels for every test home (and every `ownlm serve` the tests start). On
+# a machine that can have them (x86-64 Linux, AVX2, a C compiler) they are required: a source
+# that does not build fails the tests instead of quietly running PyTorch's ops.
+os.environ.setdefault("OWNLM_KERNEL_CACHE", str(CACHE / "kernels"))
+KERNELS_POSSIBLE = bool(sys.platform.startswith("linux") and shutil.which(os.environ.get("CC", "cc"))
+                        and cpu.x86_avx2())
+if KERNELS_POSSIBLE:
+    os.environ.setdefault("OWNLM_KERNELS", "1")
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
-CHATML = ("{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}"
+CHATML = ("{% for message in messages %}"
+          "{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}"
           "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
 CORPUS = [
     "The quick brown fox jumps over the lazy dog. " * 3,

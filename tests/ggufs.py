@@ -1,6 +1,7 @@
 """GGUF files for tests: a converter from a tiny HF folder written the way llama.cpp's
-convert_hf_to_gguf.py does it (Q/K rows permuted, gpt2 tokenizer metadata), with the `gguf`
-package's writer; and a raw byte builder for hostile files."""
+convert_hf_to_gguf.py does it (its tensor names from the gguf package's own map, its layouts:
+Llama Q/K rows permuted, GPT-NeoX q/k/v regrouped into blocks, Gemma 3 norms stored as 1 + w;
+gpt2 tokenizer metadata), with the `gguf` package's writer; and a raw byte builder for hostile files."""
 
 from __future__ import annotations
 
@@ -12,23 +13,26 @@ import gguf
 import numpy as np
 from safetensors.numpy import load_file
 
-HF_TO_GGUF = {
-    "model.embed_tokens.weight": "token_embd.weight",
-    "model.norm.weight": "output_norm.weight",
-    "lm_head.weight": "output.weight",
-}
-LAYER = {
-    "input_layernorm.weight": "attn_norm.weight", "post_attention_layernorm.weight": "ffn_norm.weight",
-    "self_attn.q_proj.weight": "attn_q.weight", "self_attn.k_proj.weight": "attn_k.weight",
-    "self_attn.v_proj.weight": "attn_v.weight", "self_attn.o_proj.weight": "attn_output.weight",
-    "self_attn.q_proj.bias": "attn_q.bias", "self_attn.k_proj.bias": "attn_k.bias", "self_attn.v_proj.bias": "attn_v.bias",
-    "mlp.gate_proj.weight": "ffn_gate.weight", "mlp.up_proj.weight": "ffn_up.weight", "mlp.down_proj.weight": "ffn_down.weight",
-}
+ARCHS = {name: arch for arch, name in gguf.MODEL_ARCH_NAMES.items()}  # "gptneox" -> MODEL_ARCH.GPTNEOX
 
 
 def llama_cpp_permute(w: np.ndarray, n_head: int) -> np.ndarray:
     """llama.cpp's convert-time permutation (written from its documented formula)."""
     return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def llama_cpp_tensor(arch: str, name: str, t: np.ndarray, cfg: dict) -> np.ndarray:
+    """A tensor as llama.cpp's converter rewrites it for `arch` (its modify_tensors)."""
+    if arch == "llama" and "self_attn.q_proj." in name:
+        return llama_cpp_permute(t, cfg["num_attention_heads"])
+    if arch == "llama" and "self_attn.k_proj." in name:
+        return llama_cpp_permute(t, cfg["num_key_value_heads"])
+    if arch == "gptneox" and "query_key_value" in name:  # (head, [q, k, v], head_dim) -> q block, k block, v block
+        heads = cfg["num_attention_heads"]
+        return t.reshape(heads, 3, t.shape[0] // heads // 3, *t.shape[1:]).swapaxes(0, 1).reshape(t.shape)
+    if arch == "gemma3" and name.endswith("norm.weight"):  # Gemma's RMSNorm scales by 1 + w
+        return t + 1
+    return t
 
 
 def hf_folder_to_gguf(folder: Path, out: Path, qtype=gguf.GGMLQuantizationType.F32, arch: str = "llama",
@@ -37,17 +41,29 @@ def hf_folder_to_gguf(folder: Path, out: Path, qtype=gguf.GGMLQuantizationType.F
     cfg = json.loads((folder / "config.json").read_text())
     tok = json.loads((folder / "tokenizer.json").read_text())
     tensors = load_file(str(folder / "model.safetensors"))
+    heads = cfg["num_attention_heads"]
+    head_dim = cfg.get("head_dim") or cfg["hidden_size"] // heads
+    rope = cfg.get("rope_parameters") or {}
+    rope = rope.get("full_attention", rope)  # Gemma 3: the global layers' rope
     w = gguf.GGUFWriter(str(out), arch)
     w.add_name("tiny")
     w.add_context_length(cfg["max_position_embeddings"])
     w.add_embedding_length(cfg["hidden_size"])
     w.add_block_count(cfg["num_hidden_layers"])
     w.add_feed_forward_length(cfg["intermediate_size"])
-    w.add_head_count(cfg["num_attention_heads"])
+    w.add_head_count(heads)
     w.add_head_count_kv(cfg["num_key_value_heads"])
-    w.add_rope_freq_base(float(cfg.get("rope_theta", cfg.get("rope_parameters", {}).get("rope_theta", 10000.0))))
-    w.add_layer_norm_rms_eps(cfg["rms_norm_eps"])
-    w.add_rope_dimension_count(cfg["hidden_size"] // cfg["num_attention_heads"])
+    w.add_rope_freq_base(float(cfg.get("rope_theta", rope.get("rope_theta", 10000.0))))
+    w.add_rope_dimension_count(int(head_dim * rope.get("partial_rotary_factor", cfg.get("rotary_pct", 1.0))))
+    if arch == "gptneox":
+        w.add_layer_norm_eps(cfg["layer_norm_eps"])
+        w.add_parallel_residual(cfg.get("use_parallel_residual", True))
+    else:
+        w.add_layer_norm_rms_eps(cfg["rms_norm_eps"])
+    if arch == "gemma3":
+        w.add_key_length(head_dim)
+        w.add_value_length(head_dim)
+        w.add_sliding_window(cfg["sliding_window"])
     vocab = tok["model"]["vocab"]
     added = {t["content"]: t["id"] for t in tok["added_tokens"]}
     n = cfg["vocab_size"]
@@ -67,17 +83,11 @@ def hf_folder_to_gguf(folder: Path, out: Path, qtype=gguf.GGMLQuantizationType.F
     w.add_add_bos_token(False)
     if chat_template:
         w.add_chat_template(chat_template)
+    names = gguf.get_tensor_name_map(ARCHS[arch], cfg["num_hidden_layers"])
     for name, t in tensors.items():
-        if name.startswith("model.layers."):
-            i, rest = name[len("model.layers."):].split(".", 1)
-            gname = f"blk.{i}.{LAYER[rest]}"
-        else:
-            gname = HF_TO_GGUF[name]
-        t = t.astype(np.float32)
-        if arch == "llama" and rest_is(name, "q_proj"):
-            t = llama_cpp_permute(t, cfg["num_attention_heads"])
-        elif arch == "llama" and rest_is(name, "k_proj"):
-            t = llama_cpp_permute(t, cfg["num_key_value_heads"])
+        gname = names.get_name(name, try_suffixes=(".weight", ".bias"))
+        assert gname, name
+        t = llama_cpp_tensor(arch, name, t.astype(np.float32), cfg)
         kind = next((q for suffix, q in (overrides or {}).items() if gname.endswith(suffix)), qtype)
         if t.ndim == 2 and kind != gguf.GGMLQuantizationType.F32:
             data = gguf.quants.quantize(t, kind)
@@ -89,10 +99,6 @@ def hf_folder_to_gguf(folder: Path, out: Path, qtype=gguf.GGMLQuantizationType.F
     w.write_tensors_to_file()
     w.close()
     return out
-
-
-def rest_is(name: str, proj: str) -> bool:
-    return f"self_attn.{proj}." in name
 
 
 # -- raw files for hostile inputs ---------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""Start a real `ownlm serve` process on 127.0.0.1 for a test, and stop it afterwards."""
+"""Helpers for server tests: a real `ownlm serve` process on 127.0.0.1, and reading /metrics."""
 
 from __future__ import annotations
 
@@ -18,7 +18,20 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def metric(url: str, name: str, headers: dict[str, str] | None = None) -> float:
+    """Sum of a metric's samples (all label sets) on the server at `url`."""
+    text = httpx.get(f"{url}/metrics", headers=headers or {}, timeout=10).text
+    total = 0.0
+    for line in text.splitlines():
+        if line.startswith(name + "{") or line.startswith(name + " "):
+            total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
 class Server:
+    """`ownlm serve ARGS --port P` in a subprocess, up once /health answers; its stdout and stderr
+    go to `log`."""
+
     def __init__(self, home: Path, args: list[str], env: dict[str, str] | None = None, timeout: float = 120):
         self.port = free_port()
         self.base = f"http://127.0.0.1:{self.port}"
@@ -39,16 +52,8 @@ class Server:
         self.stop()
         raise RuntimeError(f"server did not come up:\n{self.log.read_text()}")
 
-    def metric(self, name: str, headers: dict[str, str] | None = None) -> float:
-        """Sum of a metric's samples (all label sets)."""
-        text = httpx.get(f"{self.base}/metrics", headers=headers or {}, timeout=10).text
-        total = 0.0
-        for line in text.splitlines():
-            if line.startswith(name + "{") or line.startswith(name + " "):
-                total += float(line.rsplit(" ", 1)[1])
-        return total
-
-    def stop(self) -> None:
+    def stop(self) -> int:
+        """SIGTERM, then the exit code (killed after 20 s)."""
         if self.proc.poll() is None:
             self.proc.terminate()
             try:
@@ -56,3 +61,5 @@ class Server:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
+        return self.proc.returncode
+

@@ -18,8 +18,10 @@ def test_renders_like_transformers(hf_models):
     tok = transformers.AutoTokenizer.from_pretrained(hf_models["llama"])
     want = tok.apply_chat_template(MSGS, tokenize=False, add_generation_prompt=True)
     assert ChatTemplate(tok.chat_template).render(MSGS) == want
-    llama2 = ("{{ bos_token }}{% for m in messages %}{% if m['role'] == 'user' %}{{ '[INST] ' + m['content'] | trim + ' [/INST]' }}"
-              "{% elif m['role'] == 'assistant' %}{{ ' ' + m['content'] | trim + ' ' + eos_token }}{% endif %}{% endfor %}")
+    llama2 = ("{{ bos_token }}{% for m in messages %}"
+              "{% if m['role'] == 'user' %}{{ '[INST] ' + m['content'] | trim + ' [/INST]' }}"
+              "{% elif m['role'] == 'assistant' %}{{ ' ' + m['content'] | trim + ' ' + eos_token }}"
+              "{% endif %}{% endfor %}")
     tok.chat_template = llama2
     tok.bos_token, tok.eos_token = "<|endoftext|>", "<|im_end|>"
     msgs = MSGS[1:]

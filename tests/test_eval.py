@@ -57,8 +57,9 @@ def test_sliding_window_scores_each_token_with_its_window(pair):
 def test_cli(hf_models, tmp_path, ownlm_home):
     task = tmp_path / "text.txt"
     task.write_text(TEXT)
-    r = subprocess.run([sys.executable, "-m", "ownlm.cli.main", "eval", str(hf_models["llama"]), str(hf_models["qwen2"]),
-                        "--task", str(task), "--json", "--dtype", "float32"], capture_output=True, text=True, timeout=120)
+    r = subprocess.run([sys.executable, "-m", "ownlm.cli.main", "eval", str(hf_models["llama"]),
+                        str(hf_models["qwen2"]), "--task", str(task), "--json", "--dtype", "float32"],
+                       capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     rows = json.loads(r.stdout)["results"]
     assert len(rows) == 2 and all(set(row) >= {"model", "perplexity", "bits_per_byte", "tokens"} for row in rows)
@@ -107,7 +108,8 @@ def test_bench_json_fields_and_cost(hf_models, ownlm_home):
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
     out = json.loads(r.stdout)
-    assert set(out) == {"model", "device", "dtype", "prompt_tokens", "gen_tokens", "load_s", "runs", "peak_rss_bytes", "cost"}
+    assert set(out) == {"model", "device", "dtype", "prompt_tokens", "gen_tokens", "load_s", "runs", "peak_rss_bytes",
+                        "cost"}
     one, three = out["runs"]
     assert set(one) == {"batch", "prefill_tokens_per_s", "time_to_first_token_s", "decode_tokens_per_s"}
     assert set(three) == {"batch", "aggregate_tokens_per_s", "wall_s", "decode_aggregate_tokens_per_s"}
@@ -161,11 +163,13 @@ def test_generation_task_and_bad_rows(pair, tmp_path, hf_models, ownlm_home):
     outs = [lm.chat([{"role": "user", "content": p}], temperature=0, max_tokens=8).text.strip() for p in prompts]
     rows = [{"prompt": prompts[0], "answer": outs[0]}, {"prompt": prompts[1], "answer": outs[1] + " and more"}]
     got = generation(lm, rows, max_tokens=8)
-    assert got["exact_match"] == 0.5 and got["contains"] == pytest.approx(0.5 + 0.5 * (outs[1] + " and more" in outs[1]))
+    assert (got["exact_match"] == 0.5
+            and got["contains"] == pytest.approx(0.5 + 0.5 * (outs[1] + " and more" in outs[1])))
     task = tmp_path / "gen.jsonl"
     task.write_text("\n".join(json.dumps(r) for r in rows))
     r = subprocess.run([sys.executable, "-m", "ownlm.cli.main", "eval", str(hf_models["llama"]), "--task", str(task),
-                        "--max-tokens", "8", "--dtype", "float32", "--json"], capture_output=True, text=True, timeout=120)
+                        "--max-tokens", "8", "--dtype", "float32", "--json"],
+                       capture_output=True, text=True, timeout=120)
     assert r.returncode == 0 and json.loads(r.stdout)["results"][0]["exact_match"] == 0.5, r.stderr
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps(MC[0]) + "\n" + json.dumps({"context": "x", "choices": ["a", "b"], "gold": 5}) + "\n")

@@ -41,7 +41,8 @@ SWITCHES = {
     "gpt_neox": {"norm": "layer", "norm_bias": True, "mlp": "gelu", "rotary_dim": 4, "parallel_residual": True,
                  "qkv_bias": True, "o_bias": True, "mlp_bias": True, "n_kv_heads": 4},
     "gemma3_text": {"qk_norm": True, "embed_scale": True, "post_norms": True, "mlp": "gated_gelu_tanh",
-                    "local_layers": [True, False, True], "rope_theta_local": 1e4, "rope_theta": 1e6, "sliding_window": 6},
+                    "local_layers": [True, False, True], "rope_theta_local": 1e4, "rope_theta": 1e6,
+                    "sliding_window": 6},
     "falcon": {"n_kv_heads": 2, "parallel_residual": True, "shared_norm": False, "norm": "layer", "mlp": "gelu"},
     "falcon-7b": {"n_kv_heads": 1, "parallel_residual": True, "shared_norm": True},
     "falcon-sequential": {"n_kv_heads": 4, "parallel_residual": False, "qkv_bias": True, "mlp_bias": True},
@@ -54,11 +55,13 @@ SWITCHES = {
 @pytest.fixture(scope="module")
 def folders(tmp_path_factory):
     base = tmp_path_factory.mktemp("families")
-    return {f: build_hf_model(base / f, f.split("-")[0], seed=10 + i, **kw) for i, (f, kw) in enumerate(FAMILIES.items())}
+    return {f: build_hf_model(base / f, f.split("-")[0], seed=10 + i, **kw)
+            for i, (f, kw) in enumerate(FAMILIES.items())}
 
 
 def reference(folder):
-    return transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, attn_implementation="eager").eval()
+    return transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32,
+                                                             attn_implementation="eager").eval()
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -145,9 +148,10 @@ def test_phi3_longrope_switches_factors_past_the_original_context(tmp_path):
     (and the attention factor) beyond it; the GGUF export keeps both factor sets."""
     r = torch.Generator().manual_seed(3)
     rope = {"rope_type": "longrope", "rope_theta": 10000.0, "original_max_position_embeddings": 16,
-            "short_factor": (1 + torch.rand(8, generator=r)).tolist(), "long_factor": (2 + 3 * torch.rand(8, generator=r)).tolist()}
-    folder = build_hf_model(tmp_path / "phi3", "phi3", seed=5, pad_token_id=0, bos_token_id=1, max_position_embeddings=256,
-                            original_max_position_embeddings=16, rope_parameters=rope)
+            "short_factor": (1 + torch.rand(8, generator=r)).tolist(),
+            "long_factor": (2 + 3 * torch.rand(8, generator=r)).tolist()}
+    folder = build_hf_model(tmp_path / "phi3", "phi3", seed=5, pad_token_id=0, bos_token_id=1,
+                            max_position_embeddings=256, original_max_position_embeddings=16, rope_parameters=rope)
     ref = reference(folder)
     lm = ownlm.load(str(folder), dtype="float32")
     assert lm.config.rope_scaling.kind == "longrope" and lm.config.rope_scaling.attention_factor > 1
@@ -168,3 +172,67 @@ def test_tuning_a_family_without_adapter_support_is_refused_up_front(folders, tm
     assert main(["tune", str(folders["falcon"]), "--data", str(data), "--name", "f"]) == 2
     assert "LoRA adapters for falcon models are not supported yet" in capsys.readouterr().err
     assert main(["tune", str(folders["gemma3_text"]), "--data", str(data), "--name", "g", "--method", "full"]) == 2
+
+
+# The same tiny model as an HF folder and as the GGUF llama.cpp's converter makes of it (under its
+# own architecture name, Gemma's norms as 1 + w, GPT-NeoX's q/k/v regrouped into blocks)
+SAME_MODEL = {
+    "gemma3_text": ("gemma3", dict(head_dim=16, query_pre_attn_scalar=16, num_hidden_layers=6, sliding_window=6,
+                                   hidden_activation="gelu_pytorch_tanh", tie_word_embeddings=True)),
+    "gpt_neox": ("gptneox", dict(rotary_pct=0.25, num_key_value_heads=4, layer_norm_eps=1e-5)),
+}
+
+
+@pytest.mark.parametrize("family", SAME_MODEL)
+def test_hf_folder_and_llama_cpp_gguf_of_one_model_diff_to_zero(family, tmp_path):
+    """Both files load as one architecture with the same tensors, so `ownlm diff` reports ~0 for
+    every tensor, and they run to the same logits."""
+    from safetensors.numpy import load_file
+
+    from ownlm.inspect import diff_models
+
+    from .ggufs import hf_folder_to_gguf
+
+    arch, overrides = SAME_MODEL[family]
+    folder = build_hf_model(tmp_path / family, family, seed=7, **overrides)
+    path = hf_folder_to_gguf(folder, tmp_path / f"{family}.gguf", arch=arch)
+    d = diff_models(str(folder), str(path))
+    assert d["architecture"] == family
+    assert d["summary"]["tensors"] == len(load_file(str(folder / "model.safetensors")))
+    for row in d["tensors"]:  # float32 rounding of (1 + w) - 1 at most
+        assert row["relative_change"] < 1e-6 and row["cosine"] > 1 - 1e-12, row
+    src, again = ownlm.load(str(folder), dtype="float32"), ownlm.load(str(path), dtype="float32")
+    ids = torch.randint(3, src.config.vocab_size, (1, 20), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        torch.testing.assert_close(again.model(ids), src.model(ids), atol=1e-5, rtol=1e-5)
+
+
+def test_family_records_are_consistent():
+    """One record per spelling; every family has a GGUF name, which loads back as a family that
+    writes the same name; full fine-tuning needs the HF export; every layout's export inverts its load."""
+    import numpy as np
+
+    from ownlm.formats import keymaps
+    from ownlm.model.config import ModelConfig
+    from ownlm.model.families import FAMILIES, lookup
+
+    spellings = [n for f in FAMILIES for n in (f.name, *f.aliases)]
+    assert len(spellings) == len(set(spellings))
+    for f in FAMILIES:
+        assert lookup(f.gguf_arch).gguf_arch == f.gguf_arch
+        assert "full" not in f.tuning or f.hf_class
+        assert set(f.hf_layout + f.gguf_layout) <= set(keymaps.LAYOUTS)
+    cfg = ModelConfig("falcon", vocab_size=8, dim=64, n_layers=1, n_heads=4, n_kv_heads=2, head_dim=16, ffn_dim=8,
+                      norm_offset=1.0)
+    shapes = {"layers.0.attn.q.weight": (64, 3), "layers.0.attn.k.bias": (32,), "layers.0.attn.qkv.weight": (128, 3),
+              "layers.0.attn_norm.weight": (64,)}
+    tried = set()
+    for ours, shape in shapes.items():
+        w = np.random.default_rng(0).normal(size=shape)
+        for name, layout in keymaps.LAYOUTS.items():
+            if ours.endswith(layout.suffixes):
+                mine = layout.load(w, ours, cfg)
+                assert not np.array_equal(mine, w)
+                np.testing.assert_allclose(layout.save(mine, ours, cfg), w, rtol=0, atol=1e-12)
+                tried.add(name)
+    assert tried == set(keymaps.LAYOUTS)

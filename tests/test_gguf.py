@@ -52,10 +52,11 @@ def test_quantized_gguf_values(hf_models, tmp_path, qtype):
     lm = ownlm.load(str(path), dtype="float32")
     ref_model = transformers.AutoModelForCausalLM.from_pretrained(hf_models["llama"], dtype=torch.float32).eval()
     with torch.no_grad():
-        for name, p in ref_model.named_parameters():
+        for _name, p in ref_model.named_parameters():
             if p.dim() == 2:
                 w = p.numpy()
-                p.copy_(torch.from_numpy(gguf.quants.dequantize(gguf.quants.quantize(w, qtype), qtype).reshape(w.shape)))
+                back = gguf.quants.dequantize(gguf.quants.quantize(w, qtype), qtype)
+                p.copy_(torch.from_numpy(back.reshape(w.shape)))
         ids = torch.arange(3, 40)[None]
         torch.testing.assert_close(lm.model(ids), ref_model(ids).logits, atol=5e-5, rtol=1e-4)
 
@@ -196,7 +197,8 @@ def test_u32_kv_helper_roundtrip(tmp_path):
 def _bytes_to_unicode() -> dict[int, str]:
     """GPT-2's byte-level alphabet: printable Latin-1 bytes stand for themselves, the others for
     the code points from 256 up, in byte order."""
-    keep = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    keep = (list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
+            + list(range(ord("®"), ord("ÿ") + 1)))
     table, extra = {}, 0
     for b in range(256):
         if b in keep:

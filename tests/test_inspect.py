@@ -111,7 +111,8 @@ def test_diff_with_itself_is_zero_and_a_perturbed_tensor_comes_first(hf_models, 
     first = d["tensors"][0]
     assert first["name"] == "layers.0.attn.v.weight" and d["summary"]["changed"] == 1
     changed = tensors[key].astype(np.float64)
-    assert first["relative_change"] == pytest.approx(np.linalg.norm(changed - original) / np.linalg.norm(original), rel=1e-9)
+    assert first["relative_change"] == pytest.approx(np.linalg.norm(changed - original) / np.linalg.norm(original),
+                                                     rel=1e-9)
     cos = float((changed * original).sum() / (np.linalg.norm(changed) * np.linalg.norm(original)))
     assert first["cosine"] == pytest.approx(cos, rel=1e-9)
     quantized = diff_models(str(hf_models["llama"]), str(hf_folder_to_gguf(hf_models["llama"], tmp_path / "q8.gguf",
@@ -120,11 +121,11 @@ def test_diff_with_itself_is_zero_and_a_perturbed_tensor_comes_first(hf_models, 
 
 
 def test_diff_of_incompatible_models_is_one_line(hf_models, ownlm_home):
-    r = subprocess.run([sys.executable, "-m", "ownlm.cli.main", "diff", str(hf_models["llama"]), str(hf_models["qwen2"])],
-                       capture_output=True, text=True, timeout=120)
+    r = subprocess.run([sys.executable, "-m", "ownlm.cli.main", "diff", str(hf_models["llama"]),
+                        str(hf_models["qwen2"])], capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and r.stderr.startswith("error: ") and "Traceback" not in r.stderr, r.stderr
-    ok = subprocess.run([sys.executable, "-m", "ownlm.cli.main", "diff", str(hf_models["llama"]), str(hf_models["llama"]),
-                         "--json"], capture_output=True, text=True, timeout=120)
+    ok = subprocess.run([sys.executable, "-m", "ownlm.cli.main", "diff", str(hf_models["llama"]),
+                         str(hf_models["llama"]), "--json"], capture_output=True, text=True, timeout=120)
     assert ok.returncode == 0 and set(json.loads(ok.stdout)) == {"a", "b", "architecture", "summary", "tensors"}
 
 
@@ -178,8 +179,9 @@ def test_quantization_errors_of_q4_0_against_the_source(hf_models, tmp_path):
 
 def _ours(hf_name: str) -> str:
     from ownlm.formats import keymaps
+    from ownlm.model.families import lookup
 
-    return keymaps.rename(hf_name, keymaps.HF, keymaps.HF_IGNORE, "test")
+    return keymaps.from_hf_name(hf_name, lookup("llama"))
 
 
 def test_plots_are_written_atomically_and_bad_paths_refused(hf_models, tmp_path, ownlm_home):

@@ -1,18 +1,154 @@
 """ownlm's CPU kernels against PyTorch / float64 references: the small-batch bf16 matmul (a row
 gets the same bits alone as in a batch, what keeps batched decoding exact), the one-token
-attention with its cache write, RMSNorm and the gated activations. The quantized matmul is in
+attention with its cache write, RMSNorm and the gated activations; how they are built, keyed and
+checked; and the bounds every wrapper checks before the C code runs. The quantized matmul is in
 test_quant.py."""
 
 from __future__ import annotations
 
+import ctypes
+import shutil
+
 import pytest
 import torch
 
+import ownlm
+from ownlm.engine.cpu_step import CpuDecode, eligible
+from ownlm.engine.kv_cache import KVCache
 from ownlm.model import kernels
-from ownlm.model.linear import Linear, matmul
+from ownlm.model.linear import Linear
+from ownlm.model.ops import dense_matmul
+from ownlm.model.quant import quantize
 
+from .conftest import KERNELS_POSSIBLE, build_hf_model
+
+# where the kernels can be built they are required (conftest sets OWNLM_KERNELS=1): a build that
+# fails raises here and fails the run instead of skipping it
 lib = kernels.load()
-pytestmark = pytest.mark.skipif(lib is None, reason="needs an x86 CPU with AVX2 and a C compiler (else PyTorch's kernel runs)")
+pytestmark = pytest.mark.skipif(not KERNELS_POSSIBLE, reason="ownlm's CPU kernels need x86-64 Linux with AVX2 and a "
+                                                             "C compiler; elsewhere PyTorch's ops run")
+
+
+def test_the_kernels_are_built_here():
+    assert lib is not None and kernels.mode() == "required"
+
+
+def test_the_build_key_covers_sources_flags_and_compiler(tmp_path, monkeypatch):
+    base = kernels.build_key("/usr/bin/cc", "gcc 12.2.0")
+    assert kernels.build_key("/usr/bin/cc", "gcc 12.3.0") != base
+    assert kernels.build_key("/usr/bin/clang", "gcc 12.2.0") != base
+    monkeypatch.setattr(kernels, "FLAGS", (*kernels.FLAGS, "-DOWNLM_OTHER"))
+    assert kernels.build_key("/usr/bin/cc", "gcc 12.2.0") != base
+    monkeypatch.undo()
+    src = shutil.copytree(kernels.CSRC, tmp_path / "csrc")
+    (src / "decode.c").write_text((src / "decode.c").read_text() + "\n")
+    monkeypatch.setattr(kernels, "CSRC", src)
+    assert kernels.build_key("/usr/bin/cc", "gcc 12.2.0") != base
+
+
+def test_a_source_that_does_not_build_is_an_error_when_required(tmp_path, monkeypatch):
+    src = shutil.copytree(kernels.CSRC, tmp_path / "csrc")
+    code = (src / "matmul.c").read_text()
+    (src / "matmul.c").write_text(code.replace("return failed ? OWNLM_ENOMEM : 0;",
+                                               "return failed ? OWNLM_ENOMEM : 0", 1))
+    monkeypatch.setattr(kernels, "CSRC", src)
+    monkeypatch.setenv("OWNLM_KERNEL_CACHE", str(tmp_path / "build"))
+    monkeypatch.setenv("OWNLM_KERNELS", "1")
+    with pytest.raises(kernels.KernelError, match="building the CPU kernels failed: .*error"):
+        kernels._load()
+    monkeypatch.setenv("OWNLM_KERNELS", "")  # by default: a warning, and PyTorch's ops
+    with pytest.warns(RuntimeWarning, match="kernels are off: building"):
+        assert kernels._load() is None
+    monkeypatch.setenv("OWNLM_KERNELS", "0")
+    assert kernels._load() is None
+    assert not list((tmp_path / "build").glob("*.so"))  # nothing half-built left behind
+
+
+def test_a_python_mirror_that_differs_from_the_c_structure_is_refused(monkeypatch):
+    fields = list(kernels.Layer._fields_)
+    fields[-4], fields[-2] = fields[-2], fields[-4]  # window <-> scale: same names, other offsets
+
+    class Swapped(ctypes.Structure):
+        _fields_ = fields
+
+    class Short(ctypes.Structure):
+        _fields_ = kernels.Layer._fields_[:-1]
+
+    for mirror in (Swapped, Short):
+        monkeypatch.setattr(kernels, "Layer", mirror)
+        with pytest.raises(kernels.KernelError, match="layout"):
+            kernels._open(kernels._build())
+
+
+def test_the_wrappers_refuse_what_the_c_code_could_not_take():
+    """Every bound the C code relies on is checked before the call: positions past the cache's
+    capacity, slots the cache does not have, head dims that are not a multiple of 8, weights
+    whose shape disagrees with the input."""
+    b, h, hkv, d, cap = 2, 4, 2, 16, 8
+    qkv = torch.randn(b, 1, (h + 2 * hkv) * d)
+    rot = torch.ones(b, d)
+    kc, vc = torch.zeros(b, hkv, cap, d), torch.zeros(b, hkv, cap, d)
+    ok = dict(k_cache=kc, v_cache=vc, slot0=0, pos=torch.tensor([3, 7]), window=0, scale=0.25)
+    kernels.attend_decode(qkv, h, hkv, d, rot, rot, **ok)
+    for change, message in ((dict(pos=torch.tensor([3, 8])), "capacity"), (dict(pos=torch.tensor([-1, 0])), "capacity"),
+                            (dict(slot0=1), "slots"), (dict(window=-1), "window"),
+                            (dict(v_cache=torch.zeros(b, hkv, cap + 1, d)), "caches")):
+        with pytest.raises(ValueError, match=message):
+            kernels.attend_decode(qkv, h, hkv, d, rot, rot, **{**ok, **change})
+    odd = 12
+    with pytest.raises(ValueError, match="multiple of 8"):
+        kernels.attend_decode(torch.randn(b, 1, (h + 2 * hkv) * odd), h, hkv, odd, torch.ones(b, odd),
+                              torch.ones(b, odd), torch.zeros(b, hkv, cap, odd), torch.zeros(b, hkv, cap, odd), 0,
+                              torch.tensor([0, 1]), 0, 0.25)
+    with pytest.raises(ValueError, match="share"):
+        kernels.attend_decode(torch.randn(b, 1, (3 + 2 * hkv) * d), 3, hkv, d, rot, rot, **ok)
+    w = quantize(torch.randn(64, 96), 4)
+    with pytest.raises(ValueError, match="does not match"):
+        kernels.quant_matmul(torch.randn(3, 64), 4, w.data, w.scale, w.offset)  # K 64 against a K of 96
+    with pytest.raises(ValueError, match="multiple of 32"):
+        kernels.quant_matmul(torch.randn(3, 40), 4, w.data, w.scale, w.offset)
+    with pytest.raises(ValueError, match="bfloat16 matrix"):
+        kernels.bf16_matmul(torch.randn(3, 96), torch.randn(8, 96))
+    with pytest.raises(ValueError, match="norm weight"):
+        kernels.rms_norm(torch.randn(3, 96), torch.ones(95), 1e-5, 0.0)
+
+
+def test_a_sequence_longer_than_the_cache_is_an_error_not_a_stray_write(hf_models):
+    lm = ownlm.load(str(hf_models["mistral"]), dtype="bfloat16", quant="int4")
+    assert eligible(lm.model)
+    cache = KVCache.for_model(lm.model, 1, 64)
+    token = torch.tensor([[5]])
+    with torch.inference_mode():
+        CpuDecode(lm.model, cache).step(token, torch.tensor([[63]]), 64)  # the last position there is
+        with pytest.raises(ValueError, match="capacity 64"):
+            CpuDecode(lm.model, cache).step(token, torch.tensor([[64]]), 65)  # one call for every block
+        cache.length = 64
+        with pytest.raises(ValueError, match="capacity 64"):
+            lm.model(token, torch.tensor([[64]]), cache)  # the modules' attention kernel
+
+
+def test_a_head_dim_the_kernels_cannot_take_decodes_through_pytorch(tmp_path):
+    """head_dim 12 (not a multiple of 8): neither the one-call step nor the attention kernel, but
+    PyTorch's attention; decode steps follow the float32 model's."""
+    path = build_hf_model(tmp_path / "odd", "llama", head_dim=12, hidden_size=96, num_attention_heads=8,
+                          num_key_value_heads=4, intermediate_size=192)
+    fast = ownlm.load(str(path), dtype="float32", quant="int8")
+    exact = ownlm.load(str(path), dtype="float32", quant="none")
+    assert not eligible(fast.model)
+    ids = list(range(3, 24))
+
+    def steps(model):  # the prompt's first 10 tokens as a prefill, then one decode step per token
+        cache = KVCache.for_model(model, 1, 64)
+        stepper = CpuDecode(model, cache)
+        with torch.inference_mode():
+            cache.length = 10
+            model(torch.tensor([ids[:10]]), torch.arange(10)[None], cache)
+            return torch.cat([stepper.step(torch.tensor([[t]]), torch.tensor([[p]]), p + 1)
+                              for p, t in enumerate(ids[10:], start=10)])
+
+    got, want = steps(fast.model), steps(exact.model)
+    assert got.shape == (len(ids) - 10, 1, exact.config.vocab_size)
+    torch.testing.assert_close(got, want, atol=0.05, rtol=0)
 
 
 @pytest.mark.parametrize("k", [576, 100])  # 100: a tail that is not a multiple of 8
@@ -20,7 +156,7 @@ def test_bf16_matmul_equals_reference(k):
     torch.manual_seed(0)
     w = torch.randn(3001, k).bfloat16()
     x = torch.randn(7, k)
-    got = kernels.bf16_matmul(lib, x, w)
+    got = kernels.bf16_matmul(x, w)
     want = x.double() @ w.double().t()
     assert torch.allclose(got.double(), want, atol=1e-4 * k ** 0.5, rtol=0)
 
@@ -29,9 +165,9 @@ def test_rows_are_batch_invariant():
     torch.manual_seed(1)
     w = torch.randn(4096, 576).bfloat16()
     x = torch.randn(13, 576)
-    together = kernels.bf16_matmul(lib, x, w)
+    together = kernels.bf16_matmul(x, w)
     for i in range(13):
-        assert torch.equal(kernels.bf16_matmul(lib, x[i:i + 1].contiguous(), w)[0], together[i])
+        assert torch.equal(kernels.bf16_matmul(x[i:i + 1].contiguous(), w)[0], together[i])
 
 
 def test_linear_uses_it_only_outside_autograd():
@@ -45,7 +181,7 @@ def test_linear_uses_it_only_outside_autograd():
     y = lin(x.requires_grad_())  # training path: PyTorch's kernel, gradients flow
     y.sum().backward()
     assert x.grad is not None and lin.weight.grad is not None
-    assert torch.equal(matmul(x.detach()[:0], lin.weight), torch.nn.functional.linear(x.detach()[:0], lin.weight))
+    assert torch.equal(dense_matmul(x.detach()[:0], lin.weight), torch.nn.functional.linear(x.detach()[:0], lin.weight))
 
 
 @pytest.mark.parametrize("window,dtype", [(0, torch.float32), (5, torch.float32), (0, torch.bfloat16)])

@@ -14,7 +14,8 @@ FAMILIES = ["llama", "llama3-rope", "mistral", "qwen2"]
 
 
 def reference(folder):
-    return transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, attn_implementation="eager").eval()
+    return transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32,
+                                                             attn_implementation="eager").eval()
 
 
 def tokens(n: int, vocab: int, seed: int = 0) -> torch.Tensor:

@@ -15,8 +15,10 @@ import torch
 import ownlm
 from ownlm.engine.kv_cache import KVCache, span
 from ownlm.formats.gguf import GGUFFile
-from ownlm.formats.quants import QuantWeight, from_blocks, quantize
-from ownlm.model import fastpath, kernels
+from ownlm.formats.quants import from_blocks
+from ownlm.model.quant import QuantWeight, quantize
+from ownlm.engine import cpu_step
+from ownlm.model import kernels
 from ownlm.model.linear import QuantEmbedding, QuantLinear
 
 from .ggufs import hf_folder_to_gguf
@@ -82,13 +84,13 @@ def test_quant_matmul_equals_reference_and_is_batch_invariant(kind):
     if kind == "int4-symmetric":  # Q4_0's form: no offsets stored
         w = QuantWeight(4, w.data, w.scale, None)
     x = torch.randn(70, 96 * 2) * torch.rand(70, 1) * 4  # 70 rows: crosses the 64-row tile
-    got = kernels.quant_matmul(kernels.load(), x, bits, w.data, w.scale, w.offset)
+    got = kernels.quant_matmul(x, bits, w.data, w.scale, w.offset)
     want = _reference(x, w)
     assert torch.allclose(got.double(), want, atol=2e-5 * want.abs().max().item(), rtol=0)
     dense = x.double() @ w.dequantize().double().t()  # and the int16 rounding of x costs ~1e-5
     assert ((got.double() - dense).norm() / dense.norm()).item() < 1e-4
     for i in (0, 1, 63, 64, 69):
-        assert torch.equal(kernels.quant_matmul(kernels.load(), x[i:i + 1].contiguous(), bits, w.data, w.scale,
+        assert torch.equal(kernels.quant_matmul(x[i:i + 1].contiguous(), bits, w.data, w.scale,
                                                 w.offset)[0], got[i])
 
 
@@ -222,8 +224,11 @@ def test_quant_bf16_is_dense_bfloat16(hf_models, tmp_path):
         ownlm.load(str(path), dtype="float32", quant="bf16")
 
 
-def _decode(model, ids, steps=6):
+def _decode(model, ids, steps=6, one_call=False, stepper=False):
+    """Greedy decode steps through the model's forward, or through the engine's CPU stepper
+    (`stepper`; with `one_call`, asserting that it took every step in one kernel call)."""
     cache = KVCache.for_model(model, 1, 128)
+    step = cpu_step.CpuDecode(model, cache)
     out = []
     with torch.inference_mode():
         cache.length = len(ids)
@@ -231,8 +236,12 @@ def _decode(model, ids, steps=6):
         n = len(ids)
         for _ in range(steps):
             token = logits[0, -1].float().argmax().view(1, 1)
-            cache.length = span(n + 1)
-            logits = model(token, torch.tensor([[n]]), cache)
+            if one_call or stepper:
+                logits = step.step(token, torch.tensor([[n]]), n + 1)
+                assert step.plan() is not None or not one_call
+            else:
+                cache.length = span(n + 1)
+                logits = model(token, torch.tensor([[n]]), cache)
             out.append(logits.float())
             n += 1
     return torch.cat(out)
@@ -258,11 +267,9 @@ def test_one_call_decode_step_is_bit_identical_to_the_modules(hf_models, tmp_pat
     extra = {"qwen3": dict(head_dim=24), "gemma3_text": GEMMA3, "phi3": dict(pad_token_id=0, bos_token_id=1)}
     path = hf_models[family] if family in hf_models else build_hf_model(tmp_path / family, family, **extra[family])
     lm = ownlm.load(str(path), dtype=dtype, quant=quant)
-    assert fastpath.eligible(lm.model)
+    assert cpu_step.eligible(lm.model)
     ids = list(range(3, 21))
-    fused = _decode(lm.model, ids)
-    assert lm.model._decode_plan is not None
-    monkeypatch.setattr(fastpath, "plan", lambda *a: None)
+    fused = _decode(lm.model, ids, one_call=True)
     assert torch.equal(fused, _decode(lm.model, ids))  # the modules themselves follow transformers: test_families
 
 
@@ -271,9 +278,9 @@ def test_blocks_the_fused_step_does_not_cover_take_the_modules(hf_models, tmp_pa
 
     neox = ownlm.load(str(build_hf_model(tmp_path / "neox", "gpt_neox", rotary_pct=0.25, num_key_value_heads=4)),
                       dtype="float32", quant="int4")
-    assert not fastpath.eligible(neox.model)  # LayerNorm, parallel residual
+    assert not cpu_step.eligible(neox.model)  # LayerNorm, parallel residual
     dense = ownlm.load(str(hf_models["llama"]), dtype="float32", quant="none")
-    assert not fastpath.eligible(dense.model)  # dense projections
+    assert not cpu_step.eligible(dense.model)  # dense projections
 
 
 def test_other_block_types_are_held_as_int8_and_mixed_groups_fuse_as_int8(hf_models, tmp_path):
@@ -291,7 +298,7 @@ def test_other_block_types_are_held_as_int8_and_mixed_groups_fuse_as_int8(hf_mod
                                                             ("gate_up", block.mlp.gate_up), ("down", block.mlp.down))}
             assert bits == ({"qkv": 8, "o": 8, "gate_up": 8, "down": 8} if name == "q5" else
                             {"qkv": 8, "o": 4, "gate_up": 4, "down": 8}), (name, bits)
-        assert fastpath.eligible(q.model)
+        assert cpu_step.eligible(q.model)
         ids = torch.tensor([list(range(3, 60))])
         with torch.inference_mode():
             b, a = exact.model(ids).log_softmax(-1), q.model(ids).float().log_softmax(-1)
@@ -320,4 +327,35 @@ def test_threads_decoding_with_one_model_get_their_own_answers(hf_models):
         t.start()
     for t in threads:
         t.join()
-    assert together == alone and lm.model._decode_plan is not None
+    assert together == alone and cpu_step.eligible(lm.model)  # so every step went through the one-call path
+
+
+def test_the_one_call_plan_follows_the_models_structure(hf_models):
+    """The plan points into the model's tensors: it is built again after a module swap
+    (linear.replace) or a state-dict load, and an adapter makes the step take the modules (whose
+    answer it then gives); a conversion changes the structure it is keyed on."""
+    from ownlm.model.linear import LoRALinear, replace
+
+    lm = ownlm.load(str(hf_models["mistral"]), dtype="bfloat16", quant="int4")
+    model = lm.model
+    stepper = cpu_step.CpuDecode(model, KVCache.for_model(model, 1, 64))
+    first = stepper.plan()
+    assert first is not None and stepper.plan() is first  # kept while nothing changes
+    qkv = model.layers[0].attn.qkv
+    lora = LoRALinear(qkv, {"q": (0, 64)}, r=4, alpha=8)
+    with torch.no_grad():
+        lora.lora_b["q"].normal_(0, 0.5)  # an adapter that changes the answer
+    replace(model, "layers.0.attn.qkv", lora)
+    assert stepper.plan() is None and not cpu_step.eligible(model)
+    ids = list(range(3, 21))
+    assert torch.equal(_decode(model, ids, stepper=True), _decode(model, ids))
+    replace(model, "layers.0.attn.qkv", qkv)
+    again = stepper.plan()
+    assert again is not None and again is not first
+    model.load_state_dict(model.state_dict())
+    last = stepper.plan()
+    assert last is not again and torch.equal(_decode(model, ids, one_call=True), _decode(model, ids))
+    dense = ownlm.load(str(hf_models["llama"]), dtype="float32", quant="none").model
+    before = dense.structure
+    dense.bfloat16()  # converted: every tensor in new storage
+    assert dense.structure != before

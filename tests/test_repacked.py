@@ -8,7 +8,7 @@ import torch
 
 import ownlm
 from ownlm import manage
-from ownlm.formats import repacked
+from ownlm import repacked
 from ownlm.store.store import Store
 
 from .ggufs import hf_folder_to_gguf

@@ -1,16 +1,22 @@
-"""The OpenAI-compatible server as applications see it: a real `ownlm serve` process on
-127.0.0.1, driven by the official `openai` client (and httpx where the client hides the wire)."""
+"""The OpenAI-compatible server as applications see it, driven by the official `openai` client
+(and httpx where the client hides the wire). Most tests run the server in this process over tiny
+random models that the pool gets through its loader; a few start a real `ownlm serve` process: the
+CLI's flags, signals and exit codes, and smollm2 end to end."""
 
 from __future__ import annotations
 
+import argparse
 import base64
 import concurrent.futures as cf
 import json
+import os
+import signal
 import struct
 import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 import httpx
 import jsonschema
@@ -18,68 +24,82 @@ import openai
 import pytest
 import torch
 
+import ownlm
+import server_util
 from conftest import build_hf_model
-from server_util import Server
-
-pytestmark = pytest.mark.smollm2
+from ownlm import manage
+from ownlm.cli.serve import api_keys
+from ownlm.errors import BadRequest
+from ownlm.loading import LoadedModel
+from ownlm.server import ModelPool, Server, ServerConfig
+from ownlm.store.store import Store
+from server_util import metric
 
 GEMMA_LIKE = ("{% if messages[0]['role'] == 'system' %}{{ raise_exception('System role not supported') }}{% endif %}"
-              "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>\n' }}{% endfor %}"
+              "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>\n' }}"
+              "{% endfor %}"
               "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
 KEY = "test-key-0123456789"
+USER = [{"role": "user", "content": "Name three colors."}]
+ENDLESS = {"0": -100, "1": -100, "2": -100}  # logit_bias masking the end-of-text ids: it runs to max_tokens
 
 
 @pytest.fixture(scope="module")
-def home(tmp_path_factory, smollm2_gguf):
-    """A store with smollm2, a tiny random Llama, and a tiny one whose template refuses system."""
-    from ownlm import manage
-    from ownlm.store.store import Store
-
-    base = tmp_path_factory.mktemp("serve")
-    store = Store(base / "home")
-    manage.import_path(smollm2_gguf, name="smollm2", link=True, store=store, quiet=True)
-    tiny = build_hf_model(base / "tiny", "llama")
-    manage.import_path(tiny, name="tiny", store=store, quiet=True)
+def folders(tmp_path_factory) -> dict[str, Path]:
+    """Two tiny random Llamas: "tiny", with a 4096-token context (room for generations that last
+    seconds), and "strict" (256 tokens), whose chat template refuses a system message."""
+    base = tmp_path_factory.mktemp("models")
+    tiny = build_hf_model(base / "tiny", "llama", max_position_embeddings=4096)
     strict = build_hf_model(base / "strict", "llama", seed=4)
     cfg = json.loads((strict / "tokenizer_config.json").read_text())
     (strict / "tokenizer_config.json").write_text(json.dumps({**cfg, "chat_template": GEMMA_LIKE}))
-    manage.import_path(strict, name="strict", store=store, quiet=True)
-    return base / "home"
+    return {"tiny": tiny, "strict": strict}
 
 
 @pytest.fixture(scope="module")
-def server(home):
-    s = Server(home, ["smollm2", "tiny", "strict", "--max-loaded", "3", "--preload", "--max-running", "8",
-                      "--max-body-mb", "1"])
-    yield s
-    s.stop()
+def models(folders) -> dict[str, LoadedModel]:
+    return {name: ownlm.load(str(path), dtype="float32") for name, path in folders.items()}
+
+
+def serve(models: dict[str, LoadedModel], names: tuple[str, ...] = ("tiny", "strict"),
+          config: ServerConfig | None = None, **pool) -> Server:
+    """A server for this process on a free port (start it with `with`), over models already in
+    memory (handed to the pool by its loader), the first `max_loaded` of them loaded."""
+    p = ModelPool(list(names), loader=lambda ref, **_: models[ref], **pool)
+    p.preload()
+    return Server(p, port=0, config=config)
+
+
+@pytest.fixture(scope="module")
+def server(models):
+    with serve(models, config=ServerConfig(max_body_bytes=1 << 20), max_loaded=2, max_running=8) as s:
+        yield s
 
 
 @pytest.fixture(scope="module")
 def client(server):
-    return openai.OpenAI(base_url=f"{server.base}/v1", api_key="unused", max_retries=0, timeout=120)
+    return openai.OpenAI(base_url=server.base_url, api_key="unused", max_retries=0, timeout=120)
 
 
 @pytest.fixture(scope="module")
-def lm(smollm2_gguf):
-    import ownlm
-
-    return ownlm.load(str(smollm2_gguf))
-
-
-USER = [{"role": "user", "content": "Name three colors."}]
+def lm(models):
+    return models["tiny"]
 
 
 def test_models_list(client):
     ids = {m.id for m in client.models.list().data}
-    assert {"smollm2", "tiny", "strict"} <= ids
-    assert client.models.retrieve("smollm2").object == "model"
+    assert {"tiny", "strict"} <= ids
+    assert client.models.retrieve("tiny").object == "model"
 
 
 def test_chat_equals_the_engine(client, lm):
-    r = client.chat.completions.create(model="smollm2", messages=USER, temperature=0, max_tokens=24)
+    check_chat_equals_the_engine(client, lm, "tiny")
+
+
+def check_chat_equals_the_engine(client, lm, model: str):
+    r = client.chat.completions.create(model=model, messages=USER, temperature=0, max_tokens=24)
     direct = lm.chat(USER, temperature=0, max_tokens=24)
-    assert r.object == "chat.completion" and r.id.startswith("chatcmpl-") and r.model == "smollm2"
+    assert r.object == "chat.completion" and r.id.startswith("chatcmpl-") and r.model == model
     assert r.choices[0].message.role == "assistant"
     assert r.choices[0].message.content == direct.text
     assert r.choices[0].finish_reason == direct.finish_reason
@@ -89,8 +109,12 @@ def test_chat_equals_the_engine(client, lm):
 
 
 def test_stream_with_usage(client):
-    full = client.chat.completions.create(model="smollm2", messages=USER, temperature=0, max_tokens=20)
-    chunks = list(client.chat.completions.create(model="smollm2", messages=USER, temperature=0, max_tokens=20,
+    check_stream_with_usage(client, "tiny")
+
+
+def check_stream_with_usage(client, model: str):
+    full = client.chat.completions.create(model=model, messages=USER, temperature=0, max_tokens=20)
+    chunks = list(client.chat.completions.create(model=model, messages=USER, temperature=0, max_tokens=20,
                                                  stream=True, stream_options={"include_usage": True}))
     assert chunks[0].choices[0].delta.role == "assistant"
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
@@ -101,23 +125,24 @@ def test_stream_with_usage(client):
 
 
 def test_stop_sampling_parameters_and_n(client):
-    r = client.chat.completions.create(model="smollm2", messages=USER, temperature=0.9, seed=7, n=2, max_tokens=12,
+    r = client.chat.completions.create(model="tiny", messages=USER, temperature=0.9, seed=7, n=2, max_tokens=12,
                                        presence_penalty=0.5, frequency_penalty=0.5, top_p=0.9, user="u1",
                                        extra_body={"top_k": 40, "min_p": 0.05, "repetition_penalty": 1.1})
-    again = client.chat.completions.create(model="smollm2", messages=USER, temperature=0.9, seed=7, n=2, max_tokens=12,
+    again = client.chat.completions.create(model="tiny", messages=USER, temperature=0.9, seed=7, n=2, max_tokens=12,
                                            presence_penalty=0.5, frequency_penalty=0.5, top_p=0.9, user="u1",
                                            extra_body={"top_k": 40, "min_p": 0.05, "repetition_penalty": 1.1})
     assert [c.index for c in r.choices] == [0, 1]
     assert [c.message.content for c in r.choices] == [c.message.content for c in again.choices]
-    greedy = client.chat.completions.create(model="smollm2", messages=USER, temperature=0, max_tokens=30)
+    greedy = client.chat.completions.create(model="tiny", messages=USER, temperature=0, max_tokens=30)
     word = greedy.choices[0].message.content.split()[2]
-    cut = client.chat.completions.create(model="smollm2", messages=USER, temperature=0, max_tokens=30, stop=[word])
+    cut = client.chat.completions.create(model="tiny", messages=USER, temperature=0, max_tokens=30, stop=[word])
     assert cut.choices[0].finish_reason == "stop"
-    assert cut.choices[0].message.content == greedy.choices[0].message.content[: greedy.choices[0].message.content.index(word)]
+    whole = greedy.choices[0].message.content
+    assert cut.choices[0].message.content == whole[: whole.index(word)]
 
 
 def test_chat_logprobs(client, lm):
-    r = client.chat.completions.create(model="smollm2", messages=USER, temperature=0, max_tokens=6, logprobs=True,
+    r = client.chat.completions.create(model="tiny", messages=USER, temperature=0, max_tokens=6, logprobs=True,
                                        top_logprobs=3)
     content = r.choices[0].logprobs.content
     assert len(content) == 6
@@ -130,7 +155,7 @@ def test_chat_logprobs(client, lm):
 def test_completions_echo_logprobs_match_the_engine(client, lm):
     """What lm-evaluation-harness's local-completions sends to score multiple choice."""
     prompt = lm.encode("The capital of France is Paris")
-    r = client.completions.create(model="smollm2", prompt=[prompt], echo=True, logprobs=1, max_tokens=1,
+    r = client.completions.create(model="tiny", prompt=[prompt], echo=True, logprobs=1, max_tokens=1,
                                   temperature=0, seed=1234)
     lp = r.choices[0].logprobs
     assert len(lp.token_logprobs) == len(prompt) + 1 and lp.token_logprobs[0] is None
@@ -141,16 +166,16 @@ def test_completions_echo_logprobs_match_the_engine(client, lm):
     assert lp.token_logprobs[1:len(prompt)] == pytest.approx(want, abs=2e-3)
     assert r.choices[0].text.startswith(lm.tokenizer.decode(prompt))
     # string prompt, several at once, no echo
-    r2 = client.completions.create(model="smollm2", prompt=["Once upon a time", "1, 2, 3,"], max_tokens=5, temperature=0)
+    r2 = client.completions.create(model="tiny", prompt=["Once upon a time", "1, 2, 3,"], max_tokens=5, temperature=0)
     assert [c.index for c in r2.choices] == [0, 1]
     assert r2.choices[1].text == lm.generate("1, 2, 3,", temperature=0, max_tokens=5).text
 
 
 def test_embeddings_both_encodings(client, lm):
     texts = ["I own my model.", "Der Hund schläft."]
-    f = client.embeddings.create(model="smollm2", input=texts)
+    f = client.embeddings.create(model="tiny", input=texts)
     raw = httpx.post(f"{str(client.base_url).rstrip('/')}/embeddings",
-                     json={"model": "smollm2", "input": texts, "encoding_format": "base64"}).json()
+                     json={"model": "tiny", "input": texts, "encoding_format": "base64"}).json()
     with torch.inference_mode():
         h = lm.model(torch.tensor([lm.encode(texts[0])]), head=False)[0].float().mean(0)
     want = torch.nn.functional.normalize(h, dim=0)
@@ -183,10 +208,13 @@ SCHEMAS = [
     {"type": "object", "properties": {"v": {"anyOf": [{"type": "integer", "minimum": 0, "maximum": 9},
                                                       {"type": "boolean"}]}}, "required": ["v"]},
     {"type": "object", "properties": {"s": {"type": "string", "pattern": "^[a-c]{2,4}$"}}, "required": ["s"]},
-    {"type": "object", "properties": {"n": {"type": ["integer", "null"], "minimum": 0, "maximum": 5}}, "required": ["n"]},
-    {"type": "object", "properties": {"m": {"type": "array", "items": {"enum": [1, 2, 3]}, "maxItems": 4}}, "required": ["m"], "additionalProperties": False},
-    {"type": "object", "properties": {"deep": {"type": "object", "properties": {"deeper": {"type": "object", "properties": {
-        "flag": {"type": "boolean"}}, "required": ["flag"], "additionalProperties": False}}, "required": ["deeper"],
+    {"type": "object", "properties": {"n": {"type": ["integer", "null"], "minimum": 0, "maximum": 5}},
+     "required": ["n"]},
+    {"type": "object", "properties": {"m": {"type": "array", "items": {"enum": [1, 2, 3]}, "maxItems": 4}},
+     "required": ["m"], "additionalProperties": False},
+    {"type": "object", "properties": {"deep": {"type": "object", "properties": {"deeper": {
+        "type": "object", "properties": {"flag": {"type": "boolean"}}, "required": ["flag"],
+        "additionalProperties": False}}, "required": ["deeper"],
         "additionalProperties": False}}, "required": ["deep"], "additionalProperties": False},
     {"type": "object", "properties": {"pair": {"type": "array", "prefixItems": [{"type": "integer", "minimum": 0,
                                                                                  "maximum": 9}, {"type": "boolean"}],
@@ -198,8 +226,8 @@ SCHEMAS = [
                                       "nick": {"type": "string", "maxLength": 4}},
      "required": ["first", "last"], "additionalProperties": False},
     {"type": "object", "properties": {"grid": {"type": "array", "maxItems": 2, "items": {
-        "type": "array", "maxItems": 2, "items": {"type": "integer", "minimum": 0, "maximum": 1}}}}, "required": ["grid"],
-     "additionalProperties": False},
+        "type": "array", "maxItems": 2, "items": {"type": "integer", "minimum": 0, "maximum": 1}}}},
+     "required": ["grid"], "additionalProperties": False},
     {"type": "object", "properties": {"status": {"type": "string", "enum": ["on", "off"]},
                                       "level": {"type": "integer", "minimum": 1, "maximum": 10}},
      "required": ["status", "level"], "additionalProperties": False},
@@ -225,10 +253,12 @@ def strict(schema):
 SCHEMAS = [strict(s) for s in SCHEMAS]
 
 
-@pytest.mark.parametrize("model", ["tiny", "smollm2"])
-def test_json_schema_outputs_validate(client, model):
-    schemas = SCHEMAS if model == "tiny" else SCHEMAS[:6]
 
+def test_json_schema_outputs_validate(client):
+    check_json_schemas(client, "tiny", SCHEMAS)
+
+
+def check_json_schemas(client, model: str, schemas: list[dict]):
     def ask(i_schema):
         i, schema = i_schema
         r = client.chat.completions.create(
@@ -248,55 +278,8 @@ def test_json_schema_outputs_validate(client, model):
         assert isinstance(json.loads(r.choices[0].message.content), dict)
 
 
-WEATHER = {"type": "function", "function": {"name": "get_weather", "description": "Current weather in a city",
-                                             "parameters": {"type": "object", "properties": {
-                                                 "city": {"type": "string", "maxLength": 20},
-                                                 "unit": {"enum": ["celsius", "fahrenheit"]}},
-                                                 "required": ["city", "unit"], "additionalProperties": False}}}
-ADD = {"type": "function", "function": {"name": "add", "description": "Add two integers",
-                                         "parameters": {"type": "object", "properties": {
-                                             "a": {"type": "integer", "minimum": -99, "maximum": 99},
-                                             "b": {"type": "integer", "minimum": -99, "maximum": 99}},
-                                             "required": ["a", "b"], "additionalProperties": False}}}
-
-
-def test_tools_round_trip(client):
-    msgs = [{"role": "user", "content": "What is the weather in Paris?"}]
-    r = client.chat.completions.create(model="smollm2", messages=msgs, tools=[WEATHER, ADD], tool_choice="required",
-                                       temperature=0, max_tokens=120)
-    choice = r.choices[0]
-    assert choice.finish_reason == "tool_calls" and choice.message.content is None
-    call = choice.message.tool_calls[0]
-    assert call.type == "function" and call.id.startswith("call")
-    spec = {"get_weather": WEATHER, "add": ADD}[call.function.name]["function"]["parameters"]
-    jsonschema.validate(json.loads(call.function.arguments), spec)
-    # the named function is the one called
-    named = client.chat.completions.create(model="smollm2", messages=msgs, tools=[WEATHER, ADD], temperature=0,
-                                           tool_choice={"type": "function", "function": {"name": "add"}}, max_tokens=120)
-    assert [c.function.name for c in named.choices[0].message.tool_calls] == ["add"]
-    jsonschema.validate(json.loads(named.choices[0].message.tool_calls[0].function.arguments), ADD["function"]["parameters"])
-    # the result goes back through the chat template and the model answers in text
-    follow = msgs + [choice.message.model_dump(exclude_none=True),
-                     {"role": "tool", "tool_call_id": call.id, "content": json.dumps({"temperature": 21})}]
-    answer = client.chat.completions.create(model="smollm2", messages=follow, tools=[WEATHER, ADD], tool_choice="none",
-                                            temperature=0, max_tokens=20)
-    assert answer.choices[0].message.content and not answer.choices[0].message.tool_calls
-    # streamed tool calls keep a stable index and assemble to valid arguments
-    calls: dict[int, dict] = {}
-    finish = None
-    for chunk in client.chat.completions.create(model="smollm2", messages=msgs, tools=[WEATHER], tool_choice="required",
-                                                temperature=0, max_tokens=120, stream=True):
-        for d in chunk.choices[0].delta.tool_calls or []:
-            entry = calls.setdefault(d.index, {"name": "", "arguments": ""})
-            entry["name"] += d.function.name or ""
-            entry["arguments"] += d.function.arguments or ""
-        finish = chunk.choices[0].finish_reason or finish
-    assert finish == "tool_calls" and list(calls) == [0] and calls[0]["name"] == "get_weather"
-    jsonschema.validate(json.loads(calls[0]["arguments"]), WEATHER["function"]["parameters"])
-
-
 def _error(server, path: str, body, status: int, **headers) -> dict:
-    r = httpx.post(f"{server.base}{path}", content=body if isinstance(body, (bytes, str)) else json.dumps(body),
+    r = httpx.post(f"{server.url}{path}", content=body if isinstance(body, (bytes, str)) else json.dumps(body),
                    headers={"content-type": "application/json", **headers}, timeout=60)
     assert r.status_code == status, r.text
     err = r.json()["error"]
@@ -305,59 +288,61 @@ def _error(server, path: str, body, status: int, **headers) -> dict:
 
 
 def test_error_statuses_and_shapes(server, client):
-    assert _error(server, "/v1/chat/completions", {"model": "smollm2", "messages": USER, "foo": 1}, 400)["param"] == "foo"
-    assert _error(server, "/v1/chat/completions", {"model": "smollm2", "messages": USER, "temperature": 9}, 400)[
+    assert _error(server, "/v1/chat/completions", {"model": "tiny", "messages": USER, "foo": 1}, 400)["param"] == "foo"
+    assert _error(server, "/v1/chat/completions", {"model": "tiny", "messages": USER, "temperature": 9}, 400)[
         "param"] == "temperature"
     _error(server, "/v1/chat/completions", b"{not json", 400)
-    _error(server, "/v1/chat/completions", {"model": "smollm2", "messages": USER, "best_of": 2}, 400)
-    long = {"model": "tiny", "messages": [{"role": "user", "content": "word " * 400}]}
+    _error(server, "/v1/chat/completions", {"model": "tiny", "messages": USER, "best_of": 2}, 400)
+    long = {"model": "strict", "messages": [{"role": "user", "content": "word " * 400}]}  # strict: 256 tokens
     assert "context" in _error(server, "/v1/chat/completions", long, 400)["message"]
     bad_schema = {"model": "tiny", "messages": USER, "response_format": {
-        "type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "object", "properties": {"a": {"type": "nope"}}}}}}
+        "type": "json_schema",
+        "json_schema": {"name": "x", "schema": {"type": "object", "properties": {"a": {"type": "nope"}}}}}}
     _error(server, "/v1/chat/completions", bad_schema, 400)
     assert _error(server, "/v1/chat/completions", {"model": "nope", "messages": USER}, 404)["code"] == "model_not_found"
-    _error(server, "/v1/chat/completions", {"model": "smollm2", "messages": USER, "x": "a" * (2 << 20)}, 413)
+    _error(server, "/v1/chat/completions", {"model": "tiny", "messages": USER, "x": "a" * (2 << 20)}, 413)
     broken_history = [{"role": "assistant", "content": None, "tool_calls": [{"x": 1}]}] + USER
-    assert _error(server, "/v1/chat/completions", {"model": "tiny", "messages": broken_history}, 400)["param"] == "messages"
+    broken = {"model": "tiny", "messages": broken_history}
+    assert _error(server, "/v1/chat/completions", broken, 400)["param"] == "messages"
     system = [{"role": "system", "content": "Be brief."}] + USER
     assert _error(server, "/v1/chat/completions", {"model": "strict", "messages": system}, 422)["param"] == "messages"
     with pytest.raises(openai.BadRequestError):
-        client.chat.completions.create(model="smollm2", messages=USER, extra_body={"mystery": True})
+        client.chat.completions.create(model="tiny", messages=USER, extra_body={"mystery": True})
     with pytest.raises(openai.NotFoundError):
         client.chat.completions.create(model="absent", messages=USER)
-    assert httpx.get(f"{server.base}/v1/nothing").status_code == 404
+    assert httpx.get(f"{server.url}/v1/nothing").status_code == 404
     # the server still answers after all of that
-    assert client.chat.completions.create(model="tiny", messages=USER, max_tokens=3).choices[0].message.content is not None
+    answer = client.chat.completions.create(model="tiny", messages=USER, max_tokens=3)
+    assert answer.choices[0].message.content is not None
 
 
 def test_dns_rebinding_host_refused(server):
-    r = httpx.get(f"{server.base}/v1/models", headers={"Host": "attacker.example:80"})
+    r = httpx.get(f"{server.url}/v1/models", headers={"Host": "attacker.example:80"})
     assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_host"
 
 
 def test_disconnect_cancels_the_sequence(server):
-    body = {"model": "smollm2", "messages": USER, "max_tokens": 2000, "stream": True, "temperature": 0.8,
-            "extra_body": None}
-    body.pop("extra_body")
-    before = server.metric("ownlm_sequences_cancelled_total")
-    with httpx.stream("POST", f"{server.base}/v1/chat/completions", json=body, timeout=60) as r:
+    body = {"model": "tiny", "messages": USER, "max_tokens": 4000, "stream": True, "temperature": 0.8,
+            "logit_bias": ENDLESS}
+    before = metric(server.url, "ownlm_sequences_cancelled_total")
+    with httpx.stream("POST", f"{server.url}/v1/chat/completions", json=body, timeout=60) as r:
         lines = r.iter_lines()
         got = [next(lines) for _ in range(6)]
         assert any(line.startswith("data: ") for line in got)
-        assert server.metric("ownlm_running_sequences") >= 1
+        assert metric(server.url, "ownlm_running_sequences") >= 1
     deadline = time.monotonic() + 10
-    while server.metric("ownlm_running_sequences") > 0 and time.monotonic() < deadline:
+    while metric(server.url, "ownlm_running_sequences") > 0 and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert server.metric("ownlm_running_sequences") == 0
-    assert server.metric("ownlm_sequences_cancelled_total") >= before + 1
-    generated = server.metric("ownlm_generation_tokens_total")
+    assert metric(server.url, "ownlm_running_sequences") == 0
+    assert metric(server.url, "ownlm_sequences_cancelled_total") >= before + 1
+    generated = metric(server.url, "ownlm_generation_tokens_total")
     time.sleep(0.5)
-    assert server.metric("ownlm_generation_tokens_total") == generated
+    assert metric(server.url, "ownlm_generation_tokens_total") == generated
 
 
 def test_metrics_exposition(server, client):
     client.chat.completions.create(model="tiny", messages=USER, max_tokens=4, temperature=0)
-    text = httpx.get(f"{server.base}/metrics").text
+    text = httpx.get(f"{server.url}/metrics").text
     for name in ("ownlm_requests_total", "ownlm_prompt_tokens_total", "ownlm_generation_tokens_total",
                  "ownlm_queue_depth", "ownlm_running_sequences", "ownlm_time_to_first_token_seconds_bucket",
                  "ownlm_inter_token_latency_seconds_bucket"):
@@ -367,12 +352,16 @@ def test_metrics_exposition(server, client):
 
 
 def test_eight_concurrent_streams_get_their_solo_tokens(client):
+    check_eight_concurrent_streams(client, "tiny")
+
+
+def check_eight_concurrent_streams(client, model: str):
     prompts = ["Name a fruit.", "What is 2+2?", "Say hello in French.", "Name a planet.",
                "Give me a color.", "Count to five.", "Name an ocean.", "What do cats eat?"]
 
     def ask(i: int) -> tuple[str, str | None]:
         kw = {"temperature": 0} if i % 2 == 0 else {"temperature": 0.9, "seed": 100 + i}
-        stream = client.chat.completions.create(model="smollm2", messages=[{"role": "user", "content": prompts[i]}],
+        stream = client.chat.completions.create(model=model, messages=[{"role": "user", "content": prompts[i]}],
                                                 max_tokens=32, stream=True, **kw)
         parts, finish = [], None
         for c in stream:
@@ -392,77 +381,185 @@ def test_eight_concurrent_streams_get_their_solo_tokens(client):
     assert concurrent == alone
 
 
-def test_overload_gives_429_and_the_server_keeps_serving(home):
-    s = Server(home, ["smollm2", "strict", "--max-running", "1", "--max-queue", "0", "--max-loaded", "1", "--preload"])
-    try:
-        body = {"model": "smollm2", "messages": USER, "max_tokens": 1000, "stream": True, "temperature": 1.0,
-                "logit_bias": {"0": -100, "1": -100, "2": -100}}  # no end-of-text: it runs until closed
-        with httpx.stream("POST", f"{s.base}/v1/chat/completions", json=body, timeout=60) as r:
+def test_overload_gives_429_and_the_server_keeps_serving(models):
+    with serve(models, max_running=1, max_queue=0, max_loaded=1) as s:
+        body = {"model": "tiny", "messages": USER, "max_tokens": 4000, "stream": True, "temperature": 1.0,
+                "logit_bias": ENDLESS}  # it runs until closed
+        with httpx.stream("POST", f"{s.base_url}/chat/completions", json=body, timeout=60) as r:
             lines = r.iter_lines()  # kept referenced: a dropped iterator closes the connection
             next(lines)
-            busy = httpx.post(f"{s.base}/v1/chat/completions", json={"model": "smollm2", "messages": USER, "max_tokens": 2})
+            busy = httpx.post(f"{s.base_url}/chat/completions",
+                              json={"model": "tiny", "messages": USER, "max_tokens": 2})
             assert busy.status_code == 429 and int(busy.headers["Retry-After"]) >= 1
             assert busy.json()["error"]["type"] == "rate_limit_error"
-            other = httpx.post(f"{s.base}/v1/chat/completions", json={"model": "strict", "messages": USER, "max_tokens": 2},
-                               timeout=60)
+            other = httpx.post(f"{s.base_url}/chat/completions",
+                               json={"model": "strict", "messages": USER, "max_tokens": 2}, timeout=60)
             assert other.status_code == 503 and set(other.json()["error"]) == {"message", "type", "param", "code"}
         for _ in range(100):  # the closed stream frees its slot within a decode step or so
-            ok = httpx.post(f"{s.base}/v1/chat/completions", json={"model": "smollm2", "messages": USER, "max_tokens": 2},
+            ok = httpx.post(f"{s.base_url}/chat/completions", json={"model": "tiny", "messages": USER, "max_tokens": 2},
                             timeout=60)
             if ok.status_code != 429:
                 break
             time.sleep(0.05)
         assert ok.status_code == 200 and ok.json()["usage"]["completion_tokens"] <= 2
-    finally:
-        s.stop()
 
 
-def test_api_keys(home, tmp_path):
+def test_api_keys(models, tmp_path, monkeypatch):
     keyfile = tmp_path / "keys"
     keyfile.write_text("# one per line\nsecond-key-abcdefgh\n")
-    s = Server(home, ["tiny", "--api-key-file", str(keyfile)], env={"OWNLM_API_KEYS": KEY})
-    try:
-        url = f"{s.base}/v1/chat/completions"
+    monkeypatch.setenv("OWNLM_API_KEYS", KEY)
+    keys = api_keys(argparse.Namespace(api_key=None, api_key_file=str(keyfile)))
+    assert keys == [KEY, "second-key-abcdefgh"]
+    with serve(models, ("tiny",), ServerConfig(api_keys=keys)) as s:
+        url = f"{s.base_url}/chat/completions"
         body = {"model": "tiny", "messages": USER, "max_tokens": 2}
         assert httpx.post(url, json=body).status_code == 401
         wrong = httpx.post(url, json=body, headers={"Authorization": "Bearer wrong-key-123456"})
         assert wrong.status_code == 401 and wrong.json()["error"]["code"] == "invalid_api_key"
-        assert httpx.get(f"{s.base}/health").status_code == 200
-        assert httpx.get(f"{s.base}/metrics").status_code == 401
-        for key in (KEY, "second-key-abcdefgh"):
-            c = openai.OpenAI(base_url=f"{s.base}/v1", api_key=key, max_retries=0)
+        assert httpx.get(f"{s.url}/health").status_code == 200
+        assert httpx.get(f"{s.url}/metrics").status_code == 401
+        for key in keys:
+            c = openai.OpenAI(base_url=s.base_url, api_key=key, max_retries=0)
             assert c.chat.completions.create(model="tiny", messages=USER, max_tokens=2).choices
         with pytest.raises(openai.AuthenticationError):
-            openai.OpenAI(base_url=f"{s.base}/v1", api_key="nope-nope-nope", max_retries=0).models.list()
-    finally:
-        s.stop()
+            openai.OpenAI(base_url=s.base_url, api_key="nope-nope-nope", max_retries=0).models.list()
+    with pytest.raises(BadRequest, match="at least 8"):
+        Server(ModelPool(["tiny"]), config=ServerConfig(api_keys=["short"]))
+
+
+def test_timeout_keep_alive_and_reload(models):
+    with serve(models, ("tiny",), ServerConfig(request_timeout=0.3), keep_alive=0.5) as s:
+        endless = {"model": "tiny", "messages": USER, "max_tokens": 4000, "logit_bias": ENDLESS}
+        r = httpx.post(f"{s.base_url}/chat/completions", json=endless, timeout=60)
+        assert r.status_code == 503 and "time limit" in r.json()["error"]["message"]
+        lines = []
+        with httpx.stream("POST", f"{s.base_url}/chat/completions", json={**endless, "stream": True}, timeout=60) as st:
+            lines = [line for line in st.iter_lines() if line.startswith("data: ")]
+        assert st.status_code == 200 and '"error"' in lines[-1]  # mid-stream: an error event
+        deadline = time.monotonic() + 10
+        while httpx.get(f"{s.url}/health").json()["models_loaded"] and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert httpx.get(f"{s.url}/health").json()["models_loaded"] == []  # unloaded after the keep-alive
+        ok = httpx.post(f"{s.base_url}/chat/completions", json={"model": "tiny", "messages": USER, "max_tokens": 3},
+                        timeout=60)
+        assert ok.status_code == 200 and httpx.get(f"{s.url}/health").json()["models_loaded"] == ["tiny"]
+
+
+# --- a real `ownlm serve` process --------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def home(tmp_path_factory, folders):
+    """A store with the tiny model, for `ownlm serve` processes."""
+    base = tmp_path_factory.mktemp("serve")
+    manage.import_path(folders["tiny"], name="tiny", store=Store(base / "home"), quiet=True)
+    return base / "home"
 
 
 def test_non_loopback_needs_keys(home):
-    import os
-
     r = subprocess.run([sys.executable, "-m", "ownlm.cli.main", "serve", "tiny", "--host", "0.0.0.0"],
                        env={**os.environ, "OWNLM_HOME": str(home), "OWNLM_API_KEYS": ""}, capture_output=True,
                        text=True, timeout=60)
     assert r.returncode == 2 and "without API keys" in r.stderr and "Traceback" not in r.stderr
+    with pytest.raises(BadRequest, match="without API keys"):
+        Server(ModelPool(["tiny"]), host="0.0.0.0")
 
 
-def test_timeout_keep_alive_and_reload(home):
-    s = Server(home, ["smollm2", "--request-timeout", "1", "--keep-alive", "1", "--preload"])
+def test_cli_keys_ready_line_and_ctrl_c(home, tmp_path):
+    """The flags reach the server: keys from a file and the environment, --preload, --json's ready
+    line; SIGINT (Ctrl-C) stops it cleanly with exit code 0."""
+    keyfile = tmp_path / "keys"
+    keyfile.write_text("# one per line\nsecond-key-abcdefgh\n")
+    s = server_util.Server(home, ["tiny", "--api-key-file", str(keyfile), "--preload", "--json"],
+                           env={"OWNLM_API_KEYS": KEY})
     try:
-        endless = {"model": "smollm2", "messages": USER, "max_tokens": 1000, "logit_bias": {"0": -100, "1": -100, "2": -100}}
-        r = httpx.post(f"{s.base}/v1/chat/completions", json=endless, timeout=60)
-        assert r.status_code == 503 and "time limit" in r.json()["error"]["message"]
-        lines = []
-        with httpx.stream("POST", f"{s.base}/v1/chat/completions", json={**endless, "stream": True}, timeout=60) as st:
-            lines = [line for line in st.iter_lines() if line.startswith("data: ")]
-        assert st.status_code == 200 and '"error"' in lines[-1]  # mid-stream: an error event
-        deadline = time.monotonic() + 10
-        while httpx.get(f"{s.base}/health").json()["models_loaded"] and time.monotonic() < deadline:
-            time.sleep(0.2)
-        assert httpx.get(f"{s.base}/health").json()["models_loaded"] == []  # unloaded after the keep-alive
-        ok = httpx.post(f"{s.base}/v1/chat/completions", json={"model": "smollm2", "messages": USER, "max_tokens": 3},
-                        timeout=60)
-        assert ok.status_code == 200 and httpx.get(f"{s.base}/health").json()["models_loaded"] == ["smollm2"]
+        ready = json.loads(next(line for line in s.log.read_text().splitlines() if line.startswith("{")))
+        assert ready == {"url": f"{s.base}/v1", "models": ["tiny"], "auth": True, "preloaded": ["tiny"]}
+        assert httpx.get(f"{s.base}/v1/models").status_code == 401
+        for key in (KEY, "second-key-abcdefgh"):
+            c = openai.OpenAI(base_url=f"{s.base}/v1", api_key=key, max_retries=0)
+            assert c.chat.completions.create(model="tiny", messages=USER, max_tokens=2).choices
+        s.proc.send_signal(signal.SIGINT)
+        assert s.proc.wait(20) == 0
     finally:
         s.stop()
+
+
+# --- smollm2 end to end --------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def smollm2_server(home, smollm2_gguf):
+    manage.import_path(smollm2_gguf, name="smollm2", link=True, store=Store(home), quiet=True)
+    s = server_util.Server(home, ["smollm2", "--preload"])
+    yield s
+    assert s.stop() == 0  # SIGTERM: a clean stop
+
+
+@pytest.fixture(scope="module")
+def smollm2_client(smollm2_server):
+    return openai.OpenAI(base_url=f"{smollm2_server.base}/v1", api_key="unused", max_retries=0, timeout=120)
+
+
+@pytest.fixture(scope="module")
+def smollm2(smollm2_gguf):
+    return ownlm.load(str(smollm2_gguf))
+
+
+@pytest.mark.smollm2
+def test_smollm2_end_to_end(smollm2_client, smollm2):
+    assert [m.id for m in smollm2_client.models.list().data] == ["smollm2"]
+    assert smollm2_client.models.retrieve("smollm2").object == "model"
+    check_chat_equals_the_engine(smollm2_client, smollm2, "smollm2")
+    check_stream_with_usage(smollm2_client, "smollm2")
+    check_json_schemas(smollm2_client, "smollm2", SCHEMAS[:6])
+
+
+WEATHER = {"type": "function", "function": {"name": "get_weather", "description": "Current weather in a city",
+                                             "parameters": {"type": "object", "properties": {
+                                                 "city": {"type": "string", "maxLength": 20},
+                                                 "unit": {"enum": ["celsius", "fahrenheit"]}},
+                                                 "required": ["city", "unit"], "additionalProperties": False}}}
+ADD = {"type": "function", "function": {"name": "add", "description": "Add two integers",
+                                         "parameters": {"type": "object", "properties": {
+                                             "a": {"type": "integer", "minimum": -99, "maximum": 99},
+                                             "b": {"type": "integer", "minimum": -99, "maximum": 99}},
+                                             "required": ["a", "b"], "additionalProperties": False}}}
+
+
+@pytest.mark.smollm2
+def test_tools_round_trip(smollm2_client):
+    """On smollm2: a random model, free to call tools again and again, rarely stops."""
+    client, model = smollm2_client, "smollm2"
+    msgs = [{"role": "user", "content": "What is the weather in Paris?"}]
+    r = client.chat.completions.create(model=model, messages=msgs, tools=[WEATHER, ADD], tool_choice="required",
+                                       temperature=0, max_tokens=120)
+    choice = r.choices[0]
+    assert choice.finish_reason == "tool_calls" and choice.message.content is None
+    call = choice.message.tool_calls[0]
+    assert call.type == "function" and call.id.startswith("call")
+    spec = {"get_weather": WEATHER, "add": ADD}[call.function.name]["function"]["parameters"]
+    jsonschema.validate(json.loads(call.function.arguments), spec)
+    # the named function is the one called
+    named = client.chat.completions.create(model=model, messages=msgs, tools=[WEATHER, ADD], temperature=0,
+                                           tool_choice={"type": "function", "function": {"name": "add"}},
+                                           max_tokens=120)
+    assert [c.function.name for c in named.choices[0].message.tool_calls] == ["add"]
+    jsonschema.validate(json.loads(named.choices[0].message.tool_calls[0].function.arguments),
+                        ADD["function"]["parameters"])
+    # the result goes back through the chat template and the model answers in text
+    follow = msgs + [choice.message.model_dump(exclude_none=True),
+                     {"role": "tool", "tool_call_id": call.id, "content": json.dumps({"temperature": 21})}]
+    answer = client.chat.completions.create(model=model, messages=follow, tools=[WEATHER, ADD], tool_choice="none",
+                                            temperature=0, max_tokens=20)
+    assert answer.choices[0].message.content and not answer.choices[0].message.tool_calls
+    # streamed tool calls keep a stable index and assemble to valid arguments
+    calls: dict[int, dict] = {}
+    finish = None
+    for chunk in client.chat.completions.create(model=model, messages=msgs, tools=[WEATHER], tool_choice="required",
+                                                temperature=0, max_tokens=120, stream=True):
+        for d in chunk.choices[0].delta.tool_calls or []:
+            entry = calls.setdefault(d.index, {"name": "", "arguments": ""})
+            entry["name"] += d.function.name or ""
+            entry["arguments"] += d.function.arguments or ""
+        finish = chunk.choices[0].finish_reason or finish
+    assert finish == "tool_calls" and list(calls) == [0] and calls[0]["name"] == "get_weather"
+    jsonschema.validate(json.loads(calls[0]["arguments"]), WEATHER["function"]["parameters"])

@@ -42,7 +42,8 @@ def wheel_index(tiny_gguf, tmp_path_factory):
         MEMBER: tiny_gguf.read_bytes(),
         f"{dist}/__init__.py": b"",
         f"{dist}-{VER}.dist-info/METADATA": f"Metadata-Version: 2.1\nName: {PKG}\nVersion: {VER}\n".encode(),
-        f"{dist}-{VER}.dist-info/WHEEL": b"Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\nTag: py3-none-any\n",
+        f"{dist}-{VER}.dist-info/WHEEL": b"Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\n"
+                                         b"Tag: py3-none-any\n",
     }
     record = []
     for name, data in files.items():

@@ -92,7 +92,8 @@ def test_each_format_gives_the_hand_built_ids_and_masks(encoder, tmp_path):
     assert (last.ids, last.mask) == (ids, mask)
     every = Encoder(encoder.tok, encoder.template, "all").encode([{"role": "user", "content": "A"},
                                                                  {"role": "assistant", "content": "B"}])
-    assert all(every.mask) and every.ids == _ids(encoder, "<|im_start|>user\nA<|im_end|>\n<|im_start|>assistant\nB<|im_end|>\n")
+    assert all(every.mask) and every.ids == _ids(encoder, "<|im_start|>user\nA<|im_end|>\n"
+                                                          "<|im_start|>assistant\nB<|im_end|>\n")
 
 
 def test_text_rows_learn_every_token_and_the_eos(encoder, tmp_path):
@@ -103,7 +104,8 @@ def test_text_rows_learn_every_token_and_the_eos(encoder, tmp_path):
         assert e.ids == _ids(encoder, "The quick brown fox") + [eos]
         assert all(e.mask)
     arr = tmp_path / "rows.json"
-    arr.write_text('[\n  {"prompt": "a", "completion": "b"},\n\n  {"prompt": "c", "completion": "d"}\n]', encoding="utf-8")
+    arr.write_text('[\n  {"prompt": "a", "completion": "b"},\n\n  {"prompt": "c", "completion": "d"}\n]',
+                   encoding="utf-8")
     data = load_dataset(arr, encoder)
     assert [e.where for e in data.examples] == ["rows.json:2", "rows.json:4"]
 
@@ -201,7 +203,8 @@ def test_merge_equals_base_plus_adapter_and_gguf_export_reloads(hf_models, tmp_p
     with torch.no_grad():
         torch.testing.assert_close(again.model(ids), a, atol=2e-5, rtol=1e-4)
     prompt = [{"role": "user", "content": "What is 1 plus 1?"}]
-    assert again.chat(prompt, max_tokens=8, temperature=0).token_ids == merged.chat(prompt, max_tokens=8, temperature=0).token_ids
+    assert (again.chat(prompt, max_tokens=8, temperature=0).token_ids
+            == merged.chat(prompt, max_tokens=8, temperature=0).token_ids)
     r = GGUFReader(out)
     field = lambda k: r.fields[k].contents()  # noqa: E731
     assert field("general.architecture") == "qwen2"
@@ -259,7 +262,8 @@ def test_killed_run_resumes_to_the_same_weights(hf_models, tmp_path):
     assert a.keys() == b.keys()
     for n in a:
         assert torch.equal(a[n], b[n]), n
-    straight = [json.loads(x)["loss"] for x in (Store().root / "runs/straight-latest/metrics.jsonl").read_text().splitlines()]
+    straight = [json.loads(x)["loss"]
+                for x in (Store().root / "runs/straight-latest/metrics.jsonl").read_text().splitlines()]
     resumed = [json.loads(x)["loss"] for x in (run / "metrics.jsonl").read_text().splitlines()]
     assert resumed == straight
 
@@ -314,7 +318,8 @@ def test_two_gloo_processes_follow_the_single_process_loss_curve(hf_models, tmp_
     two = _tune(common + ["--name", "two", "--nproc", "2"])
     curve = lambda r: [json.loads(x)["loss"] for x in (Path(r["run_dir"]) / "metrics.jsonl").read_text().splitlines()]  # noqa: E731
     np.testing.assert_allclose(curve(two), curve(one), rtol=1e-5)
-    a, b = _read(_adapter_files("one")["adapter_model.safetensors"]), _read(_adapter_files("two")["adapter_model.safetensors"])
+    a, b = (_read(_adapter_files("one")["adapter_model.safetensors"]),
+            _read(_adapter_files("two")["adapter_model.safetensors"]))
     for n in a:
         torch.testing.assert_close(a[n], b[n], atol=1e-5, rtol=1e-4)
 

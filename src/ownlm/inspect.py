@@ -132,7 +132,8 @@ def inspect_model(ref: str, ctx: int | None = None, batch: int = 1, quant: str |
         r["parameters"] = n
         by_component[component(r["name"])] = by_component.get(component(r["name"]), 0) + n
     card = {
-        "name": display_name(manifest), "source": manifest.get("source"), "digest": manifest.get("digest"), "format": f["format"],
+        "name": display_name(manifest), "source": manifest.get("source"), "digest": manifest.get("digest"),
+        "format": f["format"],
         "architecture": f["architecture"], "parameters": f["parameters"], "parameters_by_component": by_component,
         "context_length": f["context_length"], "vocab_size": f["vocab_size"], "quantization": f["quantization"],
         "quantization_mix": f["quantization_mix"], "license": manifest.get("license") or f.get("license"),

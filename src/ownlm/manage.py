@@ -23,20 +23,22 @@ def _stderr(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
-def _facts_manifest(name: str, source: str, files: dict[str, dict], ckpt: Checkpoint, license_: str | None) -> dict:
+def build_manifest(name: str, source: str, files: dict[str, dict], **facts: Any) -> dict[str, Any]:
+    """A store manifest: what every model has (name, tag, source, files, digest, size, time),
+    then its facts (format, architecture, parameters, ...). The digest is that of the GGUF file,
+    or for several files that of their sorted (name, digest) list."""
     n, tag = split_name(name)
-    if GGUF_FILE in files:
-        digest = files[GGUF_FILE]["sha256"]
-    else:  # a folder: the digest of its sorted (name, digest) list
-        digest = files_digest(files)
+    digest = files[GGUF_FILE]["sha256"] if GGUF_FILE in files else files_digest(files)
+    return {"schema": 1, "name": n, "tag": tag, "source": source, "digest": digest, "files": files,
+            "size": sum(v["size"] for v in files.values()), "created": now_iso(), **facts}
+
+
+def _facts_manifest(name: str, source: str, files: dict[str, dict], ckpt: Checkpoint, license_: str | None) -> dict:
     f = ckpt.facts
-    return {
-        "schema": 1, "name": n, "tag": tag, "source": source, "format": f["format"], "digest": digest,
-        "files": files, "architecture": f["architecture"], "parameters": f["parameters"],
-        "context_length": f["context_length"], "quantization": f["quantization"],
-        "quantization_mix": f["quantization_mix"], "license": license_ or f.get("license"),
-        "size": sum(v["size"] for v in files.values()), "created": now_iso(),
-    }
+    return build_manifest(name, source, files, format=f["format"], architecture=f["architecture"],
+                          parameters=f["parameters"], context_length=f["context_length"],
+                          quantization=f["quantization"], quantization_mix=f["quantization_mix"],
+                          license=license_ or f.get("license"))
 
 
 def files_digest(files: dict[str, dict]) -> str:
@@ -65,7 +67,8 @@ def pull(ref_text: str, name: str | None = None, store: Store | None = None, qui
         if entry is None:
             if store.has(ref.full_name):
                 return store.read(ref.full_name)
-            raise ModelNotFound(f"{ref.name!r} is not a catalog alias", f"aliases: {', '.join(sorted(CATALOG))}; or {REF_FORMS}")
+            raise ModelNotFound(f"{ref.name!r} is not a catalog alias",
+                                f"aliases: {', '.join(sorted(CATALOG))}; or {REF_FORMS}")
         source, expected, license_ = parse_ref(entry.ref), entry.sha256, entry.license
         name = name or ref.full_name
     if source.kind == "path":

@@ -41,7 +41,8 @@ class Bar:
             frac = min(self.done / self.total, 1.0)
             bar = "#" * int(frac * 30)
             eta = (self.total - self.done) / rate if rate > 0 else 0
-            line = f"{self.label} [{bar:<30}] {frac:4.0%} {self.fmt(self.done)}/{self.fmt(self.total)} {self.fmt(rate)}/s ETA {eta:.0f}s"
+            line = (f"{self.label} [{bar:<30}] {frac:4.0%} {self.fmt(self.done)}/{self.fmt(self.total)} "
+                    f"{self.fmt(rate)}/s ETA {eta:.0f}s")
         else:
             line = f"{self.label} {self.fmt(self.done)} {self.fmt(rate)}/s"
         if self.note:

@@ -53,14 +53,15 @@ def cmd_eval(args) -> int:
     for ref in args.models:
         lm = load(ref, pull_missing=False, dtype=args.dtype, quant=args.quant)
         r = _with_progress(f"{lm.name}: scoring", "tokens", args.json,
-                           lambda p: perplexity(lm, text, window=args.window, stride=args.stride, progress=p))
+                           lambda p, lm=lm: perplexity(lm, text, window=args.window, stride=args.stride, progress=p))
         rows.append({"model": lm.name, "task": args.task, **r})
     if args.json:
         print(json.dumps({"results": rows}, indent=2))
         return 0
     print(f"{'MODEL':<30} {'PERPLEXITY':>11} {'BITS/BYTE':>10} {'TOKENS':>8}  window/stride")
     for r in rows:
-        print(f"{r['model']:<30} {r['perplexity']:>11.4f} {r['bits_per_byte']:>10.4f} {r['tokens']:>8}  {r['window']}/{r['stride']}")
+        print(f"{r['model']:<30} {r['perplexity']:>11.4f} {r['bits_per_byte']:>10.4f} {r['tokens']:>8}  "
+              f"{r['window']}/{r['stride']}")
     return 0
 
 
@@ -102,7 +103,7 @@ def _kl(args, text: str, path: Path) -> int:
     for other_ref in args.models[1:]:
         other = load(other_ref, pull_missing=False, dtype=args.dtype, quant=args.quant)
         r = _with_progress(f"{other.name}: KL", "positions", args.json,
-                           lambda p: kl_divergence(ref, other, text, window=args.window, progress=p))
+                           lambda p, other=other: kl_divergence(ref, other, text, window=args.window, progress=p))
         rows.append({"reference": ref.name, "model": other.name, "task": args.task, **r})
     if args.json:
         print(json.dumps({"results": rows}, indent=2))
@@ -110,7 +111,8 @@ def _kl(args, text: str, path: Path) -> int:
     print(f"reference: {ref.name}")
     print(f"{'MODEL':<30} {'MEAN KL':>10} {'MAX KL':>10} {'TOP-1 AGREE':>12} {'POSITIONS':>10}")
     for r in rows:
-        print(f"{r['model']:<30} {r['mean_kl']:>10.5f} {r['max_kl']:>10.5f} {100 * r['top1_agreement']:>11.1f}% {r['positions']:>10}")
+        print(f"{r['model']:<30} {r['mean_kl']:>10.5f} {r['max_kl']:>10.5f} {100 * r['top1_agreement']:>11.1f}% "
+              f"{r['positions']:>10}")
     return 0
 
 

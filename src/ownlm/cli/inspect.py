@@ -32,12 +32,15 @@ def cmd_inspect(args) -> int:
         return 0
     m, mem = info["model"], info["memory"]
     print(f"model          {m['name']}  ({m['format']}, {m['architecture']}, {m['quantization']})")
-    print(f"parameters     {m['parameters']:,}  " + "  ".join(f"{k} {v:,}" for k, v in m["parameters_by_component"].items()))
+    print(f"parameters     {m['parameters']:,}  "
+          + "  ".join(f"{k} {v:,}" for k, v in m["parameters_by_component"].items()))
     print(f"context        {m['context_length']}   vocabulary {m['vocab_size']}   license {m['license'] or '?'}")
     print("quantization   " + ", ".join(f"{k} x{v}" for k, v in m["quantization_mix"].items()))
-    print(f"weights        {human_bytes(m['weight_bytes'])}   digest {(m['digest'] or '-')[:12]}   source {m['source'] or '-'}")
-    print(f"memory         {human_bytes(mem['total_bytes'])} = weights {human_bytes(mem['weights_bytes'])} ({mem['quant']}) "
-          f"+ KV cache {human_bytes(mem['kv_cache_bytes'])} for {mem['batch']} x {mem['ctx']} positions")
+    print(f"weights        {human_bytes(m['weight_bytes'])}   digest {(m['digest'] or '-')[:12]}   "
+          f"source {m['source'] or '-'}")
+    print(f"memory         {human_bytes(mem['total_bytes'])} = weights {human_bytes(mem['weights_bytes'])} "
+          f"({mem['quant']}) + KV cache {human_bytes(mem['kv_cache_bytes'])} "
+          f"for {mem['batch']} x {mem['ctx']} positions")
     print(f"chat template  {'yes' if m['chat_template'] else 'none (ChatML fallback)'}")
     print()
     print("REQUANT: dequantized values quantized again with the same type, relative error; NOISE: the\n"
@@ -71,7 +74,8 @@ def cmd_diff(args) -> int:
     print(f"{'TENSOR':<34} {'SHAPE':<16} {'REL CHANGE':>11} {'COSINE':>10} {'MAX |B-A|':>10}")
     for t in rows:
         shape = "x".join(str(d) for d in t["shape"])
-        print(f"{t['name']:<34} {shape:<16} {t['relative_change']:>11.4g} {t['cosine']:>10.6f} {t['max_abs_change']:>10.3g}")
+        print(f"{t['name']:<34} {shape:<16} {t['relative_change']:>11.4g} {t['cosine']:>10.6f} "
+              f"{t['max_abs_change']:>10.3g}")
     if plot:
         print(f"wrote {plot}")
     return 0
@@ -81,12 +85,14 @@ def register(sub) -> None:
     p = sub.add_parser("inspect", help="model card, per-tensor statistics and a memory estimate",
                        description="Look inside a model (a store name or a path): its card, every tensor's "
                                    "shape, type, bytes, mean, std, absmax, fraction of zeros and, for quantized "
-                                   "tensors, the requantization error, and the memory it needs for a context length and batch.")
+                                   "tensors, the requantization error, and the memory it needs for a context length "
+                                   "and batch.")
     p.add_argument("model", metavar="MODEL")
     p.add_argument("--ctx", type=int, help="context length for the memory estimate (default: the model's)")
     p.add_argument("--batch", type=int, default=1, help="sequences for the memory estimate (default 1)")
     p.add_argument("--quant", choices=sorted(QUANT_BYTES), help="estimate memory with weights held as this type")
-    p.add_argument("--plot", metavar="FILE.png", help="also draw per-layer weight norms and value histograms (matplotlib)")
+    p.add_argument("--plot", metavar="FILE.png",
+                   help="also draw per-layer weight norms and value histograms (matplotlib)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_inspect)
     d = sub.add_parser("diff", help="per-tensor change between two models of the same architecture",

@@ -52,7 +52,8 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as e:  # noqa: BLE001 - the last line of defence: one line, not a traceback
         if os.environ.get("OWNLM_DEBUG"):
             traceback.print_exc()
-        print(f"error: unexpected {type(e).__name__}: {e}\nhint: rerun with OWNLM_DEBUG=1 and report it", file=sys.stderr)
+        print(f"error: unexpected {type(e).__name__}: {e}\nhint: rerun with OWNLM_DEBUG=1 and report it",
+              file=sys.stderr)
         return 1
 
 

@@ -47,8 +47,8 @@ def cmd_list(args) -> int:
     print(f"{'NAME':<28} {'ARCH':<8} {'PARAMS':>7} {'QUANT':<6} {'SIZE':>9}  {'DIGEST':<12}  CREATED")
     for r in rows:
         print(f"{r['name']:<28} {r.get('architecture') or '?':<8} {_count(r.get('parameters')):>7} "
-              f"{r.get('quantization') or '?':<6} {human_bytes(r.get('size') or 0):>9}  {(r.get('digest') or '')[:12]:<12}  "
-              f"{r.get('created') or ''}")
+              f"{r.get('quantization') or '?':<6} {human_bytes(r.get('size') or 0):>9}  "
+              f"{(r.get('digest') or '')[:12]:<12}  {r.get('created') or ''}")
     return 0
 
 
@@ -61,7 +61,8 @@ def cmd_show(args) -> int:
         lora = info.get("lora") or {}
         for k, v in (("adapter", info["name"]), ("base", f"{info['base']['name']} (sha256:{info['base']['digest']})"),
                      ("architecture", info["architecture"]), ("parameters", f"{info['parameters']:,}"),
-                     ("lora", f"rank {lora.get('r')}, alpha {lora.get('alpha')}, on {', '.join(lora.get('targets', []))}"
+                     ("lora", f"rank {lora.get('r')}, alpha {lora.get('alpha')}, "
+                              f"on {', '.join(lora.get('targets', []))}"
                               + (", rsLoRA" if lora.get("rslora") else "")),
                      ("size", human_bytes(info["size"])), ("source", info["source"])):
             print(f"  {k:<15} {v}")
@@ -109,7 +110,8 @@ def _blocks(cfg: dict) -> str:
     if cfg["parallel_residual"]:
         parts.append("parallel attention and MLP")
     if cfg["qkv_bias"] or cfg["o_bias"] or cfg["mlp_bias"]:
-        parts.append("biases on " + "/".join(n for n, k in (("qkv", "qkv_bias"), ("o", "o_bias"), ("mlp", "mlp_bias")) if cfg[k]))
+        parts.append("biases on " + "/".join(n for n, k in (("qkv", "qkv_bias"), ("o", "o_bias"), ("mlp", "mlp_bias"))
+                                             if cfg[k]))
     if cfg["sliding_window"]:
         parts.append(f"sliding window {cfg['sliding_window']}")
     return ", ".join(parts)

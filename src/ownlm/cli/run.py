@@ -81,7 +81,8 @@ def _repl(lm, args, sampling) -> int:
         if text.startswith("/"):
             print(HELP, file=sys.stderr)
             continue
-        msgs = ([{"role": "system", "content": system}] if system else []) + history + [{"role": "user", "content": line}]
+        msgs = (([{"role": "system", "content": system}] if system else []) + history
+                + [{"role": "user", "content": line}])
         try:
             stream = lm.stream_ids(lm.encode(lm.chat_prompt(msgs)), **sampling)
             reply = []
@@ -101,7 +102,8 @@ def _repl(lm, args, sampling) -> int:
 
 def register(sub) -> None:
     p = sub.add_parser("run", help="talk to a model (one-shot or interactive)",
-                       description="Generate from a model. With PROMPT (or stdin) answers once; without, starts a chat.")
+                       description="Generate from a model. With PROMPT (or stdin) answers once; "
+                                   "without, starts a chat.")
     p.add_argument("model", help="store name, catalog alias (smollm2), path to .gguf / HF folder, pypi: or hf: ref")
     p.add_argument("prompt", nargs="?")
     p.add_argument("--system", help="system prompt")
@@ -114,7 +116,8 @@ def register(sub) -> None:
     p.add_argument("--max-tokens", type=int)
     p.add_argument("--stop", action="append", help="stop string (repeatable)")
     p.add_argument("--raw", action="store_true", help="send the prompt as is, without the chat template")
-    p.add_argument("--json", action="store_true", help="print one JSON object: text, token_ids, finish_reason, usage, timings")
+    p.add_argument("--json", action="store_true",
+                   help="print one JSON object: text, token_ids, finish_reason, usage, timings")
     p.add_argument("--device", help="cpu, cuda, mps (default: the best available)")
     p.add_argument("--dtype", help="auto, float32, bfloat16, float16")
     add_quant_option(p)

@@ -2,30 +2,17 @@
 
 from __future__ import annotations
 
-import asyncio
-import ipaddress
 import json
 import os
-import signal
 import sys
-import threading
-import time
 from pathlib import Path
 
 from . import add_quant_option
-from ..errors import BadRequest, OwnlmError
-
-
-def _is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return False
+from ..errors import BadRequest
 
 
 def api_keys(args) -> list[str]:
+    """--api-key, OWNLM_API_KEYS (comma-separated) and --api-key-file (one per line, # comments)."""
     keys = list(args.api_key or [])
     keys += [k.strip() for k in os.environ.get("OWNLM_API_KEYS", "").split(",") if k.strip()]
     if args.api_key_file:
@@ -34,66 +21,36 @@ def api_keys(args) -> list[str]:
         except OSError as e:
             raise BadRequest(f"cannot read the API key file: {e}") from None
         keys += [line.strip() for line in text.splitlines() if line.strip() and not line.startswith("#")]
-    if any(len(k) < 8 for k in keys):
-        raise BadRequest("API keys must be at least 8 characters long")
     return keys
 
 
 def cmd_serve(args) -> int:
-    import uvicorn
-
-    from ..engine.scheduler import Driver
     from ..manage import resolve
-    from ..server import ModelPool, ServerConfig, create_app
+    from ..server import ModelPool, Server, ServerConfig
 
-    keys = api_keys(args)
-    loopback = _is_loopback(args.host)
-    if not loopback and not keys:
-        raise BadRequest(f"refusing to listen on {args.host} without API keys: anyone on the network could use it",
-                         "pass --api-key KEY (or OWNLM_API_KEYS / --api-key-file), or bind 127.0.0.1")
     if args.max_running < 1 or args.max_queue < 0 or args.max_loaded < 1:
         raise BadRequest("--max-running and --max-loaded must be at least 1, --max-queue at least 0")
-    for ref in args.models:  # refuse an unknown model now, not at the first request
-        resolve(ref, pull_missing=True)
-    driver = Driver()
+    config = ServerConfig(api_keys=api_keys(args), max_body_bytes=int(args.max_body_mb * (1 << 20)),
+                          request_timeout=args.request_timeout)
     pool = ModelPool(args.models, keep_alive=args.keep_alive, max_loaded=args.max_loaded,
                      max_running=args.max_running, max_queue=args.max_queue, device=args.device, dtype=args.dtype,
-                     quant=args.quant, driver=driver)
+                     quant=args.quant)
+    server = Server(pool, args.host, args.port, config)  # refuses a public address without keys
+    for ref in args.models:  # refuse an unknown model now, not at the first request
+        resolve(ref, pull_missing=True)
     if args.preload:
-        for mid in list(pool.available())[: args.max_loaded]:
-            pool.release(asyncio.run(pool.acquire(mid)))
-        pool.locks.clear()  # they belonged to that event loop
-    config = ServerConfig(api_keys=keys, check_host=loopback, max_body_bytes=int(args.max_body_mb * (1 << 20)),
-                          request_timeout=args.request_timeout)
-    server = uvicorn.Server(uvicorn.Config(create_app(pool, config), host=args.host, port=args.port,
-                                           log_level="warning", access_log=False, timeout_graceful_shutdown=5))
-    # HTTP on a secondary thread, the engines on this (the main) thread: see engine.scheduler.Driver
-    stop = threading.Event()
+        pool.preload()
 
-    def http() -> None:
-        try:
-            server.run()
-        finally:
-            stop.set()
-            driver.wake()
+    def ready(server: Server) -> None:
+        line = {"url": server.base_url, "models": sorted(pool.available()), "auth": bool(config.api_keys),
+                "preloaded": sorted(pool.loaded)}
+        if args.json:
+            print(json.dumps(line), flush=True)
+        else:
+            print(f"ownlm serving {', '.join(line['models']) or 'no models yet'} at {line['url']}"
+                  + (" (API key required)" if config.api_keys else ""), file=sys.stderr, flush=True)
 
-    thread = threading.Thread(target=http, name="ownlm-http", daemon=True)
-    thread.start()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: setattr(server, "should_exit", True))
-    while not server.started and thread.is_alive():
-        time.sleep(0.02)
-    if not server.started:
-        raise OwnlmError(f"could not listen on {args.host}:{args.port}", "is another server using that port?")
-    url = f"http://{'[' + args.host + ']' if ':' in args.host else args.host}:{args.port}/v1"
-    ready = {"url": url, "models": sorted(pool.available()), "auth": bool(keys), "preloaded": sorted(pool.loaded)}
-    if args.json:
-        print(json.dumps(ready), flush=True)
-    else:
-        print(f"ownlm serving {', '.join(ready['models']) or 'no models yet'} at {url}"
-              + (" (API key required)" if keys else ""), file=sys.stderr, flush=True)
-    driver.run(stop)
-    thread.join(timeout=15)
+    server.run(ready)
     return 0
 
 

@@ -11,7 +11,7 @@ import torch
 from ..errors import BadRequest
 from ..formats import peft
 from ..fsutil import atomic_dir
-from ..loading import load, resolve_adapter, split_adapter
+from ..loading import DTYPES, load, resolve_adapter, split_adapter
 from ..manage import import_path
 from ..progress import human_bytes
 from ..store.refs import split_name
@@ -19,7 +19,6 @@ from ..store.store import Store
 from ..tune.data import FORMATS, TRAIN_ON
 from ..tune.trainer import METHODS, TuneConfig
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def cmd_tune(args) -> int:
@@ -105,7 +104,8 @@ def register(sub) -> None:
     p.add_argument("--name", required=True, help="store name of the result")
     p.add_argument("--method", default="lora", choices=METHODS)
     p.add_argument("--format", default="auto", choices=("auto",) + FORMATS)
-    p.add_argument("--train-on", default="assistant", choices=TRAIN_ON, help="which tokens carry loss (default assistant)")
+    p.add_argument("--train-on", default="assistant", choices=TRAIN_ON,
+                   help="which tokens carry loss (default assistant)")
     p.add_argument("--skip-bad", action="store_true", help="drop bad rows (and say how many) instead of stopping")
     p.add_argument("--val-split", type=float, default=0.0, help="fraction of the examples held out for validation")
     p.add_argument("--val-file", help="validation data file (instead of --val-split)")

@@ -11,10 +11,9 @@ import torch
 
 from ..errors import BadRequest
 from ..text.tokenizer import IncrementalDecoder, TextTokenizer
-from .graphs import DecodeGraphs
-from .graphs import enabled as graphs_enabled
 from .kv_cache import KVCache, span
 from .sampling import SamplingParams, make_generator, sample
+from .steppers import decode_stepper
 
 PREFILL_CHUNK = 256  # the batch scheduler uses the same: same chunks, same numbers
 
@@ -62,7 +61,7 @@ def generate_ids(model: torch.nn.Module, prompt: Sequence[int], params: Sampling
     limit = budget(len(prompt), params, cfg.context_length)
     device = model.device
     cache = KVCache.for_model(model, 1, span(len(prompt) + limit))
-    graphs = DecodeGraphs(model, cache) if graphs_enabled(device, model) else None
+    stepper = decode_stepper(model, cache)
     gen = make_generator(params.seed, "cpu")
     stops = set(stop_ids) | set(params.stop_token_ids)
     context = torch.tensor(list(prompt), dtype=torch.long)
@@ -95,11 +94,7 @@ def generate_ids(model: torch.nn.Module, prompt: Sequence[int], params: Sampling
         if len(out) == limit:
             break
         tokens, pos = torch.tensor([[token]], device=device), torch.tensor([[n]], device=device)
-        if graphs is not None:
-            logits = graphs.step(tokens, pos, n + 1)
-        else:
-            cache.length = span(n + 1)
-            logits = model(tokens, pos, cache)
+        logits = stepper.step(tokens, pos, n + 1)
         n += 1
     stats.decode_s = time.perf_counter() - t1
 
@@ -175,8 +170,10 @@ class TextStream:
             usage={"prompt_tokens": len(self.prompt_ids), "completion_tokens": n_out,
                    "total_tokens": len(self.prompt_ids) + n_out},
             timings={"prefill_s": round(stats.prefill_s, 4), "decode_s": round(stats.decode_s, 4),
-                     "prefill_tokens_per_s": round(len(self.prompt_ids) / stats.prefill_s, 2) if stats.prefill_s else 0.0,
-                     "decode_tokens_per_s": round((n_out - 1) / stats.decode_s, 2) if n_out > 1 and stats.decode_s else 0.0},
+                     "prefill_tokens_per_s": (round(len(self.prompt_ids) / stats.prefill_s, 2)
+                                              if stats.prefill_s else 0.0),
+                     "decode_tokens_per_s": (round((n_out - 1) / stats.decode_s, 2)
+                                             if n_out > 1 and stats.decode_s else 0.0)},
         )
 
     def run(self) -> Completion:

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from ..model import kernels
+from ..model import ops
 
 
 ALIGN = 64
@@ -40,7 +40,7 @@ class KVCache:
         # on a CPU without ownlm's kernels in fp32, since one-token attention runs in fp32 there
         # and converting the cache every step cost more than the memory saved
         cpu = model.device.type == "cpu"
-        dtype = torch.float32 if cpu and kernels.load() is None else model.dtype
+        dtype = torch.float32 if cpu and not ops.cpu_kernels() else model.dtype
         return cls(cfg.n_layers, batch, cfg.n_kv_heads, max_len, cfg.head_dim, dtype, model.device)
 
     def grow(self, slots: int, max_len: int, limit: int) -> None:

@@ -41,12 +41,16 @@ class SamplingParams:
         check(num(self.top_p) and 0 < self.top_p <= 1, "top_p", "must be in (0, 1]")
         check(isinstance(self.top_k, int) and self.top_k >= 0, "top_k", "must be a non-negative integer")
         check(num(self.min_p) and 0 <= self.min_p <= 1, "min_p", "must be in [0, 1]")
-        check(num(self.repetition_penalty) and 0 < self.repetition_penalty <= 10, "repetition_penalty", "must be in (0, 10]")
+        check(num(self.repetition_penalty) and 0 < self.repetition_penalty <= 10, "repetition_penalty",
+              "must be in (0, 10]")
         check(num(self.presence_penalty) and -2 <= self.presence_penalty <= 2, "presence_penalty", "must be in [-2, 2]")
-        check(num(self.frequency_penalty) and -2 <= self.frequency_penalty <= 2, "frequency_penalty", "must be in [-2, 2]")
-        check(self.seed is None or (isinstance(self.seed, int) and not isinstance(self.seed, bool)), "seed", "must be an integer")
+        check(num(self.frequency_penalty) and -2 <= self.frequency_penalty <= 2, "frequency_penalty",
+              "must be in [-2, 2]")
+        check(self.seed is None or (isinstance(self.seed, int) and not isinstance(self.seed, bool)), "seed",
+              "must be an integer")
         check(self.max_tokens is None or (isinstance(self.max_tokens, int) and self.max_tokens >= 1
-                                          and not isinstance(self.max_tokens, bool)), "max_tokens", "must be a positive integer")
+                                          and not isinstance(self.max_tokens, bool)), "max_tokens",
+              "must be a positive integer")
         check(all(isinstance(s, str) and s for s in self.stop) and len(self.stop) <= 16, "stop",
               "must be up to 16 non-empty strings")
 
@@ -78,7 +82,8 @@ def make_generator(seed: int | None, device: torch.device | str = "cpu") -> torc
     return g
 
 
-def apply_penalties(logits: torch.Tensor, p: SamplingParams, context: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
+def apply_penalties(logits: torch.Tensor, p: SamplingParams, context: torch.Tensor,
+                    output: torch.Tensor) -> torch.Tensor:
     """logits: (V,) float; context: ids of prompt + output (1-D); output: ids generated so far."""
     if p.repetition_penalty != 1.0 and context.numel():
         seen = torch.unique(context)

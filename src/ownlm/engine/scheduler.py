@@ -21,11 +21,10 @@ from typing import Any, Callable, Protocol, Sequence
 import torch
 
 from ..errors import OwnlmError
-from .graphs import DecodeGraphs
-from .graphs import enabled as graphs_enabled
 from .kv_cache import KVCache, span
 from .generate import PREFILL_CHUNK
 from .sampling import SamplingParams, make_generator, sample
+from .steppers import decode_stepper
 
 
 class Overloaded(OwnlmError):
@@ -97,8 +96,9 @@ class Scheduler:
         self.device = model.device
         self.max_running, self.max_queue, self.prefill_chunk = max_running, max_queue, prefill_chunk
         self.cache = KVCache.for_model(model, 1, 16)
-        # CUDA graphs of decode steps (captured on first use); the cache grows in place
-        self.graphs = DecodeGraphs(model, self.cache) if graphs_enabled(self.device, model) else None
+        # the decode step: CUDA graphs (captured on first use) or the one-call CPU step; the
+        # cache grows in place
+        self.stepper = decode_stepper(model, self.cache)
         self.waiting: deque[_Seq] = deque()
         self.running: list[_Seq] = []
         self.admitting: _Seq | None = None
@@ -237,13 +237,9 @@ class Scheduler:
         pos_list = [s.cached for s in self.running]  # where each last token goes
         length = span(max(pos_list) + 1)
         self.cache.grow(n + (self.admitting is not None), length, span(self.cfg.context_length))
-        self.cache.base, self.cache.length = 0, length
         tokens = torch.tensor([[s.out[-1]] for s in self.running], dtype=torch.long, device=self.device)
         pos = torch.tensor(pos_list, dtype=torch.long, device=self.device)[:, None]
-        if self.graphs is not None:
-            logits = self.graphs.step(tokens, pos, max(pos_list) + 1)
-        else:
-            logits = self.model(tokens, pos, self.cache)  # (n, 1, V)
+        logits = self.stepper.step(tokens, pos, max(pos_list) + 1)  # (n, 1, V)
         rows = logits[:, -1].float().cpu()
         for i, s in enumerate(self.running):
             s.cached += 1

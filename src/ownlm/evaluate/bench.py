@@ -57,7 +57,8 @@ def bench(ref: str, prompt_tokens: int = 512, gen_tokens: int = 128, batches: tu
             for b in sorted({b for b in batches if b > 1}):
                 mark: dict[str, float] = {}
 
-                def all_admitted(s: Scheduler, b: int = b) -> None:  # from here on every step decodes b rows
+                def all_admitted(s: Scheduler, b: int = b, mark: dict[str, float] = mark) -> None:
+                    # from here on every step decodes b rows
                     if not mark and s.admitting is None and not s.waiting and len(s.running) == b:
                         mark.update(t=time.perf_counter(), tokens=sum(len(q.out) for q in s.running))
 

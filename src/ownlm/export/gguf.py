@@ -1,6 +1,6 @@
 """Export to a GGUF file with the `gguf` package's writer: llama.cpp's architecture and tensor
-names (Llama Q/K rows permuted back into its rotary layout), tokenizer, chat template and
-metadata; weights in F32, F16, Q8_0 or Q4_0."""
+names and layouts from the family's record (Llama Q/K rows permuted into its rotary layout, Gemma's
+norms as 1 + w), tokenizer, chat template and metadata; weights in F32, F16, Q8_0 or Q4_0."""
 
 from __future__ import annotations
 
@@ -21,10 +21,6 @@ from .tensors import file_tensors
 Q = gguf.GGMLQuantizationType
 QUANTS = {"f32": (Q.F32, gguf.LlamaFileType.ALL_F32), "f16": (Q.F16, gguf.LlamaFileType.MOSTLY_F16),
           "q8_0": (Q.Q8_0, gguf.LlamaFileType.MOSTLY_Q8_0), "q4_0": (Q.Q4_0, gguf.LlamaFileType.MOSTLY_Q4_0)}
-# our architecture -> llama.cpp's (Mistral runs as llama there)
-ARCHS = {"llama": "llama", "mistral": "llama", "mixtral": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "phi3": "phi3",
-         "gpt_neox": "gptneox", "gptneox": "gptneox", "gemma3_text": "gemma3", "gemma3": "gemma3",
-         "falcon": "falcon", "mpt": "mpt"}
 
 
 def _pre_name(tk: Tokenizer) -> str:
@@ -46,7 +42,8 @@ def _add_tokenizer(w: gguf.GGUFWriter, lm) -> None:
     spec = json.loads(tk.to_str())
     model = spec.get("model", {})
     if model.get("type") != "BPE":
-        raise BadRequest(f"{model.get('type')} tokenizers cannot be exported to GGUF yet", "export --format safetensors")
+        raise BadRequest(f"{model.get('type')} tokenizers cannot be exported to GGUF yet",
+                         "export --format safetensors")
     n = tk.get_vocab_size(with_added_tokens=True)
     tokens: list[str | None] = [None] * n
     for t, i in model["vocab"].items():
@@ -65,7 +62,8 @@ def _add_tokenizer(w: gguf.GGUFWriter, lm) -> None:
         rank = {}
         for r, m in enumerate(merges):
             rank.setdefault(m.replace(" ", ""), r)
-        scores = [-float(rank.get(t, len(merges))) if types[i] == tok_formats.NORMAL else 0.0 for i, t in enumerate(tokens)]
+        scores = [-float(rank.get(t, len(merges))) if types[i] == tok_formats.NORMAL else 0.0
+                  for i, t in enumerate(tokens)]
         for i, t in enumerate(tokens):
             if len(t) == 6 and t.startswith("<0x") and t.endswith(">"):
                 types[i] = tok_formats.BYTE
@@ -98,15 +96,13 @@ def write_gguf(lm, out: Path, quant: str = "f16") -> Path:
     if quant not in QUANTS:
         raise BadRequest(f"unknown GGUF quantization {quant!r}", f"use one of: {', '.join(QUANTS)}")
     c = lm.config
-    if c.architecture not in ARCHS:
-        raise BadRequest(f"exporting {c.architecture} models to GGUF is not supported yet", f"supported: {', '.join(ARCHS)}")
-    arch = ARCHS[c.architecture]
+    fam = c.family
     qtype, ftype = QUANTS[quant]
     out = Path(out)
     if out.exists():
         raise BadRequest(f"{out} already exists", "choose another --out, or remove it")
     with atomic_file(out) as tmp:
-        w = gguf.GGUFWriter(str(tmp), arch)
+        w = gguf.GGUFWriter(str(tmp), fam.gguf_arch)
         w.add_name(lm.facts.get("model_name") or lm.name)
         w.add_file_type(int(ftype))
         w.add_quantization_version(gguf.GGML_QUANT_VERSION)
@@ -156,17 +152,9 @@ def write_gguf(lm, out: Path, quant: str = "f16") -> Path:
             plain = rope_frequencies(c.rope_dim, c.rope_theta, type(c.rope_scaling)())
             factors = plain / rope_frequencies(c.rope_dim, c.rope_theta, c.rope_scaling)
             w.add_tensor("rope_freqs.weight", factors.numpy().astype(np.float32))
-        permuted = arch in keymaps.GGUF_PERMUTED_QK
         arrays: dict[str, list[np.ndarray]] = {}  # experts of a layer share one name: stacked
-        for gname, name, t in file_tensors(lm.model, keymaps.GGUF_OUT_ARCH.get(arch, []) + keymaps.GGUF_OUT):
-            a = t.numpy()
-            if permuted and name.endswith(("attn.q.weight", "attn.q.bias")):
-                a = keymaps.permute_qk(a, c.n_heads)
-            elif permuted and name.endswith(("attn.k.weight", "attn.k.bias")):
-                a = keymaps.permute_qk(a, c.n_kv_heads)
-            if c.norm_offset and name.endswith("norm.weight"):  # llama.cpp's Gemma norms hold offset + w
-                a = a + c.norm_offset
-            arrays.setdefault(gname, []).append(a)
+        for gname, name, t in file_tensors(lm.model, keymaps.gguf_out(fam)):
+            arrays.setdefault(gname, []).append(keymaps.to_file(fam.gguf_layout, name, t.numpy(), c))
         for gname, parts in arrays.items():
             a = np.ascontiguousarray(parts[0] if len(parts) == 1 else np.stack(parts), dtype=np.float32)
             if a.ndim < 2 or qtype == Q.F32:

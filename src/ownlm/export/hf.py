@@ -13,23 +13,26 @@ from ..errors import BadRequest
 from ..formats import keymaps
 from ..formats.hf import write_safetensors
 from ..fsutil import atomic_dir
+from ..model.families import FAMILIES
 from .tensors import file_tensors
-
-HF_CLASSES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
-              "qwen3": "Qwen3ForCausalLM"}
 
 
 def hf_config(lm, dtype: torch.dtype) -> dict[str, Any]:
     c = lm.config
-    if c.architecture not in HF_CLASSES:
+    fam = c.family
+    if not fam.hf_class:
         raise BadRequest(f"exporting {c.architecture} models as HF folders is not supported yet",
-                         f"supported: {', '.join(HF_CLASSES)}")
+                         f"supported: {', '.join(f.name for f in FAMILIES if f.hf_class)}")
     if c.norm != "rms" or c.mlp != "gated_silu" or c.rotary_dim or c.parallel_residual or c.n_experts:
-        raise BadRequest(f"this {c.architecture} model's switches have no HF config form here", "export to GGUF instead")
-    if c.architecture != "qwen2" and c.qkv_bias != c.o_bias:
-        raise BadRequest(f"{c.architecture} in transformers has biases on all of q, k, v, o or none; this model differs")
+        raise BadRequest(f"this {c.architecture} model's switches have no HF config form here",
+                         "export to GGUF instead")
+    # a family whose record fixes qkv_bias (Qwen2: q/k/v biases, no o bias) has no attention_bias key
+    fixed_bias = "qkv_bias" in fam.switches
+    if not fixed_bias and c.qkv_bias != c.o_bias:
+        raise BadRequest(f"{c.architecture} in transformers has biases on all of q, k, v, o or none; "
+                         "this model differs")
     cfg: dict[str, Any] = {
-        "architectures": [HF_CLASSES[c.architecture]], "model_type": c.architecture, "vocab_size": c.vocab_size,
+        "architectures": [fam.hf_class], "model_type": fam.name, "vocab_size": c.vocab_size,
         "hidden_size": c.dim, "intermediate_size": c.ffn_dim, "num_hidden_layers": c.n_layers,
         "num_attention_heads": c.n_heads, "num_key_value_heads": c.n_kv_heads, "head_dim": c.head_dim,
         "rms_norm_eps": c.norm_eps, "rope_theta": c.rope_theta, "max_position_embeddings": c.context_length,
@@ -37,7 +40,7 @@ def hf_config(lm, dtype: torch.dtype) -> dict[str, Any]:
         "torch_dtype": str(dtype).removeprefix("torch."),
         "bos_token_id": lm.tokenizer.bos_id, "eos_token_id": (lm.tokenizer.eos_ids or [None])[0],
     }
-    if c.architecture != "qwen2":
+    if not fixed_bias:
         cfg["attention_bias"] = c.qkv_bias
     s = c.rope_scaling
     if s.kind == "linear":
@@ -50,7 +53,7 @@ def hf_config(lm, dtype: torch.dtype) -> dict[str, Any]:
         raise BadRequest(f"rope scaling {s.kind!r} has no HF config form", "export to GGUF instead")
     if c.sliding_window:
         cfg["sliding_window"] = c.sliding_window
-        if c.architecture == "qwen2":
+        if fam.swa_opt_in:
             cfg["use_sliding_window"] = True
     return cfg
 
@@ -65,7 +68,8 @@ def write_hf_folder(lm, out: Path, state: dict[str, torch.Tensor] | None = None,
         tensors[hf_name] = t.to(dtype)
     tok = lm.tokenizer
     tcfg = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": tok.bos_token or None,
-            "eos_token": tok.eos_token or None, "add_bos_token": tok.add_bos, "model_max_length": lm.config.context_length}
+            "eos_token": tok.eos_token or None, "add_bos_token": tok.add_bos,
+            "model_max_length": lm.config.context_length}
     if not lm.template.is_fallback:
         tcfg["chat_template"] = lm.template.source
     try:

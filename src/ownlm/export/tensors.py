@@ -19,7 +19,8 @@ def dense_state(model: Transformer, state: dict[str, torch.Tensor] | None = None
     out: dict[str, torch.Tensor] = {}
     special = []  # linears whose tensors are not plain parameters
     for name, module in model.named_modules():
-        if isinstance(module, (LoRALinear, QuantLinear, QuantEmbedding)) and not any(name.startswith(s + ".") for s in special):
+        if (isinstance(module, (LoRALinear, QuantLinear, QuantEmbedding))
+                and not any(name.startswith(s + ".") for s in special)):
             special.append(name)
             dense = module.merged() if isinstance(module, LoRALinear) else None
             out[f"{name}.weight"] = dense.weight if dense is not None else module.dequantize()

@@ -17,7 +17,8 @@ from ..model.config import ModelConfig
 from . import hf, keymaps
 from . import tokenizer as tok
 from .gguf import GGUFFile
-from .quants import FLOAT_TYPES, GROUP, QUANT_TYPES, QuantWeight, from_blocks, quantize
+from ..model.quant import GROUP, QuantWeight, quantize
+from .quants import FLOAT_TYPES, QUANT_TYPES, from_blocks
 
 GGUF_FILE = "model.gguf"
 
@@ -54,7 +55,8 @@ def files_of_path(path: Path) -> dict[str, Path]:
     if path.suffix in hf.PICKLE_SUFFIXES:
         hf.refuse_pickle(path)
     if path.suffix == ".safetensors":
-        raise ModelFormatError(f"{path}: a lone .safetensors file has no config or tokenizer", "import its whole HF folder")
+        raise ModelFormatError(f"{path}: a lone .safetensors file has no config or tokenizer",
+                               "import its whole HF folder")
     with open(path, "rb") as f:
         if f.read(4) != b"GGUF":
             raise ModelFormatError(f"{path} is neither a GGUF file nor an HF model folder")
@@ -64,8 +66,8 @@ def files_of_path(path: Path) -> dict[str, Path]:
 # -- GGUF -------------------------------------------------------------------------------------
 def _open_gguf(path: Path) -> Checkpoint:
     g = GGUFFile(path)
-    arch = g.architecture
     where = Path(path).name
+
     def factors(name: str) -> tuple[float, ...]:
         return tuple(g.dequantize(name).tolist()) if name in g.tensors else ()
 
@@ -73,21 +75,17 @@ def _open_gguf(path: Path) -> Checkpoint:
     rope_factors = factors("rope_factors_short.weight") if long else factors("rope_freqs.weight")
     cfg = model_config.from_gguf(g.metadata, set(g.tensors), rope_factors, where, long)
     spec = tok.from_gguf(g.metadata)
+    fam = cfg.family
     names = {}
-    table = keymaps.GGUF_ARCH.get(arch, []) + keymaps.GGUF
     for name in g.tensors:
-        ours = keymaps.rename(name, table, keymaps.GGUF_IGNORE, where)
+        ours = keymaps.from_gguf_name(name, fam, where)
         if ours is not None:
             names[name] = ours
-    permuted = arch in keymaps.GGUF_PERMUTED_QK
 
-    def unpermute(ours: str, w: np.ndarray) -> np.ndarray:
-        """Undo llama.cpp's Q/K row order; works on values and on rows of quantized blocks alike."""
-        if permuted and ours.endswith(("attn.q.weight", "attn.q.bias")):
-            return keymaps.unpermute_qk(w, cfg.n_heads)
-        if permuted and ours.endswith(("attn.k.weight", "attn.k.bias")):
-            return keymaps.unpermute_qk(w, cfg.n_kv_heads)
-        return w
+    def undo_layout(ours: str, w: np.ndarray) -> np.ndarray:
+        """The family's GGUF layouts undone (llama.cpp's Q/K row order, Gemma's offset + w norms);
+        the row reorders apply to rows of quantized blocks alike."""
+        return keymaps.to_ours(fam.gguf_layout, ours, w, cfg)
 
     def tensors(dtype: torch.dtype, keep: tuple[int, ...] = ()) -> Iterator[tuple[str, torch.Tensor | QuantWeight]]:
         # one tensor at a time: each is copied out of the map, which then lets its pages go
@@ -95,15 +93,15 @@ def _open_gguf(path: Path) -> Checkpoint:
             info = g.tensors[name]
             if keymaps.STACKED in ours:  # every expert of a layer in one tensor: one tensor each
                 stacked = g.dequantize(name)
-                out = [(ours.replace(keymaps.STACKED, f".experts.{e}."), torch.from_numpy(np.array(stacked[e])).to(dtype))
-                       for e in range(stacked.shape[0])]
+                out = [(ours.replace(keymaps.STACKED, f".experts.{e}."),
+                        torch.from_numpy(np.array(stacked[e])).to(dtype)) for e in range(stacked.shape[0])]
             elif QUANT_TYPES.get(info.qtype) in keep and len(info.shape) == 2 and quantizable(ours):
-                out = [(ours, from_blocks(unpermute(ours, g.raw(name)), info.qtype))]
+                out = [(ours, from_blocks(undo_layout(ours, g.raw(name)), info.qtype))]
             elif (8 in keep and info.qtype not in FLOAT_TYPES and len(info.shape) == 2 and quantizable(ours)
                   and info.shape[-1] % GROUP == 0):
-                out = [(ours, quantize(torch.from_numpy(unpermute(ours, g.dequantize(name))), 8))]
+                out = [(ours, quantize(torch.from_numpy(undo_layout(ours, g.dequantize(name))), 8))]
             else:
-                w = unpermute(ours, g.dequantize(name))
+                w = undo_layout(ours, g.dequantize(name))
                 if not w.flags.writeable or not w.flags.c_contiguous:
                     w = np.array(w)  # F32 tensors are views of the read-only map
                 out = [(ours, torch.from_numpy(w).to(dtype))]
@@ -115,7 +113,7 @@ def _open_gguf(path: Path) -> Checkpoint:
     ftype = g.get("general.file_type")
     facts = {
         "format": "gguf",
-        "architecture": arch,
+        "architecture": cfg.architecture,
         "parameters": params,
         "context_length": cfg.context_length,
         "quantization": _dominant(g),
@@ -164,26 +162,22 @@ def _open_hf(files: Mapping[str, Path]) -> Checkpoint:
     spec, template = tok.from_hf(files)
     st_files = {n: p for n, p in files.items() if n.endswith(".safetensors")}
     shapes: dict[str, tuple] = {}
-    for n, p in st_files.items():
+    for _n, p in st_files.items():
         for k, (shape, dtype) in hf.SafetensorsFile(p).shapes().items():
             shapes[k] = (shape, dtype)
     names = {}
     for name in shapes:
-        ours = keymaps.rename(name, keymaps.HF_ARCH.get(cfg.architecture, []) + keymaps.HF, keymaps.HF_IGNORE,
-                               "safetensors")
+        ours = keymaps.from_hf_name(name, cfg.family)
         if ours == "lm_head.weight" and cfg.tie_embeddings:
             continue  # tied: the embedding serves as the head
         if ours is not None:
             names[name] = ours
-    # GPT-NeoX, Falcon: q/k/v rows laid out per KV group, reordered into our three blocks on read
-    grouped = {name for name, ours in names.items() if keymaps.QKV_GROUPED in ours}
-    names.update({name: names[name].replace(keymaps.QKV_GROUPED, ".attn.qkv.") for name in grouped})
+    layout = cfg.family.hf_layout  # e.g. GPT-NeoX's q/k/v rows per head, reordered into our blocks
 
     def tensors(dtype: torch.dtype, keep: tuple[int, ...] = ()) -> Iterator[tuple[str, torch.Tensor]]:
         for name, t, _ in hf.iter_safetensors(st_files):
             if name in names:
-                if name in grouped:
-                    t = keymaps.qkv_grouped_to_blocks(t, cfg.n_heads, cfg.n_kv_heads)
+                t = keymaps.to_ours(layout, names[name], t, cfg)
                 yield names[name], t if t.dtype == dtype else t.to(dtype)
 
     dtypes = Counter(str(d).removeprefix("torch.") for n, (s, d) in shapes.items() if n in names)

@@ -12,7 +12,6 @@ import mmap
 import os
 import struct
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -166,7 +165,8 @@ class GGUFFile:
     def _parse(self, buf: memoryview) -> None:
         c = _Cursor(buf, self.path)
         if bytes(c.take(4)) != MAGIC:
-            raise ModelFormatError(f"{self.path}: not a GGUF file (bad magic)", "expected a .gguf from llama.cpp's tools")
+            raise ModelFormatError(f"{self.path}: not a GGUF file (bad magic)",
+                                   "expected a .gguf from llama.cpp's tools")
         version = c.scalar("<I")
         if version not in (2, 3):
             if version in (2 << 24, 3 << 24):
@@ -287,7 +287,3 @@ class GGUFFile:
             self._mmap.close()
         except BufferError:
             pass  # views still alive; the map goes when they do
-
-
-def read_gguf(path: str | Path) -> GGUFFile:
-    return GGUFFile(path)

@@ -63,7 +63,8 @@ def model_files(folder: str | Path) -> dict[str, Path]:
         if (folder / name).is_file():
             files[name] = folder / name
     if "tokenizer.json" not in files:
-        raise ModelFormatError(f"{folder}: no tokenizer.json", "save the tokenizer with tokenizer.save_pretrained(folder)")
+        raise ModelFormatError(f"{folder}: no tokenizer.json",
+                               "save the tokenizer with tokenizer.save_pretrained(folder)")
     return files
 
 
@@ -96,7 +97,8 @@ class SafetensorsFile:
                 shape = tuple(int(d) for d in e["shape"])
                 start, end = (int(o) for o in e["data_offsets"])
             except (KeyError, TypeError, ValueError):
-                raise ModelFormatError(f"{self.path}: tensor {name!r} has an invalid or unsupported header entry") from None
+                raise ModelFormatError(f"{self.path}: tensor {name!r} has an invalid or unsupported "
+                                       "header entry") from None
             numel = 1
             for d in shape:
                 if d < 0:
@@ -130,8 +132,7 @@ def iter_safetensors(files: Mapping[str, Path]) -> Iterator[tuple[str, torch.Ten
             yield name, st.tensor(name), fname
 
 
-ST_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16", torch.int64: "I64",
-             torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8", torch.bool: "BOOL"}
+ST_DTYPES = {dtype: code for code, dtype in DTYPES.items()}
 
 
 def write_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:

@@ -3,19 +3,18 @@ the model declares (BOS, EOS / stop tokens, whether BOS is added)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers
 
 from ..errors import ModelFormatError
+from ..text.tokenizer import TokenizerSpec
 from .hf import read_json
 
 # GGUF token types (llama.cpp's llama_token_type)
 NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
 
-_GPT2 = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"
 _LLAMA3 = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
            r"|\s*[\r\n]+|\s+(?!\S)|\s+")
 _QWEN2 = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
@@ -52,16 +51,6 @@ PRE_TOKENIZERS: dict[str, Any] = {
     "olmo": lambda: [pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)],
 }
 IGNORE_MERGES = {"llama-bpe", "llama3"}
-
-
-@dataclass
-class TokenizerSpec:
-    tokenizer: Tokenizer
-    bos_id: int | None = None
-    eos_ids: list[int] = field(default_factory=list)  # stop tokens, the primary EOS first
-    add_bos: bool = False
-    bos_token: str = ""
-    eos_token: str = ""
 
 
 def _array(meta: Mapping[str, Any], key: str, n: int) -> list:
@@ -121,7 +110,8 @@ def from_gguf(meta: Mapping[str, Any]) -> TokenizerSpec:
         tk.decoder = decoders.Sequence(dec + ([decoders.Strip(" ", 1, 0)] if prefix else []))
         add_bos_default = True
     else:
-        raise ModelFormatError(f"GGUF: tokenizer model {kind!r} is not supported", "supported: gpt2 (BPE), llama (SentencePiece)")
+        raise ModelFormatError(f"GGUF: tokenizer model {kind!r} is not supported",
+                               "supported: gpt2 (BPE), llama (SentencePiece)")
     specials = [AddedToken(tokens[i], special=True, normalized=False) for i in range(n) if types[i] == CONTROL]
     user = [AddedToken(tokens[i], special=False, normalized=False) for i in range(n) if types[i] == USER_DEFINED]
     tk.add_special_tokens(specials)
@@ -136,7 +126,8 @@ def from_gguf(meta: Mapping[str, Any]) -> TokenizerSpec:
                          tokens[bos] if bos is not None else "", tokens[eos] if eos is not None else "")
 
 
-def _spm_merges(tokens: list[str], scores: list[float], types: list[int], vocab: dict[str, int]) -> list[tuple[str, str]]:
+def _spm_merges(tokens: list[str], scores: list[float], types: list[int],
+                vocab: dict[str, int]) -> list[tuple[str, str]]:
     """BPE merges equivalent to a SentencePiece BPE model: every split of a piece into two
     pieces of the vocabulary, ranked by the merged piece's score (higher merges first)."""
     ranked = []
@@ -174,8 +165,8 @@ def from_hf(files: Mapping[str, Path]) -> tuple[TokenizerSpec, Any]:
     for i in extra if isinstance(extra, list) else [extra] if extra is not None else []:
         if isinstance(i, int) and 0 <= i < tk.get_vocab_size(with_added_tokens=True):
             eos_ids.append(i)
-    spec = TokenizerSpec(tk, bos, list(dict.fromkeys(eos_ids)), bool(tcfg.get("add_bos_token", False)) and bos is not None,
-                         bos_tok, eos_tok)
+    spec = TokenizerSpec(tk, bos, list(dict.fromkeys(eos_ids)),
+                         bool(tcfg.get("add_bos_token", False)) and bos is not None, bos_tok, eos_tok)
     template = tcfg.get("chat_template")
     if isinstance(template, list):  # [{"name": "default", "template": ...}, ...]
         named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}

@@ -77,11 +77,13 @@ def load_state(model: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
     unknown = sorted(set(tensors) - expected)
     missing = sorted(expected - set(tensors))
     if unknown or missing:
-        raise ValueError("adapter does not fit the model: " + (f"unexpected {unknown[0]!r}" if unknown else f"lacks {missing[0]!r}"))
+        raise ValueError("adapter does not fit the model: "
+                         + (f"unexpected {unknown[0]!r}" if unknown else f"lacks {missing[0]!r}"))
     with torch.no_grad():
         for n, t in tensors.items():
             if tuple(t.shape) != tuple(own[n].shape):
-                raise ValueError(f"adapter tensor {n!r} has shape {tuple(t.shape)}, the model needs {tuple(own[n].shape)}")
+                raise ValueError(f"adapter tensor {n!r} has shape {tuple(t.shape)}, "
+                                 f"the model needs {tuple(own[n].shape)}")
             own[n].copy_(t)
 
 

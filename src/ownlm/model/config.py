@@ -1,14 +1,16 @@
 """ModelConfig: every architecture switch the one Transformer understands, built from a
-checkpoint's own metadata (config.json or GGUF keys). Behaviour never depends on a model's name;
-a family is a row of data in FAMILIES."""
+checkpoint's own metadata (config.json or GGUF keys). Behaviour never depends on a model's name:
+what a family changes is its record in model/families.py, looked up here, once, by the name the
+file spells (its aliases included); the config carries the record's canonical name."""
 
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from typing import Any, Mapping
 
 from ..errors import ModelFormatError
+from .families import Family, lookup, number
 
 
 @dataclass(frozen=True)
@@ -68,21 +70,29 @@ class ModelConfig:
             if not isinstance(v, int) or v <= 0 or v > 1 << 24:
                 raise ModelFormatError(f"model config: {name}={v!r} is not a sensible size")
         if self.n_heads % self.n_kv_heads:
-            raise ModelFormatError(f"model config: {self.n_heads} heads is not a multiple of {self.n_kv_heads} KV heads")
+            raise ModelFormatError(f"model config: {self.n_heads} heads is not a multiple of "
+                                   f"{self.n_kv_heads} KV heads")
         if self.head_dim % 2:
             raise ModelFormatError(f"model config: head_dim {self.head_dim} must be even for rotary embeddings")
         if self.rotary_dim is not None and not (0 < self.rotary_dim <= self.head_dim and self.rotary_dim % 2 == 0):
-            raise ModelFormatError(f"model config: rotary_dim {self.rotary_dim} must be even and within head_dim {self.head_dim}")
+            raise ModelFormatError(f"model config: rotary_dim {self.rotary_dim} must be even and within "
+                                   f"head_dim {self.head_dim}")
         if self.local_layers and (len(self.local_layers) != self.n_layers or not self.sliding_window):
             raise ModelFormatError("model config: local layers need one flag per layer and a sliding window")
         if self.position not in ("rope", "alibi") or (self.position == "alibi") != (self.alibi_max > 0):
-            raise ModelFormatError(f"model config: position {self.position!r} with alibi_max {self.alibi_max} is not supported")
+            raise ModelFormatError(f"model config: position {self.position!r} with alibi_max {self.alibi_max} "
+                                   "is not supported")
         if self.norm not in ("rms", "layer") or self.mlp not in ("gated_silu", "gated_gelu_tanh", "gelu"):
             raise ModelFormatError(f"model config: norm {self.norm!r} / mlp {self.mlp!r} is not supported")
         if self.n_experts and not 0 < self.experts_per_token <= self.n_experts:
             raise ModelFormatError(f"model config: {self.experts_per_token} experts per token of {self.n_experts}")
         if self.n_experts > 1024:
             raise ModelFormatError(f"model config: {self.n_experts} experts is not a sensible count")
+
+    @property
+    def family(self) -> Family:
+        """The record of everything family-specific (tensor names, layouts, exports, tuning)."""
+        return lookup(self.architecture)
 
     @property
     def rope_dim(self) -> int:
@@ -94,49 +104,12 @@ class ModelConfig:
         return d
 
 
-# Family data: HF model_type / GGUF architecture -> switches that differ from the defaults.
-# HF model_type and llama.cpp's GGUF architecture name differ for some families: both are keys.
-_GEMMA3 = {"swa_pattern": 6, "tie": True, "act": "gelu_pytorch_tanh", "mlp": "gated_gelu_tanh", "qk_norm": True, "norm_offset": 1.0,
-           "embed_scale": True, "post_norms": True}
-_NEOX = {"mha": True, "act": "gelu", "norm": "layer", "norm_bias": True, "mlp": "gelu", "qkv_bias": True, "o_bias": True, "mlp_bias": True,
-         "parallel_residual": True}
-FAMILIES: dict[str, dict[str, Any]] = {
-    "llama": {},
-    "mistral": {},
-    "qwen2": {"qkv_bias": True, "swa_opt_in": True},  # swa_opt_in: sliding_window counts only with use_sliding_window
-    "qwen3": {"qk_norm": True, "swa_opt_in": True},
-    "phi3": {},
-    "mixtral": {},
-    "gpt_neox": _NEOX,
-    "gptneox": _NEOX,
-    "falcon": {"act": "gelu", "norm": "layer", "norm_bias": True, "mlp": "gelu", "parallel_residual": True, "tie": True,
-               "second_norm": "blk.0.attn_norm_2.weight"},  # a GGUF without it shares one norm
-    "mpt": {"mha": True, "act": "gelu", "norm": "layer", "mlp": "gelu", "tie": True, "position": "alibi", "alibi_max": 8.0},
-    "gemma3_text": _GEMMA3,
-    "gemma3": {**_GEMMA3, "norm_offset": 0.0},  # llama.cpp's converter stores Gemma's norms as 1 + w
-}
+_DEFAULTS = {f.name: f.default for f in fields(ModelConfig) if f.default is not MISSING}
 
 
-def supported() -> str:
-    return ", ".join(sorted(FAMILIES))
-
-
-def _family(arch: str, where: str) -> dict[str, Any]:
-    if arch not in FAMILIES:
-        raise ModelFormatError(f"{where}: architecture {arch!r} is not supported", f"supported: {supported()}")
-    return FAMILIES[arch]
-
-
-def _num(value: Any, name: str, kind: type = int) -> Any:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ModelFormatError(f"model config: {name}={value!r} is not a number")
-    if kind is int:
-        if float(value) != int(value):
-            raise ModelFormatError(f"model config: {name}={value!r} is not an integer")
-        return int(value)
-    if not math.isfinite(float(value)):
-        raise ModelFormatError(f"model config: {name}={value!r} is not finite")
-    return float(value)
+def _switches(fam: Family) -> dict[str, Any]:
+    """Every plain switch: the family's value where its record sets one, else ModelConfig's default."""
+    return {**_DEFAULTS, **fam.switches}
 
 
 def _hf_rope(cfg: Mapping[str, Any]) -> tuple[float, RopeScaling]:
@@ -146,31 +119,32 @@ def _hf_rope(cfg: Mapping[str, Any]) -> tuple[float, RopeScaling]:
     theta = cfg.get("rope_theta", params.get("rope_theta", 10000.0))
     kind = (scaling or {}).get("rope_type", scaling.get("type") if scaling else None) or "default"
     if kind == "default":
-        return _num(theta, "rope_theta", float), RopeScaling()
+        return number(theta, "rope_theta", float), RopeScaling()
     if kind == "linear":
-        return _num(theta, "rope_theta", float), RopeScaling("linear", _num(scaling["factor"], "factor", float))
+        return number(theta, "rope_theta", float), RopeScaling("linear", number(scaling["factor"], "factor", float))
     if kind == "llama3":
-        return _num(theta, "rope_theta", float), RopeScaling(
+        return number(theta, "rope_theta", float), RopeScaling(
             "llama3",
-            factor=_num(scaling["factor"], "factor", float),
-            low_freq_factor=_num(scaling["low_freq_factor"], "low_freq_factor", float),
-            high_freq_factor=_num(scaling["high_freq_factor"], "high_freq_factor", float),
-            original_context=_num(scaling["original_max_position_embeddings"], "original_max_position_embeddings"),
+            factor=number(scaling["factor"], "factor", float),
+            low_freq_factor=number(scaling["low_freq_factor"], "low_freq_factor", float),
+            high_freq_factor=number(scaling["high_freq_factor"], "high_freq_factor", float),
+            original_context=number(scaling["original_max_position_embeddings"], "original_max_position_embeddings"),
         )
     if kind == "longrope":
-        orig = _num(scaling.get("original_max_position_embeddings", cfg.get("original_max_position_embeddings")),
-                    "original_max_position_embeddings")
-        factor = scaling.get("factor") or _num(cfg.get("max_position_embeddings", orig), "max_position_embeddings") / orig
+        orig = number(scaling.get("original_max_position_embeddings", cfg.get("original_max_position_embeddings")),
+                      "original_max_position_embeddings")
+        factor = (scaling.get("factor")
+                  or number(cfg.get("max_position_embeddings", orig), "max_position_embeddings") / orig)
         attn = scaling.get("attention_factor")
         if attn is None:
             attn = 1.0 if factor <= 1 else math.sqrt(1 + math.log(factor) / math.log(orig))
         short, long = scaling.get("short_factor"), scaling.get("long_factor")
         if not isinstance(short, list) or not isinstance(long, list) or len(short) != len(long):
             raise ModelFormatError("config.json: longrope needs short_factor and long_factor lists of one length")
-        return _num(theta, "rope_theta", float), RopeScaling(
-            "longrope", original_context=orig, attention_factor=_num(attn, "attention_factor", float),
-            factors=tuple(_num(f, "short_factor", float) for f in short),
-            long_factors=tuple(_num(f, "long_factor", float) for f in long))
+        return number(theta, "rope_theta", float), RopeScaling(
+            "longrope", original_context=orig, attention_factor=number(attn, "attention_factor", float),
+            factors=tuple(number(f, "short_factor", float) for f in short),
+            long_factors=tuple(number(f, "long_factor", float) for f in long))
     raise ModelFormatError(f"config.json: rope scaling {kind!r} is not supported",
                            "supported: default, linear, llama3, longrope")
 
@@ -178,114 +152,81 @@ def _hf_rope(cfg: Mapping[str, Any]) -> tuple[float, RopeScaling]:
 def _partial_rotary(cfg: Mapping[str, Any], head_dim: int) -> int | None:
     params = cfg.get("rope_parameters") or {}
     frac = params.get("partial_rotary_factor", cfg.get("partial_rotary_factor", cfg.get("rotary_pct", 1.0)))
-    frac = _num(frac, "partial_rotary_factor", float)
+    frac = number(frac, "partial_rotary_factor", float)
     return None if frac == 1.0 else int(head_dim * frac)
-
-
-def _falcon_keys(cfg: Mapping[str, Any], where: str) -> dict[str, Any]:
-    """Falcon's config.json in the common key names (its three layouts of heads and norms)."""
-    if cfg.get("alibi"):
-        raise ModelFormatError(f"{where}: Falcon with ALiBi is not supported", "RoPE Falcon models are")
-    heads = cfg.get("num_attention_heads")
-    new = bool(cfg.get("new_decoder_architecture"))
-    kv = cfg.get("num_kv_heads", heads) if new else (1 if cfg.get("multi_query", True) else heads)
-    parallel = bool(cfg.get("parallel_attn", True))
-    bias = bool(cfg.get("bias", False))
-    return {**cfg, "num_key_value_heads": kv, "hidden_act": cfg.get("activation", "gelu"),
-            "intermediate_size": cfg.get("ffn_hidden_size") or 4 * _num(cfg.get("hidden_size"), "hidden_size"),
-            "attention_bias": bias, "mlp_bias": bias, "use_parallel_residual": parallel,
-            "shared_norm": parallel and (not new or cfg.get("num_ln_in_parallel_attn") == 1)}
-
-
-def _mpt_keys(cfg: Mapping[str, Any], where: str) -> dict[str, Any]:
-    """MPT's config.json in the common key names."""
-    attn = cfg.get("attn_config") or {}
-    if not isinstance(attn, dict) or not attn.get("alibi", False) or attn.get("qk_ln"):
-        raise ModelFormatError(f"{where}: only MPT with ALiBi (no qk LayerNorm) is supported")
-    if attn.get("softmax_scale") or cfg.get("logit_scale"):
-        raise ModelFormatError(f"{where}: MPT softmax_scale / logit_scale are not supported")
-    dim = _num(cfg.get("d_model"), "d_model")
-    bias = not cfg.get("no_bias", True)
-    return {**cfg, "hidden_size": dim, "num_attention_heads": cfg.get("n_heads"), "num_hidden_layers": cfg.get("n_layers"),
-            "intermediate_size": int(dim * _num(cfg.get("expansion_ratio", 4), "expansion_ratio", float)),
-            "max_position_embeddings": cfg.get("max_seq_len", 2048), "hidden_act": "gelu", "attention_bias": bias,
-            "mlp_bias": bias, "norm_bias": bias, "alibi_max": attn.get("alibi_bias_max", 8), "clip_qkv": attn.get("clip_qkv")}
-
-
-KEYS = {"falcon": _falcon_keys, "mpt": _mpt_keys}  # families whose config.json uses other key names
 
 
 def from_hf(cfg: Mapping[str, Any], where: str = "config.json") -> ModelConfig:
     arch = cfg.get("model_type")
     if not isinstance(arch, str):
         raise ModelFormatError(f"{where}: model_type is missing")
-    fam = _family(arch, where)
-    if arch in KEYS:
-        cfg = KEYS[arch](cfg, where)
+    fam = lookup(arch, where)
+    if fam.hf_keys:
+        cfg = fam.hf_keys(cfg, where)
+    sw = _switches(fam)
     act = cfg.get("hidden_act", cfg.get("hidden_activation", "silu"))
-    want = fam.get("act", "silu")
-    if act != want:
-        raise ModelFormatError(f"{where}: activation {act!r} is not supported for {arch}", f"supported: {want}")
+    if act != fam.act:
+        raise ModelFormatError(f"{where}: activation {act!r} is not supported for {fam.name}", f"supported: {fam.act}")
     for cap in ("attn_logit_softcapping", "final_logit_softcapping"):
         if cfg.get(cap):
             raise ModelFormatError(f"{where}: {cap} is not supported yet")
     types = cfg.get("layer_types") or []
-    if not types and fam.get("swa_pattern"):  # older configs: every Nth layer global
-        n = _num(cfg.get("sliding_window_pattern", fam["swa_pattern"]), "sliding_window_pattern")
+    if not types and fam.swa_pattern:  # older configs: every Nth layer global
+        n = number(cfg.get("sliding_window_pattern", fam.swa_pattern), "sliding_window_pattern")
         types = ["full_attention" if n and i % n == n - 1 else "sliding_attention"
-                 for i in range(_num(cfg.get("num_hidden_layers", 0), "num_hidden_layers"))]
+                 for i in range(number(cfg.get("num_hidden_layers", 0), "num_hidden_layers"))]
     local = tuple(t == "sliding_attention" for t in types) if "sliding_attention" in types else ()
     local_theta = ((cfg.get("rope_parameters") or {}).get("sliding_attention") or {}).get(
         "rope_theta", cfg.get("rope_local_base_freq", 10000.0))
     scalar = cfg.get("query_pre_attn_scalar")
     try:
-        dim = _num(cfg["hidden_size"], "hidden_size")
-        n_heads = _num(cfg["num_attention_heads"], "num_attention_heads")
-        head_dim = _num(cfg.get("head_dim") or dim // n_heads, "head_dim")
+        dim = number(cfg["hidden_size"], "hidden_size")
+        n_heads = number(cfg["num_attention_heads"], "num_attention_heads")
+        head_dim = number(cfg.get("head_dim") or dim // n_heads, "head_dim")
         theta, scaling = _hf_rope(cfg)
         window = cfg.get("sliding_window")
-        if fam.get("swa_opt_in") and not cfg.get("use_sliding_window", False):
+        if fam.swa_opt_in and not cfg.get("use_sliding_window", False):
             window = None
         if types and not local:  # per-layer kinds, none of them sliding
             window = None
         bias = cfg.get("attention_bias")
         return ModelConfig(
-            architecture=arch,
-            vocab_size=_num(cfg["vocab_size"], "vocab_size"),
+            architecture=fam.name,
+            vocab_size=number(cfg["vocab_size"], "vocab_size"),
             dim=dim,
-            n_layers=_num(cfg["num_hidden_layers"], "num_hidden_layers"),
+            n_layers=number(cfg["num_hidden_layers"], "num_hidden_layers"),
             n_heads=n_heads,
-            n_kv_heads=n_heads if fam.get("mha") else _num(cfg.get("num_key_value_heads") or n_heads, "num_key_value_heads"),
+            n_kv_heads=n_heads if fam.mha else number(cfg.get("num_key_value_heads") or n_heads, "num_key_value_heads"),
             head_dim=head_dim,
-            ffn_dim=_num(cfg["intermediate_size"], "intermediate_size"),
-            norm_eps=_num(cfg.get("rms_norm_eps", cfg.get("layer_norm_eps", 1e-6)), "norm_eps", float),
+            ffn_dim=number(cfg["intermediate_size"], "intermediate_size"),
+            norm_eps=number(cfg.get("rms_norm_eps", cfg.get("layer_norm_eps", 1e-6)), "norm_eps", float),
             rope_theta=theta,
             rope_scaling=scaling,
-            context_length=_num(cfg.get("max_position_embeddings", 2048), "max_position_embeddings"),
-            tie_embeddings=bool(cfg.get("tie_word_embeddings", fam.get("tie", False))),
-            qkv_bias=bool(bias if bias is not None else fam.get("qkv_bias", False)),
-            o_bias=bool(bias if bias is not None else fam.get("o_bias", False)),
-            mlp_bias=bool(cfg.get("mlp_bias", fam.get("mlp_bias", False))),
-            sliding_window=_num(window, "sliding_window") if window else None,
-            norm=fam.get("norm", "rms"),
-            norm_bias=bool(cfg.get("norm_bias", fam.get("norm_bias", False))),
-            mlp=fam.get("mlp", "gated_silu"),
-            position=fam.get("position", "rope"),
-            alibi_max=_num(cfg.get("alibi_max", fam.get("alibi_max", 0.0)), "alibi_bias_max", float),
-            clip_qkv=_num(cfg["clip_qkv"], "clip_qkv", float) if cfg.get("clip_qkv") else None,
+            context_length=number(cfg.get("max_position_embeddings", 2048), "max_position_embeddings"),
+            tie_embeddings=bool(cfg.get("tie_word_embeddings", sw["tie_embeddings"])),
+            qkv_bias=bool(bias if bias is not None else sw["qkv_bias"]),
+            o_bias=bool(bias if bias is not None else sw["o_bias"]),
+            mlp_bias=bool(cfg.get("mlp_bias", sw["mlp_bias"])),
+            sliding_window=number(window, "sliding_window") if window else None,
+            norm=sw["norm"],
+            norm_bias=bool(cfg.get("norm_bias", sw["norm_bias"])),
+            mlp=sw["mlp"],
+            position=sw["position"],
+            alibi_max=number(cfg.get("alibi_max", sw["alibi_max"]), "alibi_bias_max", float),
+            clip_qkv=number(cfg["clip_qkv"], "clip_qkv", float) if cfg.get("clip_qkv") else None,
             shared_norm=bool(cfg.get("shared_norm", False)),
             rotary_dim=_partial_rotary(cfg, head_dim),
-            qk_norm=fam.get("qk_norm", False),
-            parallel_residual=bool(cfg.get("use_parallel_residual", fam.get("parallel_residual", False))),
-            n_experts=_num(cfg.get("num_local_experts", 0), "num_local_experts"),
-            experts_per_token=_num(cfg.get("num_experts_per_tok", 0), "num_experts_per_tok")
+            qk_norm=sw["qk_norm"],
+            parallel_residual=bool(cfg.get("use_parallel_residual", sw["parallel_residual"])),
+            n_experts=number(cfg.get("num_local_experts", 0), "num_local_experts"),
+            experts_per_token=number(cfg.get("num_experts_per_tok", 0), "num_experts_per_tok")
             if cfg.get("num_local_experts") else 0,
-            norm_offset=fam.get("norm_offset", 0.0),
-            embed_scale=fam.get("embed_scale", False),
-            post_norms=fam.get("post_norms", False),
-            attn_scale=_num(scalar, "query_pre_attn_scalar", float) ** -0.5 if scalar else None,
+            norm_offset=sw["norm_offset"],
+            embed_scale=sw["embed_scale"],
+            post_norms=sw["post_norms"],
+            attn_scale=number(scalar, "query_pre_attn_scalar", float) ** -0.5 if scalar else None,
             local_layers=local,
-            rope_theta_local=_num(local_theta, "rope_local_base_freq", float),
+            rope_theta_local=number(local_theta, "rope_local_base_freq", float),
         )
     except KeyError as e:
         raise ModelFormatError(f"{where}: required field {e.args[0]!r} is missing") from None
@@ -296,7 +237,8 @@ def from_gguf(meta: Mapping[str, Any], tensor_names: set[str] | frozenset[str], 
     arch = meta.get("general.architecture")
     if not isinstance(arch, str):
         raise ModelFormatError(f"{where}: general.architecture is missing")
-    fam = _family(arch, where)
+    fam = lookup(arch, where)
+    sw = _switches(fam)
 
     def key(name: str, default: Any = None, kind: type = int) -> Any:
         v = meta.get(f"{arch}.{name}", default)
@@ -304,7 +246,7 @@ def from_gguf(meta: Mapping[str, Any], tensor_names: set[str] | frozenset[str], 
             raise ModelFormatError(f"{where}: metadata {arch}.{name} is missing")
         if hasattr(v, "tolist"):
             v = v.tolist()
-        return _num(v, f"{arch}.{name}", kind)
+        return number(v, f"{arch}.{name}", kind)
 
     dim = key("embedding_length")
     n_heads = key("attention.head_count")
@@ -317,23 +259,25 @@ def from_gguf(meta: Mapping[str, Any], tensor_names: set[str] | frozenset[str], 
     if long_factors:  # longrope (Phi-3): both factor sets are tensors in the file
         scaling = RopeScaling("longrope", original_context=key("rope.scaling.original_context_length"),
                               attention_factor=key("rope.scaling.attn_factor", 1.0, float),
-                              factors=tuple(float(f) for f in rope_factors), long_factors=tuple(float(f) for f in long_factors))
+                              factors=tuple(float(f) for f in rope_factors),
+                              long_factors=tuple(float(f) for f in long_factors))
     elif rope_factors:
         scaling = RopeScaling("factors", factors=tuple(float(f) for f in rope_factors))
     elif kind == "linear":
         scaling = RopeScaling("linear", key("rope.scaling.factor", kind=float))
     elif kind not in ("none", None):
-        raise ModelFormatError(f"{where}: rope scaling {kind!r} is not supported", "supported: none, linear, llama3 factors")
+        raise ModelFormatError(f"{where}: rope scaling {kind!r} is not supported",
+                               "supported: none, linear, llama3 factors")
     window = meta.get(f"{arch}.attention.sliding_window")
     rope_dims = meta.get(f"{arch}.rope.dimension_count")
-    fallback = dim // n_heads if fam.get("mha") or rope_dims is None else rope_dims
+    fallback = dim // n_heads if fam.mha or rope_dims is None else rope_dims
     head_dim = key("attention.key_length", fallback)
-    rope_dims = _num(int(rope_dims), "rope.dimension_count") if rope_dims is not None else None
+    rope_dims = number(int(rope_dims), "rope.dimension_count") if rope_dims is not None else None
     experts = key("expert_count", 0)
-    eps = "attention.layer_norm_rms_epsilon" if fam.get("norm", "rms") == "rms" else "attention.layer_norm_epsilon"
+    eps = "attention.layer_norm_rms_epsilon" if sw["norm"] == "rms" else "attention.layer_norm_epsilon"
     return ModelConfig(
-        architecture=arch,
-        vocab_size=_num(int(vocab), "vocab_size"),
+        architecture=fam.name,
+        vocab_size=number(int(vocab), "vocab_size"),
         dim=dim,
         n_layers=key("block_count"),
         n_heads=n_heads,
@@ -346,27 +290,27 @@ def from_gguf(meta: Mapping[str, Any], tensor_names: set[str] | frozenset[str], 
         context_length=key("context_length", 2048),
         tie_embeddings="output.weight" not in tensor_names,
         # biases are in the file or not: the tensors of the first block say which
-        qkv_bias=fam.get("qkv_bias", False) or bool({"blk.0.attn_qkv.bias", "blk.0.attn_q.bias"} & tensor_names),
+        qkv_bias=sw["qkv_bias"] or bool({"blk.0.attn_qkv.bias", "blk.0.attn_q.bias"} & tensor_names),
         o_bias="blk.0.attn_output.bias" in tensor_names,
         mlp_bias="blk.0.ffn_down.bias" in tensor_names,
         norm_bias="blk.0.attn_norm.bias" in tensor_names,
-        position=fam.get("position", "rope"),
-        alibi_max=key("attention.max_alibi_bias", fam.get("alibi_max", 0.0), float),
+        position=sw["position"],
+        alibi_max=key("attention.max_alibi_bias", sw["alibi_max"], float),
         clip_qkv=key("attention.clamp_kqv", 0.0, float) or None,
-        shared_norm=bool(fam.get("second_norm")) and fam["second_norm"] not in tensor_names,
+        shared_norm=bool(fam.second_norm) and fam.second_norm not in tensor_names,
         sliding_window=int(window) if window else None,
-        norm=fam.get("norm", "rms"),
-        mlp=fam.get("mlp", "gated_silu"),
+        norm=sw["norm"],
+        mlp=sw["mlp"],
         rotary_dim=rope_dims if rope_dims and rope_dims != head_dim else None,
-        qk_norm=fam.get("qk_norm", False),
-        parallel_residual=bool(meta.get(f"{arch}.use_parallel_residual", fam.get("parallel_residual", False))),
+        qk_norm=sw["qk_norm"],
+        parallel_residual=bool(meta.get(f"{arch}.use_parallel_residual", sw["parallel_residual"])),
         n_experts=experts,
         experts_per_token=key("expert_used_count", 0) if experts else 0,
-        norm_offset=fam.get("norm_offset", 0.0),
-        embed_scale=fam.get("embed_scale", False),
-        post_norms=fam.get("post_norms", False),
+        norm_offset=sw["norm_offset"],  # the GGUF loader undoes llama.cpp's (offset + w) norms
+        embed_scale=sw["embed_scale"],
+        post_norms=sw["post_norms"],
         attn_scale=key("attention.scale", 0.0, float) or None,
-        local_layers=_gguf_local_layers(meta.get(f"{arch}.attention.sliding_window_pattern", fam.get("swa_pattern")),
+        local_layers=_gguf_local_layers(meta.get(f"{arch}.attention.sliding_window_pattern", fam.swa_pattern or None),
                                         key("block_count"), window),
         rope_theta_local=key("rope.freq_base_swa", 10000.0, float),
     )
@@ -383,5 +327,5 @@ def _gguf_local_layers(pattern: Any, n_layers: int, window: Any) -> tuple[bool, 
         if len(pattern) != n_layers:
             raise ModelFormatError(f"GGUF: sliding_window_pattern has {len(pattern)} entries for {n_layers} layers")
         return tuple(bool(p) for p in pattern)
-    n = _num(pattern, "sliding_window_pattern")
+    n = number(pattern, "sliding_window_pattern")
     return tuple(n == 0 or i % n < n - 1 for i in range(n_layers))

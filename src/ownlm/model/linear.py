@@ -13,33 +13,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..formats.quants import GROUP, QuantWeight, tinygemm_params
-from . import kernels
-
-def _kernel_input(flat: torch.Tensor) -> torch.Tensor:
-    """(M, K) rows as the kernels take them: contiguous float32 or bfloat16."""
-    return (flat if flat.dtype in (torch.float32, torch.bfloat16) else flat.float()).contiguous()
-
-
-def matmul(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """F.linear, except that bf16 weights on an x86 CPU, outside autograd, use ownlm's kernel
-    (see kernels.py: faster here, and the same bits for a row whatever the number of rows)."""
-    rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
-    if (weight.dtype == torch.bfloat16 and weight.device.type == "cpu" and rows > 0
-            and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))):
-        lib = kernels.load()
-        if lib is not None and weight.is_contiguous():
-            y = kernels.bf16_matmul(lib, _kernel_input(x.reshape(rows, -1)), weight)
-            y = y.reshape(*x.shape[:-1], weight.shape[0]).to(x.dtype)
-            return y if bias is None else y + bias
-    return F.linear(x, weight, bias)
-
+from . import ops
+from .quant import QuantWeight, tinygemm_fits, tinygemm_mm, tinygemm_pack, tinygemm_params
 
 class Linear(nn.Linear):
-    """nn.Linear whose forward is `matmul` (see above)."""
+    """nn.Linear whose forward is ops.dense_matmul (ownlm's kernel for bf16 weights on a CPU)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return matmul(x, self.weight, self.bias)
+        return ops.dense_matmul(x, self.weight, self.bias)
 
 
 def dense(in_features: int, out_features: int, bias: bool) -> nn.Module:
@@ -47,21 +28,20 @@ def dense(in_features: int, out_features: int, bias: bool) -> nn.Module:
 
 
 def replace(model: nn.Module, name: str, new: nn.Module) -> None:
-    """Swap the submodule at dotted path `name` for `new` (and drop the model's one-call decode
-    plan, which points into the modules it read)."""
-    from .fastpath import forget
-
+    """Swap the submodule at dotted path `name` for `new`, and bump the model's structure version
+    (a decode plan built from the old modules is then built again)."""
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
     setattr(parent, child, new)
-    forget(model)
+    if hasattr(model, "structure_version"):
+        model.structure_version += 1
 
 
 class Embedding(nn.Embedding):
     """nn.Embedding that can also serve as the output head (tied embeddings)."""
 
     def head(self, x: torch.Tensor) -> torch.Tensor:
-        return matmul(x, self.weight)
+        return ops.dense_matmul(x, self.weight)
 
 
 def fast_quant(device) -> bool:
@@ -70,7 +50,7 @@ def fast_quant(device) -> bool:
     device = torch.device(device)
     if device.type == "cuda":
         return torch.cuda.is_available() and torch.cuda.get_device_capability(device)[0] >= 8
-    return device.type == "cpu" and kernels.load() is not None
+    return device.type == "cpu" and ops.cpu_kernels()
 
 
 def quant_supported(device, bits: int) -> bool:
@@ -85,32 +65,10 @@ def layout_for(device) -> str:
     return "tinygemm" if torch.device(device).type == "cuda" else "blocks"
 
 
-def tinygemm_fits(shape: tuple[int, int]) -> bool:
-    """PyTorch's int4 kernels take outputs in multiples of 8 (CUDA) or 16 (its CPU twin); inputs
-    are multiples of 32 already."""
-    return shape[0] % 16 == 0
-
-
-def _tinygemm_pack(q: torch.Tensor) -> torch.Tensor:
-    """(N, K) values 0..15 -> the weight operand of PyTorch's int4 kernel on q's device."""
-    tiles = next(t for t in (8, 4, 2) if q.shape[1] % (16 * t) == 0)
-    if q.device.type == "cpu":
-        return torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.to(torch.int32).contiguous(), tiles)
-    pairs = (q[:, ::2] << 4 | q[:, 1::2]).to(torch.uint8).contiguous()  # even column in the high nibble
-    return torch.ops.aten._convert_weight_to_int4pack(pairs, tiles)
-
-
-def _tinygemm_mm(x: torch.Tensor, packed: torch.Tensor, scale_zero: torch.Tensor) -> torch.Tensor:
-    """(M, K) bfloat16 @ the packed weight's transpose -> (M, N) bfloat16."""
-    if x.device.type == "cpu":
-        return torch.ops.aten._weight_int4pack_mm_for_cpu(x, packed, GROUP, scale_zero)
-    return torch.ops.aten._weight_int4pack_mm(x, packed, GROUP, scale_zero)
-
-
 class _Quantized(nn.Module):
     """Holds a QuantWeight in one of two layouts:
     - "blocks": buffers `data` (packed nibbles or int8), `scale` and, for int4, `offset`: the
-      file's bytes, which ownlm's CPU kernels read (see formats/quants.py);
+      file's bytes, which ownlm's CPU kernels read (see quant.py);
     - "tinygemm" (int4 on CUDA): buffers `packed` and `scale_zero`, the operands of PyTorch's int4
       kernel `_weight_int4pack_mm` (scale and zero in bfloat16: quants.tinygemm_params)."""
 
@@ -124,7 +82,7 @@ class _Quantized(nn.Module):
                                  f"bfloat16, not int{w.bits} {w.shape} in {dtype}")
             q, scale_zero = tinygemm_params(w)
             self.packed_for = w.data.device.type  # the packing differs between CUDA and CPUs
-            self.register_buffer("packed", _tinygemm_pack(q))
+            self.register_buffer("packed", tinygemm_pack(q))
             self.register_buffer("scale_zero", scale_zero)
             return
         self.register_buffer("data", w.data)
@@ -149,7 +107,7 @@ class _Quantized(nn.Module):
             n = min(step, k - i)
             eye = torch.zeros(n, k, dtype=torch.bfloat16, device=device)
             eye[torch.arange(n, device=device), torch.arange(i, i + n, device=device)] = 1
-            rows.append(_tinygemm_mm(eye, self.packed, self.scale_zero).float())  # (n, N): W.T's rows
+            rows.append(tinygemm_mm(eye, self.packed, self.scale_zero).float())  # (n, N): W.T's rows
         return torch.cat(rows).T.contiguous()
 
     def linear(self, x: torch.Tensor) -> torch.Tensor:
@@ -163,13 +121,9 @@ class _Quantized(nn.Module):
             if self.packed.device.type != self.packed_for:
                 raise RuntimeError(f"int4 weights packed for {self.packed_for} cannot run on {self.packed.device}; "
                                    "load the model again for this device")
-            y = _tinygemm_mm(flat.to(torch.bfloat16).contiguous(), self.packed, self.scale_zero)
+            y = tinygemm_mm(flat.to(torch.bfloat16).contiguous(), self.packed, self.scale_zero)
             return y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
-        lib = kernels.load() if self.data.device.type == "cpu" else None
-        if lib is not None and flat.shape[0]:
-            y = kernels.quant_matmul(lib, _kernel_input(flat), self.bits, self.data, self.scale, self.offset)
-        else:  # no kernel here: the dense weight for this call only
-            y = F.linear(flat.to(self.dtype), self.dequantize().to(self.dtype))
+        y = ops.quant_matmul(flat, self.weight_q, self.dtype)
         return y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
 
 
@@ -248,7 +202,8 @@ class LoRALinear(nn.Module):
         self.in_features = base.in_features
         self.out_features = base.out_features
         device = next(iter(base.buffers() if isinstance(base, QuantLinear) else base.parameters())).device
-        self.lora_a = nn.ParameterDict({n: nn.Parameter(torch.empty(r, self.in_features, device=device)) for n in parts})
+        self.lora_a = nn.ParameterDict({n: nn.Parameter(torch.empty(r, self.in_features, device=device))
+                                        for n in parts})
         self.lora_b = nn.ParameterDict({n: nn.Parameter(torch.zeros(s1 - s0, r, device=device))
                                         for n, (s0, s1) in parts.items()})
         for a in self.lora_a.values():  # PEFT's default initialisation of A

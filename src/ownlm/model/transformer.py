@@ -3,15 +3,15 @@
 Pure compute: no file formats, no tokenizers, no cache management. The engine passes a KV cache
 object (see engine/kv_cache.py) with `update(layer, pos, k, v) -> (k_all, v_all)` and
 `decode_buffers(layer)`; the model only calls them. Linear layers are built by `linear.dense` and
-may be swapped for quantized or LoRA linears after construction without touching this file. On
-a CPU, one-token steps go through ownlm's kernels (kernels.py): per module, or every block in one
-call where all blocks allow it (fastpath.py), with the same arithmetic either way.
+may be swapped for quantized or LoRA linears after construction (`linear.replace`) without
+touching this file. Single operations that have a CPU kernel go through ops.py; the engine may
+replace a whole decode step (engine/cpu_step.py, engine/graphs.py), built from the pieces below:
+`embed_tokens`, `attention_inputs`, the blocks, `finish`.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
 from typing import Protocol
 
@@ -20,13 +20,14 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from . import ops
 from .config import ModelConfig, RopeScaling
-from . import fastpath, kernels
 from .linear import Embedding, dense
 
 
 class Cache(Protocol):
-    def update(self, layer: int, pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]: ...
+    def update(self, layer: int, pos: torch.Tensor, k: torch.Tensor,
+               v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]: ...
 
     def decode_buffers(self, layer: int) -> tuple[torch.Tensor, torch.Tensor, int] | None:
         """(keys, values, first slot) for CPU kernels that write and read the cache themselves, or None."""
@@ -40,16 +41,9 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if kernels.usable(x):  # inference: the same arithmetic in one call
-            return kernels.rms_norm(x, self._weight32(), self.eps, self.offset)
-        # normalize in fp32 as the reference implementations do, then cast back
-        h = x.float()
-        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
-        if self.offset:  # Gemma: scaled by (1 + w) in fp32
-            return (h * (self.offset + self.weight.float())).to(x.dtype)
-        return self.weight * h.to(x.dtype)
+        return ops.rms_norm(x, self.weight, self.eps, self.offset, self.weight32)
 
-    def _weight32(self) -> torch.Tensor:
+    def weight32(self) -> torch.Tensor:
         """The weight as float32 for the kernel, converted once per change of the weight."""
         key = (self.weight.data_ptr(), self.weight._version)
         if getattr(self, "_w32_key", None) != key:
@@ -121,47 +115,27 @@ class Attention(nn.Module):
 
     def forward(self, x, cos, sin, mask, pos, cache):
         B, T, _ = x.shape
-        qkv = self.qkv(x)
+        qkv = self.qkv(x)  # (B, T, (H + 2 Hkv) D)
         if self.clip:
             qkv = qkv.clamp(-self.clip, self.clip)
-        buffers = cache.decode_buffers(self.layer) if T == 1 and cache is not None and cos is not None else None
-        if buffers is not None and kernels.usable(qkv):
-            # one-token decode in one kernel call: rotate, write the cache, attend (exact key range)
-            if self.qk_norm:  # each q and k head normalized first, the rest of qkv as it is
-                q, k, v = qkv.split(self.sizes, dim=-1)
-                q = self.q_norm(q.reshape(B, T, self.n_heads, self.hd)).reshape(B, T, -1)
-                k = self.k_norm(k.reshape(B, T, self.n_kv, self.hd)).reshape(B, T, -1)
-                qkv = torch.cat([q, k, v], dim=-1)
-            k_cache, v_cache, slot0 = buffers
-            y = kernels.attend_decode(qkv, self.n_heads, self.n_kv, self.hd, cos[:, 0, 0], sin[:, 0, 0], k_cache,
-                                      v_cache, slot0, pos[:, 0], self.window, self.scale)
+        if self.qk_norm:  # each q and k head normalized, v as it is
+            q, k, v = qkv.split(self.sizes, dim=-1)
+            q = self.q_norm(q.reshape(B, T, self.n_heads, self.hd)).reshape(B, T, -1)
+            k = self.k_norm(k.reshape(B, T, self.n_kv, self.hd)).reshape(B, T, -1)
+            qkv = torch.cat([q, k, v], dim=-1)
+        y = ops.attend_decode(qkv, self.n_heads, self.n_kv, self.hd, cos, sin, pos, cache, self.layer, self.window,
+                              self.scale)
+        if y is not None:  # one token: rotated, cached and attended in one kernel call
             return self.o(y)
         q, k, v = qkv.split(self.sizes, dim=-1)
         q = q.reshape(B, T, self.n_heads, self.hd).transpose(1, 2)  # (B, H, T, D)
         k = k.reshape(B, T, self.n_kv, self.hd).transpose(1, 2)  # (B, Hkv, T, D)
         v = v.reshape(B, T, self.n_kv, self.hd).transpose(1, 2)  # (B, Hkv, T, D)
-        if self.qk_norm:
-            q, k = self.q_norm(q), self.k_norm(k)
         if cos is not None:  # None: positions come from an ALiBi bias in the mask
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
             k, v = cache.update(self.layer, pos, k, v)  # (B, Hkv, S, D), S = cache length
-        if T == 1 and cache is not None:
-            # one-token decode: plain matmuls beat the fused kernel's setup cost at this size; fp32
-            # because tiny shapes that change every step are slow through bf16 GEMM primitives.
-            # The engine pads S to a multiple of kv_cache.ALIGN and masked keys add exact zeros, so
-            # a sequence gets bit-identical results alone or in a batch of any lengths.
-            rep = self.n_heads // self.n_kv
-            qg = q.float().view(B, self.n_kv, rep, self.hd) * self.scale  # query heads grouped by KV head
-            if mask.shape[1] > 1:  # a bias per head (ALiBi): grouped like the query heads
-                mask = mask.view(B, self.n_kv, rep, mask.shape[-1])
-            att = (qg @ k.float().transpose(-1, -2)) + mask  # (B, Hkv, rep, S); mask: 0 or -inf
-            y = (att.softmax(-1) @ v.float()).to(q.dtype).view(B, self.n_heads, 1, self.hd)
-        else:
-            # grouped-query attention: each KV head serves n_heads / n_kv query heads
-            k, v = k.to(q.dtype), v.to(q.dtype)  # the cache may hold a wider type than the compute
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=self.n_kv != self.n_heads,
-                                               scale=self.scale)  # (B, H, T, D)
+        y = ops.attention(q, k, v, mask, self.scale, decode=T == 1 and cache is not None)  # (B, H, T, D)
         return self.o(y.transpose(1, 2).reshape(B, T, self.n_heads * self.hd))
 
 
@@ -169,8 +143,7 @@ class MLP(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.gated = cfg.mlp.startswith("gated")
-        self.act = functools.partial(F.gelu, approximate="tanh") if cfg.mlp == "gated_gelu_tanh" else F.silu
-        self.act_id = 1 if cfg.mlp == "gated_gelu_tanh" else 0  # the kernel's name for it
+        self.act = 1 if cfg.mlp == "gated_gelu_tanh" else 0  # ops.ACTIVATIONS: SiLU or GeLU (tanh)
         if self.gated:
             self.gate_up = dense(cfg.dim, 2 * cfg.ffn_dim, cfg.mlp_bias)  # gate and up fused
         else:
@@ -180,11 +153,7 @@ class MLP(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.gated:
             return self.down(F.gelu(self.up(x)))
-        h = self.gate_up(x)
-        if kernels.usable(h):
-            return self.down(kernels.act_mul(h, self.act_id))
-        gate, up = h.chunk(2, dim=-1)
-        return self.down(self.act(gate) * up)
+        return self.down(ops.act_mul(self.gate_up(x), self.act))
 
 
 class MoE(nn.Module):
@@ -253,6 +222,10 @@ class Transformer(nn.Module):
         if cfg.rope_scaling.kind == "longrope":
             self.register_buffer("inv_freq_long", torch.empty(cfg.rope_dim // 2), persistent=False)
         self.checkpointing = False  # recompute each block in the backward pass (training memory)
+        # bumped whenever modules are swapped (linear.replace) or a state dict is loaded: whatever
+        # holds pointers into the model's tensors (engine/cpu_step.py) checks `structure`
+        self.structure_version = 0
+        self.register_load_state_dict_post_hook(_loaded)
 
     def init_buffers(self, device: torch.device | str | None = None) -> None:
         """Compute the non-persistent buffers (call after loading weights onto a device)."""
@@ -267,13 +240,13 @@ class Transformer(nn.Module):
             long = dataclasses.replace(cfg.rope_scaling, factors=cfg.rope_scaling.long_factors)
             self.inv_freq_long = rope_frequencies(cfg.rope_dim, cfg.rope_theta, long).to(device)
 
-    def _apply(self, fn, *args, **kwargs):  # .to(), .float(), .cuda(), ...: tensors move
-        fastpath.forget(self)
-        return super()._apply(fn, *args, **kwargs)
-
-    def load_state_dict(self, *args, **kwargs):
-        fastpath.forget(self)
-        return super().load_state_dict(*args, **kwargs)
+    @property
+    def structure(self) -> tuple:
+        """Changes whenever a module is swapped, a state dict is loaded, or the model is moved or
+        converted (.to(), .float(), ...: its tensors get new storage, for which the final norm's
+        weight stands)."""
+        w = self.norm.weight
+        return self.structure_version, w.data_ptr(), w.dtype
 
     @property
     def device(self) -> torch.device:
@@ -330,13 +303,37 @@ class Transformer(nn.Module):
             return cos, sin, mask
         return cos.to(dtype), sin.to(dtype), mask
 
+    def attention_inputs(self, pos: torch.Tensor, total: int, dtype: torch.dtype, decode: bool,
+                         segments: torch.Tensor | None = None) -> dict[bool, tuple]:
+        """(cos, sin, mask) of global layers under False and, with local layers (sliding window,
+        own rope base), of theirs under True. `decode`: one token against a cache (rotations in
+        float32, an additive float32 mask)."""
+        cfg = self.cfg
+        if not cfg.local_layers:
+            return {False: self._attention_inputs(self.inv_freq, pos, total, segments, cfg.sliding_window, dtype,
+                                                  decode)}
+        # global layers: full attention, main rope; local layers: window, local rope
+        return {False: self._attention_inputs(self.inv_freq, pos, total, segments, None, dtype, decode),
+                True: self._attention_inputs(self.inv_freq_local, pos, total, segments, cfg.sliding_window, dtype,
+                                             decode)}
+
+    def embed_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
+        """(B, T) ids -> (B, T, C) inputs of the first block."""
+        x = self.embed(tokens)
+        if self.cfg.embed_scale:
+            x = x * torch.tensor(self.cfg.dim ** 0.5, dtype=x.dtype)
+        return x
+
     def head(self, x: torch.Tensor) -> torch.Tensor:
-        """Logits of final normalized hidden states (tied embeddings: the input table is the head).
-        Through ownlm's CPU kernels they come out in float32 (the kernels accumulate in float32;
-        rounding logits to bfloat16 would make near ties among large logits exact ties)."""
-        if kernels.usable(x):
-            x = x.float()
+        """Logits of final normalized hidden states (tied embeddings: the input table is the head)."""
+        x = ops.logits_input(x)
         return self.embed.head(x) if self.lm_head is None else self.lm_head(x)
+
+    def finish(self, x: torch.Tensor, head: bool = True) -> torch.Tensor:
+        """The last block's output -> logits (B, T, V), or with head=False the final normalized
+        hidden states (B, T, C)."""
+        x = self.norm(x)
+        return self.head(x) if head else x
 
     def forward(self, tokens: torch.Tensor, pos: torch.Tensor | None = None, cache: Cache | None = None,
                 last_only: bool = False, head: bool = True, segments: torch.Tensor | None = None) -> torch.Tensor:
@@ -347,24 +344,11 @@ class Transformer(nn.Module):
         B, T = tokens.shape
         if pos is None:
             pos = torch.arange(T, device=tokens.device).expand(B, T)
-        x = self.embed(tokens)  # (B, T, C)
-        cfg = self.cfg
-        if cfg.embed_scale:
-            x = x * torch.tensor(cfg.dim ** 0.5, dtype=x.dtype)
+        x = self.embed_tokens(tokens)  # (B, T, C)
         total = cache.length if cache is not None else T
-        decode = T == 1 and cache is not None
-        if cfg.local_layers:  # global layers: full attention, main rope; local: window, local rope
-            kinds = {False: self._attention_inputs(self.inv_freq, pos, total, segments, None, x.dtype, decode),
-                     True: self._attention_inputs(self.inv_freq_local, pos, total, segments, cfg.sliding_window,
-                                                  x.dtype, decode)}
-        else:
-            kinds = {False: self._attention_inputs(self.inv_freq, pos, total, segments, cfg.sliding_window, x.dtype,
-                                                   decode)}
+        kinds = self.attention_inputs(pos, total, x.dtype, T == 1 and cache is not None, segments)
         recompute = self.checkpointing and torch.is_grad_enabled() and cache is None
-        plan = fastpath.plan(self, x, cache) if decode and kinds[False][0] is not None else None
-        if plan is not None:  # every block in one kernel call, bit-identical to the loop below
-            x = plan.run(x, pos, kinds, cache)
-        for block in self.layers if plan is None else ():
+        for block in self.layers:
             cos, sin, mask = kinds[block.local]
             if recompute:
                 x = checkpoint(block, x, cos, sin, mask, pos, None, use_reentrant=False)
@@ -372,5 +356,8 @@ class Transformer(nn.Module):
                 x = block(x, cos, sin, mask, pos, cache)
         if last_only:
             x = x[:, -1:]
-        x = self.norm(x)
-        return self.head(x) if head else x  # (B, T, V) or (B, T, C)
+        return self.finish(x, head)  # (B, T, V) or (B, T, C)
+
+
+def _loaded(model: Transformer, incompatible) -> None:
+    model.structure_version += 1

@@ -1,5 +1,6 @@
 """The models a server offers: loaded on first use, unloaded after an idle keep-alive, at most
-`max_loaded` at once. Each loaded model has its own engine loop (a Scheduler)."""
+`max_loaded` at once. Each loaded model has its own engine loop (a Scheduler); the pool's one
+Driver steps them all, on whichever thread runs `pool.driver.run` (see server.serving)."""
 
 from __future__ import annotations
 
@@ -47,14 +48,16 @@ def model_id(name: str) -> str:
 class ModelPool:
     def __init__(self, refs: list[str] | None = None, keep_alive: float = 300.0, max_loaded: int = 1,
                  max_running: int = 8, max_queue: int = 64, device: str | None = None, dtype: str | None = None,
-                 quant: str = "auto", loader: Callable[..., LoadedModel] = load, driver: Driver | None = None):
+                 quant: str = "auto", loader: Callable[..., LoadedModel] = load):
+        """`loader(ref, device=, dtype=, quant=, pull_missing=False)` makes a LoadedModel of a
+        reference: `ownlm.load`, or in tests a function handing out models built in memory."""
         self.fixed = {model_id(r) if parse_ref(r).kind == "name" else r: r for r in (refs or [])}
         self.keep_alive, self.max_loaded = keep_alive, max_loaded
-        self.engine_opts = {"max_running": max_running, "max_queue": max_queue, "driver": driver}
+        self.max_running, self.max_queue = max_running, max_queue
         self.device, self.dtype, self.quant, self.loader = device, dtype, quant, loader
+        self.driver = Driver()
         self.loaded: dict[str, Served] = {}
         self.locks: dict[str, asyncio.Lock] = {}
-        self.guard = threading.Lock()
 
     def available(self) -> dict[str, str]:
         """{API id: reference to load}: the models named at start, or else everything in the store."""
@@ -73,7 +76,7 @@ class ModelPool:
 
     def _load(self, mid: str, ref: str) -> Served:
         lm = self.loader(ref, device=self.device, dtype=self.dtype, quant=self.quant, pull_missing=False)
-        sched = Scheduler(lm.model, **self.engine_opts)
+        sched = Scheduler(lm.model, max_running=self.max_running, max_queue=self.max_queue, driver=self.driver)
         return Served(mid, lm, sched, int(time.time()))
 
     async def acquire(self, model: str) -> Served:
@@ -90,6 +93,12 @@ class ModelPool:
             served.active += 1
             served.last_used = time.monotonic()
             return served
+
+    def preload(self) -> None:
+        """Load the first `max_loaded` models now, before any request (`ownlm serve --preload`)."""
+        for mid, ref in list(self.available().items())[: self.max_loaded]:
+            if mid not in self.loaded:
+                self.loaded[mid] = self._load(mid, ref)
 
     def release(self, served: Served) -> None:
         served.active -= 1

@@ -158,6 +158,7 @@ def _format_grammar(body: Any) -> str | None:
 
 
 def parse_tool_calls(text: str) -> list[dict[str, Any]]:
+    """The complete tool calls that `text` starts with (a call still being written is left out)."""
     calls = []
     rest = text.strip()
     while rest.startswith(constraints.TOOL_OPEN):
@@ -165,8 +166,9 @@ def parse_tool_calls(text: str) -> list[dict[str, Any]]:
         if end < 0:
             break
         body = json.loads(rest[len(constraints.TOOL_OPEN):end])
+        arguments = json.dumps(body["arguments"], ensure_ascii=False)
         calls.append({"id": new_id("call"), "type": "function",
-                      "function": {"name": body["name"], "arguments": json.dumps(body["arguments"], ensure_ascii=False)}})
+                      "function": {"name": body["name"], "arguments": arguments}})
         rest = rest[end + len(constraints.TOOL_CLOSE):].lstrip()
     return calls
 
@@ -188,28 +190,37 @@ class Choice:
     error: BaseException | None = None
 
 
-def submit_choices(served: Served, loop: asyncio.AbstractEventLoop, queue: asyncio.Queue, prompts: Sequence[list[int]],
-                   params_for: Sequence[SamplingParams], limits: Sequence[int], stop: Sequence[str],
-                   logprobs: int | None = None, prompt_logprobs: int | None = None,
-                   grammar: str | None = None) -> list[Choice]:
+@dataclass
+class Job:
+    """One API request translated for the engine: a choice per (prompt, sampling, token limit)."""
+
+    prompts: list[list[int]]
+    params: list[SamplingParams]
+    limits: list[int]
+    logprobs: int | None = None  # alternatives per generated token; None: no logprobs
+    prompt_logprobs: int | None = None  # alternatives per prompt token (completions' echo)
+    grammar: str | None = None
+
+
+def submit(served: Served, loop: asyncio.AbstractEventLoop, queue: asyncio.Queue, job: Job) -> list[Choice]:
     """Queue every choice on the model's engine; events arrive on `queue` as (index, Event)."""
     choices: list[Choice] = []
-    gtok = served.grammar_tokenizer() if grammar else None
-    if grammar:
-        constraints.validate_grammar(grammar, gtok)
+    gtok = served.grammar_tokenizer() if job.grammar else None
+    if job.grammar:
+        constraints.validate_grammar(job.grammar, gtok)
     try:
-        for i, (prompt, params, limit) in enumerate(zip(prompts, params_for, limits)):
-            c = Choice(i, prompt, TextAssembler(served.lm.tokenizer, stop))
+        for i, (prompt, params, limit) in enumerate(zip(job.prompts, job.params, job.limits)):
+            c = Choice(i, prompt, TextAssembler(served.lm.tokenizer, params.stop))
 
             def emit(ev: Event, i: int = i) -> None:
                 loop.call_soon_threadsafe(queue.put_nowait, (i, ev))
 
-            constraint = (constraints.GrammarConstraint(grammar, gtok, served.lm.config.vocab_size)
-                          if grammar else None)
+            constraint = (constraints.GrammarConstraint(job.grammar, gtok, served.lm.config.vocab_size)
+                          if job.grammar else None)
             c.request = served.scheduler.submit(Request(
                 prompt=prompt, params=params, limit=limit, emit=emit,
                 stop_ids=frozenset(served.lm.tokenizer.eos_ids) | frozenset(params.stop_token_ids),
-                logprobs=logprobs, prompt_logprobs=prompt_logprobs, constraint=constraint))
+                logprobs=job.logprobs, prompt_logprobs=job.prompt_logprobs, constraint=constraint))
             choices.append(c)
     except BaseException:
         cancel(choices)

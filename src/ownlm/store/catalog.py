@@ -26,4 +26,3 @@ CATALOG = {
         ),
     ]
 }
-DEFAULT_MODEL = "smollm2"

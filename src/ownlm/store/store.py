@@ -25,14 +25,11 @@ from typing import Any, BinaryIO, Callable, Iterator
 
 from ..errors import IntegrityError, ModelNotFound
 from ..fsutil import fsync_dir, pid_alive
+from ..paths import home
 from .refs import split_name
 
 CHUNK = 1 << 20
 Progress = Callable[[int], None]
-
-
-def home() -> Path:
-    return Path(os.environ.get("OWNLM_HOME") or Path.home() / ".ownlm").expanduser()
 
 
 def _stamp(path: Path) -> dict[str, int]:
@@ -188,7 +185,8 @@ class Store:
             if not ok:
                 actual = sha256_file(path)
                 if actual != digest:
-                    raise IntegrityError(f"{path} is corrupt: its sha256 is {actual[:12]}..., expected {digest[:12]}...",
+                    raise IntegrityError(f"{path} is corrupt: its sha256 is {actual[:12]}..., "
+                                         f"expected {digest[:12]}...",
                                          "remove the model with `ownlm rm` and pull or import it again")
                 self._mark_verified(path, digest)
         return path
@@ -207,7 +205,8 @@ class Store:
             return json.loads(path.read_text(encoding="utf-8"))
         except FileNotFoundError:
             n, tag = split_name(name)
-            raise ModelNotFound(f"model {n}:{tag} is not in the store", "see `ownlm list`, or `ownlm pull` it") from None
+            raise ModelNotFound(f"model {n}:{tag} is not in the store",
+                                "see `ownlm list`, or `ownlm pull` it") from None
         except ValueError:
             raise IntegrityError(f"manifest of {name} is corrupt", f"`ownlm rm {name}` and pull it again") from None
 

@@ -85,16 +85,15 @@ class ChatTemplate:
             # Inject an exception into the template thread; pure-Python loops see it promptly.
             ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(thread.ident), ctypes.py_object(_Timeout))
             thread.join(1.0)
-            raise ChatTemplateError(f"chat template took longer than {timeout:g}s to render", "the template loops too long")
+            raise ChatTemplateError(f"chat template took longer than {timeout:g}s to render",
+                                    "the template loops too long")
         err = result.get("error")
         if isinstance(err, ChatTemplateError):
             raise err
         if isinstance(err, SecurityError):
-            raise ChatTemplateError(f"chat template tried to leave its sandbox: {err}", "this template is unsafe; do not use it") from None
-        if isinstance(err, (jinja2.TemplateError, TypeError, ValueError, KeyError, AttributeError, IndexError,
-                            RecursionError, OverflowError, MemoryError)):
-            raise ChatTemplateError(f"chat template failed: {type(err).__name__}: {err}") from None
-        if err is not None:
+            raise ChatTemplateError(f"chat template tried to leave its sandbox: {err}",
+                                    "this template is unsafe; do not use it") from None
+        if err is not None:  # jinja2's errors, and Python's from inside the template
             raise ChatTemplateError(f"chat template failed: {type(err).__name__}: {err}") from None
         return result["text"]
 

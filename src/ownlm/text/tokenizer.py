@@ -2,9 +2,20 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from typing import Iterable
 
-from ..formats.tokenizer import TokenizerSpec
+from tokenizers import Tokenizer
+
+
+@dataclass
+class TokenizerSpec:
+    tokenizer: Tokenizer
+    bos_id: int | None = None
+    eos_ids: list[int] = field(default_factory=list)  # stop tokens, the primary EOS first
+    add_bos: bool = False
+    bos_token: str = ""
+    eos_token: str = ""
 
 
 class TextTokenizer:

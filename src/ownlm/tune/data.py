@@ -171,7 +171,8 @@ def to_conversation(row: Any, fmt: str) -> list[dict[str, str]] | str:
         return msgs + [{"role": "user", "content": f"{prompt}\n\n{extra}" if extra else prompt},
                        {"role": "assistant", "content": _str(row, "output")}]
     if fmt == "prompt-completion":
-        return [{"role": "user", "content": _str(row, "prompt")}, {"role": "assistant", "content": _str(row, "completion")}]
+        return [{"role": "user", "content": _str(row, "prompt")},
+                {"role": "assistant", "content": _str(row, "completion")}]
     if fmt == "sharegpt":
         turns = row.get("conversations")
         if not isinstance(turns, list) or not turns:

@@ -16,21 +16,18 @@ from typing import Any, Callable
 import torch
 
 from ..errors import BadRequest
-from ..export.hf import HF_CLASSES, write_hf_folder
+from ..export.hf import write_hf_folder
 from ..formats import peft
 from ..formats.hf import write_safetensors
 from ..loading import LoadedModel, load, pick_device
-from ..manage import display_name, files_digest, import_path
+from ..manage import build_manifest, display_name, import_path
 from ..model import adapters
+from ..model.families import FAMILIES
 from ..store.refs import split_name
-from ..store.store import Store, now_iso
+from ..store.store import Store
 from . import checkpoints
 from .data import Encoder
 from .trainer import Trainer, TuneConfig, make_plan
-
-
-# families whose projections carry PEFT's llama-style module names (q_proj ... down_proj)
-ADAPTER_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma3_text")
 
 
 def run_dir(name: str, store: Store | None = None) -> Path:
@@ -54,11 +51,11 @@ def prepare(base: str, cfg: TuneConfig, device: torch.device) -> LoadedModel:
     if "+" in lm.name:  # load() names a model with an adapter BASE+ADAPTER
         raise BadRequest(f"{base} is an adapter", "tune a base model; merge the adapter first with `ownlm merge`")
     arch = lm.config.architecture
-    if cfg.method != "full" and arch not in ADAPTER_FAMILIES:
-        raise BadRequest(f"LoRA adapters for {arch} models are not supported yet",
-                         f"LoRA works for {', '.join(ADAPTER_FAMILIES)}")
-    if cfg.method == "full" and arch not in HF_CLASSES:  # the result is stored as an HF folder
-        raise BadRequest(f"full fine-tuning of {arch} models is not supported yet", f"it works for {', '.join(HF_CLASSES)}")
+    if cfg.method not in lm.config.family.tuning:
+        works = ", ".join(f.name for f in FAMILIES if cfg.method in f.tuning)
+        what = (f"full fine-tuning of {arch} models is" if cfg.method == "full"
+                else f"LoRA adapters for {arch} models are")
+        raise BadRequest(f"{what} not supported yet", f"--method {cfg.method} works for {works}")
     model = lm.model
     model.requires_grad_(False)
     if cfg.method == "full":
@@ -130,7 +127,8 @@ def _train(base, data, name, cfg: TuneConfig, resume, device, quiet, on_step, ra
     if rank == 0:
         _trim_log(folder / "metrics.jsonl", trainer.step)
         (folder / "run.json").write_text(json.dumps({
-            "base": display_name(lm.manifest), "base_digest": lm.manifest.get("digest"), "data": str(Path(data).resolve()),
+            "base": display_name(lm.manifest), "base_digest": lm.manifest.get("digest"),
+            "data": str(Path(data).resolve()),
             "config": asdict(cfg), "steps": plan.steps, "world_size": world}, indent=1), encoding="utf-8")
     history = trainer.run()
     result: dict[str, Any] = {"name": None, "steps": plan.steps, "resumed_from": resumed_from, "run_dir": str(folder),
@@ -169,24 +167,21 @@ def store_result(lm: LoadedModel, name: str, cfg: TuneConfig, trained: dict[str,
             write_hf_folder(lm, tmp / "model", trained)
             import_path(tmp / "model", target, store=store, quiet=True)
         return target
-    settings = peft.LoraSettings(cfg.rank, cfg.alpha, cfg.dropout, cfg.rslora, tuple(adapters.parse_targets(cfg.targets)))
+    settings = peft.LoraSettings(cfg.rank, cfg.alpha, cfg.dropout, cfg.rslora,
+                                 tuple(adapters.parse_targets(cfg.targets)))
     with store.tmp_dir() as tmp:
         write_adapter(tmp, settings, trained, display_name(lm.manifest))
         files = {}
         for rel in (peft.CONFIG, peft.WEIGHTS):
             size = (tmp / rel).stat().st_size
             files[rel] = {"sha256": store.put_file(tmp / rel), "size": size}
-    params = sum(t.numel() for t in trained.values())
-    digest = files_digest(files)
-    manifest = {
-        "schema": 1, "name": n, "tag": tag, "format": "peft", "kind": "adapter", "digest": digest, "files": files,
-        "base": {"name": display_name(lm.manifest), "digest": lm.manifest.get("digest")},
-        "architecture": lm.config.architecture, "parameters": params, "quantization": "F32",
-        "context_length": lm.config.context_length, "license": lm.manifest.get("license"),
-        "size": sum(v["size"] for v in files.values()), "created": now_iso(),
-        "source": f"ownlm tune {display_name(lm.manifest)} --data {Path(data).name} --method {cfg.method}",
-        "lora": {"r": cfg.rank, "alpha": cfg.alpha, "targets": list(settings.parts), "rslora": cfg.rslora},
-    }
+    base = display_name(lm.manifest)
+    manifest = build_manifest(
+        target, f"ownlm tune {base} --data {Path(data).name} --method {cfg.method}", files, format="peft",
+        kind="adapter", base={"name": base, "digest": lm.manifest.get("digest")},
+        architecture=lm.config.architecture, parameters=sum(t.numel() for t in trained.values()),
+        quantization="F32", context_length=lm.config.context_length, license=lm.manifest.get("license"),
+        lora={"r": cfg.rank, "alpha": cfg.alpha, "targets": list(settings.parts), "rslora": cfg.rslora})
     with store.lock(f"model:{target}"):
         store.write(target, manifest)
     return target
@@ -240,6 +235,7 @@ def _launch(base, data, name, cfg, resume, device, nproc, quiet) -> dict[str, An
         raise BadRequest(f"--nproc {nproc} is more than one machine runs; use torchrun across nodes")
     with tempfile.TemporaryDirectory() as tmp:
         out = str(Path(tmp) / "result.json")
-        mp.start_processes(_worker, args=(nproc, _free_port(), (base, str(data), name, cfg, resume, device, quiet), out),
+        mp.start_processes(_worker,
+                           args=(nproc, _free_port(), (base, str(data), name, cfg, resume, device, quiet), out),
                            nprocs=nproc, join=True, start_method="spawn")
         return json.loads(Path(out).read_text(encoding="utf-8"))

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import BadRequest
-from ..model import adapters
+from ..model import adapters, cpu
 from ..model.transformer import Transformer
 from ..progress import Bar
 from . import checkpoints
@@ -159,16 +159,13 @@ def autocast_dtype(device: torch.device) -> torch.dtype | None:
     """bf16 autocast where the hardware computes bf16 natively; None (fp32) elsewhere."""
     if device.type == "cuda" and torch.cuda.is_bf16_supported():
         return torch.bfloat16
-    if device.type == "cpu":
-        try:
-            if torch.backends.cpu.get_cpu_capability() in ("AVX512_BF16", "AMX"):
-                return torch.bfloat16
-        except AttributeError:
-            pass
+    if device.type == "cpu" and cpu.native_bf16():
+        return torch.bfloat16
     return None
 
 
-def batch_loss(model: Transformer, rows: list[Row], device: torch.device, amp: torch.dtype | None) -> tuple[torch.Tensor, int]:
+def batch_loss(model: Transformer, rows: list[Row], device: torch.device,
+               amp: torch.dtype | None) -> tuple[torch.Tensor, int]:
     """(sum of cross-entropy over the rows' target tokens, number of target tokens). The output
     head runs only at target positions: with loss masking, most positions need no logits."""
     tokens, targets, pos, seg = (t.to(device) for t in collate(rows))
@@ -301,7 +298,8 @@ class Trainer:
 
             dist.all_reduce(stats)
         return {"step": self.step, "loss": float(stats[0]) / max(total, 1), "lr": lr, "tokens": int(stats[1]),
-                "grad_norm": float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm) if norm is not None else None}
+                "grad_norm": (float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+                              if norm is not None else None)}
 
     def run(self) -> list[dict[str, Any]]:
         cfg, plan = self.cfg, self.plan

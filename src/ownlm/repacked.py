@@ -23,15 +23,15 @@ from typing import Any
 import torch
 from tokenizers import Tokenizer
 
-from ..model import kernels
-from ..model.config import ModelConfig, RopeScaling
-from ..model.linear import QuantEmbedding, QuantLinear, replace
-from .quants import QuantWeight
-from ..model.transformer import Transformer
-from .hf import SafetensorsFile, write_safetensors
-from .tokenizer import TokenizerSpec
+from .formats.hf import SafetensorsFile, write_safetensors
+from .model import cpu, ops
+from .model.config import ModelConfig, RopeScaling
+from .model.linear import QuantEmbedding, QuantLinear, replace
+from .model.quant import QuantWeight
+from .model.transformer import Transformer
+from .text.tokenizer import TokenizerSpec
 
-VERSION = 2
+VERSION = 3
 FILE = "model.safetensors"
 
 
@@ -40,11 +40,7 @@ def enabled() -> bool:
 
 
 def folder(root: Path, digest: str, device: torch.device, dtype: torch.dtype, quant: str) -> Path:
-    try:
-        capability = torch.backends.cpu.get_cpu_capability()
-    except AttributeError:
-        capability = "?"
-    variant = json.dumps([VERSION, str(dtype), device.type, quant, kernels.load() is not None, capability,
+    variant = json.dumps([VERSION, str(dtype), device.type, quant, ops.cpu_kernels(), cpu.capability(),
                           torch.__version__])
     return root / "cache" / "repacked" / f"{digest}-{hashlib.sha256(variant.encode()).hexdigest()[:16]}"
 

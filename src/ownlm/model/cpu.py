@@ -1,0 +1,30 @@
+"""What this CPU can do, asked in one place: the kernels, the default dtype, training's autocast
+and the repacked cache's key all read it."""
+
+from __future__ import annotations
+
+import functools
+import platform
+
+import torch
+
+
+@functools.cache
+def capability() -> str:
+    """PyTorch's name for the widest vector ISA it uses here ("AVX2", "AVX512", "AVX512_BF16",
+    "AMX", "NEON", ..., "DEFAULT")."""
+    try:
+        return torch.backends.cpu.get_cpu_capability()
+    except AttributeError:  # older PyTorch
+        return "DEFAULT"
+
+
+def x86_avx2() -> bool:
+    """An x86-64 CPU with AVX2 (and so FMA and F16C): what ownlm's CPU kernels need."""
+    return (platform.machine().lower() in ("x86_64", "amd64")
+            and capability() in ("AVX2", "AVX512", "AVX512_BF16", "AMX"))
+
+
+def native_bf16() -> bool:
+    """bfloat16 arithmetic in hardware (AVX512-BF16 or AMX), not emulated."""
+    return capability() in ("AVX512_BF16", "AMX")

@@ -1,0 +1,120 @@
+/* ownlm's CPU kernels (x86-64: AVX2, FMA, F16C; OpenMP): shared helpers and the entry points the
+   Python side (model/kernels.py) calls through ctypes.
+
+   Every entry point returns 0, or OWNLM_ENOMEM when a buffer could not be allocated (nothing is
+   written then that the caller would read). The caller checks every shape, bound and alignment
+   before the call: these functions trust their arguments. */
+
+#ifndef OWNLM_KERNELS_H
+#define OWNLM_KERNELS_H
+
+#include <immintrin.h>
+#include <math.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <stdlib.h>
+
+#define OWNLM_ENOMEM 1
+
+static inline float bf16_to_f32(uint16_t h) {
+    uint32_t bits = ((uint32_t)h) << 16;
+    float f;
+    __builtin_memcpy(&f, &bits, 4);
+    return f;
+}
+
+/* round to nearest even, as PyTorch does */
+static inline uint16_t f32_to_bf16(float f) {
+    uint32_t bits;
+    __builtin_memcpy(&bits, &f, 4);
+    if ((bits & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((bits >> 16) | 0x40); /* NaN stays NaN */
+    return (uint16_t)((bits + 0x7fffu + ((bits >> 16) & 1u)) >> 16);
+}
+
+/* element i of a float32 or (bf) bfloat16 array */
+static inline float load_x(const void* x, int64_t i, int bf) {
+    return bf ? bf16_to_f32(((const uint16_t*)x)[i]) : ((const float*)x)[i];
+}
+
+static inline void store(void* y, int64_t i, float v, int bf) {
+    if (bf)
+        ((uint16_t*)y)[i] = f32_to_bf16(v);
+    else
+        ((float*)y)[i] = v;
+}
+
+/* a float rounded as the compute dtype rounds it (bfloat16 or none) */
+static inline float round_as(float v, int bf) { return bf ? bf16_to_f32(f32_to_bf16(v)) : v; }
+
+static inline float hsum(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+
+static inline float hmax(__m256 v) {
+    __m128 s = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_max_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_max_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+
+/* a thread's scratch buffer of n floats inside an OpenMP region; when it cannot be allocated the
+   region's shared flag is raised and NULL returned (the thread then skips its share of the work) */
+static inline float* scratch(int64_t n, int* failed) {
+    float* p = (float*)malloc((size_t)n * sizeof(float));
+    if (!p) {
+        #pragma omp atomic write
+        *failed = 1;
+    }
+    return p;
+}
+
+/* matmul.c */
+int quant_gemm(const void* xin, int xbf, int64_t M, int64_t K, const uint8_t* w, const uint16_t* s,
+               const uint16_t* o, int bits, int64_t N, void* y, int ybf);
+int bf16_gemm(const void* xin, int xbf, int64_t M, int64_t K, const uint16_t* w, int64_t N, void* y, int ybf);
+
+/* elementwise.c */
+int rms_norm(const void* x, int bf, int64_t M, int64_t C, const float* w, float eps, float offset, void* y);
+int act_mul(const void* x, int bf, int64_t M, int64_t F, int act, void* y);
+
+/* attention.c */
+int attend_decode(const void* qkv, int bf, int64_t B, int64_t H, int64_t Hkv, int64_t D, int64_t R,
+                  const float* cos, const float* sin, void* kc, void* vc, int cbf, int64_t slot0, int64_t cap,
+                  const int64_t* pos, int64_t window, float scale, void* out);
+
+/* decode.c: one layer's weights for decode_layers. The four projections (qkv, o, gate_up, down)
+   as group-wise int4 / int8 (w, s, o as quant_gemm takes them; bias float32 or null), the RMSNorm
+   weights (float32; all with one offset): before attention and MLP, optional per-head q / k
+   norms and optional norms of the attention and MLP outputs (null: none), the layer's window and
+   attention scale. Python mirrors it (kernels.Layer) and checks the mirror against layer_layout
+   at load. */
+typedef struct {
+    const uint8_t* w[4];
+    const uint16_t* s[4];
+    const uint16_t* o[4];
+    const float* bias[4];
+    int64_t bits[4];
+    int64_t n[4];
+    int64_t k[4];
+    const float* norm1;
+    const float* norm2;
+    const float* q_norm;
+    const float* k_norm;
+    const float* post1;
+    const float* post2;
+    int64_t window;
+    int64_t local;
+    float scale;
+    float norm_offset;
+} layer_t;
+
+int decode_layers(void* x, int bf, int64_t B, int64_t C, int64_t L, const layer_t* layers, void* const* kcs,
+                  void* const* vcs, int64_t H, int64_t Hkv, int64_t D, int64_t R, const float* cos0,
+                  const float* sin0, const float* cos1, const float* sin1, int cbf, int64_t slot0, int64_t cap,
+                  const int64_t* pos, float eps, int act);
+int64_t layer_layout(int64_t* out, int64_t n);
+
+#endif
