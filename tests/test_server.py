@@ -472,7 +472,11 @@ def test_cli_keys_ready_line_and_ctrl_c(home, tmp_path):
     s = server_util.Server(home, ["tiny", "--api-key-file", str(keyfile), "--preload", "--json"],
                            env={"OWNLM_API_KEYS": KEY})
     try:
-        ready = json.loads(next(line for line in s.log.read_text().splitlines() if line.startswith("{")))
+        deadline = time.monotonic() + 20  # the port answers a moment before the line is printed
+        while not (lines := [ln for ln in s.log.read_text().splitlines() if ln.startswith("{")]):
+            assert time.monotonic() < deadline, s.log.read_text()
+            time.sleep(0.05)
+        ready = json.loads(lines[0])
         assert ready == {"url": f"{s.base}/v1", "models": ["tiny"], "auth": True, "preloaded": ["tiny"]}
         assert httpx.get(f"{s.base}/v1/models").status_code == 401
         for key in (KEY, "second-key-abcdefgh"):
