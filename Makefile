@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 PROMPT ?= In one sentence, why would someone run a language model on their own computer?
 
-.PHONY: setup demo test bench clean
+.PHONY: setup demo test fuzz bench clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -23,6 +23,10 @@ demo: setup
 test: setup
 	$(BIN)/ruff check src tests bench examples
 	$(BIN)/python -m pytest -q -ra
+
+# the fuzzers for longer than the suite runs them, with a new seed; failures land in tests/fuzz/crashes/
+fuzz: setup
+	$(BIN)/python -m tests.fuzz.harness --cases $${CASES:-5000}
 
 bench: setup
 	$(BIN)/python bench/decode.py

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import struct
 from pathlib import Path
+from typing import Callable
 
 import gguf
 import numpy as np
@@ -36,8 +37,13 @@ def llama_cpp_tensor(arch: str, name: str, t: np.ndarray, cfg: dict) -> np.ndarr
 
 
 def hf_folder_to_gguf(folder: Path, out: Path, qtype=gguf.GGMLQuantizationType.F32, arch: str = "llama",
-                      chat_template: str | None = None, pre: str = "default", overrides: dict | None = None) -> Path:
-    """overrides: a GGUF tensor-name suffix ("attn_v.weight") -> the block type of those tensors."""
+                      chat_template: str | None = None, pre: str = "default", overrides: dict | None = None,
+                      meta: dict | None = None, edit: Callable[[str, np.ndarray], np.ndarray | None] | None = None,
+                      extra: dict[str, np.ndarray] | None = None) -> Path:
+    """overrides: a GGUF tensor-name suffix ("attn_v.weight") -> the block type of those tensors.
+    For hostile files: meta, a key -> (value, GGUFValueType[, array entry type]) written in place
+    of what the converter writes (None: the key left out); edit(GGUF name, array) -> the array
+    written instead (None: the tensor left out); extra, GGUF name -> array: tensors added."""
     cfg = json.loads((folder / "config.json").read_text())
     tok = json.loads((folder / "tokenizer.json").read_text())
     tensors = load_file(str(folder / "model.safetensors"))
@@ -83,11 +89,22 @@ def hf_folder_to_gguf(folder: Path, out: Path, qtype=gguf.GGMLQuantizationType.F
     w.add_add_bos_token(False)
     if chat_template:
         w.add_chat_template(chat_template)
+    for key, value in (meta or {}).items():
+        if value is None:
+            w.kv_data[0].pop(key, None)
+        else:
+            w.kv_data[0][key] = gguf.GGUFValue(value[0], value[1], value[2] if len(value) > 2 else None)
     names = gguf.get_tensor_name_map(ARCHS[arch], cfg["num_hidden_layers"])
+    for gname, t in (extra or {}).items():
+        w.add_tensor(gname, t)
     for name, t in tensors.items():
         gname = names.get_name(name, try_suffixes=(".weight", ".bias"))
         assert gname, name
         t = llama_cpp_tensor(arch, name, t.astype(np.float32), cfg)
+        if edit is not None:
+            t = edit(gname, t)
+            if t is None:
+                continue
         kind = next((q for suffix, q in (overrides or {}).items() if gname.endswith(suffix)), qtype)
         if t.ndim == 2 and kind != gguf.GGMLQuantizationType.F32:
             data = gguf.quants.quantize(t, kind)

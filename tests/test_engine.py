@@ -3,6 +3,8 @@ budgets, and the Python API's shapes."""
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -126,3 +128,45 @@ def test_cuda_graph_length_buckets():
     dense, moe = (SimpleNamespace(cfg=SimpleNamespace(n_experts=n)) for n in (0, 8))
     assert not enabled(torch.device("cpu"), dense)
     assert enabled(torch.device("cuda"), dense) and not enabled(torch.device("cuda"), moe)
+
+
+def test_the_cache_grows_with_the_answer_and_memory_bounds_the_request(lm, monkeypatch):
+    """A long answer grows the KV cache as it goes (the same tokens as a cache sized up front);
+    the memory free now bounds what may be asked for: a max_tokens beyond it is an error naming
+    the memory, and without max_tokens the answer stops where memory would run out."""
+    from ownlm.engine import generate, kv_cache
+
+    sizes = []
+    grow = kv_cache.KVCache.grow
+    monkeypatch.setattr(kv_cache.KVCache, "grow",
+                        lambda self, *a: (grow(self, *a), sizes.append(self.max_len))[0])
+    monkeypatch.setattr(generate, "GROW_FROM", 16)  # small first size: it must grow several times
+    grown = run(lm, temperature=0, max_tokens=200)
+    assert grown.usage["completion_tokens"] == 200 and max(sizes) >= 200 and len(set(sizes)) > 2
+    monkeypatch.setattr(generate, "GROW_FROM", 1024)
+    sizes.clear()
+    assert run(lm, temperature=0, max_tokens=200).token_ids == grown.token_ids and set(sizes) <= {256}
+
+    per_token = kv_cache.bytes_per_token(lm.model)
+    monkeypatch.setattr(kv_cache, "free_memory", lambda device: int(100 * per_token / kv_cache.MEMORY_SHARE) + 1)
+    assert kv_cache.fitting_tokens(lm.model) == 100
+    prompt = len(lm.encode("The quick brown"))
+    with pytest.raises(BadRequest, match="KV cache need .* more than the memory free now") as e:
+        run(lm, temperature=0, max_tokens=120)
+    assert e.value.hint == f"ask for at most {100 - prompt} tokens"
+    bounded = run(lm, temperature=0)  # no max_tokens: up to what memory holds
+    assert bounded.usage["completion_tokens"] == 100 - prompt and bounded.finish_reason == "length"
+
+
+def test_scores_that_are_not_numbers_are_an_error_not_a_token():
+    """Damaged weights can make NaN logits: sampling says so instead of returning an id past the
+    vocabulary (which the embedding would then index out of range)."""
+    from ownlm.errors import ModelFormatError
+
+    logits = torch.tensor([0.5, float("nan"), 1.0])
+    for params in (SamplingParams(temperature=0), SamplingParams(temperature=1.0)):
+        with pytest.raises(ModelFormatError, match="not numbers"):
+            sample(logits, params, torch.Generator().manual_seed(0))
+    masked = torch.full((4,), -math.inf)
+    with pytest.raises(ModelFormatError, match="probability above zero"):
+        sample(masked, SamplingParams(temperature=1.0), torch.Generator().manual_seed(0))

@@ -10,7 +10,9 @@ import base64
 import concurrent.futures as cf
 import json
 import os
+import re
 import signal
+import socket
 import struct
 import subprocess
 import sys
@@ -25,10 +27,13 @@ import pytest
 import torch
 
 import ownlm
+import ownlm.server.pool
 import server_util
 from conftest import build_hf_model
 from ownlm import manage
+from ownlm.cli.main import build_parser
 from ownlm.cli.serve import api_keys
+from ownlm.engine.embed import Stopped, embed
 from ownlm.errors import BadRequest
 from ownlm.loading import LoadedModel
 from ownlm.server import ModelPool, Server, ServerConfig
@@ -187,6 +192,21 @@ def test_embeddings_both_encodings(client, lm):
     assert f.usage.prompt_tokens == len(lm.encode(texts[0])) + len(lm.encode(texts[1]))
 
 
+def test_embed_in_chunks_equals_one_forward(lm):
+    """A long text is embedded chunk by chunk against a KV cache (memory linear in its length,
+    a stop between chunks): the same vector as one forward over it all."""
+    ids = lm.encode("The quick brown fox jumps over the lazy dog. " * 40)[:600]
+    with torch.inference_mode():
+        h = lm.model(torch.tensor([ids]), head=False)[0].float().mean(0)
+    want = torch.nn.functional.normalize(h, dim=0)
+    for chunk in (1000, 256, 100):
+        assert torch.allclose(torch.tensor(embed(lm.model, [ids], chunk=chunk)[0]), want, atol=1e-5)
+    asked = []
+    with pytest.raises(Stopped):
+        embed(lm.model, [ids], chunk=100, stop=lambda: asked.append(1) or len(asked) > 2)
+    assert len(asked) == 3  # asked before the text and between chunks, never after it gave up
+
+
 SCHEMAS = [
     {"type": "object", "properties": {"name": {"type": "string", "maxLength": 12}}, "required": ["name"]},
     {"type": "object", "properties": {"age": {"type": "integer", "minimum": 0, "maximum": 120}}, "required": ["age"]},
@@ -316,12 +336,188 @@ def test_error_statuses_and_shapes(server, client):
     assert answer.choices[0].message.content is not None
 
 
+def _post(url: str, body: dict | bytes, http: httpx.Client | None = None) -> httpx.Response:
+    """A POST of JSON as json.dumps writes it: \\u escapes for what UTF-8 cannot carry, as browsers'
+    JSON.stringify writes them (httpx and the openai client refuse to encode a lone surrogate)."""
+    content = body if isinstance(body, bytes) else json.dumps(body).encode()
+    return (http or httpx).post(url, content=content, headers={"content-type": "application/json"}, timeout=60)
+
+
+RECURSIVE = {"$ref": "#/$defs/node", "$defs": {"node": {  # no finite instance: every node must hold another
+    "type": "object", "properties": {"child": {"$ref": "#/$defs/node"}}, "required": ["child"]}}}
+
+
+def test_client_mistakes_are_4xx_and_the_server_keeps_serving(server, client):
+    """Each of these once gave a 500: a body nested 100k deep, a seed past 64 bits, lone surrogates
+    in text, and a schema whose grammar llguidance gives up on mid-generation."""
+    deep = _post(f"{server.base_url}/chat/completions", b"[" * 100_000 + b"]" * 100_000)
+    assert deep.status_code == 400 and deep.json()["error"]["code"] == "invalid_json"
+    nested: dict = {"model": "tiny", "messages": USER}
+    for _ in range(200):  # deep, yet within Python's recursion limit
+        nested = {"a": nested}
+    assert _post(f"{server.base_url}/chat/completions", nested).json()["error"]["code"] == "invalid_json"
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model="tiny", messages=USER, seed=10**30, max_tokens=2)
+    assert e.value.status_code == 400 and e.value.body["param"] == "seed"
+    biggest = client.chat.completions.create(model="tiny", messages=USER, seed=2**63 - 1, n=3, temperature=1,
+                                             max_tokens=2)  # seed + i for the n choices still fits
+    assert len(biggest.choices) == 3
+    lone = "caf\u00e9 \ud800 end"
+    for path, body, param in (("chat/completions", {"model": "tiny", "messages": [{"role": "user", "content": lone}]},
+                               "messages[0].content"),
+                              ("completions", {"model": "tiny", "prompt": ["fine", lone]}, "prompt[1]"),
+                              ("embeddings", {"model": "tiny", "input": lone}, "input")):
+        r = _post(f"{server.base_url}/{path}", body)
+        assert r.status_code == 400, r.text
+        err = r.json()["error"]
+        assert set(err) == {"message", "type", "param", "code"} and err["param"] == param
+        assert "surrogate" in err["message"]
+    fmt = {"type": "json_schema", "json_schema": {"name": "tree", "schema": RECURSIVE}}
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model="tiny", messages=USER, response_format=fmt, max_tokens=50)
+    assert "output format" in e.value.body["message"] and "<state>" not in e.value.body["message"]
+    with httpx.stream("POST", f"{server.base_url}/chat/completions", timeout=60, json={
+            "model": "tiny", "messages": USER, "response_format": fmt, "max_tokens": 50, "stream": True}) as r:
+        data = [line.removeprefix("data: ") for line in r.iter_lines() if line.startswith("data: ")]
+    assert r.status_code == 200 and json.loads(data[-1])["error"]["type"] == "invalid_request_error"
+    answer = client.chat.completions.create(model="tiny", messages=USER, max_tokens=3)
+    assert answer.choices[0].message.content is not None
+    assert metric(server.url, "ownlm_running_sequences") == 0
+
+
+def _malformed_bodies() -> list[tuple[str, dict | bytes]]:
+    """(route, body): each field of each route set to values of the wrong type or range, each
+    field left out, bodies that are no JSON object, and known traps."""
+    fields = {
+        "chat/completions": ({"model": "tiny", "messages": USER, "max_tokens": 2},
+                             ["model", "messages", "temperature", "top_p", "stop", "seed", "n", "presence_penalty",
+                              "frequency_penalty", "logit_bias", "user", "stream", "stream_options", "top_k", "min_p",
+                              "repetition_penalty", "max_completion_tokens", "logprobs", "top_logprobs",
+                              "response_format", "tools", "tool_choice", "parallel_tool_calls"]),
+        "completions": ({"model": "tiny", "prompt": "Once", "max_tokens": 2},
+                        ["model", "prompt", "temperature", "stop", "seed", "n", "logit_bias", "echo", "logprobs",
+                         "best_of", "suffix", "stream", "stream_options"]),
+        "embeddings": ({"model": "tiny", "input": "hello"},
+                       ["model", "input", "encoding_format", "dimensions", "user"]),
+    }
+    wrong = [None, True, -1, 10**30, 1e300, "x", "", "\ud800", [], {}, [[]], [None], {"a": [1]}]
+    out: list[tuple[str, dict | bytes]] = []
+    for route, (base, names) in fields.items():
+        for name in names:
+            out += [(route, {**base, name: v}) for v in wrong]
+            out.append((route, {k: v for k, v in base.items() if k != name}))
+        out += [(route, raw) for raw in (b"", b"null", b"[]", b"1", b'"x"', b"{", b"\xff\xfe", b'{"model": NaN}',
+                                         b'{"model": "tiny", "n": Infinity}', b"[" * 5000,
+                                         b'{"n": ' + b"9" * 5000 + b"}")]
+    schema = lambda s: {"type": "json_schema", "json_schema": {"name": "x", "schema": s}}  # noqa: E731
+    tool = lambda params: [{"type": "function", "function": {"name": "f", "parameters": params}}]  # noqa: E731
+    chat = {"model": "tiny", "messages": USER, "max_tokens": 2}
+    out += [("chat/completions", {**chat, **extra}) for extra in (
+        {"messages": [{"role": "user", "content": 5}]}, {"messages": [{}]}, {"messages": [{"role": "robot"}]},
+        {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]},
+        {"messages": [{"role": "assistant", "tool_calls": "x"}, *USER]},
+        {"messages": [{"role": "assistant", "tool_calls": [{"function": {"name": 5, "arguments": {"a": 1}}}]}, *USER]},
+        {"logit_bias": {"99999999": 5}}, {"logit_bias": {"-1": 5}}, {"logit_bias": {"1": 1e300}},
+        {"logit_bias": {"x": 1}}, {"stop": [""]}, {"stop": ["a"] * 50}, {"top_logprobs": 3},
+        {"response_format": {"type": "json_schema"}}, {"response_format": schema({"type": "object", "properties": 5})},
+        {"response_format": schema({"$ref": "#/nope"})},
+        {"response_format": schema({"type": "string", "pattern": "("})},
+        {"response_format": schema({"type": "integer", "minimum": 5, "maximum": 1})},
+        {"response_format": schema({"enum": []})}, {"response_format": schema(RECURSIVE), "max_tokens": 20},
+        {"response_format": schema(RECURSIVE), "max_tokens": 20, "stream": True},
+        {"tools": tool({"type": "object", "properties": 5})}, {"tools": tool({"$ref": "#/x"})},
+        {"tools": tool({"not": {}}), "tool_choice": "required"}, {"tool_choice": "required"},
+        {"tools": tool(None), "tool_choice": {"type": "function", "function": {"name": "g"}}},
+        {"tools": tool(None), "response_format": {"type": "json_object"}}, {"max_tokens": 0}, {"max_tokens": 10**30},
+        {"model": "\u0000"}, {"model": "../../etc/passwd"}, {"model": "x" * 10000})]
+    completion = {"model": "tiny", "prompt": "Once", "max_tokens": 2}
+    out += [("completions", {**completion, **extra}) for extra in (
+        {"prompt": [[]]}, {"prompt": [-1]}, {"prompt": [10**9]}, {"prompt": [[1], []]}, {"prompt": [True]},
+        {"prompt": [""]}, {"prompt": [1] * 5000}, {"echo": True, "stream": True, "logprobs": 1}, {"max_tokens": 0},
+        {"logit_bias": {"300": 1}})]
+    out += [("embeddings", {"model": "tiny", "input": "hello", **extra}) for extra in (
+        {"input": [""]}, {"input": [[]]}, {"input": [-1]}, {"input": [[10**9]]}, {"input": [1] * 5000},
+        {"input": [True]}, {"dimensions": 10**9}, {"dimensions": 0})]
+    return out
+
+
+def test_malformed_bodies_at_every_route_never_5xx(server):
+    """Whatever a client sends, the answer is a 4xx in OpenAI's error shape (or a 200), never a
+    server error, and a stream that fails says so in a client-error event."""
+    def send(case: tuple[str, dict | bytes]) -> tuple[str, int, str]:
+        route, body = case
+        r = _post(f"{server.base_url}/{route}", body, http)
+        problem = ""
+        if r.status_code >= 400:
+            if r.status_code >= 500 or set(r.json()["error"]) != {"message", "type", "param", "code"}:
+                problem = r.text[:300]
+        elif r.headers["content-type"].startswith("text/event-stream"):
+            for line in r.text.splitlines():
+                if line.startswith('data: {"error"') and json.loads(line[6:])["error"]["type"] == "server_error":
+                    problem = line[:300]
+        return f"{route} {str(body)[:120]}", r.status_code, problem
+
+    cases = _malformed_bodies()
+    with httpx.Client() as http, cf.ThreadPoolExecutor(4) as pool:  # one pool of connections: quicker
+        results = list(pool.map(send, cases))
+    assert len(results) > 400
+    assert [r for r in results if r[2]] == []
+    assert sum(r[1] == 400 for r in results) > 300
+    for path in ("/v1/models/%ED%A0%80", "/v1/models/%ff", "/v1/models/" + "a" * 5000, "/%00", "/v1/../metrics"):
+        assert httpx.get(f"{server.url}{path}").status_code < 500
+    chunked = httpx.post(f"{server.base_url}/chat/completions", content=iter([b"{" + b" " * (1 << 20), b"}"]),
+                         headers={"content-type": "application/json"})  # no Content-Length: counted as it comes
+    assert chunked.status_code == 413
+    assert httpx.post(f"{server.base_url}/embeddings", json={"model": "tiny", "input": "still here"}).status_code == 200
+    assert metric(server.url, "ownlm_running_sequences") == 0
+
+
 def test_dns_rebinding_host_refused(server):
     r = httpx.get(f"{server.url}/v1/models", headers={"Host": "attacker.example:80"})
     assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_host"
 
 
-def test_disconnect_cancels_the_sequence(server):
+def test_web_pages_of_other_sites_are_refused_unless_allowed(models):
+    """Any web page can make a browser send a text/plain POST to 127.0.0.1 without a preflight.
+    Such a request is refused twice over: for its Content-Type (415) and for its Origin (403);
+    only the origins given to --cors get CORS answers, and for their own origin only."""
+    page, evil = "http://localhost:3000", "https://evil.example"
+    with serve(models, ("tiny",), ServerConfig(cors_origins=[page + "/"]), max_loaded=1) as s:
+        url = f"{s.base_url}/chat/completions"
+        body = json.dumps({"model": "tiny", "messages": USER, "max_tokens": 2})
+        plain = httpx.post(url, content=body, headers={"Content-Type": "text/plain"})
+        assert plain.status_code == 415 and plain.json()["error"]["code"] == "unsupported_media_type"
+        for origin, kind in ((evil, "text/plain"), (evil, "application/json"), ("null", "application/json"),
+                             (page + ".evil.example", "application/json")):
+            r = httpx.post(url, content=body, headers={"Origin": origin, "Content-Type": kind})
+            assert r.status_code == 403 and r.json()["error"]["code"] == "origin_not_allowed", (origin, r.text)
+            assert "access-control-allow-origin" not in r.headers
+        assert httpx.get(f"{s.base_url}/models", headers={"Origin": evil}).status_code == 403
+        preflight = {"Access-Control-Request-Method": "POST",
+                     "Access-Control-Request-Headers": "authorization, content-type, x-stainless-os"}
+        refused = httpx.options(url, headers={"Origin": evil, **preflight})
+        assert refused.status_code == 403 and "access-control-allow-origin" not in refused.headers
+        # the server's own origin is no cross-site request
+        own = httpx.post(url, content=body, headers={"Origin": s.url, "Content-Type": "application/json"})
+        assert own.status_code == 200
+        # the allowed page: a preflight, then the calls, with the openai client as a browser app sends them
+        ok = httpx.options(url, headers={"Origin": page, **preflight})
+        assert ok.status_code == 204 and ok.headers["access-control-allow-origin"] == page
+        assert "POST" in ok.headers["access-control-allow-methods"]
+        assert "x-stainless-os" in ok.headers["access-control-allow-headers"] and "Origin" in ok.headers["vary"]
+        browser = openai.OpenAI(base_url=s.base_url, api_key="unused", max_retries=0, default_headers={"Origin": page})
+        raw = browser.chat.completions.with_raw_response.create(model="tiny", messages=USER, max_tokens=2)
+        assert raw.headers["access-control-allow-origin"] == page and raw.parse().choices
+        assert browser.models.with_raw_response.list().headers["access-control-allow-origin"] == page
+        with pytest.raises(openai.NotFoundError) as e:  # errors reach the page too
+            browser.chat.completions.create(model="absent", messages=USER)
+        assert e.value.response.headers["access-control-allow-origin"] == page
+    with pytest.raises(BadRequest, match="--cors"):
+        Server(ModelPool(["tiny"]), port=0, config=ServerConfig(cors_origins=["localhost:3000"]))
+    assert build_parser().parse_args(["serve", "--cors", page, "--cors", evil]).cors == [page, evil]
+
+
+def test_disconnect_cancels_the_sequence(server, models):
     body = {"model": "tiny", "messages": USER, "max_tokens": 4000, "stream": True, "temperature": 0.8,
             "logit_bias": ENDLESS}
     before = metric(server.url, "ownlm_sequences_cancelled_total")
@@ -338,6 +534,64 @@ def test_disconnect_cancels_the_sequence(server):
     generated = metric(server.url, "ownlm_generation_tokens_total")
     time.sleep(0.5)
     assert metric(server.url, "ownlm_generation_tokens_total") == generated
+    # 200 clients that leave mid-stream: some before their sequence has started, some before the
+    # answer's first byte (hanging up once the request is sent), the others after a token or two
+    with serve(models, ("tiny",), max_running=8, max_queue=256, max_loaded=1) as s:
+        client = openai.OpenAI(base_url=s.base_url, api_key="unused", max_retries=0, timeout=60)
+        raw = json.dumps(body).encode()
+        request = (f"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1:{s.port}\r\nContent-Type: "
+                   f"application/json\r\nContent-Length: {len(raw)}\r\n\r\n").encode() + raw
+
+        def leave(i: int) -> None:
+            if i % 4 == 3:  # every 20th hangs up halfway through its body
+                with socket.create_connection(("127.0.0.1", s.port)) as sock:
+                    sock.sendall(request[:-20] if i % 20 == 3 else request)
+                return
+            stream = client.chat.completions.create(model="tiny", messages=USER, max_tokens=4000, stream=True,
+                                                    temperature=0.8, logit_bias=ENDLESS)
+            chunks = iter(stream)
+            for _ in range(1 + i % 4):  # the role chunk; then a token or two
+                next(chunks)
+            stream.close()
+
+        with cf.ThreadPoolExecutor(40) as pool:
+            list(pool.map(leave, range(200)))
+        assert _counted(s.url, "/v1/chat/completions", 200) == {"200": 190, "499": 10}  # hang-ups may lag
+        _settle(s.url)
+        assert metric(s.url, "ownlm_sequences_cancelled_total") == 190
+        generated = metric(s.url, "ownlm_generation_tokens_total")
+        time.sleep(0.3)
+        assert metric(s.url, "ownlm_generation_tokens_total") == generated
+
+
+def _settle(url: str, within: float = 10) -> None:
+    """Wait until nothing runs or waits on the server's engines; fail if that does not happen."""
+    deadline = time.monotonic() + within
+    while metric(url, "ownlm_running_sequences") + metric(url, "ownlm_queue_depth") > 0:
+        assert time.monotonic() < deadline, httpx.get(f"{url}/metrics").text
+        time.sleep(0.05)
+
+
+def _counted(url: str, path: str, total: int, within: float = 10) -> dict[str, float]:
+    """{status: count} of a route's requests, once `total` of them have been counted (a request
+    is counted when its response has ended, which may be after its client has seen the last byte)."""
+    deadline = time.monotonic() + within
+    while True:
+        counts = {k[1]: v for k, v in _requests(url).items() if k[0] == path}
+        if sum(counts.values()) >= total:
+            return counts
+        assert time.monotonic() < deadline, counts
+        time.sleep(0.05)
+
+
+def _requests(url: str) -> dict[tuple[str, str], float]:
+    """ownlm_requests_total as {(path label, status): count}."""
+    out = {}
+    for line in httpx.get(f"{url}/metrics").text.splitlines():
+        m = re.fullmatch(r'ownlm_requests_total\{path="(.*)",status="(\d+)"\} (\S+)', line)
+        if m:
+            out[(m[1], m[2])] = float(m[3])
+    return out
 
 
 def test_metrics_exposition(server, client):
@@ -349,6 +603,24 @@ def test_metrics_exposition(server, client):
         assert name in text
     assert 'ownlm_requests_total{path="/v1/chat/completions",status="200"}' in text
     assert 'status="404"' in text
+
+
+def test_metrics_label_routes_not_paths(server):
+    """Requests are counted by route template, every unknown path under one label: 20,000 keyless
+    requests to made-up paths once grew /metrics to 81 MB."""
+    with httpx.Client(base_url=server.url) as http:
+        http.get("/nowhere"), http.get("/v1/models/absent")
+        size, before = len(http.get("/metrics").text), _requests(server.url)
+        for i in range(300):
+            http.get(f"/nowhere-{i}/x")
+            http.get(f"/v1/models/absent-{i}")
+            http.post(f"/v1/new-{i}", json={})
+        text = http.get("/metrics").text
+    after = _requests(server.url)
+    assert len(text) - size < 200 and "nowhere-" not in text and "absent-" not in text and "new-" not in text
+    assert set(after) == set(before)  # the label sets seen before: counts grow, the exposition does not
+    assert after[("unmatched", "404")] == before[("unmatched", "404")] + 600
+    assert after[("/v1/models/{model_name}", "404")] == before[("/v1/models/{model_name}", "404")] + 300
 
 
 def test_eight_concurrent_streams_get_their_solo_tokens(client):
@@ -402,6 +674,78 @@ def test_overload_gives_429_and_the_server_keeps_serving(models):
                 break
             time.sleep(0.05)
         assert ok.status_code == 200 and ok.json()["usage"]["completion_tokens"] <= 2
+
+
+def test_64_concurrent_streams_get_answers_or_429(models):
+    """A burst of 64 streaming clients at once on a small engine (4 running, 12 queued): each gets
+    its whole answer or a 429, the server stays up, and then nothing is left running or queued."""
+    with serve(models, ("tiny",), max_running=4, max_queue=12, max_loaded=1) as s:
+        client = openai.OpenAI(base_url=s.base_url, api_key="unused", max_retries=0, timeout=120)
+        cancelled = metric(s.url, "ownlm_sequences_cancelled_total")
+        barrier = threading.Barrier(64)
+
+        def one(i: int) -> str:
+            barrier.wait()
+            try:
+                stream = client.chat.completions.create(model="tiny", messages=USER, max_tokens=24, stream=True,
+                                                        temperature=1.0, seed=i, logit_bias=ENDLESS)
+                finish = [c.choices[0].finish_reason for c in stream if c.choices][-1]
+                return f"answer {finish}"
+            except openai.RateLimitError:
+                return "429"
+
+        with cf.ThreadPoolExecutor(64) as pool:
+            results = list(pool.map(one, range(64)))
+        answered = results.count("answer length")
+        assert answered + results.count("429") == 64, results
+        assert answered >= 16 and "429" in results  # the first 16 always fit; a burst of 64 cannot all
+        assert _counted(s.url, "/v1/chat/completions", 64) == {"200": answered, "429": 64 - answered}
+        _settle(s.url)
+        assert metric(s.url, "ownlm_sequences_cancelled_total") == cancelled
+        assert client.chat.completions.create(model="tiny", messages=USER, max_tokens=2).choices
+
+
+def test_embeddings_share_admission_and_the_time_limit(models, monkeypatch):
+    """Embeddings queue with generation under one limit (429 beyond it), and stop at the request
+    time limit (503) instead of running on: three 8k-token inputs once ran 201 s, never refused."""
+    real = ownlm.server.pool.embed
+    asked: list[float] = []
+
+    def slow(model, batch, dimensions=None, stop=None):  # every chunk takes 50 ms longer
+        def slow_stop() -> bool:
+            asked.append(time.monotonic())
+            time.sleep(0.05)
+            return stop()
+        return real(model, batch, dimensions, stop=slow_stop, chunk=64)
+
+    with serve(models, ("tiny",), ServerConfig(request_timeout=1.0), max_running=1, max_queue=0, max_loaded=1) as s:
+        client = openai.OpenAI(base_url=s.base_url, api_key="unused", max_retries=0, timeout=60)
+        endless = {"model": "tiny", "messages": USER, "max_tokens": 4000, "stream": True, "logit_bias": ENDLESS}
+        with httpx.stream("POST", f"{s.base_url}/chat/completions", json=endless, timeout=60) as r:
+            lines = r.iter_lines()  # kept referenced: a dropped iterator closes the connection
+            next(lines)
+            with pytest.raises(openai.RateLimitError):  # the one slot is taken by generation
+                client.embeddings.create(model="tiny", input="hello")
+        _settle(s.url)
+        monkeypatch.setattr(ownlm.server.pool, "embed", slow)
+        with cf.ThreadPoolExecutor(1) as pool:
+            job = pool.submit(_post, f"{s.base_url}/embeddings", {"model": "tiny", "input": [7] * 3000})  # 47 chunks
+            deadline = time.monotonic() + 10
+            while metric(s.url, "ownlm_running_sequences") < 1:
+                assert time.monotonic() < deadline
+                time.sleep(0.02)
+            with pytest.raises(openai.RateLimitError):  # the one slot is taken by an embedding
+                client.chat.completions.create(model="tiny", messages=USER, max_tokens=2)
+            with pytest.raises(openai.RateLimitError):
+                client.embeddings.create(model="tiny", input="hello")
+            timed_out = job.result()
+        assert timed_out.status_code == 503 and timed_out.json()["error"]["code"] == "timeout"
+        _settle(s.url, within=2)
+        n = len(asked)
+        time.sleep(0.3)
+        assert len(asked) == n < 47  # it stopped at the limit, not after all 3000 tokens
+        assert len(client.embeddings.create(model="tiny", input="hello").data) == 1
+        assert client.chat.completions.create(model="tiny", messages=USER, max_tokens=2).choices
 
 
 def test_api_keys(models, tmp_path, monkeypatch):

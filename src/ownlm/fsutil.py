@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import secrets
 import shutil
+import stat
 from pathlib import Path
 from typing import Iterator
 
@@ -30,19 +32,30 @@ def fsync_tree(path: Path) -> None:
     fsync_dir(path)
 
 
+_TMP_SIBLING = re.compile(r"\..+\.tmp-(\d+)-[0-9a-f]{8}")
+
+
 def tmp_sibling(final: Path) -> Path:
+    """`.NAME.tmp-PID-RANDOM` beside `final`: the pid lets a sweep tell a killed writer's leftovers."""
     return final.parent / f".{final.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}"
 
 
+def tmp_sibling_pid(path: Path) -> int | None:
+    """The writer's pid when `path` is named like a tmp_sibling, else None."""
+    m = _TMP_SIBLING.fullmatch(Path(path).name)
+    return int(m.group(1)) if m else None
+
+
 @contextlib.contextmanager
-def atomic_dir(final: Path, replace: bool = False) -> Iterator[Path]:
-    """Yield an empty temp folder beside `final`; on success it is fsynced and renamed to `final`
-    (an existing `final` is an error unless replace). On failure nothing is left behind."""
+def atomic_dir(final: Path, replace: bool = False, tmp: Path | None = None) -> Iterator[Path]:
+    """Yield an empty temp folder beside `final` (`tmp`, when the caller chose and recorded it);
+    on success it is fsynced and renamed to `final` (an existing `final` is an error unless
+    replace). On failure nothing is left behind."""
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
     if final.exists() and not replace:
         raise FileExistsError(f"{final} already exists")
-    tmp = tmp_sibling(final)
+    tmp = tmp or tmp_sibling(final)
     tmp.mkdir()
     try:
         yield tmp
@@ -60,11 +73,12 @@ def atomic_dir(final: Path, replace: bool = False) -> Iterator[Path]:
 
 
 @contextlib.contextmanager
-def atomic_file(final: Path) -> Iterator[Path]:
-    """Yield a temp path beside `final`; on success it is fsynced and renamed to `final`."""
+def atomic_file(final: Path, tmp: Path | None = None) -> Iterator[Path]:
+    """Yield a temp path beside `final` (`tmp`, when the caller chose and recorded it); on success
+    it is fsynced and renamed to `final`."""
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = tmp_sibling(final)
+    tmp = tmp or tmp_sibling(final)
     try:
         yield tmp
         with open(tmp, "rb+") as f:
@@ -80,9 +94,28 @@ def sweep(parent: Path) -> None:
     if not parent.is_dir():
         return
     for p in parent.glob(".*.tmp-*"):
-        pid = p.name.rsplit(".tmp-", 1)[1].split("-")[0]
-        if pid.isdigit() and not pid_alive(int(pid)):
-            shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+        pid = tmp_sibling_pid(p)
+        if pid is not None and not pid_alive(pid):
+            remove_path(p)
+
+
+def remove_path(path: Path) -> None:
+    """Remove a file or a folder (not following a link), whichever it is; gone already is fine."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
+_KINDS = ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISSOCK, "a socket"),
+          (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"))
+
+
+def file_kind(mode: int) -> str:
+    """What a stat mode names, in words: "a regular file", "a FIFO (named pipe)", ..."""
+    if stat.S_ISREG(mode):
+        return "a regular file"
+    return next((words for test, words in _KINDS if test(mode)), "not a file")
 
 
 def pid_alive(pid: int) -> bool:

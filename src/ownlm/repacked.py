@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import secrets
 import shutil
 from dataclasses import asdict
 from pathlib import Path
@@ -60,8 +61,8 @@ def save(path: Path, model: Transformer, tokenizer: TokenizerSpec, chat_template
                           "bos_token": tokenizer.bos_token, "eos_token": tokenizer.eos_token}}
     tensors = model.state_dict()
     tmp_root.mkdir(parents=True, exist_ok=True)
-    tmp = tmp_root / f"{os.getpid()}-repack-{path.name}"  # the store sweeps it if this process dies
-    shutil.rmtree(tmp, ignore_errors=True)
+    # the store sweeps it if this process dies; random: two threads may build the same cache
+    tmp = tmp_root / f"{os.getpid()}-{secrets.token_hex(8)}-repack-{path.name}"
     try:
         tmp.mkdir()
         write_safetensors(tmp / FILE, tensors, {"ownlm": json.dumps(meta)})

@@ -31,7 +31,7 @@ def cmd_serve(args) -> int:
     if args.max_running < 1 or args.max_queue < 0 or args.max_loaded < 1:
         raise BadRequest("--max-running and --max-loaded must be at least 1, --max-queue at least 0")
     config = ServerConfig(api_keys=api_keys(args), max_body_bytes=int(args.max_body_mb * (1 << 20)),
-                          request_timeout=args.request_timeout)
+                          request_timeout=args.request_timeout, cors_origins=list(args.cors or []))
     pool = ModelPool(args.models, keep_alive=args.keep_alive, max_loaded=args.max_loaded,
                      max_running=args.max_running, max_queue=args.max_queue, device=args.device, dtype=args.dtype,
                      quant=args.quant)
@@ -63,6 +63,9 @@ def register(sub) -> None:
     p.add_argument("--port", type=int, default=11435)
     p.add_argument("--api-key", action="append", help="a key clients must send as a Bearer token (repeatable)")
     p.add_argument("--api-key-file", help="a file with one API key per line")
+    p.add_argument("--cors", action="append", metavar="ORIGIN",
+                   help="a web page origin (scheme://host[:port]) allowed to call the API from a browser, with CORS "
+                        "answered for it (repeatable); requests from other sites' pages are refused")
     p.add_argument("--max-running", type=int, default=8, help="sequences decoded together per model (default 8)")
     p.add_argument("--max-queue", type=int, default=64, help="requests waiting beyond those; more get 429 (default 64)")
     p.add_argument("--max-loaded", type=int, default=1, help="models kept in memory at once (default 1)")

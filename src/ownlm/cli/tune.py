@@ -10,7 +10,6 @@ import torch
 
 from ..errors import BadRequest
 from ..formats import peft
-from ..fsutil import atomic_dir
 from ..loading import DTYPES, load, resolve_adapter, split_adapter
 from ..manage import import_path
 from ..progress import human_bytes
@@ -71,7 +70,7 @@ def cmd_export(args) -> int:
     if args.format == "peft":
         base, adapter = split_adapter(args.model)
         manifest, files = resolve_adapter(adapter or base)
-        with atomic_dir(out) as tmp:
+        with Store().atomic_out(out, folder=True) as tmp:
             for rel in (peft.CONFIG, peft.WEIGHTS):
                 shutil.copyfile(files[rel], tmp / rel)
     else:

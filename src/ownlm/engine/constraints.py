@@ -18,6 +18,18 @@ TOOL_OPEN, TOOL_CLOSE = "<tool_call>", "</tool_call>"
 JSON_OPTIONS = {"whitespace_flexible": False}
 MAX_SCHEMA_BYTES = 256 << 10
 
+
+class GrammarError(BadRequest):
+    """The requested output format broke down while decoding: llguidance gave up on the grammar
+    (a schema whose required `$ref` recursion never ends makes its parser too complex, say).
+    The request's fault, not the server's."""
+
+    def __init__(self, detail: str):
+        first = (detail or "the grammar allows no next token").strip().splitlines()[0][:300]  # no state dump
+        super().__init__(f"the requested output format cannot be enforced: {first}",
+                         "simplify the JSON schema (bounded recursion, fewer alternatives)")
+
+
 def _llg():
     import llguidance
 
@@ -36,6 +48,8 @@ def _check_schema(schema: Any, where: str) -> str:
         text = json.dumps(schema)
     except (TypeError, ValueError) as e:
         raise BadRequest(f"{where} is not valid JSON: {e}") from None
+    except RecursionError:
+        raise BadRequest(f"{where} nests too deeply") from None
     if len(text) > MAX_SCHEMA_BYTES:
         raise BadRequest(f"{where} is larger than {MAX_SCHEMA_BYTES} bytes")
     return text
@@ -46,7 +60,7 @@ def json_schema_grammar(schema: dict[str, Any], where: str = "response_format.js
     llg = _llg()
     try:
         return llg.LLMatcher.grammar_from_json_schema(schema, defaults=JSON_OPTIONS)
-    except ValueError as e:
+    except (ValueError, TypeError, RuntimeError) as e:
         raise BadRequest(f"{where} is not a usable JSON schema: {e}") from None
 
 
@@ -70,7 +84,10 @@ def tool_grammar(functions: Sequence[dict[str, Any]], required: bool, single: bo
              "calls: call" if single else "calls: call+", f"call: {call}",
              'TEXT: /[^<\\s][^\\x00]*/']
     llg = _llg()
-    return llg.LLMatcher.grammar_from_lark("\n".join(lines))
+    try:
+        return llg.LLMatcher.grammar_from_lark("\n".join(lines))
+    except (ValueError, TypeError, RuntimeError) as e:
+        raise BadRequest(f"tools[].function.parameters is not a usable JSON schema: {e}") from None
 
 
 class GrammarConstraint:
@@ -78,29 +95,40 @@ class GrammarConstraint:
 
     def __init__(self, grammar: str, lltokenizer, vocab_size: int):
         llg = _llg()
-        self.matcher = llg.LLMatcher(lltokenizer, grammar, log_level=0)
+        try:
+            self.matcher = llg.LLMatcher(lltokenizer, grammar, log_level=0)
+        except (ValueError, TypeError, RuntimeError) as e:
+            raise GrammarError(str(e)) from None
         if self.matcher.is_error():
-            raise BadRequest(f"the requested output format cannot be enforced: {self.matcher.get_error()}")
+            raise GrammarError(self.matcher.get_error())
         self.vocab_size = vocab_size
         self.bits = torch.arange(32, dtype=torch.int32)
 
     def allowed(self) -> torch.Tensor:
-        words = torch.frombuffer(bytearray(self.matcher.compute_bitmask()), dtype=torch.int32)
+        try:
+            mask = self.matcher.compute_bitmask()
+        except (ValueError, RuntimeError) as e:
+            raise GrammarError(str(e)) from None
+        words = torch.frombuffer(bytearray(mask), dtype=torch.int32)
         bits = ((words[:, None] >> self.bits) & 1).bool().reshape(-1)
         return bits[: self.vocab_size]
 
     def mask(self, logits: torch.Tensor) -> torch.Tensor:
         allowed = self.allowed()
         if not bool(allowed.any()):
-            raise RuntimeError(f"the output grammar allows no next token ({self.matcher.get_error() or 'dead end'})")
+            raise GrammarError(self.matcher.get_error() or "the grammar allows no next token")
         n = min(allowed.shape[0], logits.shape[-1])
         out = torch.full_like(logits, float("-inf"))
         out[:n] = torch.where(allowed[:n], logits[:n], out[:n])
         return out
 
     def advance(self, token: int) -> None:
-        if not self.matcher.consume_token(token):
-            raise RuntimeError(f"grammar refused token {token}: {self.matcher.get_error()}")
+        try:
+            ok = self.matcher.consume_token(token)
+        except (ValueError, RuntimeError) as e:
+            raise GrammarError(str(e)) from None
+        if not ok:
+            raise GrammarError(self.matcher.get_error() or f"the grammar refused token {token}")
 
     def finished(self) -> bool:
         return self.matcher.is_stopped()
@@ -112,6 +140,9 @@ class GrammarConstraint:
 def validate_grammar(grammar: str, lltokenizer) -> None:
     """A 400 for a grammar llguidance cannot build, before any work is queued."""
     llg = _llg()
-    err = llg.LLMatcher.validate_grammar(grammar, lltokenizer)
+    try:
+        err = llg.LLMatcher.validate_grammar(grammar, lltokenizer)
+    except (ValueError, TypeError, RuntimeError) as e:
+        err = str(e)
     if err and not err.startswith("WARNING"):
         raise BadRequest(f"the requested output format cannot be enforced: {err}")

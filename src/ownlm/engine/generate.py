@@ -11,11 +11,12 @@ import torch
 
 from ..errors import BadRequest
 from ..text.tokenizer import IncrementalDecoder, TextTokenizer
-from .kv_cache import KVCache, span
+from .kv_cache import KVCache, bytes_per_token, fitting_tokens, span
 from .sampling import SamplingParams, make_generator, sample
 from .steppers import decode_stepper
 
 PREFILL_CHUNK = 256  # the batch scheduler uses the same: same chunks, same numbers
+GROW_FROM = 256  # answer tokens the cache has room for before it first grows
 
 
 @dataclass
@@ -36,31 +37,42 @@ class StepStats:
     prefill_s: float = 0.0
     decode_s: float = 0.0
     generated: int = 0
+    limit: int = 0  # the token budget (budget())
 
 
-def budget(prompt_len: int, params: SamplingParams, context_length: int) -> int:
-    """How many tokens may be generated; a prompt that does not fit is an error, never cut."""
+def budget(prompt_len: int, params: SamplingParams, model: torch.nn.Module) -> int:
+    """How many tokens may be generated: max_tokens, or by default as many as fit both the
+    model's context and the memory free now for the KV cache. A prompt or a max_tokens that does
+    not fit is an error, never cut."""
     if prompt_len == 0:
         raise BadRequest("the prompt is empty")
-    room = context_length - prompt_len
+    context = model.cfg.context_length
+    room = context - prompt_len
     if room <= 0:
-        raise BadRequest(f"the prompt has {prompt_len} tokens but the model's context is {context_length}",
+        raise BadRequest(f"the prompt has {prompt_len} tokens but the model's context is {context}",
                          "shorten the prompt or the conversation")
     if params.max_tokens is not None and params.max_tokens > room:
         raise BadRequest(f"max_tokens={params.max_tokens} does not fit: the prompt has {prompt_len} tokens "
-                         f"and the context is {context_length}", f"ask for at most {room}")
-    return params.max_tokens if params.max_tokens is not None else room
+                         f"and the context is {context}", f"ask for at most {room}")
+    fit = fitting_tokens(model) - prompt_len
+    wanted = params.max_tokens if params.max_tokens is not None else 1
+    if wanted > fit:
+        need = (prompt_len + wanted) * bytes_per_token(model)
+        raise BadRequest(f"{prompt_len + wanted} tokens of KV cache need {need / 2**30:.2f} GiB, more than the "
+                         f"memory free now allows", f"ask for at most {max(fit, 0)} tokens" if fit > 0
+                         else "shorten the prompt or free memory")
+    return params.max_tokens if params.max_tokens is not None else min(room, fit)
 
 
 @torch.inference_mode()
 def generate_ids(model: torch.nn.Module, prompt: Sequence[int], params: SamplingParams,
                  stop_ids: Sequence[int] = (), stats: StepStats | None = None) -> Iterator[int]:
     """Yields sampled token ids until a stop token (not yielded) or the token budget is spent."""
-    cfg = model.cfg
     stats = stats if stats is not None else StepStats()
-    limit = budget(len(prompt), params, cfg.context_length)
+    limit = stats.limit = budget(len(prompt), params, model)
     device = model.device
-    cache = KVCache.for_model(model, 1, span(len(prompt) + limit))
+    # room for the prompt and the first answer tokens; grown (geometrically) as the answer lengthens
+    cache = KVCache.for_model(model, 1, span(len(prompt) + min(limit, GROW_FROM)))
     stepper = decode_stepper(model, cache)
     gen = make_generator(params.seed, "cpu")
     stops = set(stop_ids) | set(params.stop_token_ids)
@@ -94,6 +106,7 @@ def generate_ids(model: torch.nn.Module, prompt: Sequence[int], params: Sampling
         if len(out) == limit:
             break
         tokens, pos = torch.tensor([[token]], device=device), torch.tensor([[n]], device=device)
+        cache.grow(1, n + 1, span(len(prompt) + limit))
         logits = stepper.step(tokens, pos, n + 1)
         n += 1
     stats.decode_s = time.perf_counter() - t1
@@ -157,7 +170,7 @@ class TextStream:
             if text.stopped:
                 break
         else:
-            if stats.generated < budget(len(self.prompt_ids), p, self.model.cfg.context_length):
+            if stats.generated < stats.limit:
                 finish = "stop"  # a stop token ended it
         piece = text.finish()
         if piece:

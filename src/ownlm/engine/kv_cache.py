@@ -1,22 +1,63 @@
-"""A preallocated KV cache, owned by the engine and written in place by the model.
+"""The KV cache, owned by the engine and written in place by the model.
 
 One tensor pair per layer, (slots, Hkv, capacity, D). A single generation uses one slot; the
-batch scheduler keeps its running sequences in slots 0..n-1 and grows the cache as they need."""
+batch scheduler keeps its running sequences in slots 0..n-1. Both grow the cache as sequences
+lengthen (geometrically, so rarely), never to a model's whole context up front, and a sequence
+may only ask for as many positions as the memory free now can hold (`fitting_tokens`)."""
 
 from __future__ import annotations
+
+import os
 
 import torch
 
 from ..model import ops
 
-
 ALIGN = 64
+MEMORY_SHARE = 0.8  # of the memory free now, what one sequence's cache may take at most
 
 
 def span(n: int) -> int:
     """Attention length for a decode step that needs `n` positions: rounded up to ALIGN, so a
     sequence's decode arithmetic is the same alone and in a batch (the model masks the rest)."""
     return -(-n // ALIGN) * ALIGN
+
+
+def cache_dtype(model) -> torch.dtype:
+    """Keys and values are held in the compute dtype (they are rounded to it as they are made);
+    on a CPU without ownlm's kernels in fp32, since one-token attention runs in fp32 there and
+    converting the cache every step cost more than the memory saved."""
+    cpu = model.device.type == "cpu"
+    return torch.float32 if cpu and not ops.cpu_kernels() else model.dtype
+
+
+def bytes_per_token(model) -> int:
+    """Cache bytes one position of one sequence takes: keys and values of every layer."""
+    cfg = model.cfg
+    return 2 * cfg.n_layers * cfg.n_kv_heads * cfg.head_dim * cache_dtype(model).itemsize
+
+
+def free_memory(device: torch.device) -> int:
+    """Bytes free now where the cache lives: the GPU's free memory, or the system's available
+    memory (MemAvailable; the free pages where /proc is missing)."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return 1 << 62  # nothing to go by: no bound
+
+
+def fitting_tokens(model) -> int:
+    """Positions of one sequence the memory free now can hold (MEMORY_SHARE of it)."""
+    return int(free_memory(model.device) * MEMORY_SHARE) // bytes_per_token(model)
 
 
 class KVCache:
@@ -36,12 +77,7 @@ class KVCache:
     @classmethod
     def for_model(cls, model, batch: int, max_len: int) -> "KVCache":
         cfg = model.cfg
-        # keys and values are held in the compute dtype (they are rounded to it as they are made);
-        # on a CPU without ownlm's kernels in fp32, since one-token attention runs in fp32 there
-        # and converting the cache every step cost more than the memory saved
-        cpu = model.device.type == "cpu"
-        dtype = torch.float32 if cpu and not ops.cpu_kernels() else model.dtype
-        return cls(cfg.n_layers, batch, cfg.n_kv_heads, max_len, cfg.head_dim, dtype, model.device)
+        return cls(cfg.n_layers, batch, cfg.n_kv_heads, max_len, cfg.head_dim, cache_dtype(model), model.device)
 
     def grow(self, slots: int, max_len: int, limit: int) -> None:
         """Make room for at least `slots` sequences of `max_len` positions (kept contents stay);

@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from ..errors import BadRequest
+from ..errors import BadRequest, ModelFormatError
 
 
 @dataclass(frozen=True)
@@ -102,6 +102,9 @@ def sample(logits: torch.Tensor, p: SamplingParams, generator: torch.Generator |
            context: torch.Tensor | None = None, output: torch.Tensor | None = None) -> int:
     """One token id from (V,) logits."""
     logits = logits.float()
+    if torch.isnan(logits).any():  # damaged weights (a hostile file can hold NaN in valid blocks)
+        raise ModelFormatError("the model's next-token scores are not numbers (NaN)",
+                               "its weights or settings are damaged; check the file with `ownlm inspect`")
     if p.needs_history or p.logit_bias:
         empty = torch.empty(0, dtype=torch.long, device=logits.device)
         logits = apply_penalties(logits.clone(), p, empty if context is None else context,
@@ -125,5 +128,7 @@ def sample(logits: torch.Tensor, p: SamplingParams, generator: torch.Generator |
     # an exponential race) draws a random number per vocabulary entry and costs ~1.5 ms at 49k
     # (u < 1, so u * total < total: the first index whose cumulative mass exceeds it has p > 0)
     cdf = torch.cumsum(probs.double(), dim=-1)
+    if not cdf[-1] > 0:  # every token masked or infinitely unlikely
+        raise ModelFormatError("no token has a probability above zero", "check the sampling settings")
     u = torch.rand((), dtype=torch.float64, generator=generator) * cdf[-1]
-    return int(torch.searchsorted(cdf, u, right=True))
+    return min(int(torch.searchsorted(cdf, u, right=True)), logits.shape[-1] - 1)

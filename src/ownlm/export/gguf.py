@@ -14,8 +14,8 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 from ..errors import BadRequest
 from ..formats import keymaps
 from ..formats import tokenizer as tok_formats
-from ..fsutil import atomic_file
 from ..model.transformer import rope_frequencies
+from ..store.store import Store
 from .tensors import file_tensors
 
 Q = gguf.GGMLQuantizationType
@@ -92,7 +92,8 @@ def _add_tokenizer(w: gguf.GGUFWriter, lm) -> None:
 
 
 def write_gguf(lm, out: Path, quant: str = "f16") -> Path:
-    """Write `lm` (a LoadedModel: adapters merged, int4 dequantized, then quantized to `quant`)."""
+    """Write `lm` (a LoadedModel: adapters merged, int4 dequantized, then quantized to `quant`)
+    through a temp file the store sweeps if this process is killed."""
     if quant not in QUANTS:
         raise BadRequest(f"unknown GGUF quantization {quant!r}", f"use one of: {', '.join(QUANTS)}")
     c = lm.config
@@ -101,7 +102,7 @@ def write_gguf(lm, out: Path, quant: str = "f16") -> Path:
     out = Path(out)
     if out.exists():
         raise BadRequest(f"{out} already exists", "choose another --out, or remove it")
-    with atomic_file(out) as tmp:
+    with Store().atomic_out(out, folder=False) as tmp:
         w = gguf.GGUFWriter(str(tmp), fam.gguf_arch)
         w.add_name(lm.facts.get("model_name") or lm.name)
         w.add_file_type(int(ftype))

@@ -12,8 +12,8 @@ import torch
 from ..errors import BadRequest
 from ..formats import keymaps
 from ..formats.hf import write_safetensors
-from ..fsutil import atomic_dir
 from ..model.families import FAMILIES
+from ..store.store import Store
 from .tensors import file_tensors
 
 
@@ -60,7 +60,8 @@ def hf_config(lm, dtype: torch.dtype) -> dict[str, Any]:
 
 def write_hf_folder(lm, out: Path, state: dict[str, torch.Tensor] | None = None,
                     dtype: torch.dtype = torch.float32, replace: bool = False) -> Path:
-    """Write `lm` (a LoadedModel; adapters merged, int4 dequantized) as an HF folder at `out`."""
+    """Write `lm` (a LoadedModel; adapters merged, int4 dequantized) as an HF folder at `out`
+    (through a temp folder the store sweeps if this process is killed)."""
     out = Path(out)
     cfg = hf_config(lm, dtype)
     tensors = {}
@@ -73,7 +74,7 @@ def write_hf_folder(lm, out: Path, state: dict[str, torch.Tensor] | None = None,
     if not lm.template.is_fallback:
         tcfg["chat_template"] = lm.template.source
     try:
-        with atomic_dir(out, replace=replace) as tmp:
+        with Store().atomic_out(out, folder=True, replace=replace) as tmp:
             (tmp / "config.json").write_text(json.dumps(cfg, indent=2), encoding="utf-8")
             (tmp / "generation_config.json").write_text(json.dumps(
                 {"bos_token_id": tok.bos_id, "eos_token_id": tok.eos_ids or None}, indent=2), encoding="utf-8")

@@ -3,6 +3,7 @@ dequantized to a float dtype on demand), tokenizer, chat template and the facts 
 
 from __future__ import annotations
 
+import re
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,6 +15,8 @@ import torch
 from ..errors import ModelFormatError
 from ..model import config as model_config
 from ..model.config import ModelConfig
+from ..model.metadata import HF_CONFIG, MAX_HEAD_DIM
+from ..model.transformer import Transformer
 from . import hf, keymaps
 from . import tokenizer as tok
 from .gguf import GGUFFile
@@ -40,10 +43,68 @@ class Checkpoint:
 
 
 def open_checkpoint(files: Mapping[str, Path]) -> Checkpoint:
-    """files: relative name -> local path, as the store resolves them (or a folder's listing)."""
+    """files: relative name -> local path, as the store resolves them (or a folder's listing).
+    Refuses a checkpoint that could never load: metadata of the wrong type or out of range
+    (model/metadata.py), or tensors that disagree with the config (check_tensors)."""
     if GGUF_FILE in files:
         return _open_gguf(files[GGUF_FILE])
     return _open_hf(files)
+
+
+_LAYER = re.compile(r"layers\.(\d+)\.")
+_EXPERT = re.compile(r"layers\.\d+\.mlp\.experts\.(\d+)\.")
+NOT_WEIGHTS = {"I8", "I16", "I32", "I64", "int8", "int16", "int32", "int64", "uint8", "bool"}  # GGUF and torch names
+
+
+def check_tensors(cfg: ModelConfig, listing: list[dict[str, Any]], where: str, keys: Mapping[str, str]) -> None:
+    """The tensors of a file (its listing, our names) against what its config implies: the layer
+    and expert counts first (so a config of millions of layers fails here, in milliseconds, before
+    any is built), then, on a Transformer built on the meta device, that every parameter is there
+    once (whole, or as the parts of a fused projection) with the shape the config gives it and a
+    floating-point type, and nothing else is. keys: ModelConfig field -> the file's key for it."""
+    layers = {int(m.group(1)) for r in listing if (m := _LAYER.match(r["name"]))}
+    if layers != set(range(cfg.n_layers)):
+        held = f"layers 0..{max(layers)}" if layers == set(range(len(layers))) else f"{len(layers)} layer(s)"
+        raise ModelFormatError(f"{where}: {keys.get('n_layers', 'n_layers')}={cfg.n_layers} disagrees with the "
+                               f"tensors, which hold {held if layers else 'no layers'}")
+    experts = {int(m.group(1)) for r in listing if (m := _EXPERT.match(r["name"]))}
+    if experts != set(range(cfg.n_experts)):
+        raise ModelFormatError(f"{where}: {keys.get('n_experts', 'n_experts')}={cfg.n_experts} disagrees with the "
+                               f"tensors, which hold {len(experts)} expert(s) per layer")
+    with torch.device("meta"):
+        want = {name: tuple(t.shape) for name, t in Transformer(cfg).state_dict().items()}
+    rows = {"q": cfg.n_heads * cfg.head_dim, "k": cfg.n_kv_heads * cfg.head_dim, "v": cfg.n_kv_heads * cfg.head_dim,
+            "gate": cfg.ffn_dim, "up": cfg.ffn_dim}  # the parts of the fused projections (keymaps.FUSED)
+    fused_of = {p: fused for fused, ps in keymaps.FUSED.items() for p in ps}
+    filled: dict[str, list[str]] = {}  # parameter -> what filled it: "" (all of it) or the parts
+    for r in listing:
+        name, shape, file_name = r["name"], tuple(r["shape"]), r["file_name"]
+        parent, _, leaf = name.rpartition(".")
+        grand, _, part = parent.rpartition(".")
+        if name in want:
+            target, piece, expected = name, "", want[name]
+        elif part in fused_of and f"{grand}.{fused_of[part]}.{leaf}" in want:
+            target, piece = f"{grand}.{fused_of[part]}.{leaf}", part
+            expected = (rows[part], *want[target][1:])
+        else:
+            raise ModelFormatError(f"{where}: tensor {file_name!r} has no place in a model of this config")
+        if shape != expected:
+            raise ModelFormatError(f"{where}: tensor {file_name!r} has shape {list(shape)}, the config implies "
+                                   f"{list(expected)}")
+        if r["type"] in NOT_WEIGHTS:
+            raise ModelFormatError(f"{where}: tensor {file_name!r} holds {r['type']}, not floating-point weights")
+        filled.setdefault(target, []).append(piece)
+    for target in want:
+        got = sorted(filled.get(target, ()))
+        if got == [""]:
+            continue
+        if not got:
+            raise ModelFormatError(f"{where}: the config implies a tensor {target!r} (our name) the file lacks")
+        parts = sorted(keymaps.FUSED.get(target.split(".")[-2], ()))
+        if got != parts:
+            raise ModelFormatError(f"{where}: {target!r} (our name) is filled by "
+                                   f"{', '.join(p or 'a whole tensor' for p in got)}; expected {', '.join(parts)} "
+                                   "once each")
 
 
 def files_of_path(path: Path) -> dict[str, Path]:
@@ -69,18 +130,38 @@ def _open_gguf(path: Path) -> Checkpoint:
     where = Path(path).name
 
     def factors(name: str) -> tuple[float, ...]:
-        return tuple(g.dequantize(name).tolist()) if name in g.tensors else ()
+        """A rope table: one factor per pair of a head's rotary dimensions (the config checks the
+        count against the head dim; bounded here before it is read)."""
+        if name not in g.tensors:
+            return ()
+        n = g.tensors[name].n_elements
+        if n > MAX_HEAD_DIM // 2:
+            raise ModelFormatError(f"{where}: tensor {name!r} has {n} entries; a rope table holds one per pair of "
+                                   f"a head's dimensions (at most {MAX_HEAD_DIM // 2})")
+        return tuple(g.dequantize(name).reshape(-1).tolist())
 
     long = factors("rope_factors_long.weight")
     rope_factors = factors("rope_factors_short.weight") if long else factors("rope_freqs.weight")
     cfg = model_config.from_gguf(g.metadata, set(g.tensors), rope_factors, where, long)
-    spec = tok.from_gguf(g.metadata)
     fam = cfg.family
     names = {}
     for name in g.tensors:
         ours = keymaps.from_gguf_name(name, fam, where)
         if ours is not None:
             names[name] = ours
+    listing = []
+    for name, ours in names.items():
+        t = g.tensors[name]
+        experts = t.shape[0] if keymaps.STACKED in ours else 0  # listed as the tensors() yields them
+        if experts > cfg.n_experts:
+            raise ModelFormatError(f"{where}: tensor {name!r} stacks {experts} experts, "
+                                   f"{g.architecture}.expert_count is {cfg.n_experts}")
+        for e in range(experts) if experts else [None]:
+            listing.append({"name": ours if e is None else ours.replace(keymaps.STACKED, f".experts.{e}."),
+                            "file_name": name, "shape": list(t.shape[1:] if experts else t.shape),
+                            "type": t.type_name, "bytes": t.nbytes // (experts or 1)})
+    check_tensors(cfg, listing, where, model_config.gguf_keys(g.architecture))
+    spec = tok.from_gguf(g.metadata, where)
 
     def undo_layout(ours: str, w: np.ndarray) -> np.ndarray:
         """The family's GGUF layouts undone (llama.cpp's Q/K row order, Gemma's offset + w norms);
@@ -123,14 +204,6 @@ def _open_gguf(path: Path) -> Checkpoint:
         "model_name": g.get("general.name"),
         "vocab_size": cfg.vocab_size,
     }
-    listing = []
-    for name, ours in names.items():
-        t = g.tensors[name]
-        experts = t.shape[0] if keymaps.STACKED in ours else 0  # listed as the tensors() yields them
-        for e in range(experts) if experts else [None]:
-            listing.append({"name": ours if e is None else ours.replace(keymaps.STACKED, f".experts.{e}."),
-                            "file_name": name, "shape": list(t.shape[1:] if experts else t.shape),
-                            "type": t.type_name, "bytes": t.nbytes // (experts or 1)})
     return Checkpoint("gguf", cfg, spec, g.get("tokenizer.chat_template"), facts, tensors, listing)
 
 
@@ -155,11 +228,8 @@ def _dominant(g: GGUFFile) -> str:
 def _open_hf(files: Mapping[str, Path]) -> Checkpoint:
     if "config.json" not in files:
         raise ModelFormatError("model has no config.json")
-    raw = hf.read_json(files["config.json"])
-    if not isinstance(raw, dict):
-        raise ModelFormatError("config.json is not an object")
+    raw = hf.read_object(files["config.json"], HF_CONFIG)
     cfg = model_config.from_hf(raw)
-    spec, template = tok.from_hf(files)
     st_files = {n: p for n, p in files.items() if n.endswith(".safetensors")}
     shapes: dict[str, tuple] = {}
     for _n, p in st_files.items():
@@ -172,6 +242,11 @@ def _open_hf(files: Mapping[str, Path]) -> Checkpoint:
             continue  # tied: the embedding serves as the head
         if ours is not None:
             names[name] = ours
+    listing = [{"name": ours, "file_name": name, "shape": list(shapes[name][0]),
+                "type": str(shapes[name][1]).removeprefix("torch."),
+                "bytes": int(np.prod(shapes[name][0])) * torch.empty(0, dtype=shapes[name][1]).element_size()}
+               for name, ours in names.items()]
+    check_tensors(cfg, listing, "config.json", model_config.HF_KEYS)
     layout = cfg.family.hf_layout  # e.g. GPT-NeoX's q/k/v rows per head, reordered into our blocks
 
     def tensors(dtype: torch.dtype, keep: tuple[int, ...] = ()) -> Iterator[tuple[str, torch.Tensor]]:
@@ -193,8 +268,5 @@ def _open_hf(files: Mapping[str, Path]) -> Checkpoint:
         "model_name": raw.get("_name_or_path") or None,
         "vocab_size": cfg.vocab_size,
     }
-    listing = [{"name": ours, "file_name": name, "shape": list(shapes[name][0]),
-                "type": str(shapes[name][1]).removeprefix("torch."),
-                "bytes": int(np.prod(shapes[name][0])) * torch.empty(0, dtype=shapes[name][1]).element_size()}
-               for name, ours in names.items()]
+    spec, template = tok.from_hf(files)
     return Checkpoint("safetensors", cfg, spec, template, facts, tensors, listing)

@@ -2,7 +2,8 @@
 
 Every count, length and offset in the header is checked against the file before anything is
 allocated, so a truncated or hostile file raises ModelFormatError instead of crashing, hanging or
-allocating gigabytes. Tensor data stays in a read-only memory map; records are views into it.
+allocating gigabytes; every metadata key ownlm reads is checked against model/metadata.py's schema.
+Tensor data stays in a read-only memory map; records are views into it.
 Quantization codecs and type tables come from the `gguf` package (llama.cpp's own Python code).
 """
 
@@ -19,6 +20,7 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 from gguf import quants as gguf_quants
 
 from ..errors import ModelFormatError
+from ..model import metadata
 
 MAGIC = b"GGUF"
 MAX_TENSORS = 1 << 17
@@ -185,7 +187,8 @@ class GGUFFile:
             if key in meta:
                 raise c.fail(f"duplicate metadata key {key!r}")
             meta[key] = c.value(vtype)
-        self.metadata = meta
+        # every key ownlm reads, as the type the schema declares (not the type the file holds)
+        self.metadata = metadata.check_gguf(meta, self.path)
 
         infos = []
         for _ in range(n_tensors):

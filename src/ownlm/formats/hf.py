@@ -1,9 +1,11 @@
 """Hugging Face folders: config.json, *.safetensors (memory-mapped, header validated),
-tokenizer.json, tokenizer_config.json. Pickle checkpoints are refused; no remote code runs."""
+tokenizer.json, tokenizer_config.json. Pickle checkpoints are refused; no remote code runs. Every
+JSON file (and safetensors header) is read through parse_json: bounded in size and depth, no NaN."""
 
 from __future__ import annotations
 
 import json
+import math
 import mmap
 import os
 import struct
@@ -13,9 +15,11 @@ from typing import Any, Iterator, Mapping
 import torch
 
 from ..errors import ModelFormatError
+from ..model import metadata
 
 MAX_HEADER = 100 << 20
 MAX_JSON = 64 << 20
+MAX_JSON_DEPTH = 64  # config.json, tokenizer.json: under 10 levels
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 DTYPES = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -34,17 +38,67 @@ def refuse_pickle(path: str | Path) -> None:
         ".save_pretrained(out, safe_serialization=True)")
 
 
-def read_json(path: str | Path, limit: int = MAX_JSON) -> Any:
+def parse_json(data: bytes | str, what: str, depth: int = MAX_JSON_DEPTH) -> Any:
+    """A JSON document from a file (its bytes, at most a limit the caller has checked), as the
+    standard defines JSON: no NaN or Infinity (nor a number too large for a float), nested at most
+    `depth` levels. A violation is a ModelFormatError naming `what` and, for a number, its key."""
+    try:
+        value = json.loads(data.decode("utf-8") if isinstance(data, bytes) else data)
+    except RecursionError:
+        raise ModelFormatError(f"{what}: JSON nested deeper than {depth} levels") from None
+    except (UnicodeDecodeError, ValueError) as e:  # JSONDecodeError, and integers of more than 4300 digits
+        raise ModelFormatError(f"{what}: invalid JSON ({str(e)[:200]})") from None
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ModelFormatError(f"{what}: {value} is not a finite number")
+    # walked without recursion: (container, its path, its depth)
+    stack: list[tuple[Any, str, int]] = [(value, "", 1)] if isinstance(value, (dict, list)) else []
+    while stack:
+        node, path, level = stack.pop()
+        if level > depth:
+            raise ModelFormatError(f"{what}: JSON nested deeper than {depth} levels (at {path})")
+        for k, v in node.items() if isinstance(node, dict) else enumerate(node):
+            if isinstance(v, (dict, list)):
+                stack.append((v, _child(path, k), level + 1))
+            elif type(v) is float and not math.isfinite(v):
+                raise ModelFormatError(f"{what}: {_child(path, k)}={v} is not a finite number")
+    return value
+
+
+def _child(path: str, k: str | int) -> str:
+    if isinstance(k, int):
+        return f"{path}[{k}]"
+    return f"{path}.{k}" if path else k
+
+
+def read_bytes(path: str | Path, limit: int = MAX_JSON, what: str | None = None) -> bytes:
+    """A file's bytes, refused when there are more than `limit` of them."""
     path = Path(path)
     try:
-        size = path.stat().st_size
-        if size > limit:
-            raise ModelFormatError(f"{path}: {size} bytes is too large for a JSON config")
-        return json.loads(path.read_text(encoding="utf-8"))
+        with open(path, "rb") as f:
+            data = f.read(limit + 1)
     except FileNotFoundError:
         raise ModelFormatError(f"{path} is missing") from None
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ModelFormatError(f"{path}: invalid JSON ({e})") from None
+    except OSError as e:
+        raise ModelFormatError(f"{path}: cannot be read ({e.strerror})") from None
+    if len(data) > limit:
+        raise ModelFormatError(f"{what or path.name}: more than {limit} bytes is too large for this file")
+    return data
+
+
+def read_json(path: str | Path, limit: int = MAX_JSON, what: str | None = None) -> Any:
+    """A JSON file, read with parse_json's limits and at most `limit` bytes."""
+    what = what or Path(path).name
+    return parse_json(read_bytes(path, limit, what), what)
+
+
+def read_object(path: str | Path, schema: Mapping[str, metadata.Key] | None = None, limit: int = MAX_JSON) -> dict:
+    """A JSON file that must hold an object, its keys checked against `schema` (model/metadata.py)."""
+    value = read_json(path, limit)
+    name = Path(path).name
+    if not isinstance(value, dict):
+        found = {list: "an array", str: "a string", bool: "a boolean", int: "a number", float: "a number"}
+        raise ModelFormatError(f"{name}: expected a JSON object, found {found.get(type(value), 'null')}")
+    return metadata.check(value, schema, name) if schema else value
 
 
 def model_files(folder: str | Path) -> dict[str, Path]:
@@ -81,32 +135,34 @@ class SafetensorsFile:
             (n,) = struct.unpack("<Q", f.read(8))
             if n > MAX_HEADER or 8 + n > size:
                 raise ModelFormatError(f"{self.path}: header length {n} is invalid for a file of {size} bytes")
-            try:
-                header = json.loads(f.read(n))
-            except (UnicodeDecodeError, json.JSONDecodeError) as e:
-                raise ModelFormatError(f"{self.path}: invalid safetensors header ({e})") from None
+            header = parse_json(f.read(n), f"{self.path}: safetensors header")
             self._mmap = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY) if size > 8 + n else None
         if not isinstance(header, dict):
-            raise ModelFormatError(f"{self.path}: invalid safetensors header")
-        self.metadata = header.pop("__metadata__", None) or {}
+            raise ModelFormatError(f"{self.path}: the safetensors header is not an object")
+        meta = header.pop("__metadata__", None) or {}
+        if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
+            raise ModelFormatError(f"{self.path}: safetensors __metadata__ is not an object of strings")
+        self.metadata = meta
         base = 8 + n
         self.entries: dict[str, tuple[torch.dtype, tuple[int, ...], int, int]] = {}
         for name, e in header.items():
-            try:
-                dtype = DTYPES[e["dtype"]]
-                shape = tuple(int(d) for d in e["shape"])
-                start, end = (int(o) for o in e["data_offsets"])
-            except (KeyError, TypeError, ValueError):
-                raise ModelFormatError(f"{self.path}: tensor {name!r} has an invalid or unsupported "
-                                       "header entry") from None
+            where = f"{self.path}: tensor {name!r}"
+            if not isinstance(e, dict) or any(e.get(k) is None for k in metadata.SAFETENSORS_ENTRY):
+                raise ModelFormatError(f"{where} needs dtype, shape and data_offsets in the header")
+            e = metadata.check(e, metadata.SAFETENSORS_ENTRY, where)
+            if e["dtype"] not in DTYPES:
+                raise ModelFormatError(f"{where}: dtype {e['dtype']!r} is not supported",
+                                       f"supported: {', '.join(DTYPES)}")
+            if len(e["data_offsets"]) != 2:
+                raise ModelFormatError(f"{where}: data_offsets={e['data_offsets']} is not [start, end]")
+            dtype, shape = DTYPES[e["dtype"]], tuple(e["shape"])
+            start, end = e["data_offsets"]
             numel = 1
             for d in shape:
-                if d < 0:
-                    raise ModelFormatError(f"{self.path}: tensor {name!r} has a negative dimension")
                 numel *= d
             itemsize = torch.empty((), dtype=dtype).element_size()
             if not 0 <= start <= end or end - start != numel * itemsize or base + end > size:
-                raise ModelFormatError(f"{self.path}: tensor {name!r} data lies outside the file or has the wrong size")
+                raise ModelFormatError(f"{where}: data lies outside the file or has the wrong size")
             self.entries[name] = (dtype, shape, base + start, end - start)
 
     def tensor(self, name: str) -> torch.Tensor:

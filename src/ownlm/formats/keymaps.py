@@ -135,6 +135,8 @@ def _qk_rows(w, ours: str, cfg: ModelConfig, to_file: bool):
     first halves, then second halves) or back."""
     heads = cfg.n_heads if ".attn.q." in ours else cfg.n_kv_heads
     rows, rest = w.shape[0], tuple(w.shape[1:])
+    if rows % (2 * heads):  # checked against the config before (checkpoint.check_tensors); never reshape blindly
+        raise ModelFormatError(f"tensor {ours!r} (our name): {rows} rows do not split into {heads} heads of pairs")
     split = (heads, 2, rows // heads // 2) if to_file else (heads, rows // heads // 2, 2)
     return w.reshape(*split, *rest).swapaxes(1, 2).reshape(rows, *rest)
 

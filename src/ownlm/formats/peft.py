@@ -11,6 +11,7 @@ from typing import Any, Mapping
 import torch
 
 from ..errors import ModelFormatError
+from ..model.metadata import ADAPTER_CONFIG
 from . import hf
 from .keymaps import HF_MODULES
 
@@ -67,10 +68,9 @@ def from_peft(tensors: Mapping[str, torch.Tensor], where: str = WEIGHTS) -> dict
 
 
 def read_settings(path: Path) -> LoraSettings:
-    cfg = hf.read_json(path)
-    if not isinstance(cfg, dict) or cfg.get("peft_type", "LORA") != "LORA":
-        raise ModelFormatError(f"{path.name}: only LoRA adapters are supported (peft_type {cfg.get('peft_type')!r})"
-                               if isinstance(cfg, dict) else f"{path.name} is not an object")
+    cfg = hf.read_object(path, ADAPTER_CONFIG)
+    if cfg.get("peft_type", "LORA") != "LORA":
+        raise ModelFormatError(f"{path.name}: only LoRA adapters are supported (peft_type {cfg.get('peft_type')!r})")
     for key, bad in (("use_dora", True), ("fan_in_fan_out", True)):
         if cfg.get(key) == bad:
             raise ModelFormatError(f"{path.name}: {key}={bad} is not supported")

@@ -10,7 +10,8 @@ from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalize
 
 from ..errors import ModelFormatError
 from ..text.tokenizer import TokenizerSpec
-from .hf import read_json
+from ..model.metadata import GENERATION_CONFIG, TOKENIZER_CONFIG
+from .hf import MAX_JSON, read_bytes, read_object
 
 # GGUF token types (llama.cpp's llama_token_type)
 NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
@@ -73,7 +74,9 @@ def _id(meta: Mapping[str, Any], key: str, n: int) -> int | None:
     return v
 
 
-def from_gguf(meta: Mapping[str, Any]) -> TokenizerSpec:
+def from_gguf(meta: Mapping[str, Any], where: str = "GGUF") -> TokenizerSpec:
+    """The tokenizer of a GGUF file's metadata (checked against model/metadata.py's schema as
+    formats/gguf.py reads it)."""
     kind = meta.get("tokenizer.ggml.model")
     tokens = meta.get("tokenizer.ggml.tokens")
     if not isinstance(tokens, list) or not tokens:
@@ -83,6 +86,34 @@ def from_gguf(meta: Mapping[str, Any]) -> TokenizerSpec:
     vocab: dict[str, int] = {}
     for i, t in enumerate(tokens):
         vocab.setdefault(t, i)
+    if kind not in ("gpt2", "llama"):
+        raise ModelFormatError(f"GGUF: tokenizer model {kind!r} is not supported",
+                               "supported: gpt2 (BPE), llama (SentencePiece)")
+    try:
+        tk, add_bos_default = _gguf_tokenizer(meta, kind, tokens, types, vocab)
+        specials = [AddedToken(tokens[i], special=True, normalized=False) for i in range(n) if types[i] == CONTROL]
+        user = [AddedToken(tokens[i], special=False, normalized=False) for i in range(n) if types[i] == USER_DEFINED]
+        tk.add_special_tokens(specials)
+        if user:
+            tk.add_tokens(user)
+    except ModelFormatError:
+        raise
+    except Exception as e:  # tokenizers raises plain Exceptions: merges naming tokens the vocabulary lacks, ...
+        raise ModelFormatError(f"{where}: tokenizer.ggml.tokens / merges do not make a tokenizer ({str(e)[:200]})",
+                               "the file is corrupt or its tokenizer is not supported") from None
+    bos = _id(meta, "tokenizer.ggml.bos_token_id", n)
+    eos = _id(meta, "tokenizer.ggml.eos_token_id", n)
+    eot = _id(meta, "tokenizer.ggml.eot_token_id", n)
+    eos_ids = [i for i in (eos, eot) if i is not None]
+    return TokenizerSpec(tk, bos, list(dict.fromkeys(eos_ids)),
+                         bool(meta.get("tokenizer.ggml.add_bos_token", add_bos_default)) and bos is not None,
+                         tokens[bos] if bos is not None else "", tokens[eos] if eos is not None else "")
+
+
+def _gguf_tokenizer(meta: Mapping[str, Any], kind: str, tokens: list[str], types: list[int],
+                    vocab: dict[str, int]) -> tuple[Tokenizer, bool]:
+    """(tokenizer, whether BOS is added by default) of a gpt2 (BPE) or llama (SentencePiece) vocabulary."""
+    n = len(tokens)
     if kind == "gpt2":
         pre = meta.get("tokenizer.ggml.pre", "default")
         if pre not in PRE_TOKENIZERS:
@@ -97,44 +128,37 @@ def from_gguf(meta: Mapping[str, Any]) -> TokenizerSpec:
         tk = Tokenizer(models.BPE(vocab, merges, ignore_merges=pre in IGNORE_MERGES))
         tk.pre_tokenizer = pre_tokenizers.Sequence(PRE_TOKENIZERS[pre]())
         tk.decoder = decoders.ByteLevel()
-        add_bos_default = False
-    elif kind == "llama":
-        scores = _array(meta, "tokenizer.ggml.scores", n) or [0.0] * n
-        tk = Tokenizer(models.BPE(vocab, _spm_merges(tokens, scores, types, vocab),
-                                  unk_token=tokens[_id(meta, "tokenizer.ggml.unknown_token_id", n) or 0],
-                                  fuse_unk=True, byte_fallback=True))
-        prefix = bool(meta.get("tokenizer.ggml.add_space_prefix", True))
-        norm = [normalizers.Prepend("▁")] if prefix else []
-        tk.normalizer = normalizers.Sequence(norm + [normalizers.Replace(" ", "▁")])
-        dec = [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()]
-        tk.decoder = decoders.Sequence(dec + ([decoders.Strip(" ", 1, 0)] if prefix else []))
-        add_bos_default = True
-    else:
-        raise ModelFormatError(f"GGUF: tokenizer model {kind!r} is not supported",
-                               "supported: gpt2 (BPE), llama (SentencePiece)")
-    specials = [AddedToken(tokens[i], special=True, normalized=False) for i in range(n) if types[i] == CONTROL]
-    user = [AddedToken(tokens[i], special=False, normalized=False) for i in range(n) if types[i] == USER_DEFINED]
-    tk.add_special_tokens(specials)
-    if user:
-        tk.add_tokens(user)
-    bos = _id(meta, "tokenizer.ggml.bos_token_id", n)
-    eos = _id(meta, "tokenizer.ggml.eos_token_id", n)
-    eot = _id(meta, "tokenizer.ggml.eot_token_id", n)
-    eos_ids = [i for i in (eos, eot) if i is not None]
-    return TokenizerSpec(tk, bos, list(dict.fromkeys(eos_ids)),
-                         bool(meta.get("tokenizer.ggml.add_bos_token", add_bos_default)) and bos is not None,
-                         tokens[bos] if bos is not None else "", tokens[eos] if eos is not None else "")
+        return tk, False
+    scores = _array(meta, "tokenizer.ggml.scores", n) or [0.0] * n
+    tk = Tokenizer(models.BPE(vocab, _spm_merges(tokens, scores, types, vocab),
+                              unk_token=tokens[_id(meta, "tokenizer.ggml.unknown_token_id", n) or 0],
+                              fuse_unk=True, byte_fallback=True))
+    prefix = bool(meta.get("tokenizer.ggml.add_space_prefix", True))
+    norm = [normalizers.Prepend("▁")] if prefix else []
+    tk.normalizer = normalizers.Sequence(norm + [normalizers.Replace(" ", "▁")])
+    dec = [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()]
+    tk.decoder = decoders.Sequence(dec + ([decoders.Strip(" ", 1, 0)] if prefix else []))
+    return tk, True
 
 
 def _spm_merges(tokens: list[str], scores: list[float], types: list[int],
                 vocab: dict[str, int]) -> list[tuple[str, str]]:
     """BPE merges equivalent to a SentencePiece BPE model: every split of a piece into two
-    pieces of the vocabulary, ranked by the merged piece's score (higher merges first)."""
+    pieces of the vocabulary, ranked by the merged piece's score (higher merges first). Only cuts
+    where both halves have the length of some piece are tried: a piece costs the number of
+    distinct piece lengths, not the square of its own length (one 250k-character token)."""
+    lengths = sorted({len(t) for t in tokens})
+    present = set(lengths)
     ranked = []
     for i, piece in enumerate(tokens):
-        if types[i] not in (NORMAL, USER_DEFINED) or len(piece) < 2:
+        size = len(piece)
+        if types[i] not in (NORMAL, USER_DEFINED) or size < 2:
             continue
-        for cut in range(1, len(piece)):
+        for cut in lengths:
+            if cut >= size:
+                break
+            if size - cut not in present:
+                continue
             a, b = piece[:cut], piece[cut:]
             if a in vocab and b in vocab:
                 ranked.append((-scores[i], vocab[a], vocab[b], a, b))
@@ -149,13 +173,18 @@ def _token_text(v: Any) -> str:
 
 
 def from_hf(files: Mapping[str, Path]) -> tuple[TokenizerSpec, Any]:
-    """(tokenizer, chat_template) from tokenizer.json + tokenizer_config.json (+ generation_config)."""
+    """(tokenizer, chat_template) from tokenizer.json + tokenizer_config.json (+ generation_config),
+    each read within hf.MAX_JSON bytes (tokenizers' own parser bounds the nesting of tokenizer.json)."""
     try:
-        tk = Tokenizer.from_file(str(files["tokenizer.json"]))
+        tk = Tokenizer.from_str(read_bytes(files["tokenizer.json"], MAX_JSON).decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise ModelFormatError(f"tokenizer.json is not UTF-8 ({e})") from None
     except Exception as e:  # tokenizers raises plain Exceptions for bad files
-        raise ModelFormatError(f"tokenizer.json cannot be read: {e}") from None
-    tcfg = read_json(files["tokenizer_config.json"]) if "tokenizer_config.json" in files else {}
-    gcfg = read_json(files["generation_config.json"]) if "generation_config.json" in files else {}
+        if isinstance(e, ModelFormatError):
+            raise
+        raise ModelFormatError(f"tokenizer.json cannot be read: {str(e)[:200]}") from None
+    tcfg = read_object(files["tokenizer_config.json"], TOKENIZER_CONFIG) if "tokenizer_config.json" in files else {}
+    gcfg = read_object(files["generation_config.json"], GENERATION_CONFIG) if "generation_config.json" in files else {}
     bos_tok, eos_tok = _token_text(tcfg.get("bos_token")), _token_text(tcfg.get("eos_token"))
     bos = tk.token_to_id(bos_tok) if bos_tok else None
     eos_ids: list[int] = []
@@ -163,12 +192,12 @@ def from_hf(files: Mapping[str, Path]) -> tuple[TokenizerSpec, Any]:
         eos_ids.append(tk.token_to_id(eos_tok))
     extra = gcfg.get("eos_token_id")
     for i in extra if isinstance(extra, list) else [extra] if extra is not None else []:
-        if isinstance(i, int) and 0 <= i < tk.get_vocab_size(with_added_tokens=True):
+        if 0 <= i < tk.get_vocab_size(with_added_tokens=True):
             eos_ids.append(i)
     spec = TokenizerSpec(tk, bos, list(dict.fromkeys(eos_ids)),
                          bool(tcfg.get("add_bos_token", False)) and bos is not None, bos_tok, eos_tok)
     template = tcfg.get("chat_template")
     if isinstance(template, list):  # [{"name": "default", "template": ...}, ...]
-        named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
+        named = {t.get("name"): t.get("template") for t in template}
         template = named.get("default") or next(iter(named.values()), None)
     return spec, template if isinstance(template, str) else None

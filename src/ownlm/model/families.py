@@ -9,11 +9,11 @@ The architecture name is normalized once, where a checkpoint's metadata is read 
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
 
 from ..errors import ModelFormatError
+from . import metadata
 
 Rules = tuple[tuple[str, str], ...]  # (regex over a tensor's name, replacement); the first match wins
 KeyTranslation = Callable[[Mapping[str, Any], str], dict[str, Any]]
@@ -46,16 +46,8 @@ class Family:
 
 
 def number(value: Any, name: str, kind: type = int) -> Any:
-    """A metadata value that must be an integer (or, kind=float, a finite number): files are hostile."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ModelFormatError(f"model config: {name}={value!r} is not a number")
-    if kind is int:
-        if float(value) != int(value):
-            raise ModelFormatError(f"model config: {name}={value!r} is not an integer")
-        return int(value)
-    if not math.isfinite(float(value)):
-        raise ModelFormatError(f"model config: {name}={value!r} is not finite")
-    return float(value)
+    """A value that must be an integer (or, kind=float, a finite number): files are hostile."""
+    return metadata.Key("int" if kind is int else "float").check(value, name, "model config")
 
 
 def _falcon_keys(cfg: Mapping[str, Any], where: str) -> dict[str, Any]:

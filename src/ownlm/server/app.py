@@ -1,5 +1,6 @@
 """The OpenAI-compatible HTTP API: routes, error bodies, server-sent events, and the guard in
-front of them (API keys, Host check, body limit, request metrics)."""
+front of them (Host and Origin checks, CORS, API keys, JSON bodies only, body limit, request
+metrics)."""
 
 from __future__ import annotations
 
@@ -8,18 +9,21 @@ import base64
 import hmac
 import json
 import struct
+import threading
 import time
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Protocol, TypeVar
+from urllib.parse import urlsplit
 
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 from starlette.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from starlette.routing import Match
 
-from ..engine.embed import embed
 from ..engine.scheduler import Overloaded, TokenLogprob
 from ..errors import BadRequest, ChatTemplateError, ModelNotFound, OwnlmError
 from . import runs
@@ -29,9 +33,12 @@ from .schemas import ChatRequest, CompletionRequest, EmbeddingRequest
 
 B = TypeVar("B", bound=BaseModel)
 LOOPBACK_HOSTS = {"localhost", "127.0.0.1", "::1", "[::1]"}
-ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
-               413: "invalid_request_error", 422: "invalid_request_error", 429: "rate_limit_error",
-               500: "server_error", 503: "service_unavailable"}
+ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
+               404: "not_found_error", 413: "invalid_request_error", 415: "invalid_request_error",
+               422: "invalid_request_error", 429: "rate_limit_error", 499: "invalid_request_error", 500: "server_error",
+               503: "service_unavailable"}
+MAX_JSON_DEPTH = 64  # arrays and objects inside each other in a request body
+DEFAULT_PORTS = {"http": 80, "https": 443}
 
 
 @dataclass
@@ -41,6 +48,34 @@ class ServerConfig:
     max_body_bytes: int = 8 << 20
     request_timeout: float = 600.0
     retry_after: int = 1
+    cors_origins: list[str] = field(default_factory=list)  # web pages (origins) allowed to call; see Guard
+
+
+def web_origin(value: str) -> str | None:
+    """An origin (`scheme://host[:port]`, as browsers send it in `Origin`) in one spelling:
+    lower case, no default port; None when `value` is not one."""
+    try:
+        u = urlsplit(value.strip().lower())
+        port = u.port
+    except ValueError:
+        return None
+    if not u.scheme or not u.hostname or u.username or u.password or u.path not in ("", "/") or u.query \
+            or u.fragment or not value.strip().lower().startswith(u.scheme + "://"):
+        return None
+    host = f"[{u.hostname}]" if ":" in u.hostname else u.hostname
+    return f"{u.scheme}://{host}" + (f":{port}" if port is not None and port != DEFAULT_PORTS.get(u.scheme) else "")
+
+
+def cors_origins(values: list[str]) -> list[str]:
+    """`--cors` values checked and normalized (a BadRequest names the first malformed one)."""
+    out = []
+    for v in values:
+        o = web_origin(v)
+        if o is None:
+            raise BadRequest(f"--cors {v!r} is not a web origin", "give scheme://host[:port], such as "
+                             "http://localhost:3000 (no path; 'null' and '*' are not accepted)")
+        out.append(o)
+    return out
 
 
 class APIError(Exception):
@@ -58,6 +93,9 @@ def error_body(status: int, message: str, param: str | None = None, code: str | 
 def _as_api_error(e: BaseException, retry_after: int = 1) -> APIError:
     if isinstance(e, APIError):
         return e
+    if isinstance(e, ClientDisconnect):  # gone before its body came: nobody reads this, metrics count it
+        return APIError(499, "the client closed the connection before sending its whole request",
+                        code="client_closed_request")
     if isinstance(e, Overloaded):
         return APIError(429, f"the server is at capacity: {e.message}; retry shortly", code="rate_limit_exceeded",
                         headers={"Retry-After": str(retry_after)})
@@ -69,6 +107,8 @@ def _as_api_error(e: BaseException, retry_after: int = 1) -> APIError:
         return APIError(422, f"the model's chat template cannot render these messages: {e}", param="messages")
     if isinstance(e, BadRequest):
         return APIError(400, str(e), param=e.param)
+    if isinstance(e, runs.TimedOut):
+        return APIError(503, str(e), code="timeout")
     if isinstance(e, OwnlmError):
         return APIError(503, str(e))
     return APIError(500, f"internal error: {type(e).__name__}: {e}")
@@ -86,37 +126,78 @@ def _validation_error(e: ValidationError | RequestValidationError) -> APIError:
 
 
 class Guard:
-    """ASGI middleware: Host check, API keys (constant time), body size limit, request metrics."""
+    """ASGI middleware in front of every route, in this order: Host check (DNS rebinding), Origin
+    check and CORS, API keys (constant time), JSON bodies only, body size limit; and request
+    metrics, labelled by route template so a client cannot grow them.
 
-    def __init__(self, app, config: ServerConfig, metrics: Metrics):
-        self.app, self.config, self.metrics = app, config, metrics
+    Browsers let any web page send a "simple" request (a text/plain POST, say) to any address,
+    127.0.0.1 included, without asking the server first: only the answer is hidden from the page.
+    So a request whose `Origin` is another site is refused outright (403), unless that origin was
+    allowed (`--cors`), and a POST must say `Content-Type: application/json`, which a page can only
+    send after a CORS preflight (415 otherwise)."""
+
+    def __init__(self, app, config: ServerConfig, metrics: Metrics, routes: list[Any]):
+        self.app, self.config, self.metrics, self.routes = app, config, metrics, routes
         self.keys = [k.encode() for k in config.api_keys]
+        self.cors = set(cors_origins(config.cors_origins))
+
+    def route_label(self, scope) -> str:
+        """The route's template (`/v1/models/{model_name}`), or one label for every unknown path."""
+        probe = {"type": "http", "path": scope.get("path", ""), "method": scope.get("method", "GET"),
+                 "root_path": scope.get("root_path", "")}
+        for route in self.routes:
+            match, _ = route.matches(probe)
+            if match != Match.NONE:
+                return getattr(route, "path_format", None) or route.path
+        return "unmatched"
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
         status_seen = {"status": 500}
+        cors: list[tuple[bytes, bytes]] = []  # added to every response to an allowed cross-origin page
 
         async def counting_send(message):
             if message["type"] == "http.response.start":
                 status_seen["status"] = message["status"]
+                if cors:
+                    message = {**message, "headers": [*message.get("headers", []), *cors]}
             await send(message)
 
-        async def reply(status: int, message: str, code: str | None = None, extra: dict[str, str] | None = None):
-            body = json.dumps(error_body(status, message, code=code)).encode()
-            hdrs = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
-            hdrs += [(k.lower().encode(), v.encode()) for k, v in (extra or {}).items()]
+        async def reply(status: int, message: str, code: str | None = None, extra: dict[str, str] | None = None,
+                        body: bytes | None = None):
+            if body is None:
+                body = json.dumps(error_body(status, message, code=code)).encode()
+            hdrs = [(b"content-length", str(len(body)).encode())]
+            hdrs += [(b"content-type", b"application/json")] if body else []
+            hdrs += [(k.lower().encode(), v.encode("latin-1")) for k, v in (extra or {}).items()]
             await counting_send({"type": "http.response.start", "status": status, "headers": hdrs})
             await counting_send({"type": "http.response.body", "body": body})
 
         try:
+            host = headers.get("host", "")
             if self.config.check_host:
-                host = headers.get("host", "")
                 name = host.rsplit(":", 1)[0] if not host.startswith("[") else host.split("]")[0] + "]"
                 if name not in LOOPBACK_HOSTS:
                     return await reply(400, f"the Host header {host!r} is not allowed: this server answers on "
                                             "loopback names only", code="invalid_host")
+            method = scope.get("method", "GET")
+            origin = headers.get("origin")
+            if origin is not None:
+                o = web_origin(origin)
+                if o is not None and o in self.cors:
+                    cors += [(b"access-control-allow-origin", origin.encode("latin-1")), (b"vary", b"Origin"),
+                             (b"access-control-expose-headers", b"Retry-After")]
+                    if method == "OPTIONS" and "access-control-request-method" in headers:  # a preflight
+                        asked = headers.get("access-control-request-headers", "")
+                        return await reply(204, "", body=b"", extra={
+                            "Access-Control-Allow-Methods": "GET, POST, OPTIONS", "Access-Control-Max-Age": "600",
+                            **({"Access-Control-Allow-Headers": asked} if asked else {})})
+                elif o is None or o != web_origin(f"{scope.get('scheme', 'http')}://{host}"):
+                    return await reply(403, f"requests from the web page origin {origin!r} are refused: a page "
+                                            f"may only use this server if it was started with --cors {origin}",
+                                       code="origin_not_allowed")
             if self.keys and scope["path"] != "/health":
                 auth = headers.get("authorization", "")
                 given = auth[7:].strip().encode() if auth.lower().startswith("bearer ") else b""
@@ -126,6 +207,11 @@ class Guard:
                 if not ok:
                     return await reply(401, "missing or invalid API key (send Authorization: Bearer KEY)",
                                        code="invalid_api_key", extra={"WWW-Authenticate": "Bearer"})
+            if method == "POST":
+                kind = headers.get("content-type", "").split(";", 1)[0].strip().lower()
+                if kind != "application/json":
+                    return await reply(415, f"the request body must be JSON sent as Content-Type: application/json "
+                                            f"(got {kind or 'no Content-Type'})", code="unsupported_media_type")
             length = headers.get("content-length")
             limit = self.config.max_body_bytes
             if length is not None and (not length.isdigit() or int(length) > limit):
@@ -146,7 +232,7 @@ class Guard:
             except _TooLarge:
                 await reply(413, f"the request body is larger than {limit} bytes", code="request_too_large")
         finally:
-            self.metrics.inc("requests_total", status=str(status_seen["status"]), path=scope["path"])
+            self.metrics.inc("requests_total", status=str(status_seen["status"]), path=self.route_label(scope))
 
 
 class _TooLarge(Exception):
@@ -170,16 +256,16 @@ def _state(request: Request) -> State:
 
 def _metrics(pool: ModelPool) -> Metrics:
     metrics = Metrics()
-    metrics.counter("requests_total", "HTTP requests by status and path")
+    metrics.counter("requests_total", "HTTP requests by status and route (path template; unknown paths: unmatched)")
     metrics.counter("prompt_tokens_total", "prompt tokens processed")
     metrics.counter("generation_tokens_total", "tokens generated")
     metrics.counter("sequences_cancelled_total", "sequences cancelled (client gone, stop string, timeout)")
     metrics.histogram("time_to_first_token_seconds", "time from request to first generated token")
     metrics.histogram("inter_token_latency_seconds", "time between consecutive generated tokens of a sequence")
-    metrics.gauge("running_sequences", "sequences on the engine (decoding or being prefilled)",
-                  lambda: {(("model", s.id),): s.scheduler.stats()["running"] for s in list(pool.loaded.values())})
-    metrics.gauge("queue_depth", "requests waiting for an engine slot",
-                  lambda: {(("model", s.id),): s.scheduler.stats()["waiting"] for s in list(pool.loaded.values())})
+    metrics.gauge("running_sequences", "sequences on the engine (decoding, being prefilled, being embedded)",
+                  lambda: {(("model", s.id),): _busy(s)[0] for s in list(pool.loaded.values())})
+    metrics.gauge("queue_depth", "requests waiting for an engine slot (generation and embeddings)",
+                  lambda: {(("model", s.id),): _busy(s)[1] for s in list(pool.loaded.values())})
     metrics.gauge("models_loaded", "models in memory", lambda: {(): len(pool.loaded)})
     return metrics
 
@@ -207,11 +293,11 @@ def create_app(pool: ModelPool, config: ServerConfig | None = None) -> FastAPI:
     config = config or ServerConfig()
     app = FastAPI(title="ownlm", lifespan=_lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.ownlm = State(pool, config, _metrics(pool))
-    app.add_middleware(Guard, config=config, metrics=app.state.ownlm.metrics)
+    app.add_middleware(Guard, config=config, metrics=app.state.ownlm.metrics, routes=router.routes)
     app.add_exception_handler(StarletteHTTPException, _http_error)
     app.add_exception_handler(RequestValidationError, _error)
     # APIError and OwnlmError get handlers of their own: only the catch-all logs a traceback
-    for kind in (APIError, OwnlmError, Exception):
+    for kind in (APIError, OwnlmError, ClientDisconnect, Exception):
         app.add_exception_handler(kind, _error)
     app.include_router(router)
     return app
@@ -230,18 +316,64 @@ async def _error(request: Request, exc: Exception) -> JSONResponse:
     return JSONResponse(error_body(a.status, a.message, a.param, a.code), status_code=a.status, headers=a.headers)
 
 
+def _not_json(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
 async def _parse(request: Request, schema: type[B]) -> B:
     raw = await request.body()
     try:
-        data = json.loads(raw)
+        data = json.loads(raw, parse_constant=_not_json)  # NaN and Infinity are Python's, not JSON
+    except RecursionError:
+        raise APIError(400, f"the request body nests deeper than {MAX_JSON_DEPTH} levels", code="invalid_json") \
+            from None
     except (ValueError, UnicodeDecodeError):
         raise APIError(400, "the request body is not valid JSON", code="invalid_json") from None
     if not isinstance(data, dict):
         raise APIError(400, "the request body must be a JSON object", code="invalid_json")
+    _check_json(data)
     try:
         return schema.model_validate(data)
     except ValidationError as e:
         raise _validation_error(e) from None
+
+
+def _check_json(data: Any) -> None:
+    """What JSON allows but nothing downstream should see: nesting deeper than MAX_JSON_DEPTH
+    (recursion in validators, templates, grammar compilers) and strings with a lone UTF-16
+    surrogate (`"\\ud800"`: valid JSON escapes, but not text, so no tokenizer can encode it)."""
+    stack: list[tuple[Any, int, tuple]] = [(data, 1, ())]
+    while stack:
+        node, depth, path = stack.pop()
+        if depth > MAX_JSON_DEPTH:
+            raise APIError(400, f"the request body nests deeper than {MAX_JSON_DEPTH} levels", param=_param(path),
+                           code="invalid_json")
+        for key, value in node.items() if isinstance(node, dict) else enumerate(node):
+            if isinstance(key, str) and not _is_text(key) or isinstance(value, str) and not _is_text(value):
+                where = _param(path + (key,))
+                raise APIError(400, f"{where} is not valid Unicode: it holds a lone UTF-16 surrogate (an unpaired "
+                                    "\\ud800-\\udfff escape)", param=where, code="invalid_value")
+            if isinstance(value, (dict, list)):
+                stack.append((value, depth + 1, path + (key,)))
+
+
+def _is_text(s: str) -> bool:
+    if s.isascii():
+        return True
+    try:
+        s.encode("utf-8")
+        return True
+    except UnicodeEncodeError:
+        return False
+
+
+def _param(path: tuple) -> str | None:
+    """An OpenAI-style parameter path: messages[0].content."""
+    out = ""
+    for p in path:
+        p = p if isinstance(p, int) else p.encode("utf-8", "backslashreplace").decode("utf-8")
+        out += f"[{p}]" if isinstance(p, int) else (f".{p}" if out else p)
+    return out or None
 
 
 router = APIRouter()
@@ -292,6 +424,20 @@ class Translator(Protocol):
     def result(self, served: Served, choices: list[runs.Choice]) -> dict[str, Any]: ...
 
 
+def _busy(served: Served) -> tuple[int, int]:
+    """(sequences running, requests queued) on a model: generation and embeddings together."""
+    s, e = served.scheduler.stats(), served.embedder.stats()
+    return s["running"] + e["running"], s["waiting"] + e["waiting"]
+
+
+def _admit(served: Served, n: int) -> None:
+    """The one admission rule of every route: what runs and waits on a model, generation and
+    embeddings together, stays within --max-running + --max-queue; beyond, a 429."""
+    running, queued = _busy(served)
+    if running + queued + n > served.scheduler.max_running + served.scheduler.max_queue:
+        raise Overloaded(f"{running} sequences are running and {queued} are queued")
+
+
 async def _generate(request: Request, t: Translator) -> StreamingResponse | dict[str, Any]:
     """Acquire the model, submit the job, stream or wait, release the model."""
     st = _state(request)
@@ -299,7 +445,9 @@ async def _generate(request: Request, t: Translator) -> StreamingResponse | dict
     t0 = time.monotonic()  # the time limit and time-to-first-token start once the model is loaded
     try:
         queue: asyncio.Queue = asyncio.Queue()
-        choices = runs.submit(served, asyncio.get_running_loop(), queue, await t.job(served))
+        job = await t.job(served)
+        _admit(served, len(job.prompts))
+        choices = runs.submit(served, asyncio.get_running_loop(), queue, job)
     except BaseException:
         st.pool.release(served)
         raise
@@ -353,24 +501,48 @@ async def _drain(request: Request, st: State, choices: list[runs.Choice], events
         runs.cancel(choices)
 
 
-def _streaming(st: State, chunks: AsyncIterator[bytes], served: Served,
-               choices: list[runs.Choice]) -> StreamingResponse:
+class _Stream(StreamingResponse):
+    """A stream whose sequences are cancelled and whose model is released when the response
+    ends however it ends: finished, failed, or the client gone, even before the first chunk
+    (then the body generator never starts, so its own `finally` would never run)."""
+
+    def __init__(self, body: AsyncIterator[bytes], cleanup):
+        super().__init__(body, media_type="text/event-stream",
+                         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        self.cleanup = cleanup
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self.cleanup()
+
+
+def _streaming(st: State, chunks: AsyncIterator[bytes], served: Served, choices: list[runs.Choice]) -> _Stream:
+    state = {"finished": False, "cleaned": False}
+
     async def body() -> AsyncIterator[bytes]:
         try:
             async for chunk in chunks:
                 yield chunk
-        except asyncio.CancelledError:
-            st.metrics.inc("sequences_cancelled_total", len(choices))
-            raise
+            state["finished"] = True
         except Exception as e:  # noqa: BLE001 - after the status line, errors go out as an event
+            state["finished"] = True
             a = _as_api_error(e)
             yield _sse(error_body(a.status, a.message, a.param, a.code))
         finally:
-            runs.cancel(choices)
-            st.pool.release(served)
+            cleanup()
 
-    return StreamingResponse(body(), media_type="text/event-stream",
-                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    def cleanup() -> None:
+        if state["cleaned"]:
+            return
+        state["cleaned"] = True
+        if not state["finished"]:
+            st.metrics.inc("sequences_cancelled_total", len(choices))
+        runs.cancel(choices)
+        st.pool.release(served)
+
+    return _Stream(body(), cleanup)
 
 
 def _sse(data: Any) -> bytes:
@@ -578,19 +750,11 @@ async def embeddings(request: Request) -> dict[str, Any]:
     st = _state(request)
     body = await _parse(request, EmbeddingRequest)
     served = await st.pool.acquire(body.model)
+    t0 = time.monotonic()  # the time limit starts once the model is loaded, as for generation
     try:
-        batch = _batch(body.input)
-        if not batch or any(isinstance(b, str) and not b for b in batch):
-            raise APIError(400, "input must not be empty", param="input")
-        ids = [runs.token_ids(served, b, f"input[{i}]") for i, b in enumerate(batch)]
-        ctx = served.lm.config.context_length
-        for i, t in enumerate(ids):
-            if len(t) > ctx:
-                raise APIError(400, f"input[{i}] has {len(t)} tokens; the model's context is {ctx}", param="input")
-        dim = served.lm.config.dim
-        if body.dimensions is not None and body.dimensions > dim:
-            raise APIError(400, f"dimensions must be at most {dim}", param="dimensions")
-        vectors = await asyncio.to_thread(embed, served.lm.model, ids, body.dimensions)
+        ids = _embedding_inputs(served, body)
+        _admit(served, 1)  # one job: its texts run one after another
+        vectors = await _embed(request, st, served, ids, body.dimensions, t0 + st.config.request_timeout)
     finally:
         st.pool.release(served)
     data = []
@@ -600,6 +764,46 @@ async def embeddings(request: Request) -> dict[str, Any]:
     n = sum(len(t) for t in ids)
     st.metrics.inc("prompt_tokens_total", n)
     return {"object": "list", "data": data, "model": body.model, "usage": {"prompt_tokens": n, "total_tokens": n}}
+
+
+def _embedding_inputs(served: Served, body: EmbeddingRequest) -> list[list[int]]:
+    batch = _batch(body.input)
+    if not batch or any(isinstance(b, str) and not b for b in batch):
+        raise APIError(400, "input must not be empty", param="input")
+    ids = [runs.token_ids(served, b, f"input[{i}]") for i, b in enumerate(batch)]
+    ctx = served.lm.config.context_length
+    for i, t in enumerate(ids):
+        if not t:
+            raise APIError(400, f"input[{i}] is no tokens", param="input")
+        if len(t) > ctx:
+            raise APIError(400, f"input[{i}] has {len(t)} tokens; the model's context is {ctx}", param="input")
+    dim = served.lm.config.dim
+    if body.dimensions is not None and body.dimensions > dim:
+        raise APIError(400, f"dimensions must be at most {dim}", param="dimensions")
+    return ids
+
+
+async def _embed(request: Request, st: State, served: Served, ids: list[list[int]], dimensions: int | None,
+                 deadline: float) -> list[list[float]]:
+    """The vectors, computed on the model's embedding thread; a time limit or a client gone
+    stops the job at its next chunk."""
+    stop = threading.Event()
+    job = asyncio.wrap_future(served.embedder.submit(ids, dimensions, stop))
+    try:
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise runs.TimedOut("the request ran past the server's time limit (--request-timeout)")
+            done, _ = await asyncio.wait({job}, timeout=min(0.05, left))
+            if done:
+                if job.cancelled():
+                    raise OwnlmError("the model was unloaded")
+                return job.result()
+            if await request.is_disconnected():
+                st.metrics.inc("sequences_cancelled_total", len(ids))
+                raise asyncio.CancelledError()
+    finally:
+        stop.set()  # a job still queued or running ends at its next chunk
 
 
 __all__ = ["create_app", "ServerConfig"]

@@ -7,10 +7,12 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 from ..engine.constraints import grammar_tokenizer
+from ..engine.embed import embed
 from ..engine.scheduler import Driver, Scheduler
 from ..errors import ModelNotFound, OwnlmError
 from ..loading import LoadedModel, load
@@ -22,12 +24,48 @@ class PoolFull(OwnlmError):
     """Every loaded model is busy and no more may be loaded."""
 
 
+class Embedder:
+    """A model's embedding jobs: one at a time, in arrival order, on a thread of their own (the
+    scheduler batches generation; an embedding is one forward per text, chunked). A job's `stop`
+    event, set by its caller on a time limit or a client gone, ends it between chunks."""
+
+    def __init__(self, model: Any):
+        self.model = model
+        self.executor = ThreadPoolExecutor(1, thread_name_prefix="ownlm-embed")
+        self.lock = threading.Lock()
+        self.running = self.waiting = 0
+
+    def submit(self, batch: Sequence[Sequence[int]], dimensions: int | None, stop: threading.Event) -> Future:
+        with self.lock:
+            self.waiting += 1
+
+        def job() -> list[list[float]]:
+            with self.lock:
+                self.waiting -= 1
+                self.running += 1
+            try:
+                return embed(self.model, batch, dimensions, stop=stop.is_set)
+            finally:
+                with self.lock:
+                    self.running -= 1
+
+        return self.executor.submit(job)
+
+    def stats(self) -> dict[str, int]:
+        with self.lock:
+            return {"running": self.running, "waiting": self.waiting}
+
+    def close(self) -> None:
+        self.executor.shutdown(wait=False, cancel_futures=True)
+
+
 @dataclass
 class Served:
     id: str
     lm: LoadedModel
     scheduler: Scheduler
     created: int
+    embedder: Embedder
     active: int = 0
     last_used: float = field(default_factory=time.monotonic)
     _grammar_tok: Any = None
@@ -77,7 +115,7 @@ class ModelPool:
     def _load(self, mid: str, ref: str) -> Served:
         lm = self.loader(ref, device=self.device, dtype=self.dtype, quant=self.quant, pull_missing=False)
         sched = Scheduler(lm.model, max_running=self.max_running, max_queue=self.max_queue, driver=self.driver)
-        return Served(mid, lm, sched, int(time.time()))
+        return Served(mid, lm, sched, int(time.time()), Embedder(lm.model))
 
     async def acquire(self, model: str) -> Served:
         """The loaded model for an API name, loading it (in a worker thread) on first use. The
@@ -116,6 +154,7 @@ class ModelPool:
         served = self.loaded.pop(mid, None)
         if served is not None:
             served.scheduler.close()
+            served.embedder.close()
 
     def reap(self) -> None:
         """Unload models idle for longer than the keep-alive (keep_alive < 0: never)."""
@@ -123,7 +162,8 @@ class ModelPool:
             return
         now = time.monotonic()
         for s in list(self.loaded.values()):
-            if s.active == 0 and now - s.last_used > self.keep_alive and s.scheduler.stats()["running"] == 0:
+            if (s.active == 0 and now - s.last_used > self.keep_alive and s.scheduler.stats()["running"] == 0
+                    and s.embedder.stats()["running"] == 0):
                 self.unload(s.id)
 
     def close(self) -> None:

@@ -93,9 +93,12 @@ def sampling(served: Served, body: Any, max_tokens: int | None, seed: int | None
         try:
             kw["logit_bias"] = {int(k): v for k, v in body.logit_bias.items()}
         except ValueError:
-            raise BadRequest("logit_bias keys must be token ids") from None
+            raise BadRequest("logit_bias keys must be token ids", param="logit_bias") from None
+        vocab = served.lm.config.vocab_size
+        if any(not 0 <= k < vocab for k in kw["logit_bias"]):  # never silently ignored
+            raise BadRequest(f"logit_bias keys must be token ids in [0, {vocab})", param="logit_bias")
         if any(not -100 <= v <= 100 for v in kw["logit_bias"].values()):
-            raise BadRequest("logit_bias values must be between -100 and 100")
+            raise BadRequest("logit_bias values must be between -100 and 100", param="logit_bias")
     kw.update(seed=seed, max_tokens=max_tokens or None)
     return SamplingParams.from_kwargs(**kw)
 
@@ -103,9 +106,9 @@ def sampling(served: Served, body: Any, max_tokens: int | None, seed: int | None
 def limit_for(served: Served, prompt: list[int], params: SamplingParams, max_tokens: int | None) -> int:
     if max_tokens == 0:
         if len(prompt) > served.lm.config.context_length:
-            budget(len(prompt), params, served.lm.config.context_length)  # raises
+            budget(len(prompt), params, served.lm.model)  # raises
         return 0
-    return budget(len(prompt), params, served.lm.config.context_length)
+    return budget(len(prompt), params, served.lm.model)
 
 
 # --- grammars -----------------------------------------------------------------------------------
@@ -161,11 +164,18 @@ def parse_tool_calls(text: str) -> list[dict[str, Any]]:
     """The complete tool calls that `text` starts with (a call still being written is left out)."""
     calls = []
     rest = text.strip()
+    decoder = json.JSONDecoder()
     while rest.startswith(constraints.TOOL_OPEN):
-        end = rest.find(constraints.TOOL_CLOSE)
-        if end < 0:
+        # the JSON is read as JSON, not cut at the first closing tag: a string argument may hold one
+        start = len(rest) - len(rest[len(constraints.TOOL_OPEN):].lstrip())
+        try:
+            body, end = decoder.raw_decode(rest, start)
+        except ValueError:
             break
-        body = json.loads(rest[len(constraints.TOOL_OPEN):end])
+        end = len(rest) - len(rest[end:].lstrip())
+        if not rest.startswith(constraints.TOOL_CLOSE, end) or not isinstance(body, dict) or not (
+                isinstance(body.get("name"), str) and "arguments" in body):
+            break
         arguments = json.dumps(body["arguments"], ensure_ascii=False)
         calls.append({"id": new_id("call"), "type": "function",
                       "function": {"name": body["name"], "arguments": arguments}})

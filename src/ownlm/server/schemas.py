@@ -1,5 +1,6 @@
 """Request bodies of the OpenAI-compatible API. Unknown fields are refused (a 400 naming the
-field), never silently dropped; fields OpenAI defines that ownlm cannot honour are refused too."""
+field), never silently dropped, and values are never converted between JSON types; fields OpenAI
+defines that ownlm cannot honour are refused too."""
 
 from __future__ import annotations
 
@@ -9,10 +10,12 @@ from pydantic import BaseModel, ConfigDict, Field
 
 MAX_N = 16
 MAX_TOP_LOGPROBS = 20
+INT64 = 2**63  # seeds are 64-bit: choice i of n samples with seed + i, which torch takes up to 2**64 - 1
 
 
 class _Body(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # strict: a value of the wrong JSON type is a 400, not converted (true is no token id 1, "2" no n)
+    model_config = ConfigDict(extra="forbid", strict=True)
 
 
 class StreamOptions(_Body):
@@ -25,7 +28,7 @@ class _Sampling(_Body):
     top_p: Optional[float] = Field(None, gt=0, le=1)
     max_tokens: Optional[int] = Field(None, ge=0)
     stop: Optional[Union[str, list[str]]] = None
-    seed: Optional[int] = None
+    seed: Optional[int] = Field(None, ge=-INT64, lt=INT64)
     n: int = Field(1, ge=1, le=MAX_N)
     presence_penalty: Optional[float] = Field(None, ge=-2, le=2)
     frequency_penalty: Optional[float] = Field(None, ge=-2, le=2)

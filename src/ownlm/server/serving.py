@@ -15,7 +15,7 @@ from typing import Callable
 import uvicorn
 
 from ..errors import BadRequest, OwnlmError
-from .app import ServerConfig, create_app
+from .app import ServerConfig, cors_origins, create_app
 from .pool import ModelPool
 
 
@@ -43,6 +43,7 @@ class Server:
             raise BadRequest("API keys must be at least 8 characters long")
         if not loopback:  # clients reach it by other names: the Host check guards loopback servers only
             config = dataclasses.replace(config, check_host=False)
+        config = dataclasses.replace(config, cors_origins=cors_origins(config.cors_origins))  # a BadRequest now
         self.pool, self.host, self.port, self.config = pool, host, port, config
         self._http = uvicorn.Server(uvicorn.Config(create_app(pool, config), host=host, port=port, log_level="warning",
                                                    access_log=False, timeout_graceful_shutdown=5))

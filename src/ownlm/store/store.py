@@ -3,12 +3,21 @@
     blobs/sha256-<hex>                 file contents, named by digest (or a hard link to the user's file)
     links/sha256-<hex>.json            a reference to a file kept where it is (`import --link` across filesystems)
     manifests/<name>/<tag>.json        one per model: source, files -> digests, facts for `list`/`show`
-    tmp/                               partial writes (<pid>-<random>.part); swept when their process is gone
-    locks/                             flock files that serialize pulls of one model
+    pending/<pid>-<random>.json        digests a live writer has stored (or reuses) but not yet named in a manifest
+    tmp/                               partial writes (<pid>-<random>.part) and claims on export temp paths
+                                       (<pid>-<random>.claim); swept when their process is gone
+    locks/                             flock files: one per model name (pulls, imports, rm of it) and one for
+                                       the blobs (gc, and every writer at the moment a blob becomes visible)
 
 Every write goes to tmp/, is fsynced, and is renamed into place, so a killed process never
 leaves a half-written blob or manifest. Digests are re-checked on load whenever a file's size,
-mtime or inode differs from when it was last verified."""
+mtime or inode differs from when it was last verified.
+
+Nothing is lost to a race with `gc` (run by `rm`): a writer opens its pending record before its
+first byte, adds each digest to it under the blobs lock in the same step that makes the blob
+visible (or reuses one already there), and drops the record only after its manifest is written.
+`gc` holds the blobs lock for its whole scan and keeps every digest of a live writer's record;
+a record whose process is dead is ignored and removed."""
 
 from __future__ import annotations
 
@@ -19,56 +28,103 @@ import json
 import os
 import secrets
 import shutil
+import stat
+import threading
 import time
 from pathlib import Path
 from typing import Any, BinaryIO, Callable, Iterator
 
-from ..errors import IntegrityError, ModelNotFound
-from ..fsutil import fsync_dir, pid_alive
+from ..errors import IntegrityError, ModelFormatError, ModelNotFound
+from ..fsutil import (atomic_dir, atomic_file, file_kind, fsync_dir, pid_alive, remove_path, sweep, tmp_sibling,
+                      tmp_sibling_pid)
 from ..paths import home
 from .refs import split_name
 
 CHUNK = 1 << 20
+BLOBS_LOCK = "store:blobs"
 Progress = Callable[[int], None]
 
 
 def _stamp(path: Path) -> dict[str, int]:
-    st = path.stat()
+    return _stamp_of(path.stat())
+
+
+def _stamp_of(st: os.stat_result) -> dict[str, int]:
     return {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "ino": st.st_ino}
 
 
-def sha256_file(path: Path, progress: Progress | None = None) -> str:
+def require_regular(path: Path, st: os.stat_result | None = None) -> None:
+    """Refuse anything but a regular file: reading a FIFO or a device would block or never end."""
+    st = st or os.stat(path)
+    if not stat.S_ISREG(st.st_mode):
+        raise ModelFormatError(f"{path} is {file_kind(st.st_mode)}, not a regular file",
+                               "ownlm reads models from regular files only; copy it into one")
+
+
+def open_regular(path: Path, what: str | Path | None = None) -> BinaryIO:
+    """Open a regular file for reading; anything else is refused without blocking on it."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        require_regular(Path(what or path), os.fstat(fd))
+    except BaseException:
+        os.close(fd)
+        raise
+    return os.fdopen(fd, "rb")
+
+
+def _hash_whole(path: Path, progress: Progress | None = None, what: str | Path | None = None
+                ) -> tuple[str, os.stat_result]:
+    """(sha256, stat) of one inode, refused if it changed while it was read (read up to its size
+    at the start: a file that keeps growing is refused, not chased)."""
     h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(CHUNK):
+    with open_regular(path, what) as f:
+        before = os.fstat(f.fileno())
+        left = before.st_size
+        while left and (chunk := f.read(min(CHUNK, left))):
             h.update(chunk)
+            left -= len(chunk)
             if progress:
                 progress(len(chunk))
-    return h.hexdigest()
+        after = os.fstat(f.fileno())
+    if _identity(before) != _identity(after) or left:
+        raise IntegrityError(f"{what or path} changed while it was being read",
+                             "import it again once nothing is writing to it")
+    return h.hexdigest(), before
+
+
+def _identity(st: os.stat_result) -> tuple[int, ...]:
+    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
+
+
+def sha256_file(path: Path, progress: Progress | None = None) -> str:
+    return _hash_whole(path, progress)[0]
 
 
 class Store:
     def __init__(self, root: str | Path | None = None):
         self.root = Path(root) if root else home()
-        for sub in ("blobs", "links", "manifests", "tmp", "locks", "verified"):
+        for sub in ("blobs", "links", "manifests", "pending", "tmp", "locks", "verified"):
             (self.root / sub).mkdir(parents=True, exist_ok=True)
+        self._local = threading.local()  # this thread's pending record (each thread is its own writer)
 
     # -- atomic writes ------------------------------------------------------------------------
     def _tmp_path(self, suffix: str = ".part") -> Path:
         return self.root / "tmp" / f"{os.getpid()}-{secrets.token_hex(8)}{suffix}"
 
     def sweep_tmp(self) -> int:
-        """Remove partial files left by processes that no longer exist."""
+        """Remove partial files, export temp paths and pending records left by processes that no
+        longer exist."""
         removed = 0
-        for p in (self.root / "tmp").iterdir():
-            pid = p.name.split("-", 1)[0]
-            alive = pid.isdigit() and pid_alive(int(pid))
-            if not alive:
-                if p.is_dir():
-                    shutil.rmtree(p, ignore_errors=True)
-                else:
-                    p.unlink(missing_ok=True)
-                removed += 1
+        for p in list((self.root / "tmp").iterdir()) + list((self.root / "pending").iterdir()):
+            if _owner_alive(p):
+                continue
+            if p.suffix == ".claim":  # an export's temp path outside the store: remove what it names
+                with contextlib.suppress(OSError, ValueError):
+                    claimed = Path(p.read_text(encoding="utf-8").strip())
+                    if claimed.is_absolute() and tmp_sibling_pid(claimed) == _pid_of(p):
+                        remove_path(claimed)
+            remove_path(p)
+            removed += 1
         return removed
 
     @contextlib.contextmanager
@@ -79,6 +135,23 @@ class Store:
             yield path
         finally:
             shutil.rmtree(path, ignore_errors=True)
+
+    @contextlib.contextmanager
+    def atomic_out(self, final: Path, folder: bool, replace: bool = False) -> Iterator[Path]:
+        """fsutil.atomic_dir (folder) or atomic_file for a path outside the store, such as an
+        export: its temp path is claimed in tmp/ first, so that if this process is killed before the
+        rename, the store's next sweep (or the next export beside it) removes what it left."""
+        final = Path(final).absolute()
+        self.sweep_tmp()  # what killed exports left anywhere (claimed) ...
+        sweep(final.parent)  # ... or here
+        tmp = tmp_sibling(final)
+        claim = self._tmp_path(".claim")
+        claim.write_text(str(tmp), encoding="utf-8")  # before the temp path exists
+        try:
+            with atomic_dir(final, replace, tmp) if folder else atomic_file(final, tmp) as t:
+                yield t
+        finally:
+            claim.unlink(missing_ok=True)
 
     def write_json_atomic(self, path: Path, data: Any) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -95,6 +168,8 @@ class Store:
 
     @contextlib.contextmanager
     def lock(self, key: str) -> Iterator[None]:
+        """An exclusive flock on `key`, between processes and between threads alike (each holder
+        opens the lock file itself). Not reentrant: a thread never takes a key it holds."""
         path = self.root / "locks" / (hashlib.sha256(key.encode()).hexdigest()[:32] + ".lock")
         with open(path, "a+") as f:
             fcntl.flock(f, fcntl.LOCK_EX)
@@ -102,6 +177,68 @@ class Store:
                 yield
             finally:
                 fcntl.flock(f, fcntl.LOCK_UN)
+
+    # -- pending records: blobs stored but not yet named in a manifest ------------------------
+    @contextlib.contextmanager
+    def ingest(self) -> Iterator[None]:
+        """Storing one model: every blob this thread stores or reuses inside the block stays safe
+        from `gc` until the block ends — put the manifest's write inside it. Outside any block, a
+        writer's blobs are kept until its next `write` of a manifest, or until its process ends."""
+        local = self._local
+        local.depth = getattr(local, "depth", 0) + 1
+        try:
+            self._pending()
+            yield
+        finally:
+            local.depth -= 1
+            if local.depth == 0:
+                self._end_pending()
+
+    def _pending(self) -> Path:
+        """This thread's pending record, written before the first byte of its first blob."""
+        local = self._local
+        if getattr(local, "record", None) is None:
+            local.record = self.root / "pending" / f"{os.getpid()}-{secrets.token_hex(8)}.json"
+            local.digests = []
+            self.write_json_atomic(local.record, {"pid": os.getpid(), "digests": []})
+        return local.record
+
+    def _protect(self, digest: str) -> None:
+        """Add `digest` to this thread's pending record; the caller holds the blobs lock."""
+        record = self._pending()
+        if digest not in self._local.digests:
+            self._local.digests.append(digest)
+            self.write_json_atomic(record, {"pid": os.getpid(), "digests": self._local.digests})
+
+    def _end_pending(self) -> None:
+        record = getattr(self._local, "record", None)
+        if record is not None:
+            with self.lock(BLOBS_LOCK):
+                record.unlink(missing_ok=True)
+            self._local.record, self._local.digests = None, []
+
+    def _pending_digests(self) -> set[str] | None:
+        """Digests in live writers' records (dead writers' records are removed); None when a live
+        record cannot be read, and gc must then keep everything. The caller holds the blobs lock."""
+        out: set[str] = set()
+        for p in (self.root / "pending").iterdir():
+            if not _owner_alive(p):
+                p.unlink(missing_ok=True)
+                continue
+            try:
+                out |= set(json.loads(p.read_text(encoding="utf-8"))["digests"])
+            except FileNotFoundError:
+                continue
+            except (OSError, ValueError, KeyError, TypeError):
+                return None
+        return out
+
+    def reuse(self, digest: str) -> bool:
+        """Claim a blob this writer will name without storing it again; True when the store has it
+        (a blob already there is otherwise fair game for gc until the manifest names it)."""
+        with self.lock(BLOBS_LOCK):
+            self._protect(digest)
+            return self.has_blob(digest)
 
     # -- blobs --------------------------------------------------------------------------------
     def blob_path(self, digest: str) -> Path:
@@ -112,9 +249,22 @@ class Store:
     def has_blob(self, digest: str) -> bool:
         return self.blob_path(digest).exists() or (self.root / "links" / f"sha256-{digest}.json").exists()
 
+    def _place(self, tmp: Path, digest: str, st: os.stat_result | None = None) -> None:
+        """Make a finished temp file the blob `digest`, claimed for this writer in the same step
+        (under the blobs lock), so gc can take neither it nor the copy already there."""
+        final = self.blob_path(digest)
+        with self.lock(BLOBS_LOCK):
+            self._protect(digest)
+            if final.exists():
+                return
+            os.replace(tmp, final)
+            fsync_dir(final.parent)
+        self._mark_verified(final, digest, st)
+
     def put_stream(self, stream: BinaryIO, expected: str | None = None, progress: Progress | None = None,
                    what: str = "download") -> str:
         """Copy a stream into a blob; the digest is checked before the blob becomes visible."""
+        self._pending()
         tmp = self._tmp_path()
         h = hashlib.sha256()
         try:
@@ -130,40 +280,56 @@ class Store:
             if expected and digest != expected:
                 raise IntegrityError(f"{what}: sha256 {digest} does not match the pinned {expected}",
                                      "the source changed or the download was corrupted; nothing was stored")
-            final = self.blob_path(digest)
-            if not final.exists():
-                os.replace(tmp, final)
-                fsync_dir(final.parent)
-            self._mark_verified(final, digest)
+            self._place(tmp, digest)
             return digest
         finally:
             tmp.unlink(missing_ok=True)
 
     def put_file(self, src: Path, expected: str | None = None, progress: Progress | None = None) -> str:
-        with open(src, "rb") as f:
+        with open_regular(src) as f:
             return self.put_stream(f, expected, progress, what=str(src))
 
     def link_file(self, src: Path, progress: Progress | None = None) -> str:
         """Keep a large file where it is: a hard link into blobs/ when the filesystem allows,
-        otherwise a reference whose digest is re-checked whenever the file changes."""
-        src = src.resolve()
-        digest = sha256_file(src, progress)
-        final = self.blob_path(digest)
-        if final.exists():
-            return digest
+        otherwise a reference whose digest is re-checked whenever the file changes. The link is
+        made first and its inode hashed, so what is stored is exactly what was hashed, whatever
+        happens to the path meanwhile."""
+        src = Path(src).resolve()
+        self._pending()
         tmp = self._tmp_path()
         try:
-            os.link(src, tmp)
-            os.replace(tmp, final)
-            self._mark_verified(final, digest)
-        except OSError:
+            try:
+                os.link(src, tmp)
+            except OSError:
+                return self._link_reference(src, progress)
+            digest, st = _hash_whole(tmp, progress, src)
+            self._place(tmp, digest, st)
+            return digest
+        finally:
             tmp.unlink(missing_ok=True)
-            ref = {"path": str(src), "sha256": digest, **_stamp(src)}
+
+    def _link_reference(self, src: Path, progress: Progress | None) -> str:
+        digest, st = _hash_whole(src, progress, src)
+        try:
+            now = os.stat(src)
+        except FileNotFoundError:
+            now = None
+        if now is None or _identity(now) != _identity(st):
+            raise IntegrityError(f"{src} was replaced or changed while it was being imported",
+                                 "import it again once nothing is writing to it")
+        with self.lock(BLOBS_LOCK):
+            self._protect(digest)
+            if self.blob_path(digest).exists():
+                return digest
+            ref = {"path": str(src), "sha256": digest, **_stamp_of(st)}
             self.write_json_atomic(self.root / "links" / f"sha256-{digest}.json", ref)
+        self._mark_verified(src, digest, st)
         return digest
 
-    def _mark_verified(self, path: Path, digest: str) -> None:
-        self.write_json_atomic(self.root / "verified" / f"{digest}.json", _stamp(path))
+    def _mark_verified(self, path: Path, digest: str, st: os.stat_result | None = None) -> None:
+        """Record the stamp the digest was computed for (`st`, taken when hashing), never a later
+        one: a file changed since must be hashed again."""
+        self.write_json_atomic(self.root / "verified" / f"{digest}.json", _stamp_of(st) if st else _stamp(path))
 
     def open_blob(self, digest: str, verify: bool = True) -> Path:
         """Path of a blob, its digest re-checked when the file changed since it was verified."""
@@ -176,6 +342,7 @@ class Store:
             path = Path(json.loads(link.read_text())["path"])
             if not path.exists():
                 raise IntegrityError(f"linked file {path} is gone", "put it back or `ownlm rm` the model")
+        require_regular(path)
         if verify:
             mark = self.root / "verified" / f"{digest}.json"
             try:
@@ -183,12 +350,12 @@ class Store:
             except (OSError, ValueError):
                 ok = False
             if not ok:
-                actual = sha256_file(path)
+                actual, st = _hash_whole(path)
                 if actual != digest:
                     raise IntegrityError(f"{path} is corrupt: its sha256 is {actual[:12]}..., "
                                          f"expected {digest[:12]}...",
                                          "remove the model with `ownlm rm` and pull or import it again")
-                self._mark_verified(path, digest)
+                self._mark_verified(path, digest, st)
         return path
 
     # -- manifests ----------------------------------------------------------------------------
@@ -201,17 +368,24 @@ class Store:
 
     def read(self, name: str) -> dict[str, Any]:
         path = self.manifest_path(name)
+        n, tag = split_name(name)
         try:
-            return json.loads(path.read_text(encoding="utf-8"))
+            manifest = json.loads(path.read_text(encoding="utf-8"))
         except FileNotFoundError:
-            n, tag = split_name(name)
             raise ModelNotFound(f"model {n}:{tag} is not in the store",
                                 "see `ownlm list`, or `ownlm pull` it") from None
         except ValueError:
-            raise IntegrityError(f"manifest of {name} is corrupt", f"`ownlm rm {name}` and pull it again") from None
+            manifest = None
+        if not isinstance(manifest, dict) or not isinstance(manifest.get("files"), dict):
+            raise IntegrityError(f"manifest of {n}:{tag} is corrupt", f"`ownlm rm {n}:{tag}` and pull it again")
+        return manifest
 
     def write(self, name: str, manifest: dict[str, Any]) -> None:
+        """Write a manifest. Outside an `ingest` block this also ends the writer's pending record:
+        the blobs it stored are named now."""
         self.write_json_atomic(self.manifest_path(name), manifest)
+        if getattr(self._local, "depth", 0) == 0:
+            self._end_pending()
 
     def names(self) -> list[str]:
         out = []
@@ -221,36 +395,63 @@ class Store:
         return out
 
     def remove(self, name: str) -> dict[str, Any]:
-        manifest = self.read(name)
+        """Remove a model (a corrupt manifest too) and collect the blobs nothing names any more;
+        returns its manifest ({} when it was unreadable) with its name and tag."""
+        n, tag = split_name(name)
         path = self.manifest_path(name)
-        path.unlink()
-        with contextlib.suppress(OSError):
-            path.parent.rmdir()
+        with self.lock(f"model:{n}:{tag}"):
+            try:
+                manifest = self.read(name)
+            except IntegrityError:
+                manifest = {}  # unreadable, and removed all the same
+            path.unlink(missing_ok=True)
+            with contextlib.suppress(OSError):
+                path.parent.rmdir()
+        self.sweep_tmp()
         self.gc()
-        return manifest
+        return {**manifest, "name": n, "tag": tag}
 
     def gc(self) -> int:
-        """Delete blobs no manifest refers to, and repacked-model caches of models no longer here."""
-        used, models = set(), set()
-        for n in self.names():
-            with contextlib.suppress(Exception):
-                manifest = self.read(n)
-                used |= {f["sha256"] for f in manifest.get("files", {}).values()}
+        """Delete blobs that no manifest and no live writer's pending record names, and repacked
+        caches of models no longer here. While any manifest or live record is unreadable nothing
+        is deleted: the blobs it names cannot be told apart."""
+        with self.lock(BLOBS_LOCK):
+            used = self._pending_digests()  # before the manifests: a writer names its blobs, then drops its record
+            if used is None:
+                return 0
+            models = set()
+            for n in self.names():
+                try:
+                    manifest = self.read(n)
+                except ModelNotFound:  # removed meanwhile, under its own lock
+                    continue
+                except IntegrityError:
+                    return 0
+                used |= {f.get("sha256") for f in manifest["files"].values() if isinstance(f, dict)}
                 models.add(manifest.get("digest"))
-        repacked = self.root / "cache" / "repacked"
-        for p in list(repacked.iterdir()) if repacked.is_dir() else []:
-            if p.name.split("-")[0] not in models:
-                shutil.rmtree(p, ignore_errors=True)
-        removed = 0
-        for p in list((self.root / "blobs").iterdir()) + list((self.root / "links").iterdir()):
-            digest = p.name.removeprefix("sha256-").removesuffix(".json")
-            if digest not in used:
-                p.unlink(missing_ok=True)
-                (self.root / "verified" / f"{digest}.json").unlink(missing_ok=True)
-                removed += 1
-        return removed
+            repacked = self.root / "cache" / "repacked"
+            for p in list(repacked.iterdir()) if repacked.is_dir() else []:
+                if p.name.split("-")[0] not in models:
+                    shutil.rmtree(p, ignore_errors=True)
+            removed = 0
+            for p in list((self.root / "blobs").iterdir()) + list((self.root / "links").iterdir()):
+                digest = p.name.removeprefix("sha256-").removesuffix(".json")
+                if digest not in used:
+                    p.unlink(missing_ok=True)
+                    (self.root / "verified" / f"{digest}.json").unlink(missing_ok=True)
+                    removed += 1
+            return removed
 
 
+def _pid_of(path: Path) -> int | None:
+    pid = path.name.split("-", 1)[0]
+    return int(pid) if pid.isdigit() else None
+
+
+def _owner_alive(path: Path) -> bool:
+    """Whether the process named by a `<pid>-...` file in tmp/ or pending/ still runs."""
+    pid = _pid_of(path)
+    return pid is not None and pid_alive(pid)
 
 
 def now_iso() -> str:
