@@ -241,9 +241,10 @@ def test_long_loops_still_hit_the_time_limit():
 
 
 def test_space_and_line_break_tables_are_complete():
-    from ownlm.text import chat
-    assert chat._SPACES == "".join(c for c in map(chr, range(0x110000)) if c.isspace())
-    assert chat._LINE_BREAKS == "".join(c for c in map(chr, range(0x110000)) if len(("a" + c + "b").splitlines()) == 2)
+    from ownlm.text import sandbox
+    assert sandbox._SPACES == "".join(c for c in map(chr, range(0x110000)) if c.isspace())
+    breaks = "".join(c for c in map(chr, range(0x110000)) if len(("a" + c + "b").splitlines()) == 2)
+    assert sandbox._LINE_BREAKS == breaks
 
 
 # -- real models' templates (written from the structure of Llama 3.1's, Gemma's, Qwen3's and Mistral's) --------

@@ -676,32 +676,47 @@ def test_overload_gives_429_and_the_server_keeps_serving(models):
         assert ok.status_code == 200 and ok.json()["usage"]["completion_tokens"] <= 2
 
 
+def _rss() -> int:
+    return int(next(line for line in Path("/proc/self/status").read_text().splitlines()
+                    if line.startswith("VmRSS:")).split()[1]) * 1024
+
+
 def test_64_concurrent_streams_get_answers_or_429(models):
     """A burst of 64 streaming clients at once on a small engine (4 running, 12 queued): each gets
-    its whole answer or a 429, the server stays up, and then nothing is left running or queued."""
+    its whole answer or a 429, the server stays up, and then nothing is left running or queued; a
+    second burst leaves memory where the first did (nothing kept per request)."""
     with serve(models, ("tiny",), max_running=4, max_queue=12, max_loaded=1) as s:
         client = openai.OpenAI(base_url=s.base_url, api_key="unused", max_retries=0, timeout=120)
         cancelled = metric(s.url, "ownlm_sequences_cancelled_total")
-        barrier = threading.Barrier(64)
 
-        def one(i: int) -> str:
-            barrier.wait()
-            try:
-                stream = client.chat.completions.create(model="tiny", messages=USER, max_tokens=24, stream=True,
-                                                        temperature=1.0, seed=i, logit_bias=ENDLESS)
-                finish = [c.choices[0].finish_reason for c in stream if c.choices][-1]
-                return f"answer {finish}"
-            except openai.RateLimitError:
-                return "429"
+        def burst() -> list[str]:
+            barrier = threading.Barrier(64)
 
-        with cf.ThreadPoolExecutor(64) as pool:
-            results = list(pool.map(one, range(64)))
+            def one(i: int) -> str:
+                barrier.wait()
+                try:
+                    stream = client.chat.completions.create(model="tiny", messages=USER, max_tokens=24, stream=True,
+                                                            temperature=1.0, seed=i, logit_bias=ENDLESS)
+                    finish = [c.choices[0].finish_reason for c in stream if c.choices][-1]
+                    return f"answer {finish}"
+                except openai.RateLimitError:
+                    return "429"
+
+            with cf.ThreadPoolExecutor(64) as pool:
+                return list(pool.map(one, range(64)))
+
+        results = burst()
         answered = results.count("answer length")
         assert answered + results.count("429") == 64, results
         assert answered >= 16 and "429" in results  # the first 16 always fit; a burst of 64 cannot all
         assert _counted(s.url, "/v1/chat/completions", 64) == {"200": answered, "429": 64 - answered}
         _settle(s.url)
         assert metric(s.url, "ownlm_sequences_cancelled_total") == cancelled
+        after_one = _rss()
+        again = burst()
+        _settle(s.url)
+        assert again.count("answer length") + again.count("429") == 64
+        assert _rss() < after_one + (64 << 20)  # the second burst kept nothing the first did not
         assert client.chat.completions.create(model="tiny", messages=USER, max_tokens=2).choices
 
 

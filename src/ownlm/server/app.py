@@ -735,17 +735,34 @@ class Completions:
         return {**self.head, "system_fingerprint": None, "choices": out, "usage": _usage(choices, self.prompt_tokens)}
 
 
-@router.post("/v1/chat/completions")
+def _documented(model: type[BaseModel]) -> dict[str, Any]:
+    """The OpenAPI entry of a body the route parses itself (with its own size and depth limits,
+    so FastAPI never sees it): the pydantic model's schema, its $defs inlined."""
+    schema = model.model_json_schema()
+    defs = schema.pop("$defs", {})
+
+    def inline(node: Any) -> Any:
+        if isinstance(node, dict):
+            ref = node.get("$ref", "")
+            if ref.startswith("#/$defs/"):
+                return inline(defs[ref.removeprefix("#/$defs/")])
+            return {k: inline(v) for k, v in node.items()}
+        return [inline(v) for v in node] if isinstance(node, list) else node
+
+    return {"requestBody": {"required": True, "content": {"application/json": {"schema": inline(schema)}}}}
+
+
+@router.post("/v1/chat/completions", openapi_extra=_documented(ChatRequest))
 async def chat(request: Request) -> Any:
     return await _generate(request, Chat(await _parse(request, ChatRequest)))
 
 
-@router.post("/v1/completions")
+@router.post("/v1/completions", openapi_extra=_documented(CompletionRequest))
 async def completions(request: Request) -> Any:
     return await _generate(request, Completions(await _parse(request, CompletionRequest)))
 
 
-@router.post("/v1/embeddings")
+@router.post("/v1/embeddings", openapi_extra=_documented(EmbeddingRequest))
 async def embeddings(request: Request) -> dict[str, Any]:
     st = _state(request)
     body = await _parse(request, EmbeddingRequest)
