@@ -21,6 +21,7 @@ from ownlm.engine import cpu_step
 from ownlm.model import kernels
 from ownlm.model.linear import QuantEmbedding, QuantLinear
 
+from .conftest import KERNELS_POSSIBLE
 from .ggufs import hf_folder_to_gguf
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -75,7 +76,7 @@ def _reference(x: torch.Tensor, w: QuantWeight) -> torch.Tensor:
     return y if off is None else y + xg.sum(-1) @ off.t()
 
 
-@pytest.mark.skipif(kernels.load() is None, reason="needs an x86 CPU with AVX2 and a C compiler")
+@pytest.mark.skipif(not KERNELS_POSSIBLE, reason="ownlm's kernels need x86-64 Linux with AVX2 and a C compiler")
 @pytest.mark.parametrize("kind", ["int4", "int4-symmetric", "int8"])
 def test_quant_matmul_equals_reference_and_is_batch_invariant(kind):
     bits = int(kind[3])
@@ -254,7 +255,7 @@ GEMMA3 = dict(head_dim=16, sliding_window=6, num_hidden_layers=3, query_pre_attn
               hidden_activation="gelu_pytorch_tanh", tie_word_embeddings=True)
 
 
-@pytest.mark.skipif(kernels.load() is None, reason="needs an x86 CPU with AVX2 and a C compiler")
+@pytest.mark.skipif(not KERNELS_POSSIBLE, reason="ownlm's kernels need x86-64 Linux with AVX2 and a C compiler")
 @pytest.mark.parametrize("family,dtype,quant", [("qwen2", "bfloat16", "int8"), ("mistral", "float32", "int4"),
                                                  ("llama3-rope", "bfloat16", "int4"), ("qwen3", "bfloat16", "int4"),
                                                  ("gemma3_text", "bfloat16", "int8"), ("phi3", "float32", "int4")])

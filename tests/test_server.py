@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import base64
 import concurrent.futures as cf
+import datetime
 import json
 import os
 import re
@@ -34,6 +35,7 @@ from ownlm import manage
 from ownlm.cli.main import build_parser
 from ownlm.cli.serve import api_keys
 from ownlm.engine.embed import Stopped, embed
+from ownlm.engine.generate import DEFAULT_MAX_TOKENS
 from ownlm.errors import BadRequest
 from ownlm.loading import LoadedModel
 from ownlm.server import ModelPool, Server, ServerConfig
@@ -99,6 +101,19 @@ def test_models_list(client):
 
 def test_chat_equals_the_engine(client, lm):
     check_chat_equals_the_engine(client, lm, "tiny")
+
+
+def test_chat_without_max_tokens_stops_at_the_server_default(models):
+    assert build_parser().parse_args(["serve"]).max_tokens == DEFAULT_MAX_TOKENS
+    with pytest.raises(BadRequest, match="max_tokens"):
+        ModelPool(["tiny"], max_tokens=0)
+    with serve(models, ("tiny",), max_loaded=1, max_tokens=5) as s:
+        client = openai.OpenAI(base_url=s.base_url, api_key="unused", max_retries=0, timeout=120)
+        capped = client.chat.completions.create(model="tiny", messages=USER, temperature=0, logit_bias=ENDLESS)
+        assert capped.usage.completion_tokens == 5 and capped.choices[0].finish_reason == "length"
+        asked = client.chat.completions.create(model="tiny", messages=USER, temperature=0, logit_bias=ENDLESS,
+                                               max_tokens=9)  # a client's own max_tokens wins over the default
+        assert asked.usage.completion_tokens == 9
 
 
 def check_chat_equals_the_engine(client, lm, model: str):
@@ -926,3 +941,102 @@ def test_tools_round_trip(smollm2_client):
         finish = chunk.choices[0].finish_reason or finish
     assert finish == "tool_calls" and list(calls) == [0] and calls[0]["name"] == "get_weather"
     jsonschema.validate(json.loads(calls[0]["arguments"]), WEATHER["function"]["parameters"])
+
+
+# --- the access log ------------------------------------------------------------------------------------
+
+def _lines(lines: list[str], n: int, within: float = 10) -> list[str]:
+    """The log once it has `n` lines (a line is written just after its response has ended)."""
+    deadline = time.monotonic() + within
+    while len(lines) < n and time.monotonic() < deadline:
+        time.sleep(0.02)
+    time.sleep(0.1)  # and no more
+    assert len(lines) == n, lines
+    return lines
+
+
+def test_access_log_one_json_line_per_request(models):
+    """A line per request, every route and refusal alike, with the response's own token counts;
+    a stream's line comes when it ends, with its final counts."""
+    lines: list[str] = []
+    config = ServerConfig(api_keys=[KEY], access_log=lines.append, log_format="json")
+    with serve(models, ("tiny",), config, max_running=1, max_queue=0) as s, \
+            httpx.Client(base_url=s.base_url, headers={"Authorization": f"Bearer {KEY}"}, timeout=60) as http:
+        chat = {"model": "tiny", "messages": USER, "max_tokens": 5}
+
+        def last(n: int, route: str, status: int, model: str | None = "tiny") -> dict:
+            rec = json.loads(_lines(lines, n)[-1])
+            assert set(rec) == {"time", "client", "method", "route", "status", "ms", "model", "prompt_tokens",
+                                "completion_tokens", "error"}
+            assert (rec["route"], rec["status"], rec["model"]) == (route, status, model), rec
+            assert rec["client"].startswith("127.0.0.1:") and rec["ms"] >= 0
+            assert datetime.datetime.fromisoformat(rec["time"]).utcoffset() is not None
+            assert (rec["error"] is None) == (status < 400), rec
+            return rec
+
+        usage = http.post("/chat/completions", json=chat).json()["usage"]
+        rec = last(1, "/v1/chat/completions", 200)
+        assert rec["method"] == "POST" and rec["prompt_tokens"] == usage["prompt_tokens"] > 0
+        assert rec["completion_tokens"] == usage["completion_tokens"] > 0
+
+        with http.stream("POST", "/chat/completions",
+                         json={**chat, "stream": True, "stream_options": {"include_usage": True}}) as r:
+            events = [json.loads(x[6:]) for x in r.iter_lines() if x.startswith("data: {")]
+        rec = last(2, "/v1/chat/completions", 200)
+        assert (rec["prompt_tokens"], rec["completion_tokens"]) == (events[-1]["usage"]["prompt_tokens"],
+                                                                     events[-1]["usage"]["completion_tokens"])
+
+        usage = http.post("/embeddings", json={"model": "tiny", "input": ["a b c", "d"]}).json()["usage"]
+        rec = last(3, "/v1/embeddings", 200)
+        assert (rec["prompt_tokens"], rec["completion_tokens"]) == (usage["prompt_tokens"], 0)
+
+        assert httpx.post(f"{s.base_url}/chat/completions", json=chat).status_code == 401  # no key
+        assert "API key" in last(4, "/v1/chat/completions", 401, None)["error"]
+
+        assert http.post("/chat/completions", json={**chat, "model": "nope"}).status_code == 404
+        rec = last(5, "/v1/chat/completions", 404, "nope")
+        assert "nope" in rec["error"] and rec["prompt_tokens"] is None
+
+        assert http.get(f"{s.url}/v1/models/tiny").status_code == 200
+        last(6, "/v1/models/{model_name}", 200)
+        assert http.get(f"{s.url}/no/such/path").status_code == 404
+        assert last(7, "unmatched", 404, None)["error"] == "no such route"
+        assert http.get(f"{s.url}/health").status_code == 200
+        last(8, "/health", 200, None)
+
+        endless = {**chat, "max_tokens": 4000, "stream": True, "temperature": 1.0, "logit_bias": ENDLESS}
+        with http.stream("POST", "/chat/completions", json=endless) as r:
+            stream_lines = r.iter_lines()
+            next(stream_lines)
+            assert http.post("/chat/completions", json=chat).status_code == 429
+            assert "capacity" in last(9, "/v1/chat/completions", 429)["error"]
+        rec = json.loads(_lines(lines, 10)[-1])  # the stream the client closed: what it had generated
+        assert rec["status"] == 200 and rec["completion_tokens"] >= 1
+
+
+def test_access_log_text_lines(models):
+    lines: list[str] = []
+    with serve(models, ("tiny",), ServerConfig(access_log=lines.append)) as s:
+        usage = httpx.post(f"{s.base_url}/chat/completions", json={"model": "tiny", "messages": USER, "max_tokens": 3},
+                           timeout=60).json()["usage"]
+        httpx.post(f"{s.base_url}/chat/completions", json={"model": "no such\nmodel", "messages": USER}, timeout=60)
+        ok, missing = _lines(lines, 2)
+    stamp = r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}[+-]\d\d:\d\d 127\.0\.0\.1:\d+ POST /v1/chat/completions"
+    assert re.fullmatch(stamp + rf" 200 \d+ms model=tiny prompt_tokens={usage['prompt_tokens']} "
+                        rf"completion_tokens={usage['completion_tokens']}", ok), ok
+    assert re.fullmatch(stamp + r' 404 \d+ms model="no such\\nmodel" error=".*"', missing), missing
+    with pytest.raises(BadRequest, match="log format"):
+        Server(ModelPool(["tiny"]), config=ServerConfig(log_format="xml"))
+
+
+def test_port_in_use_is_one_line(home):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        r = subprocess.run([sys.executable, "-m", "ownlm.cli.main", "serve", "tiny", "--port", str(port)],
+                           env={**os.environ, "OWNLM_HOME": str(home), "OWNLM_OFFLINE": "1", "OWNLM_API_KEYS": ""},
+                           capture_output=True, text=True, timeout=60)
+    assert r.returncode == 1, r.stderr
+    assert r.stderr.splitlines() == [f"error: port {port} on 127.0.0.1 is in use (Address already in use): stop "
+                                     "what is listening there or pick another port with --port"], r.stderr

@@ -13,6 +13,24 @@ from . import evaluate, inspect, models, run, serve, tune
 
 
 class _Parser(argparse.ArgumentParser):
+    """A parser whose `intermixed` is set (run's) takes its positionals between and after its
+    options, as parse_intermixed_args does: `ownlm run MODEL --temperature 0 why is the sky blue`."""
+
+    intermixed = False
+    _inside = False
+
+    def parse_known_args(self, args=None, namespace=None):
+        if not self.intermixed or self._inside:  # parse_known_intermixed_args calls back here (3.10-3.12)
+            return super().parse_known_args(args, namespace)
+        self._inside = True
+        try:
+            namespace, extras = self.parse_known_intermixed_args(args, namespace)
+        finally:
+            self._inside = False
+        if extras:
+            self.error(f"unrecognized arguments: {' '.join(extras)}; a prompt starting with a dash goes after `--`")
+        return namespace, extras
+
     def error(self, message: str) -> None:  # one line and exit 2, like every other bad input
         print(f"error: {message} (see `{self.prog} --help`)", file=sys.stderr)
         raise SystemExit(2)

@@ -6,6 +6,7 @@ import json
 import sys
 
 from . import add_quant_option
+from ..engine.generate import DEFAULT_MAX_TOKENS, budget
 from ..errors import BadRequest
 from ..loading import load
 
@@ -20,15 +21,33 @@ def _sampling(args) -> dict:
     return {k: v for k, v in kw.items() if v is not None}
 
 
+def _capped(lm, ids: list[int], sampling: dict) -> dict:
+    """`sampling` with max_tokens: the one asked for, else DEFAULT_MAX_TOKENS (fewer where the
+    context or the memory free has less room left after the prompt)."""
+    params = lm.params(**sampling)
+    if params.max_tokens is not None:
+        return sampling
+    return {**sampling, "max_tokens": budget(len(ids), params, lm.model, default=DEFAULT_MAX_TOKENS)}
+
+
 def _messages(args, prompt: str) -> list[dict]:
     msgs = [{"role": "system", "content": args.system}] if args.system else []
     return msgs + [{"role": "user", "content": prompt}]
 
 
 def cmd_run(args) -> int:
-    prompt = args.prompt
-    if prompt is None and not sys.stdin.isatty():
+    # the words after MODEL, quoted or not, are the prompt; none: stdin when piped, else the chat
+    prompt = " ".join(args.prompt) if args.prompt else None
+    if args.max_tokens is not None and args.max_tokens < 1:
+        raise BadRequest(f"--max-tokens must be at least 1 (got {args.max_tokens})",
+                         f"leave it out for the default, {DEFAULT_MAX_TOKENS}")
+    from_stdin = prompt is None and not sys.stdin.isatty()
+    if from_stdin:
         prompt = sys.stdin.read()
+    if prompt is not None and not prompt.strip():
+        raise BadRequest("the prompt on stdin is empty" if from_stdin else "the prompt is empty",
+                         "write the prompt after the model name (ownlm run MODEL why is the sky blue), "
+                         "or leave it out for a chat")
     if args.raw and args.system:
         raise BadRequest("--system has no effect with --raw", "drop one of them")
     if prompt is None and (args.json or args.raw):
@@ -39,7 +58,7 @@ def cmd_run(args) -> int:
     if prompt is None:
         return _repl(lm, args, sampling)
     ids = lm.encode(prompt if args.raw else lm.chat_prompt(_messages(args, prompt)))
-    stream = lm.stream_ids(ids, **sampling)
+    stream = lm.stream_ids(ids, **_capped(lm, ids, sampling))
     if args.json:
         c = stream.run()
         out = c.to_dict()
@@ -84,7 +103,8 @@ def _repl(lm, args, sampling) -> int:
         msgs = (([{"role": "system", "content": system}] if system else []) + history
                 + [{"role": "user", "content": line}])
         try:
-            stream = lm.stream_ids(lm.encode(lm.chat_prompt(msgs)), **sampling)
+            ids = lm.encode(lm.chat_prompt(msgs))
+            stream = lm.stream_ids(ids, **_capped(lm, ids, sampling))
             reply = []
             for piece in stream:
                 reply.append(piece)
@@ -103,9 +123,14 @@ def _repl(lm, args, sampling) -> int:
 def register(sub) -> None:
     p = sub.add_parser("run", help="talk to a model (one-shot or interactive)",
                        description="Generate from a model. With PROMPT (or stdin) answers once; "
-                                   "without, starts a chat.")
+                                   "without, starts a chat.",
+                       epilog="The words after MODEL are the prompt, quoted or not, with options before or after "
+                              "them: ownlm run smollm2 why is the sky blue --max-tokens 100. After `--` every word "
+                              "is prompt, even one starting with a dash: ownlm run smollm2 -- -5 degrees is cold")
+    p.intermixed = True  # positionals between and after the options (main._Parser)
     p.add_argument("model", help="store name, catalog alias (smollm2), path to .gguf / HF folder, pypi: or hf: ref")
-    p.add_argument("prompt", nargs="?")
+    p.add_argument("prompt", nargs="*", metavar="PROMPT",
+                   help="the prompt: every word after MODEL, joined with spaces (none: stdin if piped, else a chat)")
     p.add_argument("--system", help="system prompt")
     p.add_argument("--temperature", type=float, help="0 = greedy (default 0.7)")
     p.add_argument("--top-p", type=float)
@@ -113,7 +138,9 @@ def register(sub) -> None:
     p.add_argument("--min-p", type=float)
     p.add_argument("--repeat-penalty", type=float)
     p.add_argument("--seed", type=int)
-    p.add_argument("--max-tokens", type=int)
+    p.add_argument("--max-tokens", type=int, metavar="N",
+                   help=f"most tokens per answer (default {DEFAULT_MAX_TOKENS}, or what the context has room for "
+                        "if less; the chat too)")
     p.add_argument("--stop", action="append", help="stop string (repeatable)")
     p.add_argument("--raw", action="store_true", help="send the prompt as is, without the chat template")
     p.add_argument("--json", action="store_true",

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from . import add_quant_option
+from ..engine.generate import DEFAULT_MAX_TOKENS
 from ..errors import BadRequest
 
 
@@ -28,14 +29,15 @@ def cmd_serve(args) -> int:
     from ..manage import resolve
     from ..server import ModelPool, Server, ServerConfig
 
-    if args.max_running < 1 or args.max_queue < 0 or args.max_loaded < 1:
-        raise BadRequest("--max-running and --max-loaded must be at least 1, --max-queue at least 0")
+    if args.max_running < 1 or args.max_queue < 0 or args.max_loaded < 1 or args.max_tokens < 1:
+        raise BadRequest("--max-running, --max-loaded and --max-tokens must be at least 1, --max-queue at least 0")
     config = ServerConfig(api_keys=api_keys(args), max_body_bytes=int(args.max_body_mb * (1 << 20)),
-                          request_timeout=args.request_timeout, cors_origins=list(args.cors or []))
+                          request_timeout=args.request_timeout, cors_origins=list(args.cors or []),
+                          access_log=_to_stderr, log_format=args.log_format)
     pool = ModelPool(args.models, keep_alive=args.keep_alive, max_loaded=args.max_loaded,
                      max_running=args.max_running, max_queue=args.max_queue, device=args.device, dtype=args.dtype,
-                     quant=args.quant)
-    server = Server(pool, args.host, args.port, config)  # refuses a public address without keys
+                     quant=args.quant, max_tokens=args.max_tokens)
+    server = Server(pool, args.host, args.port, config).bind()  # refuses a public address without keys, a port in use
     for ref in args.models:  # refuse an unknown model now, not at the first request
         resolve(ref, pull_missing=True)
     if args.preload:
@@ -51,7 +53,13 @@ def cmd_serve(args) -> int:
                   + (" (API key required)" if config.api_keys else ""), file=sys.stderr, flush=True)
 
     server.run(ready)
+    if not args.json:
+        print("ownlm stopped", file=sys.stderr, flush=True)
     return 0
+
+
+def _to_stderr(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
 
 
 def register(sub) -> None:
@@ -72,10 +80,15 @@ def register(sub) -> None:
     p.add_argument("--keep-alive", type=float, default=300.0,
                    help="seconds an idle model stays loaded (default 300; negative: forever)")
     p.add_argument("--preload", action="store_true", help="load the model(s) before accepting requests")
+    p.add_argument("--max-tokens", type=int, default=DEFAULT_MAX_TOKENS, metavar="N",
+                   help=f"answer tokens for a chat request that sets no max_tokens (default {DEFAULT_MAX_TOKENS}); "
+                        "a request's own max_tokens may ask for up to the context")
     p.add_argument("--request-timeout", type=float, default=600.0, help="seconds per request (default 600)")
     p.add_argument("--max-body-mb", type=float, default=8.0, help="largest request body in MiB (default 8)")
     p.add_argument("--device", help="cpu, cuda, cuda:N or mps (default: best available)")
     p.add_argument("--dtype", help="auto, float32, bfloat16 or float16")
     add_quant_option(p)
+    p.add_argument("--log-format", choices=["text", "json"], default="text",
+                   help="the access log on stderr, a line per request: text (default) or json (an object a line)")
     p.add_argument("--json", action="store_true", help="print the ready line as JSON on stdout")
     p.set_defaults(func=cmd_serve)

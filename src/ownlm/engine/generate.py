@@ -17,6 +17,9 @@ from .steppers import decode_stepper
 
 PREFILL_CHUNK = 256  # the batch scheduler uses the same: same chunks, same numbers
 GROW_FROM = 256  # answer tokens the cache has room for before it first grows
+# answer tokens when a request names none: `ownlm run`, its chat and the server's chat route (their
+# --max-tokens defaults), so nothing runs on until the context is full. An explicit max_tokens wins.
+DEFAULT_MAX_TOKENS = 1024
 
 
 @dataclass
@@ -40,10 +43,11 @@ class StepStats:
     limit: int = 0  # the token budget (budget())
 
 
-def budget(prompt_len: int, params: SamplingParams, model: torch.nn.Module) -> int:
-    """How many tokens may be generated: max_tokens, or by default as many as fit both the
-    model's context and the memory free now for the KV cache. A prompt or a max_tokens that does
-    not fit is an error, never cut."""
+def budget(prompt_len: int, params: SamplingParams, model: torch.nn.Module, default: int | None = None) -> int:
+    """How many tokens may be generated: max_tokens, or without one as many as fit both the
+    model's context and the memory free now for the KV cache, and at most `default` (a cap such
+    as DEFAULT_MAX_TOKENS; None: no cap). A prompt or a max_tokens that does not fit is an error,
+    never cut."""
     if prompt_len == 0:
         raise BadRequest("the prompt is empty")
     context = model.cfg.context_length
@@ -61,7 +65,9 @@ def budget(prompt_len: int, params: SamplingParams, model: torch.nn.Module) -> i
         raise BadRequest(f"{prompt_len + wanted} tokens of KV cache need {need / 2**30:.2f} GiB, more than the "
                          f"memory free now allows", f"ask for at most {max(fit, 0)} tokens" if fit > 0
                          else "shorten the prompt or free memory")
-    return params.max_tokens if params.max_tokens is not None else min(room, fit)
+    if params.max_tokens is not None:
+        return params.max_tokens
+    return min(room, fit) if default is None else min(room, fit, default)
 
 
 @torch.inference_mode()

@@ -1,6 +1,6 @@
 """The OpenAI-compatible HTTP API: routes, error bodies, server-sent events, and the guard in
 front of them (Host and Origin checks, CORS, API keys, JSON bodies only, body limit, request
-metrics)."""
+metrics, the access log)."""
 
 from __future__ import annotations
 
@@ -13,7 +13,8 @@ import threading
 import time
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from typing import Any, AsyncIterator, Protocol, TypeVar
+from datetime import datetime
+from typing import Any, AsyncIterator, Callable, Protocol, TypeVar
 from urllib.parse import urlsplit
 
 from fastapi import APIRouter, FastAPI, Request
@@ -26,7 +27,7 @@ from starlette.routing import Match
 
 from ..engine.scheduler import Overloaded, TokenLogprob
 from ..errors import BadRequest, ChatTemplateError, ModelNotFound, OwnlmError
-from . import runs
+from . import logs, runs
 from .metrics import Metrics
 from .pool import ModelPool, PoolFull, Served
 from .schemas import ChatRequest, CompletionRequest, EmbeddingRequest
@@ -49,6 +50,10 @@ class ServerConfig:
     request_timeout: float = 600.0
     retry_after: int = 1
     cors_origins: list[str] = field(default_factory=list)  # web pages (origins) allowed to call; see Guard
+    # the access log: called with one line per request ("text" or "json"); None (the default for
+    # Python code) logs nothing, `ownlm serve` writes to stderr
+    access_log: Callable[[str], None] | None = None
+    log_format: str = "text"
 
 
 def web_origin(value: str) -> str | None:
@@ -134,7 +139,11 @@ class Guard:
     127.0.0.1 included, without asking the server first: only the answer is hidden from the page.
     So a request whose `Origin` is another site is refused outright (403), unless that origin was
     allowed (`--cors`), and a POST must say `Content-Type: application/json`, which a page can only
-    send after a CORS preflight (415 otherwise)."""
+    send after a CORS preflight (415 otherwise).
+
+    Once the response has ended, it counts the request in the metrics and writes its line to the
+    access log (ServerConfig.access_log); routes add the model, token counts and error reason to
+    the request's `logs.Entry`, kept in the ASGI scope."""
 
     def __init__(self, app, config: ServerConfig, metrics: Metrics, routes: list[Any]):
         self.app, self.config, self.metrics, self.routes = app, config, metrics, routes
@@ -154,6 +163,8 @@ class Guard:
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
+        started, t0 = datetime.now().astimezone(), time.monotonic()
+        entry = scope["ownlm.log"] = logs.Entry()
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
         status_seen = {"status": 500}
         cors: list[tuple[bytes, bytes]] = []  # added to every response to an allowed cross-origin page
@@ -169,6 +180,7 @@ class Guard:
                         body: bytes | None = None):
             if body is None:
                 body = json.dumps(error_body(status, message, code=code)).encode()
+                entry.error = message
             hdrs = [(b"content-length", str(len(body)).encode())]
             hdrs += [(b"content-type", b"application/json")] if body else []
             hdrs += [(k.lower().encode(), v.encode("latin-1")) for k, v in (extra or {}).items()]
@@ -231,8 +243,19 @@ class Guard:
                 await self.app(scope, limited_receive, counting_send)
             except _TooLarge:
                 await reply(413, f"the request body is larger than {limit} bytes", code="request_too_large")
+        except Exception as e:  # a 500 (answered outside this middleware) or a response cut short
+            entry.error = entry.error or f"internal error: {type(e).__name__}: {e}"
+            raise
+        except asyncio.CancelledError:
+            entry.error = entry.error or "cancelled: the client left or the server is stopping"
+            raise
         finally:
-            self.metrics.inc("requests_total", status=str(status_seen["status"]), path=self.route_label(scope))
+            route = self.route_label(scope)
+            self.metrics.inc("requests_total", status=str(status_seen["status"]), path=route)
+            if self.config.access_log is not None:
+                rec = logs.record(started, scope.get("client"), scope.get("method", "GET"), route,
+                                  status_seen["status"], (time.monotonic() - t0) * 1000, entry)
+                self.config.access_log(logs.line(rec, self.config.log_format))
 
 
 class _TooLarge(Exception):
@@ -252,6 +275,11 @@ class State:
 
 def _state(request: Request) -> State:
     return request.app.state.ownlm
+
+
+def _entry(request: Request) -> logs.Entry:
+    """The request's access-log entry (a throwaway one for an app used without its Guard)."""
+    return request.scope.setdefault("ownlm.log", logs.Entry())
 
 
 def _metrics(pool: ModelPool) -> Metrics:
@@ -306,6 +334,7 @@ def create_app(pool: ModelPool, config: ServerConfig | None = None) -> FastAPI:
 async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
     status = exc.status_code
     message = {404: "no such route", 405: "method not allowed on this route"}.get(status, str(exc.detail))
+    _entry(request).error = message
     return JSONResponse(error_body(status, message), status_code=status)
 
 
@@ -313,6 +342,7 @@ async def _error(request: Request, exc: Exception) -> JSONResponse:
     if isinstance(exc, RequestValidationError):
         exc = _validation_error(exc)
     a = _as_api_error(exc, _state(request).config.retry_after)
+    _entry(request).error = a.message
     return JSONResponse(error_body(a.status, a.message, a.param, a.code), status_code=a.status, headers=a.headers)
 
 
@@ -331,6 +361,8 @@ async def _parse(request: Request, schema: type[B]) -> B:
         raise APIError(400, "the request body is not valid JSON", code="invalid_json") from None
     if not isinstance(data, dict):
         raise APIError(400, "the request body must be a JSON object", code="invalid_json")
+    if isinstance(data.get("model"), str):
+        _entry(request).model = data["model"]
     _check_json(data)
     try:
         return schema.model_validate(data)
@@ -403,6 +435,7 @@ async def models(request: Request) -> dict[str, Any]:
 @router.get("/v1/models/{model_name:path}")
 async def model(request: Request, model_name: str) -> dict[str, Any]:
     pool = _state(request).pool
+    _entry(request).model = model_name
     if model_name not in await asyncio.to_thread(pool.available):
         raise APIError(404, f"the model {model_name!r} does not exist", param="model", code="model_not_found")
     return _model_card(pool, model_name)
@@ -452,9 +485,10 @@ async def _generate(request: Request, t: Translator) -> StreamingResponse | dict
         st.pool.release(served)
         raise
     st.metrics.inc("prompt_tokens_total", sum(len(c.prompt) for c in choices))
+    _entry(request).usage = lambda: _usage(choices, t.prompt_tokens)  # read when the response has ended
     events = _timed(st, choices, queue, t0)
     if t.stream:
-        return _streaming(st, t.chunks(served, choices, events), served, choices)
+        return _streaming(st, t.chunks(served, choices, events), served, choices, _entry(request))
     try:
         await _drain(request, st, choices, events)
     finally:
@@ -518,7 +552,8 @@ class _Stream(StreamingResponse):
             self.cleanup()
 
 
-def _streaming(st: State, chunks: AsyncIterator[bytes], served: Served, choices: list[runs.Choice]) -> _Stream:
+def _streaming(st: State, chunks: AsyncIterator[bytes], served: Served, choices: list[runs.Choice],
+               entry: logs.Entry) -> _Stream:
     state = {"finished": False, "cleaned": False}
 
     async def body() -> AsyncIterator[bytes]:
@@ -529,6 +564,7 @@ def _streaming(st: State, chunks: AsyncIterator[bytes], served: Served, choices:
         except Exception as e:  # noqa: BLE001 - after the status line, errors go out as an event
             state["finished"] = True
             a = _as_api_error(e)
+            entry.error = a.message  # logged with the stream's status, 200: the error came as an event
             yield _sse(error_body(a.status, a.message, a.param, a.code))
         finally:
             cleanup()
@@ -780,6 +816,7 @@ async def embeddings(request: Request) -> dict[str, Any]:
         data.append({"object": "embedding", "index": i, "embedding": value})
     n = sum(len(t) for t in ids)
     st.metrics.inc("prompt_tokens_total", n)
+    _entry(request).usage = lambda: {"prompt_tokens": n, "completion_tokens": 0}
     return {"object": "list", "data": data, "model": body.model, "usage": {"prompt_tokens": n, "total_tokens": n}}
 
 

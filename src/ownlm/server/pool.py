@@ -13,8 +13,9 @@ from typing import Any, Callable, Sequence
 
 from ..engine.constraints import grammar_tokenizer
 from ..engine.embed import embed
+from ..engine.generate import DEFAULT_MAX_TOKENS
 from ..engine.scheduler import Driver, Scheduler
-from ..errors import ModelNotFound, OwnlmError
+from ..errors import BadRequest, ModelNotFound, OwnlmError
 from ..loading import LoadedModel, load
 from ..manage import list_models
 from ..store.refs import parse_ref
@@ -66,6 +67,7 @@ class Served:
     scheduler: Scheduler
     created: int
     embedder: Embedder
+    max_tokens: int = DEFAULT_MAX_TOKENS  # answer tokens for a chat request that names none
     active: int = 0
     last_used: float = field(default_factory=time.monotonic)
     _grammar_tok: Any = None
@@ -86,13 +88,19 @@ def model_id(name: str) -> str:
 class ModelPool:
     def __init__(self, refs: list[str] | None = None, keep_alive: float = 300.0, max_loaded: int = 1,
                  max_running: int = 8, max_queue: int = 64, device: str | None = None, dtype: str | None = None,
-                 quant: str = "auto", loader: Callable[..., LoadedModel] = load):
+                 quant: str = "auto", loader: Callable[..., LoadedModel] = load,
+                 max_tokens: int = DEFAULT_MAX_TOKENS):
         """`loader(ref, device=, dtype=, quant=, pull_missing=False)` makes a LoadedModel of a
-        reference: `ownlm.load`, or in tests a function handing out models built in memory."""
+        reference: `ownlm.load`, or in tests a function handing out models built in memory.
+        `max_tokens` caps the answer of a chat request that sets no max_tokens (one that does may
+        ask for up to what the context holds)."""
+        if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1:
+            raise BadRequest(f"max_tokens must be a positive integer (got {max_tokens!r})")
         self.fixed = {model_id(r) if parse_ref(r).kind == "name" else r: r for r in (refs or [])}
         self.keep_alive, self.max_loaded = keep_alive, max_loaded
         self.max_running, self.max_queue = max_running, max_queue
         self.device, self.dtype, self.quant, self.loader = device, dtype, quant, loader
+        self.max_tokens = max_tokens
         self.driver = Driver()
         self.loaded: dict[str, Served] = {}
         self.locks: dict[str, asyncio.Lock] = {}
@@ -115,7 +123,7 @@ class ModelPool:
     def _load(self, mid: str, ref: str) -> Served:
         lm = self.loader(ref, device=self.device, dtype=self.dtype, quant=self.quant, pull_missing=False)
         sched = Scheduler(lm.model, max_running=self.max_running, max_queue=self.max_queue, driver=self.driver)
-        return Served(mid, lm, sched, int(time.time()), Embedder(lm.model))
+        return Served(mid, lm, sched, int(time.time()), Embedder(lm.model), max_tokens=self.max_tokens)
 
     async def acquire(self, model: str) -> Served:
         """The loaded model for an API name, loading it (in a worker thread) on first use. The

@@ -104,11 +104,13 @@ def sampling(served: Served, body: Any, max_tokens: int | None, seed: int | None
 
 
 def limit_for(served: Served, prompt: list[int], params: SamplingParams, max_tokens: int | None) -> int:
+    """Tokens a choice may generate: max_tokens (up to what the context holds), or without one the
+    server's default (`ownlm serve --max-tokens`), fewer where the context has less room."""
     if max_tokens == 0:
         if len(prompt) > served.lm.config.context_length:
             budget(len(prompt), params, served.lm.model)  # raises
         return 0
-    return budget(len(prompt), params, served.lm.model)
+    return budget(len(prompt), params, served.lm.model, default=served.max_tokens)
 
 
 # --- grammars -----------------------------------------------------------------------------------

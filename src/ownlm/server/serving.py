@@ -6,8 +6,10 @@ background (`Server.start`, or `with Server(...)`)."""
 from __future__ import annotations
 
 import dataclasses
+import errno
 import ipaddress
 import signal
+import socket
 import threading
 import time
 from typing import Callable
@@ -16,6 +18,7 @@ import uvicorn
 
 from ..errors import BadRequest, OwnlmError
 from .app import ServerConfig, cors_origins, create_app
+from .logs import LOG_FORMATS
 from .pool import ModelPool
 
 
@@ -44,11 +47,14 @@ class Server:
         if not loopback:  # clients reach it by other names: the Host check guards loopback servers only
             config = dataclasses.replace(config, check_host=False)
         config = dataclasses.replace(config, cors_origins=cors_origins(config.cors_origins))  # a BadRequest now
+        if config.log_format not in LOG_FORMATS:
+            raise BadRequest(f"unknown log format {config.log_format!r}", f"use one of {', '.join(LOG_FORMATS)}")
         self.pool, self.host, self.port, self.config = pool, host, port, config
         self._http = uvicorn.Server(uvicorn.Config(create_app(pool, config), host=host, port=port, log_level="warning",
                                                    access_log=False, timeout_graceful_shutdown=5))
         self._stopped = threading.Event()  # set once HTTP is down: the engines stop too
         self._threads: list[threading.Thread] = []
+        self._sock: socket.socket | None = None
 
     @property
     def url(self) -> str:
@@ -90,14 +96,46 @@ class Server:
     def __exit__(self, *exc: object) -> None:
         self.stop()
 
+    def bind(self) -> Server:
+        """Claim the address now (`start` and `run` do it otherwise), so that a port in use fails
+        before models load. The socket is bound here rather than by uvicorn, so that this is one
+        clear error (uvicorn would log it and end its thread)."""
+        if self._sock is None:
+            self._sock = self._bind()
+            self.port = self._sock.getsockname()[1]
+        return self
+
+    def _bind(self) -> socket.socket:
+        host = self.host.strip("[]")
+        sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn: restart despite TIME_WAIT
+            sock.bind((host, self.port))
+        except OSError as e:
+            sock.close()
+            why = e.strerror or str(e)
+            if e.errno == errno.EADDRINUSE:  # one line, the advice included: no separate hint
+                raise OwnlmError(f"port {self.port} on {self.host} is in use ({why}): stop what is listening "
+                                 "there or pick another port with --port") from None
+            if e.errno in (errno.EADDRNOTAVAIL, errno.EAFNOSUPPORT) or isinstance(e, socket.gaierror):
+                raise BadRequest(f"cannot listen on {self.host}: it is not an address of this machine ({why})",
+                                 "pass --host with one of this machine's addresses, or 127.0.0.1") from None
+            raise OwnlmError(f"cannot listen on port {self.port} of {self.host} ({why})",
+                             "ports below 1024 need privileges: pick another with --port"
+                             if e.errno == errno.EACCES else None) from None
+        return sock
+
     def _listen(self) -> None:
         if self._threads:
             raise RuntimeError("this server has been started already")
+        sock = self.bind()._sock
+        assert sock is not None
 
         def http() -> None:
             try:
-                self._http.run()
+                self._http.run(sockets=[sock])
             finally:
+                sock.close()
                 self._stopped.set()
                 self.pool.driver.wake()
 
@@ -105,8 +143,8 @@ class Server:
         while not self._http.started and self._threads[-1].is_alive():
             time.sleep(0.02)
         if not self._http.started:
-            raise OwnlmError(f"could not listen on {self.host}:{self.port}", "is another server using that port?")
-        self.port = self._http.servers[0].sockets[0].getsockname()[1]
+            raise OwnlmError(f"the HTTP server on {self.host}:{self.port} failed to start")
+        self.port = sock.getsockname()[1]
 
     def _spawn(self, name: str, target: Callable[[], None]) -> None:
         thread = threading.Thread(target=target, name=name, daemon=True)
