@@ -65,10 +65,15 @@ class ChatTemplate:
         thread = threading.Thread(target=work, daemon=True, name="ownlm-template")
         thread.start()
         thread.join(timeout)
-        if thread.is_alive():
+        timed_out = thread.is_alive()
+        for _ in range(20 if timed_out else 0):  # at most ~1 s more
+            if not thread.is_alive():
+                break
             # Inject an exception into the template thread; every step it takes is short, so it sees it promptly.
+            # Again if it is still running: one that lands in a weakref callback or __del__ is swallowed there.
             ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(thread.ident), ctypes.py_object(RenderTimeout))
-            thread.join(1.0)
+            thread.join(0.05)
+        if timed_out:
             raise ChatTemplateError(f"chat template took longer than {timeout:g}s to render",
                                     "the template loops too long")
         err = result.get("error")
