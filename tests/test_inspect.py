@@ -21,14 +21,14 @@ CARD = {"name", "source", "digest", "format", "architecture", "parameters", "par
         "context_length", "vocab_size", "quantization", "quantization_mix", "license", "chat_template", "config",
         "weight_bytes"}
 MEMORY = {"ctx", "batch", "quant", "weights_bytes", "kv_cache_bytes", "total_bytes"}
-TENSOR = {"name", "file_name", "shape", "type", "bytes", "mean", "std", "absmax", "norm", "zeros", "parameters",
-          "requant_error", "rounding_noise"}
+TENSOR = {"name", "file_name", "shape", "type", "bytes", "mean", "std", "absmax", "norm", "rms", "zeros",
+          "parameters", "requant_error", "rounding_noise"}
 
 
 def numpy_stats(a: np.ndarray) -> dict[str, float]:
     a = a.astype(np.float64).ravel()
     return {"mean": a.mean(), "std": a.std(), "absmax": np.abs(a).max(), "norm": np.linalg.norm(a),
-            "zeros": float(np.mean(a == 0))}
+            "rms": np.sqrt(np.mean(a * a)), "zeros": float(np.mean(a == 0))}
 
 
 @pytest.fixture
@@ -190,7 +190,9 @@ def test_plots_are_written_atomically_and_bad_paths_refused(hf_models, tmp_path,
     r = subprocess.run([*cli, "inspect", str(hf_models["llama"]), "--plot", str(fig), "--json"],
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
-    assert json.loads(r.stdout)["plot"] == str(fig) and fig.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    out = json.loads(r.stdout)
+    assert out["plot"] == str(fig) and fig.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and fig.stat().st_size > 10_000
+    assert all(t["rms"] > 0 for t in out["tensors"])
     svg = tmp_path / "diff.svg"
     q8 = hf_folder_to_gguf(hf_models["llama"], tmp_path / "q8.gguf", qtype=gguf.GGMLQuantizationType.Q8_0)
     r = subprocess.run([*cli, "diff", str(hf_models["llama"]), str(q8), "--plot", str(svg)],
@@ -202,3 +204,104 @@ def test_plots_are_written_atomically_and_bad_paths_refused(hf_models, tmp_path,
         r = subprocess.run([*cli, "inspect", str(hf_models["llama"]), "--plot", str(bad)],
                            capture_output=True, text=True, timeout=120)
         assert r.returncode == 2 and r.stderr.startswith("error: ") and "Traceback" not in r.stderr, r.stderr
+
+
+def legends_clear_of_axes(fig) -> None:
+    """Every axes has a legend, drawn inside the figure and over no axes' plotting area."""
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    boxes = [ax.get_window_extent(renderer) for ax in fig.axes]
+    for ax in fig.axes:
+        legend = ax.get_legend()
+        assert legend is not None, ax.get_title()
+        lb = legend.get_window_extent(renderer)
+        assert not any(lb.overlaps(box) for box in boxes), (ax.get_title(), lb, boxes)
+        assert fig.bbox.x0 <= lb.x0 and lb.x1 <= fig.bbox.x1 and fig.bbox.y0 <= lb.y0 and lb.y1 <= fig.bbox.y1
+
+
+def drawn(ax) -> dict[str, np.ndarray]:
+    """label -> y values of each line (markers included) the axes draw."""
+    return {line.get_label(): np.asarray(line.get_ydata(), dtype=float) for line in ax.get_lines()}
+
+
+def test_plot_draws_per_element_rms_with_embedding_and_head(hf_models, tmp_path):
+    """A Q4_0 GGUF of the tiny Llama (untied head): the left panel's lines are the per-element RMS
+    of each kind by layer, equal to numpy's on the file's dequantized values, with the embedding and
+    the head as their own points; the histograms say they show dequantized values and leave empty
+    bins out instead of drawing drops to zero; legends sit outside the axes."""
+    import matplotlib.pyplot as plt
+    from ownlm.plots import inspect_figure
+
+    Q = gguf.GGMLQuantizationType
+    path = hf_folder_to_gguf(hf_models["llama"], tmp_path / "q4.gguf", qtype=Q.Q4_0)
+    reader = gguf.GGUFReader(str(path))
+    by_name = {t.name: t for t in reader.tensors}
+    samples: dict = {}
+    info = inspect_model(str(path), samples=samples)
+    rms = {}
+    for t in info["tensors"]:
+        rt = by_name[t["file_name"]]
+        values = gguf.quants.dequantize(rt.data, rt.tensor_type).astype(np.float64)
+        rms[t["name"]] = float(np.sqrt(np.mean(values * values)))
+        assert t["rms"] == pytest.approx(rms[t["name"]], rel=1e-6), t["name"]
+    fig = inspect_figure(info, samples)
+    try:
+        left, right = fig.axes
+        lines = drawn(left)
+        layers = json.loads((hf_models["llama"] / "config.json").read_text())["num_hidden_layers"]
+        for kind in ("attn.q", "attn.k", "attn.v", "attn.o", "mlp.gate", "mlp.up", "mlp.down", "attn_norm",
+                     "mlp_norm"):
+            want = [rms[f"layers.{i}.{kind}.weight"] for i in range(layers)]
+            np.testing.assert_allclose(lines[kind], want, rtol=1e-12)
+        np.testing.assert_allclose(lines["embed"], [rms["embed.weight"]], rtol=1e-12)
+        np.testing.assert_allclose(lines["head"], [rms["lm_head.weight"]], rtol=1e-12)
+        assert {"embed", "head"} <= {t.get_text() for t in left.get_xticklabels()}
+        assert "RMS" in left.get_ylabel() and "dequantized from Q4_0" in right.get_title()
+        steps = [p for p in right.patches if hasattr(p, "get_data")]
+        assert steps and all(np.all(np.isnan(v) | (v > 0)) for v in (p.get_data().values for p in steps))
+        legends_clear_of_axes(fig)
+    finally:
+        plt.close(fig)
+
+    # few distinct values (norms all exactly 1): drawn at those values, said so in the legend
+    ones = {name: (np.ones_like(v) if name.endswith("norm.weight") else v) for name, v in samples.items()}
+    fig = inspect_figure(info, ones)
+    try:
+        labels = [t.get_text() for t in fig.axes[1].get_legend().get_texts()]
+        assert any(label.startswith("norm · F32") and label.endswith("1 distinct") for label in labels), labels
+    finally:
+        plt.close(fig)
+
+
+@pytest.mark.smollm2
+def test_rms_of_smollm2_equals_torch_and_its_tied_head_is_said_tied(smollm2_gguf, tmp_path):
+    """The real Q4_1 / Q8_0 file: each tensor's RMS equals torch's sqrt(mean(w²)) on the values the
+    gguf package dequantizes; the head is tied, so the plot says so instead of drawing it twice."""
+    import matplotlib.pyplot as plt
+    import torch
+    from ownlm.plots import inspect_figure
+
+    samples: dict = {}
+    info = inspect_model(str(smollm2_gguf), samples=samples)
+    by_name = {t.name: t for t in gguf.GGUFReader(str(smollm2_gguf)).tensors}
+    assert "lm_head.weight" not in {t["name"] for t in info["tensors"]} and info["model"]["config"]["tie_embeddings"]
+    last = info["model"]["config"]["n_layers"] - 1
+    checked = [t for t in info["tensors"] if not t["name"].startswith("layers.")
+               or t["name"].startswith(("layers.0.", f"layers.{last}."))]  # every kind, Q4_1, Q8_0 and F32
+    assert len(checked) == 2 + 2 * 9
+    for t in checked:
+        rt = by_name[t["file_name"]]
+        w = torch.from_numpy(np.array(gguf.quants.dequantize(rt.data, rt.tensor_type)))
+        assert t["rms"] == pytest.approx(float(torch.sqrt((w.float() ** 2).mean())), rel=1e-5), t["name"]
+    fig = inspect_figure(info, samples)
+    try:
+        left, right = fig.axes
+        lines = drawn(left)
+        assert "embed" in lines and "head" not in lines
+        assert any("tied" in text.get_text() for text in left.texts)
+        assert "dequantized from Q4_1, Q8_0" in right.get_title()
+        legends_clear_of_axes(fig)
+        fig.savefig(tmp_path / "smollm2.png")
+        assert (tmp_path / "smollm2.png").read_bytes()[:4] == b"\x89PNG"
+    finally:
+        plt.close(fig)

@@ -17,7 +17,7 @@ LAYERS = {
     "errors": 0, "fsutil": 0, "progress": 0, "paths": 0,
     "store": 1, "model": 1, "text": 1,
     "formats": 2, "engine": 2,
-    "loading": 3, "manage": 3, "export": 3, "inspect": 3, "repacked": 3,
+    "loading": 3, "manage": 3, "export": 3, "inspect": 3, "repacked": 3, "housekeeping": 3,
     "server": 4, "tune": 4, "evaluate": 4, "plots": 4,
     "cli": 5, "__init__": 5,
 }

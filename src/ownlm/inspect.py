@@ -20,7 +20,7 @@ from gguf import GGMLQuantizationType, quants
 
 from .errors import BadRequest
 from .formats.checkpoint import open_checkpoint
-from .manage import display_name, resolve
+from .manage import display_name, resolve_weights
 
 # bytes per weight as ownlm holds it; int4 / int8: the values plus float16 scale (and offset) per 32
 QUANT_BYTES = {"int4": 0.5 + 4 / 32, "int8": 1 + 2 / 32, "bf16": 2.0, "fp16": 2.0, "fp32": 4.0}
@@ -33,14 +33,15 @@ SAMPLES_PER_TENSOR = 4096  # values kept per tensor for `--plot` histograms (mor
 
 
 def tensor_stats(t: torch.Tensor) -> dict[str, float]:
-    """mean, std (population), absmax, L2 norm and fraction of exact zeros of a tensor's values."""
+    """mean, std (population), absmax, L2 norm, per-element RMS sqrt(mean(w²)) (comparable across
+    shapes, unlike the norm) and fraction of exact zeros of a tensor's values."""
     x = t.detach().reshape(-1).double()
     n = x.numel()
     if n == 0:
-        return {"mean": 0.0, "std": 0.0, "absmax": 0.0, "norm": 0.0, "zeros": 0.0}
+        return {"mean": 0.0, "std": 0.0, "absmax": 0.0, "norm": 0.0, "rms": 0.0, "zeros": 0.0}
     mean = float(x.mean())
     return {"mean": mean, "std": float(((x - mean) ** 2).mean().sqrt()), "absmax": float(x.abs().max()),
-            "norm": float(x.norm()), "zeros": float((x == 0).sum()) / n}
+            "norm": float(x.norm()), "rms": float(x.pow(2).mean().sqrt()), "zeros": float((x == 0).sum()) / n}
 
 
 def requant_error(t: torch.Tensor, qtype: str) -> float | None:
@@ -111,7 +112,7 @@ def inspect_model(ref: str, ctx: int | None = None, batch: int = 1, quant: str |
     is called with each tensor's stored bytes as it is read, and the total; `samples`, if given,
     is filled with a few thousand values of each tensor (for plots)."""
     check_options(ctx, batch, quant)
-    manifest, files = resolve(ref, pull_missing=False)
+    manifest, files = resolve_weights(ref)
     ckpt = open_checkpoint(files)
     cfg, f = ckpt.config, ckpt.facts
     rows = {r["name"]: dict(r) for r in ckpt.listing}
@@ -152,7 +153,7 @@ def diff_models(a_ref: str, b_ref: str, progress: Callable[[int], None] | None =
     architecture, most-changed first. Quantized tensors are compared by their dequantized values."""
     ckpts = []
     for ref in (a_ref, b_ref):
-        manifest, files = resolve(ref, pull_missing=False)
+        manifest, files = resolve_weights(ref)
         ckpts.append((manifest, open_checkpoint(files)))
     (ma, a), (mb, b) = ckpts
     shapes_a = {r["name"]: r["shape"] for r in a.listing}

@@ -17,7 +17,7 @@ from .errors import BadRequest, ModelFormatError, ModelNotFound
 from . import repacked
 from .formats import peft
 from .formats.checkpoint import Checkpoint, open_checkpoint, quantizable
-from .manage import display_name, resolve
+from .manage import display_name, follow, preset_of, resolve
 from .store.store import Store
 from .formats.keymaps import FUSED
 from .model import adapters, cpu
@@ -177,7 +177,9 @@ class LoadedModel:
     manifest: dict[str, Any]
     facts: dict[str, Any]
     load_seconds: float = 0.0
-    defaults: dict[str, Any] = field(default_factory=dict)
+    defaults: dict[str, Any] = field(default_factory=dict)  # sampling defaults (a preset's parameters)
+    system: str | None = None  # a preset's system prompt: used when a conversation brings none
+    preamble: list[dict[str, Any]] = field(default_factory=list)  # a preset's messages, ahead of each conversation
 
     @property
     def config(self):
@@ -186,8 +188,23 @@ class LoadedModel:
     def params(self, **sampling: Any) -> SamplingParams:
         return SamplingParams.from_kwargs(**{**self.defaults, **sampling})
 
+    def with_preset(self, messages: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+        """The conversation as the model sees it: a preset's system prompt first where the
+        conversation has no system message of its own, then the preset's messages, then the
+        conversation (a model without a preset: the conversation as it is)."""
+        msgs = list(messages)
+        if not self.system and not self.preamble:
+            return msgs
+        if msgs and msgs[0].get("role") == "system":
+            head, rest = msgs[:1], msgs[1:]
+        elif self.system and not any(m.get("role") == "system" for m in msgs):
+            head, rest = [{"role": "system", "content": self.system}], msgs
+        else:
+            head, rest = [], msgs
+        return head + [dict(m) for m in self.preamble] + rest
+
     def chat_prompt(self, messages: Sequence[dict[str, Any]]) -> str:
-        return self.template.render(messages, add_generation_prompt=True)
+        return self.template.render(self.with_preset(messages), add_generation_prompt=True)
 
     def encode(self, text: str) -> list[int]:
         return self.tokenizer.encode(text)
@@ -246,8 +263,9 @@ def attach_adapter(model: Transformer, files: dict[str, Path], merge: bool = Fal
 
 def load(ref: str, device: str | None = None, dtype: str | torch.dtype | None = None, quant: str = "auto",
          pull_missing: bool = True, cache: bool = True) -> LoadedModel:
-    """Load any model reference (store name, catalog alias, path, pypi:/hf: ref, BASE+ADAPTER or
-    an adapter's store name) for inference.
+    """Load any model reference (store name, catalog alias, path, pypi:/hf: ref, BASE+ADAPTER,
+    an adapter's store name or a preset's: its base and adapter, with its system prompt and
+    sampling parameters as the LoadedModel's defaults) for inference.
     dtype: auto (bfloat16 on CUDA and x86 CPUs with AVX2 or better, else float32), float32, bfloat16, float16.
     quant: auto (GGUF Q4_0/Q4_1/Q4_K stay int4 in bfloat16, on a CPU or a CUDA GPU, and Q8_0
     int8 on a CPU), none (dequantize everything), bf16 (none, in bfloat16), int4 or int8 (every
@@ -259,7 +277,17 @@ def load(ref: str, device: str | None = None, dtype: str | torch.dtype | None = 
     base_ref, adapter_ref = split_adapter(ref)
     adapter = resolve_adapter(adapter_ref) if adapter_ref else None
     manifest, files = resolve(base_ref, pull_missing=pull_missing)
-    if adapter is None and manifest.get("format") == "peft":  # an adapter by its own name: its base from the store
+    preset = preset_of(manifest)
+    preset_name = None
+    if preset is not None:  # a preset: its base (by digest) and adapter, its settings as defaults below
+        preset_name = display_name(manifest)
+        if preset["adapter"]:
+            if adapter is not None:
+                raise BadRequest(f"{preset_name} already has an adapter ({preset['adapter'].get('name')})",
+                                 f"name one adapter: make a preset without it, or load its base +{adapter_ref}")
+            adapter = resolve(display_name(follow(preset["adapter"], "adapter", preset_name)), pull_missing=False)
+        manifest, files = resolve(display_name(follow(preset["base"], "base model", preset_name)), pull_missing=False)
+    elif adapter is None and manifest.get("format") == "peft":  # an adapter by its own name: its base from the store
         adapter = manifest, files
         base = manifest.get("base") or {}
         manifest, files = resolve(str(base.get("name")), pull_missing=False)
@@ -296,10 +324,15 @@ def load(ref: str, device: str | None = None, dtype: str | torch.dtype | None = 
         attach_adapter(model, adapter[1], merge=not quantized)
         model.eval()
         name = f"{name}+{display_name(adapter[0])}"
+    if preset_name:
+        name = preset_name if adapter_ref is None else f"{preset_name}+{display_name(adapter[0])}"
     tok = TextTokenizer(spec)
     template = ChatTemplate(chat_template, tok.bos_token, tok.eos_token)
     _trim_heap()
-    return LoadedModel(name, model, tok, template, manifest, facts, time.perf_counter() - t0)
+    lm = LoadedModel(name, model, tok, template, manifest, facts, time.perf_counter() - t0)
+    if preset is not None:
+        lm.defaults, lm.system, lm.preamble = dict(preset["parameters"]), preset["system"], list(preset["messages"])
+    return lm
 
 
 def _trim_heap() -> None:

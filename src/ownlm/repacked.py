@@ -8,7 +8,13 @@ The variant names everything the bytes depend on: dtype, device type, quantizati
 kernels, the CPU's capability and torch's version. A cache is written to a temporary folder,
 fsynced and renamed into place, so a killed load leaves none or a whole one; one that fails to
 read back (or whose shapes disagree with its config) is ignored and rewritten. `ownlm rm`
-removes a model's caches with its files. OWNLM_REPACK_CACHE=0 turns it off."""
+removes a model's caches with its files. OWNLM_REPACK_CACHE=0 turns it off.
+
+The cache is bounded: each hit marks its folder used (its mtime), and after each write the
+least recently used variants go until at most OWNLM_REPACKED_KEEP (default 2) are left per
+model and all of them together fit OWNLM_REPACKED_MAX_MB (default: 4 GiB or three times the
+largest variant, whichever is more); the variant just written always stays. `ownlm du` shows
+them, `ownlm prune` also removes variants no current ownlm / torch / CPU would read."""
 
 from __future__ import annotations
 
@@ -24,6 +30,7 @@ from typing import Any
 import torch
 from tokenizers import Tokenizer
 
+from .errors import BadRequest
 from .formats.hf import SafetensorsFile, write_safetensors
 from .model import cpu, ops
 from .model.config import ModelConfig, RopeScaling
@@ -40,10 +47,103 @@ def enabled() -> bool:
     return os.environ.get("OWNLM_REPACK_CACHE", "1") != "0"
 
 
+KEEP_PER_MODEL = 2
+MIN_BOUND = 4 << 30
+
+
+def variant(device_type: str, dtype: torch.dtype, quant: str) -> str:
+    key = json.dumps([VERSION, str(dtype), device_type, quant, ops.cpu_kernels(), cpu.capability(),
+                      torch.__version__])
+    return hashlib.sha256(key.encode()).hexdigest()[:16]
+
+
 def folder(root: Path, digest: str, device: torch.device, dtype: torch.dtype, quant: str) -> Path:
-    variant = json.dumps([VERSION, str(dtype), device.type, quant, ops.cpu_kernels(), cpu.capability(),
-                          torch.__version__])
-    return root / "cache" / "repacked" / f"{digest}-{hashlib.sha256(variant.encode()).hexdigest()[:16]}"
+    return root / "cache" / "repacked" / f"{digest}-{variant(device.type, dtype, quant)}"
+
+
+def current_variants() -> set[str]:
+    """Every variant name this ownlm, torch and CPU can write (any device type, dtype and mode):
+    a cache named otherwise was made by another version and is never read again."""
+    return {variant(d, dt, q) for d in ("cpu", "cuda", "mps") for dt in (torch.float32, torch.bfloat16, torch.float16)
+            for q in ("auto", "none", "int4", "int8")}
+
+
+def entries(root: Path) -> list[dict[str, Any]]:
+    """The cache's variants, most recently used first: path, digest, variant, size, last use."""
+    base = root / "cache" / "repacked"
+    out = []
+    for p in sorted(base.iterdir()) if base.is_dir() else []:
+        try:
+            used = p.stat().st_mtime
+            size = sum(f.stat().st_size for f in p.rglob("*") if f.is_file())
+        except OSError:  # removed meanwhile
+            continue
+        digest, _, var = p.name.partition("-")
+        out.append({"path": p, "digest": digest, "variant": var, "size": size, "used": used})
+    return sorted(out, key=lambda e: (-e["used"], e["path"].name))
+
+
+def keep_per_model() -> int:
+    return _env_int("OWNLM_REPACKED_KEEP", KEEP_PER_MODEL, 1)
+
+
+def bound(found: list[dict[str, Any]]) -> int:
+    """The most bytes the cache keeps: OWNLM_REPACKED_MAX_MB, else 4 GiB or three times its
+    largest variant (so the three last used models stay), whichever is more."""
+    mb = _env_int("OWNLM_REPACKED_MAX_MB", None, 0)
+    if mb is not None:
+        return mb << 20
+    return max(MIN_BOUND, 3 * max((e["size"] for e in found), default=0))
+
+
+def _env_int(name: str, default: int | None, least: int) -> int | None:
+    text = os.environ.get(name, "").strip()
+    if not text:
+        return default
+    try:
+        value = int(text)
+    except ValueError:
+        value = least - 1
+    if value < least:
+        raise BadRequest(f"{name}={text!r} is invalid: must be an integer of at least {least}")
+    return value
+
+
+def over_bound(root: Path, keep: Path | None = None, found: list[dict[str, Any]] | None = None
+               ) -> list[dict[str, Any]]:
+    """The variants (of `found`, default all `entries`) to evict, least recently used first:
+    beyond `keep_per_model` for their model, or beyond the bound in all (`keep`, the one just
+    written, never)."""
+    found = list(entries(root) if found is None else found)
+    limit, per = bound(found), keep_per_model()
+    if keep is not None:
+        found.sort(key=lambda e: e["path"] != keep)  # stable: the rest stay most recent first
+    seen: dict[str, int] = {}
+    total, evict = 0, []
+    for e in found:
+        seen[e["digest"]] = seen.get(e["digest"], 0) + 1
+        if e["path"] != keep and (seen[e["digest"]] > per or total + e["size"] > limit):
+            evict.append(e)
+            continue
+        total += e["size"]
+    return evict[::-1]
+
+
+def trim(root: Path, keep: Path | None = None) -> list[Path]:
+    """Evict what `over_bound` names; returns the folders removed."""
+    gone = []
+    for e in over_bound(root, keep):
+        shutil.rmtree(e["path"], ignore_errors=True)
+        gone.append(e["path"])
+    return gone
+
+
+def touch(path: Path) -> None:
+    """Mark a variant used now (its folder's mtime), for the least-recently-used eviction."""
+    try:
+        os.utime(path)
+    except OSError:  # a read-only store: the order is only a hint
+        pass
 
 
 def save(path: Path, model: Transformer, tokenizer: TokenizerSpec, chat_template: str | None,
@@ -73,6 +173,7 @@ def save(path: Path, model: Transformer, tokenizer: TokenizerSpec, chat_template
             pass
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+    trim(path.parents[2], keep=path)
 
 
 def load(path: Path, device: torch.device) -> tuple[Transformer, TokenizerSpec, str | None, dict] | None:
@@ -84,6 +185,8 @@ def load(path: Path, device: torch.device) -> tuple[Transformer, TokenizerSpec, 
     hit = _read(file, device)
     if hit is None:  # damaged or from another version: drop it, the caller writes a new one
         shutil.rmtree(path, ignore_errors=True)
+    else:
+        touch(path)
     return hit
 
 

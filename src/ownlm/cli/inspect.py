@@ -45,14 +45,14 @@ def cmd_inspect(args) -> int:
     print()
     print("REQUANT: dequantized values quantized again with the same type, relative error; NOISE: the\n"
           "rounding error expected against the source from each block's step (ownlm diff SOURCE THIS measures it)\n")
-    print(f"{'TENSOR':<34} {'SHAPE':<16} {'TYPE':<6} {'BYTES':>9} {'MEAN':>10} {'STD':>9} {'ABSMAX':>9} "
+    print(f"{'TENSOR':<34} {'SHAPE':<16} {'TYPE':<6} {'BYTES':>9} {'MEAN':>10} {'STD':>9} {'RMS':>9} {'ABSMAX':>9} "
           f"{'ZEROS':>6} {'REQUANT':>8} {'NOISE':>7}")
     for t in info["tensors"]:
         shape = "x".join(str(d) for d in t["shape"])
         err = "-" if t["requant_error"] is None else f"{t['requant_error']:.2g}"
         noise = "-" if t["rounding_noise"] is None else f"{t['rounding_noise']:.3f}"
         print(f"{t['name']:<34} {shape:<16} {t['type']:<6} {human_bytes(t['bytes']):>9} {t['mean']:>10.3g} "
-              f"{t['std']:>9.3g} {t['absmax']:>9.3g} {100 * t['zeros']:>5.1f}% {err:>8} {noise:>7}")
+              f"{t['std']:>9.3g} {t['rms']:>9.3g} {t['absmax']:>9.3g} {100 * t['zeros']:>5.1f}% {err:>8} {noise:>7}")
     if plot:
         print(f"\nwrote {plot}")
     return 0
@@ -84,15 +84,16 @@ def cmd_diff(args) -> int:
 def register(sub) -> None:
     p = sub.add_parser("inspect", help="model card, per-tensor statistics and a memory estimate",
                        description="Look inside a model (a store name or a path): its card, every tensor's "
-                                   "shape, type, bytes, mean, std, absmax, fraction of zeros and, for quantized "
-                                   "tensors, the requantization error, and the memory it needs for a context length "
-                                   "and batch.")
+                                   "shape, type, bytes, mean, std, per-element RMS, absmax, fraction of zeros "
+                                   "and, for quantized tensors, the requantization error, and the memory it needs "
+                                   "for a context length and batch.")
     p.add_argument("model", metavar="MODEL")
     p.add_argument("--ctx", type=int, help="context length for the memory estimate (default: the model's)")
     p.add_argument("--batch", type=int, default=1, help="sequences for the memory estimate (default 1)")
     p.add_argument("--quant", choices=sorted(QUANT_BYTES), help="estimate memory with weights held as this type")
     p.add_argument("--plot", metavar="FILE.png",
-                   help="also draw per-layer weight norms and value histograms (matplotlib)")
+                   help="also draw per-element RMS by layer (with embedding and head) and value histograms "
+                        "(quantized tensors dequantized; matplotlib)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_inspect)
     d = sub.add_parser("diff", help="per-tensor change between two models of the same architecture",

@@ -9,7 +9,7 @@ import sys
 import traceback
 
 from ..errors import OwnlmError
-from . import evaluate, inspect, models, run, serve, tune
+from . import catalog, evaluate, inspect, models, run, serve, tune
 
 
 class _Parser(argparse.ArgumentParser):
@@ -41,6 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--version", action="version", version=f"ownlm {__import__('ownlm').__version__}")
     sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     models.register(sub)
+    catalog.register(sub)
     run.register(sub)
     serve.register(sub)
     inspect.register(sub)

@@ -5,12 +5,10 @@ from __future__ import annotations
 import json
 import sys
 
-from . import add_quant_option
-from ..engine.generate import DEFAULT_MAX_TOKENS, budget
+from . import add_quant_option, chat
+from ..engine.generate import DEFAULT_MAX_TOKENS
 from ..errors import BadRequest
 from ..loading import load
-
-HELP = "commands: /system TEXT sets the system prompt, /reset clears the history, /bye quits"
 
 
 def _sampling(args) -> dict:
@@ -24,10 +22,7 @@ def _sampling(args) -> dict:
 def _capped(lm, ids: list[int], sampling: dict) -> dict:
     """`sampling` with max_tokens: the one asked for, else DEFAULT_MAX_TOKENS (fewer where the
     context or the memory free has less room left after the prompt)."""
-    params = lm.params(**sampling)
-    if params.max_tokens is not None:
-        return sampling
-    return {**sampling, "max_tokens": budget(len(ids), params, lm.model, default=DEFAULT_MAX_TOKENS)}
+    return chat.capped(lm, ids, sampling, DEFAULT_MAX_TOKENS)
 
 
 def _messages(args, prompt: str) -> list[dict]:
@@ -74,50 +69,8 @@ def cmd_run(args) -> int:
 
 
 def _repl(lm, args, sampling) -> int:
-    system = args.system
-    history: list[dict] = []
-    print(f"ownlm chat with {lm.name}. {HELP}", file=sys.stderr)
-    while True:
-        try:
-            line = input(">>> ")
-        except EOFError:
-            print()
-            return 0
-        text = line.strip()
-        if not text:
-            continue
-        if text in ("/bye", "/exit", "/quit"):
-            return 0
-        if text == "/reset":
-            history.clear()
-            print("(history cleared)", file=sys.stderr)
-            continue
-        if text.startswith("/system"):
-            system = text[len("/system"):].strip() or None
-            history.clear()
-            print(f"(system prompt {'set' if system else 'cleared'}; history cleared)", file=sys.stderr)
-            continue
-        if text.startswith("/"):
-            print(HELP, file=sys.stderr)
-            continue
-        msgs = (([{"role": "system", "content": system}] if system else []) + history
-                + [{"role": "user", "content": line}])
-        try:
-            ids = lm.encode(lm.chat_prompt(msgs))
-            stream = lm.stream_ids(ids, **_capped(lm, ids, sampling))
-            reply = []
-            for piece in stream:
-                reply.append(piece)
-                sys.stdout.write(piece)
-                sys.stdout.flush()
-        except KeyboardInterrupt:
-            print("\n(interrupted)", file=sys.stderr)
-            continue
-        except BadRequest as e:
-            print(f"error: {e}", file=sys.stderr)
-            continue
-        sys.stdout.write("\n")
-        history += [{"role": "user", "content": line}, {"role": "assistant", "content": "".join(reply)}]
+    """The chat (cli/chat.py), with this module's answer cap."""
+    return chat.repl(lm, args, sampling, capper=_capped)
 
 
 def register(sub) -> None:

@@ -607,10 +607,6 @@ def _include_usage(body: ChatRequest | CompletionRequest) -> bool:
     return bool(body.stream_options and body.stream_options.include_usage)
 
 
-def _seed(body: ChatRequest | CompletionRequest, i: int) -> int | None:
-    return None if body.seed is None else body.seed + i  # n choices: distinct but reproducible
-
-
 def _batch(x: Any) -> list[Any]:
     """An API input that is one item (a string or a token-id list) or a list of them, as a list."""
     return [x] if isinstance(x, str) or (x and isinstance(x[0], int)) else list(x)
@@ -662,7 +658,7 @@ class Chat:
             await asyncio.to_thread(served.grammar_tokenizer)
         prompt = served.lm.encode(await asyncio.to_thread(runs.render_chat, served, body.messages, plan.tools))
         max_tokens = body.max_completion_tokens or body.max_tokens
-        params = [runs.sampling(served, body, max_tokens, _seed(body, i)) for i in range(body.n)]
+        params = [runs.sampling(served, body, max_tokens, i) for i in range(body.n)]
         limit = runs.limit_for(served, prompt, params[0], max_tokens)
         self.tool_mode, self.prompt_tokens = plan.tool_mode, len(prompt) * body.n
         return runs.Job([prompt] * body.n, params, [limit] * body.n, logprobs=self.logprobs, grammar=plan.grammar)
@@ -728,8 +724,9 @@ class Completions:
         if not batch:
             raise APIError(400, "prompt must not be empty", param="prompt")
         prompts = [runs.token_ids(served, x, f"prompt[{i}]") for i, x in enumerate(batch)]
-        max_tokens = 16 if body.max_tokens is None else body.max_tokens
-        each = [(p, runs.sampling(served, body, max_tokens, _seed(body, j))) for p in prompts for j in range(body.n)]
+        # the legacy API's default, 16, unless the model is a preset with its own
+        max_tokens = served.lm.defaults.get("max_tokens", 16) if body.max_tokens is None else body.max_tokens
+        each = [(p, runs.sampling(served, body, max_tokens, j)) for p in prompts for j in range(body.n)]
         self.prompt_tokens = sum(len(x) for x in prompts)
         return runs.Job([p for p, _ in each], [sp for _, sp in each],
                         [runs.limit_for(served, p, sp, max_tokens) for p, sp in each],

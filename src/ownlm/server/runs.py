@@ -39,6 +39,7 @@ def render_chat(served: Served, messages: list[dict[str, Any]], tools: list[dict
     renders tools, else as a system message ahead of the conversation (and earlier tool calls
     written into the assistant turns in the format the model is asked to use)."""
     lm = served.lm
+    messages = lm.with_preset(messages)  # a preset's system prompt and messages
     if _template_knows_tools(served):
         return lm.template.render(messages, add_generation_prompt=True, **({"tools": tools} if tools else {}))
     msgs = [dict(m) for m in messages]
@@ -79,7 +80,9 @@ def token_ids(served: Served, prompt: Any, where: str = "prompt") -> list[int]:
     return list(prompt)
 
 
-def sampling(served: Served, body: Any, max_tokens: int | None, seed: int | None) -> SamplingParams:
+def sampling(served: Served, body: Any, max_tokens: int | None, choice: int = 0) -> SamplingParams:
+    """The request's sampling over the model's defaults (a preset's parameters); choice `i` of
+    `n` gets the seed + i, so the choices differ but each is reproducible."""
     kw: dict[str, Any] = dict(served.lm.defaults)
     for name in ("temperature", "top_p", "top_k", "min_p", "repetition_penalty", "presence_penalty",
                  "frequency_penalty"):
@@ -99,7 +102,8 @@ def sampling(served: Served, body: Any, max_tokens: int | None, seed: int | None
             raise BadRequest(f"logit_bias keys must be token ids in [0, {vocab})", param="logit_bias")
         if any(not -100 <= v <= 100 for v in kw["logit_bias"].values()):
             raise BadRequest("logit_bias values must be between -100 and 100", param="logit_bias")
-    kw.update(seed=seed, max_tokens=max_tokens or None)
+    seed = body.seed if body.seed is not None else kw.get("seed")
+    kw.update(seed=None if seed is None else seed + choice, max_tokens=max_tokens or kw.get("max_tokens"))
     return SamplingParams.from_kwargs(**kw)
 
 

@@ -4,6 +4,8 @@
     links/sha256-<hex>.json            a reference to a file kept where it is (`import --link` across filesystems)
     manifests/<name>/<tag>.json        one per model: source, files -> digests, facts for `list`/`show`
     pending/<pid>-<random>.json        digests a live writer has stored (or reuses) but not yet named in a manifest
+    partial/<hash>.part                downloads in progress or interrupted, resumed by the next pull of the
+                                       same file (removed once stored, or when their digest is wrong)
     tmp/                               partial writes (<pid>-<random>.part) and claims on export temp paths
                                        (<pid>-<random>.claim); swept when their process is gone
     locks/                             flock files: one per model name (pulls, imports, rm of it) and one for
@@ -115,17 +117,24 @@ class Store:
         """Remove partial files, export temp paths and pending records left by processes that no
         longer exist."""
         removed = 0
-        for p in list((self.root / "tmp").iterdir()) + list((self.root / "pending").iterdir()):
-            if _owner_alive(p):
-                continue
-            if p.suffix == ".claim":  # an export's temp path outside the store: remove what it names
-                with contextlib.suppress(OSError, ValueError):
-                    claimed = Path(p.read_text(encoding="utf-8").strip())
-                    if claimed.is_absolute() and tmp_sibling_pid(claimed) == _pid_of(p):
-                        remove_path(claimed)
-            remove_path(p)
+        for p in self.dead_tmp():
+            self.remove_tmp(p)
             removed += 1
         return removed
+
+    def dead_tmp(self) -> list[Path]:
+        """Entries of tmp/ and pending/ whose process is gone (what `sweep_tmp` removes)."""
+        return [p for p in sorted((self.root / "tmp").iterdir()) + sorted((self.root / "pending").iterdir())
+                if not _owner_alive(p)]
+
+    def remove_tmp(self, p: Path) -> None:
+        """Remove one entry of `dead_tmp` (a claim: the export temp path it names too)."""
+        if p.suffix == ".claim":  # an export's temp path outside the store: remove what it names
+            with contextlib.suppress(OSError, ValueError):
+                claimed = Path(p.read_text(encoding="utf-8").strip())
+                if claimed.is_absolute() and tmp_sibling_pid(claimed) == _pid_of(p):
+                    remove_path(claimed)
+        remove_path(p)
 
     @contextlib.contextmanager
     def tmp_dir(self) -> Iterator[Path]:
@@ -177,6 +186,17 @@ class Store:
                 yield
             finally:
                 fcntl.flock(f, fcntl.LOCK_UN)
+
+    def busy(self, key: str) -> bool:
+        """Whether another holder has `key` locked now (a look, not a claim)."""
+        path = self.root / "locks" / (hashlib.sha256(key.encode()).hexdigest()[:32] + ".lock")
+        with open(path, "a+") as f:
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return True
+            fcntl.flock(f, fcntl.LOCK_UN)
+            return False
 
     # -- pending records: blobs stored but not yet named in a manifest ------------------------
     @contextlib.contextmanager
@@ -284,6 +304,33 @@ class Store:
             return digest
         finally:
             tmp.unlink(missing_ok=True)
+
+    @contextlib.contextmanager
+    def partial(self, key: str) -> Iterator[Path]:
+        """The partial file of a download named by `key` (its sha256 when known), kept in
+        partial/ across processes so a later pull resumes it; locked while yielded."""
+        folder = self.root / "partial"
+        folder.mkdir(exist_ok=True)
+        name = hashlib.sha256(key.encode()).hexdigest()[:32] + ".part"
+        with self.lock(f"partial:{name}"):
+            yield folder / name
+
+    def partial_busy(self, path: Path) -> bool:
+        """Whether a pull is writing this partial file now (it holds its lock)."""
+        return self.busy(f"partial:{path.name}")
+
+    def put_partial(self, path: Path, expected: str | None = None, what: str = "download") -> str:
+        """Make a finished partial download a blob (renamed, not copied), its digest checked first;
+        on a mismatch the partial file is deleted (its bytes are not worth resuming)."""
+        self._pending()
+        digest, st = _hash_whole(path)
+        if expected and digest != expected:
+            path.unlink(missing_ok=True)
+            raise IntegrityError(f"{what}: sha256 {digest} does not match the expected {expected}",
+                                 "the source changed or the download was corrupted; nothing was stored")
+        self._place(path, digest, st)
+        path.unlink(missing_ok=True)  # the blob was already there
+        return digest
 
     def put_file(self, src: Path, expected: str | None = None, progress: Progress | None = None) -> str:
         with open_regular(src) as f:
@@ -416,31 +463,45 @@ class Store:
         caches of models no longer here. While any manifest or live record is unreadable nothing
         is deleted: the blobs it names cannot be told apart."""
         with self.lock(BLOBS_LOCK):
-            used = self._pending_digests()  # before the manifests: a writer names its blobs, then drops its record
-            if used is None:
+            found = self.unreferenced()
+            if found is None:
                 return 0
-            models = set()
-            for n in self.names():
-                try:
-                    manifest = self.read(n)
-                except ModelNotFound:  # removed meanwhile, under its own lock
-                    continue
-                except IntegrityError:
-                    return 0
-                used |= {f.get("sha256") for f in manifest["files"].values() if isinstance(f, dict)}
-                models.add(manifest.get("digest"))
-            repacked = self.root / "cache" / "repacked"
-            for p in list(repacked.iterdir()) if repacked.is_dir() else []:
-                if p.name.split("-")[0] not in models:
-                    shutil.rmtree(p, ignore_errors=True)
-            removed = 0
-            for p in list((self.root / "blobs").iterdir()) + list((self.root / "links").iterdir()):
-                digest = p.name.removeprefix("sha256-").removesuffix(".json")
-                if digest not in used:
-                    p.unlink(missing_ok=True)
-                    (self.root / "verified" / f"{digest}.json").unlink(missing_ok=True)
-                    removed += 1
-            return removed
+            blobs, caches = found
+            for p in caches:
+                shutil.rmtree(p, ignore_errors=True)
+            for p in blobs:
+                self.remove_blob(p)
+            return len(blobs)
+
+    def unreferenced(self) -> tuple[list[Path], list[Path]] | None:
+        """(blob and link files no manifest nor live writer names, repacked caches of models no
+        longer here), or None while a manifest or live record is unreadable (then nothing can be
+        told apart). The caller holds the blobs lock, and keeps it while it removes them."""
+        used = self._pending_digests()  # before the manifests: a writer names its blobs, then drops its record
+        if used is None:
+            return None
+        models = set()
+        for n in self.names():
+            try:
+                manifest = self.read(n)
+            except ModelNotFound:  # removed meanwhile, under its own lock
+                continue
+            except IntegrityError:
+                return None
+            used |= {f.get("sha256") for f in manifest["files"].values() if isinstance(f, dict)}
+            models.add(manifest.get("digest"))
+        repacked = self.root / "cache" / "repacked"
+        caches = [p for p in sorted(repacked.iterdir()) if p.name.split("-")[0] not in models] \
+            if repacked.is_dir() else []
+        blobs = [p for p in sorted((self.root / "blobs").iterdir()) + sorted((self.root / "links").iterdir())
+                 if p.name.removeprefix("sha256-").removesuffix(".json") not in used]
+        return blobs, caches
+
+    def remove_blob(self, p: Path) -> None:
+        """Remove one blob (or link) file and its verification mark."""
+        p.unlink(missing_ok=True)
+        (self.root / "verified" / f"{p.name.removeprefix('sha256-').removesuffix('.json')}.json").unlink(
+            missing_ok=True)
 
 
 def _pid_of(path: Path) -> int | None:
