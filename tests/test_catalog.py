@@ -124,3 +124,15 @@ def test_known_tag_offline_says_what_it_would_fetch(capsys, monkeypatch):
     assert "OWNLM_OFFLINE=1" in err and "Llama-3.2-3B-Instruct-GGUF/Llama-3.2-3B-Instruct-Q8_0.gguf" in err
     assert main(["run", "qwen2.5-0.5b", "hi"]) == 2
     assert "qwen2.5-0.5b-instruct-q4_k_m.gguf" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("verb", ["pull", "run"])
+def test_an_unknown_name_suggests_the_catalog_names_it_may_mean(verb, capsys, monkeypatch):
+    monkeypatch.setenv("OWNLM_OFFLINE", "1")
+    for typed, meant in (("llama3", ["llama3.1", "llama3.2"]), ("mistrl", ["mistral"]), ("phi4", ["phi3"])):
+        assert main([verb, typed] + (["hi"] if verb == "run" else [])) == 2
+        err = capsys.readouterr().err
+        hint = err.splitlines()[1]
+        assert "did you mean " in hint and all(m in hint.split("?")[0] for m in meant), err
+    assert main([verb, "zzzzqqq"] + (["hi"] if verb == "run" else [])) == 2
+    assert "did you mean" not in capsys.readouterr().err

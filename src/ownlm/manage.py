@@ -13,7 +13,7 @@ from .errors import BadRequest, IntegrityError, ModelNotFound, OwnlmError
 from .formats.checkpoint import GGUF_FILE, Checkpoint, files_of_path, open_checkpoint
 from .progress import Bar, human_bytes
 from .store import sources
-from .store.catalog import CATALOG
+from .store.catalog import CATALOG, unknown_hint
 from .store.refs import REF_FORMS, Ref, parse_ref, split_name
 from .store.store import Store, now_iso, require_regular
 
@@ -69,8 +69,7 @@ def pull(ref_text: str, name: str | None = None, store: Store | None = None, qui
         if entry is None or (ref.tag != "latest" and ref.tag not in entry.tags and store.has(ref.full_name)):
             if store.has(ref.full_name):
                 return store.read(ref.full_name)
-            raise ModelNotFound(f"{ref.name!r} is not a catalog name",
-                                f"see `ownlm catalog`; or {REF_FORMS}")
+            raise ModelNotFound(f"{ref.name!r} is not a catalog name", f"{unknown_hint(ref.name)}; or {REF_FORMS}")
         tag, pick = entry.tag(ref.tag)  # an unknown tag: an error listing the entry's tags
         source, expected, license_ = parse_ref(pick.ref), pick.sha256, entry.license
         extra["catalog"] = {"name": entry.alias, "tag": tag}
@@ -222,7 +221,7 @@ def resolve(ref_text: str, store: Store | None = None, pull_missing: bool = True
             return manifest, _resolve_store_files(store, manifest)
         if ref.name not in CATALOG:
             raise ModelNotFound(f"model {ref.full_name} is not in the store",
-                                "see `ownlm list`, or `ownlm catalog` for the models ownlm can pull")
+                                f"see `ownlm list`; {unknown_hint(ref.name)}")
         entry = CATALOG[ref.name]
         _, pick = entry.tag(ref.tag)  # an unknown tag: an error listing the entry's tags
         shown = ref.text if ref.tag != "latest" else ref.name

@@ -17,6 +17,7 @@ the file and 256 MB for activations, the tokenizer and the runtime."""
 
 from __future__ import annotations
 
+import difflib
 import os
 import re
 from dataclasses import dataclass, field
@@ -133,6 +134,20 @@ def search(query: str = "") -> list[CatalogEntry]:
         if all(w in text for w in words):
             out.append(e)
     return out
+
+
+def near(name: str, limit: int = 4) -> list[str]:
+    """Catalog names a mistyped or Ollama-style name may mean: those it begins (llama3 ->
+    llama3.1, llama3.2, ...), then those spelled alike."""
+    name = name.lower()
+    starts = [a for a in CATALOG if a.startswith(name) or name.startswith(a.split("-")[0] + "-")]
+    alike = difflib.get_close_matches(name, list(CATALOG), n=limit, cutoff=0.6)
+    return list(dict.fromkeys(starts + alike))[:limit]
+
+
+def unknown_hint(name: str) -> str:
+    close = near(name)
+    return (f"did you mean {', '.join(close)}? " if close else "") + "`ownlm catalog` lists the models ownlm can pull"
 
 
 def _hf(alias: str, family: str, description: str, license_: str, parameters: float, context: int,
