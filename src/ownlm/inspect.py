@@ -11,15 +11,18 @@ the exact error."""
 
 from __future__ import annotations
 
+import math
 import re
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
 from gguf import GGMLQuantizationType, quants
 
 from .errors import BadRequest
-from .formats.checkpoint import open_checkpoint
+from .formats import peft
+from .formats.checkpoint import Checkpoint, open_checkpoint
+from .loading import resolve_adapter, split_adapter
 from .manage import display_name, resolve_weights
 
 # bytes per weight as ownlm holds it; int4 / int8: the values plus float16 scale (and offset) per 32
@@ -112,12 +115,11 @@ def inspect_model(ref: str, ctx: int | None = None, batch: int = 1, quant: str |
     is called with each tensor's stored bytes as it is read, and the total; `samples`, if given,
     is filled with a few thousand values of each tensor (for plots)."""
     check_options(ctx, batch, quant)
-    manifest, files = resolve_weights(ref)
-    ckpt = open_checkpoint(files)
+    shown, manifest, ckpt, deltas = open_weights(ref)  # BASE+ADAPTER: the merged weights' statistics
     cfg, f = ckpt.config, ckpt.facts
     rows = {r["name"]: dict(r) for r in ckpt.listing}
     weight_bytes = sum(r["bytes"] for r in rows.values())
-    for name, t in ckpt.tensors(torch.float32):
+    for name, t in _merged(ckpt, deltas):
         rows[name].update(tensor_stats(t))
         rows[name]["requant_error"] = requant_error(t, rows[name]["type"])
         rows[name]["rounding_noise"] = rounding_noise(t, rows[name]["type"])
@@ -133,7 +135,7 @@ def inspect_model(ref: str, ctx: int | None = None, batch: int = 1, quant: str |
         r["parameters"] = n
         by_component[component(r["name"])] = by_component.get(component(r["name"]), 0) + n
     card = {
-        "name": display_name(manifest), "source": manifest.get("source"), "digest": manifest.get("digest"),
+        "name": shown, "source": manifest.get("source"), "digest": manifest.get("digest"),
         "format": f["format"],
         "architecture": f["architecture"], "parameters": f["parameters"], "parameters_by_component": by_component,
         "context_length": f["context_length"], "vocab_size": f["vocab_size"], "quantization": f["quantization"],
@@ -144,6 +146,40 @@ def inspect_model(ref: str, ctx: int | None = None, batch: int = 1, quant: str |
     return {"model": card, "memory": memory, "tensors": sorted(rows.values(), key=lambda r: _natural(r["name"]))}
 
 
+_LORA_A = re.compile(r"(layers\.\d+\.\w+)\.\w+\.lora_a\.(\w+)")
+
+
+def open_weights(ref: str) -> tuple[str, dict[str, Any], Checkpoint, dict[str, torch.Tensor]]:
+    """(display name, base manifest, base checkpoint, {tensor name: adapter delta}) of any MODEL:
+    for BASE+ADAPTER, or an adapter by its own store name, the deltas (scale * B @ A per targeted
+    weight) that merging adds; for a plain model, none."""
+    base_ref, adapter_ref = split_adapter(ref)
+    manifest, files = resolve_weights(base_ref)
+    adapter = resolve_adapter(adapter_ref) if adapter_ref else None
+    if adapter is None and manifest.get("format") == "peft":  # an adapter by its own name: on its base
+        adapter = manifest, files
+        manifest, files = resolve_weights(str((manifest.get("base") or {}).get("name")))
+    name, deltas = display_name(manifest), {}
+    if adapter is not None:
+        settings, tensors = peft.read(adapter[1])
+        scale = settings.alpha / (math.sqrt(settings.r) if settings.rslora else settings.r)
+        for key, a in tensors.items():
+            if m := _LORA_A.fullmatch(key):
+                deltas[f"{m.group(1)}.{m.group(2)}.weight"] = scale * (tensors[key.replace(".lora_a.", ".lora_b.")] @ a)
+        name = f"{name}+{display_name(adapter[0])}"
+    return name, manifest, open_checkpoint(files), deltas
+
+
+def _merged(ckpt: Checkpoint, deltas: dict[str, torch.Tensor]) -> Iterator[tuple[str, torch.Tensor]]:
+    for name, t in ckpt.tensors(torch.float32):
+        if name in deltas:
+            if deltas[name].shape != t.shape:
+                raise BadRequest(f"the adapter does not fit the base at {name}: {tuple(deltas[name].shape)} vs "
+                                 f"{tuple(t.shape)}", "it was trained for a different base model")
+            t = t + deltas[name]
+        yield name, t
+
+
 def _natural(name: str) -> list:
     return [int(p) if p.isdigit() else p for p in re.split(r"(\d+)", name)]
 
@@ -151,11 +187,7 @@ def _natural(name: str) -> list:
 def diff_models(a_ref: str, b_ref: str, progress: Callable[[int], None] | None = None) -> dict[str, Any]:
     """Per-tensor relative change ‖B−A‖/‖A‖ and cosine similarity between two models of the same
     architecture, most-changed first. Quantized tensors are compared by their dequantized values."""
-    ckpts = []
-    for ref in (a_ref, b_ref):
-        manifest, files = resolve_weights(ref)
-        ckpts.append((manifest, open_checkpoint(files)))
-    (ma, a), (mb, b) = ckpts
+    (name_a, _, a, deltas_a), (name_b, _, b, deltas_b) = open_weights(a_ref), open_weights(b_ref)
     shapes_a = {r["name"]: r["shape"] for r in a.listing}
     shapes_b = {r["name"]: r["shape"] for r in b.listing}
     if a.config.architecture != b.config.architecture:
@@ -167,9 +199,9 @@ def diff_models(a_ref: str, b_ref: str, progress: Callable[[int], None] | None =
         if shapes_a[name] != shapes_b[name]:
             raise BadRequest(f"the models differ in shape at {name}: {shapes_a[name]} vs {shapes_b[name]}")
     pending: dict[str, torch.Tensor] = {}
-    b_iter = b.tensors(torch.float32)
+    b_iter = _merged(b, deltas_b)
     rows = []
-    for name, ta in a.tensors(torch.float32):
+    for name, ta in _merged(a, deltas_a):
         while name not in pending:  # the same layout yields the same order; anything else waits here
             nb, tb = next(b_iter)
             pending[nb] = tb
@@ -185,7 +217,7 @@ def diff_models(a_ref: str, b_ref: str, progress: Callable[[int], None] | None =
             progress(1)
     rows.sort(key=lambda r: -r["relative_change"])
     changed = [r for r in rows if r["relative_change"] > 0]
-    return {"a": display_name(ma), "b": display_name(mb), "architecture": a.config.architecture,
+    return {"a": name_a, "b": name_b, "architecture": a.config.architecture,
             "summary": {"tensors": len(rows), "changed": len(changed),
                         "max_relative_change": rows[0]["relative_change"] if rows else 0.0,
                         "min_cosine": min((r["cosine"] for r in rows), default=1.0)},

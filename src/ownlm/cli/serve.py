@@ -26,6 +26,7 @@ def api_keys(args) -> list[str]:
 
 
 def cmd_serve(args) -> int:
+    from ..loading import resolve_adapter, split_adapter
     from ..manage import resolve
     from ..server import ModelPool, Server, ServerConfig
 
@@ -33,13 +34,17 @@ def cmd_serve(args) -> int:
         raise BadRequest("--max-running, --max-loaded and --max-tokens must be at least 1, --max-queue at least 0")
     config = ServerConfig(api_keys=api_keys(args), max_body_bytes=int(args.max_body_mb * (1 << 20)),
                           request_timeout=args.request_timeout, cors_origins=list(args.cors or []),
-                          access_log=_to_stderr, log_format=args.log_format)
+                          access_log=_to_stderr, log_format=args.log_format,
+                          allow_pull=args.allow_pull)
     pool = ModelPool(args.models, keep_alive=args.keep_alive, max_loaded=args.max_loaded,
                      max_running=args.max_running, max_queue=args.max_queue, device=args.device, dtype=args.dtype,
                      quant=args.quant, max_tokens=args.max_tokens)
     server = Server(pool, args.host, args.port, config).bind()  # refuses a public address without keys, a port in use
-    for ref in args.models:  # refuse an unknown model now, not at the first request
-        resolve(ref, pull_missing=True)
+    for ref in args.models:  # refuse an unknown model now, not at the first request (BASE+ADAPTER: both)
+        base, adapter = split_adapter(ref)
+        resolve(base, pull_missing=True)
+        if adapter:
+            resolve_adapter(adapter)
     if args.preload:
         pool.preload()
 
@@ -90,5 +95,7 @@ def register(sub) -> None:
     add_quant_option(p)
     p.add_argument("--log-format", choices=["text", "json"], default="text",
                    help="the access log on stderr, a line per request: text (default) or json (an object a line)")
+    p.add_argument("--allow-pull", action="store_true",
+                   help="let clients pull models into the store (Ollama's POST /api/pull); off by default")
     p.add_argument("--json", action="store_true", help="print the ready line as JSON on stdout")
     p.set_defaults(func=cmd_serve)

@@ -8,12 +8,12 @@ from pathlib import Path
 
 import torch
 
-from ..errors import BadRequest
+from ..errors import BadRequest, OwnlmError
 from ..formats import peft
 from ..loading import DTYPES, load, resolve_adapter, split_adapter
-from ..manage import import_path
+from ..manage import import_path, resolve_weights
 from ..progress import human_bytes
-from ..store.refs import split_name
+from ..store.refs import HF_RE, split_name
 from ..store.store import Store
 from ..tune.data import FORMATS, TRAIN_ON
 from ..tune.trainer import METHODS, TuneConfig
@@ -70,9 +70,12 @@ def cmd_export(args) -> int:
     if args.format == "peft":
         base, adapter = split_adapter(args.model)
         manifest, files = resolve_adapter(adapter or base)
+        config = json.loads(files[peft.CONFIG].read_text(encoding="utf-8"))
+        config["base_model_name_or_path"] = args.base or _peft_base(manifest, adapter and base,
+                                                                    config.get("base_model_name_or_path"))
         with Store().atomic_out(out, folder=True) as tmp:
-            for rel in (peft.CONFIG, peft.WEIGHTS):
-                shutil.copyfile(files[rel], tmp / rel)
+            (tmp / peft.CONFIG).write_text(json.dumps(config, indent=2), encoding="utf-8")
+            shutil.copyfile(files[peft.WEIGHTS], tmp / peft.WEIGHTS)
     else:
         lm = load(args.model, dtype="float32", quant="none", pull_missing=False, cache=False)
         if args.format == "gguf":
@@ -91,6 +94,25 @@ def cmd_export(args) -> int:
     else:
         print(f"wrote {out} ({args.format}, {human_bytes(size)})")
     return 0
+
+
+def _peft_base(adapter: dict, named: str | None, written: str | None) -> str | None:
+    """What PEFT's base_model_name_or_path should say, so `AutoPeftModelForCausalLM` can load the
+    base: ORG/REPO for a base pulled from the Hub as an HF repo (hf:ORG/REPO), the folder's absolute
+    path for a base imported from a local HF folder that is still there; else the store name."""
+    ref = named or (adapter.get("base") or {}).get("name")
+    if not ref:
+        return written
+    try:
+        base = resolve_weights(ref)[0]
+    except OwnlmError:
+        return written
+    source, m = str(base.get("source") or ""), HF_RE.fullmatch(str(base.get("source") or ""))
+    if m and base.get("format") != "gguf":  # (transformers loads a Hub GGUF only with its file named)
+        return f"{m.group(1)}/{m.group(2)}"
+    if source and (Path(source) / "config.json").is_file():
+        return str(Path(source).resolve())
+    return written if named is None else ref
 
 
 def register(sub) -> None:
@@ -147,5 +169,8 @@ def register(sub) -> None:
     e.add_argument("--out", required=True, help="the file (gguf) or folder (safetensors, peft) to write")
     e.add_argument("--quant", choices=("f32", "f16", "q8_0", "q4_0"), help="GGUF weights (default f16)")
     e.add_argument("--dtype", default="bfloat16", help="safetensors weights (default bfloat16)")
+    e.add_argument("--base", metavar="PATH_OR_REPO",
+                   help="peft: the base_model_name_or_path to write (default: the Hub repo or the local HF folder "
+                        "the base came from, else its store name)")
     e.add_argument("--json", action="store_true")
     e.set_defaults(func=cmd_export)

@@ -17,6 +17,8 @@ TOOL_OPEN, TOOL_CLOSE = "<tool_call>", "</tool_call>"
 # compact JSON: a small model given free whitespace can pad forever
 JSON_OPTIONS = {"whitespace_flexible": False}
 MAX_SCHEMA_BYTES = 256 << 10
+# a tool-call argument string with no maxLength of its own is at most this long
+ARG_MAX_CHARS = 512
 
 
 class GrammarError(BadRequest):
@@ -64,11 +66,43 @@ def json_schema_grammar(schema: dict[str, Any], where: str = "response_format.js
         raise BadRequest(f"{where} is not a usable JSON schema: {e}") from None
 
 
+def close_schema(schema: Any, max_chars: int = ARG_MAX_CHARS) -> Any:
+    """A copy of a tool's parameter schema that a small model cannot wander off in: every object
+    that leaves additionalProperties open gets `additionalProperties: false` (no invented keys), and
+    every string with no maxLength (nor enum, const or format) gets `maxLength: max_chars`. Schemas
+    the request sets explicitly (additionalProperties: true, its own maxLength) are kept."""
+    if isinstance(schema, list):
+        return [close_schema(s, max_chars) for s in schema]
+    if not isinstance(schema, dict):
+        return schema
+    out: dict[str, Any] = {}
+    for key, value in schema.items():
+        if key in ("properties", "$defs", "definitions", "patternProperties") and isinstance(value, dict):
+            out[key] = {k: close_schema(v, max_chars) for k, v in value.items()}
+        elif key in ("items", "prefixItems", "anyOf", "oneOf", "additionalProperties", "contains", "then",
+                     "else", "if") or (key == "allOf" and isinstance(value, list) and len(value) == 1):
+            out[key] = close_schema(value, max_chars)  # (branches of a many-part allOf merge: kept open)
+        else:
+            out[key] = value
+    kinds = out.get("type") if isinstance(out.get("type"), list) else [out.get("type")]
+    if ("object" in kinds or "properties" in out) and not {"additionalProperties", "patternProperties",
+                                                            "unevaluatedProperties", "allOf"} & out.keys():
+        out["additionalProperties"] = False
+    if "string" in kinds and not {"maxLength", "enum", "const", "format"} & out.keys():
+        out["maxLength"] = max_chars
+    return out
+
+
 def tool_schema(functions: Sequence[dict[str, Any]]) -> dict[str, Any]:
-    """One call of any of `functions`: {"name": <one of them>, "arguments": <its parameters>}."""
+    """One call of any of `functions`: {"name": <one of them>, "arguments": <its parameters>},
+    the parameters closed and bounded (close_schema)."""
     branches = []
     for f in functions:
         params = f.get("parameters") or {"type": "object", "properties": {}}
+        try:
+            params = close_schema(json.loads(_check_schema(params, "tools[].function.parameters")))
+        except RecursionError:
+            raise BadRequest("tools[].function.parameters nests too deeply") from None
         branches.append({"type": "object", "properties": {"name": {"const": f["name"]}, "arguments": params},
                          "required": ["name", "arguments"], "additionalProperties": False})
     return branches[0] if len(branches) == 1 else {"anyOf": branches}
@@ -79,7 +113,8 @@ def tool_grammar(functions: Sequence[dict[str, Any]], required: bool, single: bo
     not starting with '<' or a space is allowed instead."""
     schema = tool_schema(functions)
     _check_schema(schema, "tools[].function.parameters")
-    call = f"{json.dumps(TOOL_OPEN)} %json {json.dumps(schema)} {json.dumps(TOOL_CLOSE)}"
+    compact = {**schema, "x-guidance": JSON_OPTIONS}  # as for response_format: no padding with whitespace
+    call = f"{json.dumps(TOOL_OPEN)} %json {json.dumps(compact)} {json.dumps(TOOL_CLOSE)}"
     lines = ["start: calls" if required else "start: calls | TEXT",
              "calls: call" if single else "calls: call+", f"call: {call}",
              'TEXT: /[^<\\s][^\\x00]*/']

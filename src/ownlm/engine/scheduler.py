@@ -69,6 +69,9 @@ class Request:
     logprobs: int | None = None  # alternatives per generated token; None: no logprobs
     prompt_logprobs: int | None = None  # alternatives per prompt token; None: not computed
     constraint: Constraint | None = None
+    # a stop token (stop_ids) still comes out as a last token event, with its logprob, as OpenAI's
+    # legacy completions and vLLM count and score it; off, the sequence just ends
+    keep_stop: bool = False
     cancelled: bool = False
 
     def cancel(self) -> None:
@@ -270,10 +273,12 @@ class Scheduler:
             token = sample(row, p, s.generator, torch.cat([s.prompt_t, out_t]), out_t)
         else:
             token = sample(row, p, s.generator)
+        lp = _logprob(torch.log_softmax(scored, -1), token, req.logprobs) if req.logprobs is not None else None
         if token in req.stop_ids:
+            if req.keep_stop:
+                req.emit(Event("token", token=token, logprob=lp))
             s.done = "stop"
             return
-        lp = _logprob(torch.log_softmax(scored, -1), token, req.logprobs) if req.logprobs is not None else None
         s.out.append(token)
         req.emit(Event("token", token=token, logprob=lp))
         if req.constraint is not None:

@@ -1,5 +1,5 @@
 """JSONL tasks: multiple choice scored by log-likelihood as lm-evaluation-harness does (acc, and
-acc_norm over the choices' byte lengths), and generation scored by exact match / contains with the
+acc_norm over the choices' lengths in characters), and generation scored by exact match / contains with the
 model's chat template applied. A row's fields say its kind: {context, choices, gold} or
 {prompt, answer}."""
 
@@ -89,13 +89,20 @@ def continuation_logprob(lm, context: str, continuation: str) -> float:
     return float(lp.gather(1, torch.tensor(cont, device=lp.device)[:, None]).double().sum())
 
 
+def normalized_pick(scores: list[float], choices: list[str]) -> int:
+    """acc_norm's pick, as lm-evaluation-harness computes it (api/task.py, `completion_len`): the
+    choice with the best log-likelihood per character of the choice's text (`len(choice)`: characters,
+    not bytes and not tokens); the first such choice on a tie, as numpy's argmax."""
+    norm = [s / len(c) for s, c in zip(scores, choices)]
+    return max(range(len(norm)), key=norm.__getitem__)
+
+
 def multiple_choice(lm, rows: list[dict[str, Any]], progress: Callable[[int], None] | None = None) -> dict[str, Any]:
     acc = acc_norm = 0
     for row in rows:
         scores = [continuation_logprob(lm, row["context"], c) for c in row["choices"]]
-        norm = [s / len(c.encode("utf-8")) for s, c in zip(scores, row["choices"])]
         acc += max(range(len(scores)), key=scores.__getitem__) == row["gold"]
-        acc_norm += max(range(len(norm)), key=norm.__getitem__) == row["gold"]
+        acc_norm += normalized_pick(scores, row["choices"]) == row["gold"]
         if progress:
             progress(1)
     return {"kind": "multiple_choice", "rows": len(rows), "acc": acc / len(rows), "acc_norm": acc_norm / len(rows)}

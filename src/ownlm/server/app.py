@@ -21,7 +21,7 @@ from starlette.responses import JSONResponse, PlainTextResponse
 from starlette.routing import Match
 
 from ..errors import BadRequest, OwnlmError
-from . import logs, openai
+from . import anthropic, logs, ollama, openai, page, responses, tokens
 from .http import APIError, ServerConfig, State, as_api_error, busy, log_entry, state_of, validation_error
 from .metrics import Metrics
 from .pool import ModelPool
@@ -135,21 +135,26 @@ class Guard:
                     if method == "OPTIONS" and "access-control-request-method" in headers:  # a preflight
                         asked = headers.get("access-control-request-headers", "")
                         return await reply(204, "", body=b"", extra={
-                            "Access-Control-Allow-Methods": "GET, POST, OPTIONS", "Access-Control-Max-Age": "600",
+                            "Access-Control-Allow-Methods": "GET, POST, DELETE, OPTIONS",
+                            "Access-Control-Max-Age": "600",
                             **({"Access-Control-Allow-Headers": asked} if asked else {})})
                 elif o is None or o != web_origin(f"{scope.get('scheme', 'http')}://{host}"):
                     return await reply(403, f"requests from the web page origin {origin!r} are refused: a page "
                                             f"may only use this server if it was started with --cors {origin}",
                                        code="origin_not_allowed")
-            if self.keys and scope["path"] != "/health":
+            public = scope["path"] == "/health" or (method == "GET" and scope["path"] in page.PUBLIC)
+            if self.keys and not public:  # the chat page and its files load without a key
                 auth = headers.get("authorization", "")
-                given = auth[7:].strip().encode() if auth.lower().startswith("bearer ") else b""
+                # Authorization: Bearer KEY (OpenAI's clients), or x-api-key: KEY (Anthropic's)
+                given = auth[7:].strip().encode() if auth.lower().startswith("bearer ") else \
+                    headers.get("x-api-key", "").strip().encode("latin-1")
                 ok = False
                 for key in self.keys:  # compare against every key so timing does not tell which matched
                     ok |= hmac.compare_digest(given, key)
                 if not ok:
-                    return await reply(401, "missing or invalid API key (send Authorization: Bearer KEY)",
-                                       code="invalid_api_key", extra={"WWW-Authenticate": "Bearer"})
+                    return await reply(401, "missing or invalid API key (send Authorization: Bearer KEY, or "
+                                            "x-api-key: KEY)", code="invalid_api_key",
+                                       extra={"WWW-Authenticate": "Bearer"})
             if method == "POST":
                 kind = headers.get("content-type", "").split(";", 1)[0].strip().lower()
                 if kind != "application/json":
@@ -226,8 +231,10 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
         await asyncio.to_thread(pool.close)
 
 
-# each protocol's module: its `router`, and optionally ERRORS = (path prefix, error body) (http.ErrorFormat)
-PROTOCOLS = (openai,)
+# each protocol's module: its `router`, and optionally ERRORS = (path prefix, error body) (http.ErrorFormat).
+# openai: /v1 chat, completions, embeddings; responses: /v1/responses; anthropic: /v1/messages;
+# ollama: /api/...; tokens: /tokenize, /detokenize, /tokenizer_info (vLLM's); page: the chat page at /
+PROTOCOLS = (openai, page, anthropic, tokens, responses, ollama)
 
 
 def create_app(pool: ModelPool, config: ServerConfig | None = None) -> FastAPI:

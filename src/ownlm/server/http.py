@@ -46,6 +46,7 @@ class ServerConfig:
     # Python code) logs nothing, `ownlm serve` writes to stderr
     access_log: Callable[[str], None] | None = None
     log_format: str = "text"
+    allow_pull: bool = False  # Ollama's POST /api/pull may write to the store (`ownlm serve --allow-pull`)
 
 
 class APIError(Exception):

@@ -24,24 +24,27 @@ from .schemas import ChatRequest, CompletionRequest, EmbeddingRequest
 router = APIRouter()
 
 
-def _model_card(pool: ModelPool, mid: str) -> dict[str, Any]:
-    served = pool.loaded.get(mid)
-    return {"id": mid, "object": "model", "created": served.created if served else 0, "owned_by": "ownlm"}
+def _model_cards(pool: ModelPool, only: str | None = None) -> list[dict[str, Any]]:
+    """The cards of the available models (or of `only`): `created` is when the model was made (its
+    store manifest's time), not when this server loaded it."""
+    return [{"id": mid, "object": "model", "created": pool.created(ref), "owned_by": "ownlm"}
+            for mid, ref in sorted(pool.available().items()) if only is None or mid == only]
 
 
 @router.get("/v1/models")
 async def models(request: Request) -> dict[str, Any]:
     pool = state_of(request).pool
-    return {"object": "list", "data": [_model_card(pool, m) for m in sorted(await asyncio.to_thread(pool.available))]}
+    return {"object": "list", "data": await asyncio.to_thread(_model_cards, pool)}
 
 
 @router.get("/v1/models/{model_name:path}")
 async def model(request: Request, model_name: str) -> dict[str, Any]:
     pool = state_of(request).pool
     log_entry(request).model = model_name
-    if model_name not in await asyncio.to_thread(pool.available):
+    cards = await asyncio.to_thread(_model_cards, pool, model_name)
+    if not cards:
         raise APIError(404, f"the model {model_name!r} does not exist", param="model", code="model_not_found")
-    return _model_card(pool, model_name)
+    return cards[0]
 
 
 def _chunk(head: dict[str, Any], choice: dict[str, Any], include_usage: bool) -> bytes:
@@ -144,9 +147,9 @@ class Chat:
         for c in choices:
             message: dict[str, Any] = {"role": "assistant", "content": c.text.text, "refusal": None}
             finish = c.finish
-            calls = runs.parse_tool_calls(c.text.text) if self._calls_tools(c.text.text) else []
+            message["content"], calls = runs.split_tool_calls(self.tool_mode, c.text.text)  # no markup in content
             if calls:
-                message.update(content=None, tool_calls=calls)
+                message["tool_calls"] = calls
                 finish = "tool_calls"
             lp = {"content": [_chat_logprob(served, x) for x in c.logprobs]} if self.logprobs is not None else None
             out.append({"index": c.index, "message": message, "logprobs": lp, "finish_reason": finish})
@@ -179,7 +182,11 @@ class Completions:
         self.prompt_tokens = sum(len(x) for x in prompts)
         return runs.Job([p for p, _ in each], [sp for _, sp in each],
                         [runs.limit_for(served, p, sp, max_tokens) for p, sp in each],
-                        logprobs=body.logprobs, prompt_logprobs=body.logprobs if body.echo else None)
+                        logprobs=body.logprobs, prompt_logprobs=body.logprobs if body.echo else None,
+                        # an end-of-text token that ends a choice is returned (empty text, its logprob) and
+                        # counted, as OpenAI's legacy API and vLLM do: lm-evaluation-harness scores a choice as
+                        # token_logprobs[ctxlen:-1], taking the last entry for the generated token
+                        keep_stop=True)
 
     def _echo(self, served: Served, c: runs.Choice) -> str:
         return served.lm.tokenizer.decode(c.prompt) if self.body.echo else ""

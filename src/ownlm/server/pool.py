@@ -5,6 +5,8 @@ Driver steps them all, on whichever thread runs `pool.driver.run` (see server.se
 from __future__ import annotations
 
 import asyncio
+import calendar
+import contextlib
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -16,9 +18,10 @@ from ..engine.embed import embed
 from ..engine.generate import DEFAULT_MAX_TOKENS
 from ..engine.scheduler import Driver, Scheduler
 from ..errors import BadRequest, ModelNotFound, OwnlmError
-from ..loading import LoadedModel, load
+from ..loading import LoadedModel, load, split_adapter
 from ..manage import list_models
 from ..store.refs import parse_ref
+from ..store.store import Store
 
 
 class PoolFull(OwnlmError):
@@ -69,6 +72,7 @@ class Served:
     embedder: Embedder
     max_tokens: int = DEFAULT_MAX_TOKENS  # answer tokens for a chat request that names none
     active: int = 0
+    keep_alive: float | None = None  # seconds idle before unloading, set by a request (Ollama's); None: the pool's
     last_used: float = field(default_factory=time.monotonic)
     _grammar_tok: Any = None
     _grammar_lock: threading.Lock = field(default_factory=threading.Lock)
@@ -85,6 +89,23 @@ def model_id(name: str) -> str:
     return name.removesuffix(":latest")
 
 
+def api_id(ref: str) -> str:
+    """The API's name for a model given at start: store names as `model_id`, BASE+ADAPTER part by part."""
+    base, adapter = split_adapter(ref)
+    parts = [base] if adapter is None else [base, adapter]
+    return "+".join(model_id(p) if parse_ref(p).kind == "name" else p for p in parts)
+
+
+def _store_adapter(name: str) -> str | None:
+    """The store's full name of an adapter a client named (`ownlm tune` output), else None."""
+    with contextlib.suppress(OwnlmError, OSError, ValueError):
+        ref = parse_ref(name)
+        store = Store()
+        if ref.kind == "name" and store.has(ref.full_name) and store.read(ref.full_name).get("format") == "peft":
+            return ref.full_name
+    return None
+
+
 class ModelPool:
     def __init__(self, refs: list[str] | None = None, keep_alive: float = 300.0, max_loaded: int = 1,
                  max_running: int = 8, max_queue: int = 64, device: str | None = None, dtype: str | None = None,
@@ -96,7 +117,7 @@ class ModelPool:
         ask for up to what the context holds)."""
         if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1:
             raise BadRequest(f"max_tokens must be a positive integer (got {max_tokens!r})")
-        self.fixed = {model_id(r) if parse_ref(r).kind == "name" else r: r for r in (refs or [])}
+        self.fixed = {api_id(r): r for r in (refs or [])}
         self.keep_alive, self.max_loaded = keep_alive, max_loaded
         self.max_running, self.max_queue = max_running, max_queue
         self.device, self.dtype, self.quant, self.loader = device, dtype, quant, loader
@@ -111,12 +132,33 @@ class ModelPool:
             return dict(self.fixed)
         return {model_id(row["name"]): row["name"] for row in list_models() if "error" not in row}
 
+    def created(self, ref: str) -> int:
+        """When a model was made, in unix seconds: its store manifest's `created` (for BASE+ADAPTER,
+        the adapter's), a path's modification time; 0 when unknown (a catalog alias not pulled)."""
+        with contextlib.suppress(OwnlmError, OSError, ValueError, TypeError):
+            base, adapter = split_adapter(ref)
+            ref = adapter or base
+            parsed = parse_ref(ref)
+            if parsed.kind == "path":
+                return int(parsed.path.stat().st_mtime)
+            store = Store()
+            if parsed.kind == "name" and store.has(parsed.full_name):
+                stamp = store.read(parsed.full_name).get("created")
+                return calendar.timegm(time.strptime(stamp, "%Y-%m-%dT%H:%M:%SZ"))
+        return 0
+
     def _ref(self, model: str) -> tuple[str, str]:
         """(API id, reference to load) for a requested model name."""
         models = self.available()
         for mid in (model, model_id(model)):
             if mid in models:
                 return mid, models[mid]
+        base, _, adapter = model.rpartition("+")  # BASE+ADAPTER: an offered base with an adapter from the store
+        for mid in (base, model_id(base)):
+            ref = models.get(mid)
+            full = _store_adapter(adapter.strip()) if ref and "+" not in mid else None
+            if full:
+                return f"{mid}+{model_id(full)}", f"{ref}+{full}"
         raise ModelNotFound(f"the model {model!r} does not exist",
                             f"this server offers: {', '.join(sorted(models)) or 'nothing yet (ownlm pull)'}")
 
@@ -166,11 +208,12 @@ class ModelPool:
 
     def reap(self) -> None:
         """Unload models idle for longer than the keep-alive (keep_alive < 0: never)."""
-        if self.keep_alive < 0:
-            return
         now = time.monotonic()
         for s in list(self.loaded.values()):
-            if (s.active == 0 and now - s.last_used > self.keep_alive and s.scheduler.stats()["running"] == 0
+            keep = self.keep_alive if s.keep_alive is None else s.keep_alive
+            if keep < 0:
+                continue
+            if (s.active == 0 and now - s.last_used > keep and s.scheduler.stats()["running"] == 0
                     and s.embedder.stats()["running"] == 0):
                 self.unload(s.id)
 

@@ -189,6 +189,15 @@ def parse_tool_calls(text: str) -> list[dict[str, Any]]:
     return calls
 
 
+def split_tool_calls(tool_mode: str, text: str) -> tuple[str | None, list[dict[str, Any]]]:
+    """(content, tool calls) of a finished chat answer. Under tools (auto or required) the grammar
+    lets an answer be text not starting with '<', or calls: calls are never content, not even
+    calls cut short by max_tokens (then: no content, no calls, finish 'length')."""
+    if tool_mode == "none" or not text.lstrip().startswith(constraints.TOOL_OPEN[0]):
+        return text, []
+    return None, parse_tool_calls(text)
+
+
 # --- running ------------------------------------------------------------------------------------
 
 @dataclass
@@ -204,6 +213,7 @@ class Choice:
     prompt_logprobs: list[TokenLogprob | None] | None = None
     finish: str | None = None
     error: BaseException | None = None
+    first_token_at: float | None = None  # time.monotonic() of its first token (Ollama's eval durations)
 
 
 @dataclass
@@ -216,6 +226,7 @@ class Job:
     logprobs: int | None = None  # alternatives per generated token; None: no logprobs
     prompt_logprobs: int | None = None  # alternatives per prompt token (completions' echo)
     grammar: str | None = None
+    keep_stop: bool = False  # the stop token that ends a choice is counted and scored, with no text (completions)
 
 
 def submit(served: Served, loop: asyncio.AbstractEventLoop, queue: asyncio.Queue, job: Job) -> list[Choice]:
@@ -236,7 +247,8 @@ def submit(served: Served, loop: asyncio.AbstractEventLoop, queue: asyncio.Queue
             c.request = served.scheduler.submit(Request(
                 prompt=prompt, params=params, limit=limit, emit=emit,
                 stop_ids=frozenset(served.lm.tokenizer.eos_ids) | frozenset(params.stop_token_ids),
-                logprobs=job.logprobs, prompt_logprobs=job.prompt_logprobs, constraint=constraint))
+                logprobs=job.logprobs, prompt_logprobs=job.prompt_logprobs, constraint=constraint,
+                keep_stop=job.keep_stop))
             choices.append(c)
     except BaseException:
         cancel(choices)
@@ -271,9 +283,14 @@ async def events(choices: Sequence[Choice], queue: asyncio.Queue, deadline: floa
         if ev.kind == "token":
             if c.finish is not None:
                 continue
+            if not c.tokens:
+                c.first_token_at = time.monotonic()
             c.tokens.append(ev.token)
             if ev.logprob is not None:
                 c.logprobs.append(ev.logprob)
+            if ev.token in c.request.stop_ids:  # a kept stop token (Job.keep_stop): counted, scored, no text
+                yield c, "", [ev.logprob] if ev.logprob is not None else []
+                continue
             piece = c.text.push(ev.token)
             if c.text.stopped:
                 c.finish = "stop"

@@ -1,0 +1,788 @@
+"""Ollama's native API on the same server: /api/tags, /api/show, /api/chat, /api/generate,
+/api/embed, /api/embeddings, /api/ps, /api/version, /api/copy, /api/delete and /api/pull. Like the
+OpenAI routes, each only translates: an Ollama body becomes the same internal request (an
+OpenAI-shaped namespace read by runs.chat_plan and runs.sampling), run by http.generate, and the
+engine's events come back as Ollama's newline-delimited JSON. Errors are `{"error": "..."}`.
+
+Ollama's `options` map onto ownlm's sampling (temperature, top_p, top_k, min_p, num_predict, num_ctx,
+seed, stop, repeat_penalty, presence_penalty, frequency_penalty); the others are ignored as Ollama
+ignores unknown ones, and each is named once in the server log. `keep_alive` sets how long the
+model stays loaded after the request (0: unloaded at once; negative: forever). Pulling writes to
+the store, so /api/pull answers 403 unless the server was started with --allow-pull."""
+
+from __future__ import annotations
+
+import asyncio
+import importlib.metadata
+import json
+import logging
+import re
+import time
+from dataclasses import dataclass
+from datetime import datetime, timedelta, timezone
+from typing import Any, AsyncIterator, Optional, Union
+
+from fastapi import APIRouter, Request
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from starlette.responses import Response, StreamingResponse
+
+from .. import manage
+from ..store.refs import parse_ref
+from ..store.store import Store
+from ..text.chat import CHATML
+from . import runs
+from .http import (APIError, Events, admit, as_api_error, documented, generate, log_entry, parse_body, state_of,
+                   validation_error)
+from .openai import _embed
+from .pool import ModelPool, Served, model_id
+from .schemas import ResponseFormat, Tool
+
+router = APIRouter()
+log = logging.getLogger("ownlm.server.ollama")
+
+
+def ollama_error(a: APIError) -> dict[str, Any]:
+    return {"error": a.message}
+
+
+ERRORS = ("/api/", ollama_error)
+
+# fill-in-the-middle tokens (prefix, suffix, middle) of the model families that have them; a
+# model whose vocabulary holds one triple can `insert` (generate with `suffix`)
+FIM_TOKENS = (("<|fim_prefix|>", "<|fim_suffix|>", "<|fim_middle|>"),  # Qwen2.5-Coder
+              ("<fim_prefix>", "<fim_suffix>", "<fim_middle>"),  # StarCoder, Granite code
+              ("<｜fim▁begin｜>", "<｜fim▁hole｜>", "<｜fim▁end｜>"))  # DeepSeek-Coder
+
+# Ollama's option names for the ones ownlm honours, and the sampling name each sets
+OPTION_NAMES = {"temperature": "temperature", "top_p": "top_p", "top_k": "top_k", "min_p": "min_p",
+                "seed": "seed", "stop": "stop", "repeat_penalty": "repetition_penalty",
+                "presence_penalty": "presence_penalty", "frequency_penalty": "frequency_penalty"}
+# a preset's parameters as Ollama names them (`show`'s parameters)
+PRESET_NAMES = {"max_tokens": "num_predict", "repetition_penalty": "repeat_penalty"}
+
+
+# --- request bodies -------------------------------------------------------------------------------
+# Ollama ignores fields it does not know, so these bodies do too; the values they know are checked.
+
+class _Body(BaseModel):
+    model_config = ConfigDict(extra="ignore", strict=True)
+
+
+class Options(BaseModel):
+    model_config = ConfigDict(extra="allow", strict=True)  # the others: ignored, named once in the log
+
+    temperature: Optional[float] = None
+    top_p: Optional[float] = None
+    top_k: Optional[int] = None
+    min_p: Optional[float] = None
+    num_predict: Optional[int] = None
+    num_ctx: Optional[int] = Field(None, ge=1)
+    seed: Optional[int] = None
+    stop: Optional[Union[str, list[str]]] = None
+    repeat_penalty: Optional[float] = None
+    presence_penalty: Optional[float] = None
+    frequency_penalty: Optional[float] = None
+
+
+KeepAlive = Optional[Union[str, float]]
+Format = Optional[Union[str, dict[str, Any]]]
+
+
+class _Generation(_Body):
+    model: str = Field(min_length=1)
+    stream: bool = True
+    format: Format = None
+    options: Optional[Options] = None
+    keep_alive: KeepAlive = None
+    think: Optional[Union[bool, str]] = None
+
+
+class ToolCallFunction(_Body):
+    name: str
+    arguments: Union[dict[str, Any], str] = Field(default_factory=dict)
+
+
+class ToolCall(_Body):
+    function: ToolCallFunction
+
+
+class Message(_Body):
+    role: str
+    content: Optional[str] = ""
+    images: Optional[list[Any]] = None
+    tool_calls: Optional[list[ToolCall]] = None
+    tool_name: Optional[str] = None
+    thinking: Optional[str] = None
+
+
+class ChatBody(_Generation):
+    messages: list[Message] = Field(default_factory=list)
+    tools: Optional[list[dict[str, Any]]] = None
+
+
+class GenerateBody(_Generation):
+    prompt: str = ""
+    suffix: Optional[str] = None
+    system: Optional[str] = None
+    template: Optional[str] = None
+    context: Optional[list[int]] = None
+    raw: bool = False
+    images: Optional[list[Any]] = None
+
+
+class EmbedBody(_Body):
+    model: str = Field(min_length=1)
+    input: Union[str, list[str]] = Field(default_factory=list)
+    truncate: bool = True
+    options: Optional[Options] = None
+    keep_alive: KeepAlive = None
+    dimensions: Optional[int] = Field(None, ge=1)
+
+
+class EmbeddingsBody(_Body):
+    model: str = Field(min_length=1)
+    prompt: str = ""
+    options: Optional[Options] = None
+    keep_alive: KeepAlive = None
+
+
+class ModelBody(_Body):
+    model: str = ""
+    name: str = ""  # the older spelling of `model`
+    verbose: bool = False
+
+    @property
+    def ref(self) -> str:
+        if not (self.model or self.name):
+            raise APIError(400, "model is required")
+        return self.model or self.name
+
+
+class CopyBody(_Body):
+    source: str = Field(min_length=1)
+    destination: str = Field(min_length=1)
+
+
+class PullBody(ModelBody):
+    stream: bool = True
+    insecure: bool = False
+
+
+# --- helpers ---------------------------------------------------------------------------------------
+
+_DURATION = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ns|us|µs|ms|s|m|h)")
+_UNITS = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
+
+
+def keep_alive_seconds(value: KeepAlive) -> float | None:
+    """Ollama's keep_alive in seconds: a number of seconds, or a Go duration ("5m", "1h30m",
+    "-1s"); negative: forever. None: the server's own (--keep-alive)."""
+    if value is None or value == "":
+        return None
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    text = str(value).strip()
+    try:
+        return float(text)
+    except ValueError:
+        pass
+    sign, body = (-1.0, text[1:]) if text.startswith("-") else (1.0, text.lstrip("+"))
+    parts = _DURATION.findall(body)
+    if not body or "".join(n + u for n, u in parts) != body:
+        raise APIError(400, f"keep_alive {value!r} is not a duration (say 5m, 1h, 30s, 0 or -1)")
+    return sign * sum(float(n) * _UNITS[u] for n, u in parts)
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat().replace("+00:00", "Z")
+
+
+def _line(data: dict[str, Any]) -> bytes:
+    return (json.dumps(data, ensure_ascii=False) + "\n").encode()
+
+
+def _note_unknown(request: Request, options: Options | None) -> None:
+    """Name, once per server, each option this server ignores."""
+    extra = sorted((options.model_extra or {}) if options is not None else {})
+    seen: set[str] = getattr(request.app.state, "ollama_ignored_options", None) or set()
+    request.app.state.ollama_ignored_options = seen
+    new = [k for k in extra if k not in seen]
+    if new:
+        seen.update(new)
+        log.warning("ollama API: ignoring options ownlm does not use: %s", ", ".join(new))
+
+
+def _parameter_size(n: Any) -> str:
+    if not isinstance(n, (int, float)) or not n:
+        return ""
+    for size, unit in ((1e12, "T"), (1e9, "B"), (1e6, "M"), (1e3, "K")):
+        if n >= size:
+            return f"{n / size:.1f}{unit}" if n < 10 * size else f"{n / size:.0f}{unit}"
+    return str(int(n))
+
+
+def _details(facts: dict[str, Any], parent: str = "") -> dict[str, Any]:
+    family = facts.get("architecture") or ""
+    return {"parent_model": parent, "format": facts.get("format") or "", "family": family,
+            "families": [family] if family else None, "parameter_size": _parameter_size(facts.get("parameters")),
+            "quantization_level": facts.get("quantization") or ""}
+
+
+def _full_name(mid: str, ref: str) -> str:
+    """The name Ollama's clients see: `name:tag` for a store model, else the server's id."""
+    r = parse_ref(ref)
+    return r.full_name if r.kind == "name" else mid
+
+
+def fim_tokens(tokenizer: Any) -> tuple[str, str, str] | None:
+    """The model's fill-in-the-middle tokens (a `tokenizers.Tokenizer`), if it has them."""
+    for triple in FIM_TOKENS:
+        if all(tokenizer.token_to_id(t) is not None for t in triple):
+            return triple
+    return None
+
+
+# --- the internal request ----------------------------------------------------------------------------
+
+@dataclass
+class Internal:
+    """What runs.chat_plan and runs.sampling read, under the OpenAI names they use."""
+
+    tools: list[Tool] | None = None
+    tool_choice: Any = None
+    response_format: ResponseFormat | None = None
+    parallel_tool_calls: bool | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    min_p: float | None = None
+    repetition_penalty: float | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    stop: str | list[str] | None = None
+    logit_bias: dict[str, float] | None = None
+    seed: int | None = None
+
+
+def _internal(body: _Generation, tools: list[dict[str, Any]] | None = None) -> Internal:
+    out = Internal()
+    opts = body.options
+    if opts is not None:
+        for name, ours in OPTION_NAMES.items():
+            setattr(out, ours, getattr(opts, name))
+    fmt = body.format
+    if fmt == "json":
+        out.response_format = ResponseFormat(type="json_object")
+    elif isinstance(fmt, dict):
+        out.response_format = ResponseFormat.model_validate(
+            {"type": "json_schema", "json_schema": {"name": "format", "schema": fmt}})
+    elif fmt not in (None, ""):
+        raise APIError(400, f"format must be \"json\" or a JSON schema (got {fmt!r})")
+    if tools:
+        try:
+            out.tools = [Tool.model_validate(t) for t in tools]
+        except ValidationError as e:
+            a = validation_error(e)
+            raise APIError(400, f"tools: {a.message}") from None
+    if body.think:
+        raise APIError(400, f"{body.model!r} does not support thinking")
+    return out
+
+
+class _Translator:
+    """What /api/chat and /api/generate share: options, limits, durations, the stream's lines."""
+
+    media_type = "application/x-ndjson"
+
+    def __init__(self, request: Request, body: _Generation, internal: Internal):
+        _note_unknown(request, body.options)
+        self.body, self.internal, self.model, self.stream = body, internal, body.model, body.stream
+        self.keep_alive = keep_alive_seconds(body.keep_alive)
+        self.t0 = time.monotonic()
+        self.loaded_at = self.submitted_at = self.t0
+        self.prompt_tokens = 0
+
+    def error_event(self, a: APIError) -> bytes:
+        return _line(ollama_error(a))
+
+    async def _setup(self, served: Served) -> None:
+        self.loaded_at = time.monotonic()
+        if self.keep_alive is not None:
+            served.keep_alive = self.keep_alive
+
+    def _job(self, served: Served, prompt: list[int], plan: runs.Plan) -> runs.Job:
+        """One choice: the prompt, Ollama's options as sampling, num_predict and num_ctx as limits."""
+        opts = self.body.options or Options()
+        ctx = served.lm.config.context_length
+        if opts.num_ctx is not None:
+            ctx = min(ctx, opts.num_ctx)
+        room = ctx - len(prompt)
+        if not prompt:
+            raise APIError(400, "the prompt is empty")
+        if room <= 0:
+            raise APIError(400, f"the prompt has {len(prompt)} tokens but the context is {ctx}"
+                                + (" (options.num_ctx)" if ctx == opts.num_ctx else ""))
+        n = opts.num_predict
+        max_tokens = None if n is None or n == 0 else room if n < 0 else min(n, room)
+        params = runs.sampling(served, self.internal, max_tokens)
+        limit = min(runs.limit_for(served, prompt, params, max_tokens), room)
+        self.prompt_tokens = len(prompt)
+        self.submitted_at = time.monotonic()
+        return runs.Job([prompt], [params], [limit], grammar=plan.grammar)
+
+    def _stats(self, c: runs.Choice) -> dict[str, Any]:
+        now = time.monotonic()
+        first = c.first_token_at or now
+
+        def ns(seconds: float) -> int:
+            return max(1, int(seconds * 1e9))
+
+        return {"done_reason": c.finish or "stop", "total_duration": ns(now - self.t0),
+                "load_duration": ns(self.loaded_at - self.t0), "prompt_eval_count": len(c.prompt),
+                "prompt_eval_duration": ns(first - self.submitted_at), "eval_count": len(c.tokens),
+                "eval_duration": ns(now - first)}
+
+    def _head(self) -> dict[str, Any]:
+        return {"model": self.model, "created_at": _now()}
+
+
+def _tool_calls(text: str) -> list[dict[str, Any]]:
+    out = []
+    for call in runs.parse_tool_calls(text):
+        f = call["function"]
+        out.append({"function": {"name": f["name"], "arguments": json.loads(f["arguments"])}})
+    return out
+
+
+class Chat(_Translator):
+    """/api/chat: messages in, an assistant message (text or tool calls) out."""
+
+    def __init__(self, request: Request, body: ChatBody):
+        super().__init__(request, body, _internal(body, body.tools))
+        self.messages = [_message(m, i) for i, m in enumerate(body.messages)]
+        self.tool_mode = "none"
+
+    async def job(self, served: Served) -> runs.Job:
+        await self._setup(served)
+        plan = runs.chat_plan(served, self.internal)
+        if plan.grammar:  # built once per model (~0.3 s): off the event loop
+            await asyncio.to_thread(served.grammar_tokenizer)
+        prompt = served.lm.encode(await asyncio.to_thread(runs.render_chat, served, self.messages, plan.tools))
+        self.tool_mode = plan.tool_mode
+        return self._job(served, prompt, plan)
+
+    def _calls_tools(self, text: str) -> bool:
+        return self.tool_mode != "none" and text.lstrip().startswith("<")
+
+    async def chunks(self, served: Served, choices: list[runs.Choice], events: Events) -> AsyncIterator[bytes]:
+        sent = 0
+        async for c, piece, _ in events:
+            if self._calls_tools(c.text.text):  # each call goes out whole, once its closing tag has come
+                calls = _tool_calls(c.text.text)
+                for call in calls[sent:]:
+                    yield _line({**self._head(), "message": {"role": "assistant", "content": "",
+                                                             "tool_calls": [call]}, "done": False})
+                sent = len(calls)
+            elif piece:
+                yield _line({**self._head(), "message": {"role": "assistant", "content": piece}, "done": False})
+        c = choices[0]
+        yield _line({**self._head(), "message": {"role": "assistant", "content": ""}, "done": True, **self._stats(c)})
+
+    def result(self, served: Served, choices: list[runs.Choice]) -> dict[str, Any]:
+        c = choices[0]
+        text, _ = runs.split_tool_calls(self.tool_mode, c.text.text)  # calls cut short: neither
+        message: dict[str, Any] = {"role": "assistant", "content": text or ""}
+        calls = _tool_calls(c.text.text) if text is None else []
+        if calls:
+            message["tool_calls"] = calls
+        return {**self._head(), "message": message, "done": True, **self._stats(c)}
+
+
+def _message(m: Message, i: int) -> dict[str, Any]:
+    """An Ollama message as the chat template (and runs.render_chat) takes it."""
+    if m.images:
+        raise APIError(400, f"messages[{i}] has images: ownlm's models take text only")
+    out: dict[str, Any] = {"role": m.role, "content": m.content or ""}
+    if m.tool_calls:
+        out["tool_calls"] = [{"type": "function", "function": {"name": t.function.name,
+                                                               "arguments": t.function.arguments}}
+                             for t in m.tool_calls]
+    if m.tool_name:
+        out["name"] = out["tool_name"] = m.tool_name
+    return out
+
+
+class Generate(_Translator):
+    """/api/generate: a prompt in (through the chat template unless raw; fill-in-the-middle with
+    a suffix), text out."""
+
+    def __init__(self, request: Request, body: GenerateBody):
+        if body.template:
+            raise APIError(400, "template is not supported: ownlm renders prompts with the model's own chat "
+                                "template (send raw: true with a prompt you formatted yourself)")
+        if body.images:
+            raise APIError(400, "images are not supported: ownlm's models take text only")
+        super().__init__(request, body, _internal(body))
+        self.gbody = body
+
+    async def job(self, served: Served) -> runs.Job:
+        await self._setup(served)
+        body = self.gbody
+        plan = runs.chat_plan(served, self.internal)
+        if plan.grammar:
+            await asyncio.to_thread(served.grammar_tokenizer)
+        if body.suffix:
+            fim = fim_tokens(served.lm.tokenizer.tk)
+            if fim is None:
+                raise APIError(400, f"{self.model!r} does not support insert")
+            text = f"{fim[0]}{body.prompt}{fim[1]}{body.suffix}{fim[2]}"
+        elif body.raw:
+            text = body.prompt
+        else:
+            msgs = ([{"role": "system", "content": body.system}] if body.system else []) + [
+                {"role": "user", "content": body.prompt}]
+            text = await asyncio.to_thread(runs.render_chat, served, msgs, None)
+        prompt = served.lm.encode(text)
+        if body.context:
+            prompt = runs.token_ids(served, body.context, "context") + prompt
+        return self._job(served, prompt, plan)
+
+    async def chunks(self, served: Served, choices: list[runs.Choice], events: Events) -> AsyncIterator[bytes]:
+        async for _, piece, _ in events:
+            if piece:
+                yield _line({**self._head(), "response": piece, "done": False})
+        c = choices[0]
+        yield _line({**self._head(), "response": "", "done": True, "context": c.prompt + c.tokens, **self._stats(c)})
+
+    def result(self, served: Served, choices: list[runs.Choice]) -> dict[str, Any]:
+        c = choices[0]
+        return {**self._head(), "response": c.text.text, "done": True, "context": c.prompt + c.tokens,
+                **self._stats(c)}
+
+
+async def _load_only(request: Request, body: _Generation, chat: bool) -> dict[str, Any]:
+    """A request with nothing to generate: load the model (keep_alive 0: unload it)."""
+    pool = state_of(request).pool
+    keep = keep_alive_seconds(body.keep_alive)
+    served = await pool.acquire(body.model)
+    pool.release(served)
+    if keep is not None:
+        served.keep_alive = keep
+    reason = "load"
+    if keep == 0:
+        if served.active == 0:
+            pool.unload(served.id)
+        reason = "unload"
+    out: dict[str, Any] = {"model": body.model, "created_at": _now(), "done": True, "done_reason": reason}
+    out.update({"message": {"role": "assistant", "content": ""}} if chat else {"response": ""})
+    return out
+
+
+@router.post("/api/chat", openapi_extra=documented(ChatBody))
+async def chat(request: Request) -> Any:
+    body = await parse_body(request, ChatBody)
+    if not body.messages:
+        return await _load_only(request, body, chat=True)
+    return await generate(request, Chat(request, body))
+
+
+@router.post("/api/generate", openapi_extra=documented(GenerateBody))
+async def generate_route(request: Request) -> Any:
+    body = await parse_body(request, GenerateBody)
+    if not body.prompt and not body.suffix:
+        return await _load_only(request, body, chat=False)
+    return await generate(request, Generate(request, body))
+
+
+# --- embeddings ----------------------------------------------------------------------------------------
+
+async def _vectors(request: Request, model: str, texts: list[str], truncate: bool, dimensions: int | None,
+                   options: Options | None, keep_alive: KeepAlive) -> tuple[list[list[float]], int, int, int]:
+    """(vectors, tokens, load ns, total ns) for texts, on the model's embedding thread."""
+    _note_unknown(request, options)
+    keep = keep_alive_seconds(keep_alive)
+    st = state_of(request)
+    t0 = time.monotonic()
+    served = await st.pool.acquire(model)
+    loaded = time.monotonic()
+    try:
+        if keep is not None:
+            served.keep_alive = keep
+        ctx = served.lm.config.context_length
+        ids = []
+        for i, text in enumerate(texts):
+            t = served.lm.encode(text)
+            if not t:
+                raise APIError(400, f"input[{i}] is no tokens")
+            if len(t) > ctx:
+                if not truncate:
+                    raise APIError(400, f"input[{i}] has {len(t)} tokens: the input length exceeds the context "
+                                        f"length ({ctx})")
+                t = t[:ctx]
+            ids.append(t)
+        if dimensions is not None and dimensions > served.lm.config.dim:
+            raise APIError(400, f"dimensions must be at most {served.lm.config.dim}")
+        vectors: list[list[float]] = []
+        if ids:
+            admit(served, 1)
+            vectors = await _embed(request, st, served, ids, dimensions, loaded + st.config.request_timeout)
+    finally:
+        st.pool.release(served)
+    n = sum(len(t) for t in ids)
+    st.metrics.inc("prompt_tokens_total", n)
+    log_entry(request).usage = lambda: {"prompt_tokens": n, "completion_tokens": 0}
+    return vectors, n, max(1, int((loaded - t0) * 1e9)), max(1, int((time.monotonic() - t0) * 1e9))
+
+
+@router.post("/api/embed", openapi_extra=documented(EmbedBody))
+async def embed(request: Request) -> dict[str, Any]:
+    body = await parse_body(request, EmbedBody)
+    texts = [body.input] if isinstance(body.input, str) else list(body.input)
+    vectors, n, load, total = await _vectors(request, body.model, texts, body.truncate, body.dimensions,
+                                             body.options, body.keep_alive)
+    return {"model": body.model, "embeddings": vectors, "total_duration": total, "load_duration": load,
+            "prompt_eval_count": n}
+
+
+@router.post("/api/embeddings", openapi_extra=documented(EmbeddingsBody))
+async def embeddings(request: Request) -> dict[str, Any]:
+    body = await parse_body(request, EmbeddingsBody)
+    vectors, *_ = await _vectors(request, body.model, [body.prompt] if body.prompt else [], True, None,
+                                 body.options, body.keep_alive)
+    return {"embedding": vectors[0] if vectors else []}
+
+
+# --- models --------------------------------------------------------------------------------------------
+
+def _offered(pool: ModelPool) -> list[tuple[str, str, dict[str, Any] | None]]:
+    """(full name, reference, store row or None) of each model the server offers."""
+    rows = {r["name"]: r for r in manage.list_models() if "error" not in r}
+    out = []
+    for mid, ref in sorted(pool.available().items()):
+        full = _full_name(mid, ref)
+        out.append((full, ref, rows.get(full)))
+    return out
+
+
+def _row_facts(row: dict[str, Any] | None) -> dict[str, Any]:
+    row = row or {}
+    return {"format": row.get("format"), "architecture": row.get("architecture"),
+            "parameters": row.get("parameters"), "quantization": row.get("quantization")}
+
+
+@router.get("/api/tags")
+async def tags(request: Request) -> dict[str, Any]:
+    offered = await asyncio.to_thread(_offered, state_of(request).pool)
+    models = []
+    for full, _, row in offered:
+        row = row or {}
+        models.append({"name": full, "model": full, "modified_at": row.get("created") or _epoch(),
+                       "size": row.get("size") or 0, "digest": row.get("digest") or "",
+                       "details": _details(_row_facts(row), row.get("base") or "")})
+    return {"models": models}
+
+
+def _epoch() -> str:
+    return "1970-01-01T00:00:00Z"
+
+
+def _memory_bytes(served: Served) -> int:
+    try:
+        model = served.lm.model
+        return sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
+    except Exception:  # noqa: BLE001 - a size is informative only
+        return int(served.lm.manifest.get("size") or 0)
+
+
+@router.get("/api/ps")
+async def ps(request: Request) -> dict[str, Any]:
+    pool = state_of(request).pool
+    available = await asyncio.to_thread(pool.available)
+    now, wall = time.monotonic(), datetime.now().astimezone()
+    models = []
+    for mid, served in sorted(pool.loaded.items()):
+        full = _full_name(mid, available.get(mid, mid))
+        keep = pool.keep_alive if served.keep_alive is None else served.keep_alive
+        if keep < 0:
+            expires = wall + timedelta(days=365 * 100)
+        else:
+            left = keep if served.active else max(0.0, keep - (now - served.last_used))
+            expires = wall + timedelta(seconds=left)
+        size = _memory_bytes(served)
+        on_gpu = str(next(served.lm.model.parameters()).device).startswith("cuda")
+        models.append({"name": full, "model": full, "size": size, "digest": served.lm.manifest.get("digest") or "",
+                       "details": _details(served.lm.facts), "expires_at": expires.isoformat(),
+                       "size_vram": size if on_gpu else 0, "context_length": served.lm.config.context_length})
+    return {"models": models}
+
+
+@router.get("/api/version")
+async def version() -> dict[str, Any]:
+    try:
+        return {"version": importlib.metadata.version("ownlm")}
+    except importlib.metadata.PackageNotFoundError:  # run from a source tree that was never installed
+        return {"version": "0.0.0"}
+
+
+def _show(pool: ModelPool, name: str) -> dict[str, Any]:
+    from ..formats.checkpoint import open_checkpoint
+
+    mid, ref = pool._ref(name)  # the names this server offers, and only those
+    info = manage.show(ref)
+    preset = info if info.get("kind") == "preset" else None
+    model = info["model"] if preset else info
+    if model.get("kind") != "model":
+        raise APIError(400, f"{name!r} is {'an adapter' if model.get('kind') == 'adapter' else 'not a model'}: "
+                            "load it as BASE+ADAPTER or make a preset of it (ownlm create)")
+    served = pool.loaded.get(mid)
+    if served is not None:
+        tk, template = served.lm.tokenizer.tk, served.lm.template.source
+    else:
+        _, files = manage.resolve_weights(ref)
+        tk = open_checkpoint(files).tokenizer.tokenizer
+        template = model.get("chat_template") or CHATML
+    caps = ["completion", "embedding"]
+    if "tools" in template:  # as runs.render_chat decides
+        caps.append("tools")
+    if fim_tokens(tk):
+        caps.append("insert")
+    params = {PRESET_NAMES.get(k, k): v for k, v in ((preset or {}).get("parameters") or {}).items()}
+    lines = []
+    for k, v in params.items():
+        for x in v if isinstance(v, list) else [v]:
+            lines.append(f"{k:<30} {json.dumps(x) if isinstance(x, str) else x}")
+    if model.get("eos_token") and "stop" not in params:
+        lines.append(f"{'stop':<30} {json.dumps(model['eos_token'])}")
+    system = (preset or {}).get("system")
+    full = _full_name(mid, ref)
+    base = ((preset or {}).get("base") or {}).get("name") or ""
+    modelfile = [f"# Modelfile generated by ownlm for {full}", f"FROM {base or full}",
+                 f'TEMPLATE """{template}"""'] + [f"PARAMETER {ln}" for ln in lines]
+    if system:
+        modelfile.append(f'SYSTEM """{system}"""')
+    arch = model.get("architecture") or ""
+    model_info = {"general.architecture": arch, "general.parameter_count": model.get("parameters"),
+                  f"{arch}.context_length": model.get("context_length"),
+                  f"{arch}.embedding_length": (model.get("config") or {}).get("dim"),
+                  f"{arch}.block_count": (model.get("config") or {}).get("n_layers"),
+                  f"{arch}.vocab_size": model.get("vocab_size")}
+    out = {"license": model.get("license") or "", "modelfile": "\n".join(modelfile) + "\n",
+           "parameters": "\n".join(lines), "template": template,
+           "details": _details(model, base),
+           "model_info": model_info, "capabilities": caps,
+           "modified_at": (preset or info).get("created") or _store_created(full) or _epoch()}
+    if system:
+        out["system"] = system
+    if preset and preset.get("messages"):
+        out["messages"] = preset["messages"]
+    return out
+
+
+def _store_created(full: str) -> str | None:
+    store = Store()
+    try:
+        return store.read(full).get("created") if store.has(full) else None
+    except Exception:  # noqa: BLE001 - a date is informative only
+        return None
+
+
+@router.post("/api/show", openapi_extra=documented(ModelBody))
+async def show(request: Request) -> dict[str, Any]:
+    body = await parse_body(request, ModelBody)
+    return await asyncio.to_thread(_show, state_of(request).pool, body.ref)
+
+
+def _store_name(name: str, what: str) -> str:
+    ref = parse_ref(name)
+    if ref.kind != "name":
+        raise APIError(400, f"{what} {name!r} is not a store name (name[:tag])")
+    return ref.full_name
+
+
+def _copy(source: str, destination: str) -> None:
+    src, dst = _store_name(source, "source"), _store_name(destination, "destination")
+    store = Store()
+    if not store.has(src):
+        raise APIError(404, f"model {source!r} not found")
+    if src == dst:
+        return
+    manifest = store.read(src)
+    name, tag = dst.rsplit(":", 1)
+    with store.lock(f"model:{dst}"):  # the blobs are shared: the copy is one more manifest naming them
+        store.write(dst, {**manifest, "name": name, "tag": tag, "created": datetime.now(timezone.utc).isoformat()})
+
+
+@router.post("/api/copy", openapi_extra=documented(CopyBody))
+async def copy(request: Request) -> Response:
+    body = await parse_body(request, CopyBody)
+    await asyncio.to_thread(_copy, body.source, body.destination)
+    return Response(status_code=200)
+
+
+@router.delete("/api/delete", openapi_extra=documented(ModelBody))
+async def delete(request: Request) -> Response:
+    body = await parse_body(request, ModelBody)
+    full = _store_name(body.ref, "model")
+    log_entry(request).model = full
+    await asyncio.to_thread(manage.remove_many, [full])
+    pool = state_of(request).pool
+    served = pool.loaded.get(model_id(full))
+    if served is not None and served.active == 0:
+        pool.unload(served.id)
+    return Response(status_code=200)
+
+
+@router.post("/api/pull", openapi_extra=documented(PullBody))
+async def pull(request: Request) -> Any:
+    st = state_of(request)
+    body = await parse_body(request, PullBody)
+    if not st.config.allow_pull:
+        raise APIError(403, "pulling is turned off on this server: nothing writes to its store unless it was "
+                            "started with `ownlm serve --allow-pull`")
+    ref = body.ref
+    loop = asyncio.get_running_loop()
+    queue: asyncio.Queue = asyncio.Queue()
+
+    def say(msg: str) -> None:
+        loop.call_soon_threadsafe(queue.put_nowait, {"status": msg})
+
+    def run() -> dict[str, Any]:
+        return manage.pull(ref, say=say)
+
+    task = asyncio.ensure_future(asyncio.to_thread(run))
+
+    def done_line(manifest: dict[str, Any]) -> list[dict[str, Any]]:
+        size = int(manifest.get("size") or 0)
+        return [{"status": f"pulled {manage.display_name(manifest)}", "digest": f"sha256:{manifest.get('digest')}",
+                 "total": size, "completed": size}, {"status": "success"}]
+
+    if not body.stream:
+        await task
+        return {"status": "success"}
+
+    async def lines() -> AsyncIterator[bytes]:
+        yield _line({"status": "pulling manifest"})
+        while True:
+            getter = asyncio.ensure_future(queue.get())
+            await asyncio.wait({task, getter}, return_when=asyncio.FIRST_COMPLETED)
+            if getter.done():
+                yield _line(getter.result())
+                continue
+            getter.cancel()
+            while not queue.empty():
+                yield _line(queue.get_nowait())
+            break
+        try:
+            manifest = task.result()
+        except Exception as e:  # noqa: BLE001 - after the status line, errors go out as a line
+            a = as_api_error(e)
+            log_entry(request).error = a.message
+            yield _line(ollama_error(a))
+            return
+        for item in done_line(manifest):
+            yield _line(item)
+
+    return StreamingResponse(lines(), media_type="application/x-ndjson")
+
+
+__all__ = ["router", "ERRORS", "keep_alive_seconds", "fim_tokens"]

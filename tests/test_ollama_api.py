@@ -1,0 +1,310 @@
+"""Ollama's native API (/api/...) as Ollama's own clients see it: the official `ollama` Python
+client against a real `ownlm serve` process, every answer checked against the engine itself."""
+
+from __future__ import annotations
+
+import json
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import httpx
+import jsonschema
+import ollama
+import pytest
+from tokenizers import Tokenizer
+
+import ownlm
+import server_util
+from conftest import CHATML, build_hf_model, build_tokenizer
+from ownlm import manage
+from ownlm.server.ollama import keep_alive_seconds
+from ownlm.store.store import Store
+
+KEY = "ollama-key-0123456789"
+USER = [{"role": "user", "content": "Name three colors."}]
+GREEDY = {"temperature": 0, "num_predict": 12}
+FIM = ["<fim_prefix>", "<fim_suffix>", "<fim_middle>"]
+TOOLS_CHATML = "{% if tools %}{{ '<|im_start|>system\nYou may call tools.<|im_end|>\n' }}{% endif %}" + CHATML
+PERSON = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 12},
+                                           "age": {"type": "integer", "minimum": 0, "maximum": 120}},
+          "required": ["name", "age"], "additionalProperties": False}
+WEATHER = {"type": "function", "function": {"name": "get_weather", "description": "Current weather in a city",
+                                             "parameters": {"type": "object", "properties": {
+                                                 "city": {"type": "string", "maxLength": 20}},
+                                                 "required": ["city"]}}}
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory) -> dict[str, Path]:
+    """"tiny": a random Llama with a plain ChatML template; "coder": one whose vocabulary has
+    fill-in-the-middle tokens and whose template mentions tools."""
+    base = tmp_path_factory.mktemp("ollama-models")
+    tiny = build_hf_model(base / "tiny", "llama", max_position_embeddings=4096)
+    probe = base / "probe"
+    probe.mkdir()
+    vocab = build_tokenizer(probe)
+    coder = build_hf_model(base / "coder", "llama", seed=5, vocab_size=vocab + len(FIM), max_position_embeddings=1024)
+    tk = Tokenizer.from_file(str(coder / "tokenizer.json"))
+    tk.add_special_tokens(FIM)
+    tk.save(str(coder / "tokenizer.json"))
+    cfg = json.loads((coder / "tokenizer_config.json").read_text())
+    (coder / "tokenizer_config.json").write_text(json.dumps({**cfg, "chat_template": TOOLS_CHATML}))
+    return {"tiny": tiny, "coder": coder}
+
+
+@pytest.fixture(scope="module")
+def home(tmp_path_factory, folders, smollm2_gguf) -> Path:
+    home = tmp_path_factory.mktemp("ollama-serve") / "home"
+    store = Store(home)
+    for name, path in folders.items():
+        manage.import_path(path, name=name, store=store, quiet=True)
+    manage.import_path(smollm2_gguf, name="smollm2", link=True, store=store, quiet=True)
+    manage.create_preset("terse", "tiny", system="Answer in one word.", parameters={"temperature": 0.2},
+                         store=store)
+    return home
+
+
+@pytest.fixture(scope="module")
+def server(home):
+    s = server_util.Server(home, ["--max-loaded", "4"])
+    yield s
+    assert s.stop() == 0
+
+
+@pytest.fixture(scope="module")
+def client(server) -> ollama.Client:
+    return ollama.Client(host=server.base, timeout=120)
+
+
+@pytest.fixture(scope="module")
+def lms(folders, smollm2_gguf):
+    return {"tiny": ownlm.load(str(folders["tiny"])), "coder": ownlm.load(str(folders["coder"])),
+            "smollm2": ownlm.load(str(smollm2_gguf))}
+
+
+def _durations(r) -> None:
+    for name in ("total_duration", "load_duration", "prompt_eval_duration", "eval_duration"):
+        value = getattr(r, name)
+        assert isinstance(value, int) and value > 0, (name, value)
+    assert r.total_duration >= r.eval_duration
+
+
+def test_list_show_version(client, server):
+    names = [m.model for m in client.list().models]
+    assert names == ["coder:latest", "smollm2:latest", "terse:latest", "tiny:latest"]
+    tiny = next(m for m in client.list().models if m.model == "tiny:latest")
+    assert tiny.size > 0 and len(tiny.digest) == 64 and tiny.details.family == "llama"
+    assert tiny.details.format == "safetensors" and tiny.modified_at is not None
+    smol = next(m for m in client.list().models if m.model == "smollm2:latest")
+    assert smol.details.quantization_level == "Q4_1" and smol.details.parameter_size == "135M"
+
+    info = client.show("tiny")
+    assert info.template == CHATML
+    assert info.capabilities == ["completion", "embedding"]  # no FIM tokens, a template without tools
+    assert info.details.family == "llama" and info.modelinfo["general.architecture"] == "llama"
+    assert info.modelinfo["llama.context_length"] == 4096
+    coder = client.show("coder:latest")
+    assert coder.template == TOOLS_CHATML and set(coder.capabilities) == {"completion", "embedding", "tools", "insert"}
+    terse = client.show("terse")
+    assert "temperature" in terse.parameters and "0.2" in terse.parameters
+    assert terse.details.parent_model == "tiny:latest"
+    raw = httpx.post(f"{server.base}/api/show", json={"model": "terse"}, timeout=30).json()
+    assert raw["system"] == "Answer in one word." and raw["parameters"] == terse.parameters
+    assert 'SYSTEM """Answer in one word."""' in terse.modelfile
+    assert httpx.get(f"{server.base}/api/version").json() == {"version": ownlm.__version__}
+
+
+@pytest.mark.parametrize("model", ["tiny", "smollm2"])
+def test_chat_equals_the_engine(client, lms, model):
+    lm = lms[model]
+    ref = lm.chat(USER, temperature=0, max_tokens=12)
+    r = client.chat(model, messages=USER, options=GREEDY, stream=False)
+    assert r.message.role == "assistant" and r.message.content == ref.text and r.done
+    assert r.eval_count == len(ref.token_ids) and r.done_reason == ref.finish_reason
+    assert r.prompt_eval_count == len(lm.encode(lm.chat_prompt(USER)))
+    assert r.model == model
+    _durations(r)
+    parts = list(client.chat(model, messages=USER, options=GREEDY, stream=True))
+    assert all(not p.done for p in parts[:-1]) and parts[-1].done
+    assert "".join(p.message.content for p in parts) == ref.text
+    assert parts[-1].eval_count == r.eval_count and parts[-1].prompt_eval_count == r.prompt_eval_count
+    _durations(parts[-1])
+
+
+def test_options_reach_the_sampler(client, lms):
+    lm = lms["tiny"]
+    opts = {"temperature": 0.9, "top_k": 5, "top_p": 0.8, "min_p": 0.05, "seed": 7, "num_predict": 10,
+            "repeat_penalty": 1.3, "presence_penalty": 0.5, "frequency_penalty": 0.25}
+    ref = lm.chat(USER, temperature=0.9, top_k=5, top_p=0.8, min_p=0.05, seed=7, max_tokens=10,
+                  repetition_penalty=1.3, presence_penalty=0.5, frequency_penalty=0.25)
+    assert client.chat("tiny", messages=USER, options=opts).message.content == ref.text
+    # a stop string ends the text before it
+    full = lm.chat(USER, temperature=0, max_tokens=20).text
+    stop = full[5:8]
+    r = client.chat("tiny", messages=USER, options={"temperature": 0, "num_predict": 20, "stop": [stop]})
+    assert r.message.content == full[:full.index(stop)] and r.done_reason == "stop"
+    # num_ctx bounds prompt + answer
+    n = len(lm.encode(lm.chat_prompt(USER)))
+    r = client.chat("tiny", messages=USER, options={"temperature": 0, "num_predict": 50, "num_ctx": n + 3})
+    assert r.eval_count == 3 and r.message.content == lm.chat(USER, temperature=0, max_tokens=3).text
+
+
+def test_generate_raw_templated_and_context(client, lms):
+    lm = lms["tiny"]
+    prompt = "The quick brown fox"
+    ref = lm.generate(prompt, temperature=0, max_tokens=12)
+    r = client.generate("tiny", prompt, raw=True, options=GREEDY)
+    assert r.response == ref.text and r.eval_count == 12 and r.prompt_eval_count == len(lm.encode(prompt))
+    _durations(r)
+    assert list(r.context) == lm.encode(prompt) + ref.token_ids
+    streamed = list(client.generate("tiny", prompt, raw=True, options=GREEDY, stream=True))
+    assert "".join(p.response for p in streamed) == ref.text and streamed[-1].done
+    msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": prompt}]
+    templated = client.generate("tiny", prompt, system="Be brief.", options=GREEDY)
+    assert templated.response == lm.chat(msgs, temperature=0, max_tokens=12).text
+
+
+def test_generate_suffix_fills_the_middle(client, lms):
+    lm = lms["coder"]
+    ref = lm.generate("<fim_prefix>def add(a, b):\n<fim_suffix>\nprint(add(2, 3))\n<fim_middle>",
+                      temperature=0, max_tokens=10)
+    r = client.generate("coder", "def add(a, b):\n", suffix="\nprint(add(2, 3))\n",
+                        options={**GREEDY, "num_predict": 10})
+    assert r.response == ref.text and r.eval_count == len(ref.token_ids)
+    with pytest.raises(ollama.ResponseError) as e:
+        client.generate("tiny", "def add(a, b):\n", suffix="\n", options=GREEDY)
+    assert e.value.status_code == 400 and e.value.error == "'tiny' does not support insert"
+
+
+def test_format_schema_and_json(client):
+    r = client.generate("smollm2", "Describe a person as JSON.", format=PERSON,
+                        options={"temperature": 0, "num_predict": 80})
+    jsonschema.validate(json.loads(r.response), PERSON)
+    assert r.done_reason == "stop"
+    c = client.chat("smollm2", messages=[{"role": "user", "content": "Describe a person as JSON."}],
+                    format="json", options={"temperature": 0, "num_predict": 150})
+    assert c.done_reason == "stop" and isinstance(json.loads(c.message.content), dict)
+
+
+def test_tools_and_tool_calls(client):
+    msgs = [{"role": "user", "content": "What is the weather in Paris?"}]
+    r = client.chat("smollm2", messages=msgs, tools=[WEATHER], options={"temperature": 0, "num_predict": 80})
+    calls = r.message.tool_calls or []
+    assert calls or r.message.content
+    for call in calls:
+        assert call.function.name == "get_weather"
+        jsonschema.validate(dict(call.function.arguments), WEATHER["function"]["parameters"])
+    streamed = list(client.chat("smollm2", messages=msgs, tools=[WEATHER], stream=True,
+                                options={"temperature": 0, "num_predict": 80}))
+    got = [c for p in streamed for c in (p.message.tool_calls or [])]
+    assert [(c.function.name, dict(c.function.arguments)) for c in got] == \
+        [(c.function.name, dict(c.function.arguments)) for c in calls]
+    # a conversation with an earlier call and its result goes back through the template
+    follow = msgs + [{"role": "assistant", "content": "", "tool_calls": [
+        {"function": {"name": "get_weather", "arguments": {"city": "Paris"}}}]},
+        {"role": "tool", "content": json.dumps({"temperature": 21}), "tool_name": "get_weather"}]
+    answer = client.chat("coder", messages=follow, tools=[WEATHER], options={"temperature": 0, "num_predict": 5})
+    assert answer.done and answer.eval_count >= 1
+
+
+def test_embed_equals_v1_embeddings(client, server, lms):
+    texts = ["The quick brown fox", "Owning your model"]
+    r = client.embed("tiny", texts)
+    v1 = httpx.post(f"{server.base}/v1/embeddings", json={"model": "tiny", "input": texts}, timeout=60).json()
+    assert r.embeddings == [d["embedding"] for d in v1["data"]]
+    assert r.prompt_eval_count == sum(len(lms["tiny"].encode(t)) for t in texts) == v1["usage"]["prompt_tokens"]
+    assert r.total_duration > 0 and r.load_duration > 0
+    assert list(client.embeddings("tiny", texts[0]).embedding) == r.embeddings[0]
+    assert len(client.embed("tiny", texts[0], dimensions=16).embeddings[0]) == 16
+    long = "word " * 5000  # over the 4096-token context: cut by default, refused with truncate false
+    assert len(client.embed("tiny", long).embeddings) == 1
+    with pytest.raises(ollama.ResponseError) as e:
+        client.embed("tiny", long, truncate=False)
+    assert e.value.status_code == 400 and "context length" in e.value.error
+
+
+def test_ps_and_keep_alive(client):
+    client.chat("tiny", messages=USER, options={"num_predict": 1}, keep_alive="10m")
+    loaded = {m.model: m for m in client.ps().models}
+    tiny = loaded["tiny:latest"]
+    assert tiny.size > 0 and tiny.context_length == 4096 and tiny.details.family == "llama"
+    left = (tiny.expires_at - datetime.now(timezone.utc)).total_seconds()
+    assert 560 < left <= 600
+    assert client.generate("tiny", keep_alive=0).done_reason == "unload"
+    assert "tiny:latest" not in {m.model for m in client.ps().models}
+    assert client.generate("tiny").done_reason == "load"
+    assert "tiny:latest" in {m.model for m in client.ps().models}
+    client.generate("tiny", "hello", raw=True, options={"num_predict": 1}, keep_alive=0)
+    deadline = time.monotonic() + 5  # unloaded by the reaper (each second) once the request is done
+    while "tiny:latest" in {m.model for m in client.ps().models}:
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+
+
+def test_keep_alive_durations():
+    assert keep_alive_seconds("5m") == 300 and keep_alive_seconds("1h30m") == 5400
+    assert keep_alive_seconds(0) == 0 and keep_alive_seconds("-1") == -1 and keep_alive_seconds("-1m") == -60
+    assert keep_alive_seconds("250ms") == 0.25 and keep_alive_seconds(None) is None
+
+
+def test_copy_and_delete(client):
+    assert client.copy("tiny", "tiny-copy").status == "success"
+    assert "tiny-copy:latest" in [m.model for m in client.list().models]
+    assert client.chat("tiny-copy", messages=USER, options=GREEDY).message.content == \
+        client.chat("tiny", messages=USER, options=GREEDY).message.content
+    assert client.delete("tiny-copy").status == "success"
+    assert "tiny-copy:latest" not in [m.model for m in client.list().models]
+    with pytest.raises(ollama.ResponseError) as e:
+        client.delete("tiny-copy")
+    assert e.value.status_code == 404 and "not in the store" in e.value.error
+    with pytest.raises(ollama.ResponseError) as e:
+        client.copy("nope", "nope2")
+    assert e.value.status_code == 404
+
+
+def test_pull_needs_allow_pull(client):
+    with pytest.raises(ollama.ResponseError) as e:
+        client.pull("tiny")
+    assert e.value.status_code == 403 and "--allow-pull" in e.value.error
+
+
+def test_errors_have_ollama_shape(server):
+    r = httpx.post(f"{server.base}/api/chat", json={"model": "nope", "messages": USER}, timeout=30)
+    assert r.status_code == 404 and list(r.json()) == ["error"] and "nope" in r.json()["error"]
+    r = httpx.post(f"{server.base}/api/generate", timeout=30,
+                   json={"model": "tiny", "prompt": "x", "options": {"temperature": "hot"}})
+    assert r.status_code == 400 and list(r.json()) == ["error"] and "options.temperature" in r.json()["error"]
+    r = httpx.post(f"{server.base}/api/generate", json={"model": "tiny", "prompt": "x", "template": "{{ .Prompt }}"},
+                   timeout=30)
+    assert r.status_code == 400 and "template" in r.json()["error"]
+    r = httpx.get(f"{server.base}/api/nothing-here", timeout=30)
+    assert r.status_code == 404 and list(r.json()) == ["error"]
+
+
+def test_unknown_options_are_logged_once(client, server):
+    for _ in range(2):
+        client.chat("tiny", messages=USER, options={"num_predict": 1, "mirostat": 1, "num_gpu": 1, "use_mmap": True})
+    lines = [ln for ln in server.log.read_text().splitlines() if "ignoring options" in ln]
+    assert len(lines) == 1 and "mirostat, num_gpu, use_mmap" in lines[0]
+
+
+def test_keys_and_pull_with_allow_pull(tmp_path, folders):
+    home = tmp_path / "home"
+    s = server_util.Server(home, ["--allow-pull", "--api-key", KEY])
+    try:
+        with pytest.raises(ollama.ResponseError) as e:
+            ollama.Client(host=s.base).list()
+        assert e.value.status_code == 401 and "API key" in e.value.error
+        c = ollama.Client(host=s.base, headers={"Authorization": f"Bearer {KEY}"}, timeout=120)
+        assert c.list().models == []
+        statuses = list(c.pull(str(folders["tiny"]), stream=True))
+        assert statuses[0].status == "pulling manifest" and statuses[-1].status == "success"
+        done = statuses[-2]
+        assert done.status.startswith("pulled") and done.total == done.completed > 0
+        assert done.digest.startswith("sha256:")
+        [m] = c.list().models
+        assert c.pull(m.model, stream=False).status == "success"  # already there: nothing to fetch
+        assert c.chat(m.model, messages=USER, options={"num_predict": 2}).eval_count == 2
+    finally:
+        assert s.stop() == 0
