@@ -34,6 +34,10 @@ def test_diff_and_inspect_take_base_plus_adapter(tuned, capsys):
     card = ok(capsys, "inspect", "tiny+ad", "--json")
     assert card["model"]["name"] == "tiny:latest+ad:latest"
     assert "tiny" in bad(capsys, "diff", "tiny", "tiny+tiny")  # a model after +, not an adapter
+    shown = ok(capsys, "show", "tiny+ad", "--json")
+    assert shown["name"] == "tiny:latest+ad:latest" and shown["kind"] == "adapter"
+    assert shown["applied_to"]["digest"] == ok(capsys, "show", "tiny", "--json")["digest"]
+    assert "ad:latest" in ok(capsys, "show", "tiny+ad") and "not an adapter" in bad(capsys, "show", "tiny+tiny")
 
 
 def test_serve_base_plus_adapter(tuned, ownlm_home):

@@ -454,6 +454,14 @@ def list_models(store: Store | None = None) -> list[dict[str, Any]]:
 
 def show(ref_text: str, store: Store | None = None) -> dict[str, Any]:
     """Everything `ownlm show` prints, read from the checkpoint's header (no weights loaded)."""
+    if "+" in ref_text and not Path(ref_text).expanduser().exists():  # BASE+ADAPTER: the adapter, on that base
+        base, _, adapter = ref_text.rpartition("+")
+        info = show(adapter.strip(), store)
+        if info["kind"] != "adapter":
+            raise BadRequest(f"{info['name']} is a {info['kind']}, not an adapter",
+                             "the part after + must be an adapter made by `ownlm tune`")
+        on = show(base.strip(), store)
+        return {**info, "name": f"{on['name']}+{info['name']}", "applied_to": on}
     manifest, files = resolve(ref_text, store, pull_missing=False)
     preset = preset_of(manifest)
     if preset is not None:  # a preset: its settings, then what its base is
