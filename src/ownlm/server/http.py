@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Callable, Protocol, TypeVar
@@ -370,3 +371,26 @@ def usage_of(choices: list[runs.Choice], prompt_tokens: int) -> dict[str, int]:
 def as_batch(x: Any) -> list[Any]:
     """An API input that is one item (a string or a token-id list) or a list of them, as a list."""
     return [x] if isinstance(x, str) or (x and isinstance(x[0], int)) else list(x)
+
+
+async def embed_ids(request: Request, st: State, served: Served, ids: list[list[int]], dimensions: int | None,
+                 deadline: float) -> list[list[float]]:
+    """The vectors, computed on the model's embedding thread; a time limit or a client gone
+    stops the job at its next chunk."""
+    stop = threading.Event()
+    job = asyncio.wrap_future(served.embedder.submit(ids, dimensions, stop))
+    try:
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise runs.TimedOut("the request ran past the server's time limit (--request-timeout)")
+            done, _ = await asyncio.wait({job}, timeout=min(0.05, left))
+            if done:
+                if job.cancelled():
+                    raise OwnlmError("the model was unloaded")
+                return job.result()
+            if await request.is_disconnected():
+                st.metrics.inc("sequences_cancelled_total", len(ids))
+                raise asyncio.CancelledError()
+    finally:
+        stop.set()  # a job still queued or running ends at its next chunk

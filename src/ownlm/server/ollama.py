@@ -31,9 +31,9 @@ from ..store.refs import parse_ref
 from ..store.store import Store
 from ..text.chat import CHATML
 from . import runs
-from .http import (APIError, Events, admit, as_api_error, documented, generate, log_entry, parse_body, state_of,
+from .http import (APIError, Events, admit, as_api_error, documented, embed_ids, generate, log_entry, parse_body,
+                   state_of,
                    validation_error)
-from .openai import _embed
 from .pool import ModelPool, Served, model_id
 from .schemas import ResponseFormat, Tool
 
@@ -525,7 +525,7 @@ async def _vectors(request: Request, model: str, texts: list[str], truncate: boo
         vectors: list[list[float]] = []
         if ids:
             admit(served, 1)
-            vectors = await _embed(request, st, served, ids, dimensions, loaded + st.config.request_timeout)
+            vectors = await embed_ids(request, st, served, ids, dimensions, loaded + st.config.request_timeout)
     finally:
         st.pool.release(served)
     n = sum(len(t) for t in ids)
@@ -627,7 +627,7 @@ async def version() -> dict[str, Any]:
 def _show(pool: ModelPool, name: str) -> dict[str, Any]:
     from ..formats.checkpoint import open_checkpoint
 
-    mid, ref = pool._ref(name)  # the names this server offers, and only those
+    mid, ref = pool.ref_for(name)  # the names this server offers, and only those
     info = manage.show(ref)
     preset = info if info.get("kind") == "preset" else None
     model = info["model"] if preset else info

@@ -7,16 +7,15 @@ from __future__ import annotations
 import asyncio
 import base64
 import struct
-import threading
 import time
 from typing import Any, AsyncIterator
 
 from fastapi import APIRouter, Request
 
 from ..engine.scheduler import TokenLogprob
-from ..errors import OwnlmError
 from . import runs
-from .http import (APIError, Events, State, admit, as_batch, documented, generate, log_entry, parse_body, sse, state_of,
+from .http import (APIError, Events, admit, as_batch, documented, embed_ids, generate, log_entry, parse_body, sse,
+                   state_of,
                    usage_of)
 from .pool import ModelPool, Served
 from .schemas import ChatRequest, CompletionRequest, EmbeddingRequest
@@ -243,7 +242,7 @@ async def embeddings(request: Request) -> dict[str, Any]:
     try:
         ids = _embedding_inputs(served, body)
         admit(served, 1)  # one job: its texts run one after another
-        vectors = await _embed(request, st, served, ids, body.dimensions, t0 + st.config.request_timeout)
+        vectors = await embed_ids(request, st, served, ids, body.dimensions, t0 + st.config.request_timeout)
     finally:
         st.pool.release(served)
     data = []
@@ -271,26 +270,3 @@ def _embedding_inputs(served: Served, body: EmbeddingRequest) -> list[list[int]]
     if body.dimensions is not None and body.dimensions > dim:
         raise APIError(400, f"dimensions must be at most {dim}", param="dimensions")
     return ids
-
-
-async def _embed(request: Request, st: State, served: Served, ids: list[list[int]], dimensions: int | None,
-                 deadline: float) -> list[list[float]]:
-    """The vectors, computed on the model's embedding thread; a time limit or a client gone
-    stops the job at its next chunk."""
-    stop = threading.Event()
-    job = asyncio.wrap_future(served.embedder.submit(ids, dimensions, stop))
-    try:
-        while True:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise runs.TimedOut("the request ran past the server's time limit (--request-timeout)")
-            done, _ = await asyncio.wait({job}, timeout=min(0.05, left))
-            if done:
-                if job.cancelled():
-                    raise OwnlmError("the model was unloaded")
-                return job.result()
-            if await request.is_disconnected():
-                st.metrics.inc("sequences_cancelled_total", len(ids))
-                raise asyncio.CancelledError()
-    finally:
-        stop.set()  # a job still queued or running ends at its next chunk

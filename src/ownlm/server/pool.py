@@ -147,7 +147,7 @@ class ModelPool:
                 return calendar.timegm(time.strptime(stamp, "%Y-%m-%dT%H:%M:%SZ"))
         return 0
 
-    def _ref(self, model: str) -> tuple[str, str]:
+    def ref_for(self, model: str) -> tuple[str, str]:
         """(API id, reference to load) for a requested model name."""
         models = self.available()
         for mid in (model, model_id(model)):
@@ -170,7 +170,7 @@ class ModelPool:
     async def acquire(self, model: str) -> Served:
         """The loaded model for an API name, loading it (in a worker thread) on first use. The
         caller must `release` it."""
-        mid, ref = self._ref(model)
+        mid, ref = self.ref_for(model)
         lock = self.locks.setdefault(mid, asyncio.Lock())
         async with lock:
             served = self.loaded.get(mid)
