@@ -16,6 +16,7 @@ from ..progress import human_bytes
 from ..store.refs import HF_RE, split_name
 from ..store.store import Store
 from ..tune.data import FORMATS, TRAIN_ON
+from ..tune.objectives import OBJECTIVES
 from ..tune.trainer import METHODS, TuneConfig
 
 
@@ -23,8 +24,17 @@ from ..tune.trainer import METHODS, TuneConfig
 def cmd_tune(args) -> int:
     from ..tune.run import tune
 
+    objective, method = "sft", args.method
+    if args.method in OBJECTIVES:
+        objective, method = args.method, args.weights or "lora"
+    elif args.weights:
+        raise BadRequest(f"--weights goes with --method {'|'.join(OBJECTIVES)}",
+                         f"for supervised tuning use --method {args.weights}")
+    if objective == "sft" and args.beta is not None:
+        raise BadRequest(f"--beta goes with --method {'|'.join(OBJECTIVES)}")
     cfg = TuneConfig(
-        method=args.method, rank=args.rank, alpha=args.alpha if args.alpha is not None else 2.0 * args.rank,
+        method=method, objective=objective, beta=args.beta if args.beta is not None else 0.1,
+        rank=args.rank, alpha=args.alpha if args.alpha is not None else 2.0 * args.rank,
         dropout=args.dropout, targets=args.targets, rslora=args.rslora, lr=args.lr, epochs=args.epochs,
         max_steps=args.max_steps, batch_size=args.batch_size, grad_accum=args.grad_accum, seq_len=args.seq_len,
         pack=not args.no_pack, warmup=args.warmup, weight_decay=args.weight_decay, clip=args.clip,
@@ -123,7 +133,13 @@ def register(sub) -> None:
     p.add_argument("base", metavar="BASE")
     p.add_argument("--data", required=True, help="training data: .jsonl, .json (array) or .txt")
     p.add_argument("--name", required=True, help="store name of the result")
-    p.add_argument("--method", default="lora", choices=METHODS)
+    p.add_argument("--method", default="lora", choices=METHODS + OBJECTIVES,
+                   help="lora, qlora or full: supervised tuning; dpo, ipo, orpo or kto: preference tuning "
+                        "(of --weights)")
+    p.add_argument("--weights", choices=METHODS,
+                   help="with a preference --method: what is trained (default lora; the reference is the base "
+                        "with the adapter off)")
+    p.add_argument("--beta", type=float, help="preference strength: DPO/IPO/KTO beta, ORPO lambda (default 0.1)")
     p.add_argument("--format", default="auto", choices=("auto",) + FORMATS)
     p.add_argument("--train-on", default="assistant", choices=TRAIN_ON,
                    help="which tokens carry loss (default assistant)")

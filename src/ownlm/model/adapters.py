@@ -6,6 +6,7 @@ separate projections (and PEFT's files) would."""
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from typing import Iterable, Iterator
 
 import torch
@@ -93,3 +94,18 @@ def merge(model: Transformer) -> Transformer:
         if isinstance(module, LoRALinear):
             replace(model, name, module.merged())
     return model
+
+
+@contextmanager
+def disabled(model: nn.Module) -> Iterator[None]:
+    """Within the block every LoRA layer returns its base's output, exactly: the model computes what
+    the base model computes (the reference of preference tuning, without a second copy)."""
+    layers = [m for m in model.modules() if isinstance(m, LoRALinear)]
+    before = [m.disabled for m in layers]
+    for m in layers:
+        m.disabled = True
+    try:
+        yield
+    finally:
+        for m, b in zip(layers, before):
+            m.disabled = b

@@ -209,6 +209,7 @@ class LoRALinear(nn.Module):
         for a in self.lora_a.values():  # PEFT's default initialisation of A
             nn.init.kaiming_uniform_(a, a=math.sqrt(5))
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.disabled = False  # adapters.disabled(model): the base's output, exactly
 
     def delta(self) -> torch.Tensor:
         """scale * B @ A for the whole output (zero rows where no part is targeted): (out, in)."""
@@ -220,6 +221,8 @@ class LoRALinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base(x)
+        if self.disabled:
+            return y
         h = self.dropout(x)
         names = list(self.parts)
         a = torch.cat([self.lora_a[n] for n in names]) if len(names) > 1 else self.lora_a[names[0]]

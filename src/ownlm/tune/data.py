@@ -363,3 +363,146 @@ def collate(rows: Sequence[Row], pad_id: int = 0):
         nxt = torch.tensor(predicts(r))
         targets[b, :n] = torch.where(nxt, torch.cat([ids[1:], ids[:1]]), torch.tensor(-100))
     return tokens, targets, pos, seg
+
+
+# -- preference data --------------------------------------------------------------------------
+@dataclass
+class Pair:
+    """A prompt with a chosen and a rejected completion, each rendered whole; targets are the
+    completion's tokens only. ref: the reference log-probabilities (chosen, rejected), once computed."""
+
+    chosen: Row
+    rejected: Row
+    where: str = ""
+    ref: tuple[float, float] | None = None
+
+
+@dataclass
+class Graded:
+    """A KTO row: a prompt and one completion labelled desirable (True) or undesirable."""
+
+    row: Row
+    label: bool
+    where: str = ""
+    ref: float | None = None
+
+
+def _messages(v: Any, what: str) -> list[dict[str, str]]:
+    if not isinstance(v, list) or not v:
+        raise ValueError(f"{what!r} must be a string or a non-empty list of messages")
+    return to_conversation({"messages": v}, "messages")  # type: ignore[return-value]
+
+
+def _hh(text: str) -> list[dict[str, str]]:
+    """Anthropic HH's "\\n\\nHuman: ...\\n\\nAssistant: ..." transcript as messages."""
+    import re
+
+    text = text if text.startswith("\n\n") else "\n\n" + text.lstrip("\n")
+    parts = re.split(r"\n\n(Human|Assistant): ", text)
+    msgs = [{"role": "user" if who == "Human" else "assistant", "content": body.strip()}
+            for who, body in zip(parts[1::2], parts[2::2])]
+    if not msgs or parts[0].strip():
+        raise ValueError("not a \\n\\nHuman: / \\n\\nAssistant: transcript")
+    return msgs
+
+
+def _completion(v: Any, key: str) -> list[dict[str, str]]:
+    if isinstance(v, str):
+        return [{"role": "assistant", "content": v}]
+    msgs = _messages(v, key)
+    if [m["role"] for m in msgs] != ["assistant"]:
+        raise ValueError(f"{key!r} must be one assistant message after the prompt")
+    return msgs
+
+
+def to_preference(row: Any, kind: str) -> tuple[list[dict[str, str]], list[list[dict[str, str]]], bool | None]:
+    """(prompt messages, completions as message lists, KTO label or None) of a preference row:
+    {"prompt" | "messages", "chosen", "rejected"} (strings or messages; without a prompt, the
+    conversations' shared beginning is the prompt, TRL's and Anthropic HH's layouts), or for KTO
+    {"prompt" | "messages", "completion", "label": true|false}."""
+    if isinstance(row, _Bad):
+        raise ValueError(row.why)
+    if not isinstance(row, dict):
+        raise ValueError(f"a row must be a JSON object, not {type(row).__name__}")
+    if "prompt" in row:
+        p = row["prompt"]
+        prompt = [{"role": "user", "content": p}] if isinstance(p, str) else _messages(p, "prompt")
+    elif "messages" in row:
+        prompt = _messages(row["messages"], "messages")
+    else:
+        prompt = []
+    if kind == "kto":
+        if not isinstance(row.get("label"), bool):
+            raise ValueError("'label' must be true or false" if "label" in row else "'label' is missing")
+        if "completion" not in row:
+            raise ValueError("'completion' is missing")
+        if not prompt:
+            raise ValueError("'prompt' or 'messages' is missing")
+        return prompt, [_completion(row["completion"], "completion")], row["label"]
+    for key in ("chosen", "rejected"):
+        if key not in row:
+            raise ValueError(f"{key!r} is missing")
+    c, r = row["chosen"], row["rejected"]
+    if not prompt:  # implicit prompt: the shared beginning of two whole conversations
+        c, r = (_hh(c), _hh(r)) if isinstance(c, str) and isinstance(r, str) else (
+            _messages(c, "chosen"), _messages(r, "rejected"))
+        k = 0
+        while k < min(len(c), len(r)) - 1 and c[k] == r[k]:
+            k += 1
+        prompt, c, r = c[:k], c[k:], r[k:]
+        if not prompt:
+            raise ValueError("no prompt: give 'prompt' or 'messages', or conversations that share their beginning")
+    return prompt, [_completion(c, "chosen"), _completion(r, "rejected")], None
+
+
+def _row(e: Example) -> Row:
+    return Row(e.ids, e.mask, list(range(len(e.ids))), [0] * len(e.ids))
+
+
+@dataclass
+class Preferences:
+    items: list  # Pair or Graded
+    format: str
+    skipped: list[str] = field(default_factory=list)
+    truncated: int = 0
+
+    @property
+    def examples(self) -> list:
+        return self.items
+
+    @property
+    def tokens(self) -> int:
+        return sum(len(r.ids) for i in self.items
+                   for r in ((i.chosen, i.rejected) if isinstance(i, Pair) else (i.row,)))
+
+
+def load_preferences(path: str | Path, encoder: Encoder, kind: str, seq_len: int,
+                     skip_bad: bool = False) -> Preferences:
+    """Pairs (kind "pairs") or KTO rows (kind "kto"), each completion rendered after its prompt
+    through the chat template, targets its tokens (and end of turn) only. A sequence longer than
+    seq_len is cut at the end (counted); bad rows raise `file:line: ...` unless skip_bad."""
+    last = Encoder(encoder.tok, encoder.template, "last")
+    items: list = []
+    skipped: list[str] = []
+    truncated = 0
+    for where, row in read_rows(Path(path)):
+        try:
+            prompt, completions, label = to_preference(row, kind)
+            rows = []
+            for comp in completions:
+                e = last.encode(prompt + comp, where)
+                if len(e.ids) > seq_len:
+                    truncated += 1
+                    e = Example(e.ids[:seq_len], e.mask[:seq_len], where)
+                    if not any(e.mask[1:]):
+                        raise ValueError(f"the prompt alone fills --seq-len {seq_len}")
+                rows.append(_row(e))
+            items.append(Pair(rows[0], rows[1], where) if kind != "kto" else Graded(rows[0], bool(label), where))
+        except (ValueError, ChatTemplateError, BadRequest) as e:
+            msg = f"{where}: {e.message if isinstance(e, OwnlmError) else e}"
+            if not skip_bad:
+                raise DataError(msg, "fix the row, or pass --skip-bad to drop bad rows") from None
+            skipped.append(msg)
+    if not items:
+        raise DataError(f"{Path(path).name}: no usable rows" + (f" ({len(skipped)} bad)" if skipped else ""))
+    return Preferences(items, "kto" if kind == "kto" else "pairs", skipped, truncated)

@@ -177,7 +177,8 @@ def store_result(lm: LoadedModel, name: str, cfg: TuneConfig, trained: dict[str,
             files[rel] = {"sha256": store.put_file(tmp / rel), "size": size}
     base = display_name(lm.manifest)
     manifest = build_manifest(
-        target, f"ownlm tune {base} --data {Path(data).name} --method {cfg.method}", files, format="peft",
+        target, f"ownlm tune {base} --data {Path(data).name} --method "
+        + (cfg.method if cfg.objective == "sft" else f"{cfg.objective} --weights {cfg.method}"), files, format="peft",
         kind="adapter", base={"name": base, "digest": lm.manifest.get("digest")},
         architecture=lm.config.architecture, parameters=sum(t.numel() for t in trained.values()),
         quantization="F32", context_length=lm.config.context_length, license=lm.manifest.get("license"),

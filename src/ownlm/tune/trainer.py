@@ -28,7 +28,9 @@ from ..model import adapters, cpu
 from ..model.transformer import Transformer
 from ..progress import Bar
 from . import checkpoints
-from .data import Dataset, Encoder, Row, collate, load_dataset, pack, predicts, split
+from . import objectives
+from .data import Dataset, Encoder, Graded, Pair, Preferences, Row, collate, load_dataset, load_preferences, pack, \
+    predicts, split
 
 METHODS = ("lora", "qlora", "full")
 
@@ -61,10 +63,21 @@ class TuneConfig:
     eval_every: int | None = None
     save_every: int | None = None
     keep: int = 2
+    objective: str = "sft"  # or dpo, ipo, orpo, kto (objectives.OBJECTIVES); method: the weights trained
+    beta: float = 0.1
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
             raise BadRequest(f"unknown --method {self.method!r}", f"use one of: {', '.join(METHODS)}")
+        if self.objective != "sft":
+            if self.objective not in objectives.OBJECTIVES:
+                raise BadRequest(f"unknown objective {self.objective!r}",
+                                 f"use one of: {', '.join(objectives.OBJECTIVES)}")
+            if self.val_split or self.val_file:
+                raise BadRequest(f"--method {self.objective} has no validation loss yet",
+                                 "leave out --val-split / --val-file")
+            if not self.beta > 0:
+                raise BadRequest(f"--beta {self.beta} must be positive")
         for name in ("rank", "batch_size", "grad_accum", "seq_len"):
             v = getattr(self, name)
             if not isinstance(v, int) or v < 1:
@@ -86,23 +99,29 @@ class TuneConfig:
 
     @property
     def learning_rate(self) -> float:
-        return self.lr if self.lr is not None else (5e-5 if self.method == "full" else 1e-3)
+        if self.lr is not None:
+            return self.lr
+        if self.objective != "sft":
+            return 5e-7 if self.method == "full" else 5e-5
+        return 5e-5 if self.method == "full" else 1e-3
 
 
 @dataclass
 class Plan:
     """What a run will do, fixed before its first step (saved with the run, checked on resume)."""
 
-    rows: list[Row]
+    rows: list  # Row; Pair or Graded for preference objectives
     val_rows: list[Row]
     steps: int
     rows_per_step: int
-    train: Dataset
+    train: Dataset | Preferences
     val: Dataset | None = None
     data_digest: str = ""
 
 
 def make_plan(cfg: TuneConfig, encoder: Encoder, data_path: str | Path, world: int = 1) -> Plan:
+    if cfg.objective != "sft":
+        return _preference_plan(cfg, encoder, data_path, world)
     data = load_dataset(data_path, encoder, cfg.format, cfg.skip_bad)
     if cfg.val_file:
         train, val = data, load_dataset(cfg.val_file, encoder, cfg.format, cfg.skip_bad)
@@ -118,6 +137,91 @@ def make_plan(cfg: TuneConfig, encoder: Encoder, data_path: str | Path, world: i
     for r in rows + [None] + val_rows:  # the exact token stream, so a resume on other data is refused
         h.update(b"|" if r is None else json.dumps([r.ids, r.mask, r.pos]).encode())
     return Plan(rows, val_rows, steps, per_step, train, val, h.hexdigest())
+
+
+def _preference_plan(cfg: TuneConfig, encoder: Encoder, data_path: str | Path, world: int) -> Plan:
+    prefs = load_preferences(data_path, encoder, "kto" if cfg.objective == "kto" else "pairs", cfg.seq_len,
+                             cfg.skip_bad)
+    if cfg.batch_size % world:
+        raise BadRequest(f"--batch-size {cfg.batch_size} must be a multiple of the {world} processes")
+    items = prefs.items
+    order = list(range(len(items)))
+    random.Random(cfg.seed).shuffle(order)
+    items = [items[i] for i in order]
+    per_step = cfg.batch_size * cfg.grad_accum
+    steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * len(items) / per_step))
+    h = hashlib.sha256(cfg.objective.encode())
+    for it in items:
+        rows = (it.chosen, it.rejected) if isinstance(it, Pair) else (it.row,)
+        h.update(json.dumps([[r.ids, r.mask] for r in rows] + [getattr(it, "label", None)]).encode())
+    return Plan(items, [], steps, per_step, prefs, None, h.hexdigest())
+
+
+def sequence_logps(model: Transformer, rows: list[Row], device: torch.device,
+                   amp: torch.dtype | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sum of log p over each row's target tokens, number of targets per row), all rows in one
+    forward; the output head runs only at target positions."""
+    tokens, targets, pos, seg = (t.to(device) for t in collate(rows))
+    with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
+        h = model(tokens, pos, segments=seg, head=False)
+        sel = targets != -100
+        logits = model.head(h[sel])
+    logp = torch.log_softmax(logits.float(), dim=-1).gather(-1, targets[sel].unsqueeze(-1)).squeeze(-1)
+    which = torch.arange(len(rows), device=device).unsqueeze(1).expand_as(sel)[sel]
+    sums = torch.zeros(len(rows), device=device, dtype=logp.dtype).index_add(0, which, logp)
+    return sums, sel.sum(-1)
+
+
+def preference_loss(model: Transformer, items: list, cfg: TuneConfig, device: torch.device,
+                    amp: torch.dtype | None) -> tuple[torch.Tensor, dict[str, float]]:
+    """(sum of the objective over the items, sums of the metrics). Pairs: chosen and rejected
+    sequences in one forward. The references are the items' cached log-probabilities."""
+    beta = cfg.beta
+    if cfg.objective == "kto":
+        p, _ = sequence_logps(model, [it.row for it in items], device, amp)
+        r = torch.tensor([it.ref for it in items], device=device, dtype=p.dtype)
+        good = torch.tensor([it.label for it in items], device=device)
+        loss = objectives.kto(p, r, good, beta)
+        rew = (beta * (p - r)).detach()
+        return loss.sum(), {"rewards/chosen": float(rew[good].sum()), "chosen": float(good.sum()),
+                            "rewards/rejected": float(rew[~good].sum()), "rejected": float((~good).sum()),
+                            "kl": float(objectives.kto_kl(p, r)) * len(items)}
+    n = len(items)
+    s, cnt = sequence_logps(model, [it.chosen for it in items] + [it.rejected for it in items], device, amp)
+    pc, pr, nc, nr = s[:n], s[n:], cnt[:n], cnt[n:]
+    if cfg.objective == "orpo":
+        loss = objectives.orpo(pc / nc, pr / nr, beta)
+        rew_c, rew_r = beta * pc / nc, beta * pr / nr  # as TRL logs them: no reference
+    else:
+        ref = torch.tensor([it.ref for it in items], device=device, dtype=pc.dtype)
+        rc, rr = ref[:, 0], ref[:, 1]
+        loss = (objectives.dpo(pc, pr, rc, rr, beta) if cfg.objective == "dpo"
+                else objectives.ipo(pc / nc, pr / nr, rc / nc, rr / nr, beta))
+        rew_c, rew_r = beta * (pc - rc), beta * (pr - rr)
+    rew_c, rew_r = rew_c.detach(), rew_r.detach()
+    return loss.sum(), {"rewards/chosen": float(rew_c.sum()), "rewards/rejected": float(rew_r.sum()),
+                        "rewards/margin": float((rew_c - rew_r).sum()),
+                        "rewards/accuracy": float((rew_c > rew_r).float().sum()), "chosen": n, "rejected": n}
+
+
+def reference_logps(model: Transformer, items: list, batch_size: int, device: torch.device,
+                    amp: torch.dtype | None) -> None:
+    """Fill each item's ref with the reference model's log-probabilities: the model with its
+    adapters switched off (exactly the base), or the untrained weights of full fine-tuning."""
+    was = model.training
+    model.eval()
+    with torch.no_grad(), adapters.disabled(model):
+        for i in range(0, len(items), batch_size):
+            chunk = items[i:i + batch_size]
+            if isinstance(chunk[0], Graded):
+                s, _ = sequence_logps(model, [it.row for it in chunk], device, amp)
+                for it, v in zip(chunk, s.tolist()):
+                    it.ref = v
+            else:
+                s, _ = sequence_logps(model, [it.chosen for it in chunk] + [it.rejected for it in chunk], device, amp)
+                for k, it in enumerate(chunk):
+                    it.ref = (float(s[k]), float(s[len(chunk) + k]))
+    model.train(was)
 
 
 def step_rows(plan: Plan, step: int, seed: int) -> list[Row]:
@@ -198,6 +302,9 @@ class Trainer:
         self.amp = autocast_dtype(self.device)
         self.step = 0
         self.model.checkpointing = self.cfg.grad_checkpointing
+        if self.cfg.objective in ("dpo", "ipo", "kto") and any(it.ref is None for it in self.plan.rows):
+            # before any checkpoint is restored: with full weights the model is still the reference
+            reference_logps(self.model, self.plan.rows, self.cfg.batch_size, self.device, self.amp)
 
     # -- checkpoints --------------------------------------------------------------------------
     def _state_dicts(self) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
@@ -274,7 +381,51 @@ class Trainer:
             dist.all_reduce(sums)
         return float(sums[0] / max(sums[1], 1))
 
+    def preference_step(self) -> dict[str, Any]:
+        items = step_rows(self.plan, self.step, self.cfg.seed)
+        micro = [items[i:i + self.cfg.batch_size] for i in range(0, len(items), self.cfg.batch_size)]
+        sums: dict[str, float] = {}
+        loss_sum, tokens = 0.0, 0
+        for mb in micro:
+            mine = mb[self.rank::self.world]
+            loss, stats = preference_loss(self.model, mine, self.cfg, self.device, self.amp)
+            (loss * (self.world / len(items))).backward()
+            loss_sum += float(loss.detach())
+            for k, v in stats.items():
+                sums[k] = sums.get(k, 0.0) + v
+            tokens += sum(len(r.ids) for it in mine
+                          for r in ((it.chosen, it.rejected) if isinstance(it, Pair) else (it.row,)))
+        norm = torch.nn.utils.clip_grad_norm_(self.params, self.cfg.clip) if self.cfg.clip > 0 else None
+        lr = self.sched.get_last_lr()[0]
+        self.opt.step()
+        self.sched.step()
+        self.opt.zero_grad(set_to_none=True)
+        self.step += 1
+        keys = sorted(sums)
+        vec = torch.tensor([loss_sum, float(tokens)] + [sums[k] for k in keys], dtype=torch.float64)
+        if self.world > 1:
+            import torch.distributed as dist
+
+            dist.all_reduce(vec)
+        tot = dict(zip(keys, vec[2:].tolist()))
+        rec: dict[str, Any] = {"step": self.step, "loss": float(vec[0]) / len(items), "lr": lr,
+                               "tokens": int(vec[1])}
+        nc, nr = max(tot.pop("chosen"), 1), max(tot.pop("rejected"), 1)
+        rec["rewards/chosen"] = tot["rewards/chosen"] / nc
+        rec["rewards/rejected"] = tot["rewards/rejected"] / nr
+        if "rewards/margin" in tot:
+            rec["rewards/margin"] = tot["rewards/margin"] / nc
+            rec["rewards/accuracy"] = tot["rewards/accuracy"] / nc
+        else:
+            rec["rewards/margin"] = rec["rewards/chosen"] - rec["rewards/rejected"]
+            rec["kl"] = tot["kl"] / len(items)
+        rec["grad_norm"] = (float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+                            if norm is not None else None)
+        return rec
+
     def train_step(self) -> dict[str, Any]:
+        if self.cfg.objective != "sft":
+            return self.preference_step()
         rows = step_rows(self.plan, self.step, self.cfg.seed)
         micro = [rows[i:i + self.cfg.batch_size] for i in range(0, len(rows), self.cfg.batch_size)]
         total = sum(sum(predicts(r)) for r in rows)  # target tokens of the whole step, across processes

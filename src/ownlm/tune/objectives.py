@@ -1,0 +1,59 @@
+"""Preference objectives as pure functions of sequence log-probabilities.
+
+Each loss takes per-example tensors (log-probability sums of the completion's tokens under the
+policy and, where used, under the reference) and returns per-example losses; the trainer averages
+them over the examples of a step.
+
+  dpo   -(1-ε) log σ(z) - ε log σ(-z),  z = β((π_c - ρ_c) - (π_r - ρ_r))        (Rafailov et al.)
+  ipo   (h - 1/(2β))²,  h as z/β on log-probabilities averaged per token            (Azar et al.)
+  orpo  -π̄_c - λ log σ(log odds(π̄_c) - log odds(π̄_r)),  π̄ per-token averages, no reference
+  kto   w_d (1 - σ(β(π - ρ - z₀))) for desirable rows, w_u (1 - σ(β(z₀ - (π - ρ)))) for
+        undesirable ones; z₀ = max(0, mean of π - ρ over the micro-batch), detached: a simpler
+        estimate of the reference KL than the paper's mismatched pairs (Ethayarajh et al.)
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+OBJECTIVES = ("dpo", "ipo", "orpo", "kto")
+PAIRED = ("dpo", "ipo", "orpo")
+
+
+def sequence_logps(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sum of log p(target) per row, number of targets per row) from logits (B, T, V) and
+    targets (B, T) holding -100 where a position is not a target."""
+    sel = targets != -100
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    picked = logp.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    return (picked * sel).sum(-1), sel.sum(-1)
+
+
+def dpo(pc: torch.Tensor, pr: torch.Tensor, rc: torch.Tensor, rr: torch.Tensor, beta: float = 0.1,
+        label_smoothing: float = 0.0) -> torch.Tensor:
+    z = beta * ((pc - rc) - (pr - rr))
+    return -(1 - label_smoothing) * F.logsigmoid(z) - label_smoothing * F.logsigmoid(-z)
+
+
+def ipo(pc: torch.Tensor, pr: torch.Tensor, rc: torch.Tensor, rr: torch.Tensor, beta: float = 0.1) -> torch.Tensor:
+    """On log-probabilities averaged per token (as TRL does)."""
+    return ((pc - rc) - (pr - rr) - 1 / (2 * beta)) ** 2
+
+
+def orpo(avg_c: torch.Tensor, avg_r: torch.Tensor, lam: float = 0.1) -> torch.Tensor:
+    """avg_c, avg_r: per-token average log-probabilities of the chosen and rejected completions."""
+    log_odds = (avg_c - avg_r) - (torch.log1p(-torch.exp(avg_c)) - torch.log1p(-torch.exp(avg_r)))
+    return -avg_c - lam * F.logsigmoid(log_odds)
+
+
+def kto(p: torch.Tensor, r: torch.Tensor, desirable: torch.Tensor, beta: float = 0.1,
+        w_desirable: float = 1.0, w_undesirable: float = 1.0) -> torch.Tensor:
+    z0 = kto_kl(p, r)
+    d = w_desirable * (1 - torch.sigmoid(beta * (p - r - z0)))
+    u = w_undesirable * (1 - torch.sigmoid(beta * (z0 - (p - r))))
+    return torch.where(desirable, d, u)
+
+
+def kto_kl(p: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
+    return (p - r).mean().clamp(min=0).detach()

@@ -1,0 +1,233 @@
+"""Preference tuning (DPO, IPO, ORPO, KTO): data layouts, losses equal to a direct computation from
+independently computed log-probabilities (transformers for the reference), the adapter switched off
+is exactly the base, and `ownlm tune --method dpo` trains, logs rewards and resumes exactly."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from ownlm.loading import load
+from ownlm.model import adapters
+from ownlm.model.linear import LoRALinear
+from ownlm.store.store import Store
+from ownlm.tune import checkpoints, objectives
+from ownlm.tune.data import DataError, Encoder, load_preferences, to_preference
+from ownlm.tune.trainer import TuneConfig, preference_loss, reference_logps
+
+PAIRS = [{"prompt": f"What is {a} plus {b}?", "chosen": f"{a + b}", "rejected": f"{a + b + 3}"}
+         for a in range(6) for b in range(6)]
+
+
+def _write(path: Path, rows) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+def _model(folder: Path, lora: bool):
+    lm = load(str(folder), dtype="float32", quant="none")
+    if lora:
+        torch.manual_seed(0)
+        adapters.attach(lm.model, adapters.parse_targets("all-linear"), 4, 8.0)
+        with torch.no_grad():
+            for m in lm.model.modules():
+                if isinstance(m, LoRALinear):
+                    for b in m.lora_b.values():
+                        b.normal_(0, 0.2)  # a trained-looking adapter: the policy differs from the base
+    return lm
+
+
+def test_layouts_and_bad_rows(tmp_path):
+    u = lambda t: {"role": "user", "content": t}  # noqa: E731
+    a = lambda t: {"role": "assistant", "content": t}  # noqa: E731
+    assert to_preference({"prompt": "Q", "chosen": "A", "rejected": "B"}, "pairs") == ([u("Q")], [[a("A")], [a("B")]],
+                                                                                       None)
+    trl = {"chosen": [u("Q"), a("A")], "rejected": [u("Q"), a("B")]}  # TRL's implicit prompt
+    assert to_preference(trl, "pairs") == ([u("Q")], [[a("A")], [a("B")]], None)
+    assert to_preference({"prompt": [u("Q")], "chosen": [a("A")], "rejected": [a("B")]}, "pairs")[1] == [[a("A")],
+                                                                                                        [a("B")]]
+    hh = {"chosen": "\n\nHuman: Hi\n\nAssistant: Hello\n\nHuman: Q\n\nAssistant: A",
+          "rejected": "\n\nHuman: Hi\n\nAssistant: Hello\n\nHuman: Q\n\nAssistant: B"}
+    assert to_preference(hh, "pairs") == ([u("Hi"), a("Hello"), u("Q")], [[a("A")], [a("B")]], None)
+    assert to_preference({"messages": [u("Q")], "completion": "A", "label": False}, "kto") == ([u("Q")], [[a("A")]],
+                                                                                               False)
+    bad = _write(tmp_path / "p.jsonl", [PAIRS[0], {"prompt": "Q", "chosen": "A"}, PAIRS[1]])
+    from conftest import build_tokenizer
+    from ownlm.formats.tokenizer import from_hf
+    from ownlm.text.chat import ChatTemplate
+    from ownlm.text.tokenizer import TextTokenizer
+
+    build_tokenizer(tmp_path)
+    spec, template = from_hf({"tokenizer.json": tmp_path / "tokenizer.json",
+                              "tokenizer_config.json": tmp_path / "tokenizer_config.json"})
+    tok = TextTokenizer(spec)
+    enc = Encoder(tok, ChatTemplate(template, tok.bos_token, tok.eos_token))
+    with pytest.raises(DataError, match=r"p.jsonl:2: 'rejected' is missing"):
+        load_preferences(bad, enc, "pairs", 128)
+    prefs = load_preferences(bad, enc, "pairs", 128, skip_bad=True)
+    assert len(prefs.items) == 2 and prefs.skipped == ["p.jsonl:2: 'rejected' is missing"]
+    kto = _write(tmp_path / "k.jsonl", [{"prompt": "Q", "completion": "A", "label": "yes"}])
+    with pytest.raises(DataError, match=r"k.jsonl:1: 'label' must be true or false"):
+        load_preferences(kto, enc, "kto", 128)
+    # targets: the completion and its end of turn only, the prompt shared by both sequences
+    pair = load_preferences(bad, enc, "pairs", 128, skip_bad=True).items[0]
+    ids = lambda t: enc.tok.tk.encode(t, add_special_tokens=False).ids  # noqa: E731
+    prompt = ids("<|im_start|>user\nWhat is 0 plus 0?<|im_end|>\n<|im_start|>assistant\n")
+    assert pair.chosen.ids[:len(prompt)] == pair.rejected.ids[:len(prompt)] == prompt
+    assert not any(pair.chosen.mask[:len(prompt)]) and all(pair.chosen.mask[len(prompt):])
+    assert pair.chosen.ids[len(prompt):len(prompt) + len(ids("0"))] == ids("0")
+
+
+def test_disabled_adapter_gives_exactly_the_base(hf_models):
+    base = _model(hf_models["llama"], lora=False).model
+    tuned = _model(hf_models["llama"], lora=True).model
+    ids = torch.tensor([[5, 17, 33, 8, 91, 4, 12]])
+    with torch.no_grad():
+        want = base(ids)
+        assert not torch.equal(tuned(ids), want)
+        with adapters.disabled(tuned):
+            assert torch.equal(tuned(ids), want)
+        assert not torch.equal(tuned(ids), want)  # switched back on
+
+
+def _hf_logp(model, row) -> float:
+    """log p of the row's targets, one sequence at a time, from transformers' full logits."""
+    with torch.no_grad():
+        logits = model(torch.tensor([row.ids])).logits[0].double()
+    logp = torch.log_softmax(logits, -1)
+    return sum(float(logp[k, row.ids[k + 1]]) for k in range(len(row.ids) - 1) if row.mask[k + 1])
+
+
+def _own_logp(model, row) -> float:
+    with torch.no_grad():
+        logits = model(torch.tensor([row.ids]))[0].double()
+    logp = torch.log_softmax(logits, -1)
+    return sum(float(logp[k, row.ids[k + 1]]) for k in range(len(row.ids) - 1) if row.mask[k + 1])
+
+
+def _n(row) -> int:
+    return sum(row.mask[1:])
+
+
+def _sig(x: float) -> float:
+    return 1 / (1 + math.exp(-x))
+
+
+@pytest.mark.parametrize("objective", ["dpo", "ipo", "orpo", "kto"])
+def test_losses_equal_a_direct_computation(hf_models, tmp_path, objective):
+    import transformers
+
+    lm = _model(hf_models["llama"], lora=True)
+    enc = Encoder(lm.tokenizer, lm.template)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(hf_models["llama"], dtype=torch.float32).eval()
+    beta = 0.3
+    cfg = TuneConfig(objective=objective, beta=beta)
+    cpu = torch.device("cpu")
+    if objective == "kto":
+        rows = [{"prompt": p["prompt"], "completion": p["chosen" if i % 3 else "rejected"], "label": bool(i % 3)}
+                for i, p in enumerate(PAIRS[:5])]
+        items = load_preferences(_write(tmp_path / "k.jsonl", rows), enc, "kto", 128).items
+        reference_logps(lm.model, items, 2, cpu, None)
+        loss, stats = preference_loss(lm.model, items, cfg, cpu, None)
+        p = [_own_logp(lm.model, it.row) for it in items]
+        r = [_hf_logp(hf, it.row) for it in items]
+        for it, ref in zip(items, r):
+            assert it.ref == pytest.approx(ref, abs=1e-4)
+        z0 = max(0.0, sum(a - b for a, b in zip(p, r)) / len(p))
+        want = sum(1 - _sig(beta * (a - b - z0)) if it.label else 1 - _sig(beta * (z0 - (a - b)))
+                   for it, a, b in zip(items, p, r))
+        assert float(loss.detach()) == pytest.approx(want, rel=1e-4)
+        return
+    items = load_preferences(_write(tmp_path / "p.jsonl", PAIRS[:5]), enc, "pairs", 128).items
+    if objective != "orpo":
+        reference_logps(lm.model, items, 2, cpu, None)
+    loss, stats = preference_loss(lm.model, items, cfg, cpu, None)
+    want, margins = 0.0, []
+    for it in items:
+        pc, pr = _own_logp(lm.model, it.chosen), _own_logp(lm.model, it.rejected)
+        nc, nr = _n(it.chosen), _n(it.rejected)
+        if objective == "orpo":
+            ac, ar = pc / nc, pr / nr
+            log_odds = (ac - ar) - (math.log1p(-math.exp(ac)) - math.log1p(-math.exp(ar)))
+            want += -ac - beta * math.log(_sig(log_odds))
+            continue
+        rc, rr = _hf_logp(hf, it.chosen), _hf_logp(hf, it.rejected)
+        assert it.ref == pytest.approx((rc, rr), abs=1e-4)
+        if objective == "dpo":
+            want += -math.log(_sig(beta * ((pc - rc) - (pr - rr))))
+        else:
+            want += ((pc - rc) / nc - (pr - rr) / nr - 1 / (2 * beta)) ** 2
+        margins.append(beta * ((pc - rc) - (pr - rr)))
+    assert float(loss.detach()) == pytest.approx(want, rel=1e-4)
+    if margins:
+        assert stats["rewards/margin"] == pytest.approx(sum(margins), rel=1e-3, abs=1e-5)
+        assert stats["rewards/accuracy"] == sum(m > 0 for m in margins)
+
+
+def test_pure_losses_by_hand():
+    pc, pr, rc, rr = (torch.tensor([v], dtype=torch.float64) for v in (-3.0, -5.0, -4.0, -4.5))
+    z = 0.5 * ((-3 + 4) - (-5 + 4.5))
+    assert float(objectives.dpo(pc, pr, rc, rr, 0.5)) == pytest.approx(-math.log(_sig(z)))
+    assert float(objectives.dpo(pc, pr, rc, rr, 0.5, 0.1)) == pytest.approx(-0.9 * math.log(_sig(z))
+                                                                             - 0.1 * math.log(_sig(-z)))
+    assert float(objectives.ipo(pc, pr, rc, rr, 0.5)) == pytest.approx((1.5 - 1) ** 2)
+
+
+def _tune(args: list[str]) -> dict:
+    return json.loads(subprocess.run([sys.executable, "-m", "ownlm.cli.main", "tune", *args, "--json"], check=True,
+                                     capture_output=True, text=True, env=os.environ).stdout)
+
+
+def test_dpo_cli_trains_logs_rewards_and_resumes_exactly(hf_models, tmp_path):
+    from safetensors.torch import load_file
+
+    data = _write(tmp_path / "pairs.jsonl", PAIRS)
+    common = [str(hf_models["llama"]), "--method", "dpo", "--data", str(data), "--max-steps", "12",
+              "--batch-size", "4", "--lr", "5e-3", "--beta", "0.5", "--save-every", "6", "--seq-len", "64",
+              "--dropout", "0.1"]
+    res = _tune(common + ["--name", "p"])
+    log = [json.loads(x) for x in (Path(res["run_dir"]) / "metrics.jsonl").read_text().splitlines()]
+    assert len(log) == 12
+    for key in ("loss", "rewards/chosen", "rewards/rejected", "rewards/margin", "rewards/accuracy"):
+        assert all(key in r for r in log), key
+    assert log[0]["rewards/margin"] == pytest.approx(0.0, abs=1e-6)  # B starts at zero: the policy is the reference
+    assert sum(r["rewards/margin"] for r in log[-3:]) / 3 > 0.1
+    assert sum(r["loss"] for r in log[-3:]) / 3 < math.log(2)
+    assert Store().read("p")["kind"] == "adapter"
+    # resume: the run again, its last checkpoint removed, continued from step 6: the same adapter
+    _tune(common + ["--name", "r"])
+    run = Store().root / "runs" / "r-latest"
+    done = checkpoints.complete(run)
+    assert len(done) == 2
+    shutil.rmtree(done[-1])
+    again = _tune(common + ["--name", "r", "--resume"])
+    assert again["resumed_from"] == 6
+
+    def weights(name):
+        f = Store().read(name)["files"]["adapter_model.safetensors"]["sha256"]
+        return load_file(str(Store().open_blob(f)))
+
+    a, b = weights("p"), weights("r")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("method", ["orpo", "kto"])
+def test_orpo_and_kto_cli_run(hf_models, tmp_path, method):
+    rows = PAIRS if method == "orpo" else [
+        {"prompt": p["prompt"], "completion": p["chosen" if i % 2 else "rejected"], "label": bool(i % 2)}
+        for i, p in enumerate(PAIRS)]
+    data = _write(tmp_path / "d.jsonl", rows)
+    res = _tune([str(hf_models["llama"]), "--method", method, "--data", str(data), "--max-steps", "3",
+                 "--batch-size", "4", "--seq-len", "64", "--name", method])
+    log = [json.loads(x) for x in (Path(res["run_dir"]) / "metrics.jsonl").read_text().splitlines()]
+    assert len(log) == 3 and all(math.isfinite(r["loss"]) for r in log)
+    assert all("rewards/margin" in r for r in log)
+    assert res["name"] == f"{method}:latest"
