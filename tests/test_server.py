@@ -741,14 +741,16 @@ def test_embeddings_share_admission_and_the_time_limit(models, monkeypatch):
     real = ownlm.server.pool.embed
     asked: list[float] = []
 
-    def slow(model, batch, dimensions=None, stop=None):  # every chunk takes 50 ms longer
+    def slow(model, batch, dimensions=None, stop=None):  # every chunk takes 150 ms longer: 47 take 7 s
         def slow_stop() -> bool:
             asked.append(time.monotonic())
-            time.sleep(0.05)
+            time.sleep(0.15)
             return stop()
         return real(model, batch, dimensions, stop=slow_stop, chunk=64)
 
-    with serve(models, ("tiny",), ServerConfig(request_timeout=1.0), max_running=1, max_queue=0, max_loaded=1) as s:
+    # a 4 s limit: long enough that the endless stream still holds its slot when the embedding asks
+    # for one on a busy machine, short enough that the slow embedding runs past it
+    with serve(models, ("tiny",), ServerConfig(request_timeout=4.0), max_running=1, max_queue=0, max_loaded=1) as s:
         client = openai.OpenAI(base_url=s.base_url, api_key="unused", max_retries=0, timeout=60)
         endless = {"model": "tiny", "messages": USER, "max_tokens": 4000, "stream": True, "logit_bias": ENDLESS}
         with httpx.stream("POST", f"{s.base_url}/chat/completions", json=endless, timeout=60) as r:
