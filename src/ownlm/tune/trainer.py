@@ -395,12 +395,7 @@ class Trainer:
                 sums[k] = sums.get(k, 0.0) + v
             tokens += sum(len(r.ids) for it in mine
                           for r in ((it.chosen, it.rejected) if isinstance(it, Pair) else (it.row,)))
-        norm = torch.nn.utils.clip_grad_norm_(self.params, self.cfg.clip) if self.cfg.clip > 0 else None
-        lr = self.sched.get_last_lr()[0]
-        self.opt.step()
-        self.sched.step()
-        self.opt.zero_grad(set_to_none=True)
-        self.step += 1
+        norm, lr = self._apply_gradients()
         keys = sorted(sums)
         vec = torch.tensor([loss_sum, float(tokens)] + [sums[k] for k in keys], dtype=torch.float64)
         if self.world > 1:
@@ -419,9 +414,21 @@ class Trainer:
         else:
             rec["rewards/margin"] = rec["rewards/chosen"] - rec["rewards/rejected"]
             rec["kl"] = tot["kl"] / len(items)
-        rec["grad_norm"] = (float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
-                            if norm is not None else None)
+        rec["grad_norm"] = norm
         return rec
+
+    def _apply_gradients(self) -> tuple[float | None, float]:
+        """Clip, step the optimizer and the schedule, clear the gradients: (grad norm before
+        clipping, or None without clipping; the learning rate the step used)."""
+        norm = torch.nn.utils.clip_grad_norm_(self.params, self.cfg.clip) if self.cfg.clip > 0 else None
+        lr = self.sched.get_last_lr()[0]
+        self.opt.step()
+        self.sched.step()
+        self.opt.zero_grad(set_to_none=True)
+        self.step += 1
+        if norm is not None:
+            norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)  # a DTensor under FSDP
+        return norm, lr
 
     def train_step(self) -> dict[str, Any]:
         if self.cfg.objective != "sft":
@@ -437,20 +444,14 @@ class Trainer:
             (loss * (self.world / max(total, 1))).backward()
             loss_sum += float(loss.detach())
             tokens += sum(len(r.ids) for r in mine)
-        norm = torch.nn.utils.clip_grad_norm_(self.params, self.cfg.clip) if self.cfg.clip > 0 else None
-        lr = self.sched.get_last_lr()[0]
-        self.opt.step()
-        self.sched.step()
-        self.opt.zero_grad(set_to_none=True)
-        self.step += 1
+        norm, lr = self._apply_gradients()
         stats = torch.tensor([loss_sum, float(tokens)], dtype=torch.float64)
         if self.world > 1:
             import torch.distributed as dist
 
             dist.all_reduce(stats)
         return {"step": self.step, "loss": float(stats[0]) / max(total, 1), "lr": lr, "tokens": int(stats[1]),
-                "grad_norm": (float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
-                              if norm is not None else None)}
+                "grad_norm": norm}
 
     def run(self) -> list[dict[str, Any]]:
         cfg, plan = self.cfg, self.plan
