@@ -13,6 +13,7 @@ import torch
 import transformers
 
 import ownlm
+from ownlm.errors import BadRequest
 from ownlm.evaluate.perplexity import perplexity
 
 from .conftest import CORPUS
@@ -212,3 +213,24 @@ def test_shipped_tasks_parse_and_run_by_name(hf_models, ownlm_home):
     assert r.returncode == 0 and "PERPLEXITY" in r.stdout and "scoring (" in r.stderr, r.stderr
     r = subprocess.run([*cli, "--task", "no-such-task"], capture_output=True, text=True, timeout=60)
     assert r.returncode == 2 and "arithmetic, everyday, prose" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_pattern_rows_score_a_style(pair, tmp_path):
+    """{prompt, pattern} rows: pattern_match is the fraction of greedy answers the regex is found in, counted
+    independently of the {prompt, answer} rows' exact match; a bad regex is a file:line error."""
+    import re
+
+    from ownlm.evaluate.tasks import generation, read_task
+
+    lm, _ = pair
+    prompts = ["Owning your model", "Numbers: 0 1 2", "A list"]
+    outs = [lm.chat([{"role": "user", "content": p}], temperature=0, max_tokens=8).text.strip() for p in prompts]
+    rows = [{"prompt": prompts[0], "pattern": "^" + re.escape(outs[0][:3])},  # found
+            {"prompt": prompts[1], "pattern": re.escape(outs[1]) + "NOT THERE"},  # not found
+            {"prompt": prompts[2], "answer": outs[2]}]
+    got = generation(lm, rows, max_tokens=8)
+    assert got["pattern_match"] == 0.5 and got["exact_match"] == 1.0 and got["rows"] == 3
+    task = tmp_path / "style.jsonl"
+    task.write_text(json.dumps(rows[0]) + "\n" + json.dumps({"prompt": "x", "pattern": "(unclosed"}) + "\n")
+    with pytest.raises(BadRequest, match=f"{task}:2: pattern is not a regular expression"):
+        read_task(task)

@@ -55,6 +55,11 @@ def client(server):
     return anthropic.Anthropic(base_url=server.url, api_key=KEY, max_retries=0, timeout=120)
 
 
+def prompt_of(usage) -> int:
+    """The whole prompt: Anthropic counts the tokens read from the (prefix) cache apart."""
+    return usage.input_tokens + (usage.cache_read_input_tokens or 0)
+
+
 def chat(lm, system: str | None = None, **sampling):
     msgs = ([{"role": "system", "content": system}] if system else []) + USER
     return lm.chat(msgs, **sampling)
@@ -66,14 +71,15 @@ def test_create_equals_the_engine(client, lm):
     assert r.type == "message" and r.role == "assistant" and r.model == "tiny" and r.id.startswith("msg_")
     assert [b.type for b in r.content] == ["text"] and r.content[0].text == direct.text
     assert r.stop_reason == STOPS[direct.finish_reason] and r.stop_sequence is None
-    assert r.usage.input_tokens == direct.usage["prompt_tokens"]
+    assert prompt_of(r.usage) == direct.usage["prompt_tokens"]
     assert r.usage.output_tokens == direct.usage["completion_tokens"]
     # system as text blocks, content as a block list: the same prompt
     blocks = client.messages.create(model="tiny", system=[{"type": "text", "text": SYSTEM}], max_tokens=24,
                                     messages=[{"role": "user", "content": [
                                         {"type": "text", "text": USER[0]["content"]}]}],
                                     **GREEDY)
-    assert blocks.content == r.content and blocks.usage == r.usage
+    assert blocks.content == r.content
+    assert (prompt_of(blocks.usage), blocks.usage.output_tokens) == (prompt_of(r.usage), r.usage.output_tokens)
 
 
 def test_stream_events_and_final_message(client, lm):
@@ -84,12 +90,13 @@ def test_stream_events_and_final_message(client, lm):
         final = stream.get_final_message()
     assert text == full.content[0].text == chat(lm, SYSTEM, temperature=0, max_tokens=20).text
     assert [(b.type, b.text) for b in final.content] == [(b.type, b.text) for b in full.content]
-    assert final.usage == full.usage and final.stop_reason == full.stop_reason and final.id.startswith("msg_")
+    assert (prompt_of(final.usage), final.usage.output_tokens) == (prompt_of(full.usage), full.usage.output_tokens)
+    assert final.stop_reason == full.stop_reason and final.id.startswith("msg_")
     events = list(client.messages.create(**kw, stream=True))
     types = [e.type for e in events]
     assert types[0] == "message_start" and types[-2:] == ["message_delta", "message_stop"]
     assert events[0].message.content == [] and events[0].message.stop_reason is None
-    assert events[0].message.usage.input_tokens == full.usage.input_tokens
+    assert prompt_of(events[0].message.usage) == prompt_of(full.usage)
     body = [t for t in types[1:-2] if t != "ping"]
     assert body[0] == "content_block_start" and body[-1] == "content_block_stop"
     assert set(body[1:-1]) == {"content_block_delta"}
@@ -127,7 +134,7 @@ def test_tool_results_render_as_the_equivalent_chat(client, lm):
                                                "parameters": WEATHER["input_schema"]}}]
     prompt = runs.render_chat(SimpleNamespace(lm=lm), equivalent, tools)
     assert "21 degrees" in prompt and "Let me check." in prompt and '"city": "Paris"' in prompt
-    assert counted.input_tokens == r.usage.input_tokens == len(lm.encode(prompt))
+    assert counted.input_tokens == prompt_of(r.usage) == len(lm.encode(prompt))
 
 
 def test_tool_call_cut_short_is_neither_text_nor_tool_use(client):
@@ -144,7 +151,7 @@ def test_tool_call_cut_short_is_neither_text_nor_tool_use(client):
 def test_count_tokens_equals_create(client):
     counted = client.messages.count_tokens(model="tiny", system=SYSTEM, messages=USER)
     r = client.messages.create(model="tiny", system=SYSTEM, messages=USER, max_tokens=2)
-    assert counted.input_tokens == r.usage.input_tokens > 0
+    assert counted.input_tokens == prompt_of(r.usage) > 0
     with_tools = client.messages.count_tokens(model="tiny", messages=USER, tools=[WEATHER])
     assert with_tools.input_tokens > client.messages.count_tokens(model="tiny", messages=USER).input_tokens
     # tool_choice none: the tools are not in the prompt, as for create
@@ -171,7 +178,7 @@ def test_prefill_continues_the_assistant_turn(client, lm):
     r = client.messages.create(model="tiny", messages=USER + [{"role": "assistant", "content": head}],
                                max_tokens=4, **GREEDY)
     prompt = lm.chat_prompt(USER) + head
-    assert r.usage.input_tokens == len(lm.encode(prompt))
+    assert prompt_of(r.usage) == len(lm.encode(prompt))
     assert r.content[0].text == lm.generate(prompt, temperature=0, max_tokens=4).text
 
 
@@ -221,7 +228,7 @@ def test_smollm2_serve_with_api_key(smollm2_server, smollm2_client, smollm2_gguf
     direct = ownlm.load(str(smollm2_gguf)).chat([{"role": "system", "content": SYSTEM}, *USER], temperature=0,
                                                  max_tokens=16)
     assert r.content[0].text == direct.text and r.stop_reason == STOPS[direct.finish_reason]
-    assert (r.usage.input_tokens, r.usage.output_tokens) == (direct.usage["prompt_tokens"],
+    assert (prompt_of(r.usage), r.usage.output_tokens) == (direct.usage["prompt_tokens"],
                                                              direct.usage["completion_tokens"])
     body = {"model": "smollm2", "messages": USER, "max_tokens": 3}
     for headers in ({"x-api-key": "wrong-key-123456"}, {}):

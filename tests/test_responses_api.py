@@ -162,7 +162,10 @@ def test_auto_tool_choice_streams_as_it_answers(client):
     events, final = _collect(client.responses.create(**args, stream=True))
     strip = [o.model_dump(exclude={"id", "call_id"}) for o in r.output]
     assert [o.model_dump(exclude={"id", "call_id"}) for o in final.output] == strip
-    assert final.usage == r.usage and events[-1].type in ("response.completed", "response.incomplete")
+    # the same but for the tokens the second found in the prefix cache
+    cached = {"input_tokens_details"}
+    assert final.usage.model_dump(exclude=cached) == r.usage.model_dump(exclude=cached)
+    assert events[-1].type in ("response.completed", "response.incomplete")
 
 
 def test_function_call_items_render_like_chat_messages(client):

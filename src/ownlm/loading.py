@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import functools
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -11,6 +12,7 @@ from typing import Any, Iterator, Sequence
 
 import torch
 
+from .engine import speculate as speculation
 from .engine.generate import Completion, TextStream
 from .engine.sampling import SamplingParams
 from .errors import BadRequest, ModelFormatError, ModelNotFound
@@ -180,6 +182,7 @@ class LoadedModel:
     defaults: dict[str, Any] = field(default_factory=dict)  # sampling defaults (a preset's parameters)
     system: str | None = None  # a preset's system prompt: used when a conversation brings none
     preamble: list[dict[str, Any]] = field(default_factory=list)  # a preset's messages, ahead of each conversation
+    drafts: dict[str, "LoadedModel"] = field(default_factory=dict, repr=False)  # draft models by reference
 
     @property
     def config(self):
@@ -209,8 +212,32 @@ class LoadedModel:
     def encode(self, text: str) -> list[int]:
         return self.tokenizer.encode(text)
 
-    def stream_ids(self, prompt_ids: Sequence[int], **sampling: Any) -> TextStream:
-        return TextStream(self.model, self.tokenizer, prompt_ids, self.params(**sampling))
+    def stream_ids(self, prompt_ids: Sequence[int], speculate: "str | LoadedModel | None" = None,
+                   **sampling: Any) -> TextStream:
+        """speculate: "ngram" (prompt lookup), a draft model sharing the tokenizer (a reference
+        or a LoadedModel), or None (plain decoding); see engine/speculate.py. Every method below
+        takes it too."""
+        return TextStream(self.model, self.tokenizer, prompt_ids, self.params(**sampling), self.speculator(speculate))
+
+    def speculator(self, speculate: "str | LoadedModel | None"):
+        """The token source for `speculate` (None: plain decoding); a draft is loaded once, on
+        this model's device, and its vocabulary checked against this model's."""
+        if speculate is None:
+            return None
+        if speculate == speculation.NGRAM:
+            return speculation.generate_ids
+        if isinstance(speculate, LoadedModel):
+            draft = speculate
+        elif isinstance(speculate, str) and speculate.strip():
+            draft = self.drafts.get(speculate)
+            if draft is None:
+                draft = load(speculate, device=str(self.model.device), pull_missing=False)
+        else:
+            raise BadRequest(f"speculate={speculate!r} is invalid", "use \"ngram\" or a draft model's name")
+        speculation.check_vocab(self.tokenizer, draft.tokenizer, self.name, draft.name)
+        if isinstance(speculate, str):
+            self.drafts[speculate] = draft
+        return functools.partial(_draft_ids, draft.model)
 
     def stream(self, prompt: str, **sampling: Any) -> Iterator[str]:
         """Text pieces for a raw prompt (no chat template)."""
@@ -224,6 +251,11 @@ class LoadedModel:
 
     def chat(self, messages: Sequence[dict[str, Any]], **sampling: Any) -> Completion:
         return self.stream_ids(self.encode(self.chat_prompt(messages)), **sampling).run()
+
+
+def _draft_ids(draft: Transformer, *args: Any, **kw: Any) -> Iterator[int]:
+    """Speculative generation with a fresh proposer (its own KV cache) on `draft` per sequence."""
+    return speculation.generate_ids(*args, **kw, proposer=speculation.DraftModel(draft))
 
 
 def split_adapter(ref: str) -> tuple[str, str | None]:

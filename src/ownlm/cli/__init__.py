@@ -13,3 +13,55 @@ def add_quant_option(p: argparse.ArgumentParser) -> None:
                    help="weights in memory: auto (a GGUF's int4 / int8 blocks kept as they are on a CPU, its int4 on "
                         "CUDA), none (everything dense in --dtype), bf16 (everything dense in bfloat16), int4 or int8 "
                         "(every layer's linears quantized at load; int8 on CPUs only)")
+
+
+def add_cache_option(p: argparse.ArgumentParser) -> None:
+    """--cache-mb, the prefix cache's bound (engine/prefix_cache.py), for `run` and `serve`."""
+    p.add_argument("--cache-mb", type=float, metavar="MB",
+                   help="memory for the prefix cache of each model, in MiB: prompts that start like an earlier one "
+                        "(a system prompt, the conversation so far) prefill only what is new (default: 1/8 of the "
+                        "memory free, at most 2048; 0 turns it off)")
+
+
+def add_prompt_cache_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--prompt-cache", metavar="DIR",
+                   help="keep the prefix cache's blocks in DIR too, so later runs start with the prompts of earlier "
+                        "ones (a folder per model; another model's or a damaged file is refused)")
+    p.add_argument("--prompt-cache-mb", type=float, default=4096.0, metavar="MB",
+                   help="most MiB the --prompt-cache folder holds per model (default 4096; the least recently used "
+                        "blocks go first)")
+
+
+def prompt_cache_of(args: argparse.Namespace) -> tuple[str, int] | None:
+    """(folder, byte bound) of --prompt-cache, or None."""
+    from ..errors import BadRequest
+
+    if not getattr(args, "prompt_cache", None):
+        return None
+    if not args.prompt_cache_mb > 0:
+        raise BadRequest(f"--prompt-cache-mb must be above 0 (got {args.prompt_cache_mb})")
+    if args.cache_mb == 0:
+        raise BadRequest("--prompt-cache needs the prefix cache, which --cache-mb 0 turns off", "drop one of them")
+    import os
+    from pathlib import Path
+
+    folder = Path(args.prompt_cache).expanduser()
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise BadRequest(f"--prompt-cache: cannot make {folder}: {e.strerror}") from None
+    if not os.access(folder, os.W_OK):
+        raise BadRequest(f"--prompt-cache: {folder} is not writable")
+    return str(folder), int(args.prompt_cache_mb * (1 << 20))
+
+
+def apply_cache_option(args: argparse.Namespace) -> None:
+    from ..engine import prefix_cache
+    from ..errors import BadRequest
+
+    if args.cache_mb is None:
+        prefix_cache.configure(None)
+        return
+    if not args.cache_mb >= 0:
+        raise BadRequest(f"--cache-mb must be 0 or more (got {args.cache_mb})", "0 turns the prefix cache off")
+    prefix_cache.configure(int(args.cache_mb * (1 << 20)))

@@ -566,6 +566,7 @@ class Chat:
         self.say("\n".join([
             f"total duration:       {total_s:.3f}s",
             f"prompt eval count:    {u['prompt_tokens']} token(s)",
+            f"prompt cached:        {t.get('cached_tokens', 0)} token(s) (prefix cache: not computed again)",
             f"prompt eval duration: {t.get('prefill_s', 0.0):.3f}s",
             f"prompt eval rate:     {t.get('prefill_tokens_per_s', 0.0):.2f} tokens/s",
             f"eval count:           {u['completion_tokens']} token(s)",

@@ -85,7 +85,7 @@ def _tasks(args, path: Path) -> int:
     if args.json:
         print(json.dumps({"results": rows}, indent=2))
         return 0
-    keys = ("acc", "acc_norm") if kind == "multiple_choice" else ("exact_match", "contains")
+    keys = [k for k in ("acc", "acc_norm", "exact_match", "contains", "pattern_match") if k in rows[0]]
     print(f"{'MODEL':<30} " + " ".join(f"{k.upper():>12}" for k in keys) + f" {'ROWS':>6}")
     for r in rows:
         print(f"{r['model']:<30} " + " ".join(f"{r[k]:>12.4f}" for k in keys) + f" {r['rows']:>6}")
@@ -128,7 +128,7 @@ def cmd_bench(args) -> int:
     if args.api_price_per_mtok is not None and args.price_per_hour is None:
         raise BadRequest("--api-price-per-mtok needs --price-per-hour (the price of this machine)")
     r = bench(args.model, args.prompt_tokens, args.gen_tokens, batches, args.device, args.dtype,
-              args.price_per_hour, args.api_price_per_mtok, quant=args.quant)
+              args.price_per_hour, args.api_price_per_mtok, quant=args.quant, speculate=args.speculate)
     if args.json:
         print(json.dumps(r, indent=2))
         return 0
@@ -142,6 +142,11 @@ def cmd_bench(args) -> int:
             decode = (f" ({run['decode_aggregate_tokens_per_s']:.1f} tok/s once all are decoding)"
                       if "decode_aggregate_tokens_per_s" in run else "")
             print(f"  batch {run['batch']}: {run['aggregate_tokens_per_s']:.1f} tok/s generated in aggregate{decode}")
+    if "speculative" in r:
+        sp = r["speculative"]
+        print(f"  speculative ({sp['speculate']}): decode {sp['decode_tokens_per_s']:.1f} tok/s, "
+              f"{sp['speedup']:.2f}x; {sp['accepted_tokens']} of {sp['drafted_tokens']} guesses kept"
+              f"{'' if sp['same_tokens'] else '; THE TOKENS DIFFER from plain decoding'}")
     if "cost" in r:
         c = r["cost"]
         line = f"  cost: ${c['cost_per_mtok']:.4f} per million generated tokens at ${c['price_per_hour']}/hour"
@@ -179,6 +184,8 @@ def register(sub) -> None:
     b.add_argument("--cost", action="store_true", help="report cost per million tokens (needs --price-per-hour)")
     b.add_argument("--price-per-hour", type=float, help="what this machine costs you per hour")
     b.add_argument("--api-price-per-mtok", type=float, help="an API's price per million output tokens, to compare")
+    b.add_argument("--speculate", "--draft", metavar="ngram|MODEL",
+                   help="also decode with speculative decoding (ngram prompt lookup, or a draft MODEL) and compare")
     b.add_argument("--device")
     b.add_argument("--dtype")
     add_quant_option(b)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import sys
 
-from . import add_quant_option, chat
+from . import add_cache_option, add_prompt_cache_option, add_quant_option, apply_cache_option, chat, prompt_cache_of
 from ..engine.generate import DEFAULT_MAX_TOKENS
 from ..errors import BadRequest
 from ..loading import load
@@ -47,13 +47,21 @@ def cmd_run(args) -> int:
         raise BadRequest("--system has no effect with --raw", "drop one of them")
     if prompt is None and (args.json or args.raw):
         raise BadRequest("--json and --raw need a prompt (an argument or stdin)")
+    apply_cache_option(args)
+    disk = prompt_cache_of(args)
     lm = load(args.model, device=args.device, dtype=args.dtype, quant=args.quant)
+    if disk:
+        from ..engine import prefix_cache
+
+        prefix_cache.persist(lm.model, disk[0], lm.manifest.get("digest") or lm.name, disk[1])
     sampling = _sampling(args)
     lm.params(**sampling)  # validate before any output
+    if args.speculate is not None:
+        lm.speculator(args.speculate)  # a draft loaded and checked before any output
     if prompt is None:
         return _repl(lm, args, sampling)
     ids = lm.encode(prompt if args.raw else lm.chat_prompt(_messages(args, prompt)))
-    stream = lm.stream_ids(ids, **_capped(lm, ids, sampling))
+    stream = lm.stream_ids(ids, speculate=args.speculate, **_capped(lm, ids, sampling))
     if args.json:
         c = stream.run()
         out = c.to_dict()
@@ -70,7 +78,10 @@ def cmd_run(args) -> int:
 
 def _repl(lm, args, sampling) -> int:
     """The chat (cli/chat.py), with this module's answer cap."""
-    return chat.repl(lm, args, sampling, capper=_capped)
+    spec = getattr(args, "speculate", None)
+    if spec is None:
+        return chat.repl(lm, args, sampling, capper=_capped)
+    return chat.repl(lm, args, sampling, capper=lambda lm, ids, s: {**_capped(lm, ids, s), "speculate": spec})
 
 
 def register(sub) -> None:
@@ -98,6 +109,12 @@ def register(sub) -> None:
     p.add_argument("--raw", action="store_true", help="send the prompt as is, without the chat template")
     p.add_argument("--json", action="store_true",
                    help="print one JSON object: text, token_ids, finish_reason, usage, timings")
+    p.add_argument("--speculate", "--draft", metavar="ngram|MODEL",
+                   help="speculative decoding: ngram (guesses looked up in the prompt and answer: fast where "
+                        "the answer copies the prompt, as in editing) or a small draft MODEL with the same "
+                        "tokenizer; greedy text is the same as without, sampled text has the same distribution")
+    add_cache_option(p)
+    add_prompt_cache_option(p)
     p.add_argument("--device", help="cpu, cuda, mps (default: the best available)")
     p.add_argument("--dtype", help="auto, float32, bfloat16, float16")
     add_quant_option(p)

@@ -7,7 +7,7 @@ import os
 import sys
 from pathlib import Path
 
-from . import add_quant_option
+from . import add_cache_option, add_prompt_cache_option, add_quant_option, apply_cache_option, prompt_cache_of
 from ..engine.generate import DEFAULT_MAX_TOKENS
 from ..errors import BadRequest
 
@@ -26,19 +26,23 @@ def api_keys(args) -> list[str]:
 
 
 def cmd_serve(args) -> int:
-    from ..loading import resolve_adapter, split_adapter
+    from ..engine import prefix_cache
+    from ..loading import pick_device, resolve_adapter, split_adapter
     from ..manage import resolve
     from ..server import ModelPool, Server, ServerConfig
 
     if args.max_running < 1 or args.max_queue < 0 or args.max_loaded < 1 or args.max_tokens < 1:
         raise BadRequest("--max-running, --max-loaded and --max-tokens must be at least 1, --max-queue at least 0")
+    apply_cache_option(args)
+    if args.cache_mb is None:  # the default, fixed now: the same bound for every model served
+        prefix_cache.configure(prefix_cache.default_budget(pick_device(args.device)))
     config = ServerConfig(api_keys=api_keys(args), max_body_bytes=int(args.max_body_mb * (1 << 20)),
                           request_timeout=args.request_timeout, cors_origins=list(args.cors or []),
                           access_log=_to_stderr, log_format=args.log_format,
                           allow_pull=args.allow_pull)
     pool = ModelPool(args.models, keep_alive=args.keep_alive, max_loaded=args.max_loaded,
                      max_running=args.max_running, max_queue=args.max_queue, device=args.device, dtype=args.dtype,
-                     quant=args.quant, max_tokens=args.max_tokens)
+                     quant=args.quant, max_tokens=args.max_tokens, prompt_cache=prompt_cache_of(args))
     server = Server(pool, args.host, args.port, config).bind()  # refuses a public address without keys, a port in use
     for ref in args.models:  # refuse an unknown model now, not at the first request (BASE+ADAPTER: both)
         base, adapter = split_adapter(ref)
@@ -47,6 +51,10 @@ def cmd_serve(args) -> int:
             resolve_adapter(adapter)
     if args.preload:
         pool.preload()
+
+    budget = prefix_cache.configured() or 0
+    print(f"prefix cache: {budget / (1 << 20):.0f} MiB per model" if budget else "prefix cache: off (--cache-mb 0)",
+          file=sys.stderr, flush=True)
 
     def ready(server: Server) -> None:
         line = {"url": server.base_url, "models": sorted(pool.available()), "auth": bool(config.api_keys),
@@ -92,6 +100,8 @@ def register(sub) -> None:
     p.add_argument("--max-body-mb", type=float, default=8.0, help="largest request body in MiB (default 8)")
     p.add_argument("--device", help="cpu, cuda, cuda:N or mps (default: best available)")
     p.add_argument("--dtype", help="auto, float32, bfloat16 or float16")
+    add_cache_option(p)
+    add_prompt_cache_option(p)
     add_quant_option(p)
     p.add_argument("--log-format", choices=["text", "json"], default="text",
                    help="the access log on stderr, a line per request: text (default) or json (an object a line)")

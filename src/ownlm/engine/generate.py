@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import torch
 
 from ..errors import BadRequest
 from ..text.tokenizer import IncrementalDecoder, TextTokenizer
+from . import prefix_cache
 from .kv_cache import KVCache, bytes_per_token, fitting_tokens, span
 from .sampling import SamplingParams, make_generator, sample
 from .steppers import decode_stepper
@@ -41,6 +42,10 @@ class StepStats:
     decode_s: float = 0.0
     generated: int = 0
     limit: int = 0  # the token budget (budget())
+    cached: int = 0  # prompt tokens whose keys and values came from the prefix cache
+    speculative: bool = False  # speculative decoding (engine/speculate.py): guesses drafted and kept
+    drafted: int = 0
+    accepted: int = 0
 
 
 def budget(prompt_len: int, params: SamplingParams, model: torch.nn.Module, default: int | None = None) -> int:
@@ -87,35 +92,50 @@ def generate_ids(model: torch.nn.Module, prompt: Sequence[int], params: Sampling
     out: list[int] = []
 
     t0 = time.perf_counter()
+    # the longest cached start of the prompt is copied in, not computed (engine/prefix_cache.py)
+    prefix = prefix_cache.of(model)
+    if prefix is not None:
+        hit = prefix.lookup(model, prompt, cache)
+        prefix.load(hit, cache, 0)
+        prefix.release(hit)
+        stats.cached = hit.length
     ids = torch.tensor([list(prompt)], dtype=torch.long, device=device)
-    for start in range(0, ids.shape[1], PREFILL_CHUNK):
-        chunk = ids[:, start:start + PREFILL_CHUNK]
-        end = start + chunk.shape[1]
+    start = stats.cached
+    while start < ids.shape[1]:  # chunks end on multiples of PREFILL_CHUNK, with a cache hit or without
+        end = min(ids.shape[1], (start // PREFILL_CHUNK + 1) * PREFILL_CHUNK)
+        chunk = ids[:, start:end]
         cache.length = end
         pos = torch.arange(start, end, device=device)[None]  # (1, T)
         logits = model(chunk, pos, cache, last_only=True)  # (1, 1, V)
+        start = end
     stats.prefill_s = time.perf_counter() - t0
+    if prefix is not None:
+        prefix.store(model, prompt, cache, 0, len(prompt))
     t1 = time.perf_counter()
     n = len(prompt)
-    for _ in range(limit):
-        if penalized:  # the token history is only needed (and only built) for penalties
-            out_t = torch.tensor(out, dtype=torch.long)
-            token = sample(logits[0, -1].cpu(), params, gen, torch.cat([context, out_t]), out_t)
-        else:
-            token = sample(logits[0, -1].cpu(), params, gen)
-        if token in stops:
-            break
-        out.append(token)
-        stats.generated = len(out)
+    try:
+        for _ in range(limit):
+            if penalized:  # the token history is only needed (and only built) for penalties
+                out_t = torch.tensor(out, dtype=torch.long)
+                token = sample(logits[0, -1].cpu(), params, gen, torch.cat([context, out_t]), out_t)
+            else:
+                token = sample(logits[0, -1].cpu(), params, gen)
+            if token in stops:
+                break
+            out.append(token)
+            stats.generated = len(out)
+            stats.decode_s = time.perf_counter() - t1
+            yield token
+            if len(out) == limit:
+                break
+            tokens, pos = torch.tensor([[token]], device=device), torch.tensor([[n]], device=device)
+            cache.grow(1, n + 1, span(len(prompt) + limit))
+            logits = stepper.step(tokens, pos, n + 1)
+            n += 1
         stats.decode_s = time.perf_counter() - t1
-        yield token
-        if len(out) == limit:
-            break
-        tokens, pos = torch.tensor([[token]], device=device), torch.tensor([[n]], device=device)
-        cache.grow(1, n + 1, span(len(prompt) + limit))
-        logits = stepper.step(tokens, pos, n + 1)
-        n += 1
-    stats.decode_s = time.perf_counter() - t1
+    finally:  # the answer's keys and values too: the next turn of a chat starts with them
+        if prefix is not None:
+            prefix.store(model, list(prompt) + out, cache, 0, n)
 
 
 class TextAssembler:
@@ -158,8 +178,12 @@ class TextAssembler:
 class TextStream:
     """Iterate to get text pieces; afterwards `.completion` holds the whole result."""
 
-    def __init__(self, model, tokenizer: TextTokenizer, prompt_ids: Sequence[int], params: SamplingParams):
+    def __init__(self, model, tokenizer: TextTokenizer, prompt_ids: Sequence[int], params: SamplingParams,
+                 ids: Callable[..., Iterator[int]] | None = None):
+        """`ids`: the token source, called as generate_ids is (default generate_ids; the
+        speculative one of engine/speculate.py with its proposer bound)."""
         self.model, self.tok, self.prompt_ids, self.params = model, tokenizer, list(prompt_ids), params
+        self.ids = ids if ids is not None else generate_ids
         self.completion: Completion | None = None
 
     def __iter__(self) -> Iterator[str]:
@@ -168,7 +192,7 @@ class TextStream:
         text = TextAssembler(self.tok, p.stop)
         ids: list[int] = []
         finish = "length"
-        for token in generate_ids(self.model, self.prompt_ids, p, self.tok.eos_ids, stats):
+        for token in self.ids(self.model, self.prompt_ids, p, self.tok.eos_ids, stats):
             ids.append(token)
             piece = text.push(token)
             if piece:
@@ -188,12 +212,18 @@ class TextStream:
             text=text.text, token_ids=ids, finish_reason=finish,
             usage={"prompt_tokens": len(self.prompt_ids), "completion_tokens": n_out,
                    "total_tokens": len(self.prompt_ids) + n_out},
+            # cached_tokens: prompt tokens reused from the prefix cache, not prefilled (nor in the rate)
             timings={"prefill_s": round(stats.prefill_s, 4), "decode_s": round(stats.decode_s, 4),
-                     "prefill_tokens_per_s": (round(len(self.prompt_ids) / stats.prefill_s, 2)
+                     "cached_tokens": stats.cached,
+                     "prefill_tokens_per_s": (round((len(self.prompt_ids) - stats.cached) / stats.prefill_s, 2)
                                               if stats.prefill_s else 0.0),
                      "decode_tokens_per_s": (round((n_out - 1) / stats.decode_s, 2)
                                              if n_out > 1 and stats.decode_s else 0.0)},
         )
+        if stats.speculative:
+            self.completion.timings.update(drafted_tokens=stats.drafted, accepted_tokens=stats.accepted,
+                                           acceptance_rate=round(stats.accepted / stats.drafted, 4)
+                                           if stats.drafted else 0.0)
 
     def run(self) -> Completion:
         for _ in self:

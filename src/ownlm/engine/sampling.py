@@ -32,6 +32,11 @@ class SamplingParams:
         """Whether sampling looks at the tokens so far (repetition / presence / frequency penalties)."""
         return self.repetition_penalty != 1.0 or bool(self.presence_penalty) or bool(self.frequency_penalty)
 
+    @property
+    def greedy(self) -> bool:
+        """Whether sampling is the argmax (temperature 0, or top-k 1)."""
+        return self.temperature == 0 or self.top_k == 1
+
     def __post_init__(self) -> None:
         def check(ok: bool, name: str, rule: str) -> None:
             if not ok:
@@ -98,9 +103,9 @@ def apply_penalties(logits: torch.Tensor, p: SamplingParams, context: torch.Tens
     return logits
 
 
-def sample(logits: torch.Tensor, p: SamplingParams, generator: torch.Generator | None,
-           context: torch.Tensor | None = None, output: torch.Tensor | None = None) -> int:
-    """One token id from (V,) logits."""
+def _scores(logits: torch.Tensor, p: SamplingParams, context: torch.Tensor | None,
+            output: torch.Tensor | None) -> torch.Tensor:
+    """(V,) float32 logits with penalties and biases applied."""
     logits = logits.float()
     if torch.isnan(logits).any():  # damaged weights (a hostile file can hold NaN in valid blocks)
         raise ModelFormatError("the model's next-token scores are not numbers (NaN)",
@@ -109,8 +114,17 @@ def sample(logits: torch.Tensor, p: SamplingParams, generator: torch.Generator |
         empty = torch.empty(0, dtype=torch.long, device=logits.device)
         logits = apply_penalties(logits.clone(), p, empty if context is None else context,
                                  empty if output is None else output)
-    if p.temperature == 0 or p.top_k == 1:
-        return int(torch.argmax(logits))
+    return logits
+
+
+def distribution(logits: torch.Tensor, p: SamplingParams, context: torch.Tensor | None = None,
+                 output: torch.Tensor | None = None) -> torch.Tensor:
+    """The (V,) float32 weights `sample` draws from, after penalties, temperature, top-k, min-p
+    and top-p (not normalized: divide by the sum); greedy settings give a one-hot of the argmax.
+    Speculative sampling (engine/speculate.py) accepts and corrects drafts against exactly this."""
+    logits = _scores(logits, p, context, output)
+    if p.greedy:
+        return torch.zeros_like(logits).index_fill_(0, torch.argmax(logits), 1.0)
     logits = logits / p.temperature
     if p.top_k > 0 and p.top_k < logits.shape[-1]:
         kth = torch.topk(logits, p.top_k).values[-1]
@@ -124,11 +138,24 @@ def sample(logits: torch.Tensor, p: SamplingParams, generator: torch.Generator |
         drop = cum - sorted_p > p.top_p  # keep the smallest prefix whose mass reaches top_p
         sorted_p[drop] = 0
         probs = torch.zeros_like(probs).scatter_(0, order, sorted_p)
-    # inverse CDF with one uniform draw: the same distribution as torch.multinomial, which (like
-    # an exponential race) draws a random number per vocabulary entry and costs ~1.5 ms at 49k
-    # (u < 1, so u * total < total: the first index whose cumulative mass exceeds it has p > 0)
-    cdf = torch.cumsum(probs.double(), dim=-1)
+    return probs
+
+
+def draw(weights: torch.Tensor, generator: torch.Generator | None) -> int:
+    """One index drawn in proportion to (V,) non-negative weights.
+    Inverse CDF with one uniform draw: the same distribution as torch.multinomial, which (like
+    an exponential race) draws a random number per vocabulary entry and costs ~1.5 ms at 49k
+    (u < 1, so u * total < total: the first index whose cumulative mass exceeds it has p > 0)."""
+    cdf = torch.cumsum(weights.double(), dim=-1)
     if not cdf[-1] > 0:  # every token masked or infinitely unlikely
         raise ModelFormatError("no token has a probability above zero", "check the sampling settings")
     u = torch.rand((), dtype=torch.float64, generator=generator) * cdf[-1]
-    return min(int(torch.searchsorted(cdf, u, right=True)), logits.shape[-1] - 1)
+    return min(int(torch.searchsorted(cdf, u, right=True)), weights.shape[-1] - 1)
+
+
+def sample(logits: torch.Tensor, p: SamplingParams, generator: torch.Generator | None,
+           context: torch.Tensor | None = None, output: torch.Tensor | None = None) -> int:
+    """One token id from (V,) logits."""
+    if p.greedy:
+        return int(torch.argmax(_scores(logits, p, context, output)))
+    return draw(distribution(logits, p, context, output), generator)

@@ -8,6 +8,11 @@ request never waits for a long one to finish.
 
 Running sequences occupy KV-cache slots 0..n-1 (a retired sequence's slot is refilled by moving the
 last one into it), so a decode step attends over one contiguous slice of the cache.
+
+A request being admitted first takes the longest start of its prompt that the model's prefix
+cache holds (engine/prefix_cache.py), copied into its slot; its prompt is cached once prefilled,
+and its answer too when it retires, so requests sharing a system prompt, and the next turn of a
+conversation, prefill only what is new.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ from typing import Any, Callable, Protocol, Sequence
 import torch
 
 from ..errors import OwnlmError
+from . import prefix_cache
 from .kv_cache import KVCache, span
 from .generate import PREFILL_CHUNK
 from .sampling import SamplingParams, make_generator, sample
@@ -73,6 +79,7 @@ class Request:
     # legacy completions and vLLM count and score it; off, the sequence just ends
     keep_stop: bool = False
     cancelled: bool = False
+    cached: int = 0  # prompt tokens taken from the prefix cache, set by the engine before the first token
 
     def cancel(self) -> None:
         self.cancelled = True  # read by the engine thread at its next step
@@ -88,6 +95,8 @@ class _Seq:
     prompt_scores: list[TokenLogprob | None] = field(default_factory=list)
     prompt_t: torch.Tensor | None = None  # the prompt as a tensor, built once when penalties need it
     done: str = ""
+    looked: bool = False  # the prefix cache was asked for the prompt's start
+    hit: prefix_cache.Hit | None = None  # the cached blocks it started from, pinned while it runs
 
 
 class Scheduler:
@@ -164,6 +173,7 @@ class Scheduler:
                 self.waiting.clear()
                 self.running, self.admitting = [], None
                 for s in pending:
+                    self._release(s)
                     s.req.emit(Event("error", error=OwnlmError("the model was unloaded")))
                 if self.driver is not None:
                     self.driver.remove(self)
@@ -182,6 +192,7 @@ class Scheduler:
                 victims = self.running + ([self.admitting] if self.admitting else [])
                 self.running, self.admitting = [], None
             for s in victims:
+                self._release(s)
                 s.req.emit(Event("error", error=e))
         self.steps += 1
         if self.on_step:
@@ -201,8 +212,11 @@ class Scheduler:
             s.done = "cancelled"
             return
         prompt = req.prompt
+        if not s.looked:
+            self._reuse(s)
         start = s.cached
-        end = min(len(prompt), start + self.prefill_chunk)
+        # chunks end on multiples of the chunk size, as they do without a cache hit
+        end = min(len(prompt), (start // self.prefill_chunk + 1) * self.prefill_chunk)
         self.cache.grow(s.slot + 1, end, span(self.cfg.context_length))
         self.cache.base, self.cache.length = s.slot, end
         ids = torch.tensor([list(prompt[start:end])], dtype=torch.long, device=self.device)
@@ -216,6 +230,9 @@ class Scheduler:
             return
         if full:
             req.emit(Event("prompt", prompt_logprobs=s.prompt_scores))
+        pc = prefix_cache.of(self.model)
+        if pc is not None:
+            pc.store(self.model, prompt, self.cache, s.slot, len(prompt))
         self.admitting = None
         if req.limit == 0:
             s.done = "length"
@@ -223,6 +240,28 @@ class Scheduler:
             self._sample_safely(s, logits[0, -1])
         assert s.slot == len(self.running)
         self.running.append(s)
+
+    def _reuse(self, s: _Seq) -> None:
+        """Start a sequence from the longest cached start of its prompt (not when its prompt is
+        scored: every position's logits are wanted then)."""
+        s.looked = True
+        pc = prefix_cache.of(self.model)
+        if pc is None or s.req.prompt_logprobs is not None:
+            return
+        s.hit = pc.lookup(self.model, s.req.prompt, self.cache)
+        if s.hit.length:
+            self.cache.grow(s.slot + 1, s.hit.length, span(self.cfg.context_length))
+            pc.load(s.hit, self.cache, s.slot)
+        s.cached = s.req.cached = s.hit.length
+
+    def _release(self, s: _Seq, keep: bool = False) -> None:
+        """A sequence leaves: with `keep`, what its slot holds (prompt and answer) is cached first."""
+        pc = prefix_cache.of(self.model)
+        if pc is not None and keep and s.cached:
+            pc.store(self.model, list(s.req.prompt) + s.out, self.cache, s.slot, s.cached)
+        if s.hit is not None:
+            s.hit.release()
+            s.hit = None
 
     def _score_prompt(self, s: _Seq, start: int, end: int, logits: torch.Tensor) -> None:
         """Log-probability of each prompt token given the tokens before it (echo + logprobs)."""
@@ -291,6 +330,7 @@ class Scheduler:
 
     def _retire(self) -> None:
         if self.admitting is not None and self.admitting.done:
+            self._release(self.admitting)
             self.admitting.req.emit(Event("done", reason=self.admitting.done))
             self.admitting = None
         for s in self.running:
@@ -301,6 +341,7 @@ class Scheduler:
         keep = []
         for s in self.running:
             if s.done:
+                self._release(s, keep=s.done != "error")
                 if s.done != "error":  # an errored sequence has had its (last) event
                     s.req.emit(Event("done", reason=s.done))
             else:

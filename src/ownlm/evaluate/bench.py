@@ -26,7 +26,11 @@ def cost_per_mtok(price_per_hour: float, tokens_per_s: float) -> float:
 
 def bench(ref: str, prompt_tokens: int = 512, gen_tokens: int = 128, batches: tuple[int, ...] = (1,),
           device: str | None = None, dtype: str | None = None, price_per_hour: float | None = None,
-          api_price_per_mtok: float | None = None, quant: str = "auto") -> dict[str, Any]:
+          api_price_per_mtok: float | None = None, quant: str = "auto", speculate: str | None = None) -> dict[str, Any]:
+    """With `speculate` ("ngram" or a draft model), the one-sequence greedy decode runs again with
+    speculative decoding: its tokens/s, its speedup, the guesses drafted and kept, and whether
+    the tokens are the same."""
+    from ..engine import prefix_cache
     from ..engine.generate import StepStats, generate_ids
     from ..engine.sampling import SamplingParams
     from ..engine.scheduler import Driver, Scheduler, run_all
@@ -39,6 +43,7 @@ def bench(ref: str, prompt_tokens: int = 512, gen_tokens: int = 128, batches: tu
     t0 = time.perf_counter()
     lm = load(ref, device=device, dtype=dtype, quant=quant, pull_missing=False)
     load_s = time.perf_counter() - t0
+    prefix_cache.attach(lm.model, prefix_cache.PrefixCache(0))  # the same prompt each run: measure computing it
     if prompt_tokens + gen_tokens > lm.config.context_length:
         raise BadRequest(f"{prompt_tokens} + {gen_tokens} tokens exceed the context ({lm.config.context_length})")
     ids = lm.encode(TEXT)
@@ -51,6 +56,18 @@ def bench(ref: str, prompt_tokens: int = 512, gen_tokens: int = 128, batches: tu
               "time_to_first_token_s": stats.prefill_s,
               "decode_tokens_per_s": (len(out) - 1) / stats.decode_s}
     rows = [single]
+    speculative = None
+    if speculate is not None:
+        source = lm.speculator(speculate)
+        list(source(lm.model, ids[:16], SamplingParams(temperature=0, max_tokens=4)))  # warm-up
+        st = StepStats()
+        spec_out = list(source(lm.model, ids, greedy, (), st))
+        rate = (len(spec_out) - 1) / st.decode_s
+        speculative = {"speculate": speculate, "decode_tokens_per_s": rate,
+                       "speedup": rate / single["decode_tokens_per_s"], "drafted_tokens": st.drafted,
+                       "accepted_tokens": st.accepted,
+                       "acceptance_rate": st.accepted / st.drafted if st.drafted else 0.0,
+                       "same_tokens": spec_out == out}
     if any(b > 1 for b in batches):
         sched = Scheduler(lm.model, max_running=max(batches), driver=Driver())  # stepped on this thread
         try:
@@ -76,6 +93,8 @@ def bench(ref: str, prompt_tokens: int = 512, gen_tokens: int = 128, batches: tu
     result = {"model": lm.name, "device": str(lm.model.device), "dtype": str(lm.model.dtype),
               "prompt_tokens": prompt_tokens, "gen_tokens": gen_tokens, "load_s": load_s, "runs": rows,
               "peak_rss_bytes": peak_rss_bytes()}
+    if speculative is not None:
+        result["speculative"] = speculative
     if price_per_hour is not None:
         best = max(r.get("aggregate_tokens_per_s", r.get("decode_tokens_per_s", 0)) for r in rows)
         own = cost_per_mtok(price_per_hour, best)

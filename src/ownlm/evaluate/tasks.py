@@ -1,11 +1,12 @@
 """JSONL tasks: multiple choice scored by log-likelihood as lm-evaluation-harness does (acc, and
 acc_norm over the choices' lengths in characters), and generation scored by exact match / contains with the
-model's chat template applied. A row's fields say its kind: {context, choices, gold} or
-{prompt, answer}."""
+model's chat template applied, or by a regular expression the answer must match (a style or format).
+A row's fields say its kind: {context, choices, gold}, {prompt, answer} or {prompt, pattern}."""
 
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any, Callable
 
@@ -58,12 +59,19 @@ def read_task(path: Path) -> tuple[str, list[dict[str, Any]]]:
                 raise BadRequest(f"{where}: a multiple-choice row needs context (text), choices (2+ non-empty texts) "
                                  "and gold (the index of the right choice)")
             kinds.add("multiple_choice")
-        elif "answer" in row:
-            if not (isinstance(row.get("prompt"), str) and row["prompt"] and isinstance(row["answer"], str)):
-                raise BadRequest(f"{where}: a generation row needs prompt (non-empty text) and answer (text)")
+        elif "answer" in row or "pattern" in row:
+            if not (isinstance(row.get("prompt"), str) and row["prompt"]
+                    and all(isinstance(row.get(k, ""), str) for k in ("answer", "pattern"))):
+                raise BadRequest(f"{where}: a generation row needs prompt (non-empty text) and answer or pattern "
+                                 "(text)")
+            if "pattern" in row:
+                try:
+                    re.compile(row["pattern"])
+                except re.error as e:
+                    raise BadRequest(f"{where}: pattern is not a regular expression ({e})") from None
             kinds.add("generation")
         else:
-            raise BadRequest(f"{where}: a row needs either context/choices/gold or prompt/answer")
+            raise BadRequest(f"{where}: a row needs either context/choices/gold, prompt/answer or prompt/pattern")
         rows.append(row)
         if len(rows) > MAX_ROWS:
             raise BadRequest(f"{path}: more than {MAX_ROWS} rows")
@@ -110,12 +118,24 @@ def multiple_choice(lm, rows: list[dict[str, Any]], progress: Callable[[int], No
 
 def generation(lm, rows: list[dict[str, Any]], max_tokens: int = 64,
                progress: Callable[[int], None] | None = None) -> dict[str, Any]:
-    exact = contains = 0
+    """Greedy answers scored by exact match and containment of `answer` (over the rows that have one) and
+    by `re.search(pattern, answer)` (pattern_match, over the rows that have a pattern)."""
+    exact = contains = matched = 0
+    answers = [r for r in rows if "answer" in r]
+    patterns = [r for r in rows if "pattern" in r]
     for row in rows:
         out = lm.chat([{"role": "user", "content": row["prompt"]}], temperature=0, max_tokens=max_tokens).text.strip()
-        answer = row["answer"].strip()
-        exact += out == answer
-        contains += answer in out
+        if "answer" in row:
+            answer = row["answer"].strip()
+            exact += out == answer
+            contains += answer in out
+        if "pattern" in row:
+            matched += re.search(row["pattern"], out) is not None
         if progress:
             progress(1)
-    return {"kind": "generation", "rows": len(rows), "exact_match": exact / len(rows), "contains": contains / len(rows)}
+    result: dict[str, Any] = {"kind": "generation", "rows": len(rows)}
+    if answers:
+        result.update(exact_match=exact / len(answers), contains=contains / len(answers))
+    if patterns:
+        result["pattern_match"] = matched / len(patterns)
+    return result

@@ -295,8 +295,11 @@ class Messages:
         return ("max_tokens" if c.finish == "length" else "end_turn"), None
 
     def _usage(self, c: runs.Choice) -> dict[str, int]:
-        return {"input_tokens": self.prompt_tokens, "output_tokens": len(c.tokens), "cache_creation_input_tokens": 0,
-                "cache_read_input_tokens": 0}
+        """Anthropic's split: input_tokens are the prompt tokens computed, cache_read_input_tokens
+        those taken from the prefix cache (the prompt is their sum)."""
+        cached = c.request.cached if c.request is not None else 0
+        return {"input_tokens": self.prompt_tokens - cached, "output_tokens": len(c.tokens),
+                "cache_creation_input_tokens": 0, "cache_read_input_tokens": cached}
 
     def _message(self, content: list[dict[str, Any]], stop: tuple[str | None, str | None],
                  usage: dict[str, int]) -> dict[str, Any]:
@@ -330,7 +333,7 @@ class Messages:
             yield event("content_block_stop", {"index": index})
         stop_reason, seq = self._stop(served, c, calls_sent > 0)
         yield event("message_delta", {"delta": {"stop_reason": stop_reason, "stop_sequence": seq},
-                                      "usage": {"output_tokens": len(c.tokens)}})
+                                      "usage": self._usage(c)})  # the cache's share is known by now
         yield event("message_stop", {})
 
     media_type = "text/event-stream"

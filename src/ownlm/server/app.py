@@ -20,6 +20,7 @@ from starlette.requests import ClientDisconnect
 from starlette.responses import JSONResponse, PlainTextResponse
 from starlette.routing import Match
 
+from ..engine import prefix_cache
 from ..errors import BadRequest, OwnlmError
 from . import anthropic, logs, ollama, openai, page, responses, tokens
 from .http import APIError, ServerConfig, State, as_api_error, busy, log_entry, state_of, validation_error
@@ -211,6 +212,22 @@ def _metrics(pool: ModelPool) -> Metrics:
     metrics.gauge("queue_depth", "requests waiting for an engine slot (generation and embeddings)",
                   lambda: {(("model", s.id),): busy(s)[1] for s in list(pool.loaded.values())})
     metrics.gauge("models_loaded", "models in memory", lambda: {(): len(pool.loaded)})
+
+    def cache_stat(key: str):  # one figure of each loaded model's prefix cache
+        def read() -> dict[tuple, float]:
+            caches = {s.id: prefix_cache.of(s.lm.model) for s in list(pool.loaded.values())}
+            return {(("model", mid),): pc.stats()[key] for mid, pc in caches.items() if pc is not None}
+        return read
+
+    for name, key, kind, help_ in (
+            ("prefix_cache_hits_total", "hits", "counter", "prompts that started from cached keys and values"),
+            ("prefix_cache_misses_total", "misses", "counter", "prompts with no cached start"),
+            ("prefix_cache_cached_tokens_total", "cached_tokens", "counter",
+             "prompt tokens taken from the prefix cache instead of computed"),
+            ("prefix_cache_evictions_total", "evictions", "counter", "cache blocks evicted to stay in budget"),
+            ("prefix_cache_bytes", "bytes", "gauge", "bytes of keys and values the prefix cache holds"),
+            ("prefix_cache_budget_bytes", "budget", "gauge", "the prefix cache's bound (--cache-mb)")):
+        metrics.gauge(name, help_, cache_stat(key), kind)
     return metrics
 
 

@@ -363,9 +363,15 @@ def sse(data: Any) -> bytes:
     return f"data: {json.dumps(data, ensure_ascii=False)}\n\n".encode()
 
 
-def usage_of(choices: list[runs.Choice], prompt_tokens: int) -> dict[str, int]:
+def cached_tokens(choices: list[runs.Choice]) -> int:
+    """Prompt tokens the engine took from its prefix cache instead of computing them."""
+    return sum(c.request.cached for c in choices if c.request is not None)
+
+
+def usage_of(choices: list[runs.Choice], prompt_tokens: int) -> dict[str, Any]:
     out = sum(len(c.tokens) for c in choices)
-    return {"prompt_tokens": prompt_tokens, "completion_tokens": out, "total_tokens": prompt_tokens + out}
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": out, "total_tokens": prompt_tokens + out,
+            "prompt_tokens_details": {"cached_tokens": cached_tokens(choices)}}
 
 
 def as_batch(x: Any) -> list[Any]:

@@ -34,9 +34,9 @@ class Metrics:
         self.help[name] = ("histogram", help_)
         self.hists[name] = {}
 
-    def gauge(self, name: str, help_: str, read: Callable[[], dict[tuple, float]]) -> None:
-        """`read` returns {label items: value} at scrape time."""
-        self.help[name] = ("gauge", help_)
+    def gauge(self, name: str, help_: str, read: Callable[[], dict[tuple, float]], kind: str = "gauge") -> None:
+        """`read` returns {label items: value} at scrape time (kind "counter": a total kept elsewhere)."""
+        self.help[name] = (kind, help_)
         self.gauges[name] = read
 
     def inc(self, name: str, value: float = 1.0, **labels: str) -> None:
@@ -60,7 +60,10 @@ class Metrics:
             for name, (kind, help_) in self.help.items():
                 full = f"{self.prefix}_{name}"
                 out += [f"# HELP {full} {help_}", f"# TYPE {full} {kind}"]
-                if kind == "counter":
+                if name in self.gauges:
+                    for key, v in self.gauges[name]().items():
+                        out.append(f"{full}{_labels(dict(key))} {v:g}")
+                elif kind == "counter":
                     for key, v in self.counters[name].items():
                         out.append(f"{full}{_labels(dict(key))} {v:g}")
                 elif kind == "gauge":

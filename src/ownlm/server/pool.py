@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
 from ..engine.constraints import grammar_tokenizer
+from ..engine import prefix_cache
 from ..engine.embed import embed
 from ..engine.generate import DEFAULT_MAX_TOKENS
 from ..engine.scheduler import Driver, Scheduler
@@ -110,11 +111,12 @@ class ModelPool:
     def __init__(self, refs: list[str] | None = None, keep_alive: float = 300.0, max_loaded: int = 1,
                  max_running: int = 8, max_queue: int = 64, device: str | None = None, dtype: str | None = None,
                  quant: str = "auto", loader: Callable[..., LoadedModel] = load,
-                 max_tokens: int = DEFAULT_MAX_TOKENS):
+                 max_tokens: int = DEFAULT_MAX_TOKENS, prompt_cache: tuple[str, int] | None = None):
         """`loader(ref, device=, dtype=, quant=, pull_missing=False)` makes a LoadedModel of a
         reference: `ownlm.load`, or in tests a function handing out models built in memory.
         `max_tokens` caps the answer of a chat request that sets no max_tokens (one that does may
-        ask for up to what the context holds)."""
+        ask for up to what the context holds). `prompt_cache`: (folder, byte bound) where each
+        model's prefix cache also keeps its blocks (`ownlm serve --prompt-cache`)."""
         if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1:
             raise BadRequest(f"max_tokens must be a positive integer (got {max_tokens!r})")
         self.fixed = {api_id(r): r for r in (refs or [])}
@@ -122,6 +124,7 @@ class ModelPool:
         self.max_running, self.max_queue = max_running, max_queue
         self.device, self.dtype, self.quant, self.loader = device, dtype, quant, loader
         self.max_tokens = max_tokens
+        self.prompt_cache = prompt_cache
         self.driver = Driver()
         self.loaded: dict[str, Served] = {}
         self.locks: dict[str, asyncio.Lock] = {}
@@ -164,6 +167,9 @@ class ModelPool:
 
     def _load(self, mid: str, ref: str) -> Served:
         lm = self.loader(ref, device=self.device, dtype=self.dtype, quant=self.quant, pull_missing=False)
+        if self.prompt_cache is not None:
+            prefix_cache.persist(lm.model, self.prompt_cache[0], lm.manifest.get("digest") or lm.name,
+                                 self.prompt_cache[1])
         sched = Scheduler(lm.model, max_running=self.max_running, max_queue=self.max_queue, driver=self.driver)
         return Served(mid, lm, sched, int(time.time()), Embedder(lm.model), max_tokens=self.max_tokens)
 

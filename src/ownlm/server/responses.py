@@ -277,7 +277,8 @@ class Responses:
         usage = None
         if choice is not None:
             n = len(choice.tokens)
-            usage = {"input_tokens": self.prompt_tokens, "input_tokens_details": {"cached_tokens": 0},
+            cached = choice.request.cached if choice.request is not None else 0
+            usage = {"input_tokens": self.prompt_tokens, "input_tokens_details": {"cached_tokens": cached},
                      "output_tokens": n, "output_tokens_details": {"reasoning_tokens": 0},
                      "total_tokens": self.prompt_tokens + n}
         incomplete = status == "incomplete"

@@ -1,0 +1,347 @@
+"""The prefix cache (engine/prefix_cache.py) on tiny random models: with it, tokens equal those
+without it and logprobs agree within float rounding, for prefixes ending on a block boundary and
+inside a block, across requests, after evictions, in the batch scheduler, for Mistral's sliding
+window and Gemma 3's local layers; its bytes stay within the budget, pinned blocks stay, a chat's
+second turn prefills only what is new, and /v1 usage reports the cached tokens."""
+
+from __future__ import annotations
+
+import time
+
+import anthropic
+import httpx
+import openai
+import pytest
+import torch
+
+import ownlm
+from conftest import build_hf_model
+from ownlm.engine import prefix_cache
+from ownlm.engine.generate import StepStats, generate_ids
+from ownlm.engine.kv_cache import KVCache
+from ownlm.engine.prefix_cache import BLOCK, MIN_PREFILL, PrefixCache
+from ownlm.engine.sampling import SamplingParams
+from ownlm.engine.scheduler import Request, Scheduler
+from ownlm.server import ModelPool, Server
+
+GEMMA3 = dict(head_dim=16, sliding_window=6, num_hidden_layers=3, query_pre_attn_scalar=24,
+              layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+              rope_parameters={"full_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 1e6},
+                               "sliding_attention": {"rope_type": "default", "rope_theta": 1e4}},
+              hidden_activation="gelu_pytorch_tanh", tie_word_embeddings=True)
+TOL = 1e-4  # float32 logprobs, with and without the cache
+
+
+@pytest.fixture(scope="module")
+def llama(hf_models):
+    return ownlm.load(str(hf_models["llama"]), dtype="float32")
+
+
+def ids(n: int, seed: int) -> list[int]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(3, 290, (n,), generator=g).tolist()  # no special tokens
+
+
+def fresh(lm, budget: int = 64 << 20) -> PrefixCache | None:
+    """A new, empty cache for the model (budget 0: caching off)."""
+    pc = PrefixCache(budget)
+    prefix_cache.attach(lm.model, pc)
+    return pc if budget else None
+
+
+def alone(lm, prompt, n=12, **kw) -> tuple[list[int], int]:
+    """(greedy tokens, prompt tokens from the cache) of the single-sequence path."""
+    stats = StepStats()
+    out = list(generate_ids(lm.model, prompt, SamplingParams(temperature=0, max_tokens=n, **kw), (), stats))
+    return out, stats.cached
+
+
+def batch(lm, prompts, n=10, chunk=256, max_running=8, seeds=None) -> list[tuple[list[int], list, int]]:
+    """(tokens, logprobs with top-3, cached) per prompt, all submitted together to one scheduler."""
+    results = [([], [], None) for _ in prompts]
+    done = []
+    sched = Scheduler(lm.model, max_running=max_running, prefill_chunk=chunk)
+
+    def sink(i):
+        def emit(ev):
+            if ev.kind == "token":
+                results[i][0].append(ev.token)
+                results[i][1].append(ev.logprob)
+            elif ev.kind in ("done", "error"):
+                assert ev.kind == "done", ev.error
+                done.append(i)
+        return emit
+
+    reqs = []
+    try:
+        for i, p in enumerate(prompts):
+            temp = 0.9 if seeds else 0
+            params = SamplingParams(temperature=temp, seed=seeds[i] if seeds else None, max_tokens=n)
+            reqs.append(sched.submit(Request(prompt=p, params=params, limit=n, emit=sink(i), logprobs=3)))
+        t0 = time.monotonic()
+        while len(done) < len(prompts) and time.monotonic() - t0 < 60:
+            time.sleep(0.01)
+    finally:
+        sched.close()
+    assert len(done) == len(prompts)
+    return [(toks, lps, r.cached) for (toks, lps, _), r in zip(results, reqs)]
+
+
+def same(with_cache, without) -> None:
+    """Equal tokens; logprobs (and their top alternatives) within float rounding."""
+    for (ta, la, _), (tb, lb, _) in zip(with_cache, without):
+        assert ta == tb
+        for a, b in zip(la, lb):
+            assert a.logprob == pytest.approx(b.logprob, abs=TOL)
+            assert [t for t, _ in a.top] == [t for t, _ in b.top]
+            assert [v for _, v in a.top] == pytest.approx([v for _, v in b.top], abs=TOL)
+
+
+@pytest.mark.parametrize("shared", [2 * BLOCK, 2 * BLOCK + 7])
+def test_shared_prefix_at_and_inside_a_block(llama, shared):
+    """A prefix ending on a block boundary is reused whole; one ending inside a block up to the
+    block before (only whole blocks are kept)."""
+    head = ids(shared, 1)
+    a, b = head + ids(20, 2), head + ids(25, 3)
+    fresh(llama, 0)
+    want = [alone(llama, p) for p in (a, b)]
+    assert [c for _, c in want] == [0, 0]
+    fresh(llama)
+    got = [alone(llama, p) for p in (a, b)]
+    assert [t for t, _ in got] == [t for t, _ in want]
+    assert [c for _, c in got] == [0, shared // BLOCK * BLOCK]
+    # the same prompt again: everything but the last MIN_PREFILL tokens, in whole blocks
+    again, cached = alone(llama, b)
+    assert again == want[1][0] and cached == (len(b) - MIN_PREFILL) // BLOCK * BLOCK
+    # the answer was cached too: a prompt that goes on from it reuses the blocks it covers
+    longer = b + again + ids(5, 4)
+    assert alone(llama, longer)[1] == (len(b) + len(again) - 1) // BLOCK * BLOCK
+    if shared % BLOCK:
+        return
+    # and the batch path, with logprobs: the same as without
+    fresh(llama, 0)
+    off = batch(llama, [a, b])
+    fresh(llama)
+    on = batch(llama, [a]) + batch(llama, [b])
+    same(on, off)
+    assert on[1][2] == shared // BLOCK * BLOCK
+
+
+def test_eviction_keeps_the_bound_and_the_results(llama):
+    block_bytes = 2 * llama.config.n_layers * llama.config.n_kv_heads * llama.config.head_dim * 4 * BLOCK
+    pc = fresh(llama, 5 * block_bytes)
+    prompts = [ids(16 * (2 + i % 3) + 5, 10 + i) for i in range(5)]
+    prompts += prompts[-2:]  # the last two again: found, or evicted by now and computed
+    got = []
+    for p in prompts:
+        got.append(alone(llama, p, n=4))
+        assert pc.held <= pc.budget
+    stats = pc.stats()
+    assert stats["evictions"] > 0 and stats["blocks"] <= 5 and stats["bytes"] == pc.held
+    assert got[-1][1] > 0  # the last one was still held
+    fresh(llama, 0)
+    assert [t for t, _ in got] == [alone(llama, p, n=4)[0] for p in prompts]
+
+
+def test_pinned_blocks_are_never_evicted(llama):
+    block_bytes = 2 * llama.config.n_layers * llama.config.n_kv_heads * llama.config.head_dim * 4 * BLOCK
+    pc = fresh(llama, 3 * block_bytes)
+    p = ids(2 * BLOCK + 3, 20)
+    alone(llama, p, n=1)
+    cache = KVCache.for_model(llama.model, 1, 64)
+    hit = pc.lookup(llama.model, p, cache)
+    assert hit.length == 2 * BLOCK
+    kept = [b.kv.clone() for b in hit.blocks]
+    for i in range(6):  # far more than the budget holds
+        alone(llama, ids(3 * BLOCK + 2, 30 + i), n=1)
+        assert pc.held <= pc.budget
+        assert all(b.key in pc.lru for b in hit.blocks)
+    assert all(torch.equal(b.kv, k) for b, k in zip(hit.blocks, kept))
+    # while pinned, only one block of room is left: stores go as far as it allows
+    assert pc.stats()["blocks"] == 3
+    hit.release()
+    alone(llama, ids(3 * BLOCK + 2, 40), n=1)
+    assert not any(b.key in pc.lru for b in hit.blocks)  # free now, and evicted
+    assert pc.held <= pc.budget
+
+
+def test_scheduler_shares_a_prefix_between_concurrent_sequences(llama):
+    system = ids(3 * BLOCK, 50)
+    prompts = [system + ids(4 + 3 * i, 60 + i) for i in range(5)]
+    fresh(llama, 0)
+    off = batch(llama, prompts, chunk=7, max_running=3, seeds=[1, 2, 3, 4, 5])
+    pc = fresh(llama)
+    on = batch(llama, prompts, chunk=7, max_running=3, seeds=[1, 2, 3, 4, 5])
+    same(on, off)
+    cached = [c for _, _, c in on]
+    assert cached[0] == 0 and all(c >= len(system) for c in cached[1:])  # admitted one after another
+    assert pc.stats()["hits"] == 4 and pc.held <= pc.budget
+
+
+@pytest.mark.parametrize("family", ["mistral", "gemma3_text"])
+def test_sliding_windows_stay_exact(hf_models, tmp_path_factory, family):
+    """Mistral: window 8 on every layer; Gemma 3: window 6 on its local layers. Reused prefixes
+    are far longer than the windows."""
+    folder = hf_models["mistral"] if family == "mistral" else build_hf_model(
+        tmp_path_factory.mktemp("g3") / "g3", "gemma3_text", seed=5, **GEMMA3)
+    lm = ownlm.load(str(folder), dtype="float32")
+    assert lm.config.sliding_window and lm.config.sliding_window < 2 * BLOCK
+    head = ids(2 * BLOCK + 5, 70)
+    prompts = [head + ids(9, 71), head + ids(12, 72)]
+    fresh(lm, 0)
+    off_alone = [alone(lm, p)[0] for p in prompts]
+    off = batch(lm, prompts)
+    fresh(lm)
+    on_alone = [alone(lm, p) for p in prompts]
+    assert [t for t, _ in on_alone] == off_alone and on_alone[1][1] == 2 * BLOCK
+    on = batch(lm, prompts)  # both found whole in the cache now
+    same(on, off)
+    assert [c for _, _, c in on] == [(len(p) - MIN_PREFILL) // BLOCK * BLOCK for p in prompts]
+
+
+def test_a_second_chat_turn_prefills_only_what_is_new(llama):
+    fresh(llama)
+    msgs = [{"role": "system", "content": "You are terse. " * 4}, {"role": "user", "content": "Name three colors."}]
+    first = llama.chat(msgs, temperature=0, max_tokens=12)
+    turn1 = llama.encode(llama.chat_prompt(msgs))
+    msgs += [{"role": "assistant", "content": first.text}, {"role": "user", "content": "And three fruits?"}]
+    turn2 = llama.encode(llama.chat_prompt(msgs))
+    assert turn2[:len(turn1)] == turn1  # the template renders turn 1 as the start of turn 2
+    second = llama.chat(msgs, temperature=0, max_tokens=8)
+    # what turn 1 left in the cache: its prompt and the answer tokens fed back (a stop token is not)
+    written = turn1 + first.token_ids[:len(first.token_ids) - (first.finish_reason == "length")]
+    common = next((i for i, (x, y) in enumerate(zip(written, turn2)) if x != y), min(len(written), len(turn2)))
+    expect = min(common, len(turn2) - MIN_PREFILL) // BLOCK * BLOCK
+    assert second.timings["cached_tokens"] == expect >= len(turn1) // BLOCK * BLOCK
+    prefilled = len(turn2) - second.timings["cached_tokens"]
+    assert prefilled < len(turn2) - len(turn1) + BLOCK  # only the new tokens, and at most a block more
+    fresh(llama, 0)
+    assert llama.chat(msgs, temperature=0, max_tokens=8).token_ids == second.token_ids
+
+
+def test_a_changed_model_empties_its_cache(llama):
+    pc = fresh(llama)
+    p = ids(3 * BLOCK, 80)
+    alone(llama, p, n=2)
+    assert pc.stats()["blocks"] >= 2
+    assert alone(llama, p, n=2)[1] > 0
+    llama.model.structure_version += 1  # as attaching an adapter or loading weights does
+    try:
+        assert alone(llama, p, n=2)[1] == 0
+    finally:
+        llama.model.structure_version -= 1
+    assert alone(llama, p, n=2)[1] == 0  # (the cache was emptied again: the structure changed back)
+    assert alone(llama, p, n=2)[1] > 0
+    with torch.no_grad():  # weights changed in place, as an optimizer step does (GRPO generates between them)
+        llama.model.norm.weight.mul_(1.0)
+    assert alone(llama, p, n=2)[1] == 0
+    prefix_cache.attach(llama.model, None)
+
+
+def test_cached_tokens_in_v1_usage_and_metrics(llama):
+    fresh(llama)
+    pool = ModelPool(["tiny"], loader=lambda ref, **_: llama, max_loaded=1)
+    pool.preload()
+    msgs = [{"role": "system", "content": "You answer in one word. " * 3}, {"role": "user", "content": "Sky?"}]
+    with Server(pool, port=0) as s:
+        client = openai.OpenAI(base_url=s.base_url, api_key="x", max_retries=0, timeout=60)
+        first = client.chat.completions.create(model="tiny", messages=msgs, temperature=0, max_tokens=4)
+        again = client.chat.completions.create(model="tiny", messages=msgs, temperature=0, max_tokens=4)
+        n = first.usage.prompt_tokens
+        assert first.usage.prompt_tokens_details.cached_tokens == 0
+        assert again.usage.prompt_tokens_details.cached_tokens == (n - MIN_PREFILL) // BLOCK * BLOCK > 0
+        assert again.choices[0].message.content == first.choices[0].message.content
+        chunks = list(client.chat.completions.create(model="tiny", messages=msgs, temperature=0, max_tokens=4,
+                                                     stream=True, stream_options={"include_usage": True}))
+        assert chunks[-1].usage.prompt_tokens_details.cached_tokens == (n - MIN_PREFILL) // BLOCK * BLOCK
+        text = "The quick brown fox jumps over the lazy dog. " * 2
+        client.completions.create(model="tiny", prompt=text, max_tokens=3, temperature=0)
+        c = client.completions.create(model="tiny", prompt=text, max_tokens=3, temperature=0)
+        assert c.usage.prompt_tokens_details.cached_tokens == (c.usage.prompt_tokens - MIN_PREFILL) // BLOCK * BLOCK
+        # the Responses API and Anthropic's Messages API report it in their own fields
+        args = dict(model="tiny", input=msgs, temperature=0, max_output_tokens=4)
+        r1, r2 = client.responses.create(**args), client.responses.create(**args)
+        assert r2.usage.input_tokens_details.cached_tokens == (r1.usage.input_tokens - MIN_PREFILL) // BLOCK * BLOCK
+        claude = anthropic.Anthropic(base_url=s.url, api_key="x", max_retries=0, timeout=60)
+        args = dict(model="tiny", system=msgs[0]["content"], messages=msgs[1:], max_tokens=3,
+                    extra_body={"temperature": 0})
+        m1, m2 = claude.messages.create(**args), claude.messages.create(**args)
+        whole = m1.usage.input_tokens + m1.usage.cache_read_input_tokens
+        assert m2.usage.cache_read_input_tokens == (whole - MIN_PREFILL) // BLOCK * BLOCK > 0
+        assert m2.usage.input_tokens == whole - m2.usage.cache_read_input_tokens
+        with claude.messages.stream(**args) as stream:  # the stream's last usage has it too
+            final = stream.get_final_message()
+        assert final.usage.cache_read_input_tokens == m2.usage.cache_read_input_tokens
+        metrics = httpx.get(f"{s.url}/metrics", timeout=10).text
+    values = {line.split("{")[0]: float(line.rsplit(" ", 1)[1]) for line in metrics.splitlines()
+              if line.startswith("ownlm_prefix_cache")}
+    assert values["ownlm_prefix_cache_hits_total"] >= 6 and values["ownlm_prefix_cache_misses_total"] >= 1
+    assert values["ownlm_prefix_cache_cached_tokens_total"] > 0
+    assert 0 < values["ownlm_prefix_cache_bytes"] <= values["ownlm_prefix_cache_budget_bytes"]
+    assert "ownlm_prefix_cache_evictions_total" in values
+
+
+def test_prompt_cache_folder_outlives_the_process(llama, tmp_path):
+    """`--prompt-cache DIR`: blocks are written to files and found by a later cache (a later
+    process); the folder stays within its bound; damaged and foreign files are refused."""
+    folder = tmp_path / "kv"
+    block_file = 2 * llama.config.n_layers * llama.config.n_kv_heads * llama.config.head_dim * 4 * BLOCK
+    prefix_cache.persist(llama.model, folder, "tiny", 40 * block_file)
+    p = ids(4 * BLOCK + 3, 90)
+    first, cached = alone(llama, p, n=5)
+    assert cached == 0
+    files = sorted(folder.glob("*/*.kv"))
+    assert len(files) == (len(p) + 4) // BLOCK  # prompt and answer, whole blocks
+    chain, node = [], prefix_cache.of(llama.model).root  # the prompt's blocks, first to last
+    for i in range(0, len(p) - BLOCK + 1, BLOCK):
+        node = next(b for b in node.children.values() if b.tokens == tuple(p[i:i + BLOCK]))
+        chain.append(files[0].parent / f"{node.key.hex()}.kv")
+    pc = prefix_cache.persist(llama.model, folder, "tiny", 40 * block_file)  # a new process: memory empty
+    assert pc.stats()["blocks"] == 0
+    again, cached = alone(llama, p, n=5)
+    assert again == first and cached == (len(p) - MIN_PREFILL) // BLOCK * BLOCK
+    # a damaged file is refused (and removed), a miss from there on
+    pc = prefix_cache.persist(llama.model, folder, "tiny", 40 * block_file)
+    data = bytearray(chain[2].read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    chain[2].write_bytes(bytes(data))
+    with pytest.warns(UserWarning, match="damaged"):
+        assert alone(llama, p, n=5) == (first, 2 * BLOCK)
+    # another model's file under this model's name: refused too
+    other = prefix_cache.Disk(tmp_path / "other", "another model", 1 << 30)
+    some = next(b for b in pc.root.children.values() if b.tokens == tuple(p[:BLOCK]))
+    other.write(some.key, some.parent.key, some.tokens, some.kv)
+    (other.dir / f"{some.key.hex()}.kv").replace(chain[0])
+    prefix_cache.persist(llama.model, folder, "tiny", 40 * block_file)
+    with pytest.warns(UserWarning, match="another model"):
+        assert alone(llama, p, n=5) == (first, 0)
+    # a folder made for another model is refused with a message
+    (files[0].parent / "model.json").write_text('{"identity": "someone else"}')
+    with pytest.raises(ownlm.errors.BadRequest, match="another model"):
+        prefix_cache.persist(llama.model, folder, "tiny", 40 * block_file)
+    # the bound: a folder of 3 blocks never holds more
+    small = tmp_path / "small"
+    prefix_cache.persist(llama.model, small, "tiny", 3 * block_file + 3 * 4096)
+    for i in range(3):
+        alone(llama, ids(3 * BLOCK + 2, 95 + i), n=2)
+        assert sum(f.stat().st_size for f in small.glob("*/*.kv")) <= 3 * block_file + 3 * 4096
+    prefix_cache.attach(llama.model, None)
+
+
+def test_run_json_reports_cached_tokens_across_runs(hf_models, tmp_path, capsys):
+    import json
+
+    from ownlm.cli.main import main
+
+    args = ["run", str(hf_models["llama"]), "Name three colors, " * 6, "--json", "--temperature", "0",
+            "--max-tokens", "4", "--dtype", "float32", "--prompt-cache", str(tmp_path / "pc")]
+    outs = []
+    for _ in range(2):
+        assert main(args) == 0
+        outs.append(json.loads(capsys.readouterr().out))
+    n = outs[0]["usage"]["prompt_tokens"]
+    assert outs[0]["timings"]["cached_tokens"] == 0
+    assert outs[1]["timings"]["cached_tokens"] == (n - MIN_PREFILL) // BLOCK * BLOCK > 0
+    assert outs[1]["token_ids"] == outs[0]["token_ids"]
+    assert main(args[:-2] + ["--cache-mb", "0", "--prompt-cache", str(tmp_path / "pc")]) == 2
+    prefix_cache.configure(None)
