@@ -7,9 +7,11 @@ from __future__ import annotations
 import json
 import math
 import os
-import shutil
+import random
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -186,30 +188,36 @@ def _tune(args: list[str]) -> dict:
                                      capture_output=True, text=True, env=os.environ).stdout)
 
 
-def test_dpo_cli_trains_logs_rewards_and_resumes_exactly(hf_models, tmp_path):
+def test_dpo_cli_trains_logs_rewards_and_resumes_exactly_after_sigkill(hf_models, tmp_path):
     from safetensors.torch import load_file
 
     data = _write(tmp_path / "pairs.jsonl", PAIRS)
-    common = [str(hf_models["llama"]), "--method", "dpo", "--data", str(data), "--max-steps", "12",
-              "--batch-size", "4", "--lr", "5e-3", "--beta", "0.5", "--save-every", "6", "--seq-len", "64",
+    common = [str(hf_models["llama"]), "--method", "dpo", "--data", str(data), "--max-steps", "30",
+              "--batch-size", "4", "--lr", "5e-3", "--beta", "0.5", "--save-every", "3", "--seq-len", "64",
               "--dropout", "0.1"]
     res = _tune(common + ["--name", "p"])
     log = [json.loads(x) for x in (Path(res["run_dir"]) / "metrics.jsonl").read_text().splitlines()]
-    assert len(log) == 12
+    assert len(log) == 30
     for key in ("loss", "rewards/chosen", "rewards/rejected", "rewards/margin", "rewards/accuracy"):
         assert all(key in r for r in log), key
     assert log[0]["rewards/margin"] == pytest.approx(0.0, abs=1e-6)  # B starts at zero: the policy is the reference
     assert sum(r["rewards/margin"] for r in log[-3:]) / 3 > 0.1
     assert sum(r["loss"] for r in log[-3:]) / 3 < math.log(2)
     assert Store().read("p")["kind"] == "adapter"
-    # resume: the run again, its last checkpoint removed, continued from step 6: the same adapter
-    _tune(common + ["--name", "r"])
+    # SIGKILL at a random moment after the first checkpoint; --resume ends on the uninterrupted run's adapter
+    proc = subprocess.Popen([sys.executable, "-m", "ownlm.cli.main", "tune", *common, "--name", "r"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=os.environ)
     run = Store().root / "runs" / "r-latest"
-    done = checkpoints.complete(run)
-    assert len(done) == 2
-    shutil.rmtree(done[-1])
+    deadline = time.time() + 120
+    while time.time() < deadline and not checkpoints.complete(run) and proc.poll() is None:
+        time.sleep(0.02)
+    time.sleep(random.Random(os.getpid()).uniform(0, 0.1))
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert checkpoints.complete(run), "no checkpoint before the kill"
+    assert not Store().has("r")  # it never finished
     again = _tune(common + ["--name", "r", "--resume"])
-    assert again["resumed_from"] == 6
+    assert again["resumed_from"] % 3 == 0 and 0 < again["resumed_from"] < 30
 
     def weights(name):
         f = Store().read(name)["files"]["adapter_model.safetensors"]["sha256"]
@@ -217,6 +225,8 @@ def test_dpo_cli_trains_logs_rewards_and_resumes_exactly(hf_models, tmp_path):
 
     a, b = weights("p"), weights("r")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    resumed = [json.loads(x)["loss"] for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert resumed == [r["loss"] for r in log]
 
 
 @pytest.mark.parametrize("method", ["orpo", "kto"])
@@ -231,3 +241,51 @@ def test_orpo_and_kto_cli_run(hf_models, tmp_path, method):
     assert len(log) == 3 and all(math.isfinite(r["loss"]) for r in log)
     assert all("rewards/margin" in r for r in log)
     assert res["name"] == f"{method}:latest"
+
+
+def test_dpo_loss_equals_trls(hf_models, tmp_path):
+    """The same adapter (written as PEFT and loaded by peft), the same token rows and completion masks: TRL's
+    DPOTrainer computes the loss ownlm computes (TRL averages over the pairs, ownlm's sum is per pair)."""
+    import datasets
+    import transformers
+    from peft import LoraConfig, set_peft_model_state_dict
+    from safetensors.torch import load_file
+    from trl import DPOConfig, DPOTrainer
+
+    from ownlm.formats import peft
+    from ownlm.tune.run import write_adapter
+
+    lm = _model(hf_models["llama"], lora=True)
+    enc = Encoder(lm.tokenizer, lm.template)
+    items = load_preferences(_write(tmp_path / "p.jsonl", PAIRS[:4]), enc, "pairs", 128).items
+    cpu, beta = torch.device("cpu"), 0.3
+    reference_logps(lm.model, items, 2, cpu, None)
+    loss, _ = preference_loss(lm.model, items, TuneConfig(objective="dpo", beta=beta), cpu, None)
+
+    tensors = {n: p.detach().clone() for n, p in lm.model.named_parameters() if ".lora_" in n}
+    (tmp_path / "adapter").mkdir()
+    write_adapter(tmp_path / "adapter", peft.LoraSettings(4, 8.0, 0.0, False, tuple(adapters.parse_targets(
+        "all-linear"))), tensors, "tiny")
+    hf = transformers.AutoModelForCausalLM.from_pretrained(hf_models["llama"], dtype=torch.float32)
+    tok = transformers.AutoTokenizer.from_pretrained(hf_models["llama"])
+    rows = [it.chosen for it in items] + [it.rejected for it in items]  # TRL's batch: chosen, then rejected
+    width = max(len(r.ids) for r in rows)
+    pad = lambda xs: xs + [0] * (width - len(xs))  # noqa: E731
+    inputs = {"input_ids": torch.tensor([pad(list(r.ids)) for r in rows]),
+              "attention_mask": torch.tensor([pad([1] * len(r.ids)) for r in rows]),
+              "completion_mask": torch.tensor([pad([int(m) for m in r.mask]) for r in rows])}
+    # a new adapter (so TRL's reference is the base with it switched off), then given our adapter's weights
+    settings = json.loads((tmp_path / "adapter" / peft.CONFIG).read_text())
+    trainer = DPOTrainer(model=hf, processing_class=tok,
+                         args=DPOConfig(output_dir=str(tmp_path / "trl"), beta=beta, use_cpu=True, report_to=[],
+                                        per_device_train_batch_size=4),
+                         train_dataset=datasets.Dataset.from_list([{"prompt": "a", "chosen": "b", "rejected": "c"}]),
+                         peft_config=LoraConfig(r=settings["r"], lora_alpha=settings["lora_alpha"], lora_dropout=0.0,
+                                                target_modules=settings["target_modules"], task_type="CAUSAL_LM"))
+    ours = load_file(tmp_path / "adapter" / peft.WEIGHTS)
+    result = set_peft_model_state_dict(trainer.model, ours)
+    assert not result.unexpected_keys and ours
+    with torch.no_grad():
+        want = trainer.compute_loss(trainer.model, inputs)
+    assert abs(float(want) - math.log(2)) > 1e-2  # the policy is not the reference: the adapter counts
+    assert float(loss.detach()) / len(items) == pytest.approx(float(want), rel=1e-4)

@@ -19,6 +19,9 @@ from ..tune.data import FORMATS, TRAIN_ON
 from ..tune.objectives import OBJECTIVES
 from ..tune.trainer import METHODS, TuneConfig
 
+# flags of --method grpo -> TuneConfig fields
+GRPO_FLAGS = ("rewards", "reward_pattern", "target_length", "group_size", "max_completion_tokens", "temperature",
+              "clip_eps")
 
 
 def cmd_tune(args) -> int:
@@ -32,8 +35,18 @@ def cmd_tune(args) -> int:
                          f"for supervised tuning use --method {args.weights}")
     if objective == "sft" and args.beta is not None:
         raise BadRequest(f"--beta goes with --method {'|'.join(OBJECTIVES)}")
+    grpo = {k: getattr(args, k) for k in GRPO_FLAGS if getattr(args, k) is not None}
+    if objective != "grpo" and grpo:
+        flag = next(iter(grpo))
+        raise BadRequest(f"--{'reward' if flag == 'rewards' else flag.replace('_', '-')} goes with --method grpo")
+    if objective == "grpo" and (args.format != "auto" or args.train_on != "assistant"):
+        raise BadRequest("--format and --train-on do not apply to --method grpo",
+                         "GRPO rows are {\"prompt\": ...} or {\"messages\": [...]}; the completions are learned")
+    if "rewards" in grpo:
+        grpo["rewards"] = tuple(grpo["rewards"])
     cfg = TuneConfig(
-        method=method, objective=objective, beta=args.beta if args.beta is not None else 0.1,
+        method=method, objective=objective,
+        beta=args.beta, **grpo,
         rank=args.rank, alpha=args.alpha if args.alpha is not None else 2.0 * args.rank,
         dropout=args.dropout, targets=args.targets, rslora=args.rslora, lr=args.lr, epochs=args.epochs,
         max_steps=args.max_steps, batch_size=args.batch_size, grad_accum=args.grad_accum, seq_len=args.seq_len,
@@ -134,12 +147,25 @@ def register(sub) -> None:
     p.add_argument("--data", required=True, help="training data: .jsonl, .json (array) or .txt")
     p.add_argument("--name", required=True, help="store name of the result")
     p.add_argument("--method", default="lora", choices=METHODS + OBJECTIVES,
-                   help="lora, qlora or full: supervised tuning; dpo, ipo, orpo or kto: preference tuning "
-                        "(of --weights)")
+                   help="lora, qlora or full: supervised tuning; dpo, ipo, orpo or kto: preference tuning; "
+                        "grpo: reinforcement learning from --reward functions (of --weights)")
     p.add_argument("--weights", choices=METHODS,
-                   help="with a preference --method: what is trained (default lora; the reference is the base "
-                        "with the adapter off)")
-    p.add_argument("--beta", type=float, help="preference strength: DPO/IPO/KTO beta, ORPO lambda (default 0.1)")
+                   help="with a preference --method or grpo: what is trained (default lora; the reference is the "
+                        "base with the adapter off)")
+    p.add_argument("--beta", type=float, help="preference strength: DPO/IPO/KTO beta, ORPO lambda (default 0.1); "
+                                              "GRPO's KL coefficient (default 0.04, 0: no KL term)")
+    g = p.add_argument_group("GRPO (--method grpo)")
+    g.add_argument("--reward", dest="rewards", action="append", metavar="NAME[=WEIGHT]",
+                   help="a reward (repeatable; the run's reward is the weighted sum): exact, regex, json-schema, "
+                        "length, or MODULE:FUNCTION / path/to/file.py:FUNCTION, a function (prompt, completion, "
+                        "row) -> float; WEIGHT after '=' (default 1). Default: exact")
+    g.add_argument("--reward-pattern", metavar="REGEX", help="the regex reward's pattern where a row has no 'pattern'")
+    g.add_argument("--target-length", type=int, metavar="CHARS",
+                   help="the length reward's target in characters where a row has no 'target_length'")
+    g.add_argument("--group-size", type=int, help="completions sampled per prompt (default 4)")
+    g.add_argument("--max-completion-tokens", type=int, help="tokens per completion at most (default 128)")
+    g.add_argument("--temperature", type=float, help="sampling temperature of the completions (default 1.0)")
+    g.add_argument("--clip-eps", type=float, help="PPO clipping of the probability ratio (default 0.2)")
     p.add_argument("--format", default="auto", choices=("auto",) + FORMATS)
     p.add_argument("--train-on", default="assistant", choices=TRAIN_ON,
                    help="which tokens carry loss (default assistant)")
@@ -154,7 +180,8 @@ def register(sub) -> None:
     p.add_argument("--dropout", type=float, default=0.0, help="LoRA dropout (default 0: ~8%% faster on a CPU)")
     p.add_argument("--targets", default="all-linear", help="all-linear, or some of q,k,v,o,gate,up,down")
     p.add_argument("--rslora", action="store_true", help="scale adapters by alpha/sqrt(rank) (rank-stabilized LoRA)")
-    p.add_argument("--batch-size", type=int, default=4, help="sequences per micro-batch, across processes (default 4)")
+    p.add_argument("--batch-size", type=int, default=4,
+                   help="sequences per micro-batch, across processes (default 4); GRPO: prompts, each with its group")
     p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step (default 1)")
     p.add_argument("--seq-len", type=int, default=512, help="tokens per training row (default 512)")
     p.add_argument("--no-pack", action="store_true", help="one example per row instead of packing short ones")

@@ -15,7 +15,7 @@ import json
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 from ..errors import BadRequest, ChatTemplateError, OwnlmError
 from ..text.chat import ChatTemplate
@@ -104,6 +104,24 @@ class _Bad:
 
     def __init__(self, why: str):
         self.why = why
+
+def convert_rows(path: str | Path, convert: Callable[[str, Any], Any], skip_bad: bool) -> tuple[list, list[str]]:
+    """convert(where, row) of every row of the file: a row it refuses (ValueError, a template or
+    request error) stops the run as `file:line: what is wrong`, or with skip_bad is dropped and
+    listed; no usable row at all is an error. Returns (converted rows, skipped messages)."""
+    out, skipped = [], []
+    for where, row in read_rows(Path(path)):
+        try:
+            out.append(convert(where, row))
+        except (ValueError, ChatTemplateError, BadRequest) as e:
+            msg = f"{where}: {e.message if isinstance(e, OwnlmError) else e}"
+            if not skip_bad:
+                raise DataError(msg, "fix the row, or pass --skip-bad to drop bad rows") from None
+            skipped.append(msg)
+    if not out:
+        raise DataError(f"{Path(path).name}: no usable rows" + (f" ({len(skipped)} bad)" if skipped else ""))
+    return out, skipped
+
 
 
 def _read_text(path: Path) -> str:
@@ -258,19 +276,14 @@ def load_dataset(path: str | Path, encoder: Encoder, fmt: str = "auto", skip_bad
     unless skip_bad, which drops bad rows and lists them in Dataset.skipped."""
     if fmt != "auto" and fmt not in FORMATS:
         raise BadRequest(f"unknown --format {fmt!r}", f"use auto or one of: {', '.join(FORMATS)}")
-    examples, skipped = [], []
-    for where, row in read_rows(Path(path)):
-        try:
-            if fmt == "auto":
-                fmt = detect(row) if not isinstance(row, _Bad) else fmt
-            examples.append(encoder.encode(to_conversation(row, fmt), where))
-        except (ValueError, ChatTemplateError, BadRequest) as e:
-            msg = f"{where}: {e.message if isinstance(e, OwnlmError) else e}"
-            if not skip_bad:
-                raise DataError(msg, "fix the row, or pass --skip-bad to drop bad rows") from None
-            skipped.append(msg)
-    if not examples:
-        raise DataError(f"{Path(path).name}: no usable rows" + (f" ({len(skipped)} bad)" if skipped else ""))
+
+    def convert(where: str, row: Any) -> Example:
+        nonlocal fmt
+        if fmt == "auto":  # the first well-formed row decides
+            fmt = detect(row) if not isinstance(row, _Bad) else fmt
+        return encoder.encode(to_conversation(row, fmt), where)
+
+    examples, skipped = convert_rows(path, convert, skip_bad)
     return Dataset(examples, fmt if fmt != "auto" else "text", skipped)
 
 
@@ -482,27 +495,21 @@ def load_preferences(path: str | Path, encoder: Encoder, kind: str, seq_len: int
     through the chat template, targets its tokens (and end of turn) only. A sequence longer than
     seq_len is cut at the end (counted); bad rows raise `file:line: ...` unless skip_bad."""
     last = Encoder(encoder.tok, encoder.template, "last")
-    items: list = []
-    skipped: list[str] = []
     truncated = 0
-    for where, row in read_rows(Path(path)):
-        try:
-            prompt, completions, label = to_preference(row, kind)
-            rows = []
-            for comp in completions:
-                e = last.encode(prompt + comp, where)
-                if len(e.ids) > seq_len:
-                    truncated += 1
-                    e = Example(e.ids[:seq_len], e.mask[:seq_len], where)
-                    if not any(e.mask[1:]):
-                        raise ValueError(f"the prompt alone fills --seq-len {seq_len}")
-                rows.append(_row(e))
-            items.append(Pair(rows[0], rows[1], where) if kind != "kto" else Graded(rows[0], bool(label), where))
-        except (ValueError, ChatTemplateError, BadRequest) as e:
-            msg = f"{where}: {e.message if isinstance(e, OwnlmError) else e}"
-            if not skip_bad:
-                raise DataError(msg, "fix the row, or pass --skip-bad to drop bad rows") from None
-            skipped.append(msg)
-    if not items:
-        raise DataError(f"{Path(path).name}: no usable rows" + (f" ({len(skipped)} bad)" if skipped else ""))
+
+    def convert(where: str, row: Any) -> Pair | Graded:
+        nonlocal truncated
+        prompt, completions, label = to_preference(row, kind)
+        rows = []
+        for comp in completions:
+            e = last.encode(prompt + comp, where)
+            if len(e.ids) > seq_len:
+                truncated += 1
+                e = Example(e.ids[:seq_len], e.mask[:seq_len], where)
+                if not any(e.mask[1:]):
+                    raise ValueError(f"the prompt alone fills --seq-len {seq_len}")
+            rows.append(_row(e))
+        return Pair(rows[0], rows[1], where) if kind != "kto" else Graded(rows[0], bool(label), where)
+
+    items, skipped = convert_rows(path, convert, skip_bad)
     return Preferences(items, "kto" if kind == "kto" else "pairs", skipped, truncated)

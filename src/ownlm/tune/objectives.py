@@ -1,4 +1,4 @@
-"""Preference objectives as pure functions of sequence log-probabilities.
+"""Training objectives as pure functions of log-probabilities: preference losses (DPO, IPO, ORPO, KTO) and GRPO.
 
 Each loss takes per-example tensors (log-probability sums of the completion's tokens under the
 policy and, where used, under the reference) and returns per-example losses; the trainer averages
@@ -10,6 +10,9 @@ them over the examples of a step.
   kto   w_d (1 - σ(β(π - ρ - z₀))) for desirable rows, w_u (1 - σ(β(z₀ - (π - ρ)))) for
         undesirable ones; z₀ = max(0, mean of π - ρ over the micro-batch), detached: a simpler
         estimate of the reference KL than the paper's mismatched pairs (Ethayarajh et al.)
+  grpo  per completion token: -min(ρ A, clip(ρ, 1-ε, 1+ε) A) + β KL,  ρ = exp(π - π_old) the
+        ratio to the sampling policy, A the completion's group-normalized advantage, KL the k3
+        estimate exp(ρ_ref - π) - (ρ_ref - π) - 1 with ρ_ref the reference's log p   (Shao et al.)
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-OBJECTIVES = ("dpo", "ipo", "orpo", "kto")
+OBJECTIVES = ("dpo", "ipo", "orpo", "kto", "grpo")
 PAIRED = ("dpo", "ipo", "orpo")
 
 
@@ -57,3 +60,29 @@ def kto(p: torch.Tensor, r: torch.Tensor, desirable: torch.Tensor, beta: float =
 
 def kto_kl(p: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
     return (p - r).mean().clamp(min=0).detach()
+
+
+def group_advantages(rewards: torch.Tensor, group: int, eps: float = 1e-4) -> torch.Tensor:
+    """(r - mean of its group) / (std of its group + eps) for rewards (N * group,) laid out group by
+    group; the sample standard deviation (Bessel-corrected, torch.std's default), as TRL computes it."""
+    g = rewards.view(-1, group)  # (N, G)
+    return ((g - g.mean(dim=1, keepdim=True)) / (g.std(dim=1, keepdim=True) + eps)).reshape(-1)
+
+
+def kl_k3(logp: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
+    """Per-token k3 estimate of KL(policy || reference): exp(ref - logp) - (ref - logp) - 1 (>= 0)."""
+    d = ref - logp
+    return torch.exp(d) - d - 1
+
+
+def grpo(logp: torch.Tensor, old: torch.Tensor, ref: torch.Tensor | None, adv: torch.Tensor, beta: float = 0.04,
+         clip_eps: float = 0.2) -> tuple[torch.Tensor, torch.Tensor]:
+    """(per-token loss, per-token clipped flag) for per-token log-probabilities under the policy,
+    the sampling (old) policy and the reference (None: no KL term), and each token's advantage."""
+    ratio = torch.exp(logp - old)
+    clipped = torch.clamp(ratio, 1 - clip_eps, 1 + clip_eps)
+    loss = -torch.min(ratio * adv, clipped * adv)
+    if ref is not None and beta:
+        loss = loss + beta * kl_k3(logp, ref)
+    was_clipped = ((ratio < 1 - clip_eps) & (adv < 0)) | ((ratio > 1 + clip_eps) & (adv > 0))
+    return loss, was_clipped

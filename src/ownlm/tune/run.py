@@ -25,7 +25,7 @@ from ..model import adapters
 from ..model.families import FAMILIES
 from ..store.refs import split_name
 from ..store.store import Store
-from . import checkpoints
+from . import checkpoints, rewards
 from .data import Encoder
 from .trainer import Trainer, TuneConfig, make_plan
 
@@ -72,10 +72,18 @@ def tune(base: str, data: str | Path, name: str, cfg: TuneConfig, resume: bool =
          nproc: int = 1, quiet: bool = False, on_step: Callable[[dict], None] | None = None) -> dict[str, Any]:
     """Train and store NAME; returns a summary (steps, losses, speed, where things are)."""
     split_name(name)
+    if cfg.objective == "grpo":
+        rewards.parse(cfg.rewards, cfg.reward_pattern, cfg.target_length)  # a bad --reward fails before any loading
+        if nproc > 1 or _dist_env_size() > 1:
+            raise BadRequest("--method grpo runs on one process for now", "leave out --nproc / torchrun")
     if nproc > 1:
         return _launch(base, data, name, cfg, resume, device, nproc, quiet)
     rank, world = _dist_env()
     return _train(base, data, name, cfg, resume, device, quiet, on_step, rank, world)
+
+
+def _dist_env_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
 
 
 def _dist_env() -> tuple[int, int]:
@@ -98,13 +106,19 @@ def _train(base, data, name, cfg: TuneConfig, resume, device, quiet, on_step, ra
         dev = torch.device("cuda", rank % torch.cuda.device_count())
         torch.cuda.set_device(dev)
     torch.manual_seed(cfg.seed)
+    fns = rewards.parse(cfg.rewards, cfg.reward_pattern, cfg.target_length) if cfg.objective == "grpo" else None
     lm = prepare(base, cfg, dev)
     encoder = Encoder(lm.tokenizer, lm.template, cfg.train_on)
-    plan = make_plan(cfg, encoder, data, world)
+    plan = make_plan(cfg, encoder, data, world, lm.config.context_length, fns)
     say = (lambda m: None) if quiet or rank else _say
-    say(f"{len(plan.train.examples)} examples ({plan.train.format}, {plan.train.tokens:,} tokens) -> "
-        f"{len(plan.rows)} rows of <= {cfg.seq_len} tokens; {plan.steps} steps of {plan.rows_per_step} rows"
-        + (f"; {len(plan.val.examples)} held out for validation" if plan.val else ""))
+    if cfg.objective == "grpo":
+        say(f"{len(plan.rows)} prompts ({plan.train.tokens:,} tokens); {plan.steps} steps of {plan.rows_per_step} "
+            f"prompts x {cfg.group_size} completions of <= {cfg.max_completion_tokens} tokens; rewards: "
+            + ", ".join(f"{r.name} x {r.weight:g}" for r in fns or []))
+    else:
+        say(f"{len(plan.train.examples)} examples ({plan.train.format}, {plan.train.tokens:,} tokens) -> "
+            f"{len(plan.rows)} rows of <= {cfg.seq_len} tokens; {plan.steps} steps of {plan.rows_per_step} rows"
+            + (f"; {len(plan.val.examples)} held out for validation" if plan.val else ""))
     if plan.train.skipped:
         say(f"skipped {len(plan.train.skipped)} bad row(s), first: {plan.train.skipped[0]}")
     if plan.train.truncated:
@@ -114,7 +128,7 @@ def _train(base, data, name, cfg: TuneConfig, resume, device, quiet, on_step, ra
         folder.mkdir(parents=True, exist_ok=True)
     if world > 1:
         _shard(lm.model)  # before the optimizer is made: it must hold the sharded parameters
-    trainer = Trainer(lm.model, cfg, plan, folder, dev, rank, world, quiet, on_step)
+    trainer = Trainer(lm.model, cfg, plan, folder, dev, rank, world, quiet, on_step, lm.tokenizer, fns)
     existing = checkpoints.complete(folder)
     if existing and not resume:
         raise BadRequest(f"run {name} already has checkpoints in {folder}",
@@ -138,6 +152,8 @@ def _train(base, data, name, cfg: TuneConfig, resume, device, quiet, on_step, ra
         if history:
             result.update(final_loss=history[-1]["loss"], tokens_per_s=history[-1]["tokens_per_s"],
                           val_loss=next((h["val_loss"] for h in reversed(history) if "val_loss" in h), None))
+            if "reward" in history[-1]:
+                result["final_reward"] = history[-1]["reward"]
         state = trainer.final_state()
         result["name"] = store_result(lm, name, cfg, state, data)
         result["seconds"] = time.perf_counter() - t0

@@ -28,7 +28,9 @@ from ..model import adapters, cpu
 from ..model.transformer import Transformer
 from ..progress import Bar
 from . import checkpoints
+from . import grpo
 from . import objectives
+from . import rewards
 from .data import Dataset, Encoder, Graded, Pair, Preferences, Row, collate, load_dataset, load_preferences, pack, \
     predicts, split
 
@@ -63,10 +65,20 @@ class TuneConfig:
     eval_every: int | None = None
     save_every: int | None = None
     keep: int = 2
-    objective: str = "sft"  # or dpo, ipo, orpo, kto (objectives.OBJECTIVES); method: the weights trained
-    beta: float = 0.1
+    objective: str = "sft"  # or dpo, ipo, orpo, kto, grpo (objectives.OBJECTIVES); method: the weights trained
+    beta: float | None = None  # default 0.1; GRPO's KL coefficient, default 0.04
+    # GRPO: rewards (specs, see rewards.py), completions per prompt, sampling, clipping
+    rewards: tuple[str, ...] = ()
+    reward_pattern: str | None = None
+    target_length: int | None = None
+    group_size: int = 4
+    max_completion_tokens: int = 128
+    temperature: float = 1.0
+    clip_eps: float = 0.2
 
     def __post_init__(self) -> None:
+        if self.beta is None:
+            self.beta = 0.04 if self.objective == "grpo" else 0.1
         if self.method not in METHODS:
             raise BadRequest(f"unknown --method {self.method!r}", f"use one of: {', '.join(METHODS)}")
         if self.objective != "sft":
@@ -76,8 +88,24 @@ class TuneConfig:
             if self.val_split or self.val_file:
                 raise BadRequest(f"--method {self.objective} has no validation loss yet",
                                  "leave out --val-split / --val-file")
-            if not self.beta > 0:
-                raise BadRequest(f"--beta {self.beta} must be positive")
+            if not (self.beta >= 0 if self.objective == "grpo" else self.beta > 0):
+                raise BadRequest(f"--beta {self.beta} must be " + ("at least 0" if self.objective == "grpo"
+                                                                 else "positive"))
+        if self.objective == "grpo":
+            for name in ("group_size", "max_completion_tokens"):
+                v = getattr(self, name)
+                if not isinstance(v, int) or isinstance(v, bool) or v < (2 if name == "group_size" else 1):
+                    raise BadRequest(f"--{name.replace('_', '-')} must be an integer of at least "
+                                     f"{2 if name == 'group_size' else 1}, not {v!r}",
+                                     "a group needs two completions to compare" if name == "group_size" else None)
+            if not (isinstance(self.temperature, (int, float)) and 0 < self.temperature <= 100):
+                raise BadRequest(f"--temperature {self.temperature} must be in (0, 100]",
+                                 "GRPO learns from differences between sampled completions")
+            if not 0 < self.clip_eps < 1:
+                raise BadRequest(f"--clip-eps {self.clip_eps} must be in (0, 1)")
+            self.rewards = tuple(self.rewards) or ("exact",)  # rows with an "answer", scored as `ownlm eval` does
+        elif self.rewards:
+            raise BadRequest("--reward goes with --method grpo")
         for name in ("rank", "batch_size", "grad_accum", "seq_len"):
             v = getattr(self, name)
             if not isinstance(v, int) or v < 1:
@@ -101,6 +129,8 @@ class TuneConfig:
     def learning_rate(self) -> float:
         if self.lr is not None:
             return self.lr
+        if self.objective == "grpo":
+            return 1e-6 if self.method == "full" else 5e-5
         if self.objective != "sft":
             return 5e-7 if self.method == "full" else 5e-5
         return 5e-5 if self.method == "full" else 1e-3
@@ -114,12 +144,16 @@ class Plan:
     val_rows: list[Row]
     steps: int
     rows_per_step: int
-    train: Dataset | Preferences
+    train: Dataset | Preferences | grpo.Prompts
     val: Dataset | None = None
     data_digest: str = ""
 
 
-def make_plan(cfg: TuneConfig, encoder: Encoder, data_path: str | Path, world: int = 1) -> Plan:
+def make_plan(cfg: TuneConfig, encoder: Encoder, data_path: str | Path, world: int = 1,
+              context: int | None = None, reward_fns: list[rewards.Reward] | None = None) -> Plan:
+    """context: the model's context length (GRPO checks each prompt with its completions fits)."""
+    if cfg.objective == "grpo":
+        return _grpo_plan(cfg, encoder, data_path, world, context, reward_fns)
     if cfg.objective != "sft":
         return _preference_plan(cfg, encoder, data_path, world)
     data = load_dataset(data_path, encoder, cfg.format, cfg.skip_bad)
@@ -155,6 +189,23 @@ def _preference_plan(cfg: TuneConfig, encoder: Encoder, data_path: str | Path, w
         rows = (it.chosen, it.rejected) if isinstance(it, Pair) else (it.row,)
         h.update(json.dumps([[r.ids, r.mask] for r in rows] + [getattr(it, "label", None)]).encode())
     return Plan(items, [], steps, per_step, prefs, None, h.hexdigest())
+
+
+def _grpo_plan(cfg: TuneConfig, encoder: Encoder, data_path: str | Path, world: int, context: int | None,
+               reward_fns: list[rewards.Reward] | None) -> Plan:
+    if world > 1:
+        raise BadRequest("--method grpo runs on one process for now", "leave out --nproc / torchrun")
+    fns = reward_fns if reward_fns is not None else rewards.parse(cfg.rewards, cfg.reward_pattern, cfg.target_length)
+    prompts = grpo.load_prompts(data_path, encoder, fns, cfg.max_completion_tokens, context or 1 << 30,
+                                cfg.skip_bad)
+    per_step = cfg.batch_size * cfg.grad_accum
+    steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * len(prompts.items) / per_step))
+    # the prompts and every setting that changes what is sampled or learned: a resume with others is refused
+    h = hashlib.sha256(json.dumps(["grpo", cfg.rewards, cfg.reward_pattern, cfg.target_length, cfg.group_size,
+                                   cfg.max_completion_tokens, cfg.temperature, cfg.clip_eps, cfg.beta]).encode())
+    for p in prompts.items:
+        h.update(json.dumps([p.ids, p.row], sort_keys=True).encode())
+    return Plan(prompts.items, [], steps, per_step, prompts, None, h.hexdigest())
 
 
 def sequence_logps(model: Transformer, rows: list[Row], device: torch.device,
@@ -292,6 +343,8 @@ class Trainer:
     world: int = 1
     quiet: bool = False
     on_step: Callable[[dict], None] | None = None
+    tokenizer: Any = None  # GRPO: decodes completions for the rewards; its stop tokens end them
+    reward_fns: list[rewards.Reward] | None = None  # GRPO (default: parsed from cfg.rewards)
 
     def __post_init__(self) -> None:
         self.params = [p for p in self.model.parameters() if p.requires_grad]
@@ -305,6 +358,16 @@ class Trainer:
         if self.cfg.objective in ("dpo", "ipo", "kto") and any(it.ref is None for it in self.plan.rows):
             # before any checkpoint is restored: with full weights the model is still the reference
             reference_logps(self.model, self.plan.rows, self.cfg.batch_size, self.device, self.amp)
+        self.reference: torch.nn.Module | None = None  # GRPO with full weights: a frozen copy of the start
+        if self.cfg.objective == "grpo":
+            if self.tokenizer is None:
+                raise ValueError("GRPO needs the tokenizer")
+            if self.reward_fns is None:
+                self.reward_fns = rewards.parse(self.cfg.rewards, self.cfg.reward_pattern, self.cfg.target_length)
+            if self.cfg.method == "full" and self.cfg.beta:
+                import copy
+
+                self.reference = copy.deepcopy(self.model).requires_grad_(False).eval()
 
     # -- checkpoints --------------------------------------------------------------------------
     def _state_dicts(self) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
@@ -417,6 +480,44 @@ class Trainer:
         rec["grad_norm"] = norm
         return rec
 
+    def grpo_step(self) -> dict[str, Any]:
+        """Sample a group of completions per prompt with the current weights, score them, and take
+        one optimizer step on the clipped surrogate plus beta * KL, averaged over all completion
+        tokens of the step (TRL's token-level loss_type)."""
+        cfg, G = self.cfg, self.cfg.group_size
+        prompts = step_rows(self.plan, self.step, cfg.seed)
+        stops = self.tokenizer.eos_ids
+        comps = grpo.rollout(self.model, prompts, G, cfg.max_completion_tokens, cfg.temperature, stops, cfg.seed,
+                             self.step)
+        texts = [self.tokenizer.decode(c[:-1] if c and c[-1] in stops else c) for c in comps]
+        table = grpo.score(self.reward_fns, prompts, texts, G)  # (n * G, rewards)
+        weights = torch.tensor([r.weight for r in self.reward_fns], dtype=torch.float64)
+        total = (table * weights).sum(1)  # (n * G,)
+        adv = objectives.group_advantages(total, G).float()
+        n_tokens = sum(len(c) for c in comps)  # the loss is the mean over all of them
+        loss_sum = kl_sum = clipped_sum = 0.0
+        for start in range(0, len(prompts), cfg.batch_size):
+            mb = prompts[start:start + cfg.batch_size]
+            lo, hi = start * G, (start + len(mb)) * G
+            loss, stats = grpo.loss(self.model, grpo.rows_of(mb, comps[lo:hi], G), adv[lo:hi], self.device, self.amp,
+                                    cfg.temperature, cfg.beta, cfg.clip_eps, self.reference)
+            (loss / n_tokens).backward()
+            loss_sum += float(loss.detach())
+            kl_sum += stats["kl"]
+            clipped_sum += stats["clipped"]
+        norm, lr = self._apply_gradients()
+        groups = total.view(-1, G)
+        rec: dict[str, Any] = {"step": self.step, "loss": loss_sum / n_tokens, "lr": lr,
+                               "tokens": sum(len(p.ids) * G for p in prompts) + n_tokens,
+                               "reward": float(total.mean()), "reward_std": float(groups.std(dim=1).mean())}
+        for k, r in enumerate(self.reward_fns):
+            rec[f"rewards/{r.name}"] = float(table[:, k].mean())
+        rec.update({"kl": kl_sum / n_tokens if cfg.beta else None, "completion_length": n_tokens / len(comps),
+                    "clip_ratio": clipped_sum / n_tokens, "grad_norm": norm,
+                    "samples": [{"prompt": prompts[i // G].text[:200], "completion": texts[i][:200],
+                                 "reward": float(total[i])} for i in range(min(2, len(comps)))]})
+        return rec
+
     def _apply_gradients(self) -> tuple[float | None, float]:
         """Clip, step the optimizer and the schedule, clear the gradients: (grad norm before
         clipping, or None without clipping; the learning rate the step used)."""
@@ -431,6 +532,8 @@ class Trainer:
         return norm, lr
 
     def train_step(self) -> dict[str, Any]:
+        if self.cfg.objective == "grpo":
+            return self.grpo_step()
         if self.cfg.objective != "sft":
             return self.preference_step()
         rows = step_rows(self.plan, self.step, self.cfg.seed)
@@ -476,7 +579,7 @@ class Trainer:
                     f.write(json.dumps(rec) + "\n")
             history.append(rec)
             bar.note = f"loss {rec['loss']:.3f}" + (f" val {rec['val_loss']:.3f}" if "val_loss" in rec else "") + \
-                f" {rec['tokens_per_s']:.0f} tok/s"
+                (f" reward {rec['reward']:.3f}" if "reward" in rec else "") + f" {rec['tokens_per_s']:.0f} tok/s"
             bar(1)
             if not bar.tty and not bar.quiet and (self.step % eval_every == 0 or self.step == plan.steps):
                 print(f"step {self.step}/{plan.steps} {bar.note}", file=sys.stderr, flush=True)

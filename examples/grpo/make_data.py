@@ -1,0 +1,62 @@
+"""Prompts with answers for `ownlm tune --method grpo`, in the style of ownlm's shipped `arithmetic`
+eval task: "What is A op B? Reply with the number only." with A op B in the same ranges (sums of
+numbers up to 50, differences that stay positive, products of numbers up to 12).
+
+    python examples/grpo/make_data.py             # writes train.jsonl (400 rows) next to this file
+
+Deterministic (seeded); no prompt of the shipped task is written, so `ownlm eval NAME --task
+arithmetic` measures what tuning taught on questions it never saw. Rows are {"prompt", "answer"}:
+the built-in `exact` reward compares a completion with the answer as the task scores it."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+from pathlib import Path
+
+from ownlm.evaluate.tasks import find_task
+
+TEMPLATE = "What is {a} {op} {b}? Reply with the number only."
+
+
+def question(rng: random.Random) -> tuple[int, str, int, int]:
+    op = rng.choice("+-*")
+    if op == "+":
+        a, b = rng.randint(2, 50), rng.randint(2, 40)
+        return a, op, b, a + b
+    if op == "-":
+        a = rng.randint(5, 60)
+        b = rng.randint(1, a - 1)
+        return a, op, b, a - b
+    a, b = rng.randint(2, 12), rng.randint(2, 12)
+    return a, op, b, a * b
+
+
+def rows(n: int, seed: int) -> list[dict]:
+    held = {json.loads(line)["prompt"] for line in find_task("arithmetic").read_text(encoding="utf-8").splitlines()
+            if line.strip()}
+    rng = random.Random(seed)
+    out, seen = [], set(held)
+    while len(out) < n:
+        a, op, b, answer = question(rng)
+        prompt = TEMPLATE.format(a=a, op=op, b=b)
+        if prompt in seen:
+            continue
+        seen.add(prompt)
+        out.append({"prompt": prompt, "answer": str(answer)})
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--n", type=int, default=400)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", type=Path, default=Path(__file__).parent / "train.jsonl")
+    args = ap.parse_args()
+    args.out.write_text("".join(json.dumps(r) + "\n" for r in rows(args.n, args.seed)), encoding="utf-8")
+    print(f"wrote {args.n} rows to {args.out}")
+
+
+if __name__ == "__main__":
+    main()
