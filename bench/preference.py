@@ -1,7 +1,7 @@
 """DPO benchmark: ownlm's `tune --method dpo` vs TRL's DPOTrainer, same GGUF, data, LoRA and settings, same run.
 
     python examples/preference/make_data.py        # the pairs (examples/preference/train.jsonl)
-    python bench/preference.py [--model smollm2] [--steps 6] [--threads 2] [--trl-bf16]
+    python bench/preference.py [--model smollm2] [--steps 6] [--pairs 32] [--threads 2] [--trl-bf16]
 
 DPO (sigmoid loss, beta 0.1) on a LoRA adapter (r 16, alpha 32, every linear layer, no dropout), AdamW at
 5e-5, 4 pairs per step, the reference being the base with the adapter switched off, its log-probabilities
@@ -71,6 +71,8 @@ def run_trl(path: str, a, bf16: bool) -> dict:
     folder, name = os.path.split(path)
     tok = transformers.AutoTokenizer.from_pretrained(folder, gguf_file=name)
     model = transformers.AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
+    # the GGUF was dequantized to float32 at load: a dense model, trainable
+    model.hf_quantizer, model.is_quantized = None, False
     rows = [json.loads(line) for line in Path(a.data).read_text().splitlines() if line.strip()]
     conv = [{"prompt": [{"role": "user", "content": r["prompt"]}],
              "chosen": [{"role": "assistant", "content": r["chosen"]}],
@@ -109,6 +111,8 @@ def main() -> None:
     ap.add_argument("--data", default=str(DATA), help="preference pairs (prompt / chosen / rejected strings)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--steps", type=int, default=6)
+    ap.add_argument("--pairs", type=int, default=32, help="the first N pairs of --data (both compute their "
+                    "reference log-probabilities for all of them before training)")
     ap.add_argument("--trl-bf16", action="store_true", help="also run TRL with bf16 autocast")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     ap.add_argument("--path", help=argparse.SUPPRESS)
@@ -134,10 +138,12 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as d:  # transformers wants a *.gguf name inside a folder
         link = os.path.join(d, "model.gguf")
         os.symlink(os.path.abspath(gguf), link)
+        data = os.path.join(d, "pairs.jsonl")
+        Path(data).write_text("".join(Path(a.data).read_text().splitlines(keepends=True)[:a.pairs]))
         for engine in engines:
             env = {**os.environ, "OMP_NUM_THREADS": str(a.threads)}
             proc = subprocess.run([sys.executable, __file__, "--child", engine, "--path", link, "--threads",
-                                   str(a.threads), "--steps", str(a.steps), "--data", a.data],
+                                   str(a.threads), "--steps", str(a.steps), "--data", data],
                                   capture_output=True, text=True, env=env)
             if proc.returncode:
                 sys.exit(f"{engine} failed:\n{proc.stderr[-3000:]}")
@@ -147,8 +153,9 @@ def main() -> None:
         results[f"ratios_ownlm_over_{ref}"] = {
             "steps_per_s": round(results[ref]["s_per_step"] / results["ownlm"]["s_per_step"], 3),  # same pairs/step
             **{k: round(results["ownlm"][k] / results[ref][k], 3) for k in ("tokens_per_s", "peak_rss_mb")}}
-    results["setup"] = {"model": a.model, "threads": a.threads, "steps": a.steps, "pairs_per_step": 4, "rank": 16,
-                        "alpha": 32, "beta": 0.1, "lr": 5e-5, "reference": "precomputed, adapter off"}
+    results["setup"] = {"model": a.model, "threads": a.threads, "steps": a.steps, "pairs": a.pairs,
+                        "pairs_per_step": 4, "rank": 16, "alpha": 32, "beta": 0.1, "lr": 5e-5,
+                        "reference": "precomputed, adapter off"}
     print(json.dumps(results, indent=2))
 
 

@@ -20,13 +20,13 @@ import torch
 
 from ownlm.errors import BadRequest
 from ownlm.loading import load
-from ownlm.model import adapters
-from ownlm.model.linear import LoRALinear
 from ownlm.store.store import Store
 from ownlm.tune import checkpoints, grpo, objectives, rewards
 from ownlm.tune.data import DataError, Encoder
 from ownlm.tune.run import tune
 from ownlm.tune.trainer import TuneConfig
+
+from .test_preference import _model
 
 ROWS = [{"prompt": f"What is {a} plus {b}?", "answer": str(a + b)} for a in range(4) for b in range(4)]
 ALPHA = "def alpha(prompt, completion, row):\n    return float(completion[:1].isalpha())\n"
@@ -48,15 +48,7 @@ def _write(path: Path, rows) -> Path:
 
 
 def _lora(folder: Path):
-    lm = load(str(folder), dtype="float32", quant="none")
-    torch.manual_seed(0)
-    adapters.attach(lm.model, adapters.parse_targets("all-linear"), 4, 8.0)
-    with torch.no_grad():
-        for m in lm.model.modules():
-            if isinstance(m, LoRALinear):
-                for b in m.lora_b.values():
-                    b.normal_(0, 0.2)  # a trained-looking adapter: the policy differs from the reference
-    return lm
+    return _model(folder, lora=True)  # an adapter with random B: the policy differs from the reference
 
 
 # -- (1) advantages -----------------------------------------------------------------------------

@@ -228,6 +228,21 @@ def test_dpo_cli_trains_logs_rewards_and_resumes_exactly_after_sigkill(hf_models
     resumed = [json.loads(x)["loss"] for x in (run / "metrics.jsonl").read_text().splitlines()]
     assert resumed == [r["loss"] for r in log]
 
+    # exported as a GGUF, the preference-tuned model keeps its template and stop token and answers as p does
+    from gguf import GGUFReader
+
+    from ownlm.cli.main import main
+
+    out = tmp_path / "p.gguf"
+    assert main(["export", "p", "--format", "gguf", "--out", str(out), "--quant", "f32"]) == 0
+    tuned, again = load("p", dtype="float32", quant="none"), load(str(out), dtype="float32", quant="none")
+    ask = [{"role": "user", "content": "What is 2 plus 3?"}]
+    assert (again.chat(ask, max_tokens=8, temperature=0).token_ids
+            == tuned.chat(ask, max_tokens=8, temperature=0).token_ids)
+    fields = GGUFReader(out).fields
+    assert fields["tokenizer.chat_template"].contents() == tuned.template.source
+    assert fields["tokenizer.ggml.eos_token_id"].contents() == tuned.tokenizer.eos_ids[0]
+
 
 @pytest.mark.parametrize("method", ["orpo", "kto"])
 def test_orpo_and_kto_cli_run(hf_models, tmp_path, method):
@@ -289,3 +304,64 @@ def test_dpo_loss_equals_trls(hf_models, tmp_path):
         want = trainer.compute_loss(trainer.model, inputs)
     assert abs(float(want) - math.log(2)) > 1e-2  # the policy is not the reference: the adapter counts
     assert float(loss.detach()) / len(items) == pytest.approx(float(want), rel=1e-4)
+
+
+
+@pytest.mark.parametrize("method", ["dpo", "kto"])
+def test_two_gloo_processes_follow_the_single_process_run(hf_models, tmp_path, method):
+    """--nproc 2 (FSDP2 over gloo): each process takes half of every batch and computes a share of
+    the reference log-probabilities (exchanged); KTO's KL point is the whole batch's. The logged
+    curve (loss and reward statistics, all-reduced) and the adapter equal one process's."""
+    from safetensors.torch import load_file
+
+    rows = PAIRS[::3] if method == "dpo" else [
+        {"prompt": p["prompt"], "completion": p["chosen" if i % 2 else "rejected"], "label": bool(i % 2)}
+        for i, p in enumerate(PAIRS[::3])]
+    data = _write(tmp_path / "d.jsonl", rows)
+    common = [str(hf_models["llama"]), "--method", method, "--data", str(data), "--max-steps", "3", "--batch-size",
+              "4", "--lr", "1e-2", "--beta", "0.5", "--seq-len", "64", "--dropout", "0"]
+    one, two = _tune(common + ["--name", "one"]), _tune(common + ["--name", "two", "--nproc", "2"])
+    logs = [[json.loads(x) for x in (Path(r["run_dir"]) / "metrics.jsonl").read_text().splitlines()]
+            for r in (one, two)]
+    assert len(logs[0]) == len(logs[1]) == 3
+    keys = ["loss", "rewards/chosen", "rewards/rejected", "rewards/margin", "tokens"]
+    keys += ["rewards/accuracy"] if method == "dpo" else ["kl"]
+    for key in keys:
+        a, b = [r[key] for r in logs[0]], [r[key] for r in logs[1]]
+        assert b == pytest.approx(a, rel=1e-4, abs=1e-5), key
+    assert abs(logs[0][-1]["loss"] - logs[0][0]["loss"]) > 1e-3  # it trained: not two flat lines compared
+
+    def weights(name):
+        f = Store().read(name)["files"]["adapter_model.safetensors"]["sha256"]
+        return load_file(str(Store().open_blob(f)))
+
+    a, b = weights("one"), weights("two")
+    assert a.keys() == b.keys() and a
+    for k in a:  # AdamW's first steps move each weight by about lr (1e-2): 1e-4 is 1% of a step
+        torch.testing.assert_close(b[k], a[k], atol=1e-4, rtol=1e-3)
+    assert any(a[k].abs().max() > 0 for k in a if "lora_B" in k)
+
+
+def test_dpo_with_qlora_trains_on_an_int4_gguf(hf_models, tmp_path):
+    """--method dpo --weights qlora: the GGUF's int4 blocks stay int4 (the frozen base is also the
+    reference, adapters off) and two steps log finite losses and rewards."""
+    import gguf
+    from ggufs import hf_folder_to_gguf
+
+    from ownlm.model.linear import QuantLinear
+    from ownlm.tune.run import prepare
+    from ownlm.tune.trainer import TuneConfig as Config
+
+    path = hf_folder_to_gguf(hf_models["llama"], tmp_path / "q4.gguf", qtype=gguf.GGMLQuantizationType.Q4_0)
+    base = prepare(str(path), Config(method="qlora", objective="dpo"), torch.device("cpu")).model.layers[0].attn.qkv
+    assert isinstance(base.base, QuantLinear) and base.base.bits == 4
+    data = _write(tmp_path / "pairs.jsonl", PAIRS[:8])
+    res = _tune([str(path), "--method", "dpo", "--weights", "qlora", "--data", str(data), "--max-steps", "2",
+                 "--batch-size", "4", "--lr", "1e-2", "--seq-len", "64", "--name", "q"])
+    log = [json.loads(x) for x in (Path(res["run_dir"]) / "metrics.jsonl").read_text().splitlines()]
+    assert len(log) == 2
+    for r in log:
+        assert all(math.isfinite(r[k]) for k in ("loss", "rewards/chosen", "rewards/rejected", "rewards/margin"))
+    assert log[0]["loss"] == pytest.approx(math.log(2), abs=1e-4)  # B starts at zero: the policy is the reference
+    assert log[1]["loss"] != log[0]["loss"]  # the first step moved the adapter
+    assert Store().read("q")["kind"] == "adapter"

@@ -237,3 +237,115 @@ def test_cli_run_and_bench_speculate(folders, capsys):
     assert main(["bench", model, "--prompt-tokens", "32", "--gen-tokens", "16", "--speculate", "ngram", "--json"]) == 0
     sp = json.loads(capsys.readouterr().out)["speculative"]
     assert sp["same_tokens"] and sp["speedup"] > 0
+
+
+def test_speculation_reuses_the_prefix_cache_and_keeps_plain_greedy_tokens(folders):
+    from ownlm.engine import prefix_cache
+
+    lm = ownlm.load(str(folders["llama"]))
+    first, longer = PROMPTS[0], PROMPTS[0] + " fox jumps over the lazy dog. The quick"
+    kw = dict(temperature=0, max_tokens=24, stop_token_ids=[])
+    prefix_cache.attach(lm.model, prefix_cache.PrefixCache(0))  # plain decoding without any cache
+    plain = {p: lm.generate(p, **kw) for p in (first, longer)}
+    assert all(c.timings["cached_tokens"] == 0 for c in plain.values())
+    pc = prefix_cache.PrefixCache(64 << 20)
+    prefix_cache.attach(lm.model, pc)
+    try:
+        a = lm.generate(first, speculate="ngram", **kw)  # fills the cache: prompt, then prompt + answer
+        assert a.timings["cached_tokens"] == 0 and a.token_ids == plain[first].token_ids
+        stored = pc.stats()["blocks"]
+        assert stored * pc.block >= len(lm.encode(first)) // pc.block * pc.block > 0
+        for prompt in (first, longer):  # identical, then extended: both start from cached blocks
+            b = lm.generate(prompt, speculate="ngram", **kw)
+            assert b.timings["cached_tokens"] > 0, prompt
+            assert b.token_ids == plain[prompt].token_ids, prompt
+        # the answer was cached too: a next turn made of prompt + answer reuses past the prompt
+        turn = lm.encode(first) + a.token_ids + lm.encode(" and")
+        stats = StepStats()
+        p = SamplingParams(temperature=0, max_tokens=8)
+        list(speculate.generate_ids(lm.model, turn, p, (), stats, adaptive=False))
+        assert stats.cached > len(lm.encode(first)) // pc.block * pc.block  # past the prompt's last whole block
+    finally:
+        prefix_cache.attach(lm.model, None)
+
+
+class _Counting(speculate.PromptLookup):
+    """Prompt lookup that counts what its guesses came to."""
+
+    def __init__(self):
+        super().__init__()
+        self.drafted = self.kept = 0
+
+    def feedback(self, drafted, accepted):
+        super().feedback(drafted, accepted)
+        self.drafted += drafted
+        self.kept += accepted
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3_text"])
+def test_batch_scheduler_speculates_per_sequence_with_plain_tokens(folders, family):
+    from ownlm.engine import prefix_cache
+    from ownlm.engine.scheduler import Scheduler, run_all
+
+    lm = ownlm.load(str(folders[family]))
+    prefix_cache.attach(lm.model, prefix_cache.PrefixCache(0))
+    sched = Scheduler(lm.model, max_running=4, prefill_chunk=7)
+    try:
+        greedy = [dict(prompt=lm.encode(p), params=SamplingParams(temperature=0), limit=30) for p in PROMPTS]
+        seeded = [dict(prompt=lm.encode(p), params=SamplingParams(temperature=0.8, top_k=5, seed=3), limit=20)
+                  for p in PROMPTS[:2]]
+        plain = run_all(sched, greedy + seeded)
+        proposers = [_Counting() for _ in greedy + seeded]
+        # speculating and plain sequences in one batch: odd ones speculate, then all of them do
+        mixed = run_all(sched, [dict(r, proposer=proposers[i] if i % 2 else None)
+                                for i, r in enumerate(greedy + seeded)])
+        assert mixed == plain
+        both = run_all(sched, [dict(r, proposer=p) for r, p in zip(greedy + seeded, proposers)])
+        assert both == plain  # greedy: plain greedy tokens; seeded: the same tokens for the seed
+        assert sum(p.kept for p in proposers) > 0 and all(p.kept <= p.drafted for p in proposers)
+    finally:
+        sched.close()
+        prefix_cache.attach(lm.model, None)
+
+
+def test_server_speculate_field_keeps_greedy_text_and_refuses_bad_values(folders, monkeypatch):
+    import openai
+
+    from ownlm.server import ModelPool, Server
+
+    lm = ownlm.load(str(folders["llama"]))
+    kept = []
+    feedback = speculate.PromptLookup.feedback
+    monkeypatch.setattr(speculate.PromptLookup, "feedback",
+                        lambda self, d, a: (kept.append(a), feedback(self, d, a))[1])
+    drafted = []
+    propose = speculate.DraftModel.propose
+    monkeypatch.setattr(speculate.DraftModel, "propose", lambda self, *a: drafted.append(propose(self, *a)[0]) or
+                        (drafted[-1], None))
+    models = {"tiny": lm, "draft": ownlm.load(str(folders["draft"])), "other": ownlm.load(str(folders["other-vocab"]))}
+    pool = ModelPool(list(models), loader=lambda ref, **_: models[ref], max_loaded=1, max_running=4)
+    pool.preload()
+    with Server(pool, port=0) as server:
+        client = openai.OpenAI(base_url=server.base_url, api_key="unused", max_retries=0, timeout=120)
+        messages = [{"role": "user", "content": PROMPTS[0]}]
+        kw = dict(model="tiny", temperature=0, max_tokens=40)
+        plain = client.chat.completions.create(messages=messages, **kw).choices[0].message.content
+        spec = client.chat.completions.create(messages=messages, extra_body={"speculate": "ngram"}, **kw)
+        assert spec.choices[0].message.content == plain
+        pieces = client.chat.completions.create(messages=messages, stream=True, extra_body={"speculate": "ngram"}, **kw)
+        assert "".join(c.choices[0].delta.content or "" for c in pieces if c.choices) == plain
+        assert sum(kept) > 0  # guesses were made and kept on the server's engine
+        for prompt in PROMPTS[:2]:
+            want = client.completions.create(prompt=prompt, **kw).choices[0].text
+            for how in ("ngram", "draft"):
+                got = client.completions.create(prompt=prompt, extra_body={"speculate": how}, **kw).choices[0].text
+                assert got == want, (prompt, how)
+        assert any(drafted)  # the draft model guessed
+        for bad, says in (("no-such-model", "neither \"ngram\" nor a model this server offers"),
+                          (str(folders["draft"]), "nor a model this server offers"),  # no paths: offered models only
+                          ("other", "different vocabulary"), (3, "speculate"), ("", "speculate")):
+            with pytest.raises(openai.BadRequestError) as e:
+                client.chat.completions.create(messages=messages, extra_body={"speculate": bad}, **kw)
+            assert says in str(e.value), (bad, str(e.value))
+            assert e.value.body["param"] == "speculate"
+        assert client.chat.completions.create(messages=messages, **kw).choices[0].message.content == plain

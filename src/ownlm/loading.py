@@ -294,7 +294,7 @@ def attach_adapter(model: Transformer, files: dict[str, Path], merge: bool = Fal
 
 
 def load(ref: str, device: str | None = None, dtype: str | torch.dtype | None = None, quant: str = "auto",
-         pull_missing: bool = True, cache: bool = True) -> LoadedModel:
+         pull_missing: bool = True, cache: bool = True, threads: int | None = None) -> LoadedModel:
     """Load any model reference (store name, catalog alias, path, pypi:/hf: ref, BASE+ADAPTER,
     an adapter's store name or a preset's: its base and adapter, with its system prompt and
     sampling parameters as the LoadedModel's defaults) for inference.
@@ -302,8 +302,14 @@ def load(ref: str, device: str | None = None, dtype: str | torch.dtype | None = 
     quant: auto (GGUF Q4_0/Q4_1/Q4_K stay int4 in bfloat16, on a CPU or a CUDA GPU, and Q8_0
     int8 on a CPU), none (dequantize everything), bf16 (none, in bfloat16), int4 or int8 (every
     linear of the layers, quantized at load where it is not already; int8 on CPUs only).
-    An adapter is merged into dense weights, and kept beside quantized weights (so they stay so)."""
+    An adapter is merged into dense weights, and kept beside quantized weights (so they stay so).
+    threads: compute on that many CPU threads from now on, in this process (PyTorch's and ownlm's
+    kernels'; model.kernels.set_threads); None leaves the count as it is (all the cores by default)."""
     t0 = time.perf_counter()
+    if threads is not None:
+        from .model import kernels
+
+        kernels.set_threads(threads)
     if quant not in QUANT_MODES:
         raise BadRequest(f"unknown quantization mode {quant!r}", f"use one of: {', '.join(QUANT_MODES)}")
     base_ref, adapter_ref = split_adapter(ref)

@@ -65,3 +65,31 @@ def apply_cache_option(args: argparse.Namespace) -> None:
     if not args.cache_mb >= 0:
         raise BadRequest(f"--cache-mb must be 0 or more (got {args.cache_mb})", "0 turns the prefix cache off")
     prefix_cache.configure(int(args.cache_mb * (1 << 20)))
+
+
+def add_threads_option(p: argparse.ArgumentParser) -> None:
+    """--threads, for every verb that computes on the CPU (run, serve, bench, eval)."""
+    p.add_argument("--threads", type=int, metavar="N",
+                   help="CPU threads to compute on, PyTorch's and ownlm's kernels' (default: every core; more "
+                        "than the cores is allowed, with a warning)")
+
+
+def apply_threads_option(args: argparse.Namespace) -> None:
+    """Set --threads, if given, before anything loads: a bad value is exit 2; more threads than
+    cores, one warning line on stderr."""
+    import sys
+    import warnings
+
+    from ..errors import BadRequest
+    from ..model import kernels
+
+    n = getattr(args, "threads", None)
+    if n is None:
+        return
+    if n < 1:
+        raise BadRequest(f"--threads must be a positive integer (got {n})", "leave it out to use every core")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        kernels.set_threads(n)
+    for w in caught:
+        print(f"warning: {w.message}", file=sys.stderr)

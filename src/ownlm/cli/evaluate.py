@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 from typing import Callable
 
-from . import add_quant_option
+from . import add_quant_option, add_threads_option, apply_threads_option
 from ..errors import BadRequest
 from ..progress import Bar
 
@@ -40,6 +40,7 @@ def cmd_eval(args) -> int:
     from ..evaluate.tasks import find_task
     from ..loading import load
 
+    apply_threads_option(args)
     path = find_task(args.task)
     if path.suffix == ".jsonl":
         return _tasks(args, path)
@@ -127,12 +128,14 @@ def cmd_bench(args) -> int:
         raise BadRequest("--cost needs --price-per-hour (what this machine costs you per hour)")
     if args.api_price_per_mtok is not None and args.price_per_hour is None:
         raise BadRequest("--api-price-per-mtok needs --price-per-hour (the price of this machine)")
+    apply_threads_option(args)
     r = bench(args.model, args.prompt_tokens, args.gen_tokens, batches, args.device, args.dtype,
               args.price_per_hour, args.api_price_per_mtok, quant=args.quant, speculate=args.speculate)
     if args.json:
         print(json.dumps(r, indent=2))
         return 0
-    print(f"{r['model']} on {r['device']} ({r['dtype']}): load {r['load_s']:.2f} s, peak memory "
+    threads = f"{r['threads']} thread" + ("s" if r["threads"] != 1 else "")
+    print(f"{r['model']} on {r['device']} ({r['dtype']}, {threads}): load {r['load_s']:.2f} s, peak memory "
           f"{r['peak_rss_bytes'] / 1e6:.0f} MB, prompt {r['prompt_tokens']} + {r['gen_tokens']} generated tokens")
     for run in r["runs"]:
         if run["batch"] == 1:
@@ -168,6 +171,7 @@ def register(sub) -> None:
     p.add_argument("--stride", type=int, help="tokens between window starts (default: the window)")
     p.add_argument("--dtype", help="auto, float32, bfloat16 or float16")
     add_quant_option(p)
+    add_threads_option(p)
     p.add_argument("--max-tokens", type=int, default=64, help="generation tasks: tokens per answer (default 64)")
     p.add_argument("--kl", action="store_true",
                    help="instead: KL divergence of each later MODEL's next-token distributions from the first's")
@@ -189,5 +193,6 @@ def register(sub) -> None:
     b.add_argument("--device")
     b.add_argument("--dtype")
     add_quant_option(b)
+    add_threads_option(b)
     b.add_argument("--json", action="store_true")
     b.set_defaults(func=cmd_bench)

@@ -5,7 +5,10 @@ from __future__ import annotations
 import json
 import sys
 
-from . import add_cache_option, add_prompt_cache_option, add_quant_option, apply_cache_option, chat, prompt_cache_of
+import torch
+
+from . import (add_cache_option, add_prompt_cache_option, add_quant_option, add_threads_option, apply_cache_option,
+               apply_threads_option, chat, prompt_cache_of)
 from ..engine.generate import DEFAULT_MAX_TOKENS
 from ..errors import BadRequest
 from ..loading import load
@@ -47,6 +50,7 @@ def cmd_run(args) -> int:
         raise BadRequest("--system has no effect with --raw", "drop one of them")
     if prompt is None and (args.json or args.raw):
         raise BadRequest("--json and --raw need a prompt (an argument or stdin)")
+    apply_threads_option(args)
     apply_cache_option(args)
     disk = prompt_cache_of(args)
     lm = load(args.model, device=args.device, dtype=args.dtype, quant=args.quant)
@@ -67,6 +71,7 @@ def cmd_run(args) -> int:
         out = c.to_dict()
         out["model"] = lm.name
         out["timings"]["load_s"] = round(lm.load_seconds, 3)
+        out["threads"] = torch.get_num_threads()
         print(json.dumps(out, ensure_ascii=False))
         return 0
     for piece in stream:
@@ -118,4 +123,5 @@ def register(sub) -> None:
     p.add_argument("--device", help="cpu, cuda, mps (default: the best available)")
     p.add_argument("--dtype", help="auto, float32, bfloat16, float16")
     add_quant_option(p)
+    add_threads_option(p)
     p.set_defaults(func=cmd_run)

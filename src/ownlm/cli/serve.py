@@ -7,7 +7,8 @@ import os
 import sys
 from pathlib import Path
 
-from . import add_cache_option, add_prompt_cache_option, add_quant_option, apply_cache_option, prompt_cache_of
+from . import (add_cache_option, add_prompt_cache_option, add_quant_option, add_threads_option, apply_cache_option,
+               apply_threads_option, prompt_cache_of)
 from ..engine.generate import DEFAULT_MAX_TOKENS
 from ..errors import BadRequest
 
@@ -33,6 +34,7 @@ def cmd_serve(args) -> int:
 
     if args.max_running < 1 or args.max_queue < 0 or args.max_loaded < 1 or args.max_tokens < 1:
         raise BadRequest("--max-running, --max-loaded and --max-tokens must be at least 1, --max-queue at least 0")
+    apply_threads_option(args)
     apply_cache_option(args)
     if args.cache_mb is None:  # the default, fixed now: the same bound for every model served
         prefix_cache.configure(prefix_cache.default_budget(pick_device(args.device)))
@@ -103,6 +105,7 @@ def register(sub) -> None:
     add_cache_option(p)
     add_prompt_cache_option(p)
     add_quant_option(p)
+    add_threads_option(p)
     p.add_argument("--log-format", choices=["text", "json"], default="text",
                    help="the access log on stderr, a line per request: text (default) or json (an object a line)")
     p.add_argument("--allow-pull", action="store_true",

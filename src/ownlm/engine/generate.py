@@ -92,25 +92,8 @@ def generate_ids(model: torch.nn.Module, prompt: Sequence[int], params: Sampling
     out: list[int] = []
 
     t0 = time.perf_counter()
-    # the longest cached start of the prompt is copied in, not computed (engine/prefix_cache.py)
-    prefix = prefix_cache.of(model)
-    if prefix is not None:
-        hit = prefix.lookup(model, prompt, cache)
-        prefix.load(hit, cache, 0)
-        prefix.release(hit)
-        stats.cached = hit.length
-    ids = torch.tensor([list(prompt)], dtype=torch.long, device=device)
-    start = stats.cached
-    while start < ids.shape[1]:  # chunks end on multiples of PREFILL_CHUNK, with a cache hit or without
-        end = min(ids.shape[1], (start // PREFILL_CHUNK + 1) * PREFILL_CHUNK)
-        chunk = ids[:, start:end]
-        cache.length = end
-        pos = torch.arange(start, end, device=device)[None]  # (1, T)
-        logits = model(chunk, pos, cache, last_only=True)  # (1, 1, V)
-        start = end
+    logits, prefix = prefill(model, prompt, cache, stats)
     stats.prefill_s = time.perf_counter() - t0
-    if prefix is not None:
-        prefix.store(model, prompt, cache, 0, len(prompt))
     t1 = time.perf_counter()
     n = len(prompt)
     try:
@@ -136,6 +119,31 @@ def generate_ids(model: torch.nn.Module, prompt: Sequence[int], params: Sampling
     finally:  # the answer's keys and values too: the next turn of a chat starts with them
         if prefix is not None:
             prefix.store(model, list(prompt) + out, cache, 0, n)
+
+
+def prefill(model: torch.nn.Module, prompt: Sequence[int], cache: KVCache,
+            stats: StepStats) -> tuple[torch.Tensor, prefix_cache.PrefixCache | None]:
+    """The prompt's keys and values into slot 0 of the cache: the longest cached start of it copied
+    in from the model's prefix cache (engine/prefix_cache.py; stats.cached counts it), the rest
+    computed in chunks that end on multiples of PREFILL_CHUNK with a hit or without (so the numbers
+    are the same either way), then the prompt's blocks stored. Returns the last position's logits
+    (1, 1, V) and the prefix cache (None when it is off), for storing the answer's blocks after."""
+    prefix = prefix_cache.of(model)
+    if prefix is not None:
+        hit = prefix.lookup(model, prompt, cache)
+        prefix.load(hit, cache, 0)
+        prefix.release(hit)
+        stats.cached = hit.length
+    ids = torch.tensor([list(prompt)], dtype=torch.long, device=model.device)
+    start, logits = stats.cached, None
+    while start < ids.shape[1]:
+        end = min(ids.shape[1], (start // PREFILL_CHUNK + 1) * PREFILL_CHUNK)
+        cache.base, cache.length = 0, end
+        logits = model(ids[:, start:end], torch.arange(start, end, device=ids.device)[None], cache, last_only=True)
+        start = end
+    if prefix is not None:
+        prefix.store(model, prompt, cache, 0, len(prompt))
+    return logits, prefix
 
 
 class TextAssembler:

@@ -13,6 +13,12 @@ A request being admitted first takes the longest start of its prompt that the mo
 cache holds (engine/prefix_cache.py), copied into its slot; its prompt is cached once prefilled,
 and its answer too when it retires, so requests sharing a system prompt, and the next turn of a
 conversation, prefill only what is new.
+
+A request with a `proposer` (engine/speculate.py: prompt lookup or a draft model) speculates in its
+decode steps: the batch's step scores its first guess, speculate.verify_forward scores the rest in
+its slot as one-token steps would, and each row is sampled as any other; guesses are kept while
+the token sampled is the guess (for certain guesses this is exact, greedy or sampled), the rest of
+the slot is overwritten later.
 """
 
 from __future__ import annotations
@@ -20,7 +26,7 @@ from __future__ import annotations
 import math
 import threading
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Protocol, Sequence
 
 import torch
@@ -30,6 +36,7 @@ from . import prefix_cache
 from .kv_cache import KVCache, span
 from .generate import PREFILL_CHUNK
 from .sampling import SamplingParams, make_generator, sample
+from .speculate import verify_forward
 from .steppers import decode_stepper
 
 
@@ -78,8 +85,13 @@ class Request:
     # a stop token (stop_ids) still comes out as a last token event, with its logprob, as OpenAI's
     # legacy completions and vLLM count and score it; off, the sequence just ends
     keep_stop: bool = False
+    # speculative decoding for this sequence (engine/speculate.py): a Proposer of its own (prompt lookup or
+    # a draft model) whose guesses are verified in its decode steps; None: one token per step
+    proposer: Any = None
     cancelled: bool = False
     cached: int = 0  # prompt tokens taken from the prefix cache, set by the engine before the first token
+    drafted: int = 0  # guesses proposed, and those kept (accepted), counted by the engine
+    accepted: int = 0
 
     def cancel(self) -> None:
         self.cancelled = True  # read by the engine thread at its next step
@@ -276,16 +288,62 @@ class Scheduler:
 
     def _decode(self) -> None:
         n = len(self.running)
+        drafts = [self._propose(s) for s in self.running]  # guesses of the sequences that speculate
         pos_list = [s.cached for s in self.running]  # where each last token goes
-        length = span(max(pos_list) + 1)
-        self.cache.grow(n + (self.admitting is not None), length, span(self.cfg.context_length))
+        reach = max(p + 1 + len(d) for p, d in zip(pos_list, drafts))
+        self.cache.grow(n + (self.admitting is not None), span(reach), span(self.cfg.context_length))
         tokens = torch.tensor([[s.out[-1]] for s in self.running], dtype=torch.long, device=self.device)
         pos = torch.tensor(pos_list, dtype=torch.long, device=self.device)[:, None]
         logits = self.stepper.step(tokens, pos, max(pos_list) + 1)  # (n, 1, V)
         rows = logits[:, -1].float().cpu()
+        # a speculating sequence's guesses go through its slot after the batch's step, which gave the
+        # scores for the first: verify_forward's rows are what one-token steps would give
+        verified: list[torch.Tensor | None] = [None] * n
+        for i, (s, d) in enumerate(zip(self.running, drafts)):
+            if d:
+                start = pos_list[i] + 1
+                self.cache.base, self.cache.length = s.slot, span(start + len(d))
+                fed = torch.tensor([d], dtype=torch.long, device=self.device)
+                at = torch.arange(start, start + len(d), device=self.device)[None]
+                verified[i] = verify_forward(self.model, fed, at, self.cache)[0].float().cpu()  # (K, V)
         for i, s in enumerate(self.running):
             s.cached += 1
             self._sample_safely(s, rows[i])
+            d, more = drafts[i], verified[i]
+            if more is None:
+                continue
+            kept = 0
+            # a guess is kept while the token the sequence's own sampler picks is the guess: for greedy
+            # settings plain greedy tokens; sampled, the distribution of plain sampling (a guess that is
+            # certain is kept with probability p(guess), else a draw from p without it) and, as one draw is
+            # made per token either way, the same tokens for a seed
+            for j, guess in enumerate(d):
+                if s.done or s.out[-1] != guess:
+                    break
+                kept += 1
+                s.cached += 1  # the guess's keys and values, written by the verification, are its own
+                self._sample_safely(s, more[j])
+            s.req.proposer.feedback(len(d), kept)
+            s.req.drafted += len(d)
+            s.req.accepted += kept
+
+    def _propose(self, s: _Seq) -> list[int]:
+        """The guesses of a speculating sequence for its next positions: as many as may all be kept
+        with one more token after them inside its budget. Drafts are guessed greedily (a certain
+        guess each), so that checking them needs nothing of the draft's probabilities."""
+        req = s.req
+        if req.proposer is None or s.done or req.cancelled:
+            return []
+        room = req.limit - len(s.out) - 1
+        if room <= 0:
+            return []
+        params = req.params if req.params.greedy else replace(req.params, temperature=0.0)
+        try:
+            drafts, _ = req.proposer.propose(list(req.prompt) + s.out, room, params, None, len(req.prompt))
+        except Exception:  # noqa: BLE001 - a proposer that fails costs its guesses, not the answer
+            req.proposer = None
+            return []
+        return [int(t) for t in drafts[:room]]
 
     def _sample_safely(self, s: _Seq, row: torch.Tensor) -> None:
         """A sequence whose sampling fails (a grammar in an error state, say) ends with an error

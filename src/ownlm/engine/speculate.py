@@ -35,8 +35,9 @@ bench/speculate.py. Elsewhere (float32 weights through PyTorch's BLAS, CUDA, MPS
 several rows may sum in another order than over one, so the scores can differ in the last bits
 and greedy text can differ from plain decoding where two tokens tie within that rounding.
 
-Constraints (grammars) are not speculated: the batch scheduler, where constraints live, decodes
-one token per step; this module serves generate-style calls (CLI, Python API)."""
+This module's generate_ids serves generate-style calls (CLI, Python API) and uses the prefix cache
+as generate.generate_ids does. The batch scheduler (the server) speculates per sequence with the
+same proposers and `verify_forward` (see engine/scheduler.py), constraints included."""
 
 from __future__ import annotations
 
@@ -49,7 +50,7 @@ import torch
 from ..errors import BadRequest
 from ..model import ops
 from ..text.tokenizer import TextTokenizer
-from .generate import GROW_FROM, PREFILL_CHUNK, StepStats, budget
+from .generate import GROW_FROM, PREFILL_CHUNK, StepStats, budget, prefill
 from .kv_cache import KVCache, span
 from .sampling import SamplingParams, distribution, draw, make_generator, sample
 from .steppers import decode_stepper
@@ -326,73 +327,73 @@ def generate_ids(model: torch.nn.Module, prompt: Sequence[int], params: Sampling
     economy = _Economy() if adaptive and (params.greedy or params.seed is None) else _Economy(probe=0, always=True)
 
     t0 = time.perf_counter()
-    ids = torch.tensor([history], dtype=torch.long, device=device)
-    for start in range(0, P, PREFILL_CHUNK):
-        end = min(P, start + PREFILL_CHUNK)
-        cache.base, cache.length = 0, end
-        logits = model(ids[:, start:end], torch.arange(start, end, device=device)[None], cache, last_only=True)
+    logits, prefix = prefill(model, prompt, cache, stats)
     stats.prefill_s = time.perf_counter() - t0
     t1 = time.perf_counter()
     row = logits[0, -1].cpu()
     n = P  # positions in the cache: every token but the newest
     pending: int | None = None  # a token already chosen (a replaced guess)
-    while True:
-        if pending is None:
-            ctx, out = _history(history, P, params)
-            token = sample(row, params, gen, ctx, out)
-        else:
-            token, pending = pending, None
-        if token in stops:
-            break
-        history.append(token)
-        stats.generated = len(history) - P
-        stats.decode_s = time.perf_counter() - t1
-        yield token
-        if stats.generated == limit:
-            break
-        # guesses that may all be kept with one more token after them inside the budget
-        started = time.perf_counter()
-        drafts, qs = (proposer.propose(history, limit - stats.generated - 1, params, gen, P)
-                      if economy.speculating() else ([], None))
-        if not drafts:  # a plain decode step
-            cache.grow(1, n + 1, span(P + limit))
-            row = stepper.step(torch.tensor([[token]], device=device), torch.tensor([[n]], device=device), n + 1)[0, -1]
-            row = row.cpu()
-            economy.stepped(time.perf_counter() - started)
-            n += 1
-            continue
-        T = 1 + len(drafts)
-        cache.grow(1, n + T, span(P + limit))
-        cache.base, cache.length = 0, span(n + T)
-        fed = torch.tensor([[token, *drafts]], device=device)
-        rows = verify_forward(model, fed, torch.arange(n, n + T, device=device)[None], cache)[0].cpu()  # (T, V)
-        spent = time.perf_counter() - started
-        n += 1
-        stats.drafted += len(drafts)
-        kept, ended = 0, False
-        for i, d in enumerate(drafts):
-            ctx, out = _history(history, P, params)
-            v = _judge(rows[i], d, None if qs is None else qs[i], params, gen, ctx, out)
-            if not v.kept:
-                pending = v.token
+    try:
+        while True:
+            if pending is None:
+                ctx, out = _history(history, P, params)
+                token = sample(row, params, gen, ctx, out)
+            else:
+                token, pending = pending, None
+            if token in stops:
                 break
-            kept += 1
-            stats.accepted += 1
-            if d in stops:
-                ended = True
-                break
-            history.append(d)
+            history.append(token)
             stats.generated = len(history) - P
             stats.decode_s = time.perf_counter() - t1
-            yield d
-            n += 1
+            yield token
             if stats.generated == limit:
-                ended = True
                 break
-        else:
-            row = rows[T - 1]
-        proposer.feedback(len(drafts), kept)
-        economy.passed(spent, kept + 1)  # the kept guesses and the token after them (replacement or next)
-        if ended:
-            break
-    stats.decode_s = time.perf_counter() - t1
+            # guesses that may all be kept with one more token after them inside the budget
+            started = time.perf_counter()
+            drafts, qs = (proposer.propose(history, limit - stats.generated - 1, params, gen, P)
+                          if economy.speculating() else ([], None))
+            if not drafts:  # a plain decode step
+                cache.grow(1, n + 1, span(P + limit))
+                row = stepper.step(torch.tensor([[token]], device=device), torch.tensor([[n]], device=device),
+                                   n + 1)[0, -1].cpu()
+                economy.stepped(time.perf_counter() - started)
+                n += 1
+                continue
+            T = 1 + len(drafts)
+            cache.grow(1, n + T, span(P + limit))
+            cache.base, cache.length = 0, span(n + T)
+            fed = torch.tensor([[token, *drafts]], device=device)
+            rows = verify_forward(model, fed, torch.arange(n, n + T, device=device)[None], cache)[0].cpu()  # (T, V)
+            spent = time.perf_counter() - started
+            n += 1
+            stats.drafted += len(drafts)
+            kept, ended = 0, False
+            for i, d in enumerate(drafts):
+                ctx, out = _history(history, P, params)
+                v = _judge(rows[i], d, None if qs is None else qs[i], params, gen, ctx, out)
+                if not v.kept:
+                    pending = v.token
+                    break
+                kept += 1
+                stats.accepted += 1
+                if d in stops:
+                    ended = True
+                    break
+                history.append(d)
+                stats.generated = len(history) - P
+                stats.decode_s = time.perf_counter() - t1
+                yield d
+                n += 1
+                if stats.generated == limit:
+                    ended = True
+                    break
+            else:
+                row = rows[T - 1]
+            proposer.feedback(len(drafts), kept)
+            economy.passed(spent, kept + 1)  # the kept guesses and the token after them (replacement or next)
+            if ended:
+                break
+        stats.decode_s = time.perf_counter() - t1
+    finally:  # the answer's keys and values too (positions 0..n hold history[:n]): a chat's next turn starts
+        if prefix is not None:
+            prefix.store(model, history, cache, 0, n)

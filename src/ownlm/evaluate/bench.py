@@ -9,6 +9,8 @@ import sys
 import time
 from typing import Any
 
+import torch
+
 from ..errors import BadRequest
 
 TEXT = ("Owning a language model means running it on your own hardware, where nobody can change its "
@@ -91,6 +93,7 @@ def bench(ref: str, prompt_tokens: int = 512, gen_tokens: int = 128, batches: tu
         finally:
             sched.close()
     result = {"model": lm.name, "device": str(lm.model.device), "dtype": str(lm.model.dtype),
+              "threads": torch.get_num_threads(),
               "prompt_tokens": prompt_tokens, "gen_tokens": gen_tokens, "load_s": load_s, "runs": rows,
               "peak_rss_bytes": peak_rss_bytes()}
     if speculative is not None:

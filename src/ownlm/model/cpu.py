@@ -4,6 +4,7 @@ and the repacked cache's key all read it."""
 from __future__ import annotations
 
 import functools
+import os
 import platform
 
 import torch
@@ -28,3 +29,11 @@ def x86_avx2() -> bool:
 def native_bf16() -> bool:
     """bfloat16 arithmetic in hardware (AVX512-BF16 or AMX), not emulated."""
     return capability() in ("AVX512_BF16", "AMX")
+
+
+def cores() -> int:
+    """The cores this process may run on (its CPU affinity where the OS has one)."""
+    try:
+        return len(os.sched_getaffinity(0)) or 1
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1

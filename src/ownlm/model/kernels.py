@@ -15,6 +15,11 @@ load, the ctypes mirror of the C structure is checked against the layout the C c
 The C code trusts its arguments: every wrapper here checks shapes, bounds and alignment first,
 and an allocation failure inside comes back as MemoryError.
 
+Threads: the kernels are OpenMP code bound to the OpenMP runtime PyTorch already loaded (the
+same libgomp), whose thread count is a per-thread setting; set_threads sets PyTorch's and the
+kernels' (which every entry point applies to the thread calling it, so a server's own threads
+follow it too). Unset, both use all the cores.
+
 OWNLM_KERNELS: unset, the kernels are used where they can be (a failed build warns once and
 PyTorch's ops run instead); "1", they are required (a CPU or compiler without them, or a failed
 build, is a KernelError); "0", they are off."""
@@ -33,7 +38,7 @@ from pathlib import Path
 
 import torch
 
-from ..errors import OwnlmError
+from ..errors import BadRequest, OwnlmError
 from ..paths import kernels_dir
 from . import cpu
 
@@ -60,6 +65,8 @@ class Layer(ctypes.Structure):
 _lib = None
 _tried = False
 _lock = threading.Lock()
+_threads: int | None = None  # set_threads' count, applied to the kernels when they load
+_warned_threads = False
 
 
 def mode() -> str:
@@ -77,6 +84,37 @@ def load() -> ctypes.CDLL | None:
                 _lib = _load()
                 _tried = True  # set after _lib: a reader that sees it sees the library
     return _lib
+
+
+def set_threads(n: int) -> None:
+    """Compute on n threads from now on: PyTorch's intra-op threads and the kernels' OpenMP
+    threads. n must be a positive integer; more than the cores here is allowed (warned once)."""
+    global _threads, _warned_threads
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise BadRequest(f"threads must be a positive integer (got {n!r})", "leave it out to use every core",
+                         param="threads")
+    cores = cpu.cores()
+    if n > cores and not _warned_threads:
+        _warned_threads = True
+        warnings.warn(f"{n} threads on {cores} cores: they will take turns, which is usually slower",
+                      RuntimeWarning, stacklevel=2)
+    torch.set_num_threads(n)
+    _threads = n
+    if _lib is not None:
+        _lib.ownlm_set_threads(n)
+
+
+def threads() -> int:
+    """The threads the compute runs on in this thread: PyTorch's count (the kernels follow it
+    once set_threads was called, and both use the cores otherwise)."""
+    return torch.get_num_threads()
+
+
+def kernel_threads() -> int | None:
+    """The threads a parallel region of the kernels would have if started from this thread, or
+    None without the kernels."""
+    lib = load()
+    return None if lib is None else lib.ownlm_get_threads()
 
 
 def _load() -> ctypes.CDLL | None:
@@ -155,11 +193,15 @@ def _open(path: Path) -> ctypes.CDLL:
         f = getattr(lib, name)
         f.argtypes, f.restype = args, ctypes.c_int
     lib.layer_layout.argtypes, lib.layer_layout.restype = [p, i64], i64
+    lib.ownlm_set_threads.argtypes, lib.ownlm_set_threads.restype = [i32], None
+    lib.ownlm_get_threads.argtypes, lib.ownlm_get_threads.restype = [], i32
     ours = [ctypes.sizeof(Layer)] + [getattr(Layer, name).offset for name, _ in Layer._fields_]
     theirs = (ctypes.c_int64 * len(ours))()
     count = lib.layer_layout(theirs, len(ours))
     if count != len(ours) or list(theirs) != ours:
         raise KernelError(f"the kernels' layer_t layout {list(theirs)[:count]} differs from its Python mirror {ours}")
+    if _threads is not None:
+        lib.ownlm_set_threads(_threads)
     return lib
 
 

@@ -112,7 +112,9 @@ class Chat:
         params = [runs.sampling(served, body, max_tokens, i) for i in range(body.n)]
         limit = runs.limit_for(served, prompt, params[0], max_tokens)
         self.tool_mode, self.prompt_tokens = plan.tool_mode, len(prompt) * body.n
-        return runs.Job([prompt] * body.n, params, [limit] * body.n, logprobs=self.logprobs, grammar=plan.grammar)
+        speculate, draft = await runs.speculation(served, body.speculate)
+        return runs.Job([prompt] * body.n, params, [limit] * body.n, logprobs=self.logprobs, grammar=plan.grammar,
+                        speculate=speculate, draft=draft)
 
     def _calls_tools(self, text: str) -> bool:
         """Whether a choice's text is tool calls (the grammar allows nothing else before them)."""
@@ -179,13 +181,14 @@ class Completions:
         max_tokens = served.lm.defaults.get("max_tokens", 16) if body.max_tokens is None else body.max_tokens
         each = [(p, runs.sampling(served, body, max_tokens, j)) for p in prompts for j in range(body.n)]
         self.prompt_tokens = sum(len(x) for x in prompts)
+        speculate, draft = await runs.speculation(served, body.speculate)
         return runs.Job([p for p, _ in each], [sp for _, sp in each],
                         [runs.limit_for(served, p, sp, max_tokens) for p, sp in each],
                         logprobs=body.logprobs, prompt_logprobs=body.logprobs if body.echo else None,
                         # an end-of-text token that ends a choice is returned (empty text, its logprob) and
                         # counted, as OpenAI's legacy API and vLLM do: lm-evaluation-harness scores a choice as
                         # token_logprobs[ctxlen:-1], taking the last entry for the generated token
-                        keep_stop=True)
+                        keep_stop=True, speculate=speculate, draft=draft)
 
     def _echo(self, served: Served, c: runs.Choice) -> str:
         return served.lm.tokenizer.decode(c.prompt) if self.body.echo else ""

@@ -74,6 +74,8 @@ class Served:
     max_tokens: int = DEFAULT_MAX_TOKENS  # answer tokens for a chat request that names none
     active: int = 0
     keep_alive: float | None = None  # seconds idle before unloading, set by a request (Ollama's); None: the pool's
+    # a draft model for speculative decoding by API name (a model this server offers), loaded on this model's device
+    load_draft: Callable[[str], LoadedModel] | None = None
     last_used: float = field(default_factory=time.monotonic)
     _grammar_tok: Any = None
     _grammar_lock: threading.Lock = field(default_factory=threading.Lock)
@@ -171,7 +173,14 @@ class ModelPool:
             prefix_cache.persist(lm.model, self.prompt_cache[0], lm.manifest.get("digest") or lm.name,
                                  self.prompt_cache[1])
         sched = Scheduler(lm.model, max_running=self.max_running, max_queue=self.max_queue, driver=self.driver)
-        return Served(mid, lm, sched, int(time.time()), Embedder(lm.model), max_tokens=self.max_tokens)
+        return Served(mid, lm, sched, int(time.time()), Embedder(lm.model), max_tokens=self.max_tokens,
+                      load_draft=lambda name: self._draft(name, lm))
+
+    def _draft(self, name: str, lm: LoadedModel) -> LoadedModel:
+        """A model this server offers, loaded as a draft for `lm` (on its device; not counted in
+        max_loaded: it lives as long as `lm`, in lm.drafts)."""
+        _, ref = self.ref_for(name)
+        return self.loader(ref, device=str(lm.model.device), dtype=self.dtype, quant=self.quant, pull_missing=False)
 
     async def acquire(self, model: str) -> Served:
         """The loaded model for an API name, loading it (in a worker thread) on first use. The

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Sequence
 
 from ..engine import constraints
+from ..engine import speculate as speculation_engine
 from ..engine.generate import TextAssembler, budget
 from ..engine.sampling import SamplingParams
 from ..engine.scheduler import Event, Request, TokenLogprob
@@ -227,6 +228,43 @@ class Job:
     prompt_logprobs: int | None = None  # alternatives per prompt token (completions' echo)
     grammar: str | None = None
     keep_stop: bool = False  # the stop token that ends a choice is counted and scored, with no text (completions)
+    speculate: str | None = None  # "ngram", or a draft model's name (its model in `draft`): see speculation()
+    draft: Any = None
+
+
+async def speculation(served: Served, name: str | None) -> tuple[str | None, Any]:
+    """A request's `speculate` checked: (name, the draft's torch model, or None for "ngram"). A draft
+    is a model this server offers (GET /v1/models), loaded once per served model, off the event loop,
+    and it must share the served model's vocabulary; anything else is a 400 naming the field."""
+    if name is None:
+        return None, None
+    if name == speculation_engine.NGRAM:
+        return name, None
+    draft = served.lm.drafts.get(name)
+    if draft is None:
+        if served.load_draft is None:
+            raise BadRequest("speculate: this server has no draft models; use \"ngram\"", param="speculate")
+        try:
+            draft = await asyncio.to_thread(served.load_draft, name)
+        except OwnlmError as e:  # not offered, or not loadable
+            raise BadRequest(f"speculate={name!r} is neither \"ngram\" nor a model this server offers: {e}",
+                             "a draft is a smaller model with the same tokenizer, among GET /v1/models",
+                             param="speculate") from None
+        try:
+            served.lm.speculator(draft)  # the vocabulary check
+        except BadRequest as e:
+            raise BadRequest(f"speculate: {e.message}", e.hint, param="speculate") from None
+        served.lm.drafts[name] = draft
+    return name, draft.model
+
+
+def _proposer(job: Job) -> Any:
+    """A proposer of its own for each speculating choice (it holds that sequence's lookup index or draft cache)."""
+    if job.speculate is None:
+        return None
+    if job.draft is None:
+        return speculation_engine.PromptLookup()
+    return speculation_engine.DraftModel(job.draft)
 
 
 def submit(served: Served, loop: asyncio.AbstractEventLoop, queue: asyncio.Queue, job: Job) -> list[Choice]:
@@ -248,7 +286,7 @@ def submit(served: Served, loop: asyncio.AbstractEventLoop, queue: asyncio.Queue
                 prompt=prompt, params=params, limit=limit, emit=emit,
                 stop_ids=frozenset(served.lm.tokenizer.eos_ids) | frozenset(params.stop_token_ids),
                 logprobs=job.logprobs, prompt_logprobs=job.prompt_logprobs, constraint=constraint,
-                keep_stop=job.keep_stop))
+                keep_stop=job.keep_stop, proposer=_proposer(job)))
             choices.append(c)
     except BaseException:
         cancel(choices)

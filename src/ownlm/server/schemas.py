@@ -40,6 +40,9 @@ class _Sampling(_Body):
     top_k: Optional[int] = Field(None, ge=0)
     min_p: Optional[float] = Field(None, ge=0, le=1)
     repetition_penalty: Optional[float] = Field(None, gt=0, le=10)
+    # ownlm's extension: speculative decoding for this request, "ngram" (prompt lookup) or a draft
+    # model's name (same tokenizer as the served model); the same tokens as without for greedy settings
+    speculate: Optional[str] = Field(None, min_length=1, max_length=500)
 
 
 class FunctionDef(_Body):

@@ -51,8 +51,10 @@ def orpo(avg_c: torch.Tensor, avg_r: torch.Tensor, lam: float = 0.1) -> torch.Te
 
 
 def kto(p: torch.Tensor, r: torch.Tensor, desirable: torch.Tensor, beta: float = 0.1,
-        w_desirable: float = 1.0, w_undesirable: float = 1.0) -> torch.Tensor:
-    z0 = kto_kl(p, r)
+        w_desirable: float = 1.0, w_undesirable: float = 1.0, z0: torch.Tensor | None = None) -> torch.Tensor:
+    """z0: the KL reference point (default kto_kl of this batch; several processes pass the
+    whole batch's, as TRL gathers it)."""
+    z0 = kto_kl(p, r) if z0 is None else z0
     d = w_desirable * (1 - torch.sigmoid(beta * (p - r - z0)))
     u = w_undesirable * (1 - torch.sigmoid(beta * (z0 - (p - r))))
     return torch.where(desirable, d, u)

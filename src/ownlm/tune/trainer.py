@@ -224,19 +224,29 @@ def sequence_logps(model: Transformer, rows: list[Row], device: torch.device,
 
 
 def preference_loss(model: Transformer, items: list, cfg: TuneConfig, device: torch.device,
-                    amp: torch.dtype | None) -> tuple[torch.Tensor, dict[str, float]]:
+                    amp: torch.dtype | None, world: int = 1) -> tuple[torch.Tensor, dict[str, float]]:
     """(sum of the objective over the items, sums of the metrics). Pairs: chosen and rejected
-    sequences in one forward. The references are the items' cached log-probabilities."""
+    sequences in one forward. The references are the items' cached log-probabilities. With
+    several processes (each called with its share of a micro-batch), KTO's KL reference point is
+    the whole micro-batch's, all-reduced, as one process computes it."""
     beta = cfg.beta
     if cfg.objective == "kto":
         p, _ = sequence_logps(model, [it.row for it in items], device, amp)
         r = torch.tensor([it.ref for it in items], device=device, dtype=p.dtype)
         good = torch.tensor([it.label for it in items], device=device)
-        loss = objectives.kto(p, r, good, beta)
+        z0 = None
+        if world > 1:
+            import torch.distributed as dist
+
+            both = torch.stack([(p - r).detach().sum(), torch.tensor(float(len(items)), dtype=p.dtype, device=device)])
+            dist.all_reduce(both)
+            z0 = (both[0] / both[1]).clamp(min=0)
+        loss = objectives.kto(p, r, good, beta, z0=z0)
         rew = (beta * (p - r)).detach()
+        kl = objectives.kto_kl(p, r) if z0 is None else z0
         return loss.sum(), {"rewards/chosen": float(rew[good].sum()), "chosen": float(good.sum()),
                             "rewards/rejected": float(rew[~good].sum()), "rejected": float((~good).sum()),
-                            "kl": float(objectives.kto_kl(p, r)) * len(items)}
+                            "kl": float(kl) * len(items)}
     n = len(items)
     s, cnt = sequence_logps(model, [it.chosen for it in items] + [it.rejected for it in items], device, amp)
     pc, pr, nc, nr = s[:n], s[n:], cnt[:n], cnt[n:]
@@ -256,9 +266,23 @@ def preference_loss(model: Transformer, items: list, cfg: TuneConfig, device: to
 
 
 def reference_logps(model: Transformer, items: list, batch_size: int, device: torch.device,
-                    amp: torch.dtype | None) -> None:
+                    amp: torch.dtype | None, rank: int = 0, world: int = 1) -> None:
     """Fill each item's ref with the reference model's log-probabilities: the model with its
-    adapters switched off (exactly the base), or the untrained weights of full fine-tuning."""
+    adapters switched off (exactly the base), or the untrained weights of full fine-tuning.
+    Several processes (a sharded model): each computes a contiguous share, padded so that all
+    run the same forwards (each is a collective), and the shares are exchanged."""
+    if world > 1:
+        import torch.distributed as dist
+
+        share = -(-len(items) // world)
+        mine = items[rank * share:(rank + 1) * share]
+        reference_logps(model, mine + items[:share - len(mine)], batch_size, device, amp)
+        shares: list = [None] * world
+        dist.all_gather_object(shares, [it.ref for it in mine])
+        for r, refs in enumerate(shares):
+            for it, v in zip(items[r * share:(r + 1) * share], refs):
+                it.ref = v
+        return
     was = model.training
     model.eval()
     with torch.no_grad(), adapters.disabled(model):
@@ -357,7 +381,8 @@ class Trainer:
         self.model.checkpointing = self.cfg.grad_checkpointing
         if self.cfg.objective in ("dpo", "ipo", "kto") and any(it.ref is None for it in self.plan.rows):
             # before any checkpoint is restored: with full weights the model is still the reference
-            reference_logps(self.model, self.plan.rows, self.cfg.batch_size, self.device, self.amp)
+            reference_logps(self.model, self.plan.rows, self.cfg.batch_size, self.device, self.amp, self.rank,
+                            self.world)
         self.reference: torch.nn.Module | None = None  # GRPO with full weights: a frozen copy of the start
         if self.cfg.objective == "grpo":
             if self.tokenizer is None:
@@ -451,7 +476,7 @@ class Trainer:
         loss_sum, tokens = 0.0, 0
         for mb in micro:
             mine = mb[self.rank::self.world]
-            loss, stats = preference_loss(self.model, mine, self.cfg, self.device, self.amp)
+            loss, stats = preference_loss(self.model, mine, self.cfg, self.device, self.amp, self.world)
             (loss * (self.world / len(items))).backward()
             loss_sum += float(loss.detach())
             for k, v in stats.items():

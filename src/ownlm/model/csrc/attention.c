@@ -62,6 +62,7 @@ static inline __m256 load8(const void* p, int64_t i, int cbf) {
 int attend_decode(const void* qkv, int bf, int64_t B, int64_t H, int64_t Hkv, int64_t D, int64_t R,
                   const float* cos, const float* sin, void* kc, void* vc, int cbf, int64_t slot0, int64_t cap,
                   const int64_t* pos, int64_t window, float scale, void* out) {
+    use_threads();
     const int64_t rep = H / Hkv, width = (H + 2 * Hkv) * D;
     int failed = 0;
     #pragma omp parallel

@@ -29,6 +29,7 @@ int decode_layers(void* x, int bf, int64_t B, int64_t C, int64_t L, const layer_
                   void* const* vcs, int64_t H, int64_t Hkv, int64_t D, int64_t R, const float* cos0,
                   const float* sin0, const float* cos1, const float* sin1, int cbf, int64_t slot0, int64_t cap,
                   const int64_t* pos, float eps, int act) {
+    use_threads();
     const int64_t es = bf ? 2 : 4;
     int64_t widest = C;
     for (int64_t l = 0; l < L; l++)
@@ -81,4 +82,18 @@ int64_t layer_layout(int64_t* out, int64_t n) {
     const int64_t count = (int64_t)(sizeof(v) / sizeof(v[0]));
     for (int64_t i = 0; i < count && i < n; i++) out[i] = v[i];
     return count;
+}
+
+int ownlm_threads = 0;
+
+/* the kernels' thread count from now on, in every calling thread (n < 1: the runtime's default) */
+void ownlm_set_threads(int n) {
+    ownlm_threads = n > 0 ? n : 0;
+    if (n > 0) omp_set_num_threads(n);
+}
+
+/* the threads a parallel region of the kernels started from this thread would have */
+int ownlm_get_threads(void) {
+    use_threads();
+    return omp_get_max_threads();
 }

@@ -5,6 +5,7 @@
 /* RMSNorm of M rows of C: y = round(x / rms(x)) * w (offset 0), or x / rms(x) * (offset + w)
    (Gemma), in float32, each result rounded to the compute dtype as PyTorch's ops would */
 int rms_norm(const void* x, int bf, int64_t M, int64_t C, const float* w, float eps, float offset, void* y) {
+    use_threads();
     #pragma omp parallel for schedule(static) if (M >= 64)
     for (int64_t m = 0; m < M; m++) {
         float ss = 0.f;
@@ -23,6 +24,7 @@ int rms_norm(const void* x, int bf, int64_t M, int64_t C, const float* w, float 
 
 /* y (M, F) = act(gate) * up for x (M, 2F) = [gate | up]: act 0 SiLU, 1 GeLU (tanh form) */
 int act_mul(const void* x, int bf, int64_t M, int64_t F, int act, void* y) {
+    use_threads();
     #pragma omp parallel for schedule(static) if (M >= 64)
     for (int64_t m = 0; m < M; m++)
         for (int64_t f = 0; f < F; f++) {

@@ -9,6 +9,7 @@
 #define OWNLM_KERNELS_H
 
 #include <immintrin.h>
+#include <omp.h>
 #include <math.h>
 #include <stddef.h>
 #include <stdint.h>
@@ -58,6 +59,15 @@ static inline float hmax(__m256 v) {
     s = _mm_max_ps(s, _mm_movehl_ps(s, s));
     s = _mm_max_ss(s, _mm_movehdup_ps(s));
     return _mm_cvtss_f32(s);
+}
+
+/* the OpenMP threads of the kernels' parallel regions (0: the runtime's default), set by
+   ownlm_set_threads and applied by each entry point below to the thread that calls it: OpenMP's
+   thread count is a per-thread setting, and a server calls from threads of its own */
+extern int ownlm_threads;
+static inline void use_threads(void) {
+    const int n = ownlm_threads;
+    if (n > 0 && !omp_in_parallel() && omp_get_max_threads() != n) omp_set_num_threads(n);
 }
 
 /* a thread's scratch buffer of n floats inside an OpenMP region; when it cannot be allocated the
@@ -116,5 +126,7 @@ int decode_layers(void* x, int bf, int64_t B, int64_t C, int64_t L, const layer_
                   const float* sin0, const float* cos1, const float* sin1, int cbf, int64_t slot0, int64_t cap,
                   const int64_t* pos, float eps, int act);
 int64_t layer_layout(int64_t* out, int64_t n);
+void ownlm_set_threads(int n);
+int ownlm_get_threads(void);
 
 #endif

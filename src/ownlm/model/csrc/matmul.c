@@ -157,6 +157,7 @@ static inline __attribute__((always_inline)) void ncols(const int16_t* xq, const
    rows. */
 int quant_gemm(const void* xin, int xbf, int64_t M, int64_t K, const uint8_t* w, const uint16_t* s,
                const uint16_t* o, int bits, int64_t N, void* y, int ybf) {
+    use_threads();
     const int64_t G = K / 32;
     const int64_t rb = bits == 4 ? K / 2 : K;
     float* owned;
@@ -251,6 +252,7 @@ static inline __attribute__((always_inline)) void bf16_rows(const float* x, int6
 
 /* y (M, N) = x (M, K) @ W.T for a bfloat16 W (N, K), accumulated in float32 */
 int bf16_gemm(const void* xin, int xbf, int64_t M, int64_t K, const uint16_t* w, int64_t N, void* y, int ybf) {
+    use_threads();
     float* owned;
     const float* x = as_f32(xin, M * K, xbf, &owned);
     if (!x) return OWNLM_ENOMEM;
