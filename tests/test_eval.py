@@ -109,8 +109,9 @@ def test_bench_json_fields_and_cost(hf_models, ownlm_home):
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
     out = json.loads(r.stdout)
-    assert set(out) == {"model", "device", "dtype", "prompt_tokens", "gen_tokens", "load_s", "runs", "peak_rss_bytes",
-                        "cost"}
+    assert set(out) == {"model", "device", "dtype", "threads", "prompt_tokens", "gen_tokens", "load_s", "runs",
+                        "peak_rss_bytes", "cost"}
+    assert out["threads"] == torch.get_num_threads()  # every core by default
     one, three = out["runs"]
     assert set(one) == {"batch", "prefill_tokens_per_s", "time_to_first_token_s", "decode_tokens_per_s"}
     assert set(three) == {"batch", "aggregate_tokens_per_s", "wall_s", "decode_aggregate_tokens_per_s"}
