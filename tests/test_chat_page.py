@@ -158,7 +158,8 @@ def open_page(driver, base: str, fresh: bool = True):
     if fresh:
         driver.execute_script("localStorage.clear(); sessionStorage.clear();")
         driver.get(f"{base}/")
-    assert driver.title == "ownlm chat"
+    # a get of the page the browser is already on can return before the new document has its title
+    wait(driver, lambda d: d.title == "ownlm chat", timeout=30)
 
 
 def wait_models(driver) -> list[str]:
