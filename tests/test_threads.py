@@ -15,6 +15,8 @@ import pytest
 from ownlm.cli.main import main
 from ownlm.model import cpu, kernels
 
+from .conftest import KERNELS_POSSIBLE
+
 
 def cli(*args):
     return subprocess.run([sys.executable, "-m", "ownlm.cli.main", *args], capture_output=True, text=True,
@@ -68,7 +70,7 @@ def test_the_python_api_refuses_a_bad_count():
             kernels.set_threads(bad)
 
 
-@pytest.mark.skipif(kernels.load() is None, reason="ownlm's CPU kernels are not built here")
+@pytest.mark.skipif(not KERNELS_POSSIBLE, reason="ownlm's kernels need x86-64 Linux with AVX2 and a C compiler")
 def test_load_threads_sets_torch_and_the_kernels_in_every_thread(hf_models):
     # more threads than cores: distinct from the default (all cores) wherever this runs, and warned once
     n = cpu.cores() + 1
