@@ -88,18 +88,19 @@ def test_the_wrappers_refuse_what_the_c_code_could_not_take():
     qkv = torch.randn(b, 1, (h + 2 * hkv) * d)
     rot = torch.ones(b, d)
     kc, vc = torch.zeros(b, hkv, cap, d), torch.zeros(b, hkv, cap, d)
-    ok = dict(k_cache=kc, v_cache=vc, slot0=0, pos=torch.tensor([3, 7]), window=0, scale=0.25)
+    ok = dict(k_cache=kc, v_cache=vc, slots=torch.tensor([0, 1]), pos=torch.tensor([3, 7]), window=0, scale=0.25)
     kernels.attend_decode(qkv, h, hkv, d, rot, rot, **ok)
     for change, message in ((dict(pos=torch.tensor([3, 8])), "capacity"), (dict(pos=torch.tensor([-1, 0])), "capacity"),
-                            (dict(slot0=1), "slots"), (dict(window=-1), "window"),
+                            (dict(slots=torch.tensor([1, 2])), "slots"), (dict(window=-1), "window"),
+                            (dict(slots=torch.tensor([1, 1]), pos=torch.tensor([3, 3])), "same slot"),
                             (dict(v_cache=torch.zeros(b, hkv, cap + 1, d)), "caches")):
         with pytest.raises(ValueError, match=message):
             kernels.attend_decode(qkv, h, hkv, d, rot, rot, **{**ok, **change})
     odd = 12
     with pytest.raises(ValueError, match="multiple of 8"):
         kernels.attend_decode(torch.randn(b, 1, (h + 2 * hkv) * odd), h, hkv, odd, torch.ones(b, odd),
-                              torch.ones(b, odd), torch.zeros(b, hkv, cap, odd), torch.zeros(b, hkv, cap, odd), 0,
-                              torch.tensor([0, 1]), 0, 0.25)
+                              torch.ones(b, odd), torch.zeros(b, hkv, cap, odd), torch.zeros(b, hkv, cap, odd),
+                              torch.tensor([0, 1]), torch.tensor([0, 1]), 0, 0.25)
     with pytest.raises(ValueError, match="share"):
         kernels.attend_decode(torch.randn(b, 1, (3 + 2 * hkv) * d), 3, hkv, d, rot, rot, **ok)
     w = quantize(torch.randn(64, 96), 4)
@@ -198,7 +199,7 @@ def test_decode_attention_equals_the_reference(window, dtype):
     cos, sin = torch.cat([ang.cos()] * 2, -1).float(), torch.cat([ang.sin()] * 2, -1).float()
     kc, vc = torch.randn(b + 1, hkv, cap, d).to(dtype), torch.randn(b + 1, hkv, cap, d).to(dtype)  # slot 0: another's
     k0, v0 = kc.clone(), vc.clone()
-    out = kernels.attend_decode(qkv, h, hkv, d, cos, sin, kc, vc, 1, pos, window, 0.25)
+    out = kernels.attend_decode(qkv, h, hkv, d, cos, sin, kc, vc, torch.tensor([1, 2, 3]), pos, window, 0.25)
 
     def rot(x):  # (B, heads, d), half-rotated over the first r dims, in float64
         x = x.double()
@@ -219,6 +220,25 @@ def test_decode_attention_equals_the_reference(window, dtype):
             att = (q[i, j] * 0.25 @ keys[j // (h // hkv)].t()).softmax(-1)
             torch.testing.assert_close(out[i, 0, j * d:(j + 1) * d].double(), att @ vals[j // (h // hkv)],
                                        atol=tol, rtol=0)
+
+
+def test_one_sequences_next_tokens_in_one_call_equal_one_token_steps():
+    """A speculative check: rows that are one sequence's consecutive tokens (one slot, positions
+    5, 6, 7) give, in one call, the bits of three one-token calls in turn, and write the same keys
+    and values (each row sees the rows before it, never after)."""
+    torch.manual_seed(6)
+    h, hkv, d, cap = 4, 2, 16, 16
+    qkv = torch.randn(3, 1, (h + 2 * hkv) * d).to(torch.bfloat16)
+    pos = torch.tensor([5, 6, 7])
+    cos, sin = torch.rand(3, d), torch.rand(3, d)
+    kc, vc = torch.randn(2, hkv, cap, d).to(torch.bfloat16), torch.randn(2, hkv, cap, d).to(torch.bfloat16)
+    k1, v1 = kc.clone(), vc.clone()
+    together = kernels.attend_decode(qkv, h, hkv, d, cos, sin, kc, vc, torch.tensor([1, 1, 1]), pos, 0, 0.25)
+    apart = torch.cat([kernels.attend_decode(qkv[i:i + 1], h, hkv, d, cos[i:i + 1], sin[i:i + 1], k1, v1,
+                                             torch.tensor([1]), pos[i:i + 1], 0, 0.25) for i in range(3)])
+    assert torch.equal(together, apart)
+    assert torch.equal(kc, k1) and torch.equal(vc, v1)
+    assert not torch.equal(together[0], together[1])  # the rows did attend to different keys
 
 
 def test_norm_and_gated_activation_equal_pytorch():

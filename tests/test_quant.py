@@ -77,14 +77,18 @@ def _reference(x: torch.Tensor, w: QuantWeight) -> torch.Tensor:
 
 
 @pytest.mark.skipif(not KERNELS_POSSIBLE, reason="ownlm's kernels need x86-64 Linux with AVX2 and a C compiler")
-@pytest.mark.parametrize("kind", ["int4", "int4-symmetric", "int8"])
-def test_quant_matmul_equals_reference_and_is_batch_invariant(kind):
+@pytest.mark.parametrize("kind,k", [("int4", 192), ("int4-symmetric", 192), ("int8", 192), ("int4", 1184),
+                                    ("int8", 1184)])
+def test_quant_matmul_equals_reference_and_is_batch_invariant(kind, k):
+    """Every row gets the same bits alone as in a batch of any size (the kernel takes rows 8, 4, 2
+    and 1 at a time, in tiles of 64: 70 rows cross one), bfloat16 activations too."""
+    assert kernels.load() is not None
     bits = int(kind[3])
     torch.manual_seed(bits)
-    w = quantize(torch.randn(301, 96 * 2), bits)  # N not a multiple of any block
+    w = quantize(torch.randn(301, k), bits)  # N not a multiple of any block
     if kind == "int4-symmetric":  # Q4_0's form: no offsets stored
         w = QuantWeight(4, w.data, w.scale, None)
-    x = torch.randn(70, 96 * 2) * torch.rand(70, 1) * 4  # 70 rows: crosses the 64-row tile
+    x = torch.randn(70, k) * torch.rand(70, 1) * 4  # 70 rows: crosses the 64-row tile
     got = kernels.quant_matmul(x, bits, w.data, w.scale, w.offset)
     want = _reference(x, w)
     assert torch.allclose(got.double(), want, atol=2e-5 * want.abs().max().item(), rtol=0)
@@ -93,6 +97,14 @@ def test_quant_matmul_equals_reference_and_is_batch_invariant(kind):
     for i in (0, 1, 63, 64, 69):
         assert torch.equal(kernels.quant_matmul(x[i:i + 1].contiguous(), bits, w.data, w.scale,
                                                 w.offset)[0], got[i])
+    for m in (2, 3, 4, 5, 8, 9, 16, 17):
+        assert torch.equal(kernels.quant_matmul(x[70 - m:].contiguous(), bits, w.data, w.scale, w.offset),
+                           got[70 - m:])
+    xb = x[:9].bfloat16()  # bfloat16 activations in and out, as the model's default compute dtype
+    yb = kernels.quant_matmul(xb, bits, w.data, w.scale, w.offset)
+    assert yb.dtype == torch.bfloat16 and torch.equal(yb[4], kernels.quant_matmul(xb[4:5], bits, w.data, w.scale,
+                                                                                  w.offset)[0])
+    torch.testing.assert_close(yb.double(), _reference(xb.float(), w), atol=1e-2 * want.abs().max().item(), rtol=0)
 
 
 def test_quant_linear_without_kernels_and_in_training(monkeypatch):

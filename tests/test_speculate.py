@@ -82,6 +82,19 @@ def test_prompt_lookup_greedy_tokens_are_plain_greedy_tokens(folders, family, dt
     assert kept > 0  # random models repeat themselves: lookup finds continuations and they are kept
 
 
+def test_prompt_lookup_follows_the_passage_being_copied():
+    """An answer copying the prompt's first passage: its last tokens (3 7 8) also recur later in the
+    prompt, followed by other tokens. The guess continues the copied passage, whose earlier tokens
+    agree with the answer's, not the latest occurrence; with no agreeing context, the latest."""
+    prompt = [1, 2, 3, 7, 8, 4, 5, 6, 0, 9, 3, 7, 8, 20, 21, 22, 0]
+    history = prompt + [1, 2, 3, 7, 8]
+    params = SamplingParams(temperature=0)
+    guess, _ = speculate.PromptLookup(k=3).propose(history, 3, params, None, len(prompt))
+    assert guess == [4, 5, 6]
+    guess, _ = speculate.PromptLookup(k=3).propose(prompt + [30, 31, 3, 7, 8], 3, params, None, len(prompt))
+    assert guess == [20, 21, 22]
+
+
 def test_draft_model_greedy_tokens_are_plain_greedy_tokens(folders):
     lm = ownlm.load(str(folders["llama"]))
     draft = ownlm.load(str(folders["draft"]))
@@ -282,14 +295,21 @@ class _Counting(speculate.PromptLookup):
         self.kept += accepted
 
 
-@pytest.mark.parametrize("family", ["llama", "gemma3_text"])
-def test_batch_scheduler_speculates_per_sequence_with_plain_tokens(folders, family):
+@pytest.mark.parametrize("family,quant", [("llama", "auto"), ("llama", "int4"), ("gemma3_text", "auto"),
+                                          ("gemma3_text", "int4")])
+def test_batch_scheduler_speculates_per_sequence_with_plain_tokens(folders, family, quant):
+    """int4: the batch's rows and every guess go through one call of the CPU kernels' decode step
+    (engine/cpu_step.py); elsewhere the step, then a check per speculating sequence."""
     from ownlm.engine import prefix_cache
+    from ownlm.engine.cpu_step import CpuDecode
     from ownlm.engine.scheduler import Scheduler, run_all
+    from ownlm.model import kernels
 
-    lm = ownlm.load(str(folders[family]))
+    lm = ownlm.load(str(folders[family]), quant=quant)
     prefix_cache.attach(lm.model, prefix_cache.PrefixCache(0))
     sched = Scheduler(lm.model, max_running=4, prefill_chunk=7)
+    if quant == "int4" and kernels.load() is not None:
+        assert isinstance(sched.stepper, CpuDecode) and sched.stepper.plan() is not None
     try:
         greedy = [dict(prompt=lm.encode(p), params=SamplingParams(temperature=0), limit=30) for p in PROMPTS]
         seeded = [dict(prompt=lm.encode(p), params=SamplingParams(temperature=0.8, top_k=5, seed=3), limit=20)

@@ -135,11 +135,23 @@ class CpuDecode:
         return self._bound[1], self._bound[2]
 
     def step(self, tokens: torch.Tensor, pos: torch.Tensor, length: int) -> torch.Tensor:
-        model, cache = self.model, self.cache
+        cache = self.cache
         cache.base, cache.length = 0, span(length)
+        slots = torch.arange(tokens.shape[0])
+        out = self.rows(tokens, pos, slots, length)
+        return out if out is not None else self.model(tokens, pos, cache)
+
+    def rows(self, tokens: torch.Tensor, pos: torch.Tensor, slots: torch.Tensor, length: int) -> torch.Tensor | None:
+        """(B, 1) tokens at (B, 1) positions, row b in cache slot slots[b] -> (B, 1, V) logits, each
+        row's bits those of a one-token step of its sequence; several rows may be one sequence's
+        next tokens (a speculative check: every row's keys and values are written before any row
+        attends). `length` covers every position. None where the kernel cannot run this model (the
+        caller then steps through the model's forward)."""
+        model, cache = self.model, self.cache
         plan = self.plan() if not torch.is_grad_enabled() and cache.decode_buffers(0) is not None else None
         if plan is None:
-            return model(tokens, pos, cache)
+            return None
+        cache.length = span(length)
         x = model.embed_tokens(tokens)  # (B, 1, C)
         kinds = model.attention_inputs(pos, cache.length, x.dtype, decode=True)
         cos0, sin0, _ = kinds[False]
@@ -149,8 +161,8 @@ class CpuDecode:
         ks, vs = self._pointers()
         k0, v0, _ = cache.decode_buffers(0)
         h, hkv, d = plan.shape
-        kernels.check_attention(x.shape[0], h, hkv, d, rotations[0], k0, v0, 0, at, 0)
+        kernels.check_attention(x.shape[0], h, hkv, d, rotations[0], k0, v0, slots, at, 0)
         x = x.reshape(x.shape[0], -1).contiguous().clone()  # (B, C), updated in place
-        kernels.decode_layers(x, plan.layers, ks, vs, plan.shape, rotations, k0.dtype == torch.bfloat16, 0,
+        kernels.decode_layers(x, plan.layers, ks, vs, plan.shape, rotations, k0.dtype == torch.bfloat16, slots,
                               k0.shape[2], at, plan.eps, plan.act)
         return model.finish(x[:, None])

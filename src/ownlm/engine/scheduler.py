@@ -15,10 +15,11 @@ and its answer too when it retires, so requests sharing a system prompt, and the
 conversation, prefill only what is new.
 
 A request with a `proposer` (engine/speculate.py: prompt lookup or a draft model) speculates in its
-decode steps: the batch's step scores its first guess, speculate.verify_forward scores the rest in
-its slot as one-token steps would, and each row is sampled as any other; guesses are kept while
-the token sampled is the guess (for certain guesses this is exact, greedy or sampled), the rest of
-the slot is overwritten later.
+decode steps: its guesses go through the batch's step as rows of their own in its slot (on a CPU
+with ownlm's kernels: one call, each row the bits of a one-token step; elsewhere the batch's step
+scores the first guess and speculate.verify_forward the rest), and each row is sampled as any
+other; guesses are kept while the token sampled is the guess (for certain guesses this is exact,
+greedy or sampled), the rest of the slot is overwritten later.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ import torch
 
 from ..errors import OwnlmError
 from . import prefix_cache
+from .cpu_step import CpuDecode
 from .kv_cache import KVCache, span
 from .generate import PREFILL_CHUNK
 from .sampling import SamplingParams, make_generator, sample
@@ -292,20 +294,26 @@ class Scheduler:
         pos_list = [s.cached for s in self.running]  # where each last token goes
         reach = max(p + 1 + len(d) for p, d in zip(pos_list, drafts))
         self.cache.grow(n + (self.admitting is not None), span(reach), span(self.cfg.context_length))
-        tokens = torch.tensor([[s.out[-1]] for s in self.running], dtype=torch.long, device=self.device)
-        pos = torch.tensor(pos_list, dtype=torch.long, device=self.device)[:, None]
-        logits = self.stepper.step(tokens, pos, max(pos_list) + 1)  # (n, 1, V)
-        rows = logits[:, -1].float().cpu()
-        # a speculating sequence's guesses go through its slot after the batch's step, which gave the
-        # scores for the first: verify_forward's rows are what one-token steps would give
         verified: list[torch.Tensor | None] = [None] * n
-        for i, (s, d) in enumerate(zip(self.running, drafts)):
-            if d:
-                start = pos_list[i] + 1
-                self.cache.base, self.cache.length = s.slot, span(start + len(d))
-                fed = torch.tensor([d], dtype=torch.long, device=self.device)
-                at = torch.arange(start, start + len(d), device=self.device)[None]
-                verified[i] = verify_forward(self.model, fed, at, self.cache)[0].float().cpu()  # (K, V)
+        rows = self._step_rows(drafts, pos_list) if any(drafts) else None
+        if rows is None:
+            tokens = torch.tensor([[s.out[-1]] for s in self.running], dtype=torch.long, device=self.device)
+            pos = torch.tensor(pos_list, dtype=torch.long, device=self.device)[:, None]
+            rows = self.stepper.step(tokens, pos, max(pos_list) + 1)[:, -1].float().cpu()  # (n, V)
+            # a speculating sequence's guesses go through its slot after the batch's step, which gave the
+            # scores for the first: verify_forward's rows are what one-token steps would give
+            for i, (s, d) in enumerate(zip(self.running, drafts)):
+                if d:
+                    start = pos_list[i] + 1
+                    self.cache.base, self.cache.length = s.slot, span(start + len(d))
+                    fed = torch.tensor([d], dtype=torch.long, device=self.device)
+                    at = torch.arange(start, start + len(d), device=self.device)[None]
+                    verified[i] = verify_forward(self.model, fed, at, self.cache)[0].float().cpu()  # (K, V)
+        else:
+            at = n
+            for i, d in enumerate(drafts):  # the guesses' rows follow the batch's own, sequence by sequence
+                if d:
+                    verified[i], at = rows[at:at + len(d)], at + len(d)
         for i, s in enumerate(self.running):
             s.cached += 1
             self._sample_safely(s, rows[i])
@@ -326,6 +334,26 @@ class Scheduler:
             s.req.proposer.feedback(len(d), kept)
             s.req.drafted += len(d)
             s.req.accepted += kept
+
+    def _step_rows(self, drafts: list[list[int]], pos_list: list[int]) -> torch.Tensor | None:
+        """The batch's step and every speculating sequence's guesses in one call of the CPU stepper
+        (engine/cpu_step.py: each row the bits of a one-token step): rows (n + guesses, V), the
+        batch's first. None where that stepper cannot take them (the caller steps and verifies)."""
+        if not isinstance(self.stepper, CpuDecode):
+            return None
+        tokens, pos, slots = [], [], []
+        for s, p in zip(self.running, pos_list):
+            tokens.append(s.out[-1])
+            pos.append(p)
+            slots.append(s.slot)
+        for s, p, d in zip(self.running, pos_list, drafts):
+            tokens += d
+            pos += range(p + 1, p + 1 + len(d))
+            slots += [s.slot] * len(d)
+        t = torch.tensor(tokens, dtype=torch.long)[:, None]
+        out = self.stepper.rows(t, torch.tensor(pos, dtype=torch.long)[:, None], torch.tensor(slots, dtype=torch.long),
+                                max(pos) + 1)
+        return None if out is None else out[:, -1].float().cpu()
 
     def _propose(self, s: _Seq) -> list[int]:
         """The guesses of a speculating sequence for its next positions: as many as may all be kept

@@ -50,6 +50,7 @@ import torch
 from ..errors import BadRequest
 from ..model import ops
 from ..text.tokenizer import TextTokenizer
+from .cpu_step import CpuDecode
 from .generate import GROW_FROM, PREFILL_CHUNK, StepStats, budget, prefill
 from .kv_cache import KVCache, span
 from .sampling import SamplingParams, distribution, draw, make_generator, sample
@@ -71,14 +72,22 @@ class Proposer(Protocol):
 class PromptLookup:
     """Guesses by n-gram lookup in the prompt and the answer so far.
 
+    Of the earlier occurrences of the last n tokens (the latest `candidates`), the one whose
+    preceding tokens agree longest with the history's (up to `reach`) is followed, the latest on
+    a tie: where an answer copies a passage of the prompt, that is the passage's place, not a
+    phrase that recurs in it (a `def ` or `self.` in code).
+
     Adaptive: a guess's length doubles (up to `k_max`) while whole guesses are kept and drops to
     what was kept plus one after a miss; after `patience` passes in a row with nothing kept it
     stops guessing for `pause` tokens (doubling each time, up to 16), so on text that does not
     repeat it costs a short wasted pass every few tokens, not one per token."""
 
-    def __init__(self, max_ngram: int = 3, k: int = 4, k_max: int = 16, patience: int = 2):
+    def __init__(self, max_ngram: int = 3, k: int = 4, k_max: int = 16, patience: int = 2, candidates: int = 16,
+                 reach: int = 64):
         self.max_ngram, self.k, self.k_max, self.patience = max_ngram, k, k_max, patience
-        self.index: list[dict[tuple[int, ...], int]] = [{} for _ in range(max_ngram + 1)]
+        self.candidates, self.reach = candidates, reach
+        # n-gram -> where it starts, in order (the latest `candidates` kept)
+        self.index: list[dict[tuple[int, ...], list[int]]] = [{} for _ in range(max_ngram + 1)]
         self.indexed = [0] * (max_ngram + 1)  # n-grams starting before this are in index[n]
         self.misses = 0
         self.pause, self.resting = 4, 0
@@ -95,12 +104,23 @@ class PromptLookup:
             index = self.index[n]
             # every n-gram followed by at least one token, except the last n tokens themselves
             for j in range(self.indexed[n], L - n):
-                index[tuple(history[j:j + n])] = j
+                seen = index.setdefault(tuple(history[j:j + n]), [])
+                seen.append(j)
+                if len(seen) > 2 * self.candidates:
+                    del seen[:-self.candidates]
             self.indexed[n] = max(self.indexed[n], L - n)
-            j = index.get(tuple(history[L - n:]))
-            if j is not None:
+            seen = index.get(tuple(history[L - n:]))
+            if seen:
+                j = max(seen[-self.candidates:], key=lambda j: (self._agree(history, j, L - n), j))
                 return history[j + n:j + n + k], None
         return [], None
+
+    def _agree(self, history: list[int], j: int, end: int) -> int:
+        """How many tokens before positions j and `end` agree (up to `reach`)."""
+        m = 0
+        while m < self.reach and m < j and history[j - 1 - m] == history[end - 1 - m]:
+            m += 1
+        return m
 
     def feedback(self, drafted, accepted):
         if accepted == drafted:
@@ -114,6 +134,59 @@ class PromptLookup:
         if self.misses >= self.patience:
             self.misses, self.resting = 0, self.pause
             self.pause = min(16, 2 * self.pause)
+
+
+class Predicted:
+    """Guesses from a predicted answer (OpenAI's predicted outputs: text the answer will mostly
+    repeat, such as the file being edited), else by prompt lookup. While the answer follows the
+    prediction, the guess is what comes next in it; where they part (an edit), the answer's last
+    3 (else 2, else 1) tokens are looked up in the prediction, nearest after the place it left, and
+    the guesses go on from there. The guess grows (doubling up to `k_max`) while guesses are kept."""
+
+    def __init__(self, prediction: Sequence[int], lookup: PromptLookup | None = None, k: int = 4,
+                 k_max: int = 32, max_ngram: int = 3):
+        self.prediction = list(prediction)
+        self.lookup = lookup if lookup is not None else PromptLookup()
+        self.k, self.k_max, self.max_ngram = k, k_max, max_ngram
+        self.after: dict[tuple[int, ...], list[int]] = {}  # n-gram of the prediction -> the positions after it
+        for n in range(1, max_ngram + 1):
+            for j in range(len(self.prediction) - n):
+                self.after.setdefault(tuple(self.prediction[j:j + n]), []).append(j + n)
+        self.at: int | None = 0  # the prediction's position the answer's next token should match (None: lost)
+        self.last = 0  # the latest such position
+        self.seen = 0  # answer tokens taken into account
+        self.guessed = False  # whether the latest guess came from the prediction (whose feedback is ours)
+
+    def propose(self, history, room, params, generator, prompt_len):
+        answer = history[prompt_len:]
+        for t in answer[self.seen:]:
+            ok = self.at is not None and self.at < len(self.prediction) and self.prediction[self.at] == t
+            self.at = self.at + 1 if ok else None
+        self.seen = len(answer)
+        if self.at is None:
+            self.at = self._resync(answer)
+        if self.at is not None:
+            self.last = self.at
+        k = min(self.k, room)
+        self.guessed = self.at is not None and self.at < len(self.prediction) and k > 0
+        if self.guessed:
+            return self.prediction[self.at:self.at + k], None
+        return self.lookup.propose(history, room, params, generator, prompt_len)
+
+    def _resync(self, answer: list[int]) -> int | None:
+        for n in range(min(self.max_ngram, len(answer)), 0, -1):
+            places = self.after.get(tuple(answer[-n:]))
+            if places:
+                return min(places, key=lambda p: (p < self.last, abs(p - self.last)))
+        return None
+
+    def feedback(self, drafted, accepted):
+        if not self.guessed:
+            self.lookup.feedback(drafted, accepted)
+        elif accepted == drafted:
+            self.k = min(self.k_max, 2 * self.k)
+        else:
+            self.k = max(1, accepted + 1)
 
 
 class DraftModel:
@@ -221,10 +294,17 @@ def _attend_rows(attn, h, cos, sin, mask, pos, cache) -> torch.Tensor:
     return attn.o(torch.cat(ys, dim=1))  # (B, T, C)
 
 
-def verify_forward(model: torch.nn.Module, tokens: torch.Tensor, pos: torch.Tensor, cache: KVCache) -> torch.Tensor:
+def verify_forward(model: torch.nn.Module, tokens: torch.Tensor, pos: torch.Tensor, cache: KVCache,
+                   stepper=None) -> torch.Tensor:
     """tokens, pos: (1, T) -> logits (1, T, V), each row what a one-token decode step at its
     position would give (see the module's note on exactness); keys and values are written at
-    `pos`. The caller sets cache.length to cover pos."""
+    `pos` in slot cache.base. The caller sets cache.length to cover pos. With the cache's CPU
+    stepper (engine/cpu_step.py) every row goes through its one kernel call when it can."""
+    if isinstance(stepper, CpuDecode):
+        rows = stepper.rows(tokens.T, pos.T, torch.full((tokens.shape[1],), cache.base, dtype=torch.long),
+                            cache.length)
+        if rows is not None:
+            return rows.transpose(0, 1)  # (T, 1, V) -> (1, T, V)
     x = model.embed_tokens(tokens)  # (1, T, C)
     kinds = model.attention_inputs(pos, cache.length, x.dtype, decode=True)  # one-token rotations and masks
     for block in model.layers:  # Block.forward with the attention above
@@ -363,7 +443,7 @@ def generate_ids(model: torch.nn.Module, prompt: Sequence[int], params: Sampling
             cache.grow(1, n + T, span(P + limit))
             cache.base, cache.length = 0, span(n + T)
             fed = torch.tensor([[token, *drafts]], device=device)
-            rows = verify_forward(model, fed, torch.arange(n, n + T, device=device)[None], cache)[0].cpu()  # (T, V)
+            rows = verify_forward(model, fed, torch.arange(n, n + T, device=device)[None], cache, stepper)[0].cpu()
             spent = time.perf_counter() - started
             n += 1
             stats.drafted += len(drafts)

@@ -183,10 +183,10 @@ def _open(path: Path) -> ctypes.CDLL:
     signatures = {
         "quant_gemm": [p, i32, i64, i64, p, p, p, i32, i64, p, i32],
         "bf16_gemm": [p, i32, i64, i64, p, i64, p, i32],
-        "attend_decode": [p, i32, i64, i64, i64, i64, i64, p, p, p, p, i32, i64, i64, p, i64, f32, p],
+        "attend_decode": [p, i32, i64, i64, i64, i64, i64, p, p, p, p, i32, p, i64, p, i64, f32, p],
         "rms_norm": [p, i32, i64, i64, p, f32, f32, p],
         "act_mul": [p, i32, i64, i64, i32, p],
-        "decode_layers": [p, i32, i64, i64, i64, p, p, p, i64, i64, i64, i64, p, p, p, p, i32, i64, i64, p, f32,
+        "decode_layers": [p, i32, i64, i64, i64, p, p, p, i64, i64, i64, i64, p, p, p, p, i32, p, i64, p, f32,
                           i32],
     }
     for name, args in signatures.items():
@@ -294,10 +294,11 @@ def act_mul(x: torch.Tensor, act: int) -> torch.Tensor:
 
 
 def check_attention(batch: int, n_heads: int, n_kv: int, head_dim: int, rot: torch.Tensor, k_cache: torch.Tensor,
-                    v_cache: torch.Tensor, slot0: int, pos: torch.Tensor, window: int) -> None:
-    """What attend_decode's C code relies on, for `batch` sequences in cache slots slot0.. with
-    one new token each at positions `pos`: head dim a multiple of 8, grouped heads, (B, R)
-    float32 rotations, caches (slots, Hkv, capacity, D) that hold those slots and positions."""
+                    v_cache: torch.Tensor, slots: torch.Tensor, pos: torch.Tensor, window: int) -> None:
+    """What attend_decode's C code relies on, for `batch` rows of one new token each, row b in
+    cache slot slots[b] at position pos[b]: head dim a multiple of 8, grouped heads, (B, R)
+    float32 rotations, caches (slots, Hkv, capacity, D) that hold those slots and positions, and
+    no two rows writing one slot's position."""
     _need(head_dim > 0 and head_dim % 8 == 0, f"head dim {head_dim} is not a multiple of 8")
     _need(n_kv > 0 and n_heads % n_kv == 0, f"{n_heads} heads cannot share {n_kv} key/value heads")
     r = rot.shape[-1]
@@ -308,37 +309,41 @@ def check_attention(batch: int, n_heads: int, n_kv: int, head_dim: int, rot: tor
           and k_cache.dtype == v_cache.dtype and k_cache.dtype in (torch.float32, torch.bfloat16)
           and k_cache.is_contiguous() and v_cache.is_contiguous() and k_cache.device.type == "cpu",
           "the key and value caches must be contiguous (slots, Hkv, capacity, D) float32 or bfloat16")
-    _need(0 <= slot0 and slot0 + batch <= shape[0], f"slots {slot0}..{slot0 + batch - 1} are not in the cache")
-    _need(pos.dtype == torch.int64 and tuple(pos.shape) == (batch,) and pos.is_contiguous(), "pos must be (B,) int64")
-    at = pos.tolist()
-    _need(all(0 <= p < shape[2] for p in at), f"positions {at} do not fit the cache's capacity {shape[2]}")
+    for t in (slots, pos):
+        _need(t.dtype == torch.int64 and tuple(t.shape) == (batch,) and t.is_contiguous() and t.device.type == "cpu",
+              "slots and pos must be (B,) int64")
+    where = list(zip(slots.tolist(), pos.tolist()))
+    _need(all(0 <= s < shape[0] for s, _ in where), f"slots {slots.tolist()} are not all in the cache")
+    _need(all(0 <= p < shape[2] for _, p in where),
+          f"positions {pos.tolist()} do not fit the cache's capacity {shape[2]}")
+    _need(len(set(where)) == len(where), "two rows write the same slot and position")
     _need(window >= 0, "the window must not be negative")
 
 
 def attend_decode(qkv: torch.Tensor, n_heads: int, n_kv: int, head_dim: int, cos: torch.Tensor, sin: torch.Tensor,
-                  k_cache: torch.Tensor, v_cache: torch.Tensor, slot0: int, pos: torch.Tensor, window: int,
-                  scale: float) -> torch.Tensor:
-    """One-token attention for B sequences (see attention.c). qkv: (B, 1, (H + 2 Hkv) D); cos,
-    sin: (B, R) float32; caches (slots, Hkv, cap, D) float32 or bfloat16; pos: (B,) int64 ->
-    (B, 1, H D) in qkv's dtype."""
+                  k_cache: torch.Tensor, v_cache: torch.Tensor, slots: torch.Tensor, pos: torch.Tensor,
+                  window: int, scale: float) -> torch.Tensor:
+    """One-token attention for B rows (see attention.c). qkv: (B, 1, (H + 2 Hkv) D); cos,
+    sin: (B, R) float32; caches (slots, Hkv, cap, D) float32 or bfloat16; slots, pos: (B,) int64
+    (row b's cache slot and position) -> (B, 1, H D) in qkv's dtype."""
     b = qkv.shape[0]
     qkv = qkv.contiguous()
-    cos, sin, pos = cos.contiguous(), sin.contiguous(), pos.contiguous()
-    check_attention(b, n_heads, n_kv, head_dim, cos, k_cache, v_cache, slot0, pos, window)
+    cos, sin, slots, pos = cos.contiguous(), sin.contiguous(), slots.contiguous(), pos.contiguous()
+    check_attention(b, n_heads, n_kv, head_dim, cos, k_cache, v_cache, slots, pos, window)
     _need(tuple(sin.shape) == tuple(cos.shape) and sin.dtype == torch.float32, "sin must match cos")
     _need(qkv.dtype in (torch.float32, torch.bfloat16) and tuple(qkv.shape) == (b, 1, (n_heads + 2 * n_kv) * head_dim),
           "qkv must be (B, 1, (H + 2 Hkv) D) float32 or bfloat16")
     out = qkv.new_empty(b, 1, n_heads * head_dim)
     _call(_lib.attend_decode(qkv.data_ptr(), qkv.dtype == torch.bfloat16, b, n_heads, n_kv, head_dim, cos.shape[-1],
                              cos.data_ptr(), sin.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(),
-                             k_cache.dtype == torch.bfloat16, slot0, k_cache.shape[2], pos.data_ptr(), window, scale,
-                             out.data_ptr()))
+                             k_cache.dtype == torch.bfloat16, slots.data_ptr(), k_cache.shape[2], pos.data_ptr(),
+                             window, scale, out.data_ptr()))
     return out
 
 
 def decode_layers(x: torch.Tensor, layers: ctypes.Array, keys: ctypes.Array, values: ctypes.Array, shape: tuple,
-                  rotations: tuple, cache_bf16: bool, slot0: int, capacity: int, pos: torch.Tensor, eps: float,
-                  act: int) -> None:
+                  rotations: tuple, cache_bf16: bool, slots: torch.Tensor, capacity: int, pos: torch.Tensor,
+                  eps: float, act: int) -> None:
     """The whole decode step of len(layers) blocks, x (B, C) updated in place (see decode.c).
     The caller (engine/cpu_step.py) checked the layers when it built them, and the cache, slots
     and positions with check_attention before this call."""
@@ -346,5 +351,5 @@ def decode_layers(x: torch.Tensor, layers: ctypes.Array, keys: ctypes.Array, val
     cos0, sin0, cos1, sin1 = rotations
     _call(_lib.decode_layers(x.data_ptr(), x.dtype == torch.bfloat16, x.shape[0], x.shape[-1], len(layers),
                              ctypes.byref(layers), keys, values, h, hkv, d, cos0.shape[-1], cos0.data_ptr(),
-                             sin0.data_ptr(), cos1.data_ptr(), sin1.data_ptr(), cache_bf16, slot0, capacity,
+                             sin0.data_ptr(), cos1.data_ptr(), sin1.data_ptr(), cache_bf16, slots.data_ptr(), capacity,
                              pos.data_ptr(), eps, act))

@@ -57,7 +57,8 @@ def attend_decode(qkv: torch.Tensor, n_heads: int, n_kv: int, head_dim: int, cos
     if buffers is None:
         return None
     k_cache, v_cache, slot0 = buffers
-    return kernels.attend_decode(qkv, n_heads, n_kv, head_dim, cos[:, 0, 0], sin[:, 0, 0], k_cache, v_cache, slot0,
+    slots = torch.arange(slot0, slot0 + qkv.shape[0])  # the batch's sequences in slots slot0..
+    return kernels.attend_decode(qkv, n_heads, n_kv, head_dim, cos[:, 0, 0], sin[:, 0, 0], k_cache, v_cache, slots,
                                  pos[:, 0], window, scale)
 
 

@@ -125,8 +125,9 @@ class MessagesRequest(CountTokensRequest):
     top_p: Optional[float] = Field(None, gt=0, le=1)
     top_k: Optional[int] = Field(None, ge=0)
     metadata: Optional[Metadata] = None
-    # an extension, as in ownlm's OpenAI routes: reproducible sampling
+    # extensions, as in ownlm's OpenAI routes: reproducible sampling, speculative decoding ("ngram" or a draft model)
     seed: Optional[int] = Field(None, ge=-INT64, lt=INT64)
+    speculate: Optional[str] = Field(None, min_length=1, max_length=500)
 
 
 # --- errors -----------------------------------------------------------------------------------------
@@ -221,7 +222,7 @@ def chat_request(body: CountTokensRequest, messages: list[dict[str, Any]]) -> Ch
             fields["parallel_tool_calls"] = False
     if isinstance(body, MessagesRequest):
         fields.update(max_tokens=body.max_tokens, stream=body.stream)
-        for name in ("temperature", "top_p", "top_k", "seed"):
+        for name in ("temperature", "top_p", "top_k", "seed", "speculate"):
             if getattr(body, name) is not None:
                 fields[name] = getattr(body, name)
         if body.stop_sequences:
@@ -281,7 +282,8 @@ class Messages:
         params = runs.sampling(served, chat, self.body.max_tokens)
         limit = runs.limit_for(served, prompt, params, self.body.max_tokens)
         self.tool_mode, self.prompt_tokens = plan.tool_mode, len(prompt)
-        return runs.Job([prompt], [params], [limit], grammar=plan.grammar)
+        speculate, draft = await runs.speculation(served, chat.speculate)
+        return runs.Job([prompt], [params], [limit], grammar=plan.grammar, speculate=speculate, draft=draft)
 
     def _calls_tools(self, text: str) -> bool:
         """Whether the text is tool calls (the tool grammar allows no text before them)."""

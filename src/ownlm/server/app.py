@@ -205,6 +205,8 @@ def _metrics(pool: ModelPool) -> Metrics:
     metrics.counter("prompt_tokens_total", "prompt tokens processed")
     metrics.counter("generation_tokens_total", "tokens generated")
     metrics.counter("sequences_cancelled_total", "sequences cancelled (client gone, stop string, timeout)")
+    metrics.counter("speculative_draft_tokens_total", "tokens guessed by speculative decoding (speculate)")
+    metrics.counter("speculative_accepted_tokens_total", "guessed tokens the model kept (the rest were rejected)")
     metrics.histogram("time_to_first_token_seconds", "time from request to first generated token")
     metrics.histogram("inter_token_latency_seconds", "time between consecutive generated tokens of a sequence")
     metrics.gauge("running_sequences", "sequences on the engine (decoding, being prefilled, being embedded)",

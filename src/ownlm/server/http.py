@@ -267,8 +267,17 @@ async def generate(request: Request, t: Translator) -> StreamingResponse | dict[
     try:
         await _drain(request, st, choices, events)
     finally:
+        count_speculation(st, served, choices)
         st.pool.release(served)
     return t.result(served, choices)
+
+
+def count_speculation(st: State, served: Served, choices: list[runs.Choice]) -> None:
+    """A finished (or abandoned) request's guesses into /metrics, per model."""
+    counts = speculation_of(choices)
+    if counts is not None:
+        st.metrics.inc("speculative_draft_tokens_total", counts[0], model=served.id)
+        st.metrics.inc("speculative_accepted_tokens_total", counts[1], model=served.id)
 
 
 async def _timed(st: State, choices: list[runs.Choice], queue: asyncio.Queue, t0: float) -> Events:
@@ -354,6 +363,7 @@ def streaming(st: State, chunks: AsyncIterator[bytes], served: Served, choices: 
         if not state["finished"]:
             st.metrics.inc("sequences_cancelled_total", len(choices))
         runs.cancel(choices)
+        count_speculation(st, served, choices)
         st.pool.release(served)
 
     return _Stream(body(), cleanup, media_type)
@@ -368,10 +378,33 @@ def cached_tokens(choices: list[runs.Choice]) -> int:
     return sum(c.request.cached for c in choices if c.request is not None)
 
 
+def speculation_of(choices: list[runs.Choice]) -> tuple[int, int] | None:
+    """(tokens guessed, guesses kept) over the choices of a request that speculated; None for one that did not."""
+    if not any(c.speculative for c in choices):
+        return None
+    counts = [c.speculation() for c in choices]
+    return sum(d for d, _ in counts), sum(a for _, a in counts)
+
+
+def prediction_details(choices: list[runs.Choice]) -> dict[str, int] | None:
+    """The guesses of a speculating request under OpenAI's names for predicted outputs' tokens:
+    kept guesses are accepted, the others rejected (computed, not in the answer)."""
+    counts = speculation_of(choices)
+    if counts is None:
+        return None
+    drafted, accepted = counts
+    return {"accepted_prediction_tokens": accepted, "rejected_prediction_tokens": drafted - accepted}
+
+
 def usage_of(choices: list[runs.Choice], prompt_tokens: int) -> dict[str, Any]:
     out = sum(len(c.tokens) for c in choices)
-    return {"prompt_tokens": prompt_tokens, "completion_tokens": out, "total_tokens": prompt_tokens + out,
-            "prompt_tokens_details": {"cached_tokens": cached_tokens(choices)}}
+    usage: dict[str, Any] = {"prompt_tokens": prompt_tokens, "completion_tokens": out,
+                             "total_tokens": prompt_tokens + out,
+                             "prompt_tokens_details": {"cached_tokens": cached_tokens(choices)}}
+    details = prediction_details(choices)
+    if details is not None:  # only where the request speculated
+        usage["completion_tokens_details"] = details
+    return usage
 
 
 def as_batch(x: Any) -> list[Any]:

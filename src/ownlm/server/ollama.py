@@ -5,7 +5,8 @@ OpenAI-shaped namespace read by runs.chat_plan and runs.sampling), run by http.g
 engine's events come back as Ollama's newline-delimited JSON. Errors are `{"error": "..."}`.
 
 Ollama's `options` map onto ownlm's sampling (temperature, top_p, top_k, min_p, num_predict, num_ctx,
-seed, stop, repeat_penalty, presence_penalty, frequency_penalty); the others are ignored as Ollama
+seed, stop, repeat_penalty, presence_penalty, frequency_penalty; and ownlm's `speculate`, which may
+also be given beside `options`, as on the OpenAI routes); the others are ignored as Ollama
 ignores unknown ones, and each is named once in the server log. `keep_alive` sets how long the
 model stays loaded after the request (0: unloaded at once; negative: forever). Pulling writes to
 the store, so /api/pull answers 403 unless the server was started with --allow-pull."""
@@ -82,6 +83,7 @@ class Options(BaseModel):
     repeat_penalty: Optional[float] = None
     presence_penalty: Optional[float] = None
     frequency_penalty: Optional[float] = None
+    speculate: Optional[str] = Field(None, min_length=1, max_length=500)  # or top-level: see _Generation
 
 
 KeepAlive = Optional[Union[str, float]]
@@ -95,6 +97,9 @@ class _Generation(_Body):
     options: Optional[Options] = None
     keep_alive: KeepAlive = None
     think: Optional[Union[bool, str]] = None
+    # ownlm's extension, as on its OpenAI routes: speculative decoding, "ngram" or a draft model's name
+    # (here or in options)
+    speculate: Optional[str] = Field(None, min_length=1, max_length=500)
 
 
 class ToolCallFunction(_Body):
@@ -310,7 +315,7 @@ class _Translator:
         if self.keep_alive is not None:
             served.keep_alive = self.keep_alive
 
-    def _job(self, served: Served, prompt: list[int], plan: runs.Plan) -> runs.Job:
+    async def _job(self, served: Served, prompt: list[int], plan: runs.Plan) -> runs.Job:
         """One choice: the prompt, Ollama's options as sampling, num_predict and num_ctx as limits."""
         opts = self.body.options or Options()
         ctx = served.lm.config.context_length
@@ -327,8 +332,12 @@ class _Translator:
         params = runs.sampling(served, self.internal, max_tokens)
         limit = min(runs.limit_for(served, prompt, params, max_tokens), room)
         self.prompt_tokens = len(prompt)
+        if self.body.speculate and opts.speculate and self.body.speculate != opts.speculate:
+            raise APIError(400, f"speculate is {self.body.speculate!r} but options.speculate is {opts.speculate!r}: "
+                                "give one", param="speculate")
+        speculate, draft = await runs.speculation(served, self.body.speculate or opts.speculate)
         self.submitted_at = time.monotonic()
-        return runs.Job([prompt], [params], [limit], grammar=plan.grammar)
+        return runs.Job([prompt], [params], [limit], grammar=plan.grammar, speculate=speculate, draft=draft)
 
     def _stats(self, c: runs.Choice) -> dict[str, Any]:
         now = time.monotonic()
@@ -369,7 +378,7 @@ class Chat(_Translator):
             await asyncio.to_thread(served.grammar_tokenizer)
         prompt = served.lm.encode(await asyncio.to_thread(runs.render_chat, served, self.messages, plan.tools))
         self.tool_mode = plan.tool_mode
-        return self._job(served, prompt, plan)
+        return await self._job(served, prompt, plan)
 
     def _calls_tools(self, text: str) -> bool:
         return self.tool_mode != "none" and text.lstrip().startswith("<")
@@ -445,7 +454,7 @@ class Generate(_Translator):
         prompt = served.lm.encode(text)
         if body.context:
             prompt = runs.token_ids(served, body.context, "context") + prompt
-        return self._job(served, prompt, plan)
+        return await self._job(served, prompt, plan)
 
     async def chunks(self, served: Served, choices: list[runs.Choice], events: Events) -> AsyncIterator[bytes]:
         async for _, piece, _ in events:

@@ -113,8 +113,11 @@ class Chat:
         limit = runs.limit_for(served, prompt, params[0], max_tokens)
         self.tool_mode, self.prompt_tokens = plan.tool_mode, len(prompt) * body.n
         speculate, draft = await runs.speculation(served, body.speculate)
+        predicted = None
+        if body.prediction is not None:
+            predicted, speculate = runs.prediction(served, body.prediction, speculate, draft)
         return runs.Job([prompt] * body.n, params, [limit] * body.n, logprobs=self.logprobs, grammar=plan.grammar,
-                        speculate=speculate, draft=draft)
+                        speculate=speculate, draft=draft, prediction=predicted)
 
     def _calls_tools(self, text: str) -> bool:
         """Whether a choice's text is tool calls (the grammar allows nothing else before them)."""

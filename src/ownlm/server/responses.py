@@ -19,7 +19,8 @@ from fastapi import APIRouter, Request
 from pydantic import Discriminator, Field, Tag, ValidationError
 
 from . import runs
-from .http import APIError, Events, documented, generate, log_entry, parse_body, validation_error
+from .http import (APIError, Events, documented, generate, log_entry, parse_body, prediction_details,
+                   validation_error)
 from .openai import Chat
 from .pool import Served
 from .schemas import INT64, ChatRequest, _Body
@@ -144,6 +145,7 @@ class ResponsesRequest(_Body):
     repetition_penalty: Optional[float] = Field(None, gt=0, le=10)
     presence_penalty: Optional[float] = Field(None, ge=-2, le=2)
     frequency_penalty: Optional[float] = Field(None, ge=-2, le=2)
+    speculate: Optional[str] = Field(None, min_length=1, max_length=500)  # "ngram" or a draft model: see schemas
 
 
 def _text(content: Union[str, list[TextPart]]) -> str:
@@ -174,7 +176,7 @@ def to_messages(items: Union[str, list[Any]]) -> list[dict[str, Any]]:
 def _chat_body(body: ResponsesRequest, messages: list[dict[str, Any]]) -> ChatRequest:
     data: dict[str, Any] = {"model": body.model, "messages": messages, "stream": body.stream}
     for name in ("temperature", "top_p", "seed", "stop", "top_k", "min_p", "repetition_penalty", "presence_penalty",
-                 "frequency_penalty", "parallel_tool_calls"):
+                 "frequency_penalty", "parallel_tool_calls", "speculate"):
         if getattr(body, name) is not None:
             data[name] = getattr(body, name)
     if body.max_output_tokens is not None:
@@ -278,9 +280,10 @@ class Responses:
         if choice is not None:
             n = len(choice.tokens)
             cached = choice.request.cached if choice.request is not None else 0
+            # a speculating request's guesses under the names chat completions' usage gives them
+            details = {"reasoning_tokens": 0, **(prediction_details([choice]) or {})}
             usage = {"input_tokens": self.prompt_tokens, "input_tokens_details": {"cached_tokens": cached},
-                     "output_tokens": n, "output_tokens_details": {"reasoning_tokens": 0},
-                     "total_tokens": self.prompt_tokens + n}
+                     "output_tokens": n, "output_tokens_details": details, "total_tokens": self.prompt_tokens + n}
         incomplete = status == "incomplete"
         return {"id": self.id, "object": "response", "created_at": self.created, "status": status,
                 "completed_at": int(time.time()) if status == "completed" else None, "error": None,

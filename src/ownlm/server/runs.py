@@ -215,6 +215,12 @@ class Choice:
     finish: str | None = None
     error: BaseException | None = None
     first_token_at: float | None = None  # time.monotonic() of its first token (Ollama's eval durations)
+    speculative: bool = False  # submitted with a proposer (the request's `speculate`)
+
+    def speculation(self) -> tuple[int, int]:
+        """(tokens guessed, guesses kept) so far: the engine's counts."""
+        r = self.request
+        return (r.drafted, r.accepted) if r is not None else (0, 0)
 
 
 @dataclass
@@ -230,6 +236,7 @@ class Job:
     keep_stop: bool = False  # the stop token that ends a choice is counted and scored, with no text (completions)
     speculate: str | None = None  # "ngram", or a draft model's name (its model in `draft`): see speculation()
     draft: Any = None
+    prediction: list[int] | None = None  # a predicted answer's tokens, searched by prompt lookup too
 
 
 async def speculation(served: Served, name: str | None) -> tuple[str | None, Any]:
@@ -258,10 +265,21 @@ async def speculation(served: Served, name: str | None) -> tuple[str | None, Any
     return name, draft.model
 
 
+def prediction(served: Served, predicted: Any, speculate: str | None, draft: Any) -> tuple[list[int], str]:
+    """A chat request's `prediction` (OpenAI's predicted outputs) as tokens for prompt lookup to
+    search, and the `speculate` it implies ("ngram": a prediction turns on prompt lookup by itself)."""
+    if draft is not None:
+        raise BadRequest("prediction is searched by prompt lookup: send it with speculate \"ngram\" or without "
+                         "speculate, not with a draft model", param="prediction")
+    return served.lm.tokenizer.encode(predicted.text(), add_bos=False), speculate or speculation_engine.NGRAM
+
+
 def _proposer(job: Job) -> Any:
     """A proposer of its own for each speculating choice (it holds that sequence's lookup index or draft cache)."""
     if job.speculate is None:
         return None
+    if job.prediction is not None:
+        return speculation_engine.Predicted(job.prediction)
     if job.draft is None:
         return speculation_engine.PromptLookup()
     return speculation_engine.DraftModel(job.draft)
@@ -282,11 +300,13 @@ def submit(served: Served, loop: asyncio.AbstractEventLoop, queue: asyncio.Queue
 
             constraint = (constraints.GrammarConstraint(job.grammar, gtok, served.lm.config.vocab_size)
                           if job.grammar else None)
+            proposer = _proposer(job)
+            c.speculative = proposer is not None
             c.request = served.scheduler.submit(Request(
                 prompt=prompt, params=params, limit=limit, emit=emit,
                 stop_ids=frozenset(served.lm.tokenizer.eos_ids) | frozenset(params.stop_token_ids),
                 logprobs=job.logprobs, prompt_logprobs=job.prompt_logprobs, constraint=constraint,
-                keep_stop=job.keep_stop, proposer=_proposer(job)))
+                keep_stop=job.keep_stop, proposer=proposer))
             choices.append(c)
     except BaseException:
         cancel(choices)

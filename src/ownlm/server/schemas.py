@@ -78,6 +78,22 @@ class ResponseFormat(_Body):
     json_schema: Optional[JsonSchemaSpec] = None
 
 
+class PredictionPart(_Body):
+    type: Literal["text"]
+    text: str
+
+
+class Prediction(_Body):
+    """OpenAI's predicted output: text the answer will mostly repeat (a file being edited); its
+    tokens are searched by prompt lookup, so a right prediction makes the answer come faster."""
+
+    type: Literal["content"]
+    content: Union[str, list[PredictionPart]]
+
+    def text(self) -> str:
+        return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
+
+
 class ChatRequest(_Sampling):
     messages: list[dict[str, Any]] = Field(min_length=1)
     max_completion_tokens: Optional[int] = Field(None, ge=1)
@@ -87,6 +103,7 @@ class ChatRequest(_Sampling):
     tools: Optional[list[Tool]] = None
     tool_choice: Optional[Union[Literal["none", "auto", "required"], ToolChoiceNamed]] = None
     parallel_tool_calls: Optional[bool] = None
+    prediction: Optional[Prediction] = None
 
 
 class CompletionRequest(_Sampling):

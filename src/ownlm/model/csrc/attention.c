@@ -53,15 +53,16 @@ static inline __m256 load8(const void* p, int64_t i, int cbf) {
 /* One decode step of attention for B sequences, one new token each.
    qkv: (B, (H + 2 Hkv) D), the fused projection's output (float32, or bfloat16 with bf = 1),
    D a multiple of 8; cos, sin: (B, R) float32 for the half-rotated layout over the first R dims
-   (R = 0: none); kc, vc: caches (slots, Hkv, cap, D), float32 or (cbf = 1) bfloat16, sequence b
-   in slot slot0 + b;
-   pos: (B,) int64. Rotates q and k (rounded to the compute dtype, as the prefill path stores
-   them), writes k and v at pos, then each query head attends over keys max(0, pos - window + 1)
-   .. pos (window 0: all). A sequence's arithmetic depends on itself alone. out: (B, H D) in
-   qkv's dtype. */
+   (R = 0: none); kc, vc: caches (slots, Hkv, cap, D), float32 or (cbf = 1) bfloat16, row b's
+   sequence in slot slots[b]; pos: (B,) int64. Several rows may be one sequence's consecutive
+   tokens (one slot, distinct positions: a speculative check): every row's k and v are written
+   before any row attends. Rotates q and k (rounded to the compute dtype, as the prefill path
+   stores them), writes k and v at pos, then each query head attends over keys
+   max(0, pos - window + 1) .. pos (window 0: all). A row's arithmetic depends on itself and the
+   cache alone, so it is that of a one-token step. out: (B, H D) in qkv's dtype. */
 int attend_decode(const void* qkv, int bf, int64_t B, int64_t H, int64_t Hkv, int64_t D, int64_t R,
-                  const float* cos, const float* sin, void* kc, void* vc, int cbf, int64_t slot0, int64_t cap,
-                  const int64_t* pos, int64_t window, float scale, void* out) {
+                  const float* cos, const float* sin, void* kc, void* vc, int cbf, const int64_t* slots,
+                  int64_t cap, const int64_t* pos, int64_t window, float scale, void* out) {
     use_threads();
     const int64_t rep = H / Hkv, width = (H + 2 * Hkv) * D;
     int failed = 0;
@@ -75,7 +76,7 @@ int attend_decode(const void* qkv, int bf, int64_t B, int64_t H, int64_t Hkv, in
         for (int64_t t = 0; t < B * Hkv; t++) { /* the new keys and values into the cache */
             if (!q) continue;
             const int64_t b = t / Hkv, g = t % Hkv, p = pos[b];
-            const int64_t row = (((slot0 + b) * Hkv + g) * cap + p) * D;
+            const int64_t row = ((slots[b] * Hkv + g) * cap + p) * D;
             rotate(qkv, b * width + (H + g) * D, bf, D, R, cos + b * R, sin + b * R, 1.f, q);
             for (int64_t d = 0; d < D; d++) {
                 store(kc, row + d, q[d], cbf);
@@ -87,7 +88,7 @@ int attend_decode(const void* qkv, int bf, int64_t B, int64_t H, int64_t Hkv, in
             const int64_t b = t / H, h = t % H, g = h / rep, p = pos[b];
             const int64_t lo = window > 0 && p - window + 1 > 0 ? p - window + 1 : 0;
             const int64_t n = p - lo + 1;
-            const int64_t first = (((slot0 + b) * Hkv + g) * cap + lo) * D; /* element index of key lo */
+            const int64_t first = ((slots[b] * Hkv + g) * cap + lo) * D; /* element index of key lo */
             if (q && n > w_size) {
                 free(w);
                 w = (float*)malloc((size_t)(n + 8) * sizeof(float));
