@@ -246,7 +246,53 @@ def test_resume_after_sigkill_is_exact(hf_models, tmp_path):
              quiet=True)
 
 
-# -- (5) rewards --------------------------------------------------------------------------------
+# -- (5) several processes ----------------------------------------------------------------------
+def test_two_gloo_processes_follow_the_single_process_run(hf_models, tmp_path):
+    """--nproc 2 (FSDP2 over gloo): each process samples its share of every micro-batch (whole
+    groups, the weights gathered once per step) with the seeds one process gives those prompts,
+    and the logged sums are all-reduced. So the completions, hence every reward, are exactly one
+    process's (sampling is a pure function of the seed and a completion's place; the weights
+    differ from one process's only in float rounding, far from moving a sampled token here); the
+    loss, KL and gradient norm are sums in another order (equal to rounding), and so is the
+    adapter."""
+    from safetensors.torch import load_file
+
+    from .test_preference import _tune
+
+    data = _write(tmp_path / "p.jsonl", ROWS)
+    (tmp_path / "toy.py").write_text(ALPHA)
+    common = [str(hf_models["llama"]), "--method", "grpo", "--data", str(data), "--max-steps", "3", "--batch-size",
+              "4", "--grad-accum", "2", "--group-size", "4", "--max-completion-tokens", "3", "--lr", "1e-2",
+              "--beta", "0.1", "--dropout", "0", "--reward", f"{tmp_path / 'toy.py'}:alpha", "--reward", "length=0.5",
+              "--target-length", "6"]
+    one, two = _tune(common + ["--name", "one"]), _tune(common + ["--name", "two", "--nproc", "2"])
+    logs = [[json.loads(x) for x in (Path(r["run_dir"]) / "metrics.jsonl").read_text().splitlines()]
+            for r in (one, two)]
+    assert len(logs[0]) == len(logs[1]) == 3
+    for a, b in zip(*logs):
+        assert a.keys() == b.keys()
+        for key in ("step", "tokens", "completion_length", "samples", "rewards/toy.py:alpha", "rewards/length", "lr"):
+            assert a[key] == b[key], key
+        for key in ("reward", "reward_std", "loss", "kl", "clip_ratio", "grad_norm"):
+            assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-6), key
+    assert logs[0][-1]["kl"] > 0 and logs[0][0]["reward"] != logs[0][-1]["reward"]  # it trained
+
+    def weights(name):
+        f = Store().read(name)["files"]["adapter_model.safetensors"]["sha256"]
+        return load_file(str(Store().open_blob(f)))
+
+    a, b = weights("one"), weights("two")
+    assert a.keys() == b.keys() and a
+    for k in a:
+        # AdamW's first steps move each weight by about lr (1e-2) and 1e-4 is 1% of a step; but AdamW divides a
+        # gradient by its running size, so where a gradient is about 0 its rounding sets the step: a rare weight
+        # may differ by up to a step per step
+        d = (b[k] - a[k]).abs()
+        assert float((d > 1e-4).float().mean()) < 0.01 and float(d.max()) < 3e-2, (k, float(d.max()))
+    assert any(a[k].abs().max() > 0 for k in a if "lora_B" in k)
+
+
+# -- (6) rewards --------------------------------------------------------------------------------
 def test_builtin_rewards_on_concrete_strings():
     by = {r.name: r for r in rewards.parse(["exact", "regex", "json-schema", "length=0.1"], r"^\d+$", 10)}
     assert by["length"].weight == 0.1 and by["exact"].weight == 1.0

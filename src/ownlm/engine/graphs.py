@@ -24,9 +24,19 @@ MIN_LENGTH = 256
 
 def enabled(device: torch.device, model: torch.nn.Module) -> bool:
     """On CUDA unless turned off; never for a mixture of experts (its routing picks experts on the
-    host each step, which a captured graph cannot replay)."""
+    host each step, which a captured graph cannot replay), nor for a model sharded by FSDP2 (GRPO's
+    rollouts under --nproc: its forward hooks order work between its own streams, which a capture
+    on one stream cannot hold)."""
     return (device.type == "cuda" and os.environ.get("OWNLM_CUDA_GRAPHS", "1") != "0"
-            and not model.cfg.n_experts)
+            and not model.cfg.n_experts and not _sharded(model))
+
+
+def _sharded(model: torch.nn.Module) -> bool:
+    if not torch.distributed.is_available():
+        return False
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(model, FSDPModule)
 
 
 def length_bucket(length: int, capacity: int) -> int:

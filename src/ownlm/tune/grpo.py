@@ -12,9 +12,10 @@ through the engine's prefix cache (the weights do not change during a rollout)."
 from __future__ import annotations
 
 import hashlib
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import torch
 
@@ -100,10 +101,44 @@ def sample_seed(seed: int, step: int, prompt: int, completion: int) -> int:
 
 
 def rollout(model: torch.nn.Module, prompts: Sequence[Prompt], group: int, max_tokens: int, temperature: float,
-            stop_ids: Sequence[int], seed: int, step: int) -> list[list[int]]:
+            stop_ids: Sequence[int], seed: int, step: int, index: Sequence[int] | None = None) -> list[list[int]]:
     """`group` completions of each prompt (prompt by prompt), sampled by the batch engine with the
     model as it is now. A completion that ended on a stop token keeps it (it is learned, so the
-    model learns to stop)."""
+    model learns to stop). index: each prompt's place in the step (default 0, 1, ...), which
+    seeds its completions. A model sharded by FSDP2 is gathered whole first (whole())."""
+    with whole(model):
+        return _rollout(model, prompts, group, max_tokens, temperature, stop_ids, seed, step,
+                        range(len(prompts)) if index is None else index)
+
+
+@contextmanager
+def whole(model: torch.nn.Module) -> Iterator[None]:
+    """Every parameter of a model sharded by FSDP2 (several processes) gathered whole while the
+    block runs; nothing for another model. Each process then samples its own prompts for as many
+    decode steps as they take, which differ between processes, so no forward may be a collective:
+    the gathering is one all-gather per sharded module (collective: every process enters together),
+    the price of one forward's, and its memory is the whole model's, as on one process. After the
+    block FSDP forgets the rollout's forwards (their record drives its backward prefetching, which
+    must be the same on every process) and reshards."""
+    from torch.distributed.fsdp import FSDPModule
+
+    if not isinstance(model, FSDPModule):
+        yield
+        return
+    model.set_reshard_after_forward(False)  # a forward keeps the gathered parameters
+    for m in model.modules():
+        if isinstance(m, FSDPModule):
+            m.unshard()
+    try:
+        yield
+    finally:
+        model.reset_iter_state()  # resharded, the per-iteration record cleared
+        model.set_reshard_after_forward(True)  # as fully_shard leaves them: blocks reshard after forward,
+        model.set_reshard_after_forward(False, recurse=False)  # the root keeps its parameters for backward
+
+
+def _rollout(model: torch.nn.Module, prompts: Sequence[Prompt], group: int, max_tokens: int, temperature: float,
+             stop_ids: Sequence[int], seed: int, step: int, index: Sequence[int]) -> list[list[int]]:
     was = model.training
     model.eval()  # no dropout while sampling
     # the optimizer changed the weights in place since the last rollout: a new structure version
@@ -125,9 +160,9 @@ def rollout(model: torch.nn.Module, prompts: Sequence[Prompt], group: int, max_t
         return emit
 
     try:
-        for j, p in enumerate(prompts):
+        for j, (p, at) in enumerate(zip(prompts, index, strict=True)):
             for g in range(group):
-                params = SamplingParams(temperature=temperature, seed=sample_seed(seed, step, j, g),
+                params = SamplingParams(temperature=temperature, seed=sample_seed(seed, step, at, g),
                                         max_tokens=max_tokens)
                 sched.submit(Request(prompt=p.ids, params=params, limit=max_tokens, emit=sink(j * group + g),
                                      stop_ids=frozenset(stop_ids), keep_stop=True))

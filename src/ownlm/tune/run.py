@@ -27,7 +27,7 @@ from ..store.refs import split_name
 from ..store.store import Store
 from . import checkpoints, rewards
 from .data import Encoder
-from .trainer import Trainer, TuneConfig, make_plan
+from .trainer import Trainer, TuneConfig, frozen_copy, make_plan
 
 
 def run_dir(name: str, store: Store | None = None) -> Path:
@@ -74,16 +74,10 @@ def tune(base: str, data: str | Path, name: str, cfg: TuneConfig, resume: bool =
     split_name(name)
     if cfg.objective == "grpo":
         rewards.parse(cfg.rewards, cfg.reward_pattern, cfg.target_length)  # a bad --reward fails before any loading
-        if nproc > 1 or _dist_env_size() > 1:
-            raise BadRequest("--method grpo runs on one process for now", "leave out --nproc / torchrun")
     if nproc > 1:
         return _launch(base, data, name, cfg, resume, device, nproc, quiet)
     rank, world = _dist_env()
     return _train(base, data, name, cfg, resume, device, quiet, on_step, rank, world)
-
-
-def _dist_env_size() -> int:
-    return int(os.environ.get("WORLD_SIZE", "1"))
 
 
 def _dist_env() -> tuple[int, int]:
@@ -126,9 +120,13 @@ def _train(base, data, name, cfg: TuneConfig, resume, device, quiet, on_step, ra
     folder = run_dir(name)
     if rank == 0:
         folder.mkdir(parents=True, exist_ok=True)
+    reference = None
     if world > 1:
+        if cfg.objective == "grpo" and cfg.method == "full" and cfg.beta:
+            reference = frozen_copy(lm.model)  # GRPO's KL reference, copied whole, sharded as the model is
+            _shard(reference)
         _shard(lm.model)  # before the optimizer is made: it must hold the sharded parameters
-    trainer = Trainer(lm.model, cfg, plan, folder, dev, rank, world, quiet, on_step, lm.tokenizer, fns)
+    trainer = Trainer(lm.model, cfg, plan, folder, dev, rank, world, quiet, on_step, lm.tokenizer, fns, reference)
     existing = checkpoints.complete(folder)
     if existing and not resume:
         raise BadRequest(f"run {name} already has checkpoints in {folder}",

@@ -193,8 +193,8 @@ def _preference_plan(cfg: TuneConfig, encoder: Encoder, data_path: str | Path, w
 
 def _grpo_plan(cfg: TuneConfig, encoder: Encoder, data_path: str | Path, world: int, context: int | None,
                reward_fns: list[rewards.Reward] | None) -> Plan:
-    if world > 1:
-        raise BadRequest("--method grpo runs on one process for now", "leave out --nproc / torchrun")
+    if cfg.batch_size % world:  # each process samples whole groups of its share of every micro-batch
+        raise BadRequest(f"--batch-size {cfg.batch_size} must be a multiple of the {world} processes")
     fns = reward_fns if reward_fns is not None else rewards.parse(cfg.rewards, cfg.reward_pattern, cfg.target_length)
     prompts = grpo.load_prompts(data_path, encoder, fns, cfg.max_completion_tokens, context or 1 << 30,
                                 cfg.skip_bad)
@@ -299,6 +299,13 @@ def reference_logps(model: Transformer, items: list, batch_size: int, device: to
     model.train(was)
 
 
+def frozen_copy(model: torch.nn.Module) -> torch.nn.Module:
+    """A frozen copy of the model as it is now (GRPO's reference when full weights are trained)."""
+    import copy
+
+    return copy.deepcopy(model).requires_grad_(False).eval()
+
+
 def step_rows(plan: Plan, step: int, seed: int) -> list[Row]:
     """The rows of optimizer step `step` (a pure function of the step and seed)."""
     n = len(plan.rows)
@@ -369,6 +376,9 @@ class Trainer:
     on_step: Callable[[dict], None] | None = None
     tokenizer: Any = None  # GRPO: decodes completions for the rewards; its stop tokens end them
     reward_fns: list[rewards.Reward] | None = None  # GRPO (default: parsed from cfg.rewards)
+    # GRPO with full weights: a frozen copy of the start, the KL reference (default: copied here; several
+    # processes pass one copied before the model was sharded, sharded itself)
+    reference: torch.nn.Module | None = None
 
     def __post_init__(self) -> None:
         self.params = [p for p in self.model.parameters() if p.requires_grad]
@@ -383,16 +393,16 @@ class Trainer:
             # before any checkpoint is restored: with full weights the model is still the reference
             reference_logps(self.model, self.plan.rows, self.cfg.batch_size, self.device, self.amp, self.rank,
                             self.world)
-        self.reference: torch.nn.Module | None = None  # GRPO with full weights: a frozen copy of the start
         if self.cfg.objective == "grpo":
             if self.tokenizer is None:
                 raise ValueError("GRPO needs the tokenizer")
             if self.reward_fns is None:
                 self.reward_fns = rewards.parse(self.cfg.rewards, self.cfg.reward_pattern, self.cfg.target_length)
-            if self.cfg.method == "full" and self.cfg.beta:
-                import copy
-
-                self.reference = copy.deepcopy(self.model).requires_grad_(False).eval()
+            if self.cfg.method == "full" and self.cfg.beta and self.reference is None:
+                if self.world > 1:
+                    raise ValueError("GRPO with full weights on several processes needs the reference copied "
+                                     "before the model was sharded")
+                self.reference = frozen_copy(self.model)
 
     # -- checkpoints --------------------------------------------------------------------------
     def _state_dicts(self) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
@@ -485,14 +495,9 @@ class Trainer:
                           for r in ((it.chosen, it.rejected) if isinstance(it, Pair) else (it.row,)))
         norm, lr = self._apply_gradients()
         keys = sorted(sums)
-        vec = torch.tensor([loss_sum, float(tokens)] + [sums[k] for k in keys], dtype=torch.float64)
-        if self.world > 1:
-            import torch.distributed as dist
-
-            dist.all_reduce(vec)
-        tot = dict(zip(keys, vec[2:].tolist()))
-        rec: dict[str, Any] = {"step": self.step, "loss": float(vec[0]) / len(items), "lr": lr,
-                               "tokens": int(vec[1])}
+        vec = self._all_sum([loss_sum, float(tokens)] + [sums[k] for k in keys])
+        tot = dict(zip(keys, vec[2:]))
+        rec: dict[str, Any] = {"step": self.step, "loss": vec[0] / len(items), "lr": lr, "tokens": int(vec[1])}
         nc, nr = max(tot.pop("chosen"), 1), max(tot.pop("rejected"), 1)
         rec["rewards/chosen"] = tot["rewards/chosen"] / nc
         rec["rewards/rejected"] = tot["rewards/rejected"] / nr
@@ -508,40 +513,61 @@ class Trainer:
     def grpo_step(self) -> dict[str, Any]:
         """Sample a group of completions per prompt with the current weights, score them, and take
         one optimizer step on the clipped surrogate plus beta * KL, averaged over all completion
-        tokens of the step (TRL's token-level loss_type)."""
+        tokens of the step (TRL's token-level loss_type). Several processes: each samples, scores
+        and learns from its share of every micro-batch, whole groups (a group's advantages need
+        only its own rewards); a prompt keeps its index in the step, so its completions get the
+        seeds one process gives them, and the logged sums are all-reduced."""
         cfg, G = self.cfg, self.cfg.group_size
         prompts = step_rows(self.plan, self.step, cfg.seed)
+        where = [i for i in range(len(prompts)) if i % cfg.batch_size % self.world == self.rank]
+        mine = [prompts[i] for i in where]
         stops = self.tokenizer.eos_ids
-        comps = grpo.rollout(self.model, prompts, G, cfg.max_completion_tokens, cfg.temperature, stops, cfg.seed,
-                             self.step)
+        comps = grpo.rollout(self.model, mine, G, cfg.max_completion_tokens, cfg.temperature, stops, cfg.seed,
+                             self.step, where)
         texts = [self.tokenizer.decode(c[:-1] if c and c[-1] in stops else c) for c in comps]
-        table = grpo.score(self.reward_fns, prompts, texts, G)  # (n * G, rewards)
+        table = grpo.score(self.reward_fns, mine, texts, G)  # (n * G, rewards)
         weights = torch.tensor([r.weight for r in self.reward_fns], dtype=torch.float64)
         total = (table * weights).sum(1)  # (n * G,)
         adv = objectives.group_advantages(total, G).float()
-        n_tokens = sum(len(c) for c in comps)  # the loss is the mean over all of them
+        n_tokens = int(self._all_sum([sum(len(c) for c in comps)])[0])  # the loss is the mean over all of them
         loss_sum = kl_sum = clipped_sum = 0.0
-        for start in range(0, len(prompts), cfg.batch_size):
-            mb = prompts[start:start + cfg.batch_size]
+        per_micro = cfg.batch_size // self.world
+        for start in range(0, len(mine), per_micro):
+            mb = mine[start:start + per_micro]
             lo, hi = start * G, (start + len(mb)) * G
             loss, stats = grpo.loss(self.model, grpo.rows_of(mb, comps[lo:hi], G), adv[lo:hi], self.device, self.amp,
                                     cfg.temperature, cfg.beta, cfg.clip_eps, self.reference)
-            (loss / n_tokens).backward()
+            # FSDP averages gradients over processes: scale back up to the mean over the step's tokens
+            (loss * (self.world / n_tokens)).backward()
             loss_sum += float(loss.detach())
             kl_sum += stats["kl"]
             clipped_sum += stats["clipped"]
         norm, lr = self._apply_gradients()
-        groups = total.view(-1, G)
+        sums = self._all_sum([loss_sum, kl_sum, clipped_sum, sum(len(p.ids) * G for p in mine),
+                              float(total.sum()), float(total.view(-1, G).std(dim=1).sum())]
+                             + table.sum(0).tolist())
+        loss_sum, kl_sum, clipped_sum, prompt_tokens, reward_sum, std_sum = sums[:6]
+        n = len(prompts) * G
         rec: dict[str, Any] = {"step": self.step, "loss": loss_sum / n_tokens, "lr": lr,
-                               "tokens": sum(len(p.ids) * G for p in prompts) + n_tokens,
-                               "reward": float(total.mean()), "reward_std": float(groups.std(dim=1).mean())}
+                               "tokens": int(prompt_tokens) + n_tokens, "reward": reward_sum / n,
+                               "reward_std": std_sum / len(prompts)}
         for k, r in enumerate(self.reward_fns):
-            rec[f"rewards/{r.name}"] = float(table[:, k].mean())
-        rec.update({"kl": kl_sum / n_tokens if cfg.beta else None, "completion_length": n_tokens / len(comps),
+            rec[f"rewards/{r.name}"] = sums[6 + k] / n
+        # the samples shown are the step's first: prompt 0's group, always the first process's
+        rec.update({"kl": kl_sum / n_tokens if cfg.beta else None, "completion_length": n_tokens / n,
                     "clip_ratio": clipped_sum / n_tokens, "grad_norm": norm,
-                    "samples": [{"prompt": prompts[i // G].text[:200], "completion": texts[i][:200],
+                    "samples": [{"prompt": mine[i // G].text[:200], "completion": texts[i][:200],
                                  "reward": float(total[i])} for i in range(min(2, len(comps)))]})
         return rec
+
+    def _all_sum(self, values: list[float]) -> list[float]:
+        """The values summed over the processes (float64; as they are on one process)."""
+        vec = torch.tensor(values, dtype=torch.float64)
+        if self.world > 1:
+            import torch.distributed as dist
+
+            dist.all_reduce(vec)
+        return vec.tolist()
 
     def _apply_gradients(self) -> tuple[float | None, float]:
         """Clip, step the optimizer and the schedule, clear the gradients: (grad norm before
@@ -573,12 +599,8 @@ class Trainer:
             loss_sum += float(loss.detach())
             tokens += sum(len(r.ids) for r in mine)
         norm, lr = self._apply_gradients()
-        stats = torch.tensor([loss_sum, float(tokens)], dtype=torch.float64)
-        if self.world > 1:
-            import torch.distributed as dist
-
-            dist.all_reduce(stats)
-        return {"step": self.step, "loss": float(stats[0]) / max(total, 1), "lr": lr, "tokens": int(stats[1]),
+        loss_sum, tokens = self._all_sum([loss_sum, float(tokens)])
+        return {"step": self.step, "loss": loss_sum / max(total, 1), "lr": lr, "tokens": int(tokens),
                 "grad_norm": norm}
 
     def run(self) -> list[dict[str, Any]]:
