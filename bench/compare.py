@@ -5,7 +5,7 @@ count, in one run.
 
 llama-cpp-python is a benchmark reference, never a dependency: the script looks for it in
 bench/.llama-env (or --llama-python), and creates that environment with
-`pip install llama-cpp-python==0.3.36` when it is missing (a source build: ~5 minutes here).
+`pip install llama-cpp-python[server]==0.3.36` when it is missing (a source build: ~5 minutes here).
 Each engine runs in its own subprocess (so peak RSS is its own) and reports load seconds,
 prefill tokens/s, greedy decode tokens/s and peak RSS; ownlm also runs batches of sequences
 through its scheduler (aggregate tokens/s including the prompts' prefills, and of the decode
@@ -67,6 +67,14 @@ def run_ownlm_batches(path: str, n_prompt: int, n_gen: int, batches: list[int]) 
     return res
 
 
+def _cpu_flags() -> set[str]:
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
+            return next((set(line.split(":", 1)[1].split()) for line in f if line.startswith("flags")), set())
+    except OSError:
+        return set()
+
+
 def llama_python(explicit: str | None) -> str:
     """A Python that imports llama_cpp: the one given, or bench/.llama-env (built when missing)."""
     if explicit:
@@ -77,7 +85,16 @@ def llama_python(explicit: str | None) -> str:
     print(f"installing llama-cpp-python=={LLAMA_VERSION} into {LLAMA_ENV} (a source build, ~5 minutes)",
           file=sys.stderr)
     subprocess.run([sys.executable, "-m", "venv", str(LLAMA_ENV)], check=True)
-    subprocess.run([str(py), "-m", "pip", "install", "-q", f"llama-cpp-python=={LLAMA_VERSION}"], check=True)
+    env = dict(os.environ)
+    if "amx_int8" in _cpu_flags():
+        # a native build on a CPU with AMX died with "Illegal instruction" on its server's first request
+        # (llama-cpp-python 0.3.36 on an Intel Xeon with AMX, seen here); without AMX it serves
+        env["CMAKE_ARGS"] = ("-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON "
+                             "-DGGML_AVX512=ON -DGGML_AVX512_VNNI=ON -DGGML_AVX512_BF16=ON -DGGML_AMX_TILE=OFF "
+                             "-DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF")
+    # with the server's extras: bench/conversation.py runs llama.cpp's OpenAI-compatible server from here too
+    subprocess.run([str(py), "-m", "pip", "install", "-q", "--no-cache-dir",
+                    f"llama-cpp-python[server]=={LLAMA_VERSION}"], check=True, env=env)
     return str(py)
 
 

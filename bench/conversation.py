@@ -7,7 +7,8 @@ and asks for a short greedy answer (--max-tokens); the answer joins the history,
 prompt is turn N-1's prompt, its answer and the new message. The same conversation runs against
 `ownlm serve` (a subprocess on a free port) with its prefix cache (the default) and with
 `--cache-mb 0`, and against llama.cpp's server (`python -m llama_cpp.server`, which keeps a
-slot's prompt cache) on the same GGUF file where llama-cpp-python is installed. Every request
+slot's prompt cache; from bench/.llama-env or --llama-python, see bench/compare.py) on the same
+GGUF file, with as many threads as ownlm. Every request
 streams through the official `openai` client: TTFT is the time to the first content token,
 tokens/s the answer's tokens after the first over the time after it. One warm-up request with an
 unrelated prompt goes first, so turn 1 does not pay for first-use costs.
@@ -140,10 +141,11 @@ def run_ownlm(model: str, extra: list[str], turns: int, max_tokens: int, logs: P
         stop(proc)
 
 
-def run_llama_cpp(gguf: str, turns: int, max_tokens: int, logs: Path) -> dict:
+def run_llama_cpp(python: str, gguf: str, turns: int, max_tokens: int, logs: Path) -> dict:
     port = free_port()
-    cmd = [sys.executable, "-m", "llama_cpp.server", "--model", gguf, "--n_ctx", "4096", "--port", str(port),
-           "--host", "127.0.0.1"]
+    cores = str(os.cpu_count() or 1)  # llama.cpp's server takes half the cores by default; ownlm takes them all
+    cmd = [python, "-m", "llama_cpp.server", "--model", gguf, "--n_ctx", "4096", "--port", str(port),
+           "--host", "127.0.0.1", "--n_threads", cores, "--n_threads_batch", cores]
     proc = start(cmd, f"http://127.0.0.1:{port}/v1/models", logs / f"llama-cpp-{port}.log")
     try:
         return {"command": " ".join(["python -m llama_cpp.server", *cmd[3:]]),
@@ -157,6 +159,9 @@ def main() -> int:
     ap.add_argument("--model", default="smollm2")
     ap.add_argument("--turns", type=int, default=10)
     ap.add_argument("--max-tokens", type=int, default=32)
+    ap.add_argument("--llama-python", help="a Python with llama-cpp-python[server] (default: bench/.llama-env, "
+                                           "built when missing, ~5 minutes)")
+    ap.add_argument("--no-llama-cpp", action="store_true", help="measure ownlm alone")
     args = ap.parse_args()
 
     from ownlm import manage
@@ -169,18 +174,20 @@ def main() -> int:
                     "load_average_at_start": [round(x, 2) for x in os.getloadavg()], "logs": str(logs)}
     result["ownlm_prefix_cache"] = run_ownlm(args.model, [], args.turns, args.max_tokens, logs)
     result["ownlm_no_cache"] = run_ownlm(args.model, ["--cache-mb", "0"], args.turns, args.max_tokens, logs)
-    try:
-        import llama_cpp  # noqa: F401
-    except ImportError:
-        result["llama_cpp"] = "not installed (pip install llama-cpp-python==0.3.36 to compare)"
+    if args.no_llama_cpp:
+        result["llama_cpp"] = "not measured (--no-llama-cpp)"
+    elif gguf is None:
+        result["llama_cpp"] = f"{args.model} has no GGUF file to give llama.cpp"
     else:
-        if gguf is None:
-            result["llama_cpp"] = f"{args.model} has no GGUF file to give llama.cpp"
-        else:
-            result["llama_cpp"] = run_llama_cpp(gguf, args.turns, args.max_tokens, logs)
+        from compare import llama_python
+
+        result["llama_cpp"] = run_llama_cpp(llama_python(args.llama_python), gguf, args.turns, args.max_tokens, logs)
     result["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
     cached = result["ownlm_prefix_cache"]["ttft_ratio"]
     result["target_ttft_ratio_with_cache_at_most_1.5"] = cached is not None and cached <= 1.5
+    if isinstance(result["llama_cpp"], dict):  # the last turn's TTFT, ownlm's over llama.cpp's (target: <= 1)
+        ours, theirs = (result[k]["turns"][-1]["ttft_s"] for k in ("ownlm_prefix_cache", "llama_cpp"))
+        result["last_turn_ttft_ownlm_over_llama_cpp"] = round(ours / theirs, 2) if ours and theirs else None
     print(json.dumps(result, indent=2))
     return 0
 

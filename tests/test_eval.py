@@ -9,6 +9,7 @@ import subprocess
 import sys
 
 import pytest
+from safetensors import safe_open
 import torch
 import transformers
 
@@ -110,7 +111,7 @@ def test_bench_json_fields_and_cost(hf_models, ownlm_home):
     assert r.returncode == 0, r.stderr
     out = json.loads(r.stdout)
     assert set(out) == {"model", "device", "dtype", "threads", "prompt_tokens", "gen_tokens", "load_s", "runs",
-                        "peak_rss_bytes", "cost"}
+                        "peak_rss_bytes", "cost", "memory"}
     assert out["threads"] == torch.get_num_threads()  # every core by default
     one, three = out["runs"]
     assert set(one) == {"batch", "prefill_tokens_per_s", "time_to_first_token_s", "decode_tokens_per_s"}
@@ -123,6 +124,24 @@ def test_bench_json_fields_and_cost(hf_models, ownlm_home):
     assert c["cost_per_mtok"] == pytest.approx(0.5 / (best * 3600) * 1e6)
     assert c["api_over_own"] == pytest.approx(2 / c["cost_per_mtok"])
     assert cost_per_mtok(1.0, 1e6 / 3600) == pytest.approx(1.0)  # $1/hour at 1M tokens an hour is $1 per M
+    # the ceiling: the bytes a decode step reads, from the checkpoint itself (every tensor but the untied
+    # input embeddings, in the model's dtype; the norms may be held in float32 beside it) and its config
+    m = out["memory"]
+    cfg = json.loads((hf_models["llama"] / "config.json").read_text())
+    with safe_open(hf_models["llama"] / "model.safetensors", "pt") as f:
+        numel = {k: f.get_slice(k).get_shape() for k in f.keys()}
+    size = {"torch.float32": 4, "torch.bfloat16": 2}[out["dtype"]]
+    big = sum(math.prod(shape) for k, shape in numel.items() if "embed_tokens" not in k and len(shape) == 2) * size
+    small = sum(math.prod(shape) for shape in numel.values() if len(shape) == 1) * 4
+    assert big <= m["weight_bytes_per_token"] <= big + small + 4096  # + rotary tables
+    kv = 2 * cfg["num_hidden_layers"] * cfg["num_key_value_heads"] * cfg["hidden_size"] // cfg["num_attention_heads"]
+    assert m["kv_bytes_per_token"] == kv * size * (20 + 8 // 2)
+    assert m["bandwidth_bytes_per_s"] > 1e8
+    assert m["decode_ceiling_tokens_per_s"] == pytest.approx(
+        m["bandwidth_bytes_per_s"] / (m["weight_bytes_per_token"] + m["kv_bytes_per_token"]))
+    assert m["fraction_of_ceiling"] == pytest.approx(one["decode_tokens_per_s"] / m["decode_ceiling_tokens_per_s"])
+    assert m["fits_in_cache"] == (m["last_level_cache_bytes"] is not None
+                                  and m["weight_bytes_per_token"] <= m["last_level_cache_bytes"])
     for bad in (["--batch", "1,x"], ["--cost"], ["--gen-tokens", "1"]):
         r = subprocess.run([sys.executable, "-m", "ownlm.cli.main", "bench", str(hf_models["llama"]), *bad],
                            capture_output=True, text=True, timeout=120)

@@ -145,6 +145,14 @@ def cmd_bench(args) -> int:
             decode = (f" ({run['decode_aggregate_tokens_per_s']:.1f} tok/s once all are decoding)"
                       if "decode_aggregate_tokens_per_s" in run else "")
             print(f"  batch {run['batch']}: {run['aggregate_tokens_per_s']:.1f} tok/s generated in aggregate{decode}")
+    if "memory" in r:
+        m = r["memory"]
+        note = (f" (the weights fit in the {m['last_level_cache_bytes'] / 1e6:.0f} MB cache: it does not bind)"
+                if m["fits_in_cache"] else "")
+        print(f"  memory bandwidth {m['bandwidth_bytes_per_s'] / 1e9:.1f} GB/s; a decode step reads "
+              f"{(m['weight_bytes_per_token'] + m['kv_bytes_per_token']) / 1e6:.1f} MB, so at most "
+              f"{m['decode_ceiling_tokens_per_s']:.1f} tok/s; decode reached {m['fraction_of_ceiling']:.0%} of "
+              f"that{note}")
     if "speculative" in r:
         sp = r["speculative"]
         print(f"  speculative ({sp['speculate']}): decode {sp['decode_tokens_per_s']:.1f} tok/s, "

@@ -1,12 +1,19 @@
 """Speed and memory of a model on this machine: load time, time to first token, prefill and
 decode tokens/s (one sequence, and batches through the continuous-batching scheduler), peak
-memory; optionally what that throughput costs per million tokens at a given hourly price."""
+memory, this machine's memory bandwidth with the decode ceiling it implies; optionally what
+that throughput costs per million tokens at a given hourly price.
+
+The ceiling: one sequence's decode step reads every weight once (the input embedding table
+only a row, unless it is also the output head) and its keys and values so far, so it cannot run
+faster than bandwidth / those bytes. Where the weights fit in the CPU's last-level cache the step
+reads them from the cache, and the ceiling does not bind (`fits_in_cache`)."""
 
 from __future__ import annotations
 
 import resource
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -20,6 +27,71 @@ TEXT = ("Owning a language model means running it on your own hardware, where no
 def peak_rss_bytes() -> int:
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return rss if sys.platform == "darwin" else rss * 1024  # Linux reports KiB
+
+
+def memory_bandwidth(size: int | None = None, repeats: int = 3) -> float:
+    """Memory read bandwidth in bytes/s, on the threads set: the best of `repeats` sums of a
+    buffer far larger than the caches (by default 1 GiB, or an eighth of the memory available
+    when that is less, and at least 64 MiB)."""
+    if size is None:
+        size = max(64 << 20, min(1 << 30, _available_bytes() // 8))
+    buf = torch.ones(size // 4, dtype=torch.float32)  # written once: its pages are real memory
+    buf.sum()
+    best = 0.0
+    for _ in range(repeats):
+        t = time.perf_counter()
+        buf.sum()
+        best = max(best, buf.numel() * 4 / (time.perf_counter() - t))
+    return best
+
+
+def _available_bytes() -> int:
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 8 << 30
+
+
+def last_level_cache_bytes() -> int | None:
+    """The largest CPU cache here (Linux's sysfs), or None where it is not reported."""
+    sizes = []
+    for f in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*/size"):
+        try:
+            text = f.read_text(encoding="ascii").strip()
+        except OSError:
+            continue
+        unit = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(text[-1:], 1)
+        digits = text.rstrip("KMG")
+        if digits.isdigit():
+            sizes.append(int(digits) * unit)
+    return max(sizes) if sizes else None
+
+
+def bytes_per_token(model, position: int, cache_dtype: torch.dtype) -> tuple[int, int]:
+    """(weight bytes, key and value bytes) one decode step at `position` reads: every parameter
+    and buffer once (each storage counted once; the input embedding table not at all unless it
+    is the output head too), and each layer's keys and values of the positions it attends to."""
+    skip = set()
+    if getattr(model, "lm_head", None) is not None:  # untied: the embedding lookup reads one row
+        skip = {t.data_ptr() for t in list(model.embed.parameters()) + list(model.embed.buffers())}
+    seen, weights = set(), 0
+    for t in list(model.parameters()) + list(model.buffers()):
+        ptr = t.untyped_storage().data_ptr()
+        if ptr in seen or t.data_ptr() in skip:
+            continue
+        seen.add(ptr)
+        weights += t.untyped_storage().nbytes()
+    cfg = model.cfg
+    per_position = 2 * cfg.n_kv_heads * cfg.head_dim * torch.empty((), dtype=cache_dtype).element_size()
+    kv = 0
+    for block in model.layers:
+        window = block.attn.window
+        kv += per_position * (min(position, window) if window else position)
+    return weights, kv
 
 
 def cost_per_mtok(price_per_hour: float, tokens_per_s: float) -> float:
@@ -92,10 +164,25 @@ def bench(ref: str, prompt_tokens: int = 512, gen_tokens: int = 128, batches: tu
                 rows.append(row)
         finally:
             sched.close()
+    if lm.model.device.type == "cpu":
+        from ..engine.kv_cache import cache_dtype
+
+        bandwidth = memory_bandwidth()
+        weights, kv = bytes_per_token(lm.model, prompt_tokens + gen_tokens // 2, cache_dtype(lm.model))
+        ceiling = bandwidth / (weights + kv)
+        llc = last_level_cache_bytes()
+        memory = {"bandwidth_bytes_per_s": bandwidth, "weight_bytes_per_token": weights, "kv_bytes_per_token": kv,
+                  "decode_ceiling_tokens_per_s": ceiling,
+                  "fraction_of_ceiling": single["decode_tokens_per_s"] / ceiling,
+                  "last_level_cache_bytes": llc, "fits_in_cache": llc is not None and weights <= llc}
+    else:
+        memory = None
     result = {"model": lm.name, "device": str(lm.model.device), "dtype": str(lm.model.dtype),
               "threads": torch.get_num_threads(),
               "prompt_tokens": prompt_tokens, "gen_tokens": gen_tokens, "load_s": load_s, "runs": rows,
               "peak_rss_bytes": peak_rss_bytes()}
+    if memory is not None:
+        result["memory"] = memory
     if speculative is not None:
         result["speculative"] = speculative
     if price_per_hour is not None:
