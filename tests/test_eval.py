@@ -118,6 +118,7 @@ def test_bench_json_fields_and_cost(hf_models, ownlm_home):
     assert set(three) == {"batch", "aggregate_tokens_per_s", "wall_s", "decode_aggregate_tokens_per_s"}
     assert three["batch"] == 3 and 0 < three["aggregate_tokens_per_s"] and 0 < three["decode_aggregate_tokens_per_s"]
     assert out["peak_rss_bytes"] > 10 << 20 and out["load_s"] > 0
+    assert out["peak_rss_bytes"] < 1 << 30  # the bandwidth's buffer (1 GiB here) is not the model's peak
     c = out["cost"]
     best = max(one["decode_tokens_per_s"], three["aggregate_tokens_per_s"])
     assert c["tokens_per_s"] == best

@@ -164,6 +164,7 @@ def bench(ref: str, prompt_tokens: int = 512, gen_tokens: int = 128, batches: tu
                 rows.append(row)
         finally:
             sched.close()
+    peak = peak_rss_bytes()  # before the bandwidth's buffer, which is not the model's
     if lm.model.device.type == "cpu":
         from ..engine.kv_cache import cache_dtype
 
@@ -180,7 +181,7 @@ def bench(ref: str, prompt_tokens: int = 512, gen_tokens: int = 128, batches: tu
     result = {"model": lm.name, "device": str(lm.model.device), "dtype": str(lm.model.dtype),
               "threads": torch.get_num_threads(),
               "prompt_tokens": prompt_tokens, "gen_tokens": gen_tokens, "load_s": load_s, "runs": rows,
-              "peak_rss_bytes": peak_rss_bytes()}
+              "peak_rss_bytes": peak}
     if memory is not None:
         result["memory"] = memory
     if speculative is not None:
