@@ -6,14 +6,13 @@ from __future__ import annotations
 import io
 
 import pytest
+import sentencepiece as spm  # the reference (the test extra: pip install '.[test]')
 
 from ownlm.formats.tokenizer import from_gguf
 from ownlm.text.tokenizer import TextTokenizer
 
 from .conftest import CORPUS
 
-spm = pytest.importorskip("sentencepiece",
-                          reason="sentencepiece is the reference for this test (pip install '.[test]')")
 
 TEXTS = ["Hello world", "The quick brown fox jumps over the lazy dog.", "  two leading spaces", "tabs\tand\nnewlines",
          "naïve café façade", "rare glyphs ✓ ∑ 🙂 你好", "Owning your model means nobody can change its price.",

@@ -25,10 +25,12 @@ tokens for a seed: the random numbers are used differently).
 
 Exactness of greedy text. A plain forward over several tokens rounds differently from one-token
 decode steps (other attention arithmetic, rotations in the compute dtype), which could flip a
-near-tie argmax. So `verify_forward` is built to be the decode step's arithmetic row by row: the
-projections, norms and MLPs take all rows at once (ownlm's CPU kernels give a row the same bits
-whatever the number of rows), and attention runs per row through the one-token path (the decode
-kernel, or the module's own one-token forward), writing the same keys and values. Where ownlm's
+near-tie argmax. So `verify_forward` is built to be the decode step's arithmetic row by row: with
+the CPU stepper it is the one-call decode step itself, the rows one sequence's tokens in one cache
+slot (engine/cpu_step.py); otherwise the projections, norms and MLPs take all rows at once
+(ownlm's CPU kernels give a row the same bits whatever the number of rows), and attention runs per
+row through the one-token path (the attention kernel, or the module's own one-token forward),
+writing the same keys and values. Where ownlm's
 CPU kernels compute (bfloat16, int4, int8 weights on a CPU: the default on x86) greedy output is
 therefore bit-identical to plain greedy decoding, asserted by tests/test_speculate.py and
 bench/speculate.py. Elsewhere (float32 weights through PyTorch's BLAS, CUDA, MPS) a matmul over
@@ -123,10 +125,7 @@ class PromptLookup:
         return m
 
     def feedback(self, drafted, accepted):
-        if accepted == drafted:
-            self.k = min(self.k_max, 2 * self.k)
-        else:
-            self.k = max(1, accepted + 1)
+        self.k = _next_length(self.k, self.k_max, drafted, accepted)
         if accepted:
             self.misses, self.pause = 0, 4
             return
@@ -183,10 +182,13 @@ class Predicted:
     def feedback(self, drafted, accepted):
         if not self.guessed:
             self.lookup.feedback(drafted, accepted)
-        elif accepted == drafted:
-            self.k = min(self.k_max, 2 * self.k)
         else:
-            self.k = max(1, accepted + 1)
+            self.k = _next_length(self.k, self.k_max, drafted, accepted)
+
+
+def _next_length(k: int, k_max: int, drafted: int, accepted: int) -> int:
+    """The next guess's length: doubled (up to k_max) after a guess kept whole, else what was kept + 1."""
+    return min(k_max, 2 * k) if accepted == drafted else max(1, accepted + 1)
 
 
 class DraftModel:
