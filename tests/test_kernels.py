@@ -18,7 +18,7 @@ from ownlm.engine.kv_cache import KVCache
 from ownlm.model import kernels
 from ownlm.model.linear import Linear
 from ownlm.model.ops import dense_matmul
-from ownlm.model.quant import quantize
+from ownlm.model.quant import QuantWeight, quantize
 
 from .conftest import KERNELS_POSSIBLE, build_hf_model
 
@@ -104,10 +104,15 @@ def test_the_wrappers_refuse_what_the_c_code_could_not_take():
     with pytest.raises(ValueError, match="share"):
         kernels.attend_decode(torch.randn(b, 1, (3 + 2 * hkv) * d), 3, hkv, d, rot, rot, **ok)
     w = quantize(torch.randn(64, 96), 4)
-    with pytest.raises(ValueError, match="does not match"):
-        kernels.quant_matmul(torch.randn(3, 64), 4, w.data, w.scale, w.offset)  # K 64 against a K of 96
+    with pytest.raises(ValueError, match="against x's K"):
+        kernels.quant_matmul(torch.randn(3, 64), w)  # K 64 against a K of 96
     with pytest.raises(ValueError, match="multiple of 32"):
-        kernels.quant_matmul(torch.randn(3, 40), 4, w.data, w.scale, w.offset)
+        kernels.quant_matmul(torch.randn(3, 40), w)
+    with pytest.raises(ValueError, match="inconsistent"):  # an int6 weight without its 16-column scales
+        kernels.quant_matmul(torch.randn(3, 96), QuantWeight(6, w.data, w.scale, high=torch.zeros(64, 24,
+                                                                                                   dtype=torch.uint8)))
+    with pytest.raises(ValueError, match="1 to 3 parts"):
+        kernels.quant_matmul(torch.randn(3, 96), [w] * 4)
     with pytest.raises(ValueError, match="bfloat16 matrix"):
         kernels.bf16_matmul(torch.randn(3, 96), torch.randn(8, 96))
     with pytest.raises(ValueError, match="norm weight"):

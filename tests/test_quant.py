@@ -5,6 +5,7 @@ step against the modules, and memory equal to the file's blocks."""
 
 from __future__ import annotations
 
+from fractions import Fraction
 from pathlib import Path
 
 import gguf
@@ -16,7 +17,7 @@ import ownlm
 from ownlm.engine.kv_cache import KVCache, span
 from ownlm.formats.gguf import GGUFFile
 from ownlm.formats.quants import from_blocks
-from ownlm.model.quant import QuantWeight, quantize
+from ownlm.model.quant import IQ4_VALUES, MIDPOINT, QuantStack, QuantWeight, concat, pack_high, pack_int4, quantize
 from ownlm.engine import cpu_step
 from ownlm.model import kernels
 from ownlm.model.linear import QuantEmbedding, QuantLinear
@@ -30,7 +31,29 @@ Q = gguf.GGMLQuantizationType
 PROMPTS = ["Name three colors of the rainbow.", "What is the capital of France?", "Write a haiku about the sea."]
 
 
-@pytest.mark.parametrize("qtype", [Q.Q4_0, Q.Q4_1, Q.Q8_0])
+WIDTH = {Q.Q4_0: 4, Q.Q4_1: 4, Q.Q4_K: 4, Q.Q5_0: 5, Q.Q5_1: 5, Q.Q5_K: 5, Q.Q6_K: 6, Q.Q8_0: 8, Q.IQ4_NL: 4,
+         Q.IQ4_XS: 4}
+# bytes held per byte of the file: the same bytes, except Q4_K and Q5_K (their 6-bit scales and mins
+# widened to float16: 5 and 6 bits a weight against 4.5 and 5.5) and Q6_K (its d repeated per group
+# of 32: 7 against 6.5625) and IQ4_XS (its 6-bit scales as float16: 4.5 against 4.25)
+HELD = {Q.Q4_K: Fraction(10, 9), Q.Q5_K: Fraction(12, 11), Q.Q6_K: Fraction(16, 15), Q.IQ4_XS: Fraction(18, 17)}
+
+
+def random_blocks(qtype, rows: int, cols: int, seed: int = 0) -> np.ndarray:
+    """GGUF blocks of any type (gguf cannot write the K types): random bytes with a sane float16
+    d (and dmin) per block, so weights stay in the range of a real model's."""
+    rng = np.random.default_rng(seed)
+    per, size = gguf.GGML_QUANT_SIZES[qtype]
+    raw = rng.integers(0, 256, size=(rows, cols // per, size), dtype=np.uint8)
+    at = 208 if qtype == Q.Q6_K else 0  # where d is
+    raw[..., at:at + 2] = np.frombuffer(np.float16(0.0007 if qtype == Q.Q6_K else 0.011).tobytes(), dtype=np.uint8)
+    if qtype in (Q.Q4_1, Q.Q5_1, Q.Q4_K, Q.Q5_K):  # the min (dmin)
+        raw[..., 2:4] = np.frombuffer(np.float16(-0.05 if qtype in (Q.Q4_1, Q.Q5_1) else 0.007).tobytes(),
+                                      dtype=np.uint8)
+    return raw.reshape(rows, -1)
+
+
+@pytest.mark.parametrize("qtype", [Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1, Q.Q8_0])
 def test_gguf_blocks_are_taken_losslessly(hf_models, tmp_path, qtype):
     path = hf_folder_to_gguf(hf_models["llama"], tmp_path / "q.gguf", qtype=qtype)
     g = GGUFFile(path)
@@ -38,37 +61,62 @@ def test_gguf_blocks_are_taken_losslessly(hf_models, tmp_path, qtype):
     for name, t in g.tensors.items():
         if t.qtype == qtype:
             w = from_blocks(g.raw(name), qtype)
-            assert w.bits == (8 if qtype == Q.Q8_0 else 4)
+            assert w.bits == WIDTH[qtype]
             np.testing.assert_array_equal(w.dequantize().numpy(), g.dequantize(name))
             assert w.nbytes == t.nbytes  # the file's bytes, rearranged
             n += 1
     assert n >= 15
 
 
-def test_q4_k_blocks_match_the_reference_dequantizer():
-    """Random Q4_K super-blocks (sane float16 d and dmin, random 6-bit scales and nibbles)."""
-    rng = np.random.default_rng(0)
-    rows, blocks = 6, 3
-    raw = rng.integers(0, 256, size=(rows, blocks, 144), dtype=np.uint8)
-    raw[..., 0:2] = np.float16(0.011).tobytes()[0], np.float16(0.011).tobytes()[1]
-    dmin = np.frombuffer(np.float16(0.007).tobytes(), dtype=np.uint8)
-    raw[..., 2], raw[..., 3] = dmin[0], dmin[1]
-    raw = raw.reshape(rows, -1)
-    want = gguf.quants.dequantize(raw, Q.Q4_K)
-    got = from_blocks(raw, Q.Q4_K).dequantize().numpy()
-    # per-32 scales d * sc and mins dmin * m are held as float16: within 2^-11 of each
-    np.testing.assert_allclose(got, want, rtol=0, atol=float(np.abs(want).max()) * 2 ** -10)
+@pytest.mark.parametrize("qtype", [Q.Q4_K, Q.Q5_K, Q.Q6_K, Q.IQ4_NL, Q.IQ4_XS])
+def test_k_and_codebook_blocks_match_the_reference_dequantizer(qtype):
+    """Random blocks of the types gguf cannot write (sane float16 d and dmin, random scales and
+    values) in their own bits, within the documented bytes; Q6_K and IQ4_NL exactly, Q4_K / Q5_K
+    with their per-32 scales d * sc and mins dmin * m held as float16 and IQ4_XS its d * (ls - 32)
+    (within 2^-11 of each)."""
+    raw = random_blocks(qtype, 6, 768)
+    want = gguf.quants.dequantize(raw, qtype)
+    w = from_blocks(raw, qtype)
+    w.check()
+    held = w.nbytes - (16 if w.lut is not None else 0)  # and a codebook's 16 bytes per tensor
+    assert w.bits == WIDTH[qtype] and held == raw.nbytes * HELD.get(qtype, 1) <= raw.nbytes * 1.12
+    got = w.dequantize().numpy()
+    if qtype in (Q.Q6_K, Q.IQ4_NL):
+        np.testing.assert_array_equal(got, want)
+    else:
+        np.testing.assert_allclose(got, want, rtol=0, atol=float(np.abs(want).max()) * 2 ** -10)
 
 
-def _reference(x: torch.Tensor, w: QuantWeight) -> torch.Tensor:
+def _random_weight(bits: int, n: int, k: int, symmetric: bool = False, codebook: bool = False) -> QuantWeight:
+    """Any width's weight with random values and scales (K not a multiple of 256: the kernels'
+    8-group tails run); codebook: int4 indices into IQ4_NL's values."""
+    g = torch.Generator().manual_seed(bits * 10 + symmetric + 2 * codebook)
+    if codebook:
+        q = torch.randint(0, 16, (n, k), generator=g, dtype=torch.uint8)
+        scale = (torch.rand(n, k // 32, generator=g) * 0.002 - 0.001).half()
+        return QuantWeight(4, pack_int4(q), scale, lut=torch.tensor(IQ4_VALUES, dtype=torch.int8))
+    if bits == 8:
+        return quantize(torch.randn(n, k, generator=g), 8)
+    q = torch.randint(0, 1 << bits, (n, k), generator=g, dtype=torch.uint8)
+    scale = (torch.rand(n, k // 32, generator=g) * 0.02 + 0.001).half()
+    offset = None if symmetric or bits == 6 else (torch.randn(n, k // 32, generator=g) * 0.1).half()
+    sub = torch.randint(-128, 128, (n, k // 16), generator=g, dtype=torch.int8) if bits == 6 else None
+    return QuantWeight(bits, pack_int4(q & 15), scale, offset, None if bits == 4 else pack_high(q, bits), sub)
+
+
+def _reference(x: torch.Tensor, w: QuantWeight | QuantStack) -> torch.Tensor:
     """The kernel's arithmetic in float64: x rounded per row and group of 32 to int16 (scale
-    absmax / 32767), times q * scale, plus the int4 offsets (-8 * scale where none are stored)
-    times the exact group sums of x."""
+    absmax / 32767), times the weight's q * scale (int6: (q - 32) * scale * sub), plus the int4 /
+    int5 offsets (-8 or -16 * scale where none are stored) times the exact group sums of x."""
+    if isinstance(w, QuantStack):
+        return torch.cat([_reference(x, p) for p in w.parts], dim=-1)
     n, k = w.shape
     xg = x.double().view(x.shape[0], k // 32, 32)
     d = xg.abs().amax(-1, keepdim=True) / 32767
     xq = torch.where(d > 0, torch.round(xg / torch.where(d > 0, d, 1)), 0) * d
-    off = None if w.bits == 8 else (w.offset.double() if w.offset is not None else w.scale.double() * -8)
+    off = None
+    if w.bits in (4, 5) and w.lut is None:
+        off = w.offset.double() if w.offset is not None else w.scale.double() * -MIDPOINT[w.bits]
     q = w.dequantize().double()
     if off is not None:
         q = (q.view(n, -1, 32) - off[..., None]).view(n, k)
@@ -76,35 +124,64 @@ def _reference(x: torch.Tensor, w: QuantWeight) -> torch.Tensor:
     return y if off is None else y + xg.sum(-1) @ off.t()
 
 
+KINDS = {"int4": lambda k: quantize(torch.randn(301, k), 4),
+         "int4-symmetric": lambda k: _random_weight(4, 301, k, symmetric=True),
+         "int5": lambda k: _random_weight(5, 301, k), "int5-symmetric": lambda k: _random_weight(5, 301, k, True),
+         "int6": lambda k: _random_weight(6, 301, k), "int8": lambda k: quantize(torch.randn(301, k), 8),
+         "int4-codebook": lambda k: _random_weight(4, 301, k, codebook=True),
+         # a fused projection of three widths (Q4_K q and k, a Q6_K v; an int8 part)
+         "stack": lambda k: concat([_random_weight(4, 120, k), _random_weight(6, 61, k), _random_weight(8, 120, k)]),
+         "codebook-stack": lambda k: concat([_random_weight(4, 100, k, codebook=True), _random_weight(4, 101, k),
+                                             _random_weight(4, 100, k, codebook=True)])}
+
+
 @pytest.mark.skipif(not KERNELS_POSSIBLE, reason="ownlm's kernels need x86-64 Linux with AVX2 and a C compiler")
-@pytest.mark.parametrize("kind,k", [("int4", 192), ("int4-symmetric", 192), ("int8", 192), ("int4", 1184),
-                                    ("int8", 1184)])
+@pytest.mark.parametrize("kind,k", [(kind, 192) for kind in KINDS] + [("int4", 1184), ("int6", 1184),
+                                                                       ("int5", 1184), ("int8", 1184)])
 def test_quant_matmul_equals_reference_and_is_batch_invariant(kind, k):
     """Every row gets the same bits alone as in a batch of any size (the kernel takes rows 8, 4, 2
     and 1 at a time, in tiles of 64: 70 rows cross one), bfloat16 activations too."""
     assert kernels.load() is not None
-    bits = int(kind[3])
-    torch.manual_seed(bits)
-    w = quantize(torch.randn(301, k), bits)  # N not a multiple of any block
-    if kind == "int4-symmetric":  # Q4_0's form: no offsets stored
-        w = QuantWeight(4, w.data, w.scale, None)
+    torch.manual_seed(len(kind) + k)
+    w = KINDS[kind](k)  # N = 301: not a multiple of any block
+    stacked = kind.endswith("stack")
+    assert isinstance(w, QuantStack) == stacked
     x = torch.randn(70, k) * torch.rand(70, 1) * 4  # 70 rows: crosses the 64-row tile
-    got = kernels.quant_matmul(x, bits, w.data, w.scale, w.offset)
+    got = kernels.quant_matmul(x, w.parts if stacked else w)
     want = _reference(x, w)
     assert torch.allclose(got.double(), want, atol=2e-5 * want.abs().max().item(), rtol=0)
     dense = x.double() @ w.dequantize().double().t()  # and the int16 rounding of x costs ~1e-5
     assert ((got.double() - dense).norm() / dense.norm()).item() < 1e-4
+    parts = w.parts if stacked else [w]
     for i in (0, 1, 63, 64, 69):
-        assert torch.equal(kernels.quant_matmul(x[i:i + 1].contiguous(), bits, w.data, w.scale,
-                                                w.offset)[0], got[i])
+        assert torch.equal(kernels.quant_matmul(x[i:i + 1].contiguous(), parts)[0], got[i])
     for m in (2, 3, 4, 5, 8, 9, 16, 17):
-        assert torch.equal(kernels.quant_matmul(x[70 - m:].contiguous(), bits, w.data, w.scale, w.offset),
-                           got[70 - m:])
-    xb = x[:9].bfloat16()  # bfloat16 activations in and out, as the model's default compute dtype
-    yb = kernels.quant_matmul(xb, bits, w.data, w.scale, w.offset)
-    assert yb.dtype == torch.bfloat16 and torch.equal(yb[4], kernels.quant_matmul(xb[4:5], bits, w.data, w.scale,
-                                                                                  w.offset)[0])
+        assert torch.equal(kernels.quant_matmul(x[70 - m:].contiguous(), parts), got[70 - m:])
+    xb = x[:9].bfloat16()  # bfloat16 activations in and out
+    yb = kernels.quant_matmul(xb, parts)
+    assert yb.dtype == torch.bfloat16 and torch.equal(yb[4], kernels.quant_matmul(xb[4:5], parts)[0])
     torch.testing.assert_close(yb.double(), _reference(xb.float(), w), atol=1e-2 * want.abs().max().item(), rtol=0)
+
+
+@pytest.mark.skipif(not KERNELS_POSSIBLE, reason="ownlm's kernels need x86-64 Linux with AVX2 and a C compiler")
+@pytest.mark.parametrize("qtype", list(WIDTH))
+def test_each_gguf_type_multiplies_as_gguf_dequantizes_it(qtype):
+    """Per GGUF type, the kernel on the type's own bits against x @ W.T in float64 with W from the
+    `gguf` package's dequantizer: within the bound of rounding x to int16 (half a step of each
+    group's absmax / 32767, times |W|), of float32 accumulation, and for Q4_K / Q5_K of their
+    scales and mins held as float16 (|x| times the held weight's distance from the file's)."""
+    assert kernels.load() is not None
+    raw = random_blocks(qtype, 67, 512, seed=int(qtype))
+    file_w = torch.from_numpy(gguf.quants.dequantize(raw, qtype)).double()
+    w = from_blocks(raw, qtype)
+    x = torch.randn(5, 512) * torch.rand(5, 1) * 4
+    got = kernels.quant_matmul(x, w).double()
+    want = x.double() @ file_w.t()
+    step = x.double().view(5, 16, 32).abs().amax(-1, keepdim=True).expand(5, 16, 32).reshape(5, 512) / 32767
+    held = (w.dequantize().double() - file_w).abs()
+    bound = (step / 2) @ file_w.abs().t() + x.double().abs() @ held.t() + 1e-6 * (x.double().abs() @ file_w.abs().t())
+    assert ((got - want).abs() <= bound).all(), ((got - want).abs() / bound).max()
+    assert ((got - want).abs() > 0).any()  # the rounding is real, the bound not vacuous
 
 
 def test_quant_linear_without_kernels_and_in_training(monkeypatch):
@@ -128,12 +205,12 @@ def test_quant_linear_without_kernels_and_in_training(monkeypatch):
 
 def test_smollm2_keeps_its_blocks_and_equals_the_dequantized_model(smollm2_gguf):
     """Q4_1 layers and the Q8_0 embedding/head stay in their bytes. In float32 the quantized model
-    gives the dequantized model's logits and greedy answers; in the default bfloat16 it departs
-    from them no more than bfloat16 rounding alone does (the dequantized model in bfloat16), and
-    answers the three fixed prompts the same."""
+    gives the dequantized model's logits and greedy answers; in bfloat16 it departs from them no
+    more than bfloat16 rounding alone does (the dequantized model in bfloat16), and answers the
+    three fixed prompts the same (the default computes in float32: test_fidelity.py)."""
     exact = ownlm.load(str(smollm2_gguf), dtype="float32", quant="none", cache=False)
     f32 = ownlm.load(str(smollm2_gguf), dtype="float32", quant="int4", cache=False)
-    fast = ownlm.load(str(smollm2_gguf), cache=False)  # bf16, int4 / int8 kept
+    fast = ownlm.load(str(smollm2_gguf), dtype="bfloat16", cache=False)  # int4 / int8 kept
     rounded = ownlm.load(str(smollm2_gguf), dtype="bfloat16", quant="none", cache=False)
     g = GGUFFile(smollm2_gguf)
     quantized = {n: m for n, m in fast.model.named_modules() if isinstance(m, (QuantLinear, QuantEmbedding))}
@@ -195,8 +272,11 @@ def test_cuda_build_holds_the_int4_linears_for_pytorchs_int4_kernel(smollm2_gguf
         loading.build_model(open_checkpoint(files_of_path(smollm2_gguf)), torch.device("cuda"), torch.bfloat16, "int8")
     exact = ownlm.load(str(smollm2_gguf), dtype="float32", quant="none", cache=False)
     rounded = ownlm.load(str(smollm2_gguf), dtype="bfloat16", quant="none", cache=False)
-    monkeypatch.setattr(loading, "layout_for", lambda device: "tinygemm")
-    lm = ownlm.load(str(smollm2_gguf), cache=False)
+    def cuda_layout(device, w=None, embedding=False):  # linear.layout_for on CUDA
+        return "tinygemm" if not embedding and w.kind == "int4" and w.shape[0] % 16 == 0 else "dense"
+
+    monkeypatch.setattr(loading, "layout_for", cuda_layout)
+    lm = ownlm.load(str(smollm2_gguf), dtype="bfloat16", cache=False)  # auto's dtype on CUDA
     linears = [m for m in lm.model.modules() if isinstance(m, QuantLinear)]
     assert len(linears) == 4 * lm.config.n_layers and all(m.layout == "tinygemm" for m in linears)
     assert lm.model.embed.weight.dtype == torch.bfloat16
@@ -209,6 +289,41 @@ def test_cuda_build_holds_the_int4_linears_for_pytorchs_int4_kernel(smollm2_gguf
     assert kl["int4"] < 1.5 * kl["rounded"] + 1e-4, kl
     msgs = [{"role": "user", "content": PROMPTS[0]}]  # decoding through the KV cache (no one-call step)
     assert lm.chat(msgs, max_tokens=16, temperature=0).text == exact.chat(msgs, max_tokens=16, temperature=0).text
+
+
+def test_without_the_kernels_weights_stay_quantized(smollm2_gguf, hf_models, tmp_path, monkeypatch):
+    """A CPU where ownlm's kernels do not run (another ISA, no compiler, OWNLM_KERNELS=0): the
+    int4 linears run PyTorch's int4 kernel (its CPU twin), the int8 embedding / head and other
+    widths are dequantized per call, never at load: the bytes held stay the file's, and the model
+    follows its dequantized self."""
+    monkeypatch.setattr(kernels, "load", lambda: None)
+    exact = ownlm.load(str(smollm2_gguf), dtype="float32", quant="none", cache=False)
+    lm = ownlm.load(str(smollm2_gguf), cache=False)
+    linears = [m for m in lm.model.modules() if isinstance(m, QuantLinear)]
+    assert len(linears) == 4 * lm.config.n_layers and all(m.layout == "tinygemm" for m in linears)
+    assert isinstance(lm.model.embed, QuantEmbedding) and lm.model.embed.bits == 8
+    g = GGUFFile(smollm2_gguf)
+    held = sum(t.numel() * t.element_size() for m in [*linears, lm.model.embed] for t in m.buffers())
+    assert held <= 1.01 * sum(t.nbytes for t in g.tensors.values() if t.qtype in (Q.Q4_1, Q.Q8_0))
+    dense = sum(p.numel() * p.element_size() for p in lm.model.parameters())  # the norms only
+    assert dense < 0.01 * held
+    text = (ROOT / "src/ownlm/evaluate/data/prose.txt").read_text()[:2000]
+    ids = torch.tensor([exact.encode(text)[:300]])
+    rounded = ownlm.load(str(smollm2_gguf), dtype="bfloat16", quant="none", cache=False)
+    with torch.inference_mode():
+        b = exact.model(ids).log_softmax(-1)
+        kl = {name: (b.exp() * (b - m.model(ids).float().log_softmax(-1))).sum(-1).mean().item()
+              for name, m in (("held", lm), ("rounded", rounded))}
+    assert kl["held"] < 1.5 * kl["rounded"] + 1e-4, kl  # x goes into PyTorch's int4 kernel as bfloat16
+    # an int5 / int8 mix: held as blocks, dequantized per call
+    path = hf_folder_to_gguf(hf_models["llama"], tmp_path / "m.gguf", qtype=Q.Q5_1, overrides={"ffn_down.weight": Q.Q8_0})
+    mixed = ownlm.load(str(path), cache=False)
+    assert all(b.attn.qkv.bits == 5 and b.attn.qkv.layout == "blocks" and b.mlp.down.bits == 8
+               for b in mixed.model.layers)
+    reference = ownlm.load(str(path), dtype="float32", quant="none", cache=False)
+    with torch.inference_mode():
+        x = torch.tensor([list(range(3, 40))])
+        torch.testing.assert_close(mixed.model(x).float(), reference.model(x).float(), atol=0.05, rtol=0.05)
 
 
 @pytest.mark.parametrize("quant", ["int4", "int8"])
@@ -296,11 +411,13 @@ def test_blocks_the_fused_step_does_not_cover_take_the_modules(hf_models, tmp_pa
     assert not cpu_step.eligible(dense.model)  # dense projections
 
 
-def test_other_block_types_are_held_as_int8_and_mixed_groups_fuse_as_int8(hf_models, tmp_path):
-    """Q5_0 layers (a type without an int4 / int8 form of its own) and a Q4_0 file whose v and
-    down projections are Q5_1 (as llama.cpp's _M mixes do): every projection quantized, mixed
-    groups as int8, and the model follows its dequantized self."""
-    mixed = {"attn_v.weight": Q.Q5_1, "ffn_down.weight": Q.Q5_1}
+@pytest.mark.skipif(not KERNELS_POSSIBLE, reason="ownlm's kernels need x86-64 Linux with AVX2 and a C compiler")
+def test_each_block_type_keeps_its_bits_and_mixed_groups_fuse_as_stacks(hf_models, tmp_path):
+    """Q5_0 layers in their own 5 bits, and a Q4_0 file whose v projections are Q5_1 and down
+    projections Q8_0 (as llama.cpp's _M mixes do): a fused qkv of int4 q, k and an int5 v is a
+    stack of parts, nothing is widened (the bytes held are the file's), the one-call decode step
+    gives the modules' bits, and the model follows its dequantized self."""
+    mixed = {"attn_v.weight": Q.Q5_1, "ffn_down.weight": Q.Q8_0}
     for name, path in (("q5", hf_folder_to_gguf(hf_models["llama"], tmp_path / "q5.gguf", qtype=Q.Q5_0)),
                        ("mixed", hf_folder_to_gguf(hf_models["llama"], tmp_path / "m.gguf", qtype=Q.Q4_0,
                                                    overrides=mixed))):
@@ -309,9 +426,15 @@ def test_other_block_types_are_held_as_int8_and_mixed_groups_fuse_as_int8(hf_mod
         for block in q.model.layers:
             bits = {n: getattr(m, "bits", None) for n, m in (("qkv", block.attn.qkv), ("o", block.attn.o),
                                                             ("gate_up", block.mlp.gate_up), ("down", block.mlp.down))}
-            assert bits == ({"qkv": 8, "o": 8, "gate_up": 8, "down": 8} if name == "q5" else
-                            {"qkv": 8, "o": 4, "gate_up": 4, "down": 8}), (name, bits)
+            assert bits == ({"qkv": 5, "o": 5, "gate_up": 5, "down": 5} if name == "q5" else
+                            {"qkv": (4, 5), "o": 4, "gate_up": 4, "down": 8}), (name, bits)
+        g = GGUFFile(path)
+        quantized = [m for m in q.model.modules() if isinstance(m, (QuantLinear, QuantEmbedding))]
+        held = sum(t.numel() * t.element_size() for m in quantized for t in m.buffers())
+        assert held == sum(t.nbytes for t in g.tensors.values() if t.qtype in WIDTH)
         assert cpu_step.eligible(q.model)
+        ids = list(range(3, 21))
+        assert torch.equal(_decode(q.model, ids, one_call=True), _decode(q.model, ids))
         ids = torch.tensor([list(range(3, 60))])
         with torch.inference_mode():
             b, a = exact.model(ids).log_softmax(-1), q.model(ids).float().log_softmax(-1)

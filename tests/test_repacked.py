@@ -4,6 +4,7 @@ model; a damaged cache is ignored and rebuilt; `ownlm rm` removes it with the mo
 from __future__ import annotations
 
 import gguf
+import pytest
 import torch
 
 import ownlm
@@ -25,8 +26,14 @@ def _caches(home) -> list:
     return sorted(root.iterdir()) if root.is_dir() else []
 
 
-def test_second_load_reads_the_cache_and_equals_a_fresh_build(hf_models, tmp_path, ownlm_home, monkeypatch):
-    path = hf_folder_to_gguf(hf_models["llama"], tmp_path / "q4.gguf", qtype=gguf.GGMLQuantizationType.Q4_0)
+Q = gguf.GGMLQuantizationType
+
+
+@pytest.mark.parametrize("mix", [{}, {"attn_v.weight": Q.Q5_1, "attn_output.weight": Q.Q5_0,
+                                     "ffn_down.weight": Q.Q8_0}])
+def test_second_load_reads_the_cache_and_equals_a_fresh_build(hf_models, tmp_path, ownlm_home, monkeypatch, mix):
+    """A Q4_0 file, and one mixing int5 and int8 projections in (a fused qkv of int4 and int5 parts)."""
+    path = hf_folder_to_gguf(hf_models["llama"], tmp_path / "q4.gguf", qtype=Q.Q4_0, overrides=mix)
     manage.import_path(path, name="tiny-q4", quiet=True)
     calls = []
     real_load = repacked.load
@@ -37,6 +44,7 @@ def test_second_load_reads_the_cache_and_equals_a_fresh_build(hf_models, tmp_pat
     second = ownlm.load("tiny-q4", dtype="bfloat16")
     assert calls[-1] is not None  # served from the cache
     assert any(type(m).__name__ == "QuantLinear" for m in second.model.modules())
+    assert [b.attn.qkv.bits for b in second.model.layers] == [(4, 5) if mix else 4] * len(second.model.layers)
     monkeypatch.setenv("OWNLM_REPACK_CACHE", "0")
     fresh = ownlm.load("tiny-q4", dtype="bfloat16")
     assert torch.equal(_logits(second), _logits(fresh)) and torch.equal(_logits(first), _logits(fresh))

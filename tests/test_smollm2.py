@@ -25,7 +25,7 @@ TOKENIZER_CORPUS = [
 
 @pytest.fixture(scope="module")
 def ours(smollm2_gguf):
-    return ownlm.load(str(smollm2_gguf), device="cpu", dtype="float32")
+    return ownlm.load(str(smollm2_gguf), device="cpu", dtype="float32", quant="none")  # dense, as transformers
 
 
 def test_logits_match_transformers(ours, hf_smollm2):

@@ -18,13 +18,13 @@ from .engine.sampling import SamplingParams
 from .errors import BadRequest, ModelFormatError, ModelNotFound
 from . import repacked
 from .formats import peft
-from .formats.checkpoint import Checkpoint, open_checkpoint, quantizable
+from .formats.checkpoint import GGUF_FILE, Checkpoint, open_checkpoint, quantizable
 from .manage import display_name, follow, preset_of, resolve
 from .store.store import Store
 from .formats.keymaps import FUSED
 from .model import adapters, cpu
 from .model.linear import QuantEmbedding, QuantLinear, fast_quant, layout_for, quant_supported, replace
-from .model.quant import GROUP, QuantWeight, concat, quantize, tinygemm_fits
+from .model.quant import GROUP, QuantStack, QuantWeight, concat, quantize
 from .model.transformer import Transformer
 from .text.chat import ChatTemplate
 from .text.tokenizer import TextTokenizer
@@ -53,7 +53,12 @@ def pick_device(device: str | None = None) -> torch.device:
     return torch.device("cpu")
 
 
-def pick_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
+def pick_dtype(dtype: str | torch.dtype | None, device: torch.device,
+               checkpoint: tuple[dict[str, Any], dict[str, Path]] | None = None) -> torch.dtype:
+    """The compute dtype for `dtype` ("auto", None, a name or a torch dtype) on `device`.
+    checkpoint: (manifest, files) of the model, as resolve gives them, when its GGUF blocks may be
+    held as they are (quant auto, int4, int8): on a CPU with ownlm's kernels such a model computes
+    in float32 under auto."""
     if isinstance(dtype, torch.dtype):
         return dtype
     if dtype in (None, "auto"):
@@ -61,8 +66,31 @@ def pick_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.d
             return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
         if device.type == "mps":
             return torch.float16
-        # measured on an AVX2 server: bf16 weights halve memory traffic and beat fp32 even where the
-        # bf16 arithmetic is emulated; other CPUs (ARM without bf16) stay in fp32
+        if checkpoint is not None and fast_quant(device):
+            # the blocks stay quantized whatever the compute dtype, so float32 activations and
+            # residual stream cost no weight memory (the KV cache: twice bfloat16's) and keep the
+            # file's model. bench/fidelity.py, smollm2 Q4_1, 2 threads (AVX-512, bf16 emulated):
+            # mean KL from the float32 dequantized model 2.5e-7 against 6.7e-4 in bfloat16
+            # (llama.cpp on the file: 3.0e-3), at the same speed within noise (decode 115 vs 119
+            # tok/s, prefill 3184 vs 3157)
+            manifest, files = checkpoint
+            floats = ("F32", "F16", "BF16", "F64")
+            if manifest.get("format") == "gguf":  # a store model: the manifest names the file's quantization
+                blocks = manifest.get("quantization") not in floats
+            elif not manifest.get("format") and GGUF_FILE in files:  # a path: its header's tensor table
+                from .formats.gguf import GGUFFile
+
+                sizes = [(t.type_name in floats, t.nbytes) for t in GGUFFile(files[GGUF_FILE]).tensors.values()
+                         if len(t.shape) >= 2]
+                blocks = sum(n for f, n in sizes if not f) > sum(n for f, n in sizes if f)
+            else:
+                blocks = False
+            if blocks:
+                return torch.float32
+        # dense weights (safetensors, F16/BF16 GGUF, --quant none) are held in the compute dtype,
+        # and the model has one: float32 would double their memory. Measured on an AVX2 server:
+        # bf16 weights halve memory traffic and beat fp32 even where the bf16 arithmetic is
+        # emulated; other CPUs (ARM without bf16) stay in fp32
         return torch.bfloat16 if cpu.x86_avx2() else torch.float32
     if dtype not in DTYPES:
         raise BadRequest(f"unknown dtype {dtype!r}", f"use one of: auto, {', '.join(DTYPES)}")
@@ -74,13 +102,16 @@ def build_model(ckpt: Checkpoint, device: torch.device, dtype: torch.dtype, quan
     read (a tensor is in its final form before the next is read, so memory peaks near the model's
     own size); every parameter must be filled exactly once (missing or unexpected names are
     format errors).
-    quant="auto" keeps GGUF Q4_0/Q4_1/Q4_K/Q8_0 weights (linears, embedding, head) as int4 /
-    int8 on a CPU with ownlm's kernels when computing in bfloat16, and holds the other block
-    types (Q5_*, Q6_K, ...) as int8; "none" dequantizes everything to `dtype`; "int4" / "int8"
+    quant="auto" keeps a GGUF's quantized blocks (linears, embedding, head) on a CPU, each type in
+    its own bits (formats/quants.py: Q4_*, Q5_*, Q6_K, Q8_0, IQ4_NL / IQ4_XS; the other types as
+    int8), whatever the compute dtype; "none" dequantizes everything to `dtype`; "int4" / "int8"
     hold every linear of the layers that way (GGUF blocks of that width as they are, anything
     else quantized group-wise at load) and keep a GGUF's quantized embedding and head.
+    On a CPU with ownlm's kernels they compute in them; without (OWNLM_KERNELS=0, a CPU they do
+    not build for) int4 linears run PyTorch's int4 kernel (its CPU twin, layout "tinygemm") and
+    the rest is dequantized per call: memory stays quantized either way.
     On CUDA (Ampere or newer, bfloat16) int4 linears of the layers are held in PyTorch's int4
-    layout and run its kernel; everything else there (int8, the embedding) is dequantized."""
+    layout and run its kernel; everything else there (other widths, the embedding) is dequantized."""
     if quant not in QUANT_MODES:
         raise BadRequest(f"unknown quantization mode {quant!r}", f"use one of: {', '.join(QUANT_MODES)}")
     bits = QUANT_BITS.get(quant)
@@ -88,14 +119,15 @@ def build_model(ckpt: Checkpoint, device: torch.device, dtype: torch.dtype, quan
         hint = "use --quant int4 (a GPU of the Ampere generation or newer) or none" if device.type == "cuda" \
             else "use --quant none"
         raise BadRequest(f"{quant} weights are not supported on {device}", hint)
-    layout = layout_for(device)
-    if bits and layout == "tinygemm" and dtype != torch.bfloat16:
+    cuda = device.type == "cuda"
+    if bits and cuda and dtype != torch.bfloat16:
         raise BadRequest(f"int4 weights on {device} compute in bfloat16, not {str(dtype).removeprefix('torch.')}",
                          "use --dtype bfloat16 (or auto)")
-    # GGUF blocks held as they are: int4 and int8 on a CPU; on CUDA only int4 has a kernel, so the
+    # GGUF blocks held as they are: every width on a CPU; on CUDA only int4 has a kernel, so the
     # rest is dequantized straight from the file
-    holding = bits is not None or (quant == "auto" and dtype == torch.bfloat16 and fast_quant(device))
-    keep = ((4,) if layout == "tinygemm" else (4, 8)) if holding else ()
+    holding = bits is not None or (quant == "auto" and (
+        device.type == "cpu" or (cuda and fast_quant(device) and dtype == torch.bfloat16)))
+    keep = ((4,) if cuda else (4, 5, 6, 8)) if holding else ()
     with torch.device("meta"):
         model = Transformer(ckpt.config)
     expected = model.state_names()
@@ -118,11 +150,12 @@ def build_model(ckpt: Checkpoint, device: torch.device, dtype: torch.dtype, quan
     if missing:
         raise ModelFormatError(f"checkpoint lacks {len(missing)} tensor(s), first {missing[0]!r}")
     for name, tensor in list(state.items()):
-        if not isinstance(tensor, QuantWeight):
+        if not isinstance(tensor, (QuantWeight, QuantStack)):
             continue
         path = name.removesuffix(".weight")
-        if layout == "tinygemm" and (path == "embed" or not tinygemm_fits(tensor.shape)):
-            state[name] = tensor.dequantize().to(dtype)  # no int4 kernel for these on CUDA
+        layout = layout_for(device, tensor, embedding=path == "embed")
+        if layout == "dense":
+            state[name] = tensor.dequantize().to(dtype)  # no kernel for these on CUDA
             continue
         del state[name]
         if path == "embed":
@@ -139,7 +172,7 @@ def build_model(ckpt: Checkpoint, device: torch.device, dtype: torch.dtype, quan
 def fuse(state: dict, dtype: torch.dtype) -> dict:
     """Concatenate per-projection tensors into the Transformer's fused projections (keymaps.FUSED:
     PARENT.q/k/v -> PARENT.qkv, PARENT.gate/up -> PARENT.gate_up, for attention, MLPs and experts
-    alike); quantized parts stay quantized (int4 with int8 parts: all as int8). A lone
+    alike); quantized parts stay quantized, each in its own bits (quant.concat). A lone
     part (a plain MLP's `up`) is not a group and stays as it is. In place: each part is freed as
     its group is joined, so memory never holds the model twice."""
     out = state
@@ -155,9 +188,7 @@ def fuse(state: dict, dtype: torch.dtype) -> dict:
                     missing = sorted(set(names) - set(present))[0]
                     raise ModelFormatError(f"checkpoint lacks {missing!r}")
                 tensors = [out.pop(n) for n in names]
-                if all(isinstance(t, QuantWeight) for t in tensors):
-                    if len({t.bits for t in tensors}) > 1:  # e.g. Q4_K q, k and a Q6_K v: all int8
-                        tensors = [t if t.bits == 8 else quantize(t.dequantize(), 8) for t in tensors]
+                if all(isinstance(t, QuantWeight) for t in tensors):  # Q4_K q, k with a Q6_K v: a stack
                     out[f"{parent}.{fused}.{kind}"] = concat(tensors)
                 else:
                     dense = [t.dequantize().to(dtype) if isinstance(t, QuantWeight) else t for t in tensors]
@@ -298,9 +329,12 @@ def load(ref: str, device: str | None = None, dtype: str | torch.dtype | None = 
     """Load any model reference (store name, catalog alias, path, pypi:/hf: ref, BASE+ADAPTER,
     an adapter's store name or a preset's: its base and adapter, with its system prompt and
     sampling parameters as the LoadedModel's defaults) for inference.
-    dtype: auto (bfloat16 on CUDA and x86 CPUs with AVX2 or better, else float32), float32, bfloat16, float16.
-    quant: auto (GGUF Q4_0/Q4_1/Q4_K stay int4 in bfloat16, on a CPU or a CUDA GPU, and Q8_0
-    int8 on a CPU), none (dequantize everything), bf16 (none, in bfloat16), int4 or int8 (every
+    dtype: auto, float32, bfloat16, float16. auto: on a CPU with ownlm's kernels (x86, AVX2) float32
+    for a GGUF of quantized blocks held as they are (its activations, residual stream and KV cache;
+    the blocks stay quantized) and bfloat16 for dense weights (safetensors, F16 GGUFs, quant none),
+    which are held in the compute dtype; float32 on other CPUs; bfloat16 on CUDA, float16 on MPS.
+    quant: auto (GGUF Q4_0/Q4_1/Q4_K stay int4, on a CPU or a CUDA GPU (there in bfloat16), and
+    Q8_0 int8 on a CPU), none (dequantize everything), bf16 (none, in bfloat16), int4 or int8 (every
     linear of the layers, quantized at load where it is not already; int8 on CPUs only).
     An adapter is merged into dense weights, and kept beside quantized weights (so they stay so).
     threads: compute on that many CPU threads from now on, in this process (PyTorch's and ownlm's
@@ -334,7 +368,7 @@ def load(ref: str, device: str | None = None, dtype: str | torch.dtype | None = 
                                 f"{str(base.get('digest'))[:12]}) is no longer in the store",
                                 f"import that model again, or name a base: `BASE+{display_name(adapter[0])}`")
     dev = pick_device(device)
-    dt = pick_dtype(dtype, dev)
+    dt = pick_dtype(dtype, dev, (manifest, files) if quant != "none" else None)
     if quant == "bf16":  # dense bfloat16 weights: "none" in bfloat16
         if dtype not in (None, "auto") and dt != torch.bfloat16:
             raise BadRequest("--quant bf16 holds weights in bfloat16, "

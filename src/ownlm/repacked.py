@@ -34,12 +34,11 @@ from .errors import BadRequest
 from .formats.hf import SafetensorsFile, write_safetensors
 from .model import cpu, ops
 from .model.config import ModelConfig, RopeScaling
-from .model.linear import QuantEmbedding, QuantLinear, replace
-from .model.quant import QuantWeight
+from .model.linear import QuantEmbedding, QuantLinear, quant_from, replace
 from .model.transformer import Transformer
 from .text.tokenizer import TokenizerSpec
 
-VERSION = 3
+VERSION = 4  # 4: int5 / int6 weights and stacks of parts (Q5_*, Q6_K kept in their bits)
 FILE = "model.safetensors"
 
 
@@ -151,7 +150,8 @@ def save(path: Path, model: Transformer, tokenizer: TokenizerSpec, chat_template
     """Write the cache for `model` at `path` (atomically; an existing one is kept)."""
     if path.exists() or any(getattr(m, "layout", "blocks") != "blocks" for m in model.modules()):
         return  # PyTorch's int4 layout (CUDA) is rebuilt from the file each time
-    quantized = {name: {"embedding": isinstance(m, QuantEmbedding), "bits": m.bits,
+    quantized = {name: {"embedding": isinstance(m, QuantEmbedding),
+                        "bits": m.bits if isinstance(m.bits, int) else list(m.bits),
                         "dtype": str(m.dtype).removeprefix("torch.")}
                  for name, m in model.named_modules() if isinstance(m, (QuantLinear, QuantEmbedding))}
     meta = {"version": VERSION, "config": asdict(model.cfg), "quantized": quantized, "facts": facts,
@@ -207,7 +207,7 @@ def _read(file: Path, device: torch.device):
             model = Transformer(cfg)
         for name, spec in meta["quantized"].items():
             parts = {k[len(name) + 1:]: tensors.pop(k) for k in list(tensors) if k.startswith(name + ".")}
-            w = QuantWeight(spec["bits"], parts["data"], parts["scale"], parts.get("offset"))
+            w = quant_from(parts, spec["bits"])
             original = model.get_submodule(name)  # the shape the config gives this layer
             if w.shape != tuple(original.weight.shape):
                 return None

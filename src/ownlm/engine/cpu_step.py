@@ -34,6 +34,8 @@ def eligible(model: Transformer) -> bool:
     """Whether every block has the shape decode_layers runs (switches read from the config, the
     projections' and norms' types from the modules)."""
     cfg = model.cfg
+    if not kernels.full():
+        return False
     if (cfg.norm != "rms" or cfg.position != "rope" or cfg.clip_qkv or cfg.parallel_residual
             or cfg.shared_norm or cfg.n_experts or not cfg.mlp.startswith("gated")
             or cfg.head_dim % 8 or cfg.n_heads % cfg.n_kv_heads):
@@ -75,13 +77,16 @@ class _Plan:
                     raise ValueError(f"layer {i}: a {lin.out_features}x{lin.in_features} projection where the "
                                      f"config makes it {n}x{k}")
             for j, lin in enumerate(linears):
-                ly.w[j], ly.s[j] = lin.data.data_ptr(), lin.scale.data_ptr()
-                ly.o[j] = lin.offset.data_ptr() if lin.offset is not None else None
-                self.keep += [t for t in (lin.data, lin.scale, lin.offset) if t is not None]
+                parts = lin.parts
+                kernels.check_parts(parts, lin.in_features)
+                for at, w in enumerate(parts):
+                    ly.part[j][at] = kernels.Part.of(w)
+                    self.keep += list(w.tensors().values())
+                ly.nparts[j] = len(parts)
                 if lin.bias is not None:
                     self.keep.append(self._vector(lin.bias, lin.out_features, i))
                     ly.bias[j] = self.keep[-1].data_ptr()
-                ly.bits[j], ly.n[j], ly.k[j] = lin.bits, lin.out_features, lin.in_features
+                ly.n[j], ly.k[j] = lin.out_features, lin.in_features
             for field, name in NORMS.items():
                 norm = _find(block, name)
                 if norm is not None:

@@ -1,7 +1,12 @@
-"""GGUF blocks -> the group-wise integer weights of model/quant.py, kept in their own bytes where
-the layouts agree: Q4_0 (w = d (q - 8), no offsets) and Q4_1 (w = d q + m: scale d, offset m)
-and Q8_0 are exact. Q4_K's per-32 scales and mins (d * sc, dmin * m, products of a float16 and a
-6-bit integer) are rounded to float16 (relative error <= 2^-11 of the scale)."""
+"""GGUF blocks -> the group-wise integer weights of model/quant.py, each type in its own bits (no
+requantization): Q4_0 (w = d (q - 8), no offsets), Q4_1 (w = d q + m: scale d, offset m), Q5_0,
+Q5_1, Q8_0 and Q6_K (w = d sc (q - 32), its 16-column int8 scales kept) are exact, and hold the
+file's bytes (Q6_K 7 bits per weight against the file's 6.56: its d repeated per group of 32),
+as is IQ4_NL (w = d lut[q], a codebook of 16 int8 values); IQ4_XS keeps its codebook with its
+per-32 scales d * (ls - 32) rounded to float16 (4.5 bits per weight against the file's 4.25).
+Q4_K's and Q5_K's per-32 scales and mins (d * sc, dmin * m, products of a float16 and a 6-bit
+integer) are rounded to float16 (relative error <= 2^-11 of the scale); they hold 5 and 6 bits
+per weight against the file's 4.5 and 5.5."""
 
 from __future__ import annotations
 
@@ -10,10 +15,12 @@ import torch
 from gguf import GGMLQuantizationType as Q
 from gguf import quants as gguf_quants
 
-from ..model.quant import QuantWeight, pack_int4
+from ..model.quant import IQ4_VALUES, QuantWeight, pack_high, pack_int4
 
-QUANT_TYPES = {Q.Q4_0: 4, Q.Q4_1: 4, Q.Q4_K: 4, Q.Q8_0: 8}  # GGUF block type -> bits kept in memory
-# other block types (Q5_*, Q6_K, Q2_K, ...): dequantized, then held as int8 (its rounding, at most
+# GGUF block type -> bits kept in memory
+QUANT_TYPES = {Q.Q4_0: 4, Q.Q4_1: 4, Q.Q4_K: 4, Q.Q5_0: 5, Q.Q5_1: 5, Q.Q5_K: 5, Q.Q6_K: 6, Q.Q8_0: 8,
+               Q.IQ4_NL: 4, Q.IQ4_XS: 4}
+# other block types (Q2_K, Q3_K, the other IQ types, ...): dequantized, then held as int8 (its rounding, at most
 # 1/254 of a group's largest value, is far below theirs; half the bytes of bfloat16 and a faster
 # kernel); plain float tensors stay dense
 FLOAT_TYPES = {Q.F32, Q.F16, Q.BF16, Q.F64}
@@ -22,6 +29,23 @@ FLOAT_TYPES = {Q.F32, Q.F16, Q.BF16, Q.F64}
 def _f16(blocks: np.ndarray, at: int) -> np.ndarray:
     """The float16 at byte `at` of each block, as float16 (N, nb)."""
     return np.ascontiguousarray(blocks[..., at:at + 2]).view(np.float16)[..., 0]
+
+
+def _k_scales(blocks: np.ndarray, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Q4_K / Q5_K super-blocks: the per-32 scales d * sc and offsets -dmin * m, as float16 (N, G)."""
+    d = blocks[:, 0:2].copy().view(np.float16).astype(np.float32)  # (B, 1)
+    dmin = blocks[:, 2:4].copy().view(np.float16).astype(np.float32)
+    sc, mn = gguf_quants.Q4_K.get_scale_min(blocks[:, 4:16].copy())  # (B, 8) each; Q5_K's are alike
+    scale = (d * sc.astype(np.float32)).astype(np.float16).reshape(n, -1)
+    offset = (-(dmin * mn.astype(np.float32))).astype(np.float16).reshape(n, -1)
+    return torch.from_numpy(scale), torch.from_numpy(offset)
+
+
+def _with_high(q: np.ndarray, n: int, bits: int, scale: torch.Tensor, offset: torch.Tensor | None = None,
+               sub: torch.Tensor | None = None) -> QuantWeight:
+    """(N*K/32, 32) values of `bits` in column order -> a QuantWeight of that width."""
+    q = torch.from_numpy(np.ascontiguousarray(q).reshape(n, -1))
+    return QuantWeight(bits, pack_int4(q & 15), scale, offset, pack_high(q, bits), sub)
 
 
 def from_blocks(raw: np.ndarray, qtype: Q) -> QuantWeight:
@@ -39,16 +63,51 @@ def from_blocks(raw: np.ndarray, qtype: Q) -> QuantWeight:
         blocks = raw.reshape(n, -1, 34)
         data = np.ascontiguousarray(blocks[..., 2:]).view(np.int8).reshape(n, -1)
         return QuantWeight(8, t(data), t(np.ascontiguousarray(_f16(blocks, 0))))
+    if qtype in (Q.Q5_0, Q.Q5_1):  # d [, m], 32 high bits (bit i: q[i]'s), 16 bytes of nibbles as Q4_0's
+        size = 22 if qtype == Q.Q5_0 else 24
+        blocks = raw.reshape(-1, size)
+        at = size - 20
+        qh = blocks[:, at:at + 4].copy().view("<u4")  # (B, 1)
+        high = ((qh >> np.arange(32, dtype=np.uint32)) & 1).astype(np.uint8)  # (B, 32)
+        qs = blocks[:, at + 4:]
+        q = np.concatenate([qs & 15, qs >> 4], axis=1) | (high << 4)
+        scale = t(np.ascontiguousarray(_f16(blocks, 0)).reshape(n, -1))
+        offset = None if qtype == Q.Q5_0 else t(np.ascontiguousarray(_f16(blocks, 2)).reshape(n, -1))
+        return _with_high(q, n, 5, scale, offset)
     if qtype == Q.Q4_K:  # super-blocks of 256: d, dmin, 8 six-bit (scale, min) pairs, 128 bytes of nibbles
         blocks = raw.reshape(-1, 144)
-        d = blocks[:, 0:2].copy().view(np.float16).astype(np.float32)  # (B, 1)
-        dmin = blocks[:, 2:4].copy().view(np.float16).astype(np.float32)
-        sc, mn = gguf_quants.Q4_K.get_scale_min(blocks[:, 4:16].copy())  # (B, 8) each
-        scale = (d * sc.astype(np.float32)).astype(np.float16).reshape(n, -1)
-        offset = (-(dmin * mn.astype(np.float32))).astype(np.float16).reshape(n, -1)
+        scale, offset = _k_scales(blocks, n)
         qs = blocks[:, 16:].reshape(-1, 4, 1, 32) >> np.array([0, 4], dtype=np.uint8).reshape(1, 1, 2, 1)
         q = (qs & 0x0F).reshape(n, -1)  # sub-block 2j: low nibbles of bytes 32j.., 2j+1: their high nibbles
-        return QuantWeight(4, pack_int4(t(q)), t(scale), t(offset))
+        return QuantWeight(4, pack_int4(t(q)), scale, offset)
+    if qtype == Q.Q5_K:  # as Q4_K, with 32 bytes of high bits (sub-block s: bit s of byte l for its q[l])
+        blocks = raw.reshape(-1, 176)
+        scale, offset = _k_scales(blocks, n)
+        qs = blocks[:, 48:].reshape(-1, 4, 1, 32) >> np.array([0, 4], dtype=np.uint8).reshape(1, 1, 2, 1)
+        high = (blocks[:, None, 16:48] >> np.arange(8, dtype=np.uint8).reshape(1, 8, 1)) & 1  # (B, 8, 32)
+        q = (qs & 15).reshape(-1, 8, 32) | (high << 4)
+        return _with_high(q, n, 5, scale, offset)
+    if qtype == Q.Q6_K:  # 128 bytes of low nibbles, 64 of high pairs, 16 int8 scales, d; per half of 128:
+        blocks = raw.reshape(-1, 210)  # q[32i + l] from byte l (i even) or 32 + l (i odd), pair i of qh[l]
+        ql = blocks[:, :128].reshape(-1, 2, 2, 32)  # (B, half, byte l or 32 + l, l)
+        qh = blocks[:, 128:192].reshape(-1, 2, 1, 32)
+        low = np.stack([ql[:, :, 0] & 15, ql[:, :, 1] & 15, ql[:, :, 0] >> 4, ql[:, :, 1] >> 4], axis=2)
+        high = (qh >> np.array([0, 2, 4, 6], dtype=np.uint8).reshape(1, 1, 4, 1)) & 3  # (B, half, 4, 32)
+        q = (low | (high << 4)).reshape(-1, 32)
+        d = np.repeat(blocks[:, 208:210].copy().view(np.float16), 8, axis=1)  # (B, 8): per group of 32
+        sub = np.ascontiguousarray(blocks[:, 192:208]).view(np.int8)
+        return _with_high(q, n, 6, t(np.ascontiguousarray(d).reshape(n, -1)), sub=t(sub.reshape(n, -1)))
+    if qtype in (Q.IQ4_NL, Q.IQ4_XS):  # 4-bit indices into a codebook, nibbles in Q4_0's order
+        lut = t(np.array(IQ4_VALUES, dtype=np.int8))
+        if qtype == Q.IQ4_NL:  # per 32: d, 16 bytes
+            blocks = raw.reshape(n, -1, 18)
+            data = np.ascontiguousarray(blocks[..., 2:]).reshape(n, -1)
+            return QuantWeight(4, t(data), t(np.ascontiguousarray(_f16(blocks, 0))), lut=lut)
+        blocks = raw.reshape(-1, 136)  # per 256: d, 8 six-bit scales (high 2 bits, then low 4), 8 x 16 bytes
+        d = blocks[:, 0:2].copy().view(np.float16).astype(np.float32)
+        high = (blocks[:, 2:4].copy().view("<u2") >> np.arange(0, 16, 2, dtype=np.uint16)) & 3  # (B, 8)
+        low = (blocks[:, 4:8, None] >> np.array([0, 4], dtype=np.uint8)).reshape(-1, 8) & 15
+        scale = (d * ((low | (high.astype(np.uint8) << 4)).astype(np.float32) - 32)).astype(np.float16)
+        data = np.ascontiguousarray(blocks[:, 8:]).reshape(n, -1)
+        return QuantWeight(4, t(data), t(scale.reshape(n, -1)), lut=lut)
     raise ValueError(f"{qtype.name} is not kept quantized")
-
-

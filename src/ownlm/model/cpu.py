@@ -26,6 +26,11 @@ def x86_avx2() -> bool:
             and capability() in ("AVX2", "AVX512", "AVX512_BF16", "AMX"))
 
 
+def arm64() -> bool:
+    """A 64-bit ARM CPU (AArch64: NEON is part of the architecture)."""
+    return platform.machine().lower() in ("aarch64", "arm64")
+
+
 def native_bf16() -> bool:
     """bfloat16 arithmetic in hardware (AVX512-BF16 or AMX), not emulated."""
     return capability() in ("AVX512_BF16", "AMX")

@@ -1,6 +1,7 @@
-"""ownlm's CPU kernels: group-wise int4 / int8 and bfloat16 matmuls, RMSNorm, the gated
-activations, one-token attention with its cache write, and `decode_layers`, a whole decode step
-of common-shaped blocks in one call (engine/cpu_step.py). x86-64 with AVX2, FMA and F16C; OpenMP.
+"""ownlm's CPU kernels: group-wise integer (int4 / int5 / int6 / int8) and bfloat16 matmuls,
+RMSNorm, the gated activations, one-token attention with its cache write, and `decode_layers`, a
+whole decode step of common-shaped blocks in one call (engine/cpu_step.py). x86-64 with AVX2,
+FMA and F16C: all of them; AArch64: the matmuls, in NEON with the same bits (csrc/simd.h). OpenMP.
 
 Why: in eager PyTorch a one-token step is hundreds of small operations whose dispatch costs more
 than their arithmetic, PyTorch's int4 kernel wants its own weight layout (a second copy beside
@@ -41,10 +42,15 @@ import torch
 from ..errors import BadRequest, OwnlmError
 from ..paths import kernels_dir
 from . import cpu
+from .quant import QuantWeight
 
 CSRC = Path(__file__).with_name("csrc")
-SOURCES = ("matmul.c", "attention.c", "elementwise.c", "decode.c")
-FLAGS = ("-O3", "-mavx2", "-mfma", "-mf16c", "-ffp-contract=off", "-fopenmp", "-shared", "-fPIC")
+# x86-64 with AVX2: every kernel; AArch64 (NEON is part of the architecture): the matmuls, written
+# in simd.h's operations with the same bits as on x86 (tests/test_neon.py); the rest runs in PyTorch
+SOURCES = ("matmul.c", "attention.c", "elementwise.c", "decode.c") if not cpu.arm64() else ("matmul.c",)
+HEADERS = ("kernels.h", "simd.h")
+FLAGS = (("-O3", "-ffp-contract=off", "-fopenmp", "-shared", "-fPIC") if cpu.arm64() else
+         ("-O3", "-mavx2", "-mfma", "-mf16c", "-ffp-contract=off", "-fopenmp", "-shared", "-fPIC"))
 ENOMEM = 1  # OWNLM_ENOMEM in kernels.h
 
 
@@ -52,10 +58,27 @@ class KernelError(OwnlmError):
     """The CPU kernels were required (OWNLM_KERNELS=1) but cannot be built or loaded here."""
 
 
+MAX_PARTS = 3  # MAX_PARTS in kernels.h: the parts of one projection of layer_t
+
+
+class Part(ctypes.Structure):
+    """qpart_t (csrc/kernels.h): one group-wise integer weight as quant_gemm reads it."""
+    _fields_ = [("w", ctypes.c_void_p), ("s", ctypes.c_void_p), ("o", ctypes.c_void_p), ("h", ctypes.c_void_p),
+                ("u", ctypes.c_void_p), ("l", ctypes.c_void_p), ("bits", ctypes.c_int64), ("n", ctypes.c_int64)]
+
+    @classmethod
+    def of(cls, w: QuantWeight) -> "Part":
+        """The part for w, whose tensors the caller keeps alive while it is used."""
+        def ptr(t):
+            return None if t is None else t.data_ptr()
+        return cls(ptr(w.data), ptr(w.scale), ptr(w.offset), ptr(w.high), ptr(w.sub), ptr(w.lut), w.bits,
+                   w.shape[0])
+
+
 class Layer(ctypes.Structure):
     """decode_layers' layer_t (csrc/kernels.h), checked against the C side's layout at load."""
-    _fields_ = [("w", ctypes.c_void_p * 4), ("s", ctypes.c_void_p * 4), ("o", ctypes.c_void_p * 4),
-                ("bias", ctypes.c_void_p * 4), ("bits", ctypes.c_int64 * 4), ("n", ctypes.c_int64 * 4),
+    _fields_ = [("part", (Part * MAX_PARTS) * 4), ("nparts", ctypes.c_int64 * 4),
+                ("bias", ctypes.c_void_p * 4), ("n", ctypes.c_int64 * 4),
                 ("k", ctypes.c_int64 * 4), ("norm1", ctypes.c_void_p), ("norm2", ctypes.c_void_p),
                 ("q_norm", ctypes.c_void_p), ("k_norm", ctypes.c_void_p), ("post1", ctypes.c_void_p),
                 ("post2", ctypes.c_void_p), ("window", ctypes.c_int64),
@@ -146,15 +169,16 @@ def _compiler() -> tuple[str, str]:
 def build_key(cc: str, version: str) -> str:
     """What the built object depends on: the compiler and its version, the flags, the sources."""
     key = hashlib.sha256()
-    for part in [cc, version, *FLAGS, *((CSRC / f).read_text() for f in ("kernels.h", *SOURCES))]:
+    for part in [cc, version, *FLAGS, *((CSRC / f).read_text() for f in (*HEADERS, *SOURCES))]:
         key.update(part.encode() + b"\0")
     return key.hexdigest()[:16]
 
 
 def _build() -> Path:
     """The shared object for these sources, flags and compiler, built if it is not there yet."""
-    if not cpu.x86_avx2():
-        raise KernelError(f"this CPU ({cpu.capability()}) has no x86-64 AVX2, which ownlm's kernels need")
+    if not (cpu.x86_avx2() or cpu.arm64()):
+        raise KernelError(f"this CPU ({cpu.capability()}) is neither x86-64 with AVX2 nor AArch64, which ownlm's "
+                          "kernels need")
     cc, version = _compiler()
     target = kernels_dir() / f"cpu-{build_key(cc, version)}.so"
     if target.exists():
@@ -181,7 +205,7 @@ def _open(path: Path) -> ctypes.CDLL:
         raise KernelError(f"the CPU kernels at {path} do not load: {e}") from e
     p, i64, i32, f32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_float
     signatures = {
-        "quant_gemm": [p, i32, i64, i64, p, p, p, i32, i64, p, i32],
+        "quant_gemm": [p, i32, i64, i64, p, i64, p, i32],
         "bf16_gemm": [p, i32, i64, i64, p, i64, p, i32],
         "attend_decode": [p, i32, i64, i64, i64, i64, i64, p, p, p, p, i32, p, i64, p, i64, f32, p],
         "rms_norm": [p, i32, i64, i64, p, f32, f32, p],
@@ -190,16 +214,21 @@ def _open(path: Path) -> ctypes.CDLL:
                           i32],
     }
     for name, args in signatures.items():
-        f = getattr(lib, name)
-        f.argtypes, f.restype = args, ctypes.c_int
-    lib.layer_layout.argtypes, lib.layer_layout.restype = [p, i64], i64
+        if hasattr(lib, name) or name in MATMULS:  # the matmuls must be there; the rest only on x86
+            f = getattr(lib, name)
+            f.argtypes, f.restype = args, ctypes.c_int
     lib.ownlm_set_threads.argtypes, lib.ownlm_set_threads.restype = [i32], None
     lib.ownlm_get_threads.argtypes, lib.ownlm_get_threads.restype = [], i32
-    ours = [ctypes.sizeof(Layer)] + [getattr(Layer, name).offset for name, _ in Layer._fields_]
-    theirs = (ctypes.c_int64 * len(ours))()
-    count = lib.layer_layout(theirs, len(ours))
-    if count != len(ours) or list(theirs) != ours:
-        raise KernelError(f"the kernels' layer_t layout {list(theirs)[:count]} differs from its Python mirror {ours}")
+    if hasattr(lib, "decode_layers"):
+        lib.layer_layout.argtypes, lib.layer_layout.restype = [p, i64], i64
+        ours = ([ctypes.sizeof(Layer), ctypes.sizeof(Part)]
+                + [getattr(Part, name).offset for name, _ in Part._fields_]
+                + [getattr(Layer, name).offset for name, _ in Layer._fields_])
+        theirs = (ctypes.c_int64 * len(ours))()
+        count = lib.layer_layout(theirs, len(ours))
+        if count != len(ours) or list(theirs) != ours:
+            raise KernelError(f"the kernels' layer_t layout {list(theirs)[:count]} differs from its Python mirror "
+                              f"{ours}")
     if _threads is not None:
         lib.ownlm_set_threads(_threads)
     return lib
@@ -212,12 +241,21 @@ def _call(status: int) -> None:
         raise RuntimeError(f"ownlm's CPU kernels failed (status {status})")
 
 
+MATMULS = ("quant_gemm", "bf16_gemm")  # what every build has (the rest: x86 only)
+
+
+def full() -> bool:
+    """Whether every kernel is built here (x86-64), not only the matmuls (AArch64)."""
+    lib = load()
+    return lib is not None and hasattr(lib, "decode_layers")
+
+
 def usable(x: torch.Tensor) -> bool:
-    """Whether ownlm's CPU kernels can take x here and now: a CPU float32 / bfloat16 tensor, in
-    inference (gradients off: training, even of a frozen part, stays on PyTorch's ops), with the
-    kernels built."""
+    """Whether ownlm's CPU kernels other than the matmuls (norms, activations, attention) can
+    take x here and now: a CPU float32 / bfloat16 tensor, in inference (gradients off: training,
+    even of a frozen part, stays on PyTorch's ops), with every kernel built."""
     return (x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16)
-            and not torch.is_grad_enabled() and load() is not None)
+            and not torch.is_grad_enabled() and full())
 
 
 def _need(ok: bool, what: str) -> None:
@@ -232,27 +270,34 @@ def _rows(x: torch.Tensor) -> bool:
     return x.dtype == torch.bfloat16
 
 
-def quant_matmul(x: torch.Tensor, bits: int, data: torch.Tensor, scale: torch.Tensor,
-                 offset: torch.Tensor | None) -> torch.Tensor:
-    """x (M, K) @ W.T -> (M, N) in x's dtype, for a group-wise int4 / int8 weight W in the layout
-    of quant.QuantWeight (data, scale, offset). x is rounded per row and group of 32 to int16
-    (scale absmax / 32767), multiplied in integers and accumulated in float32."""
+def check_parts(parts: list[QuantWeight], k: int) -> None:
+    """What quant_gemm's C code relies on: every part a consistent group-wise weight of K inputs
+    (quant.QuantWeight.check), at most MAX_PARTS of them."""
+    _need(0 < len(parts) <= MAX_PARTS, f"a weight of 1 to {MAX_PARTS} parts, not {len(parts)}")
+    for w in parts:
+        try:
+            w.check()
+        except ValueError:
+            _need(False, "inconsistent quantized weight")
+        _need(w.shape[1] == k and all(t.device.type == "cpu" for t in w.tensors().values()),
+              f"weight of {w.shape[1]} inputs against x's K of {k}")
+
+
+def quant_matmul(x: torch.Tensor, parts: QuantWeight | list[QuantWeight]) -> torch.Tensor:
+    """x (M, K) @ W.T -> (M, N) in x's dtype, for a group-wise integer weight W in the layout of
+    quant.QuantWeight, or several stacked along the outputs. x is rounded per row and group of
+    32 to int16 (scale absmax / 32767), multiplied in integers and accumulated in float32."""
     xbf = _rows(x)
+    parts = [parts] if isinstance(parts, QuantWeight) else list(parts)
     m, k = x.shape
-    n = data.shape[0] if data.dim() == 2 else -1
-    groups = (n, k // 32)
-    _need(bits in (4, 8) and k > 0 and k % 32 == 0, f"int{bits} weights need K a positive multiple of 32, not {k}")
-    _need(data.dtype == (torch.uint8 if bits == 4 else torch.int8) and data.is_contiguous()
-          and tuple(data.shape) == (n, k // 2 if bits == 4 else k), "weight data does not match x's K")
-    _need(scale.dtype == torch.float16 and scale.is_contiguous() and tuple(scale.shape) == groups,
-          "scales must be (N, K/32) float16")
-    _need(offset is None or (bits == 4 and offset.dtype == torch.float16 and offset.is_contiguous()
-                             and tuple(offset.shape) == groups), "offsets must be (N, K/32) float16, int4 only")
+    _need(k > 0 and k % 32 == 0, f"quantized weights need K a positive multiple of 32, not {k}")
+    check_parts(parts, k)
+    n = sum(w.shape[0] for w in parts)
     y = torch.empty(m, n, dtype=x.dtype)
     if m == 0 or n == 0:
         return y
-    _call(_lib.quant_gemm(x.data_ptr(), xbf, m, k, data.data_ptr(), scale.data_ptr(),
-                          offset.data_ptr() if offset is not None else None, bits, n, y.data_ptr(), xbf))
+    table = (Part * len(parts))(*[Part.of(w) for w in parts])
+    _call(_lib.quant_gemm(x.data_ptr(), xbf, m, k, table, len(parts), y.data_ptr(), xbf))
     return y
 
 

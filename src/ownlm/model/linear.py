@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import ops
-from .quant import QuantWeight, tinygemm_fits, tinygemm_mm, tinygemm_pack, tinygemm_params
+from .quant import QuantStack, QuantWeight, tinygemm_fits, tinygemm_mm, tinygemm_pack, tinygemm_params
 
 class Linear(nn.Linear):
     """nn.Linear whose forward is ops.dense_matmul (ownlm's kernel for bf16 weights on a CPU)."""
@@ -54,53 +54,96 @@ def fast_quant(device) -> bool:
 
 
 def quant_supported(device, bits: int) -> bool:
-    """Int4 / int8 weights work on CPUs (fast with ownlm's kernels, else dequantized per call);
-    on CUDA int4 works where PyTorch's int4 kernel does."""
+    """Int4 / int8 weights work on CPUs (fast with ownlm's kernels; without them int4 through
+    PyTorch's int4 kernel and the rest dequantized per call); on CUDA int4 works where PyTorch's
+    int4 kernel does."""
     device = torch.device(device)
     return device.type == "cpu" or (bits == 4 and fast_quant(device))
 
 
-def layout_for(device) -> str:
-    """How a QuantLinear holds its weight on `device` (see _Quantized)."""
-    return "tinygemm" if torch.device(device).type == "cuda" else "blocks"
+def layout_for(device, w: QuantWeight | QuantStack | None = None, embedding: bool = False) -> str:
+    """How a quantized weight w is held on `device`: "blocks" (ownlm's layout, see _Quantized) on
+    a CPU with ownlm's kernels; "tinygemm" (PyTorch's int4 layout) for int4 linears that fit it
+    on CUDA and, without ownlm's kernels, on a CPU (its CPU twin of the same kernel); otherwise
+    "blocks" on a CPU (dequantized per call: memory stays quantized) and "dense" on CUDA
+    (dequantized at load). w None: the layout of an int4 linear."""
+    device = torch.device(device)
+    if device.type == "cpu" and ops.cpu_kernels():
+        return "blocks"
+    fits = not embedding and (w is None or (isinstance(w, QuantWeight) and w.kind == "int4"
+                                            and tinygemm_fits(w.shape)))
+    return "tinygemm" if fits else "blocks" if device.type == "cpu" else "dense"
+
+
+FIELDS = ("data", "scale", "offset", "high", "sub", "lut")  # a QuantWeight's tensors
+
+
+def part_suffix(i: int) -> str:
+    """How part i's buffers are named: data, scale, ... for the first, data_1, ... after it."""
+    return f"_{i}" if i else ""
+
+
+def quant_from(buffers: dict[str, torch.Tensor], bits: int | list[int]) -> QuantWeight | QuantStack:
+    """A weight from a quantized layer's buffers by name (its state dict without the prefix)."""
+    widths = [bits] if isinstance(bits, int) else list(bits)
+    parts = [QuantWeight(b, **{f: buffers.get(f + part_suffix(i)) for f in FIELDS}) for i, b in enumerate(widths)]
+    return parts[0] if isinstance(bits, int) else QuantStack(parts)
 
 
 class _Quantized(nn.Module):
-    """Holds a QuantWeight in one of two layouts:
-    - "blocks": buffers `data` (packed nibbles or int8), `scale` and, for int4, `offset`: the
-      file's bytes, which ownlm's CPU kernels read (see quant.py);
+    """Holds a QuantWeight (or a QuantStack of them) in one of two layouts:
+    - "blocks": buffers `data` (packed nibbles or int8), `scale` and, as the width has them,
+      `offset`, `high` and `sub` (a stack: the first part's so, data_1, scale_1, ... the next):
+      the file's bytes, which ownlm's CPU kernels read (see quant.py);
     - "tinygemm" (int4 on CUDA): buffers `packed` and `scale_zero`, the operands of PyTorch's int4
       kernel `_weight_int4pack_mm` (scale and zero in bfloat16: quants.tinygemm_params)."""
 
-    def _set_weight(self, w: QuantWeight, dtype: torch.dtype, layout: str = "blocks") -> None:
-        w.check()
-        self.bits, self.dtype, self.layout = w.bits, dtype, layout
+    def _set_weight(self, w: QuantWeight | QuantStack, dtype: torch.dtype, layout: str = "blocks") -> None:
+        parts = w.parts if isinstance(w, QuantStack) else [w]
+        for p in parts:
+            p.check()
+        if len({p.shape[1] for p in parts}) != 1:
+            raise ValueError("the parts of a quantized weight differ in their inputs")
+        self.dtype, self.layout = dtype, layout
+        self.part_bits = [p.bits for p in parts]
+        self.bits = parts[0].bits if isinstance(w, QuantWeight) else tuple(self.part_bits)  # int4..int8, or a mix
         self.out_features, self.in_features = w.shape
         if layout == "tinygemm":
-            if w.bits != 4 or dtype != torch.bfloat16 or not tinygemm_fits(w.shape):
+            on_cpu = w.data.device.type == "cpu"  # the CPU twin: x goes in as bfloat16 whatever the dtype
+            if (not isinstance(w, QuantWeight) or w.kind != "int4" or not (on_cpu or dtype == torch.bfloat16)
+                    or not tinygemm_fits(w.shape)):
                 raise ValueError(f"PyTorch's int4 kernel takes int4 weights with a multiple of 16 outputs in "
-                                 f"bfloat16, not int{w.bits} {w.shape} in {dtype}")
+                                 f"bfloat16, not int{self.bits} {w.shape} in {dtype}")
             q, scale_zero = tinygemm_params(w)
             self.packed_for = w.data.device.type  # the packing differs between CUDA and CPUs
             self.register_buffer("packed", tinygemm_pack(q))
             self.register_buffer("scale_zero", scale_zero)
             return
-        self.register_buffer("data", w.data)
-        self.register_buffer("scale", w.scale)
-        self.register_buffer("offset", w.offset)
+        for i, p in enumerate(parts):
+            for f in FIELDS:
+                self.register_buffer(f + part_suffix(i), getattr(p, f))
+
+    @property
+    def parts(self) -> list[QuantWeight]:
+        """The weight's parts as held ("blocks" layout), one after another along the outputs."""
+        if self.layout != "blocks":
+            raise ValueError("this weight is held in PyTorch's int4 layout; use dequantize()")
+        return [QuantWeight(b, **{f: getattr(self, f + part_suffix(i)) for f in FIELDS})
+                for i, b in enumerate(self.part_bits)]
 
     @property
     def weight_q(self) -> QuantWeight:
-        if self.layout != "blocks":
-            raise ValueError("this weight is held in PyTorch's int4 layout; use dequantize()")
-        return QuantWeight(self.bits, self.data, self.scale, self.offset)
+        parts = self.parts
+        if len(parts) > 1:
+            raise ValueError("this weight has parts of different widths; use .parts")
+        return parts[0]
 
     def dequantize(self) -> torch.Tensor:
         """The weight as a dense float32 (N, K) tensor (in the tinygemm layout: read back through
         the kernel itself, a slice of the identity at a time, so it is the weight the kernel uses,
         in bfloat16)."""
         if self.layout == "blocks":
-            return self.weight_q.dequantize()
+            return torch.cat([p.dequantize() for p in self.parts])
         k, step, device = self.in_features, 1024, self.packed.device
         rows = []
         for i in range(0, k, step):
@@ -123,17 +166,23 @@ class _Quantized(nn.Module):
                                    "load the model again for this device")
             y = tinygemm_mm(flat.to(torch.bfloat16).contiguous(), self.packed, self.scale_zero)
             return y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
-        y = ops.quant_matmul(flat, self.weight_q, self.dtype)
+        y = ops.quant_matmul(flat, self.parts, self.dtype)
         return y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
 
 
-class QuantLinear(_Quantized):
-    """A linear layer whose weight stays int4 or int8 (group-wise) in memory. Inference runs
-    ownlm's integer kernel on a CPU (activations rounded to int16 per group of 32, see
-    kernels.py) and PyTorch's int4 kernel on CUDA (layout "tinygemm")."""
+def width(bits: int | tuple[int, ...]) -> str:
+    """int4, or int4+int6 for a stack of parts (the kinds of int4 are not told apart)."""
+    return "+".join(f"int{b}" for b in ((bits,) if isinstance(bits, int) else bits))
 
-    def __init__(self, w: QuantWeight, bias: torch.Tensor | None = None, dtype: torch.dtype = torch.bfloat16,
-                 layout: str = "blocks"):
+
+class QuantLinear(_Quantized):
+    """A linear layer whose weight stays group-wise int4, int5, int6 or int8 in memory (a fused
+    projection may mix them, as a QuantStack). Inference runs ownlm's integer kernel on a CPU
+    (activations rounded to int16 per group of 32, see kernels.py) and PyTorch's int4 kernel on
+    CUDA (layout "tinygemm")."""
+
+    def __init__(self, w: QuantWeight | QuantStack, bias: torch.Tensor | None = None,
+                 dtype: torch.dtype = torch.bfloat16, layout: str = "blocks"):
         super().__init__()
         self._set_weight(w, dtype, layout)
         self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
@@ -143,12 +192,12 @@ class QuantLinear(_Quantized):
         return y if self.bias is None else y + self.bias
 
     def extra_repr(self) -> str:
-        return (f"in_features={self.in_features}, out_features={self.out_features}, int{self.bits} group=32"
+        return (f"in_features={self.in_features}, out_features={self.out_features}, {width(self.bits)} group=32"
                 + (", tinygemm" if self.layout == "tinygemm" else ""))
 
 
 class QuantEmbedding(_Quantized):
-    """An embedding table kept int4 / int8: a lookup dequantizes the rows it reads; as a tied
+    """An embedding table kept group-wise quantized: a lookup dequantizes the rows it reads; as a tied
     output head it runs the integer kernel like QuantLinear."""
 
     def __init__(self, w: QuantWeight, dtype: torch.dtype = torch.bfloat16):
@@ -164,7 +213,7 @@ class QuantEmbedding(_Quantized):
         return self.linear(x)
 
     def extra_repr(self) -> str:
-        return f"{self.num_embeddings}, {self.embedding_dim}, int{self.bits} group=32"
+        return f"{self.num_embeddings}, {self.embedding_dim}, {width(self.bits)} group=32"
 
 
 class _QuantMatMul(torch.autograd.Function):

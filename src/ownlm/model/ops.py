@@ -104,12 +104,13 @@ def dense_matmul(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
     return F.linear(x, weight, bias)
 
 
-def quant_matmul(x: torch.Tensor, w: QuantWeight, dtype: torch.dtype) -> torch.Tensor:
-    """x (M, K) @ W.T for a group-wise int4 / int8 weight, in inference: ownlm's integer kernel on
-    a CPU; elsewhere the weight dequantized to `dtype` for this call only."""
-    if w.data.device.type == "cpu" and x.shape[0] and kernels.load() is not None:
-        return kernels.quant_matmul(_kernel_rows(x), w.bits, w.data, w.scale, w.offset)
-    return F.linear(x.to(dtype), w.dequantize().to(dtype))
+def quant_matmul(x: torch.Tensor, parts: list[QuantWeight], dtype: torch.dtype) -> torch.Tensor:
+    """x (M, K) @ W.T for a group-wise integer weight (its parts stacked along the outputs), in
+    inference: ownlm's integer kernel on a CPU; elsewhere the weight dequantized to `dtype` for
+    this call only."""
+    if parts[0].data.device.type == "cpu" and x.shape[0] and kernels.load() is not None:
+        return kernels.quant_matmul(_kernel_rows(x), parts)
+    return F.linear(x.to(dtype), torch.cat([w.dequantize() for w in parts]).to(dtype))
 
 
 def _kernel_rows(flat: torch.Tensor) -> torch.Tensor:

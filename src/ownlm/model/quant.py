@@ -2,13 +2,24 @@
 operands of PyTorch's int4 kernel (tinygemm) on CUDA. Pure tensor code: formats/quants.py turns
 GGUF blocks into these, linear.py computes with them.
 
-Groups of 32 input columns; per group a float16 scale (and, for int4, a float16 offset):
+Groups of 32 input columns; per group a float16 scale, and per bit width:
 - int4: w = q * scale + offset, q in 0..15, two per byte (byte i = q[i] | q[16 + i] << 4, the
   order of GGUF's Q4_0 / Q4_1 blocks); without offsets (symmetric) w = (q - 8) * scale.
-- int8: w = q * scale, q in -128..127."""
+- int5: q in 0..31, its low 4 bits as int4's, its 5th bit in `high` (4 bytes per group: the bit
+  of q[i] is bit i // 4 of byte i % 4); w = q * scale + offset, symmetric w = (q - 16) * scale
+  (GGUF's Q5_0 / Q5_1, and Q5_K with its scales and mins rounded to float16).
+- int6: q in 0..63, low 4 bits as int4's, the top 2 in `high` (8 bytes per group: those of q[i]
+  are bits 2 (i // 8) .. +1 of byte i % 8); w = (q - 32) * scale * sub, with `sub` an int8 per
+  16 columns (GGUF's Q6_K exactly: scale is its super-block's d, sub its 16-column scales).
+- int8: w = q * scale, q in -128..127.
+- int4 with a codebook `lut` of 16 int8 values: w = lut[q] * scale, no offsets (GGUF's IQ4_NL
+  exactly, IQ4_XS with its per-32 scales d * (ls - 32) rounded to float16).
+A fused projection whose parts are of different widths (Q4_K q and k with a Q6_K v) is a
+QuantStack: its parts, one after another along the output dimension."""
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 
 import torch
@@ -31,53 +42,143 @@ def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
     return torch.stack([g & 15, g >> 4], dim=2).reshape(n, -1)
 
 
+HIGH_BYTES = {4: 0, 5: 4, 6: 8, 8: 0}  # bytes of `high` per group of 32, by bit width
+MIDPOINT = {4: 8, 5: 16, 6: 32}  # the q of a zero weight when there are no offsets
+# GGUF's IQ4_NL / IQ4_XS codebook (llama.cpp's kvalues_iq4nl)
+IQ4_VALUES = (-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113)
+
+
+def pack_high(q: torch.Tensor, bits: int) -> torch.Tensor:
+    """(N, K) values of `bits` (5 or 6) -> their bits above the low 4, as `high` (see the module
+    note): (N, K/8) or (N, K/4) bytes."""
+    n, k = q.shape
+    top = (q.to(torch.uint8) >> 4).reshape(n, k // 32, 32)
+    if bits == 5:  # bit of q[i]: bit i // 4 of byte i % 4
+        planes = top.reshape(n, k // 32, 8, 4)
+    else:  # two bits of q[i]: bits 2 (i // 8) of byte i % 8
+        planes = top.reshape(n, k // 32, 4, 8)
+    width = 1 if bits == 5 else 2
+    out = torch.zeros(n, k // 32, planes.shape[-1], dtype=torch.uint8)
+    for j in range(planes.shape[2]):
+        out |= planes[:, :, j] << (width * j)
+    return out.reshape(n, -1).contiguous()
+
+
+def unpack_high(high: torch.Tensor, bits: int) -> torch.Tensor:
+    """The inverse of pack_high: (N, K) uint8 values of the bits above the low 4."""
+    n = high.shape[0]
+    width, per = (1, 4) if bits == 5 else (2, 8)
+    g = high.reshape(n, -1, 1, per)
+    shifts = torch.arange(0, 8, width, dtype=torch.uint8).reshape(1, 1, -1, 1)
+    return ((g >> shifts) & ((1 << width) - 1)).reshape(n, -1)
+
+
 @dataclass
 class QuantWeight:
-    bits: int  # 4 or 8
-    data: torch.Tensor  # (N, K/2) uint8 packed nibbles, or (N, K) int8
+    bits: int  # 4, 5, 6 or 8
+    data: torch.Tensor  # (N, K/2) uint8 packed low nibbles, or (N, K) int8
     scale: torch.Tensor  # (N, K/32) float16
-    offset: torch.Tensor | None = None  # (N, K/32) float16, int4 only; None: -8 * scale
+    offset: torch.Tensor | None = None  # (N, K/32) float16, int4 / int5 only; None: -MIDPOINT * scale
+    high: torch.Tensor | None = None  # int5 / int6: (N, K/32 * HIGH_BYTES) uint8, the bits above the low 4
+    sub: torch.Tensor | None = None  # int6: (N, K/16) int8, the 16-column scales
+    lut: torch.Tensor | None = None  # int4 with a codebook: (16,) int8, w = lut[q] * scale
+
+    @property
+    def kind(self) -> str:
+        """What the kernels instantiate for: int4, int5, int6, int8, or int4-codebook."""
+        return f"int{self.bits}" + ("-codebook" if self.lut is not None else "")
 
     @property
     def shape(self) -> tuple[int, int]:
         n, b = self.data.shape
-        return n, b * 2 if self.bits == 4 else b
+        return n, b if self.bits == 8 else b * 2
 
     def check(self) -> None:
         """ValueError unless the parts agree (the kernels read them by these shapes)."""
+        bits = self.bits
         n, width = self.data.shape if self.data.dim() == 2 else (0, -1)
-        k = width * 2 if self.bits == 4 else width
+        k = width if bits == 8 else width * 2
         groups = (n, k // GROUP)
-        ok = (self.bits in (4, 8) and k > 0 and k % GROUP == 0
-              and self.data.dtype == (torch.uint8 if self.bits == 4 else torch.int8) and self.data.is_contiguous()
-              and self.scale.dtype == torch.float16 and tuple(self.scale.shape) == groups and self.scale.is_contiguous()
-              and (self.offset is None or self.bits == 4)
-              and (self.offset is None or (self.offset.dtype == torch.float16 and tuple(self.offset.shape) == groups
-                                           and self.offset.is_contiguous())))
+
+        def f16(t: torch.Tensor | None) -> bool:
+            return t is not None and t.dtype == torch.float16 and tuple(t.shape) == groups and t.is_contiguous()
+
+        def plane(t: torch.Tensor | None, dtype: torch.dtype, shape: tuple[int, int] | None) -> bool:
+            if shape is None:
+                return t is None
+            return t is not None and t.dtype == dtype and tuple(t.shape) == shape and t.is_contiguous()
+
+        ok = (bits in HIGH_BYTES and k > 0 and k % GROUP == 0
+              and self.data.dtype == (torch.int8 if bits == 8 else torch.uint8) and self.data.is_contiguous()
+              and f16(self.scale)
+              and (self.offset is None or (bits in (4, 5) and f16(self.offset)))
+              and plane(self.high, torch.uint8, (n, k // GROUP * HIGH_BYTES[bits]) if HIGH_BYTES[bits] else None)
+              and plane(self.sub, torch.int8, (n, k // 16) if bits == 6 else None)
+              and (self.lut is None or (bits == 4 and self.offset is None and self.lut.dtype == torch.int8
+                                        and tuple(self.lut.shape) == (16,) and self.lut.is_contiguous())))
         if not ok:
             raise ValueError("inconsistent quantized weight")
 
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """The parts that are held, by name."""
+        return {name: t for name in ("data", "scale", "offset", "high", "sub", "lut")
+                if (t := getattr(self, name)) is not None}
+
     def to(self, device: torch.device | str) -> "QuantWeight":
-        return QuantWeight(self.bits, self.data.to(device), self.scale.to(device),
-                           None if self.offset is None else self.offset.to(device))
+        return QuantWeight(self.bits, **{name: t.to(device) for name, t in self.tensors().items()})
 
     @property
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self.data, self.scale, self.offset) if t is not None)
+        return sum(t.numel() * t.element_size() for t in self.tensors().values())
+
+    def rows(self, rows: torch.Tensor) -> "QuantWeight":
+        """Only the given output rows (an embedding lookup)."""
+        return QuantWeight(self.bits, **{name: t if name == "lut" else t[rows] for name, t in self.tensors().items()})
 
     def dequantize(self, rows: torch.Tensor | None = None) -> torch.Tensor:
         """The weight as float32 (N, K), or only the given rows of it (an embedding lookup)."""
-        data, scale = self.data, self.scale
-        offset = self.offset
-        if rows is not None:
-            data, scale = data[rows], scale[rows]
-            offset = offset[rows] if offset is not None else None
-        q = unpack_int4(data).float() - (8 if offset is None else 0) if self.bits == 4 else data.float()
+        w = self if rows is None else self.rows(rows)
+        if w.bits == 8:
+            q = w.data.float()
+        else:
+            q = unpack_int4(w.data)
+            if w.high is not None:
+                q = q | (unpack_high(w.high, w.bits) << 4)
+            if w.lut is not None:
+                q = w.lut.float()[q.long()]
+            else:
+                q = q.float()
+                if w.offset is None:
+                    q = q - MIDPOINT[w.bits]
         n, k = q.shape
-        w = q.view(n, k // GROUP, GROUP) * scale.float()[..., None]
-        if offset is not None:
-            w = w + offset.float()[..., None]
-        return w.view(n, k)
+        scale = w.scale.float()[..., None]
+        if w.sub is not None:  # int6: a scale per 16 columns, d * sub (exact in float32)
+            out = q.view(n, k // 16, 16) * (scale.repeat_interleave(2, dim=1) * w.sub.float()[..., None])
+            return out.view(n, k)
+        out = q.view(n, k // GROUP, GROUP) * scale
+        if w.offset is not None:
+            out = out + w.offset.float()[..., None]
+        return out.view(n, k)
+
+
+@dataclass
+class QuantStack:
+    """A fused projection whose parts are of different kinds: their outputs, one after another."""
+    parts: list[QuantWeight]
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return sum(p.shape[0] for p in self.parts), self.parts[0].shape[1]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(p.nbytes for p in self.parts)
+
+    def to(self, device: torch.device | str) -> "QuantStack":
+        return QuantStack([p.to(device) for p in self.parts])
+
+    def dequantize(self) -> torch.Tensor:
+        return torch.cat([p.dequantize() for p in self.parts])
 
 
 def tinygemm_params(w: QuantWeight) -> tuple[torch.Tensor, torch.Tensor]:
@@ -86,21 +187,31 @@ def tinygemm_params(w: QuantWeight) -> tuple[torch.Tensor, torch.Tensor]:
     w = (q - 8) * scale + zero. Ours is w = q * scale + offset, so zero = offset + 8 * scale
     (symmetric: zero = 0, exact); both are rounded to bfloat16, the kernels' type (relative error
     <= 2^-9 of each)."""
-    if w.bits != 4:
-        raise ValueError("only int4 weights have a tinygemm form")
+    if w.kind != "int4":
+        raise ValueError("only int4 weights (without a codebook) have a tinygemm form")
     scale = w.scale.float()
     zero = torch.zeros_like(scale) if w.offset is None else w.offset.float() + 8 * scale
     pairs = torch.stack([scale, zero], dim=-1).transpose(0, 1).to(torch.bfloat16).contiguous()
     return unpack_int4(w.data), pairs
 
 
-def concat(parts: list[QuantWeight]) -> QuantWeight:
-    """Stack weights of the same kind along the output dimension (fused projections)."""
+def concat(parts: list[QuantWeight]) -> QuantWeight | QuantStack:
+    """Stack weights along the output dimension (fused projections): one weight where the parts
+    are of one width (symmetric int4 / int5 parts get their implicit offsets, exact in float16,
+    where others have offsets), else a QuantStack of the runs of one width, each joined so."""
+    if len({p.kind for p in parts}) > 1 or any(p.lut is not None and not torch.equal(p.lut, parts[0].lut)
+                                               for p in parts):
+        runs = [list(run) for _, run in itertools.groupby(parts, key=lambda p: p.kind)]
+        if len(runs) == 1:  # one kind, different codebooks: each part on its own
+            runs = [[p] for p in parts]
+        return QuantStack([run[0] if len(run) == 1 else concat(run) for run in runs])
     offsets = [p.offset for p in parts]
-    if any(o is not None for o in offsets):  # symmetric parts get their implicit offsets (exact in float16)
-        offsets = [p.scale * -8 if o is None else o for p, o in zip(parts, offsets)]
-    return QuantWeight(parts[0].bits, torch.cat([p.data for p in parts]), torch.cat([p.scale for p in parts]),
-                       None if offsets[0] is None else torch.cat(offsets))
+    if any(o is not None for o in offsets):
+        offsets = [p.scale * -MIDPOINT[p.bits] if o is None else o for p, o in zip(parts, offsets)]
+    fields = {name: torch.cat([p.tensors()[name] for p in parts]) for name in parts[0].tensors()
+              if name not in ("offset", "lut")}
+    return QuantWeight(parts[0].bits, **fields, offset=None if offsets[0] is None else torch.cat(offsets),
+                       lut=parts[0].lut)
 
 
 def quantize(w: torch.Tensor, bits: int) -> QuantWeight:

@@ -14,7 +14,7 @@ static void add_into(void* x, const void* a, int bf, int64_t n) {
 
 /* one projection of a layer: y (B, n[i]) = x @ W[i].T + bias[i] */
 static int project(const layer_t* ly, int i, const void* x, int bf, int64_t B, void* y) {
-    if (quant_gemm(x, bf, B, ly->k[i], ly->w[i], ly->s[i], ly->o[i], (int)ly->bits[i], ly->n[i], y, bf))
+    if (quant_gemm(x, bf, B, ly->k[i], ly->part[i], ly->nparts[i], y, bf))
         return OWNLM_ENOMEM;
     add_bias(y, bf, B, ly->n[i], ly->bias[i]);
     return 0;
@@ -72,9 +72,11 @@ int decode_layers(void* x, int bf, int64_t B, int64_t C, int64_t L, const layer_
    at most n of them. */
 int64_t layer_layout(int64_t* out, int64_t n) {
     const int64_t v[] = {
-        sizeof(layer_t),
-        offsetof(layer_t, w), offsetof(layer_t, s), offsetof(layer_t, o), offsetof(layer_t, bias),
-        offsetof(layer_t, bits), offsetof(layer_t, n), offsetof(layer_t, k),
+        sizeof(layer_t), sizeof(qpart_t),
+        offsetof(qpart_t, w), offsetof(qpart_t, s), offsetof(qpart_t, o), offsetof(qpart_t, h),
+        offsetof(qpart_t, u), offsetof(qpart_t, l), offsetof(qpart_t, bits), offsetof(qpart_t, n),
+        offsetof(layer_t, part), offsetof(layer_t, nparts), offsetof(layer_t, bias),
+        offsetof(layer_t, n), offsetof(layer_t, k),
         offsetof(layer_t, norm1), offsetof(layer_t, norm2), offsetof(layer_t, q_norm),
         offsetof(layer_t, k_norm), offsetof(layer_t, post1), offsetof(layer_t, post2),
         offsetof(layer_t, window), offsetof(layer_t, local), offsetof(layer_t, scale),
@@ -83,18 +85,4 @@ int64_t layer_layout(int64_t* out, int64_t n) {
     const int64_t count = (int64_t)(sizeof(v) / sizeof(v[0]));
     for (int64_t i = 0; i < count && i < n; i++) out[i] = v[i];
     return count;
-}
-
-int ownlm_threads = 0;
-
-/* the kernels' thread count from now on, in every calling thread (n < 1: the runtime's default) */
-void ownlm_set_threads(int n) {
-    ownlm_threads = n > 0 ? n : 0;
-    if (n > 0) omp_set_num_threads(n);
-}
-
-/* the threads a parallel region of the kernels started from this thread would have */
-int ownlm_get_threads(void) {
-    use_threads();
-    return omp_get_max_threads();
 }

@@ -1,4 +1,5 @@
-/* ownlm's CPU kernels (x86-64: AVX2, FMA, F16C; OpenMP): shared helpers and the entry points the
+/* ownlm's CPU kernels (OpenMP; x86-64 with AVX2, FMA, F16C: all of them; AArch64 with NEON: the
+   matmuls of matmul.c, written in simd.h's operations): shared helpers and the entry points the
    Python side (model/kernels.py) calls through ctypes.
 
    Every entry point returns 0, or OWNLM_ENOMEM when a buffer could not be allocated (nothing is
@@ -8,7 +9,7 @@
 #ifndef OWNLM_KERNELS_H
 #define OWNLM_KERNELS_H
 
-#include <immintrin.h>
+#include "simd.h"
 #include <omp.h>
 #include <math.h>
 #include <stddef.h>
@@ -47,19 +48,8 @@ static inline void store(void* y, int64_t i, float v, int bf) {
 /* a float rounded as the compute dtype rounds it (bfloat16 or none) */
 static inline float round_as(float v, int bf) { return bf ? bf16_to_f32(f32_to_bf16(v)) : v; }
 
-static inline float hsum(__m256 v) {
-    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    s = _mm_add_ss(s, _mm_movehdup_ps(s));
-    return _mm_cvtss_f32(s);
-}
-
-static inline float hmax(__m256 v) {
-    __m128 s = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    s = _mm_max_ps(s, _mm_movehl_ps(s, s));
-    s = _mm_max_ss(s, _mm_movehdup_ps(s));
-    return _mm_cvtss_f32(s);
-}
+static inline float hsum(v8f v) { return v8f_hsum(v); }
+static inline float hmax(v8f v) { return v8f_hmax(v); }
 
 /* the OpenMP threads of the kernels' parallel regions (0: the runtime's default), set by
    ownlm_set_threads and applied by each entry point below to the thread that calls it: OpenMP's
@@ -81,9 +71,25 @@ static inline float* scratch(int64_t n, int* failed) {
     return p;
 }
 
-/* matmul.c */
-int quant_gemm(const void* xin, int xbf, int64_t M, int64_t K, const uint8_t* w, const uint16_t* s,
-               const uint16_t* o, int bits, int64_t N, void* y, int ybf);
+/* matmul.c: a group-wise integer weight (model/quant.py's QuantWeight): n rows of K / 32 groups,
+   w the packed low nibbles (bits 4, 5, 6: K / 2 bytes a row) or int8 values (bits 8: K bytes),
+   s (n, K / 32) float16 scales, o (n, K / 32) float16 offsets (bits 4 and 5; null: symmetric),
+   h the bits above the low 4 (bits 5: 4 bytes a group, bits 6: 8), u (n, K / 16) int8
+   16-column scales (bits 6), l a codebook (bits 4: w = s l[q], 16 int8; null: none) */
+typedef struct {
+    const uint8_t* w;
+    const uint16_t* s;
+    const uint16_t* o;
+    const uint8_t* h;
+    const int8_t* u;
+    const int8_t* l;
+    int64_t bits;
+    int64_t n;
+} qpart_t;
+
+/* y (M, sum of n) = x (M, K) @ [W_0; W_1; ...].T: the parts' outputs side by side */
+int quant_gemm(const void* xin, int xbf, int64_t M, int64_t K, const qpart_t* parts, int64_t nparts, void* y,
+               int ybf);
 int bf16_gemm(const void* xin, int xbf, int64_t M, int64_t K, const uint16_t* w, int64_t N, void* y, int ybf);
 
 /* elementwise.c */
@@ -96,17 +102,17 @@ int attend_decode(const void* qkv, int bf, int64_t B, int64_t H, int64_t Hkv, in
                   int64_t cap, const int64_t* pos, int64_t window, float scale, void* out);
 
 /* decode.c: one layer's weights for decode_layers. The four projections (qkv, o, gate_up, down)
-   as group-wise int4 / int8 (w, s, o as quant_gemm takes them; bias float32 or null), the RMSNorm
+   as group-wise integer weights of 1 to 3 parts each (quant_gemm's; n and k the whole
+   projection's outputs and inputs; bias float32 or null), the RMSNorm
    weights (float32; all with one offset): before attention and MLP, optional per-head q / k
    norms and optional norms of the attention and MLP outputs (null: none), the layer's window and
    attention scale. Python mirrors it (kernels.Layer) and checks the mirror against layer_layout
    at load. */
+#define MAX_PARTS 3
 typedef struct {
-    const uint8_t* w[4];
-    const uint16_t* s[4];
-    const uint16_t* o[4];
+    qpart_t part[4][MAX_PARTS];
+    int64_t nparts[4];
     const float* bias[4];
-    int64_t bits[4];
     int64_t n[4];
     int64_t k[4];
     const float* norm1;

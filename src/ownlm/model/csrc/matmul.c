@@ -1,7 +1,8 @@
-/* Matmuls: group-wise int4 / int8 weights against float activations rounded to int16, and
-   bfloat16 weights against float activations. Each output element is computed by the same
-   sequence of operations whatever the number of rows, so a sequence decodes to the same bits
-   alone and in a batch. */
+/* Matmuls: group-wise int4 / int5 / int6 / int8 weights against float activations rounded to
+   int16, and bfloat16 weights against float activations, written in simd.h's operations (AVX2 or
+   NEON, the same bits on both). Each output element is computed by the same sequence of
+   operations whatever the number of rows, so a sequence decodes to the same bits alone and in a
+   batch. */
 
 #include "kernels.h"
 
@@ -24,142 +25,264 @@ static const float* as_f32(const void* x, int64_t n, int bf16, float** owned) {
    Row m's result depends on row m alone. */
 static void quantize_rows(const float* x, int64_t M, int64_t K, int16_t* xq, float* xd, float* xs) {
     const int64_t G = K / 32;
-    const __m256 sign = _mm256_set1_ps(-0.0f);
     #pragma omp parallel for schedule(static) if (M * K >= 65536)
     for (int64_t m = 0; m < M; m++)
         for (int64_t g = 0; g < G; g++) {
             const float* p = x + m * K + g * 32;
-            __m256 v[4];
-            for (int i = 0; i < 4; i++) v[i] = _mm256_loadu_ps(p + 8 * i);
-            __m256 amax = _mm256_andnot_ps(sign, v[0]);
-            for (int i = 1; i < 4; i++) amax = _mm256_max_ps(amax, _mm256_andnot_ps(sign, v[i]));
-            const float a = hmax(amax);
-            const __m256 id = _mm256_set1_ps(a > 0.f ? 32767.f / a : 0.f);
-            __m256i i32[4];
-            for (int i = 0; i < 4; i++) i32[i] = _mm256_cvtps_epi32(_mm256_mul_ps(v[i], id));
-            /* packs interleaves 128-bit lanes: fix the order back to 0..15, 16..31 */
-            const __m256i lo = _mm256_permute4x64_epi64(_mm256_packs_epi32(i32[0], i32[1]), 0xD8);
-            const __m256i hi = _mm256_permute4x64_epi64(_mm256_packs_epi32(i32[2], i32[3]), 0xD8);
-            _mm256_storeu_si256((__m256i*)(xq + m * K + g * 32), lo);
-            _mm256_storeu_si256((__m256i*)(xq + m * K + g * 32 + 16), hi);
+            v8f v[4];
+            for (int i = 0; i < 4; i++) v[i] = v8f_load(p + 8 * i);
+            v8f amax = v8f_abs(v[0]);
+            for (int i = 1; i < 4; i++) amax = v8f_max(amax, v8f_abs(v[i]));
+            const float a = v8f_hmax(amax);
+            const v8f id = v8f_set1(a > 0.f ? 32767.f / a : 0.f);
+            v8i i32[4];
+            for (int i = 0; i < 4; i++) i32[i] = v8i_round(v8f_mul(v[i], id));
+            v16h_store(xq + m * K + g * 32, v16h_pack(i32[0], i32[1]));
+            v16h_store(xq + m * K + g * 32 + 16, v16h_pack(i32[2], i32[3]));
             xd[m * G + g] = a / 32767.f;
-            xs[m * G + g] = hsum(_mm256_add_ps(_mm256_add_ps(v[0], v[1]), _mm256_add_ps(v[2], v[3])));
+            xs[m * G + g] = v8f_hsum(v8f_add(v8f_add(v[0], v[1]), v8f_add(v[2], v[3])));
         }
 }
 
-/* Row r's part of weight row n that does not depend on the group loop: the group factors
-   s[g] xd[r, g] (into sx) and the int4 offset term sum_g o[g] xs[r, g] (returned), 8 groups at a
-   time. bits 4: w = q * s + o (q 0..15, two per byte: byte i holds q[i] and q[16 + i]; no
-   offsets: o = -8 s); bits 8: w = q * s (q int8). */
+/* Weight row n of a part: its packed values, float16 scales and offsets, high bits and int8
+   16-column scales (see qpart_t) */
+typedef struct {
+    const uint8_t* w;
+    const uint16_t* s;
+    const uint16_t* o;
+    const uint8_t* h;
+    const int8_t* u;
+    const int8_t* l;
+} wrow_t;
+
+/* The kinds of weight, each its own instantiation of the loops below: the bit widths 4, 5, 6, 8
+   and NL4, 4-bit indices into a codebook of 16 int8 values (GGUF's IQ4_NL / IQ4_XS) */
+#define NL4 14
+static inline int kind_of(const qpart_t* p) { return p->l ? NL4 : (int)p->bits; }
+
+static inline __attribute__((always_inline)) wrow_t weight_row(const qpart_t* p, int64_t n, int64_t K, int bits) {
+    const int64_t G = K / 32;
+    wrow_t r;
+    r.w = p->w + n * (bits == 8 ? K : K / 2);
+    r.s = p->s + n * G;
+    r.o = p->o && (bits == 4 || bits == 5) ? p->o + n * G : 0;
+    r.h = bits == 5 ? p->h + n * G * 4 : bits == 6 ? p->h + n * G * 8 : 0;
+    r.u = bits == 6 ? p->u + n * 2 * G : 0;
+    r.l = p->l;
+    return r;
+}
+
+/* Row r's part of a weight row that does not depend on the group loop: the group factors
+   s[g] xd[r, g] (into sx; bits 6: s[g] xd[r, g] u[2g + t] for its two halves, 2 G of them) and
+   the offset term sum_g o[g] xs[r, g] (returned), 8 groups at a time. bits 4 / 5: w = q s + o
+   (no offsets: o = -8 s / -16 s); bits 6: w = (q - 32) s u, no offset term; bits 8: w = q s. */
 static inline __attribute__((always_inline)) float row_factors(const float* xd, const float* xs, int64_t G,
-        const uint16_t* sn, const uint16_t* on, int bits, float* sx) {
+        wrow_t wr, int bits, float* sx) {
     const int64_t G8 = G - G % 8;
-    __m256 ov = _mm256_setzero_ps();
+    const float mid = bits == 5 ? -16.f : -8.f;
+    v8f ov = v8f_zero();
     int64_t g = 0;
     for (; g < G8; g += 8) {
-        const __m256 sv = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(sn + g)));
-        _mm256_storeu_ps(sx + g, _mm256_mul_ps(sv, _mm256_loadu_ps(xd + g)));
-        if (bits == 4) {  /* no offsets stored: symmetric, o = -8 s (GGUF's Q4_0) */
-            const __m256 ow = on ? _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(on + g)))
-                                 : _mm256_mul_ps(sv, _mm256_set1_ps(-8.f));
-            ov = _mm256_fmadd_ps(ow, _mm256_loadu_ps(xs + g), ov);
+        const v8f sv = v8f_from_f16(wr.s + g);
+        const v8f f = v8f_mul(sv, v8f_load(xd + g));
+        if (bits == 6) {  /* each group's factor for its two halves, times their int8 scales */
+            v8f_store(sx + 2 * g, v8f_mul(v8f_dup_lo(f), v8f_from_i8(wr.u + 2 * g)));
+            v8f_store(sx + 2 * g + 8, v8f_mul(v8f_dup_hi(f), v8f_from_i8(wr.u + 2 * g + 8)));
+        } else {
+            v8f_store(sx + g, f);
+        }
+        if (bits == 4 || bits == 5) {
+            const v8f ow = wr.o ? v8f_from_f16(wr.o + g) : v8f_mul(sv, v8f_set1(mid));
+            ov = v8f_fmadd(ow, v8f_load(xs + g), ov);
         }
     }
-    float ot = hsum(ov);
+    float ot = v8f_hsum(ov);
     for (; g < G; g++) {
-        sx[g] = _cvtsh_ss(sn[g]) * xd[g];
-        if (bits == 4) ot += (on ? _cvtsh_ss(on[g]) : -8.f * _cvtsh_ss(sn[g])) * xs[g];
+        const float f = f16_to_f32(wr.s[g]) * xd[g];
+        if (bits == 6) {
+            sx[2 * g] = f * (float)wr.u[2 * g];
+            sx[2 * g + 1] = f * (float)wr.u[2 * g + 1];
+        } else {
+            sx[g] = f;
+        }
+        if (bits == 4 || bits == 5) ot += (wr.o ? f16_to_f32(wr.o[g]) : mid * f16_to_f32(wr.s[g])) * xs[g];
     }
-    return bits == 4 ? ot : 0.f;
+    return bits == 4 || bits == 5 ? ot : 0.f;
 }
 
-/* Group g of a weight row as two vectors of 16 int16 */
-static inline __attribute__((always_inline)) void unpack_group(const uint8_t* wn, int64_t g, int bits,
-        __m256i* w0, __m256i* w1) {
-    if (bits == 4) {
-        const __m128i mask = _mm_set1_epi8(0x0F);
-        const __m128i b = _mm_loadu_si128((const __m128i*)(wn + g * 16));
-        *w0 = _mm256_cvtepu8_epi16(_mm_and_si128(b, mask));
-        *w1 = _mm256_cvtepu8_epi16(_mm_and_si128(_mm_srli_epi16(b, 4), mask));
-    } else {
-        *w0 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i*)(wn + g * 32)));
-        *w1 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i*)(wn + g * 32 + 16)));
+/* Group g of a weight row as two vectors of 16 int16 (bits 6: q - 32) */
+static inline __attribute__((always_inline)) void unpack_group(const uint8_t* w, const uint8_t* h, const int8_t* l,
+        int64_t g, int bits, v16h* w0, v16h* w1) {
+    if (bits == 8) {
+        *w0 = v16h_from_i8((const int8_t*)(w + g * 32));
+        *w1 = v16h_from_i8((const int8_t*)(w + g * 32 + 16));
+        return;
+    }
+    const b16 b = b16_load(w + g * 16);
+    b16 lo = b16_shr_and(b, 0, 0x0F), hi = b16_shr_and(b, 4, 0x0F);
+    if (bits == NL4) {  /* the codebook's int8 values */
+        const b16 table = b16_load((const uint8_t*)l);
+        *w0 = v16h_from_s8(b16_lookup(table, lo));
+        *w1 = v16h_from_s8(b16_lookup(table, hi));
+        return;
+    }
+    if (bits == 5) {  /* q[i]'s fifth bit is bit i / 4 of byte i % 4 */
+        uint32_t m;
+        __builtin_memcpy(&m, h + g * 4, 4);
+        lo = b16_or(lo, b16_shl4(b16_bits5(m, 0)));
+        hi = b16_or(hi, b16_shl4(b16_bits5(m, 1)));
+    } else if (bits == 6) {  /* q[i]'s top two bits are bits 2 (i / 8) of byte i % 8 */
+        lo = b16_or(lo, b16_shl4(b16_bits6(h + g * 8, 0)));
+        hi = b16_or(hi, b16_shl4(b16_bits6(h + g * 8, 1)));
+    }
+    *w0 = v16h_from_u8(lo);
+    *w1 = v16h_from_u8(hi);
+    if (bits == 6) {
+        *w0 = v16h_sub(*w0, 32);
+        *w1 = v16h_sub(*w1, 32);
     }
 }
 
-/* One group's integer dot product (exact: |sums| < 2^24), scaled by its factor into acc */
-static inline __attribute__((always_inline)) __m256 group_step(__m256i w0, __m256i w1, __m256i x0, __m256i x1,
-        const float* factor, __m256 acc) {
-    const __m256i p = _mm256_add_epi32(_mm256_madd_epi16(w0, x0), _mm256_madd_epi16(w1, x1));
-    return _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_broadcast_ss(factor), acc);
+/* One group's integer dot products (exact: |sums| < 2^24), scaled by its factor(s) into acc:
+   one factor for the group, or (bits 6) one per half */
+static inline __attribute__((always_inline)) v8f group_step(v16h w0, v16h w1, v16h x0, v16h x1,
+        const float* factor, int bits, v8f acc) {
+    if (bits == 6) {
+        acc = v8f_fmadd(v8f_from_i32(v8i_madd(w0, x0)), v8f_set1(factor[0]), acc);
+        return v8f_fmadd(v8f_from_i32(v8i_madd(w1, x1)), v8f_set1(factor[1]), acc);
+    }
+    const v8i p = v8i_add(v8i_madd(w0, x0), v8i_madd(w1, x1));
+    return v8f_fmadd(v8f_from_i32(p), v8f_set1(factor[0]), acc);
 }
 
-/* MB activation rows against weight row n (see row_factors): each row's integer group dot
+/* factors per group: two for bits 6 (its halves), else one */
+#define FPG(bits) ((bits) == 6 ? 2 : 1)
+
+/* MB activation rows against one weight row (see row_factors): each row's integer group dot
    products are scaled and accumulated in registers, one chain per output, then summed with the
    offset term. Every output's arithmetic is the same whatever MB (a constant at each call), and
    the same as in ncols below, so its bits do not depend on the batch. */
 static inline __attribute__((always_inline)) void qrows(const int16_t* xq, const float* xd, const float* xs,
-        int64_t K, const uint8_t* wn, const uint16_t* sn, const uint16_t* on, int bits, float* sx, float* out,
-        const int MB) {
-    const int64_t G = K / 32;
-    __m256 acc[8];
+        int64_t K, wrow_t wr, int bits, float* sx, float* out, const int MB) {
+    const int64_t G = K / 32, F = G * FPG(bits);
+    v8f acc[8];
     float oacc[8];
     for (int r = 0; r < MB; r++) {
-        oacc[r] = row_factors(xd + r * G, xs + r * G, G, sn, on, bits, sx + r * G);
-        acc[r] = _mm256_setzero_ps();
+        oacc[r] = row_factors(xd + r * G, xs + r * G, G, wr, bits, sx + r * F);
+        acc[r] = v8f_zero();
     }
     for (int64_t g = 0; g < G; g++) {
-        __m256i w0, w1;
-        unpack_group(wn, g, bits, &w0, &w1);
+        v16h w0, w1;
+        unpack_group(wr.w, wr.h, wr.l, g, bits, &w0, &w1);
         for (int r = 0; r < MB; r++) {
             const int16_t* xr = xq + r * K + g * 32;
-            acc[r] = group_step(w0, w1, _mm256_loadu_si256((const __m256i*)xr),
-                                _mm256_loadu_si256((const __m256i*)(xr + 16)), sx + r * G + g, acc[r]);
+            acc[r] = group_step(w0, w1, v16h_load(xr), v16h_load(xr + 16), sx + r * F + g * FPG(bits), bits, acc[r]);
         }
     }
-    for (int r = 0; r < MB; r++) out[r] = hsum(acc[r]) + oacc[r];
+    for (int r = 0; r < MB; r++) out[r] = v8f_hsum(acc[r]) + oacc[r];
 }
 
-/* One activation row against NB consecutive weight rows: the same arithmetic per output as
-   qrows, with NB independent accumulation chains in flight (one chain alone waits on each
-   multiply-add's latency) and the activations loaded once for all of them. */
+/* One activation row against NB consecutive weight rows from row n: the same arithmetic per
+   output as qrows, with NB independent accumulation chains in flight (one chain alone waits on
+   each multiply-add's latency) and the activations loaded once for all of them. */
 static inline __attribute__((always_inline)) void ncols(const int16_t* xq, const float* xd, const float* xs,
-        int64_t K, const uint8_t* w, int64_t rb, const uint16_t* s, const uint16_t* o, int bits, float* sx,
-        float* out, const int NB) {
-    const int64_t G = K / 32;
-    __m256 acc[4];
+        int64_t K, const qpart_t* p, int64_t n, int bits, float* sx, float* out, const int NB) {
+    const int64_t G = K / 32, F = G * FPG(bits);
+    v8f acc[4];
     float oacc[4];
     for (int j = 0; j < NB; j++) {
-        oacc[j] = row_factors(xd, xs, G, s + j * G, o ? o + j * G : 0, bits, sx + j * G);
-        acc[j] = _mm256_setzero_ps();
+        oacc[j] = row_factors(xd, xs, G, weight_row(p, n + j, K, bits), bits, sx + j * F);
+        acc[j] = v8f_zero();
     }
-    const int64_t gb = bits == 4 ? 16 : 32;  /* bytes per group */
+    const wrow_t first = weight_row(p, n, K, bits);  /* the NB rows follow it at fixed strides */
+    const int64_t gb = bits == 8 ? 32 : 16, rb = G * gb;  /* bytes per group and row of the main plane */
+    const int64_t hr = G * (bits == 5 ? 4 : bits == 6 ? 8 : 0);  /* and per row of the high bits */
     for (int64_t g = 0; g < G; g++) {
         /* the rows are short: stream the next NB rows in at the pace these are read (interleaved
            rows defeat the hardware's stream detection) */
-        const char* next = (const char*)(w + NB * rb) + g * NB * gb;
-        for (int64_t b = 0; b < NB * gb; b += 64) _mm_prefetch(next + b, _MM_HINT_T0);
-        const __m256i x0 = _mm256_loadu_si256((const __m256i*)(xq + g * 32));
-        const __m256i x1 = _mm256_loadu_si256((const __m256i*)(xq + g * 32 + 16));
+        const char* next = (const char*)first.w + NB * rb + g * NB * gb;
+        for (int64_t b = 0; b < NB * gb; b += 64) PREFETCH(next + b);
+        const v16h x0 = v16h_load(xq + g * 32), x1 = v16h_load(xq + g * 32 + 16);
         for (int j = 0; j < NB; j++) {
-            __m256i w0, w1;
-            unpack_group(w + j * rb, g, bits, &w0, &w1);
-            acc[j] = group_step(w0, w1, x0, x1, sx + j * G + g, acc[j]);
+            v16h w0, w1;
+            unpack_group(first.w + j * rb, first.h + j * hr, first.l, g, bits, &w0, &w1);
+            acc[j] = group_step(w0, w1, x0, x1, sx + j * F + g * FPG(bits), bits, acc[j]);
         }
     }
-    for (int j = 0; j < NB; j++) out[j] = hsum(acc[j]) + oacc[j];
+    for (int j = 0; j < NB; j++) out[j] = v8f_hsum(acc[j]) + oacc[j];
 }
 
-/* y (M, N) = x (M, K) @ W.T for group-wise int4 or int8 weights W (N rows of K / 32 groups):
-   w: the packed rows (K / 2 or K bytes each), s, o: (N, K / 32) float16 scales and int4 offsets.
-   One row (a decode step): weight rows 4 at a time. More rows: in tiles of 64 (their int16
-   copy stays in cache), 8 at a time against each weight row, so a weight row is read once per 8
-   rows. */
-int quant_gemm(const void* xin, int xbf, int64_t M, int64_t K, const uint8_t* w, const uint16_t* s,
-               const uint16_t* o, int bits, int64_t N, void* y, int ybf) {
+/* One row of x against blocks nb0 .. nb1 - 1 of 4 weight rows of part p (the last block may be
+   short), its outputs into y's columns c0 + n; B the part's kind, a constant in each instance */
+static inline __attribute__((always_inline)) void gemv_range(const int16_t* xq, const float* xd, const float* xs,
+        int64_t K, const qpart_t* p, int64_t nb0, int64_t nb1, float* sx, void* y, int64_t c0, int ybf, const int B) {
+    for (int64_t nb = nb0; nb < nb1; nb++) {
+        const int64_t n = nb * 4;
+        float out[4];
+        if (p->n - n >= 4) {
+            ncols(xq, xd, xs, K, p, n, B, sx, out, 4);
+            for (int j = 0; j < 4; j++) store(y, c0 + n + j, out[j], ybf);
+        } else {
+            for (int64_t j = n; j < p->n; j++) {
+                ncols(xq, xd, xs, K, p, j, B, sx, out, 1);
+                store(y, c0 + j, out[0], ybf);
+            }
+        }
+    }
+}
+
+/* Rows m0 .. m1 - 1 of x against weight rows n0 .. n1 - 1 of part p, 8, 4, 2 or 1 rows at a time,
+   into y (N columns) at columns c0 + n; B the part's kind */
+static inline __attribute__((always_inline)) void gemm_range(const int16_t* xq, const float* xd, const float* xs,
+        int64_t K, const qpart_t* p, int64_t n0, int64_t n1, int64_t m0, int64_t m1, float* sx, void* y, int64_t N,
+        int64_t c0, int ybf, const int B) {
+    const int64_t G = K / 32;
+    for (int64_t n = n0; n < n1; n++) {
+        const wrow_t wr = weight_row(p, n, K, B);
+        float out[8];
+        for (int64_t m = m0; m < m1;) {
+            const int64_t left = m1 - m;
+            const int16_t* xr = xq + m * K;
+            if (left >= 8) qrows(xr, xd + m * G, xs + m * G, K, wr, B, sx, out, 8);
+            else if (left >= 4) qrows(xr, xd + m * G, xs + m * G, K, wr, B, sx, out, 4);
+            else if (left >= 2) qrows(xr, xd + m * G, xs + m * G, K, wr, B, sx, out, 2);
+            else qrows(xr, xd + m * G, xs + m * G, K, wr, B, sx, out, 1);
+            const int mb = left >= 8 ? 8 : left >= 4 ? 4 : left >= 2 ? 2 : 1;
+            for (int r = 0; r < mb; r++) store(y, (m + r) * N + c0 + n, out[r], ybf);
+            m += mb;
+        }
+    }
+}
+
+/* each kind's loops as a function of its own (a constant kind throughout: branch-free) */
+#define KIND_LOOPS(B) \
+    static __attribute__((noinline)) void gemv_##B(const int16_t* xq, const float* xd, const float* xs, int64_t K, \
+            const qpart_t* p, int64_t nb0, int64_t nb1, float* sx, void* y, int64_t c0, int ybf) { \
+        gemv_range(xq, xd, xs, K, p, nb0, nb1, sx, y, c0, ybf, B); \
+    } \
+    static __attribute__((noinline)) void gemm_##B(const int16_t* xq, const float* xd, const float* xs, int64_t K, \
+            const qpart_t* p, int64_t n0, int64_t n1, int64_t m0, int64_t m1, float* sx, void* y, int64_t N, \
+            int64_t c0, int ybf) { \
+        gemm_range(xq, xd, xs, K, p, n0, n1, m0, m1, sx, y, N, c0, ybf, B); \
+    }
+KIND_LOOPS(4)
+KIND_LOOPS(5)
+KIND_LOOPS(6)
+KIND_LOOPS(8)
+KIND_LOOPS(NL4)
+#undef KIND_LOOPS
+
+/* y (M, N) = x (M, K) @ W.T for a weight of group-wise integer parts (N the sum of their rows;
+   each part's outputs in its columns). One row (a decode step): weight rows 4 at a time. More
+   rows: in tiles of 64 (their int16 copy stays in cache), 8 at a time against each weight row,
+   so a weight row is read once per 8 rows. Each thread takes a contiguous share of the weight
+   rows (every output is computed alone, so the split does not change its bits). */
+int quant_gemm(const void* xin, int xbf, int64_t M, int64_t K, const qpart_t* parts, int64_t nparts, void* y,
+               int ybf) {
     use_threads();
     const int64_t G = K / 32;
-    const int64_t rb = bits == 4 ? K / 2 : K;
+    int64_t N = 0;
+    for (int64_t i = 0; i < nparts; i++) N += parts[i].n;
     float* owned;
     const float* x = as_f32(xin, M * K, xbf, &owned);
     int16_t* xq = (int16_t*)malloc((size_t)(M * K) * sizeof(int16_t));
@@ -167,60 +290,29 @@ int quant_gemm(const void* xin, int xbf, int64_t M, int64_t K, const uint8_t* w,
     float* xs = (float*)malloc((size_t)(M * G) * sizeof(float));
     int failed = !x || !xq || !xd || !xs;
     if (!failed) quantize_rows(x, M, K, xq, xd, xs);
-    if (!failed && M == 1) {
-        #pragma omp parallel
-        {
-            float* sx = scratch(4 * G, &failed);
-            #pragma omp for schedule(static)
-            for (int64_t nb = 0; nb < (N + 3) / 4; nb++) {
-                if (!sx) continue;
-                const int64_t n = nb * 4;
-                const uint16_t* on = bits == 4 && o ? o + n * G : 0;
-                float out[4];
-                if (N - n >= 4) { /* constant bits: each instantiation branch-free */
-                    if (bits == 4)
-                        ncols(xq, xd, xs, K, w + n * rb, rb, s + n * G, on, 4, sx, out, 4);
-                    else
-                        ncols(xq, xd, xs, K, w + n * rb, rb, s + n * G, on, 8, sx, out, 4);
-                    for (int j = 0; j < 4; j++) store(y, n + j, out[j], ybf);
-                } else {
-                    for (int64_t j = n; j < N; j++) {
-                        ncols(xq, xd, xs, K, w + j * rb, rb, s + j * G, bits == 4 && o ? o + j * G : 0, bits, sx,
-                              out, 1);
-                        store(y, j, out[0], ybf);
-                    }
-                }
-            }
-            free(sx);
-        }
-    } else if (!failed) {
-        for (int64_t m0 = 0; m0 < M; m0 += 64) {
-            const int64_t m1 = M < m0 + 64 ? M : m0 + 64;
+    for (int64_t m0 = 0, step = M == 1 ? 1 : 64; m0 < M && !failed; m0 += step) {
+        const int64_t m1 = M < m0 + step ? M : m0 + step;
+        for (int64_t i = 0, c0 = 0; i < nparts; c0 += parts[i].n, i++) {
+            const qpart_t* p = parts + i;
+            const int kind = kind_of(p);
+            const int64_t units = M == 1 ? (p->n + 3) / 4 : p->n;  /* blocks of 4 rows, or rows */
             #pragma omp parallel
             {
-                float* sx = scratch(8 * G, &failed);
-                #pragma omp for schedule(static)
-                for (int64_t n = 0; n < N; n++) {
-                    if (!sx) continue;
-                    const uint8_t* wn = w + n * rb;
-                    const uint16_t* sn = s + n * G;
-                    const uint16_t* on = bits == 4 && o ? o + n * G : 0;
-                    float out[8];
-                    for (int64_t m = m0; m < m1;) {
-                        const int64_t left = m1 - m;
-                        const int mb = left >= 8 ? 8 : left >= 4 ? 4 : left >= 2 ? 2 : 1;
-                        const int16_t* xr = xq + m * K;
-                        if (mb == 8)
-                            qrows(xr, xd + m * G, xs + m * G, K, wn, sn, on, bits, sx, out, 8);
-                        else if (mb == 4)
-                            qrows(xr, xd + m * G, xs + m * G, K, wn, sn, on, bits, sx, out, 4);
-                        else if (mb == 2)
-                            qrows(xr, xd + m * G, xs + m * G, K, wn, sn, on, bits, sx, out, 2);
-                        else
-                            qrows(xr, xd + m * G, xs + m * G, K, wn, sn, on, bits, sx, out, 1);
-                        for (int r = 0; r < mb; r++) store(y, (m + r) * N + n, out[r], ybf);
-                        m += mb;
-                    }
+                const int64_t t = omp_get_thread_num(), T = omp_get_num_threads();
+                const int64_t u0 = units * t / T, u1 = units * (t + 1) / T;
+                float* sx = u1 > u0 ? scratch(8 * 2 * G, &failed) : 0;
+                if (sx && M == 1) {
+                    if (kind == 4) gemv_4(xq, xd, xs, K, p, u0, u1, sx, y, c0, ybf);
+                    else if (kind == 5) gemv_5(xq, xd, xs, K, p, u0, u1, sx, y, c0, ybf);
+                    else if (kind == 6) gemv_6(xq, xd, xs, K, p, u0, u1, sx, y, c0, ybf);
+                    else if (kind == NL4) gemv_NL4(xq, xd, xs, K, p, u0, u1, sx, y, c0, ybf);
+                    else gemv_8(xq, xd, xs, K, p, u0, u1, sx, y, c0, ybf);
+                } else if (sx) {
+                    if (kind == 4) gemm_4(xq, xd, xs, K, p, u0, u1, m0, m1, sx, y, N, c0, ybf);
+                    else if (kind == 5) gemm_5(xq, xd, xs, K, p, u0, u1, m0, m1, sx, y, N, c0, ybf);
+                    else if (kind == 6) gemm_6(xq, xd, xs, K, p, u0, u1, m0, m1, sx, y, N, c0, ybf);
+                    else if (kind == NL4) gemm_NL4(xq, xd, xs, K, p, u0, u1, m0, m1, sx, y, N, c0, ybf);
+                    else gemm_8(xq, xd, xs, K, p, u0, u1, m0, m1, sx, y, N, c0, ybf);
                 }
                 free(sx);
             }
@@ -236,15 +328,14 @@ int quant_gemm(const void* xin, int xbf, int64_t M, int64_t K, const uint8_t* w,
 static inline __attribute__((always_inline)) void bf16_rows(const float* x, int64_t K, const uint16_t* wn, void* y,
                                                             int64_t yi, int64_t N, int ybf, const int MB) {
     const int64_t K8 = K - K % 8;
-    __m256 acc[8];
-    for (int r = 0; r < MB; r++) acc[r] = _mm256_setzero_ps();
+    v8f acc[8];
+    for (int r = 0; r < MB; r++) acc[r] = v8f_zero();
     for (int64_t k = 0; k < K8; k += 8) {
-        const __m256 wv = _mm256_castsi256_ps(
-            _mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i*)(wn + k))), 16));
-        for (int r = 0; r < MB; r++) acc[r] = _mm256_fmadd_ps(_mm256_loadu_ps(x + r * K + k), wv, acc[r]);
+        const v8f wv = v8f_from_bf16(wn + k);
+        for (int r = 0; r < MB; r++) acc[r] = v8f_fmadd(v8f_load(x + r * K + k), wv, acc[r]);
     }
     for (int r = 0; r < MB; r++) {
-        float v = hsum(acc[r]);
+        float v = v8f_hsum(acc[r]);
         for (int64_t k = K8; k < K; k++) v += x[r * K + k] * bf16_to_f32(wn[k]);
         store(y, yi + r * N, v, ybf);
     }
@@ -267,4 +358,18 @@ int bf16_gemm(const void* xin, int xbf, int64_t M, int64_t K, const uint16_t* w,
     }
     free(owned);
     return 0;
+}
+
+int ownlm_threads = 0;
+
+/* the kernels' thread count from now on, in every calling thread (n < 1: the runtime's default) */
+void ownlm_set_threads(int n) {
+    ownlm_threads = n > 0 ? n : 0;
+    if (n > 0) omp_set_num_threads(n);
+}
+
+/* the threads a parallel region of the kernels started from this thread would have */
+int ownlm_get_threads(void) {
+    use_threads();
+    return omp_get_max_threads();
 }

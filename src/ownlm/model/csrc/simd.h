@@ -1,0 +1,206 @@
+/* The vector operations matmul.c is written in, for x86-64 AVX2 (with FMA and F16C) and for ARM
+   NEON (AArch64). Each NEON operation gives the bits its AVX2 twin gives: 8 float lanes are two
+   128-bit halves, sums across lanes follow the AVX2 reduction tree, and multiply-adds are fused
+   on both, so a kernel computes the same results on either CPU (tests/test_neon.py runs the
+   NEON build under qemu against the x86 one).
+
+   v8f: 8 floats; v8i: 8 int32; v16h: 16 int16; b16: 16 bytes. */
+
+#ifndef OWNLM_SIMD_H
+#define OWNLM_SIMD_H
+
+#include <stdint.h>
+
+#if defined(__AVX2__)
+#include <immintrin.h>
+
+typedef __m256 v8f;
+typedef __m256i v8i;
+typedef __m256i v16h;
+typedef __m128i b16;
+
+static inline v8f v8f_load(const float* p) { return _mm256_loadu_ps(p); }
+static inline void v8f_store(float* p, v8f v) { _mm256_storeu_ps(p, v); }
+static inline v8f v8f_zero(void) { return _mm256_setzero_ps(); }
+static inline v8f v8f_set1(float f) { return _mm256_set1_ps(f); }
+static inline v8f v8f_add(v8f a, v8f b) { return _mm256_add_ps(a, b); }
+static inline v8f v8f_mul(v8f a, v8f b) { return _mm256_mul_ps(a, b); }
+static inline v8f v8f_fmadd(v8f a, v8f b, v8f c) { return _mm256_fmadd_ps(a, b, c); } /* a b + c, one rounding */
+static inline v8f v8f_abs(v8f a) { return _mm256_andnot_ps(_mm256_set1_ps(-0.0f), a); }
+static inline v8f v8f_max(v8f a, v8f b) { return _mm256_max_ps(a, b); }
+static inline v8f v8f_from_i32(v8i a) { return _mm256_cvtepi32_ps(a); }
+static inline v8f v8f_from_f16(const uint16_t* p) { return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)p)); }
+static inline v8f v8f_from_i8(const int8_t* p) {  /* 8 int8 */
+    return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i*)p)));
+}
+static inline v8f v8f_from_bf16(const uint16_t* p) {
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i*)p)), 16));
+}
+/* lanes 0 0 1 1 2 2 3 3 and 4 4 5 5 6 6 7 7 */
+static inline v8f v8f_dup_lo(v8f a) { return _mm256_permutevar8x32_ps(a, _mm256_setr_epi32(0, 0, 1, 1, 2, 2, 3, 3)); }
+static inline v8f v8f_dup_hi(v8f a) { return _mm256_permutevar8x32_ps(a, _mm256_setr_epi32(4, 4, 5, 5, 6, 6, 7, 7)); }
+static inline float v8f_hsum(v8f v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+static inline float v8f_hmax(v8f v) {
+    __m128 s = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_max_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_max_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+
+static inline v8i v8i_round(v8f a) { return _mm256_cvtps_epi32(a); } /* to nearest, ties to even */
+static inline v8i v8i_add(v8i a, v8i b) { return _mm256_add_epi32(a, b); }
+/* lane i: a[2i] b[2i] + a[2i+1] b[2i+1] */
+static inline v8i v8i_madd(v16h a, v16h b) { return _mm256_madd_epi16(a, b); }
+
+static inline v16h v16h_load(const int16_t* p) { return _mm256_loadu_si256((const __m256i*)p); }
+static inline void v16h_store(int16_t* p, v16h v) { _mm256_storeu_si256((__m256i*)p, v); }
+/* a's 8 values then b's, saturated to int16 */
+static inline v16h v16h_pack(v8i a, v8i b) { return _mm256_permute4x64_epi64(_mm256_packs_epi32(a, b), 0xD8); }
+static inline v16h v16h_from_u8(b16 a) { return _mm256_cvtepu8_epi16(a); }
+static inline v16h v16h_from_i8(const int8_t* p) { return _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i*)p)); }
+static inline v16h v16h_from_s8(b16 a) { return _mm256_cvtepi8_epi16(a); }
+static inline v16h v16h_sub(v16h a, int16_t b) { return _mm256_sub_epi16(a, _mm256_set1_epi16(b)); }
+
+static inline b16 b16_load(const uint8_t* p) { return _mm_loadu_si128((const __m128i*)p); }
+static inline b16 b16_or(b16 a, b16 b) { return _mm_or_si128(a, b); }
+/* byte i: table[idx[i]] (idx below 16) */
+static inline b16 b16_lookup(b16 table, b16 idx) { return _mm_shuffle_epi8(table, idx); }
+/* each byte: (a >> n) & mask */
+static inline b16 b16_shr_and(b16 a, int n, uint8_t mask) {
+    return _mm_and_si128(_mm_srli_epi16(a, n), _mm_set1_epi8((char)mask));
+}
+/* each byte (of values below 16) << 4 */
+static inline b16 b16_shl4(b16 a) { return _mm_slli_epi16(a, 4); }
+/* byte 4 L + j: bit L + 4 half of byte j of the 4 bytes of m */
+static inline b16 b16_bits5(uint32_t m, int half) {
+    const __m128i s = half ? _mm_setr_epi32(4, 5, 6, 7) : _mm_setr_epi32(0, 1, 2, 3);
+    return _mm_and_si128(_mm_srlv_epi32(_mm_set1_epi32((int)m), s), _mm_set1_epi8(1));
+}
+/* byte i of h's 8 (i < 8): bits 2 (2 half) of byte i; byte 8 + i: bits 2 (2 half + 1) of byte i */
+static inline b16 b16_bits6(const uint8_t* h, int half) {
+    const __m128i b = _mm_loadl_epi64((const __m128i*)h);
+    const __m128i lo = half ? _mm_srli_epi16(b, 4) : b, hi = half ? _mm_srli_epi16(b, 6) : _mm_srli_epi16(b, 2);
+    return _mm_and_si128(_mm_unpacklo_epi64(lo, hi), _mm_set1_epi8(3));
+}
+
+static inline float f16_to_f32(uint16_t h) { return _cvtsh_ss(h); }
+
+#elif defined(__ARM_NEON)
+#include <arm_neon.h>
+
+typedef struct { float32x4_t lo, hi; } v8f;
+typedef struct { int32x4_t lo, hi; } v8i;
+typedef struct { int16x8_t lo, hi; } v16h;
+typedef uint8x16_t b16;
+
+static inline v8f v8f_make(float32x4_t lo, float32x4_t hi) { v8f r = {lo, hi}; return r; }
+static inline v8f v8f_load(const float* p) { return v8f_make(vld1q_f32(p), vld1q_f32(p + 4)); }
+static inline void v8f_store(float* p, v8f v) { vst1q_f32(p, v.lo); vst1q_f32(p + 4, v.hi); }
+static inline v8f v8f_zero(void) { return v8f_make(vdupq_n_f32(0.f), vdupq_n_f32(0.f)); }
+static inline v8f v8f_set1(float f) { return v8f_make(vdupq_n_f32(f), vdupq_n_f32(f)); }
+static inline v8f v8f_add(v8f a, v8f b) { return v8f_make(vaddq_f32(a.lo, b.lo), vaddq_f32(a.hi, b.hi)); }
+static inline v8f v8f_mul(v8f a, v8f b) { return v8f_make(vmulq_f32(a.lo, b.lo), vmulq_f32(a.hi, b.hi)); }
+static inline v8f v8f_fmadd(v8f a, v8f b, v8f c) {
+    return v8f_make(vfmaq_f32(c.lo, a.lo, b.lo), vfmaq_f32(c.hi, a.hi, b.hi));
+}
+static inline v8f v8f_abs(v8f a) { return v8f_make(vabsq_f32(a.lo), vabsq_f32(a.hi)); }
+static inline v8f v8f_max(v8f a, v8f b) { return v8f_make(vmaxq_f32(a.lo, b.lo), vmaxq_f32(a.hi, b.hi)); }
+static inline v8f v8f_from_i32(v8i a) { return v8f_make(vcvtq_f32_s32(a.lo), vcvtq_f32_s32(a.hi)); }
+static inline v8f v8f_from_f16(const uint16_t* p) {
+    const float16x8_t h = vreinterpretq_f16_u16(vld1q_u16(p));
+    return v8f_make(vcvt_f32_f16(vget_low_f16(h)), vcvt_f32_f16(vget_high_f16(h)));
+}
+static inline v8f v8f_from_i8(const int8_t* p) {
+    const int16x8_t w = vmovl_s8(vld1_s8(p));
+    return v8f_make(vcvtq_f32_s32(vmovl_s16(vget_low_s16(w))), vcvtq_f32_s32(vmovl_s16(vget_high_s16(w))));
+}
+static inline v8f v8f_from_bf16(const uint16_t* p) {
+    const uint16x8_t h = vld1q_u16(p);
+    return v8f_make(vreinterpretq_f32_u32(vshll_n_u16(vget_low_u16(h), 16)),
+                    vreinterpretq_f32_u32(vshll_n_u16(vget_high_u16(h), 16)));
+}
+static inline v8f v8f_dup_lo(v8f a) { return v8f_make(vzip1q_f32(a.lo, a.lo), vzip2q_f32(a.lo, a.lo)); }
+static inline v8f v8f_dup_hi(v8f a) { return v8f_make(vzip1q_f32(a.hi, a.hi), vzip2q_f32(a.hi, a.hi)); }
+static inline float v8f_hsum(v8f v) {  /* AVX2's tree: (0+4, 1+5, 2+6, 3+7), then (a+c, b+d), then the two */
+    const float32x4_t s = vaddq_f32(v.lo, v.hi);
+    const float32x2_t t = vadd_f32(vget_low_f32(s), vget_high_f32(s));
+    return vget_lane_f32(t, 0) + vget_lane_f32(t, 1);
+}
+static inline float v8f_hmax(v8f v) {
+    const float32x4_t s = vmaxq_f32(v.lo, v.hi);
+    const float32x2_t t = vmax_f32(vget_low_f32(s), vget_high_f32(s));
+    const float a = vget_lane_f32(t, 0), b = vget_lane_f32(t, 1);
+    return a > b ? a : b;
+}
+
+static inline v8i v8i_round(v8f a) { v8i r = {vcvtnq_s32_f32(a.lo), vcvtnq_s32_f32(a.hi)}; return r; }
+static inline v8i v8i_add(v8i a, v8i b) { v8i r = {vaddq_s32(a.lo, b.lo), vaddq_s32(a.hi, b.hi)}; return r; }
+static inline v8i v8i_madd(v16h a, v16h b) {
+    const int32x4_t p0 = vmull_s16(vget_low_s16(a.lo), vget_low_s16(b.lo));
+    const int32x4_t p1 = vmull_high_s16(a.lo, b.lo);
+    const int32x4_t p2 = vmull_s16(vget_low_s16(a.hi), vget_low_s16(b.hi));
+    const int32x4_t p3 = vmull_high_s16(a.hi, b.hi);
+    v8i r = {vpaddq_s32(p0, p1), vpaddq_s32(p2, p3)};
+    return r;
+}
+
+static inline v16h v16h_load(const int16_t* p) { v16h r = {vld1q_s16(p), vld1q_s16(p + 8)}; return r; }
+static inline void v16h_store(int16_t* p, v16h v) { vst1q_s16(p, v.lo); vst1q_s16(p + 8, v.hi); }
+static inline v16h v16h_pack(v8i a, v8i b) {
+    v16h r = {vcombine_s16(vqmovn_s32(a.lo), vqmovn_s32(a.hi)), vcombine_s16(vqmovn_s32(b.lo), vqmovn_s32(b.hi))};
+    return r;
+}
+static inline v16h v16h_from_u8(b16 a) {
+    v16h r = {vreinterpretq_s16_u16(vmovl_u8(vget_low_u8(a))), vreinterpretq_s16_u16(vmovl_high_u8(a))};
+    return r;
+}
+static inline v16h v16h_from_i8(const int8_t* p) {
+    const int8x16_t a = vld1q_s8(p);
+    v16h r = {vmovl_s8(vget_low_s8(a)), vmovl_high_s8(a)};
+    return r;
+}
+static inline v16h v16h_from_s8(b16 a) {
+    const int8x16_t s = vreinterpretq_s8_u8(a);
+    v16h r = {vmovl_s8(vget_low_s8(s)), vmovl_high_s8(s)};
+    return r;
+}
+static inline v16h v16h_sub(v16h a, int16_t b) {
+    v16h r = {vsubq_s16(a.lo, vdupq_n_s16(b)), vsubq_s16(a.hi, vdupq_n_s16(b))};
+    return r;
+}
+
+static inline b16 b16_load(const uint8_t* p) { return vld1q_u8(p); }
+static inline b16 b16_or(b16 a, b16 b) { return vorrq_u8(a, b); }
+static inline b16 b16_lookup(b16 table, b16 idx) { return vqtbl1q_u8(table, idx); }
+static inline b16 b16_shr_and(b16 a, int n, uint8_t mask) {
+    return vandq_u8(vshlq_u8(a, vdupq_n_s8((int8_t)-n)), vdupq_n_u8(mask));
+}
+static inline b16 b16_shl4(b16 a) { return vshlq_n_u8(a, 4); }
+static inline b16 b16_bits5(uint32_t m, int half) {
+    static const int32_t shifts[2][4] = {{0, -1, -2, -3}, {-4, -5, -6, -7}};
+    const uint32x4_t v = vshlq_u32(vdupq_n_u32(m), vld1q_s32(shifts[half]));
+    return vandq_u8(vreinterpretq_u8_u32(v), vdupq_n_u8(1));
+}
+static inline b16 b16_bits6(const uint8_t* h, int half) {
+    const uint8x8_t b = vld1_u8(h);
+    const uint8x16_t both = half ? vcombine_u8(vshr_n_u8(b, 4), vshr_n_u8(b, 6)) : vcombine_u8(b, vshr_n_u8(b, 2));
+    return vandq_u8(both, vdupq_n_u8(3));
+}
+
+static inline float f16_to_f32(uint16_t h) {
+    return vgetq_lane_f32(vcvt_f32_f16(vreinterpret_f16_u16(vdup_n_u16(h))), 0);
+}
+
+#else
+#error "ownlm's kernels need x86-64 AVX2 or ARM NEON"
+#endif
+
+/* read p into all cache levels (a hint); a macro: GCC dropped it when wrapped in a function */
+#define PREFETCH(p) __builtin_prefetch((p), 0, 3)
+
+#endif

@@ -1,0 +1,113 @@
+/* The matmul kernels (src/ownlm/model/csrc/matmul.c) on fixed pseudo-random inputs, built for
+   x86-64 (AVX2) and for AArch64 (NEON, run under qemu-aarch64) by tests/test_neon.py, which
+   compares what the two print: per case, a hash of every output's bits and the first output.
+   Cases: every weight kind (int4 and int5 with and without offsets, int6, int8, int4 indices into a
+   codebook), a stack of three
+   parts, one to 70 rows (the one-row path, the 8/4/2/1-row blocks, the 64-row tiles), K with and
+   without 8-group tails, float32 and bfloat16 activations, and the bfloat16 matmul. */
+
+#include <stdio.h>
+#include <string.h>
+
+#include "kernels.h"
+
+static uint64_t state = 0x9E3779B97F4A7C15ull;
+
+static uint32_t next(void) {  /* xorshift64* */
+    state ^= state >> 12;
+    state ^= state << 25;
+    state ^= state >> 27;
+    return (uint32_t)((state * 0x2545F4914F6CDD1Dull) >> 32);
+}
+
+static float uniform(void) { return (float)(next() >> 8) / 16777216.f * 2.f - 1.f; }  /* [-1, 1) */
+
+static uint16_t half(int negative) {  /* a normal float16 between 2^-8 and 2^-3 */
+    return (uint16_t)((negative && (next() & 1) ? 0x8000 : 0) | ((7 + next() % 5) << 10) | (next() & 0x3FF));
+}
+
+static void* fill(size_t n) {
+    uint8_t* p = (uint8_t*)malloc(n ? n : 1);
+    for (size_t i = 0; i < n; i++) p[i] = (uint8_t)next();
+    return p;
+}
+
+static const int8_t CODEBOOK[16] = {-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113};
+
+/* offsets: 1 with offsets (int4 / int5), 2 int4 indices into CODEBOOK */
+static qpart_t part(int bits, int offsets, int64_t n, int64_t K) {
+    const int64_t G = K / 32;
+    qpart_t p;
+    p.bits = bits;
+    p.n = n;
+    p.w = (const uint8_t*)fill((size_t)(n * (bits == 8 ? K : K / 2)));
+    uint16_t* s = (uint16_t*)malloc((size_t)(n * G) * 2);
+    uint16_t* o = offsets == 1 ? (uint16_t*)malloc((size_t)(n * G) * 2) : 0;
+    for (int64_t i = 0; i < n * G; i++) {
+        s[i] = half(0);
+        if (o) o[i] = half(1);
+    }
+    p.s = s;
+    p.o = o;
+    p.h = bits == 5 || bits == 6 ? (const uint8_t*)fill((size_t)(n * G * (bits == 5 ? 4 : 8))) : 0;
+    p.u = bits == 6 ? (const int8_t*)fill((size_t)(n * 2 * G)) : 0;
+    p.l = offsets == 2 ? CODEBOOK : 0;
+    return p;
+}
+
+static void report(const char* name, const void* y, size_t bytes, int bf) {
+    uint64_t h = 0xcbf29ce484222325ull;  /* FNV-1a of the output's bytes */
+    const uint8_t* b = (const uint8_t*)y;
+    for (size_t i = 0; i < bytes; i++) h = (h ^ b[i]) * 0x100000001b3ull;
+    const float first = bf ? bf16_to_f32(((const uint16_t*)y)[0]) : ((const float*)y)[0];
+    printf("%s %016llx %.9g\n", name, (unsigned long long)h, first);
+}
+
+int main(void) {
+    ownlm_set_threads(2);
+    static const int kinds[][2] = {{4, 1}, {4, 0}, {5, 1}, {5, 0}, {6, 0}, {8, 0}, {4, 2}};
+    static const int64_t rows[] = {1, 3, 9, 70};
+    static const int64_t ks[] = {192, 1184};
+    for (int ki = 0; ki < 2; ki++) {
+        const int64_t K = ks[ki];
+        float* x = (float*)malloc((size_t)(70 * K) * sizeof(float));
+        for (int64_t i = 0; i < 70 * K; i++) x[i] = uniform() * (float)(1 + i / K % 7);
+        uint16_t* xb = (uint16_t*)malloc((size_t)(70 * K) * 2);
+        for (int64_t i = 0; i < 70 * K; i++) xb[i] = f32_to_bf16(x[i]);
+        qpart_t parts[8];
+        int np = 0;
+        for (int k = 0; k < 7; k++) parts[np++] = part(kinds[k][0], kinds[k][1], 37, K);
+        const qpart_t stack[3] = {part(4, 1, 40, K), part(6, 0, 21, K), part(8, 0, 40, K)};
+        for (int ri = 0; ri < 4; ri++) {
+            const int64_t M = rows[ri];
+            for (int bf = 0; bf < 2; bf++) {
+                char name[96];
+                float* y = (float*)malloc((size_t)(M * 101) * sizeof(float));
+                for (int k = 0; k < np; k++) {
+                    if (quant_gemm(bf ? (const void*)xb : x, bf, M, K, parts + k, 1, y, bf)) return 1;
+                    snprintf(name, sizeof name, "int%d%s K=%lld M=%lld %s", kinds[k][0],
+                             kinds[k][1] == 2 ? "-codebook" : kinds[k][1] ? "+offsets" : "",
+                             (long long)K, (long long)M, bf ? "bf16" : "f32");
+                    report(name, y, (size_t)(M * 37) * (bf ? 2 : 4), bf);
+                }
+                if (quant_gemm(bf ? (const void*)xb : x, bf, M, K, stack, 3, y, bf)) return 1;
+                snprintf(name, sizeof name, "stack K=%lld M=%lld %s", (long long)K, (long long)M, bf ? "bf16" : "f32");
+                report(name, y, (size_t)(M * 101) * (bf ? 2 : 4), bf);
+                free(y);
+            }
+        }
+    }
+    const int64_t K = 200, N = 19;  /* the bfloat16 matmul, with a K % 8 tail */
+    float* x = (float*)malloc((size_t)(5 * K) * sizeof(float));
+    for (int64_t i = 0; i < 5 * K; i++) x[i] = uniform();
+    uint16_t* w = (uint16_t*)malloc((size_t)(N * K) * 2);
+    for (int64_t i = 0; i < N * K; i++) w[i] = f32_to_bf16(uniform());
+    float y[5 * 19];
+    for (int64_t M = 1; M <= 5; M += 4) {
+        if (bf16_gemm(x, 0, M, K, w, N, y, 0)) return 1;
+        char name[64];
+        snprintf(name, sizeof name, "bf16_gemm M=%lld", (long long)M);
+        report(name, y, (size_t)(M * N) * 4, 0);
+    }
+    return 0;
+}

@@ -1,0 +1,53 @@
+"""ownlm's NEON matmuls (AArch64), checked on this x86 machine: tests/kernel_harness.c is built
+with the kernels' own sources for x86-64 (AVX2) and for AArch64 (Debian's gcc-aarch64-linux-gnu,
+statically linked) and run natively and under qemu-aarch64 user emulation (Debian's qemu-user);
+every case's outputs must be bit-identical. Without those tools the test skips, except where
+OWNLM_REQUIRE_NEON=1 (.ci/run installs them and sets it), where it fails."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from ownlm.model import kernels
+
+from .conftest import KERNELS_POSSIBLE
+
+HARNESS = Path(__file__).with_name("kernel_harness.c")
+INSTALL = "apt-get install qemu-user gcc-aarch64-linux-gnu"
+
+
+def _build(cc: str, flags: tuple[str, ...], out: Path) -> Path:
+    cmd = [cc, *flags, f"-I{kernels.CSRC}", str(HARNESS), str(kernels.CSRC / "matmul.c"), "-o", str(out), "-lm"]
+    run = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    return out
+
+
+def _run(cmd: list[str]) -> list[str]:
+    run = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    return run.stdout.splitlines()
+
+
+@pytest.mark.skipif(not KERNELS_POSSIBLE, reason="the x86 side needs x86-64 Linux with AVX2 and a C compiler")
+def test_neon_matmuls_give_the_x86_kernels_bits(tmp_path):
+    cross, qemu = shutil.which("aarch64-linux-gnu-gcc"), shutil.which("qemu-aarch64")
+    if not (cross and qemu):
+        if os.environ.get("OWNLM_REQUIRE_NEON"):
+            pytest.fail(f"OWNLM_REQUIRE_NEON is set but the cross compiler or qemu is missing: {INSTALL}")
+        pytest.skip(f"needs Debian's cross compiler and qemu for AArch64 ({INSTALL})")
+    common = ("-O3", "-ffp-contract=off", "-fopenmp", "-Wall", "-Werror")  # the kernels' own flags
+    x86 = _build(os.environ.get("CC", "cc"), (*common, "-mavx2", "-mfma", "-mf16c"), tmp_path / "harness-x86")
+    arm = _build(cross, (*common, "-static"), tmp_path / "harness-arm")  # static: qemu needs no ARM sysroot
+    want, got = _run([str(x86)]), _run([qemu, str(arm)])
+    # int4 and int5 with and without offsets, int6, int8, int4 codebook and a stack: 4 row counts, 2 K, 2 dtypes;
+    # and the bfloat16 matmul twice
+    assert len(want) == 8 * 4 * 2 * 2 + 2
+    assert len({line.split()[-2] for line in want}) == len(want)  # every case its own outputs
+    for w, g in zip(want, got, strict=True):
+        assert w == g  # name, hash of every output's bits, first output
