@@ -26,7 +26,7 @@ from ownlm.tune.data import DataError, Encoder
 from ownlm.tune.run import tune
 from ownlm.tune.trainer import TuneConfig
 
-from .test_preference import _model
+from .test_preference import _model, assert_adapters_agree, stored_adapter
 
 ROWS = [{"prompt": f"What is {a} plus {b}?", "answer": str(a + b)} for a in range(4) for b in range(4)]
 ALPHA = "def alpha(prompt, completion, row):\n    return float(completion[:1].isalpha())\n"
@@ -195,7 +195,6 @@ def _cli(args: list[str], **kw) -> subprocess.Popen:
 def test_resume_after_sigkill_is_exact(hf_models, tmp_path):
     from dataclasses import asdict
 
-    from safetensors.torch import load_file
 
     data = _write(tmp_path / "p.jsonl", ROWS)
     (tmp_path / "toy.py").write_text(ALPHA)
@@ -234,11 +233,7 @@ def test_resume_after_sigkill_is_exact(hf_models, tmp_path):
     for a, b in zip(log, relog):  # the same samples, rewards and losses, step by step
         assert (a["loss"], a["reward"], a["samples"]) == (b["loss"], b["reward"], b["samples"])
 
-    def weights(name):
-        f = Store().read(name)["files"]["adapter_model.safetensors"]["sha256"]
-        return load_file(str(Store().open_blob(f)))
-
-    a, b = weights("g"), weights("r")
+    a, b = stored_adapter("g"), stored_adapter("r")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     # another reward is another run: resuming with it is refused
     with pytest.raises(checkpoints.CheckpointError, match="other data or settings"):
@@ -255,7 +250,6 @@ def test_two_gloo_processes_follow_the_single_process_run(hf_models, tmp_path):
     differ from one process's only in float rounding, far from moving a sampled token here); the
     loss, KL and gradient norm are sums in another order (equal to rounding), and so is the
     adapter."""
-    from safetensors.torch import load_file
 
     from .test_preference import _tune
 
@@ -277,19 +271,7 @@ def test_two_gloo_processes_follow_the_single_process_run(hf_models, tmp_path):
             assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-6), key
     assert logs[0][-1]["kl"] > 0 and logs[0][0]["reward"] != logs[0][-1]["reward"]  # it trained
 
-    def weights(name):
-        f = Store().read(name)["files"]["adapter_model.safetensors"]["sha256"]
-        return load_file(str(Store().open_blob(f)))
-
-    a, b = weights("one"), weights("two")
-    assert a.keys() == b.keys() and a
-    for k in a:
-        # AdamW's first steps move each weight by about lr (1e-2) and 1e-4 is 1% of a step; but AdamW divides a
-        # gradient by its running size, so where a gradient is about 0 its rounding sets the step: a rare weight
-        # may differ by up to a step per step
-        d = (b[k] - a[k]).abs()
-        assert float((d > 1e-4).float().mean()) < 0.01 and float(d.max()) < 3e-2, (k, float(d.max()))
-    assert any(a[k].abs().max() > 0 for k in a if "lora_B" in k)
+    assert_adapters_agree("one", "two")
 
 
 # -- (6) rewards --------------------------------------------------------------------------------

@@ -316,7 +316,8 @@ def test_without_the_kernels_weights_stay_quantized(smollm2_gguf, hf_models, tmp
               for name, m in (("held", lm), ("rounded", rounded))}
     assert kl["held"] < 1.5 * kl["rounded"] + 1e-4, kl  # x goes into PyTorch's int4 kernel as bfloat16
     # an int5 / int8 mix: held as blocks, dequantized per call
-    path = hf_folder_to_gguf(hf_models["llama"], tmp_path / "m.gguf", qtype=Q.Q5_1, overrides={"ffn_down.weight": Q.Q8_0})
+    path = hf_folder_to_gguf(hf_models["llama"], tmp_path / "m.gguf", qtype=Q.Q5_1,
+                             overrides={"ffn_down.weight": Q.Q8_0})
     mixed = ownlm.load(str(path), cache=False)
     assert all(b.attn.qkv.bits == 5 and b.attn.qkv.layout == "blocks" and b.mlp.down.bits == 8
                for b in mixed.model.layers)

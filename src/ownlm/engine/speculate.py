@@ -31,7 +31,7 @@ slot (engine/cpu_step.py); otherwise the projections, norms and MLPs take all ro
 (ownlm's CPU kernels give a row the same bits whatever the number of rows), and attention runs per
 row through the one-token path (the attention kernel, or the module's own one-token forward),
 writing the same keys and values. Where ownlm's
-CPU kernels compute (bfloat16, int4, int8 weights on a CPU: the default on x86) greedy output is
+CPU kernels compute (bfloat16 or quantized weights on a CPU: the default on x86) greedy output is
 therefore bit-identical to plain greedy decoding, asserted by tests/test_speculate.py and
 bench/speculate.py. Elsewhere (float32 weights through PyTorch's BLAS, CUDA, MPS) a matmul over
 several rows may sum in another order than over one, so the scores can differ in the last bits

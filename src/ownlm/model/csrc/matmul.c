@@ -44,31 +44,21 @@ static void quantize_rows(const float* x, int64_t M, int64_t K, int16_t* xq, flo
         }
 }
 
-/* Weight row n of a part: its packed values, float16 scales and offsets, high bits and int8
-   16-column scales (see qpart_t) */
-typedef struct {
-    const uint8_t* w;
-    const uint16_t* s;
-    const uint16_t* o;
-    const uint8_t* h;
-    const int8_t* u;
-    const int8_t* l;
-} wrow_t;
-
 /* The kinds of weight, each its own instantiation of the loops below: the bit widths 4, 5, 6, 8
    and NL4, 4-bit indices into a codebook of 16 int8 values (GGUF's IQ4_NL / IQ4_XS) */
 #define NL4 14
 static inline int kind_of(const qpart_t* p) { return p->l ? NL4 : (int)p->bits; }
 
-static inline __attribute__((always_inline)) wrow_t weight_row(const qpart_t* p, int64_t n, int64_t K, int bits) {
+/* Weight row n of a part (kind `bits`): the part's pointers moved to that row */
+static inline __attribute__((always_inline)) qpart_t weight_row(const qpart_t* p, int64_t n, int64_t K, int bits) {
     const int64_t G = K / 32;
-    wrow_t r;
+    qpart_t r = *p;
     r.w = p->w + n * (bits == 8 ? K : K / 2);
     r.s = p->s + n * G;
     r.o = p->o && (bits == 4 || bits == 5) ? p->o + n * G : 0;
     r.h = bits == 5 ? p->h + n * G * 4 : bits == 6 ? p->h + n * G * 8 : 0;
     r.u = bits == 6 ? p->u + n * 2 * G : 0;
-    r.l = p->l;
+    r.n = 1;
     return r;
 }
 
@@ -77,7 +67,7 @@ static inline __attribute__((always_inline)) wrow_t weight_row(const qpart_t* p,
    the offset term sum_g o[g] xs[r, g] (returned), 8 groups at a time. bits 4 / 5: w = q s + o
    (no offsets: o = -8 s / -16 s); bits 6: w = (q - 32) s u, no offset term; bits 8: w = q s. */
 static inline __attribute__((always_inline)) float row_factors(const float* xd, const float* xs, int64_t G,
-        wrow_t wr, int bits, float* sx) {
+        qpart_t wr, int bits, float* sx) {
     const int64_t G8 = G - G % 8;
     const float mid = bits == 5 ? -16.f : -8.f;
     v8f ov = v8f_zero();
@@ -163,7 +153,7 @@ static inline __attribute__((always_inline)) v8f group_step(v16h w0, v16h w1, v1
    offset term. Every output's arithmetic is the same whatever MB (a constant at each call), and
    the same as in ncols below, so its bits do not depend on the batch. */
 static inline __attribute__((always_inline)) void qrows(const int16_t* xq, const float* xd, const float* xs,
-        int64_t K, wrow_t wr, int bits, float* sx, float* out, const int MB) {
+        int64_t K, qpart_t wr, int bits, float* sx, float* out, const int MB) {
     const int64_t G = K / 32, F = G * FPG(bits);
     v8f acc[8];
     float oacc[8];
@@ -194,7 +184,7 @@ static inline __attribute__((always_inline)) void ncols(const int16_t* xq, const
         oacc[j] = row_factors(xd, xs, G, weight_row(p, n + j, K, bits), bits, sx + j * F);
         acc[j] = v8f_zero();
     }
-    const wrow_t first = weight_row(p, n, K, bits);  /* the NB rows follow it at fixed strides */
+    const qpart_t first = weight_row(p, n, K, bits);  /* the NB rows follow it at fixed strides */
     const int64_t gb = bits == 8 ? 32 : 16, rb = G * gb;  /* bytes per group and row of the main plane */
     const int64_t hr = G * (bits == 5 ? 4 : bits == 6 ? 8 : 0);  /* and per row of the high bits */
     for (int64_t g = 0; g < G; g++) {
@@ -238,7 +228,7 @@ static inline __attribute__((always_inline)) void gemm_range(const int16_t* xq, 
         int64_t c0, int ybf, const int B) {
     const int64_t G = K / 32;
     for (int64_t n = n0; n < n1; n++) {
-        const wrow_t wr = weight_row(p, n, K, B);
+        const qpart_t wr = weight_row(p, n, K, B);
         float out[8];
         for (int64_t m = m0; m < m1;) {
             const int64_t left = m1 - m;
