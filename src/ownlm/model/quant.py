@@ -199,11 +199,11 @@ def concat(parts: list[QuantWeight]) -> QuantWeight | QuantStack:
     """Stack weights along the output dimension (fused projections): one weight where the parts
     are of one width (symmetric int4 / int5 parts get their implicit offsets, exact in float16,
     where others have offsets), else a QuantStack of the runs of one width, each joined so."""
-    if len({p.kind for p in parts}) > 1 or any(p.lut is not None and not torch.equal(p.lut, parts[0].lut)
-                                               for p in parts):
-        runs = [list(run) for _, run in itertools.groupby(parts, key=lambda p: p.kind)]
-        if len(runs) == 1:  # one kind, different codebooks: each part on its own
-            runs = [[p] for p in parts]
+    def key(p: QuantWeight) -> tuple:  # what one kernel call can take: one kind, one codebook
+        return p.kind, None if p.lut is None else tuple(p.lut.tolist())
+
+    runs = [list(run) for _, run in itertools.groupby(parts, key=key)]
+    if len(runs) > 1:
         return QuantStack([run[0] if len(run) == 1 else concat(run) for run in runs])
     offsets = [p.offset for p in parts]
     if any(o is not None for o in offsets):
