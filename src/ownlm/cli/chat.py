@@ -540,6 +540,19 @@ class Chat:
         reply: list[str] = []
         stopped = False
         stream = None
+        # Ctrl-C raises KeyboardInterrupt wherever Python is; where that is a finalizer or a weakref
+        # callback (run by the garbage collector mid-answer) the exception is printed and dropped,
+        # and the answer would run on: the handler also leaves a mark, checked after each piece
+        pressed: list[bool] = []
+
+        def ctrl_c(signum, frame):
+            pressed.append(True)
+            raise KeyboardInterrupt
+
+        try:
+            previous, installed = signal.signal(signal.SIGINT, ctrl_c), True
+        except ValueError:  # not the main thread: Python's own handling
+            previous, installed = None, False
         try:
             ids = lm.encode(lm.chat_prompt(msgs))
             stream = lm.stream_ids(ids, **self.capper(lm, ids, self.sampling))
@@ -547,8 +560,13 @@ class Chat:
                 reply.append(piece)
                 wrap.feed(visible(piece) if tty else piece)
                 out.flush()
+                if pressed:
+                    raise KeyboardInterrupt
         except KeyboardInterrupt:
             stopped = True
+        finally:
+            if installed:
+                signal.signal(signal.SIGINT, previous if previous is not None else signal.default_int_handler)
         wrap.finish()
         out.write("\n")
         out.flush()
