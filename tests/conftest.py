@@ -24,6 +24,9 @@ KERNELS_POSSIBLE = bool(sys.platform.startswith("linux") and shutil.which(os.env
                         and cpu.x86_avx2())
 if KERNELS_POSSIBLE:
     os.environ.setdefault("OWNLM_KERNELS", "1")
+elif os.environ.get("OWNLM_REQUIRE_KERNELS"):  # CI: the kernel tests may not skip there
+    raise pytest.UsageError("OWNLM_REQUIRE_KERNELS is set, but this machine cannot build ownlm's kernels "
+                            "(x86-64 Linux with AVX2 and a C compiler): their tests would skip")
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 CHATML = ("{% for message in messages %}"
           "{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}"
