@@ -40,8 +40,35 @@ def act_mul(h: torch.Tensor, act: int) -> torch.Tensor:
     """act(gate) * up for h = [gate | up] on the last dimension (act: 0 SiLU, 1 GeLU tanh)."""
     if kernels.usable(h):
         return kernels.act_mul(h, act)
+    if torch.is_grad_enabled() and h.requires_grad:
+        return _ActMul.apply(h, act)
     gate, up = h.chunk(2, dim=-1)
     return ACTIVATIONS[act](gate) * up
+
+
+class _ActMul(torch.autograd.Function):
+    """act(gate) * up in training, keeping only h for backward: autograd's own graph would also
+    keep act(gate), a third more of the MLP's saved activations. Backward recomputes act(gate)
+    (one elementwise pass) and computes what autograd would, op for op, so the gradients are the
+    same bits."""
+
+    @staticmethod
+    def forward(ctx, h: torch.Tensor, act: int) -> torch.Tensor:
+        ctx.act = act
+        ctx.save_for_backward(h)
+        gate, up = h.chunk(2, dim=-1)
+        return ACTIVATIONS[act](gate) * up
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor):
+        (h,) = ctx.saved_tensors
+        gate, up = h.chunk(2, dim=-1)
+        d_gate = g * up
+        if ctx.act == 0:
+            d_gate = torch.ops.aten.silu_backward(d_gate, gate)
+        else:
+            d_gate = torch.ops.aten.gelu_backward(d_gate, gate, approximate="tanh")
+        return torch.cat([d_gate, g * ACTIVATIONS[ctx.act](gate)], dim=-1), None
 
 
 def attend_decode(qkv: torch.Tensor, n_heads: int, n_kv: int, head_dim: int, cos: torch.Tensor | None,

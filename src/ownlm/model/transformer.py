@@ -131,6 +131,8 @@ class Attention(nn.Module):
         q = q.reshape(B, T, self.n_heads, self.hd).transpose(1, 2)  # (B, H, T, D)
         k = k.reshape(B, T, self.n_kv, self.hd).transpose(1, 2)  # (B, Hkv, T, D)
         v = v.reshape(B, T, self.n_kv, self.hd).transpose(1, 2)  # (B, Hkv, T, D)
+        if v.requires_grad and torch.is_grad_enabled():  # attention keeps v for backward: as a view
+            v = v.contiguous()  # of qkv it would keep all of qkv alive
         if cos is not None:  # None: positions come from an ALiBi bias in the mask
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:

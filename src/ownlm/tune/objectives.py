@@ -33,6 +33,32 @@ def sequence_logps(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.T
     return (picked * sel).sum(-1), sel.sum(-1)
 
 
+def target_logps(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """log p(target) per row from logits (N, V) and targets (N,), holding one (N, V) buffer for
+    backward: log_softmax then gather would keep the log-probabilities, then make a gradient for
+    each of them (three at once, the largest buffers of a training step with a large vocabulary)."""
+    return _TargetLogp.apply(logits, targets)
+
+
+class _TargetLogp(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        x = logits.float()
+        lse = torch.logsumexp(x, dim=-1)
+        ctx.save_for_backward(x, targets, lse)
+        ctx.dtype = logits.dtype
+        return x.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - lse
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor):
+        x, targets, lse = ctx.saved_tensors
+        # d log p(t) / dx = onehot(t) - softmax(x), written over the saved logits: the caller's
+        # logits are dead by now (the output head's backward needs its input, not its output)
+        grad = x.sub_(lse.unsqueeze(-1)).exp_().mul_(-g.unsqueeze(-1))
+        grad.scatter_add_(-1, targets.unsqueeze(-1), g.unsqueeze(-1))
+        return grad.to(ctx.dtype), None
+
+
 def dpo(pc: torch.Tensor, pr: torch.Tensor, rc: torch.Tensor, rr: torch.Tensor, beta: float = 0.1,
         label_smoothing: float = 0.0) -> torch.Tensor:
     z = beta * ((pc - rc) - (pr - rr))

@@ -21,7 +21,6 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
-import torch.nn.functional as F
 
 from ..errors import BadRequest
 from ..model import adapters, cpu
@@ -216,8 +215,7 @@ def sequence_logps(model: Transformer, rows: list[Row], device: torch.device,
     with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
         h = model(tokens, pos, segments=seg, head=False)
         sel = targets != -100
-        logits = model.head(h[sel])
-    logp = torch.log_softmax(logits.float(), dim=-1).gather(-1, targets[sel].unsqueeze(-1)).squeeze(-1)
+        logp = objectives.target_logps(model.head(h[sel]), targets[sel])
     which = torch.arange(len(rows), device=device).unsqueeze(1).expand_as(sel)[sel]
     sums = torch.zeros(len(rows), device=device, dtype=logp.dtype).index_add(0, which, logp)
     return sums, sel.sum(-1)
@@ -358,9 +356,8 @@ def batch_loss(model: Transformer, rows: list[Row], device: torch.device,
     with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
         h = model(tokens, pos, segments=seg, head=False)
         sel = targets != -100
-        logits = model.head(h[sel])
-    n = int(sel.sum())
-    return F.cross_entropy(logits.float(), targets[sel], reduction="sum"), n
+        logp = objectives.target_logps(model.head(h[sel]), targets[sel])
+    return -logp.sum(), int(sel.sum())
 
 
 @dataclass

@@ -1,0 +1,78 @@
+"""What a training forward keeps for backward: the gated MLP keeps [gate | up] and not act(gate),
+attention does not keep all of the fused qkv projection alive through a view of v, and the
+output head's target log-probabilities hold one logits-sized buffer. Each change keeps autograd's
+results: the MLP's gradients bit for bit, the head's to float32 rounding."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from ownlm.model import ops
+from ownlm.model.config import ModelConfig
+from ownlm.model.transformer import Transformer
+from ownlm.tune.objectives import target_logps
+
+
+@pytest.mark.parametrize("act", [0, 1])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_gated_activation_gives_autograds_values_and_gradients(act, dtype):
+    g = torch.Generator().manual_seed(act)
+    h = torch.randn(3, 7, 64, generator=g).to(dtype).requires_grad_()
+    grad = torch.randn(3, 7, 32, generator=g).to(dtype)
+    y = ops.act_mul(h, act)
+    y.backward(grad)
+    mine, h.grad = h.grad, None
+    gate, up = h.chunk(2, dim=-1)
+    want = ops.ACTIVATIONS[act](gate) * up  # autograd's own graph
+    want.backward(grad)
+    assert y.grad_fn is not None and type(y.grad_fn) is not type(want.grad_fn)  # the lean function ran
+    assert torch.equal(y, want) and torch.equal(mine, h.grad)
+
+
+def saved_storages(fn) -> list[tuple[int, tuple[int, ...]]]:
+    """(storage bytes, shape) of every tensor autograd saves while fn runs."""
+    seen = []
+
+    def pack(t):
+        seen.append((t.untyped_storage().nbytes(), tuple(t.shape)))
+        return t
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return seen
+
+
+def test_a_training_forward_keeps_neither_act_gate_nor_all_of_qkv():
+    cfg = ModelConfig("llama", vocab_size=97, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=16, ffn_dim=96)
+    torch.manual_seed(0)
+    model = Transformer(cfg).float().train()
+    B, T = 2, 12
+    tokens = torch.randint(0, cfg.vocab_size, (B, T))
+    saved = saved_storages(lambda: model(tokens).sum())
+    f32 = 4
+    qkv_bytes = B * T * (cfg.n_heads + 2 * cfg.n_kv_heads) * cfg.head_dim * f32
+    ffn_bytes = B * T * cfg.ffn_dim * f32
+    assert saved, "nothing was saved: the forward did not build a graph"
+    assert not [s for s in saved if s[0] == qkv_bytes], "a saved tensor keeps the fused qkv output alive"
+    # per layer: [gate | up] (2 ffn) and the down projection's input act(gate) * up (1 ffn); no act(gate)
+    ffn_sized = sorted(s[0] // ffn_bytes for s in saved if s[0] in (ffn_bytes, 2 * ffn_bytes))
+    assert ffn_sized == [1] * cfg.n_layers + [2] * cfg.n_layers
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_target_log_probabilities_equal_log_softmax_and_hold_one_buffer(dtype):
+    g = torch.Generator().manual_seed(1)
+    logits = (torch.randn(37, 1000, generator=g) * 4).to(dtype).requires_grad_()
+    targets = torch.randint(0, 1000, (37,), generator=g)
+    grad = torch.randn(37, generator=g)
+    saved = saved_storages(lambda: target_logps(logits * 1, targets).backward(grad))
+    mine, logits.grad = logits.grad, None
+    want = torch.log_softmax((logits * 1).float(), -1).gather(-1, targets[:, None]).squeeze(-1)
+    want.backward(grad)
+    got = target_logps(logits * 1, targets)
+    assert got.dtype == torch.float32 and mine.dtype == dtype
+    torch.testing.assert_close(got, want.detach(), rtol=0, atol=4e-6)
+    tol = 1e-6 if dtype == torch.float32 else 8e-3  # a bfloat16 gradient is rounded to bfloat16
+    torch.testing.assert_close(mine.float(), logits.grad.float(), rtol=0, atol=tol)
+    # the buffers autograd keeps: one (37, 1000) float32 (the logits), beside the small ones
+    assert sorted(s for s, _ in saved if s >= 37 * 1000 * 2) == [37 * 1000 * 4]
