@@ -109,6 +109,10 @@ static inline __attribute__((always_inline)) void unpack_group(const uint8_t* w,
         return;
     }
     const b16 b = b16_load(w + g * 16);
+    if (bits == 4) {
+        v16h_nibbles(b, w0, w1);
+        return;
+    }
     b16 lo = b16_shr_and(b, 0, 0x0F), hi = b16_shr_and(b, 4, 0x0F);
     if (bits == NL4) {  /* the codebook's int8 values */
         const b16 table = b16_load((const uint8_t*)l);
@@ -172,6 +176,35 @@ static inline __attribute__((always_inline)) void qrows(const int16_t* xq, const
     for (int r = 0; r < MB; r++) out[r] = v8f_hsum(acc[r]) + oacc[r];
 }
 
+/* Two weight rows against MB activation rows: qrows' arithmetic for each of the 2 MB outputs,
+   with the weights unpacked once and each activation block loaded once for both rows */
+static inline __attribute__((always_inline)) void qtile(const int16_t* xq, const float* xd, const float* xs,
+        int64_t K, qpart_t wa, qpart_t wb, int bits, float* sx, float* out, const int MB) {
+    const int64_t G = K / 32, F = G * FPG(bits);
+    v8f acc[2][4];
+    float oacc[2][4];
+    for (int r = 0; r < MB; r++) {
+        oacc[0][r] = row_factors(xd + r * G, xs + r * G, G, wa, bits, sx + r * F);
+        oacc[1][r] = row_factors(xd + r * G, xs + r * G, G, wb, bits, sx + (MB + r) * F);
+        acc[0][r] = acc[1][r] = v8f_zero();
+    }
+    for (int64_t g = 0; g < G; g++) {
+        v16h a0, a1, b0, b1;
+        unpack_group(wa.w, wa.h, wa.l, g, bits, &a0, &a1);
+        unpack_group(wb.w, wb.h, wb.l, g, bits, &b0, &b1);
+        for (int r = 0; r < MB; r++) {
+            const int16_t* xr = xq + r * K + g * 32;
+            const v16h x0 = v16h_load(xr), x1 = v16h_load(xr + 16);
+            acc[0][r] = group_step(a0, a1, x0, x1, sx + r * F + g * FPG(bits), bits, acc[0][r]);
+            acc[1][r] = group_step(b0, b1, x0, x1, sx + (MB + r) * F + g * FPG(bits), bits, acc[1][r]);
+        }
+    }
+    for (int r = 0; r < MB; r++) {
+        out[r] = v8f_hsum(acc[0][r]) + oacc[0][r];
+        out[MB + r] = v8f_hsum(acc[1][r]) + oacc[1][r];
+    }
+}
+
 /* One activation row against NB consecutive weight rows from row n: the same arithmetic per
    output as qrows, with NB independent accumulation chains in flight (one chain alone waits on
    each multiply-add's latency) and the activations loaded once for all of them. */
@@ -221,8 +254,9 @@ static inline __attribute__((always_inline)) void gemv_range(const int16_t* xq, 
     }
 }
 
-/* Rows m0 .. m1 - 1 of x against weight rows n0 .. n1 - 1 of part p, 8, 4, 2 or 1 rows at a time,
-   into y (N columns) at columns c0 + n; B the part's kind */
+/* Rows m0 .. m1 - 1 of x against weight rows n0 .. n1 - 1 of part p, into y (N columns) at columns
+   c0 + n: two weight rows against 4 activation rows at a time where there are (each activation
+   block loaded once for both), else one weight row against 8, 4, 2 or 1; B the part's kind */
 static inline __attribute__((always_inline)) void gemm_range(const int16_t* xq, const float* xd, const float* xs,
         int64_t K, const qpart_t* p, int64_t n0, int64_t n1, int64_t m0, int64_t m1, float* sx, void* y, int64_t N,
         int64_t c0, int ybf, const int B) {
@@ -230,6 +264,25 @@ static inline __attribute__((always_inline)) void gemm_range(const int16_t* xq, 
     for (int64_t n = n0; n < n1; n++) {
         const qpart_t wr = weight_row(p, n, K, B);
         float out[8];
+        if (n + 1 < n1 && m1 - m0 >= 4) {  /* two weight rows at a time, 4 activation rows each */
+            const qpart_t wb = weight_row(p, n + 1, K, B);
+            int64_t m = m0;
+            for (; m + 4 <= m1; m += 4) {
+                qtile(xq + m * K, xd + m * G, xs + m * G, K, wr, wb, B, sx, out, 4);
+                for (int r = 0; r < 4; r++) {
+                    store(y, (m + r) * N + c0 + n, out[r], ybf);
+                    store(y, (m + r) * N + c0 + n + 1, out[4 + r], ybf);
+                }
+            }
+            for (; m < m1; m++) {
+                qrows(xq + m * K, xd + m * G, xs + m * G, K, wr, B, sx, out, 1);
+                qrows(xq + m * K, xd + m * G, xs + m * G, K, wb, B, sx, out + 1, 1);
+                store(y, m * N + c0 + n, out[0], ybf);
+                store(y, m * N + c0 + n + 1, out[1], ybf);
+            }
+            n++;
+            continue;
+        }
         for (int64_t m = m0; m < m1;) {
             const int64_t left = m1 - m;
             const int16_t* xr = xq + m * K;
@@ -264,8 +317,8 @@ KIND_LOOPS(NL4)
 
 /* y (M, N) = x (M, K) @ W.T for a weight of group-wise integer parts (N the sum of their rows;
    each part's outputs in its columns). One row (a decode step): weight rows 4 at a time. More
-   rows: in tiles of 64 (their int16 copy stays in cache), 8 at a time against each weight row,
-   so a weight row is read once per 8 rows. Each thread takes a contiguous share of the weight
+   rows: in tiles of 64 (their int16 copy stays in cache), two weight rows against 4 rows at a
+   time (gemm_range). Each thread takes a contiguous share of the weight
    rows (every output is computed alone, so the split does not change its bits). */
 int quant_gemm(const void* xin, int xbf, int64_t M, int64_t K, const qpart_t* parts, int64_t nparts, void* y,
                int ybf) {

@@ -65,6 +65,12 @@ static inline v16h v16h_from_u8(b16 a) { return _mm256_cvtepu8_epi16(a); }
 static inline v16h v16h_from_i8(const int8_t* p) { return _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i*)p)); }
 static inline v16h v16h_from_s8(b16 a) { return _mm256_cvtepi8_epi16(a); }
 static inline v16h v16h_sub(v16h a, int16_t b) { return _mm256_sub_epi16(a, _mm256_set1_epi16(b)); }
+/* the 16 low nibbles of a's bytes, then the 16 high ones, as int16 (one widening, then lane ops) */
+static inline void v16h_nibbles(b16 a, v16h* lo, v16h* hi) {
+    const __m256i v = _mm256_cvtepu8_epi16(a);
+    *lo = _mm256_and_si256(v, _mm256_set1_epi16(0x0F));
+    *hi = _mm256_srli_epi16(v, 4);
+}
 
 static inline b16 b16_load(const uint8_t* p) { return _mm_loadu_si128((const __m128i*)p); }
 static inline b16 b16_or(b16 a, b16 b) { return _mm_or_si128(a, b); }
@@ -172,6 +178,10 @@ static inline v16h v16h_from_s8(b16 a) {
 static inline v16h v16h_sub(v16h a, int16_t b) {
     v16h r = {vsubq_s16(a.lo, vdupq_n_s16(b)), vsubq_s16(a.hi, vdupq_n_s16(b))};
     return r;
+}
+static inline void v16h_nibbles(b16 a, v16h* lo, v16h* hi) {
+    *lo = v16h_from_u8(vandq_u8(a, vdupq_n_u8(0x0F)));
+    *hi = v16h_from_u8(vshrq_n_u8(a, 4));
 }
 
 static inline b16 b16_load(const uint8_t* p) { return vld1q_u8(p); }
