@@ -304,6 +304,20 @@ def test_builtin_rewards_on_concrete_strings():
     assert length("", "x" * 25, {}) == 0.0
 
 
+def test_the_example_rewards_load_as_a_user_gives_them_and_score_as_documented():
+    root = Path(__file__).resolve().parents[1] / "examples" / "grpo" / "reward.py"
+    by = {r.name: r for r in rewards.parse([f"{root}:number_only", f"{root}:right_number=0.5"])}
+    number_only, right = by["reward.py:number_only"], by["reward.py:right_number"]
+    assert right.weight == 0.5
+    row = {"answer": "52"}
+    assert [number_only.fn("", text, row) for text in ("52", "7", "18 + 34 = 52", "no idea")] == [1.0, 0.5, 0.25, 0.0]
+    # right_number: only the right number scores; inside a longer answer, more for a shorter one
+    assert right.fn("", " 52\n", row) == 1.0 and right.fn("", "7", row) == 0.0 and right.fn("", "1", row) == 0.0
+    short, long = right.fn("", "18 + 34 = 52", row), right.fn("", "The sum of 18 and 34 is 52, as you can check.", row)
+    assert short == pytest.approx(0.5 * (1 - 12 / 48)) and 0 < long < short
+    assert right.fn("", "18 + 34 = 520", row) == 0.0  # a number is matched whole
+
+
 def test_bad_reward_specs_are_clear(tmp_path):
     (tmp_path / "r.py").write_text("def two(prompt, completion):\n    return 1.0\nx = 3\n")
     cases = {"nosuch": "neither a built-in reward nor MODULE:FUNCTION",

@@ -19,3 +19,15 @@ def number_only(prompt: str, completion: str, row: dict) -> float:
         found = NUMBER.findall(text)  # a number somewhere in a sentence: a little credit
         return 0.25 if found and found[-1] == row["answer"] else 0.0
     return 1.0 if text == row["answer"] else 0.5
+
+
+def right_number(prompt: str, completion: str, row: dict) -> float:
+    """Credit for the right number only: 1 for it alone, and where it appears in a longer answer
+    up to 0.5, more the shorter the answer, so brevity is learned from right answers. (A reward
+    for any bare number taught smollm2 to answer "1" to everything.)"""
+    text = completion.strip()
+    if text == row["answer"]:
+        return 1.0
+    if row["answer"] not in NUMBER.findall(text):
+        return 0.0
+    return 0.5 * max(0.1, 1.0 - len(text) / 48)
