@@ -5,16 +5,12 @@ bfloat16 compute on the same blocks. bench/fidelity.py measures the same against
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
 
 import ownlm
 from ownlm.model.linear import QuantEmbedding, QuantLinear, fast_quant
 
-from .test_quant import PROMPTS
-
-ROOT = Path(__file__).resolve().parents[1]
+from .test_quant import PROMPTS, prose_kl
 
 
 def test_default_answers_as_the_float32_dequantized_model(smollm2_gguf):
@@ -25,12 +21,7 @@ def test_default_answers_as_the_float32_dequantized_model(smollm2_gguf):
         assert default.model.dtype == torch.float32
         assert isinstance(default.model.embed, QuantEmbedding)
         assert all(isinstance(b.attn.qkv, QuantLinear) for b in default.model.layers)
-    text = (ROOT / "src/ownlm/evaluate/data/prose.txt").read_text()[:2000]
-    ids = torch.tensor([exact.encode(text)[:300]])
-    with torch.inference_mode():
-        ref = exact.model(ids).log_softmax(-1)
-        kl = {name: (ref.exp() * (ref - lm.model(ids).float().log_softmax(-1))).sum(-1).mean().item()
-              for name, lm in (("default", default), ("bf16", bf16))}
+    kl = prose_kl(exact, {"default": default, "bf16": bf16})
     if default.model.dtype == torch.float32:
         # bench/fidelity.py (400 tokens): default 2.5e-7, bfloat16 compute 6.7e-4
         assert kl["default"] < 1e-5 and kl["default"] < kl["bf16"] / 10, kl

@@ -203,6 +203,17 @@ def test_quant_linear_without_kernels_and_in_training(monkeypatch):
     torch.testing.assert_close(xg.grad, x2.grad, atol=1e-4, rtol=1e-4)
 
 
+def prose_kl(exact, models: dict) -> dict[str, float]:
+    """Mean KL(exact || model) per position over the first 300 tokens of the shipped prose, for
+    each named model (next-token distributions in float32)."""
+    text = (ROOT / "src/ownlm/evaluate/data/prose.txt").read_text()[:2000]
+    ids = torch.tensor([exact.encode(text)[:300]])
+    with torch.inference_mode():
+        b = exact.model(ids).log_softmax(-1)
+        return {name: (b.exp() * (b - m.model(ids).float().log_softmax(-1))).sum(-1).mean().item()
+                for name, m in models.items()}
+
+
 def test_smollm2_keeps_its_blocks_and_equals_the_dequantized_model(smollm2_gguf):
     """Q4_1 layers and the Q8_0 embedding/head stay in their bytes. In float32 the quantized model
     gives the dequantized model's logits and greedy answers; in bfloat16 it departs from them no
@@ -218,12 +229,7 @@ def test_smollm2_keeps_its_blocks_and_equals_the_dequantized_model(smollm2_gguf)
     assert len(quantized) == 1 + 4 * fast.config.n_layers
     held = sum(t.numel() * t.element_size() for m in quantized.values() for t in m.buffers())
     assert held == sum(t.nbytes for t in g.tensors.values() if t.qtype in (Q.Q4_1, Q.Q8_0))
-    text = (ROOT / "src/ownlm/evaluate/data/prose.txt").read_text()[:2000]
-    ids = torch.tensor([exact.encode(text)[:300]])
-    with torch.inference_mode():
-        b = exact.model(ids).log_softmax(-1)
-        kl = {name: (b.exp() * (b - lm.model(ids).float().log_softmax(-1))).sum(-1).mean().item()
-              for name, lm in (("f32", f32), ("fast", fast), ("rounded", rounded))}
+    kl = prose_kl(exact, {"f32": f32, "fast": fast, "rounded": rounded})
     assert kl["f32"] < 1e-5 and kl["fast"] < 1.5 * kl["rounded"] + 1e-4, kl
     for prompt in PROMPTS:
         msgs = [{"role": "user", "content": prompt}]
@@ -280,12 +286,7 @@ def test_cuda_build_holds_the_int4_linears_for_pytorchs_int4_kernel(smollm2_gguf
     linears = [m for m in lm.model.modules() if isinstance(m, QuantLinear)]
     assert len(linears) == 4 * lm.config.n_layers and all(m.layout == "tinygemm" for m in linears)
     assert lm.model.embed.weight.dtype == torch.bfloat16
-    text = (ROOT / "src/ownlm/evaluate/data/prose.txt").read_text()[:2000]
-    ids = torch.tensor([exact.encode(text)[:300]])
-    with torch.inference_mode():
-        b = exact.model(ids).log_softmax(-1)
-        kl = {name: (b.exp() * (b - m.model(ids).float().log_softmax(-1))).sum(-1).mean().item()
-              for name, m in (("int4", lm), ("rounded", rounded))}
+    kl = prose_kl(exact, {"int4": lm, "rounded": rounded})
     assert kl["int4"] < 1.5 * kl["rounded"] + 1e-4, kl
     msgs = [{"role": "user", "content": PROMPTS[0]}]  # decoding through the KV cache (no one-call step)
     assert lm.chat(msgs, max_tokens=16, temperature=0).text == exact.chat(msgs, max_tokens=16, temperature=0).text
@@ -307,13 +308,8 @@ def test_without_the_kernels_weights_stay_quantized(smollm2_gguf, hf_models, tmp
     assert held <= 1.01 * sum(t.nbytes for t in g.tensors.values() if t.qtype in (Q.Q4_1, Q.Q8_0))
     dense = sum(p.numel() * p.element_size() for p in lm.model.parameters())  # the norms only
     assert dense < 0.01 * held
-    text = (ROOT / "src/ownlm/evaluate/data/prose.txt").read_text()[:2000]
-    ids = torch.tensor([exact.encode(text)[:300]])
     rounded = ownlm.load(str(smollm2_gguf), dtype="bfloat16", quant="none", cache=False)
-    with torch.inference_mode():
-        b = exact.model(ids).log_softmax(-1)
-        kl = {name: (b.exp() * (b - m.model(ids).float().log_softmax(-1))).sum(-1).mean().item()
-              for name, m in (("held", lm), ("rounded", rounded))}
+    kl = prose_kl(exact, {"held": lm, "rounded": rounded})
     assert kl["held"] < 1.5 * kl["rounded"] + 1e-4, kl  # x goes into PyTorch's int4 kernel as bfloat16
     # an int5 / int8 mix: held as blocks, dequantized per call
     path = hf_folder_to_gguf(hf_models["llama"], tmp_path / "m.gguf", qtype=Q.Q5_1,
