@@ -76,3 +76,37 @@ def test_target_log_probabilities_equal_log_softmax_and_hold_one_buffer(dtype):
     torch.testing.assert_close(mine.float(), logits.grad.float(), rtol=0, atol=tol)
     # the buffers autograd keeps: one (37, 1000) float32 (the logits), beside the small ones
     assert sorted(s for s, _ in saved if s >= 37 * 1000 * 2) == [37 * 1000 * 4]
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_grpo_token_log_probabilities_hold_one_vocabulary_sized_buffer(temperature):
+    from ownlm.tune.data import Row
+    from ownlm.tune.grpo import token_logps
+
+    V = 1000
+    cfg = ModelConfig("llama", vocab_size=V, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=16, ffn_dim=96)
+    torch.manual_seed(2)
+    model = Transformer(cfg).float().train()
+    g = torch.Generator().manual_seed(3)
+    rows = []
+    for p, c in ((5, 4), (3, 7)):  # prompt and completion lengths
+        ids = torch.randint(0, V, (p + c,), generator=g).tolist()
+        rows.append(Row(ids, [False] * p + [True] * c, list(range(p + c)), [0] * (p + c)))
+    out = {}
+
+    def run():
+        out["logp"], out["which"] = token_logps(model, rows, torch.device("cpu"), None, temperature)
+        out["logp"].sum().backward()
+    saved = saved_storages(run)
+    n = 4 + 7  # every completion token is a target (the first one predicted by the prompt's last)
+    # the direct computation: log_softmax of the whole sequence's logits at the completion's targets
+    want = []
+    for r in rows:
+        with torch.no_grad():
+            logits = model(torch.tensor([r.ids]))[0].double() / temperature
+        lp = torch.log_softmax(logits, -1)
+        want += [lp[t, r.ids[t + 1]].item() for t in range(len(r.ids) - 1) if r.mask[t + 1]]
+    assert out["logp"].shape == (n,) and out["which"].tolist() == [0] * 4 + [1] * 7
+    torch.testing.assert_close(out["logp"].double(), torch.tensor(want, dtype=torch.float64), rtol=0, atol=2e-5)
+    # the (targets, V) tensors autograd keeps: one float32 buffer (log_softmax kept a second)
+    assert [s for s, shape in saved if shape == (n, V)] == [n * V * 4]

@@ -189,13 +189,15 @@ def rows_of(prompts: Sequence[Prompt], completions: Sequence[Sequence[int]], gro
 def token_logps(model: torch.nn.Module, rows: list[Row], device: torch.device, amp: torch.dtype | None,
                 temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
     """(log p of every target token, row by row in order, of the logits divided by the sampling
-    temperature as TRL does; the row each belongs to), all rows in one forward."""
+    temperature as TRL does; the row each belongs to), all rows in one forward. One (tokens,
+    vocabulary) buffer is kept for backward (objectives.target_logps)."""
     tokens, targets, pos, seg = (t.to(device) for t in collate(rows))
     with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
         h = model(tokens, pos, segments=seg, head=False)
         sel = targets != -100
         logits = model.head(h[sel])  # (targets, V): the head only where a completion token is predicted
-    logp = torch.log_softmax(logits.float() / temperature, dim=-1).gather(-1, targets[sel].unsqueeze(-1)).squeeze(-1)
+    x = logits.float()
+    logp = objectives.target_logps(x if temperature == 1.0 else x / temperature, targets[sel])
     which = torch.arange(len(rows), device=device).unsqueeze(1).expand_as(sel)[sel]
     return logp, which
 
