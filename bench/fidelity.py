@@ -11,7 +11,8 @@ fallback types (Q5_0 / Q8_0 here) in the K files: each model's `mix` lists what 
 For each file, on the same ~400 tokens of prose: the reference is ownlm's float32 model of the
 file's dequantized weights (quant none); the mean over positions of KL(reference || x) for
 x = ownlm's default (`ownlm.load(path)`), ownlm computing in float32 and in bfloat16 with the
-weights held quantized (quant auto), and llama.cpp (llama-cpp-python, logits_all, the same token
+weights held quantized (quant auto), each through its KV cache as generation computes (the
+default's float16, --dtype float32's float32), and llama.cpp (llama-cpp-python, logits_all, the same token
 ids, in a child process of the Python that has it: bench/.llama-env); plus whether each one's
 greedy answers to tests/test_quant.py's three prompts (chat template, 24 tokens) equal the
 reference's. Last, greedy decode tokens/s of ownlm's default and of bfloat16 compute on smollm2.
@@ -107,6 +108,18 @@ def make_ggufs(src: Path, py: str) -> dict[str, Path]:
     return files
 
 
+def through_cache(model, ids: list[int]):
+    """Logits as generation computes them: keys and values written to and read from a KV cache
+    of the model's cache dtype (float16 under the CPU default; llama.cpp's is float16 too)."""
+    import torch
+
+    from ownlm.engine.kv_cache import KVCache
+
+    cache = KVCache.for_model(model, 1, len(ids))
+    cache.length = len(ids)
+    return model(torch.tensor([ids]), cache=cache)[0]
+
+
 def mean_kl(ref, logits) -> float:
     """Mean over positions of KL(ref || x), both as log-probabilities in float32."""
     x = logits.float().log_softmax(-1)
@@ -141,7 +154,7 @@ def measure(path: Path, py: str, n_tokens: int, threads: int, gen: int) -> dict:
     for name, kw in variants.items():
         lm = ownlm.load(str(path), cache=False, **kw)
         with torch.inference_mode():
-            row["kl"][name] = mean_kl(ref, lm.model(torch.tensor([ids]))[0])
+            row["kl"][name] = mean_kl(ref, through_cache(lm.model, ids))
         got = [lm.chat(m, max_tokens=gen, temperature=0).token_ids for m in msgs]
         row["greedy_equal"][name] = [g == w for g, w in zip(got, want)]
         row["dtype"][name] = str(lm.model.dtype).removeprefix("torch.")

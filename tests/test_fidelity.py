@@ -1,13 +1,15 @@
 """The default mode's fidelity to the file's float32 dequantized model (issue 17): on a CPU with
 ownlm's kernels the default computes in float32 with the GGUF's blocks held quantized, so it
 answers smollm2's fixed prompts as the float32 reference does and departs from it less than
-bfloat16 compute on the same blocks. bench/fidelity.py measures the same against llama.cpp."""
+bfloat16 compute on the same blocks, also through its float16 KV cache. bench/fidelity.py
+measures the same against llama.cpp."""
 
 from __future__ import annotations
 
 import torch
 
 import ownlm
+from ownlm.engine.kv_cache import cache_dtype
 from ownlm.model.linear import QuantEmbedding, QuantLinear, fast_quant
 
 from .test_quant import PROMPTS, prose_kl
@@ -25,6 +27,11 @@ def test_default_answers_as_the_float32_dequantized_model(smollm2_gguf):
     if default.model.dtype == torch.float32:
         # bench/fidelity.py (400 tokens): default 2.5e-7, bfloat16 compute 6.7e-4
         assert kl["default"] < 1e-5 and kl["default"] < kl["bf16"] / 10, kl
+        # as generation computes: keys and values in the default's float16 cache (the reference's
+        # float32, its dtype asked for), the same bound; a bfloat16 cache measured 3e-5
+        assert cache_dtype(default.model) == torch.float16 and cache_dtype(exact.model) == torch.float32
+        cached = prose_kl(exact, {"default": default}, through_cache=True)
+        assert cached["default"] < 1e-5, cached
     for prompt in PROMPTS:
         msgs = [{"role": "user", "content": prompt}]
         want = exact.chat(msgs, max_tokens=24, temperature=0)

@@ -203,14 +203,23 @@ def test_quant_linear_without_kernels_and_in_training(monkeypatch):
     torch.testing.assert_close(xg.grad, x2.grad, atol=1e-4, rtol=1e-4)
 
 
-def prose_kl(exact, models: dict) -> dict[str, float]:
+def prose_kl(exact, models: dict, through_cache: bool = False) -> dict[str, float]:
     """Mean KL(exact || model) per position over the first 300 tokens of the shipped prose, for
-    each named model (next-token distributions in float32)."""
+    each named model (next-token distributions in float32). through_cache: each model's logits
+    computed as generation computes them, its keys and values written to and read from a KV
+    cache of its own dtype (the reference's never)."""
     text = (ROOT / "src/ownlm/evaluate/data/prose.txt").read_text()[:2000]
     ids = torch.tensor([exact.encode(text)[:300]])
+
+    def logits(m):
+        if not through_cache:
+            return m.model(ids)
+        cache = KVCache.for_model(m.model, 1, ids.shape[1])
+        cache.length = ids.shape[1]
+        return m.model(ids, cache=cache)
     with torch.inference_mode():
         b = exact.model(ids).log_softmax(-1)
-        return {name: (b.exp() * (b - m.model(ids).float().log_softmax(-1))).sum(-1).mean().item()
+        return {name: (b.exp() * (b - logits(m).float().log_softmax(-1))).sum(-1).mean().item()
                 for name, m in models.items()}
 
 

@@ -168,6 +168,6 @@ class CpuDecode:
         h, hkv, d = plan.shape
         kernels.check_attention(x.shape[0], h, hkv, d, rotations[0], k0, v0, slots, at, 0)
         x = x.reshape(x.shape[0], -1).contiguous().clone()  # (B, C), updated in place
-        kernels.decode_layers(x, plan.layers, ks, vs, plan.shape, rotations, k0.dtype == torch.bfloat16, slots,
+        kernels.decode_layers(x, plan.layers, ks, vs, plan.shape, rotations, k0.dtype, slots,
                               k0.shape[2], at, plan.eps, plan.act)
         return model.finish(x[:, None])

@@ -338,6 +338,10 @@ def act_mul(x: torch.Tensor, act: int) -> torch.Tensor:
     return y
 
 
+# the key/value cache element types attend_decode takes, by its code for them (attention.c's CACHE_*)
+CACHE_TYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+
+
 def check_attention(batch: int, n_heads: int, n_kv: int, head_dim: int, rot: torch.Tensor, k_cache: torch.Tensor,
                     v_cache: torch.Tensor, slots: torch.Tensor, pos: torch.Tensor, window: int) -> None:
     """What attend_decode's C code relies on, for `batch` rows of one new token each, row b in
@@ -351,9 +355,9 @@ def check_attention(batch: int, n_heads: int, n_kv: int, head_dim: int, rot: tor
           and rot.is_contiguous(), "rotations must be contiguous (B, R) float32, R even and at most the head dim")
     shape = tuple(k_cache.shape)
     _need(k_cache.dim() == 4 and shape[1] == n_kv and shape[3] == head_dim and tuple(v_cache.shape) == shape
-          and k_cache.dtype == v_cache.dtype and k_cache.dtype in (torch.float32, torch.bfloat16)
+          and k_cache.dtype == v_cache.dtype and k_cache.dtype in CACHE_TYPES
           and k_cache.is_contiguous() and v_cache.is_contiguous() and k_cache.device.type == "cpu",
-          "the key and value caches must be contiguous (slots, Hkv, capacity, D) float32 or bfloat16")
+          "the key and value caches must be contiguous (slots, Hkv, capacity, D) float32, bfloat16 or float16")
     for t in (slots, pos):
         _need(t.dtype == torch.int64 and tuple(t.shape) == (batch,) and t.is_contiguous() and t.device.type == "cpu",
               "slots and pos must be (B,) int64")
@@ -369,7 +373,7 @@ def attend_decode(qkv: torch.Tensor, n_heads: int, n_kv: int, head_dim: int, cos
                   k_cache: torch.Tensor, v_cache: torch.Tensor, slots: torch.Tensor, pos: torch.Tensor,
                   window: int, scale: float) -> torch.Tensor:
     """One-token attention for B rows (see attention.c). qkv: (B, 1, (H + 2 Hkv) D); cos,
-    sin: (B, R) float32; caches (slots, Hkv, cap, D) float32 or bfloat16; slots, pos: (B,) int64
+    sin: (B, R) float32; caches (slots, Hkv, cap, D) float32, bfloat16 or float16; slots, pos: (B,) int64
     (row b's cache slot and position) -> (B, 1, H D) in qkv's dtype."""
     b = qkv.shape[0]
     qkv = qkv.contiguous()
@@ -381,13 +385,13 @@ def attend_decode(qkv: torch.Tensor, n_heads: int, n_kv: int, head_dim: int, cos
     out = qkv.new_empty(b, 1, n_heads * head_dim)
     _call(_lib.attend_decode(qkv.data_ptr(), qkv.dtype == torch.bfloat16, b, n_heads, n_kv, head_dim, cos.shape[-1],
                              cos.data_ptr(), sin.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(),
-                             k_cache.dtype == torch.bfloat16, slots.data_ptr(), k_cache.shape[2], pos.data_ptr(),
+                             CACHE_TYPES[k_cache.dtype], slots.data_ptr(), k_cache.shape[2], pos.data_ptr(),
                              window, scale, out.data_ptr()))
     return out
 
 
 def decode_layers(x: torch.Tensor, layers: ctypes.Array, keys: ctypes.Array, values: ctypes.Array, shape: tuple,
-                  rotations: tuple, cache_bf16: bool, slots: torch.Tensor, capacity: int, pos: torch.Tensor,
+                  rotations: tuple, cache_type: torch.dtype, slots: torch.Tensor, capacity: int, pos: torch.Tensor,
                   eps: float, act: int) -> None:
     """The whole decode step of len(layers) blocks, x (B, C) updated in place (see decode.c).
     The caller (engine/cpu_step.py) checked the layers when it built them, and the cache, slots
@@ -396,5 +400,5 @@ def decode_layers(x: torch.Tensor, layers: ctypes.Array, keys: ctypes.Array, val
     cos0, sin0, cos1, sin1 = rotations
     _call(_lib.decode_layers(x.data_ptr(), x.dtype == torch.bfloat16, x.shape[0], x.shape[-1], len(layers),
                              ctypes.byref(layers), keys, values, h, hkv, d, cos0.shape[-1], cos0.data_ptr(),
-                             sin0.data_ptr(), cos1.data_ptr(), sin1.data_ptr(), cache_bf16, slots.data_ptr(), capacity,
-                             pos.data_ptr(), eps, act))
+                             sin0.data_ptr(), cos1.data_ptr(), sin1.data_ptr(), CACHE_TYPES[cache_type],
+                             slots.data_ptr(), capacity, pos.data_ptr(), eps, act))

@@ -227,6 +227,7 @@ class Transformer(nn.Module):
         # bumped whenever modules are swapped (linear.replace) or a state dict is loaded: whatever
         # holds pointers into the model's tensors (engine/cpu_step.py) checks `structure`
         self.structure_version = 0
+        self.kv_dtype: torch.dtype | None = None  # the KV cache's dtype; None: kv_cache.cache_dtype's choice
         self.register_load_state_dict_post_hook(_loaded)
 
     def init_buffers(self, device: torch.device | str | None = None) -> None:

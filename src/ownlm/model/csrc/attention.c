@@ -43,17 +43,31 @@ static inline void rotate(const void* qkv, int64_t off, int bf, int64_t D, int64
     }
 }
 
-/* 8 floats from element i of a float32 or (cbf) bfloat16 array */
-static inline __m256 load8(const void* p, int64_t i, int cbf) {
-    if (!cbf) return _mm256_loadu_ps((const float*)p + i);
+/* the cache's element types (attend_decode's ct): float32, bfloat16, float16 */
+#define CACHE_F32 0
+#define CACHE_BF16 1
+#define CACHE_F16 2
+
+/* 8 floats from element i of a cache of type ct */
+static inline __m256 load8(const void* p, int64_t i, int ct) {
+    if (ct == CACHE_F32) return _mm256_loadu_ps((const float*)p + i);
     const __m128i h = _mm_loadu_si128((const __m128i*)((const uint16_t*)p + i));
+    if (ct == CACHE_F16) return _mm256_cvtph_ps(h);
     return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+}
+
+/* v into element i of a cache of type ct, rounded to nearest even (as PyTorch converts) */
+static inline void cache_store(void* p, int64_t i, float v, int ct) {
+    if (ct == CACHE_F16)
+        ((uint16_t*)p)[i] = _cvtss_sh(v, _MM_FROUND_TO_NEAREST_INT);
+    else
+        store(p, i, v, ct == CACHE_BF16);
 }
 
 /* One decode step of attention for B sequences, one new token each.
    qkv: (B, (H + 2 Hkv) D), the fused projection's output (float32, or bfloat16 with bf = 1),
    D a multiple of 8; cos, sin: (B, R) float32 for the half-rotated layout over the first R dims
-   (R = 0: none); kc, vc: caches (slots, Hkv, cap, D), float32 or (cbf = 1) bfloat16, row b's
+   (R = 0: none); kc, vc: caches (slots, Hkv, cap, D) of type ct (CACHE_*), row b's
    sequence in slot slots[b]; pos: (B,) int64. Several rows may be one sequence's consecutive
    tokens (one slot, distinct positions: a speculative check): every row's k and v are written
    before any row attends. Rotates q and k (rounded to the compute dtype, as the prefill path
@@ -61,7 +75,7 @@ static inline __m256 load8(const void* p, int64_t i, int cbf) {
    max(0, pos - window + 1) .. pos (window 0: all). A row's arithmetic depends on itself and the
    cache alone, so it is that of a one-token step. out: (B, H D) in qkv's dtype. */
 int attend_decode(const void* qkv, int bf, int64_t B, int64_t H, int64_t Hkv, int64_t D, int64_t R,
-                  const float* cos, const float* sin, void* kc, void* vc, int cbf, const int64_t* slots,
+                  const float* cos, const float* sin, void* kc, void* vc, int ct, const int64_t* slots,
                   int64_t cap, const int64_t* pos, int64_t window, float scale, void* out) {
     use_threads();
     const int64_t rep = H / Hkv, width = (H + 2 * Hkv) * D;
@@ -79,8 +93,8 @@ int attend_decode(const void* qkv, int bf, int64_t B, int64_t H, int64_t Hkv, in
             const int64_t row = ((slots[b] * Hkv + g) * cap + p) * D;
             rotate(qkv, b * width + (H + g) * D, bf, D, R, cos + b * R, sin + b * R, 1.f, q);
             for (int64_t d = 0; d < D; d++) {
-                store(kc, row + d, q[d], cbf);
-                store(vc, row + d, load_x(qkv, b * width + (H + Hkv + g) * D + d, bf), cbf);
+                cache_store(kc, row + d, q[d], ct);
+                cache_store(vc, row + d, load_x(qkv, b * width + (H + Hkv + g) * D + d, bf), ct);
             }
         }
         #pragma omp for schedule(static)
@@ -108,7 +122,7 @@ int attend_decode(const void* qkv, int bf, int64_t B, int64_t H, int64_t Hkv, in
                 for (int i = 0; i < 8; i++) acc[i] = _mm256_setzero_ps();
                 for (int64_t d = 0; d < D; d += 8) {
                     const __m256 qv = _mm256_loadu_ps(q + d);
-                    for (int i = 0; i < 8; i++) acc[i] = _mm256_fmadd_ps(qv, load8(kc, first + (j + i) * D + d, cbf), acc[i]);
+                    for (int i = 0; i < 8; i++) acc[i] = _mm256_fmadd_ps(qv, load8(kc, first + (j + i) * D + d, ct), acc[i]);
                 }
                 const __m256 sc = hsum8(acc);
                 _mm256_storeu_ps(w + j, sc);
@@ -117,7 +131,7 @@ int attend_decode(const void* qkv, int bf, int64_t B, int64_t H, int64_t Hkv, in
             float mx = hmax(vmax);
             for (; j < n; j++) {
                 __m256 acc = _mm256_setzero_ps();
-                for (int64_t d = 0; d < D; d += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(q + d), load8(kc, first + j * D + d, cbf), acc);
+                for (int64_t d = 0; d < D; d += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(q + d), load8(kc, first + j * D + d, ct), acc);
                 w[j] = hsum(acc);
                 mx = w[j] > mx ? w[j] : mx;
             }
@@ -139,7 +153,7 @@ int attend_decode(const void* qkv, int bf, int64_t B, int64_t H, int64_t Hkv, in
                 for (j = 0; j < n; j++) {
                     const __m256 wj = _mm256_broadcast_ss(w + j);
                     const int64_t vr = first + j * D + d0;
-                    for (int c = 0; c < nd; c++) acc[c] = _mm256_fmadd_ps(wj, load8(vc, vr + 8 * c, cbf), acc[c]);
+                    for (int c = 0; c < nd; c++) acc[c] = _mm256_fmadd_ps(wj, load8(vc, vr + 8 * c, ct), acc[c]);
                 }
                 for (int c = 0; c < nd; c++)
                     for (int e = 0; e < 8; e++)

@@ -28,7 +28,7 @@ static int project(const layer_t* ly, int i, const void* x, int bf, int64_t B, v
    ones, (B, R) each. kcs, vcs: each layer's key and value cache. act: 0 SiLU, 1 GeLU (tanh). */
 int decode_layers(void* x, int bf, int64_t B, int64_t C, int64_t L, const layer_t* layers, void* const* kcs,
                   void* const* vcs, int64_t H, int64_t Hkv, int64_t D, int64_t R, const float* cos0,
-                  const float* sin0, const float* cos1, const float* sin1, int cbf, const int64_t* slots,
+                  const float* sin0, const float* cos1, const float* sin1, int ct, const int64_t* slots,
                   int64_t cap, const int64_t* pos, float eps, int act) {
     use_threads();
     const int64_t es = bf ? 2 : 4;
@@ -49,7 +49,7 @@ int decode_layers(void* x, int bf, int64_t B, int64_t C, int64_t L, const layer_
             rms_norm(row + H * D * es, bf, Hkv, D, ly->k_norm, eps, ly->norm_offset, row + H * D * es);
         }
         if ((err = attend_decode(big, bf, B, H, Hkv, D, R, ly->local ? cos1 : cos0, ly->local ? sin1 : sin0,
-                                 kcs[l], vcs[l], cbf, slots, cap, pos, ly->window, ly->scale, mid)))
+                                 kcs[l], vcs[l], ct, slots, cap, pos, ly->window, ly->scale, mid)))
             break;
         if ((err = project(ly, 1, mid, bf, B, h))) break;
         if (ly->post1) rms_norm(h, bf, B, C, ly->post1, eps, ly->norm_offset, h);

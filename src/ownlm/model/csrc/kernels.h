@@ -98,7 +98,7 @@ int act_mul(const void* x, int bf, int64_t M, int64_t F, int act, void* y);
 
 /* attention.c */
 int attend_decode(const void* qkv, int bf, int64_t B, int64_t H, int64_t Hkv, int64_t D, int64_t R,
-                  const float* cos, const float* sin, void* kc, void* vc, int cbf, const int64_t* slots,
+                  const float* cos, const float* sin, void* kc, void* vc, int ct, const int64_t* slots,
                   int64_t cap, const int64_t* pos, int64_t window, float scale, void* out);
 
 /* decode.c: one layer's weights for decode_layers. The four projections (qkv, o, gate_up, down)
@@ -129,7 +129,7 @@ typedef struct {
 
 int decode_layers(void* x, int bf, int64_t B, int64_t C, int64_t L, const layer_t* layers, void* const* kcs,
                   void* const* vcs, int64_t H, int64_t Hkv, int64_t D, int64_t R, const float* cos0,
-                  const float* sin0, const float* cos1, const float* sin1, int cbf, const int64_t* slots,
+                  const float* sin0, const float* cos1, const float* sin1, int ct, const int64_t* slots,
                   int64_t cap, const int64_t* pos, float eps, int act);
 int64_t layer_layout(int64_t* out, int64_t n);
 void ownlm_set_threads(int n);
