@@ -16,6 +16,7 @@ import torch
 import ownlm
 from ownlm.engine.kv_cache import KVCache, span
 from ownlm.formats.gguf import GGUFFile
+from ownlm.formats import quants as quants_module
 from ownlm.formats.quants import from_blocks
 from ownlm.model.quant import IQ4_VALUES, MIDPOINT, QuantStack, QuantWeight, concat, pack_high, pack_int4, quantize
 from ownlm.engine import cpu_step
@@ -85,6 +86,19 @@ def test_k_and_codebook_blocks_match_the_reference_dequantizer(qtype):
         np.testing.assert_array_equal(got, want)
     else:
         np.testing.assert_allclose(got, want, rtol=0, atol=float(np.abs(want).max()) * 2 ** -10)
+
+
+@pytest.mark.parametrize("qtype", [Q.Q4_0, Q.Q4_1, Q.Q8_0, Q.IQ4_NL])
+def test_large_tensors_copied_by_several_threads_are_the_files_blocks(qtype):
+    """A tensor over 1 MB is copied out of the file by row ranges on several threads (the
+    single-thread path below that size is the test above): every row lands where it belongs, and
+    the weight is the file's bytes, as the reference dequantizer reads them."""
+    raw = random_blocks(qtype, 1031, 2048, seed=3)  # rows not a multiple of the threads
+    assert raw.nbytes > quants_module._PARALLEL_BYTES
+    w = from_blocks(raw, qtype)
+    w.check()
+    assert w.nbytes - (16 if w.lut is not None else 0) == raw.nbytes
+    np.testing.assert_array_equal(w.dequantize().numpy(), gguf.quants.dequantize(raw, qtype))
 
 
 def _random_weight(bits: int, n: int, k: int, symmetric: bool = False, codebook: bool = False) -> QuantWeight:

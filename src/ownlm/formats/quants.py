@@ -10,6 +10,9 @@ per weight against the file's 4.5 and 5.5."""
 
 from __future__ import annotations
 
+import os
+from concurrent.futures import ThreadPoolExecutor
+
 import numpy as np
 import torch
 from gguf import GGMLQuantizationType as Q
@@ -24,6 +27,37 @@ QUANT_TYPES = {Q.Q4_0: 4, Q.Q4_1: 4, Q.Q4_K: 4, Q.Q5_0: 5, Q.Q5_1: 5, Q.Q5_K: 5,
 # 1/254 of a group's largest value, is far below theirs; half the bytes of bfloat16 and a faster
 # kernel); plain float tensors stay dense
 FLOAT_TYPES = {Q.F32, Q.F16, Q.BF16, Q.F64}
+
+
+# the blocks whose fields are kept as they are: (field, numpy type) in block order
+_PLAIN = {Q.Q4_0: (("d", "<f2"), ("q", "V16")), Q.Q4_1: (("d", "<f2"), ("m", "<f2"), ("q", "V16")),
+          Q.Q8_0: (("d", "<f2"), ("q", "V32")), Q.IQ4_NL: (("d", "<f2"), ("q", "V16"))}
+_POOL: ThreadPoolExecutor | None = None
+_PARALLEL_BYTES = 1 << 20
+
+
+def _fields(raw: np.ndarray, qtype: Q) -> dict[str, np.ndarray]:
+    """Each field of the blocks of (N, bytes per row) `raw` as a contiguous (N, blocks per row)
+    array, copied field by field as whole items (not byte by byte), large tensors by several
+    threads (numpy copies without the GIL): the copies of a load, and the first touch of their
+    pages, are most of a quantized model's load time."""
+    global _POOL
+    n = raw.shape[0]
+    blocks = raw.reshape(-1).view(np.dtype(list(_PLAIN[qtype]))).reshape(n, -1)
+    out = {name: np.empty(blocks.shape, dtype=t) for name, t in _PLAIN[qtype]}
+
+    def copy(rows: slice) -> None:
+        for name, dst in out.items():
+            dst[rows] = blocks[name][rows]
+    workers = min(os.cpu_count() or 1, 8, n)
+    if raw.nbytes < _PARALLEL_BYTES or workers < 2:
+        copy(slice(None))
+        return out
+    if _POOL is None:
+        _POOL = ThreadPoolExecutor(8, thread_name_prefix="ownlm-load")
+    step = -(-n // workers)
+    list(_POOL.map(copy, [slice(i, i + step) for i in range(0, n, step)]))
+    return out
 
 
 def _f16(blocks: np.ndarray, at: int) -> np.ndarray:
@@ -52,17 +86,12 @@ def from_blocks(raw: np.ndarray, qtype: Q) -> QuantWeight:
     """raw: (N, bytes per row) of GGUF blocks of a type in QUANT_TYPES."""
     n = raw.shape[0]
     t = torch.from_numpy
-    if qtype in (Q.Q4_0, Q.Q4_1):
-        size = 18 if qtype == Q.Q4_0 else 20
-        blocks = raw.reshape(n, -1, size)
-        d = _f16(blocks, 0)
-        offset = None if qtype == Q.Q4_0 else t(np.ascontiguousarray(_f16(blocks, 2)))
-        data = np.ascontiguousarray(blocks[..., size - 16:]).reshape(n, -1)
-        return QuantWeight(4, t(data), t(np.ascontiguousarray(d)), offset)
-    if qtype == Q.Q8_0:
-        blocks = raw.reshape(n, -1, 34)
-        data = np.ascontiguousarray(blocks[..., 2:]).view(np.int8).reshape(n, -1)
-        return QuantWeight(8, t(data), t(np.ascontiguousarray(_f16(blocks, 0))))
+    if qtype in (Q.Q4_0, Q.Q4_1, Q.Q8_0, Q.IQ4_NL):  # d [, m], the values: each kept as it is
+        f = _fields(raw, qtype)
+        data = f["q"].view(np.int8 if qtype == Q.Q8_0 else np.uint8).reshape(n, -1)
+        lut = t(np.array(IQ4_VALUES, dtype=np.int8)) if qtype == Q.IQ4_NL else None
+        return QuantWeight(8 if qtype == Q.Q8_0 else 4, t(data), t(f["d"]), t(f["m"]) if "m" in f else None,
+                           lut=lut)
     if qtype in (Q.Q5_0, Q.Q5_1):  # d [, m], 32 high bits (bit i: q[i]'s), 16 bytes of nibbles as Q4_0's
         size = 22 if qtype == Q.Q5_0 else 24
         blocks = raw.reshape(-1, size)
@@ -97,12 +126,8 @@ def from_blocks(raw: np.ndarray, qtype: Q) -> QuantWeight:
         d = np.repeat(blocks[:, 208:210].copy().view(np.float16), 8, axis=1)  # (B, 8): per group of 32
         sub = np.ascontiguousarray(blocks[:, 192:208]).view(np.int8)
         return _with_high(q, n, 6, t(np.ascontiguousarray(d).reshape(n, -1)), sub=t(sub.reshape(n, -1)))
-    if qtype in (Q.IQ4_NL, Q.IQ4_XS):  # 4-bit indices into a codebook, nibbles in Q4_0's order
+    if qtype == Q.IQ4_XS:  # 4-bit indices into a codebook, nibbles in Q4_0's order
         lut = t(np.array(IQ4_VALUES, dtype=np.int8))
-        if qtype == Q.IQ4_NL:  # per 32: d, 16 bytes
-            blocks = raw.reshape(n, -1, 18)
-            data = np.ascontiguousarray(blocks[..., 2:]).reshape(n, -1)
-            return QuantWeight(4, t(data), t(np.ascontiguousarray(_f16(blocks, 0))), lut=lut)
         blocks = raw.reshape(-1, 136)  # per 256: d, 8 six-bit scales (high 2 bits, then low 4), 8 x 16 bytes
         d = blocks[:, 0:2].copy().view(np.float16).astype(np.float32)
         high = (blocks[:, 2:4].copy().view("<u2") >> np.arange(0, 16, 2, dtype=np.uint16)) & 3  # (B, 8)
