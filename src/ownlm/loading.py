@@ -54,11 +54,13 @@ def pick_device(device: str | None = None) -> torch.device:
 
 
 def pick_dtype(dtype: str | torch.dtype | None, device: torch.device,
-               checkpoint: tuple[dict[str, Any], dict[str, Path]] | None = None) -> torch.dtype:
+               checkpoint: tuple[dict[str, Any], dict[str, Path]] | None = None,
+               opened: Checkpoint | None = None) -> torch.dtype:
     """The compute dtype for `dtype` ("auto", None, a name or a torch dtype) on `device`.
     checkpoint: (manifest, files) of the model, as resolve gives them, when its GGUF blocks may be
     held as they are (quant auto, int4, int8): on a CPU with ownlm's kernels such a model computes
-    in float32 under auto."""
+    in float32 under auto. opened: that checkpoint already opened (its tensor table is read from
+    it rather than from the file again)."""
     if isinstance(dtype, torch.dtype):
         return dtype
     if dtype in (None, "auto"):
@@ -78,10 +80,9 @@ def pick_dtype(dtype: str | torch.dtype | None, device: torch.device,
             if manifest.get("format") == "gguf":  # a store model: the manifest names the file's quantization
                 blocks = manifest.get("quantization") not in floats
             elif not manifest.get("format") and GGUF_FILE in files:  # a path: its header's tensor table
-                from .formats.gguf import GGUFFile
-
-                sizes = [(t.type_name in floats, t.nbytes) for t in GGUFFile(files[GGUF_FILE]).tensors.values()
-                         if len(t.shape) >= 2]
+                if opened is None:
+                    opened = open_checkpoint(files)
+                sizes = [(t["type"] in floats, t["bytes"]) for t in opened.listing if len(t["shape"]) >= 2]
                 blocks = sum(n for f, n in sizes if not f) > sum(n for f, n in sizes if f)
             else:
                 blocks = False
@@ -369,7 +370,10 @@ def load(ref: str, device: str | None = None, dtype: str | torch.dtype | None = 
                                 f"{str(base.get('digest'))[:12]}) is no longer in the store",
                                 f"import that model again, or name a base: `BASE+{display_name(adapter[0])}`")
     dev = pick_device(device)
-    dt = pick_dtype(dtype, dev, (manifest, files) if quant != "none" else None)
+    ckpt = None
+    if quant != "none" and not manifest.get("format") and GGUF_FILE in files:
+        ckpt = open_checkpoint(files)  # a GGUF by path: its tensor table picks the dtype; built from below
+    dt = pick_dtype(dtype, dev, (manifest, files) if quant != "none" else None, ckpt)
     if quant == "bf16":  # dense bfloat16 weights: "none" in bfloat16
         if dtype not in (None, "auto") and dt != torch.bfloat16:
             raise BadRequest("--quant bf16 holds weights in bfloat16, "
@@ -384,7 +388,7 @@ def load(ref: str, device: str | None = None, dtype: str | torch.dtype | None = 
     if hit:
         model, spec, chat_template, facts = hit
     else:
-        ckpt = open_checkpoint(files)
+        ckpt = ckpt or open_checkpoint(files)
         model = build_model(ckpt, dev, dt, quant)
         spec, chat_template, facts = ckpt.tokenizer, ckpt.chat_template, ckpt.facts
         if cache_dir:

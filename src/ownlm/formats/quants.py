@@ -18,7 +18,7 @@ import torch
 from gguf import GGMLQuantizationType as Q
 from gguf import quants as gguf_quants
 
-from ..model.quant import IQ4_VALUES, QuantWeight, pack_high, pack_int4
+from ..model.quant import IQ4_VALUES, QuantWeight, concat, pack_high, pack_int4
 
 # GGUF block type -> bits kept in memory
 QUANT_TYPES = {Q.Q4_0: 4, Q.Q4_1: 4, Q.Q4_K: 4, Q.Q5_0: 5, Q.Q5_1: 5, Q.Q5_K: 5, Q.Q6_K: 6, Q.Q8_0: 8,
@@ -41,7 +41,6 @@ def _fields(raw: np.ndarray, qtype: Q) -> dict[str, np.ndarray]:
     array, copied field by field as whole items (not byte by byte), large tensors by several
     threads (numpy copies without the GIL): the copies of a load, and the first touch of their
     pages, are most of a quantized model's load time."""
-    global _POOL
     n = raw.shape[0]
     blocks = raw.reshape(-1).view(np.dtype(list(_PLAIN[qtype]))).reshape(n, -1)
     out = {name: np.empty(blocks.shape, dtype=t) for name, t in _PLAIN[qtype]}
@@ -49,15 +48,21 @@ def _fields(raw: np.ndarray, qtype: Q) -> dict[str, np.ndarray]:
     def copy(rows: slice) -> None:
         for name, dst in out.items():
             dst[rows] = blocks[name][rows]
+    _by_rows(copy, n, raw.nbytes)
+    return out
+
+
+def _by_rows(fn, n: int, nbytes: int) -> list:
+    """fn(rows) for row ranges covering 0..n: one call for a small tensor, else one range per
+    thread (up to 8, one per core), run together; their results in row order."""
+    global _POOL
     workers = min(os.cpu_count() or 1, 8, n)
-    if raw.nbytes < _PARALLEL_BYTES or workers < 2:
-        copy(slice(None))
-        return out
+    if nbytes < _PARALLEL_BYTES or workers < 2:
+        return [fn(slice(0, n))]
     if _POOL is None:
         _POOL = ThreadPoolExecutor(8, thread_name_prefix="ownlm-load")
     step = -(-n // workers)
-    list(_POOL.map(copy, [slice(i, i + step) for i in range(0, n, step)]))
-    return out
+    return list(_POOL.map(fn, [slice(i, i + step) for i in range(0, n, step)]))
 
 
 def _f16(blocks: np.ndarray, at: int) -> np.ndarray:
@@ -86,12 +91,21 @@ def from_blocks(raw: np.ndarray, qtype: Q) -> QuantWeight:
     """raw: (N, bytes per row) of GGUF blocks of a type in QUANT_TYPES."""
     n = raw.shape[0]
     t = torch.from_numpy
-    if qtype in (Q.Q4_0, Q.Q4_1, Q.Q8_0, Q.IQ4_NL):  # d [, m], the values: each kept as it is
+    if qtype in _PLAIN:  # d [, m], the values: each kept as it is
         f = _fields(raw, qtype)
         data = f["q"].view(np.int8 if qtype == Q.Q8_0 else np.uint8).reshape(n, -1)
         lut = t(np.array(IQ4_VALUES, dtype=np.int8)) if qtype == Q.IQ4_NL else None
         return QuantWeight(8 if qtype == Q.Q8_0 else 4, t(data), t(f["d"]), t(f["m"]) if "m" in f else None,
                            lut=lut)
+    # the other types are decoded: rows of a large tensor by several threads (numpy computes
+    # without the GIL), then joined
+    parts = _by_rows(lambda rows: _decode(raw[rows], qtype), n, raw.nbytes)
+    return parts[0] if len(parts) == 1 else concat(parts)
+
+
+def _decode(raw: np.ndarray, qtype: Q) -> QuantWeight:
+    n = raw.shape[0]
+    t = torch.from_numpy
     if qtype in (Q.Q5_0, Q.Q5_1):  # d [, m], 32 high bits (bit i: q[i]'s), 16 bytes of nibbles as Q4_0's
         size = 22 if qtype == Q.Q5_0 else 24
         blocks = raw.reshape(-1, size)
@@ -106,9 +120,14 @@ def from_blocks(raw: np.ndarray, qtype: Q) -> QuantWeight:
     if qtype == Q.Q4_K:  # super-blocks of 256: d, dmin, 8 six-bit (scale, min) pairs, 128 bytes of nibbles
         blocks = raw.reshape(-1, 144)
         scale, offset = _k_scales(blocks, n)
-        qs = blocks[:, 16:].reshape(-1, 4, 1, 32) >> np.array([0, 4], dtype=np.uint8).reshape(1, 1, 2, 1)
-        q = (qs & 0x0F).reshape(n, -1)  # sub-block 2j: low nibbles of bytes 32j.., 2j+1: their high nibbles
-        return QuantWeight(4, pack_int4(t(q)), scale, offset)
+        # sub-block 2j: the low nibbles of bytes 32j.., 2j+1: their high nibbles; in the int4 layout
+        # (byte i of a group: q[i] | q[16 + i] << 4) straight from the bytes i and 16 + i
+        qs = blocks[:, 16:].reshape(-1, 4, 2, 16)
+        lo, hi = qs[:, :, 0], qs[:, :, 1]
+        data = np.empty((blocks.shape[0], 4, 2, 16), dtype=np.uint8)
+        np.bitwise_or(lo & 15, hi << 4, out=data[:, :, 0])
+        np.bitwise_or(lo >> 4, hi & 0xF0, out=data[:, :, 1])
+        return QuantWeight(4, t(data.reshape(n, -1)), scale, offset)
     if qtype == Q.Q5_K:  # as Q4_K, with 32 bytes of high bits (sub-block s: bit s of byte l for its q[l])
         blocks = raw.reshape(-1, 176)
         scale, offset = _k_scales(blocks, n)
