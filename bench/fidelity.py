@@ -12,10 +12,10 @@ For each file, on the same ~400 tokens of prose: the reference is ownlm's float3
 file's dequantized weights (quant none); the mean over positions of KL(reference || x) for
 x = ownlm's default (`ownlm.load(path)`), ownlm computing in float32 and in bfloat16 with the
 weights held quantized (quant auto), each through its KV cache as generation computes (the
-default's float16, --dtype float32's float32), and llama.cpp (llama-cpp-python, logits_all, the same token
-ids, in a child process of the Python that has it: bench/.llama-env); plus whether each one's
-greedy answers to tests/test_quant.py's three prompts (chat template, 24 tokens) equal the
-reference's. Last, greedy decode tokens/s of ownlm's default and of bfloat16 compute on smollm2.
+default's float16, --dtype float32's float32), and llama.cpp (llama-cpp-python, logits_all, the
+same token ids, in a child process of the Python that has it: bench/.llama-env); plus whether
+each one's greedy answers to tests/test_quant.py's three prompts (chat template, 24 tokens)
+equal the reference's. Last, greedy decode tokens/s of ownlm's default and of bfloat16 compute on smollm2.
 One JSON object on stdout."""
 
 from __future__ import annotations

@@ -80,6 +80,8 @@ def test_target_log_probabilities_equal_log_softmax_and_hold_one_buffer(dtype):
 
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
 def test_grpo_token_log_probabilities_hold_one_vocabulary_sized_buffer(temperature):
+    """GRPO's per-token log-probabilities (of the logits divided by the sampling temperature)
+    equal log_softmax's over the whole sequence, and keep one (targets, vocabulary) buffer."""
     from ownlm.tune.data import Row
     from ownlm.tune.grpo import token_logps
 

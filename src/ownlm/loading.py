@@ -332,8 +332,9 @@ def load(ref: str, device: str | None = None, dtype: str | torch.dtype | None = 
     sampling parameters as the LoadedModel's defaults) for inference.
     dtype: auto, float32, bfloat16, float16. auto: on a CPU with ownlm's kernels (x86, AVX2) float32
     for a GGUF of quantized blocks held as they are (its activations and residual stream, with a
-    float16 KV cache; the blocks stay quantized) and bfloat16 for dense weights (safetensors, F16 GGUFs, quant none),
-    which are held in the compute dtype; float32 on other CPUs; bfloat16 on CUDA, float16 on MPS.
+    float16 KV cache; the blocks stay quantized) and bfloat16 for dense weights (safetensors, F16
+    GGUFs, quant none), which are held in the compute dtype; float32 on other CPUs; bfloat16 on
+    CUDA, float16 on MPS.
     A dtype named (not auto) is the KV cache's too.
     quant: auto (GGUF Q4_0/Q4_1/Q4_K stay int4, on a CPU or a CUDA GPU (there in bfloat16), and
     Q8_0 int8 on a CPU), none (dequantize everything), bf16 (none, in bfloat16), int4 or int8 (every

@@ -25,12 +25,14 @@ def span(n: int) -> int:
 
 def cache_dtype(model) -> torch.dtype:
     """The keys' and values' dtype (they are rounded to it as they are written): the compute
-    dtype, except on a CPU with ownlm's kernels computing in float32 under `--dtype auto`, where
-    float16 (llama.cpp's default): half the bytes to hold and to read each decode step, and on
-    smollm2 a KL from the float32 model of 6e-7 against 3e-7 with a float32 cache (bfloat16's
-    8-bit mantissa: 3e-5). On a CPU without the kernels in float32, since one-token attention runs in float32 there and
-    converting the cache every step cost more than the memory saved. A model's kv_dtype (set by
-    `load` where a dtype was asked for) overrides the choice, except there."""
+    dtype, except
+    - on a CPU with ownlm's kernels computing in float32 under `--dtype auto`: float16, as
+      llama.cpp's default, half the bytes to hold and to read at each decode step (on smollm2 a
+      KL from the float32 model of 6e-7, against 3e-7 with a float32 cache and 3e-5 with a
+      bfloat16 one);
+    - on a CPU without the kernels: float32, since one-token attention runs in float32 there and
+      converting the cache every step cost more than the memory saved.
+    A model's kv_dtype (set by `load` where a dtype was asked for) overrides the first."""
     if model.device.type == "cpu" and not ops.cpu_kernels():
         return torch.float32
     if getattr(model, "kv_dtype", None) is not None:
