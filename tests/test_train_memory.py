@@ -88,7 +88,11 @@ def test_grpo_token_log_probabilities_hold_one_vocabulary_sized_buffer(temperatu
     V = 1000
     cfg = ModelConfig("llama", vocab_size=V, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=16, ffn_dim=96)
     torch.manual_seed(2)
-    model = Transformer(cfg).float().train()
+    model = Transformer(cfg).float().train()  # its parameters are uninitialized memory: set them
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.08) if p.dim() > 1 else p.normal_(1.0, 0.1)  # matrices; norm weights
+    model.init_buffers("cpu")  # and its rotary frequencies
     g = torch.Generator().manual_seed(3)
     rows = []
     for p, c in ((5, 4), (3, 7)):  # prompt and completion lengths
