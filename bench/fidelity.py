@@ -108,18 +108,6 @@ def make_ggufs(src: Path, py: str) -> dict[str, Path]:
     return files
 
 
-def through_cache(model, ids: list[int]):
-    """Logits as generation computes them: keys and values written to and read from a KV cache
-    of the model's cache dtype (float16 under the CPU default; llama.cpp's is float16 too)."""
-    import torch
-
-    from ownlm.engine.kv_cache import KVCache
-
-    cache = KVCache.for_model(model, 1, len(ids))
-    cache.length = len(ids)
-    return model(torch.tensor([ids]), cache=cache)[0]
-
-
 def mean_kl(ref, logits) -> float:
     """Mean over positions of KL(ref || x), both as log-probabilities in float32."""
     x = logits.float().log_softmax(-1)
@@ -131,6 +119,7 @@ def measure(path: Path, py: str, n_tokens: int, threads: int, gen: int) -> dict:
     import torch
 
     import ownlm
+    from ownlm.engine.kv_cache import cached_forward
     from ownlm.formats.gguf import GGUFFile
     from ownlm.model.linear import QuantEmbedding, QuantLinear
 
@@ -154,7 +143,7 @@ def measure(path: Path, py: str, n_tokens: int, threads: int, gen: int) -> dict:
     for name, kw in variants.items():
         lm = ownlm.load(str(path), cache=False, **kw)
         with torch.inference_mode():
-            row["kl"][name] = mean_kl(ref, through_cache(lm.model, ids))
+            row["kl"][name] = mean_kl(ref, cached_forward(lm.model, torch.tensor([ids]))[0])
         got = [lm.chat(m, max_tokens=gen, temperature=0).token_ids for m in msgs]
         row["greedy_equal"][name] = [g == w for g, w in zip(got, want)]
         row["dtype"][name] = str(lm.model.dtype).removeprefix("torch.")

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import ownlm
-from ownlm.engine.kv_cache import KVCache, span
+from ownlm.engine.kv_cache import KVCache, cached_forward, span
 from ownlm.formats.gguf import GGUFFile
 from ownlm.formats import quants as quants_module
 from ownlm.formats.quants import from_blocks
@@ -231,11 +231,7 @@ def prose_kl(exact, models: dict, through_cache: bool = False) -> dict[str, floa
     ids = torch.tensor([exact.encode(text)[:300]])
 
     def logits(m):
-        if not through_cache:
-            return m.model(ids)
-        cache = KVCache.for_model(m.model, 1, ids.shape[1])
-        cache.length = ids.shape[1]
-        return m.model(ids, cache=cache)
+        return cached_forward(m.model, ids) if through_cache else m.model(ids)
     with torch.inference_mode():
         b = exact.model(ids).log_softmax(-1)
         return {name: (b.exp() * (b - logits(m).float().log_softmax(-1))).sum(-1).mean().item()

@@ -35,7 +35,7 @@ def cache_dtype(model) -> torch.dtype:
     A model's kv_dtype (set by `load` where a dtype was asked for) overrides the first."""
     if model.device.type == "cpu" and not ops.cpu_kernels():
         return torch.float32
-    if getattr(model, "kv_dtype", None) is not None:
+    if model.kv_dtype is not None:
         return model.kv_dtype
     if model.device.type == "cpu" and model.dtype == torch.float32:
         return torch.float16
@@ -69,6 +69,15 @@ def free_memory(device: torch.device) -> int:
 def fitting_tokens(model) -> int:
     """Positions of one sequence the memory free now can hold (MEMORY_SHARE of it)."""
     return int(free_memory(model.device) * MEMORY_SHARE) // bytes_per_token(model)
+
+
+def cached_forward(model, ids: torch.Tensor) -> torch.Tensor:
+    """Logits (B, T, V) of ids (B, T) as generation computes them: the keys and values written to
+    a fresh cache of the model's cache dtype and attended from there (measuring a compact cache's
+    effect, which a forward without a cache does not see)."""
+    cache = KVCache.for_model(model, ids.shape[0], ids.shape[1])
+    cache.length = ids.shape[1]
+    return model(ids, cache=cache)
 
 
 class KVCache:
