@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import time
@@ -77,6 +76,7 @@ def write(path: str) -> None:
 
 def child(path: str, gen: int) -> None:
     import ownlm
+    from ownlm.evaluate.bench import peak_rss_bytes
 
     t = time.perf_counter()
     lm = ownlm.load(path)
@@ -89,7 +89,7 @@ def child(path: str, gen: int) -> None:
         m.in_features * m.out_features for m in lm.model.modules() if isinstance(m, (QuantLinear, QuantEmbedding)))
     print(json.dumps({"load_s": load_s, "decode_tokens_per_s": len(c.token_ids) / (time.perf_counter() - t),
                       "generated": len(c.token_ids),
-                      "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "parameters": params}))
+                      "peak_rss_mb": peak_rss_bytes() / 2**20, "parameters": params}))
 
 
 def main() -> None:

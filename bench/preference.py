@@ -28,9 +28,9 @@ DATA = HERE.parent / "examples" / "preference" / "train.jsonl"
 
 
 def peak_rss_mb() -> float:
-    import resource
+    from ownlm.evaluate.bench import peak_rss_bytes  # this process's own peak, not its parent's
 
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return peak_rss_bytes() / 2**20
 
 
 def run_ownlm(path: str, a) -> dict:

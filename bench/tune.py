@@ -23,9 +23,9 @@ TEXT = ("Owning a language model means running it on your own hardware, where no
 
 
 def peak_rss_mb() -> float:
-    import resource
+    from ownlm.evaluate.bench import peak_rss_bytes  # this process's own peak, not its parent's
 
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return peak_rss_bytes() / 2**20
 
 
 def run_ownlm(path: str, a) -> dict:

@@ -101,6 +101,21 @@ def test_kl_cli_needs_two_models_of_one_vocabulary(hf_models, tmp_path, ownlm_ho
     assert one.returncode == 2 and "at least two" in one.stderr
 
 
+def test_peak_rss_is_the_process_own_not_its_parents():
+    """A process spawned by a large one reports its own peak: Linux carries ru_maxrss's high-water
+    mark across exec, so `ownlm bench` run from a test runner once reported the runner's."""
+    from ownlm.evaluate.bench import peak_rss_bytes
+
+    child = "from ownlm.evaluate.bench import peak_rss_bytes; print(peak_rss_bytes())"
+    parent = ("import subprocess, sys; big = bytearray(600 << 20); big[::4096] = b'x' * len(big[::4096]); "
+              f"print(subprocess.run([sys.executable, '-c', {child!r}], capture_output=True, text=True).stdout)")
+    r = subprocess.run([sys.executable, "-c", parent], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    own = int(r.stdout.split()[0])
+    assert 5 << 20 < own < 300 << 20  # a bare interpreter with ownlm.evaluate imported, not the parent's 600 MB
+    assert peak_rss_bytes() > 5 << 20  # this process's own, in bytes
+
+
 def test_bench_json_fields_and_cost(hf_models, ownlm_home):
     from ownlm.evaluate.bench import cost_per_mtok
 

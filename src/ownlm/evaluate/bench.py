@@ -25,6 +25,17 @@ TEXT = ("Owning a language model means running it on your own hardware, where no
 
 
 def peak_rss_bytes() -> int:
+    """This process's peak resident memory: VmHWM where /proc has it (Linux), else ru_maxrss. Not
+    ru_maxrss on Linux: the kernel carries the high-water mark across exec, so in a process
+    another one spawned it starts at that parent's peak (a bench run from a test runner or a
+    server reported theirs)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024  # kB
+    except OSError:
+        pass
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return rss if sys.platform == "darwin" else rss * 1024  # Linux reports KiB
 
