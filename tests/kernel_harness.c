@@ -1,10 +1,10 @@
-/* The matmul kernels (src/ownlm/model/csrc/matmul.c) on fixed pseudo-random inputs, built for
+/* The kernels (the C files of src/ownlm/model/csrc) on fixed pseudo-random inputs, built for
    x86-64 (AVX2) and for AArch64 (NEON, run under qemu-aarch64) by tests/test_neon.py, which
    compares what the two print: per case, a hash of every output's bits and the first output.
    Cases: every weight kind (int4 and int5 with and without offsets, int6, int8, int4 indices into a
-   codebook), a stack of three
-   parts, one to 70 rows (the one-row path, the 8/4/2/1-row blocks, the 64-row tiles), K with and
-   without 8-group tails, float32 and bfloat16 activations, and the bfloat16 matmul. */
+   codebook), a stack of three parts, one to 70 rows (the one-row path, the 8/4/2/1-row blocks,
+   the 64-row tiles), K with and without 8-group tails, float32 and bfloat16 activations; the
+   bfloat16 matmul; the one-token attention over each cache type; RMSNorm and the activations. */
 
 #include <stdio.h>
 #include <string.h>
@@ -108,6 +108,61 @@ int main(void) {
         char name[64];
         snprintf(name, sizeof name, "bf16_gemm M=%lld", (long long)M);
         report(name, y, (size_t)(M * N) * 4, 0);
+    }
+    /* one-token attention: each cache type, float32 and bfloat16 rows; head dims 64 (rotary over
+       all of it, no window) and 72 (a dims tail, rotary over 32, a window of 5); positions across
+       the 8-key blocks; the output and both caches after the write */
+    for (int ct = 0; ct < 3; ct++)
+        for (int bf = 0; bf < 2; bf++)
+            for (int v = 0; v < 2; v++) {
+                const int64_t B = 3, H = 4, Hkv = 2, D = v ? 72 : 64, R = v ? 32 : 64, cap = 40, window = v ? 5 : 0;
+                const int64_t width = (H + 2 * Hkv) * D, cn = 3 * Hkv * cap * D, es = ct ? 2 : 4;
+                float* q = (float*)malloc((size_t)(B * width) * sizeof(float));
+                uint16_t* qb = (uint16_t*)malloc((size_t)(B * width) * 2);
+                for (int64_t i = 0; i < B * width; i++) qb[i] = f32_to_bf16(q[i] = uniform() * 2.f);
+                float cs[3 * 64], sn[3 * 64];
+                for (int64_t i = 0; i < B * R; i++) cs[i] = uniform(), sn[i] = uniform();
+                uint8_t* kv[2];
+                for (int c = 0; c < 2; c++) {
+                    kv[c] = (uint8_t*)malloc((size_t)(cn * es));
+                    for (int64_t i = 0; i < cn; i++) {
+                        const float f = uniform();
+                        if (ct == 0) ((float*)kv[c])[i] = f;
+                        else ((uint16_t*)kv[c])[i] = ct == 1 ? f32_to_bf16(f) : f32_to_f16(f);
+                    }
+                }
+                const int64_t slots[3] = {2, 0, 1}, pos[3] = {0, 17, 33};
+                float* out = (float*)malloc((size_t)(B * H * D) * sizeof(float));
+                if (attend_decode(bf ? (const void*)qb : q, bf, B, H, Hkv, D, R, cs, sn, kv[0], kv[1], ct, slots, cap,
+                                  pos, window, 0.125f, out)) return 1;
+                char name[64];
+                snprintf(name, sizeof name, "attend ct=%d bf=%d D=%lld", ct, bf, (long long)D);
+                report(name, out, (size_t)(B * H * D) * (bf ? 2 : 4), bf);
+                snprintf(name, sizeof name, "attend-caches ct=%d bf=%d D=%lld", ct, bf, (long long)D);
+                for (int c = 0; c < 2; c++) report(name, kv[c], (size_t)(cn * es), ct == 1);
+                free(q), free(qb), free(kv[0]), free(kv[1]), free(out);
+            }
+    /* RMSNorm (plain and with Gemma's offset) and the gated activations (SiLU, GeLU tanh) */
+    for (int bf = 0; bf < 2; bf++) {
+        const int64_t M = 3, C = 200;
+        float* xs = (float*)malloc((size_t)(M * 2 * C) * sizeof(float));
+        uint16_t* xsb = (uint16_t*)malloc((size_t)(M * 2 * C) * 2);
+        for (int64_t i = 0; i < M * 2 * C; i++) xsb[i] = f32_to_bf16(xs[i] = uniform() * 4.f);
+        float nw[200], ys[3 * 200];
+        for (int64_t i = 0; i < C; i++) nw[i] = uniform();
+        const void* in = bf ? (const void*)xsb : xs;
+        char name[64];
+        for (int off = 0; off < 2; off++) {
+            if (rms_norm(in, bf, M, C, nw, 1e-6f, (float)off, ys)) return 1;
+            snprintf(name, sizeof name, "rms_norm bf=%d offset=%d", bf, off);
+            report(name, ys, (size_t)(M * C) * (bf ? 2 : 4), bf);
+        }
+        for (int act = 0; act < 2; act++) {
+            if (act_mul(in, bf, M, C, act, ys)) return 1;
+            snprintf(name, sizeof name, "act_mul bf=%d act=%d", bf, act);
+            report(name, ys, (size_t)(M * C) * (bf ? 2 : 4), bf);
+        }
+        free(xs), free(xsb);
     }
     return 0;
 }

@@ -16,6 +16,7 @@ import transformers
 import ownlm
 from ownlm.errors import BadRequest
 from ownlm.evaluate.perplexity import perplexity
+from ownlm.model import kernels
 
 from .conftest import CORPUS
 
@@ -125,9 +126,10 @@ def test_bench_json_fields_and_cost(hf_models, ownlm_home):
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
     out = json.loads(r.stdout)
-    assert set(out) == {"model", "device", "dtype", "threads", "prompt_tokens", "gen_tokens", "load_s", "runs",
-                        "peak_rss_bytes", "cost", "memory"}
+    assert set(out) == {"model", "device", "dtype", "threads", "kernels", "prompt_tokens", "gen_tokens", "load_s",
+                        "runs", "peak_rss_bytes", "cost", "memory"}
     assert out["threads"] == torch.get_num_threads()  # every core by default
+    assert out["kernels"] == (kernels.isa() if kernels.load() is not None else None)
     one, three = out["runs"]
     assert set(one) == {"batch", "prefill_tokens_per_s", "time_to_first_token_s", "decode_tokens_per_s"}
     assert set(three) == {"batch", "aggregate_tokens_per_s", "wall_s", "decode_aggregate_tokens_per_s"}

@@ -37,6 +37,7 @@ def test_the_build_key_covers_sources_flags_and_compiler(tmp_path, monkeypatch):
     base = kernels.build_key("/usr/bin/cc", "gcc 12.2.0")
     assert kernels.build_key("/usr/bin/cc", "gcc 12.3.0") != base
     assert kernels.build_key("/usr/bin/clang", "gcc 12.2.0") != base
+    assert kernels.build_key("/usr/bin/cc", "gcc 12.2.0", "avx512vnni") != base
     monkeypatch.setattr(kernels, "FLAGS", (*kernels.FLAGS, "-DOWNLM_OTHER"))
     assert kernels.build_key("/usr/bin/cc", "gcc 12.2.0") != base
     monkeypatch.undo()
@@ -44,6 +45,27 @@ def test_the_build_key_covers_sources_flags_and_compiler(tmp_path, monkeypatch):
     (src / "decode.c").write_text((src / "decode.c").read_text() + "\n")
     monkeypatch.setattr(kernels, "CSRC", src)
     assert kernels.build_key("/usr/bin/cc", "gcc 12.2.0") != base
+
+
+def test_the_build_follows_the_cpu_flags_and_can_be_narrowed(monkeypatch):
+    from ownlm.model import cpu
+
+    vnni = frozenset({"avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512_vnni"})
+    monkeypatch.delenv("OWNLM_KERNEL_ISA", raising=False)
+    monkeypatch.setattr(cpu, "flags", lambda: vnni)
+    assert kernels.isa() == "avx512vnni"
+    assert "-mavx512vnni" in kernels.flags("avx512vnni") and "-mavx512vnni" not in kernels.flags("avx2")
+    monkeypatch.setenv("OWNLM_KERNEL_ISA", "avx2")
+    assert kernels.isa() == "avx2"
+    monkeypatch.delenv("OWNLM_KERNEL_ISA")
+    monkeypatch.setattr(cpu, "flags", lambda: vnni - {"avx512_vnni"})  # AVX-512 without VNNI: the AVX2 build
+    assert kernels.isa() == "avx2"
+    monkeypatch.setenv("OWNLM_KERNEL_ISA", "avx512vnni")
+    with pytest.raises(kernels.KernelError, match="lacks avx512_vnni"):
+        kernels.isa()
+    monkeypatch.setenv("OWNLM_KERNEL_ISA", "sse2")
+    with pytest.raises(kernels.KernelError, match="not one of"):
+        kernels.isa()
 
 
 def test_a_source_that_does_not_build_is_an_error_when_required(tmp_path, monkeypatch):
@@ -77,7 +99,7 @@ def test_a_python_mirror_that_differs_from_the_c_structure_is_refused(monkeypatc
     for mirror in (Swapped, Short):
         monkeypatch.setattr(kernels, "Layer", mirror)
         with pytest.raises(kernels.KernelError, match="layout"):
-            kernels._open(kernels._build())
+            kernels._open(kernels._build(kernels.isa()))
 
 
 def test_the_wrappers_refuse_what_the_c_code_could_not_take():

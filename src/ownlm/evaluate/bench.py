@@ -105,6 +105,14 @@ def bytes_per_token(model, position: int, cache_dtype: torch.dtype) -> tuple[int
     return weights, kv
 
 
+def _kernel_build(device: torch.device) -> str | None:
+    """The build of ownlm's CPU kernels the model runs on ("avx2", "avx512vnni", "neon"), or None
+    (not a CPU, or no kernels)."""
+    from ..model import kernels
+
+    return kernels.isa() if device.type == "cpu" and kernels.load() is not None else None
+
+
 def cost_per_mtok(price_per_hour: float, tokens_per_s: float) -> float:
     return price_per_hour / (tokens_per_s * 3600) * 1e6
 
@@ -190,7 +198,7 @@ def bench(ref: str, prompt_tokens: int = 512, gen_tokens: int = 128, batches: tu
     else:
         memory = None
     result = {"model": lm.name, "device": str(lm.model.device), "dtype": str(lm.model.dtype),
-              "threads": torch.get_num_threads(),
+              "threads": torch.get_num_threads(), "kernels": _kernel_build(lm.model.device),
               "prompt_tokens": prompt_tokens, "gen_tokens": gen_tokens, "load_s": load_s, "runs": rows,
               "peak_rss_bytes": peak}
     if memory is not None:

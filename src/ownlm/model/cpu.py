@@ -26,6 +26,20 @@ def x86_avx2() -> bool:
             and capability() in ("AVX2", "AVX512", "AVX512_BF16", "AMX"))
 
 
+@functools.cache
+def flags() -> frozenset[str]:
+    """The CPU's feature flags as Linux names them in /proc/cpuinfo ("avx2", "avx512_vnni", ...;
+    empty where there is no such file)."""
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
+            for line in f:
+                if line.startswith(("flags", "Features")):
+                    return frozenset(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return frozenset()
+
+
 def arm64() -> bool:
     """A 64-bit ARM CPU (AArch64: NEON is part of the architecture)."""
     return platform.machine().lower() in ("aarch64", "arm64")

@@ -1,7 +1,9 @@
 """ownlm's CPU kernels: group-wise integer (int4 / int5 / int6 / int8) and bfloat16 matmuls,
 RMSNorm, the gated activations, one-token attention with its cache write, and `decode_layers`, a
-whole decode step of common-shaped blocks in one call (engine/cpu_step.py). x86-64 with AVX2,
-FMA and F16C: all of them; AArch64: the matmuls, in NEON with the same bits (csrc/simd.h). OpenMP.
+whole decode step of common-shaped blocks in one call (engine/cpu_step.py), for x86-64 with AVX2,
+FMA and F16C (and a build with AVX-512 VNNI where the CPU has it, see ISAS) and for AArch64 with
+NEON: the matmuls and the attention are written in csrc/simd.h's operations, which give the same
+bits on both. OpenMP.
 
 Why: in eager PyTorch a one-token step is hundreds of small operations whose dispatch costs more
 than their arithmetic, PyTorch's int4 kernel wants its own weight layout (a second copy beside
@@ -45,12 +47,17 @@ from . import cpu
 from .quant import QuantWeight
 
 CSRC = Path(__file__).with_name("csrc")
-# x86-64 with AVX2: every kernel; AArch64 (NEON is part of the architecture): the matmuls, written
-# in simd.h's operations with the same bits as on x86 (tests/test_neon.py); the rest runs in PyTorch
-SOURCES = ("matmul.c", "attention.c", "elementwise.c", "decode.c") if not cpu.arm64() else ("matmul.c",)
+# x86-64 with AVX2, and AArch64 (NEON is part of the architecture): every kernel, the vector code in
+# simd.h's operations with the same bits on both (tests/test_neon.py)
+SOURCES = ("matmul.c", "attention.c", "elementwise.c", "decode.c")
 HEADERS = ("kernels.h", "simd.h")
 FLAGS = (("-O3", "-ffp-contract=off", "-fopenmp", "-shared", "-fPIC") if cpu.arm64() else
          ("-O3", "-mavx2", "-mfma", "-mf16c", "-ffp-contract=off", "-fopenmp", "-shared", "-fPIC"))
+# x86-64 builds beyond AVX2, widest first: the CPU flags (/proc/cpuinfo) each needs and what it adds
+# to FLAGS. avx512vnni: AVX-512 VNNI's int16 multiply-add-accumulate (in 256-bit vectors) fuses the
+# int4 / int8 matmuls' two multiply-adds and their sum, with the same bits (simd.h's v8i_madd2).
+ISAS = {"avx512vnni": ({"avx512f", "avx512bw", "avx512vl", "avx512_vnni"},
+                       ("-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni"))}
 ENOMEM = 1  # OWNLM_ENOMEM in kernels.h
 
 
@@ -90,6 +97,29 @@ _tried = False
 _lock = threading.Lock()
 _threads: int | None = None  # set_threads' count, applied to the kernels when they load
 _warned_threads = False
+
+
+def isa() -> str:
+    """The build the kernels take here: "neon" on AArch64; on x86-64 the widest of ISAS whose flags
+    this CPU has, else "avx2". OWNLM_KERNEL_ISA names a narrower one (to compare them, or to
+    build for a CPU class); one this CPU lacks is a KernelError."""
+    if cpu.arm64():
+        return "neon"
+    wanted = os.environ.get("OWNLM_KERNEL_ISA", "")
+    if wanted:
+        if wanted != "avx2" and wanted not in ISAS:
+            raise KernelError(f"OWNLM_KERNEL_ISA={wanted} is not one of ownlm's builds",
+                              f"use one of: avx2, {', '.join(ISAS)}")
+        missing = ISAS[wanted][0] - cpu.flags() if wanted in ISAS else set()
+        if missing:
+            raise KernelError(f"OWNLM_KERNEL_ISA={wanted}: this CPU lacks {' '.join(sorted(missing))}")
+        return wanted
+    return next((name for name, (need, _) in ISAS.items() if need <= cpu.flags()), "avx2")
+
+
+def flags(name: str) -> tuple[str, ...]:
+    """The compiler flags of build `name` (one of isa()'s answers)."""
+    return FLAGS + (ISAS[name][1] if name in ISAS else ())
 
 
 def mode() -> str:
@@ -145,7 +175,13 @@ def _load() -> ctypes.CDLL | None:
     if wanted == "off":
         return None
     try:
-        return _open(_build())
+        name = isa()
+        try:
+            return _open(_build(name))
+        except KernelError:
+            if name in ("avx2", "neon") or os.environ.get("OWNLM_KERNEL_ISA"):
+                raise
+            return _open(_build("avx2"))  # a compiler without the wider build's flags
     except KernelError as e:
         if wanted == "required":
             raise
@@ -166,27 +202,28 @@ def _compiler() -> tuple[str, str]:
     return cc, version
 
 
-def build_key(cc: str, version: str) -> str:
-    """What the built object depends on: the compiler and its version, the flags, the sources."""
+def build_key(cc: str, version: str, name: str = "avx2") -> str:
+    """What build `name` depends on: the compiler and its version, the flags, the sources."""
     key = hashlib.sha256()
-    for part in [cc, version, *FLAGS, *((CSRC / f).read_text() for f in (*HEADERS, *SOURCES))]:
+    for part in [cc, version, *flags(name), *((CSRC / f).read_text() for f in (*HEADERS, *SOURCES))]:
         key.update(part.encode() + b"\0")
     return key.hexdigest()[:16]
 
 
-def _build() -> Path:
-    """The shared object for these sources, flags and compiler, built if it is not there yet."""
+def _build(name: str) -> Path:
+    """The shared object of build `name` for these sources and compiler, built if it is not there
+    yet."""
     if not (cpu.x86_avx2() or cpu.arm64()):
         raise KernelError(f"this CPU ({cpu.capability()}) is neither x86-64 with AVX2 nor AArch64, which ownlm's "
                           "kernels need")
     cc, version = _compiler()
-    target = kernels_dir() / f"cpu-{build_key(cc, version)}.so"
+    target = kernels_dir() / f"cpu-{build_key(cc, version, name)}.so"
     if target.exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
         out = Path(tmp) / "kernels.so"
-        cmd = [cc, *FLAGS, *(str(CSRC / name) for name in SOURCES), "-o", str(out), "-lm"]
+        cmd = [cc, *flags(name), *(str(CSRC / src) for src in SOURCES), "-o", str(out), "-lm"]
         try:
             run = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
         except (OSError, subprocess.SubprocessError) as e:
@@ -214,21 +251,19 @@ def _open(path: Path) -> ctypes.CDLL:
                           i32],
     }
     for name, args in signatures.items():
-        if hasattr(lib, name) or name in MATMULS:  # the matmuls must be there; the rest only on x86
-            f = getattr(lib, name)
-            f.argtypes, f.restype = args, ctypes.c_int
+        f = getattr(lib, name)
+        f.argtypes, f.restype = args, ctypes.c_int
     lib.ownlm_set_threads.argtypes, lib.ownlm_set_threads.restype = [i32], None
     lib.ownlm_get_threads.argtypes, lib.ownlm_get_threads.restype = [], i32
-    if hasattr(lib, "decode_layers"):
-        lib.layer_layout.argtypes, lib.layer_layout.restype = [p, i64], i64
-        ours = ([ctypes.sizeof(Layer), ctypes.sizeof(Part)]
-                + [getattr(Part, name).offset for name, _ in Part._fields_]
-                + [getattr(Layer, name).offset for name, _ in Layer._fields_])
-        theirs = (ctypes.c_int64 * len(ours))()
-        count = lib.layer_layout(theirs, len(ours))
-        if count != len(ours) or list(theirs) != ours:
-            raise KernelError(f"the kernels' layer_t layout {list(theirs)[:count]} differs from its Python mirror "
-                              f"{ours}")
+    lib.layer_layout.argtypes, lib.layer_layout.restype = [p, i64], i64
+    ours = ([ctypes.sizeof(Layer), ctypes.sizeof(Part)]
+            + [getattr(Part, name).offset for name, _ in Part._fields_]
+            + [getattr(Layer, name).offset for name, _ in Layer._fields_])
+    theirs = (ctypes.c_int64 * len(ours))()
+    count = lib.layer_layout(theirs, len(ours))
+    if count != len(ours) or list(theirs) != ours:
+        raise KernelError(f"the kernels' layer_t layout {list(theirs)[:count]} differs from its Python mirror "
+                          f"{ours}")
     if _threads is not None:
         lib.ownlm_set_threads(_threads)
     return lib
@@ -241,13 +276,9 @@ def _call(status: int) -> None:
         raise RuntimeError(f"ownlm's CPU kernels failed (status {status})")
 
 
-MATMULS = ("quant_gemm", "bf16_gemm")  # what every build has (the rest: x86 only)
-
-
 def full() -> bool:
-    """Whether every kernel is built here (x86-64), not only the matmuls (AArch64)."""
-    lib = load()
-    return lib is not None and hasattr(lib, "decode_layers")
+    """Whether the kernels are built here (every one of them: x86-64 and AArch64 alike)."""
+    return load() is not None
 
 
 def usable(x: torch.Tensor) -> bool:

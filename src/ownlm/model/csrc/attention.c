@@ -1,31 +1,30 @@
-/* One-token attention for a batch of sequences, with its cache write. */
+/* One-token attention for a batch of sequences, with its cache write, in simd.h's operations
+   (AVX2 or NEON, the same bits on both). */
 
 #include "kernels.h"
 
 /* exp(x) for x <= 0 (softmax after subtracting the max): 2^n * p(r), r in [-ln2/2, ln2/2], degree-6
    polynomial; relative error ~1e-7; inputs below -87 give 0 */
-static inline __m256 exp_neg(__m256 x) {
-    x = _mm256_max_ps(x, _mm256_set1_ps(-87.f));
-    const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
-                                     _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
-    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
-    __m256 p = _mm256_set1_ps(1.9875691500e-4f);
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
-    p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.f)));
-    const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
-    return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
+static inline v8f exp_neg(v8f x) {
+    x = v8f_max(x, v8f_set1(-87.f));
+    const v8f n = v8f_round(v8f_mul(x, v8f_set1(1.44269504088896341f)));
+    v8f r = v8f_fnmadd(n, v8f_set1(0.693359375f), x);
+    r = v8f_fnmadd(n, v8f_set1(-2.12194440e-4f), r);
+    v8f p = v8f_set1(1.9875691500e-4f);
+    p = v8f_fmadd(p, r, v8f_set1(1.3981999507e-3f));
+    p = v8f_fmadd(p, r, v8f_set1(8.3334519073e-3f));
+    p = v8f_fmadd(p, r, v8f_set1(4.1665795894e-2f));
+    p = v8f_fmadd(p, r, v8f_set1(1.6666665459e-1f));
+    p = v8f_fmadd(p, r, v8f_set1(5.0000001201e-1f));
+    p = v8f_fmadd(p, v8f_mul(r, r), v8f_add(r, v8f_set1(1.f)));
+    return v8f_mul(p, v8f_exp2i(v8i_round(n)));
 }
 
 /* the sums of 8 vectors' lanes, as one vector [sum a0, ..., sum a7] */
-static inline __m256 hsum8(const __m256* a) {
-    const __m256 t0 = _mm256_hadd_ps(_mm256_hadd_ps(a[0], a[1]), _mm256_hadd_ps(a[2], a[3]));
-    const __m256 t1 = _mm256_hadd_ps(_mm256_hadd_ps(a[4], a[5]), _mm256_hadd_ps(a[6], a[7]));
-    return _mm256_add_ps(_mm256_permute2f128_ps(t0, t1, 0x20), _mm256_permute2f128_ps(t0, t1, 0x31));
+static inline v8f hsum8(const v8f* a) {
+    const v8f t0 = v8f_hadd(v8f_hadd(a[0], a[1]), v8f_hadd(a[2], a[3]));
+    const v8f t1 = v8f_hadd(v8f_hadd(a[4], a[5]), v8f_hadd(a[6], a[7]));
+    return v8f_add(v8f_lows(t0, t1), v8f_highs(t0, t1));
 }
 
 /* a rotated (half-rotated layout over the first R dims) head vector, rounded as the compute
@@ -49,17 +48,16 @@ static inline void rotate(const void* qkv, int64_t off, int bf, int64_t D, int64
 #define CACHE_F16 2
 
 /* 8 floats from element i of a cache of type ct */
-static inline __m256 load8(const void* p, int64_t i, int ct) {
-    if (ct == CACHE_F32) return _mm256_loadu_ps((const float*)p + i);
-    const __m128i h = _mm_loadu_si128((const __m128i*)((const uint16_t*)p + i));
-    if (ct == CACHE_F16) return _mm256_cvtph_ps(h);
-    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+static inline v8f load8(const void* p, int64_t i, int ct) {
+    if (ct == CACHE_F32) return v8f_load((const float*)p + i);
+    if (ct == CACHE_F16) return v8f_from_f16((const uint16_t*)p + i);
+    return v8f_from_bf16((const uint16_t*)p + i);
 }
 
 /* v into element i of a cache of type ct, rounded to nearest even (as PyTorch converts) */
 static inline void cache_store(void* p, int64_t i, float v, int ct) {
     if (ct == CACHE_F16)
-        ((uint16_t*)p)[i] = _cvtss_sh(v, _MM_FROUND_TO_NEAREST_INT);
+        ((uint16_t*)p)[i] = f32_to_f16(v);
     else
         store(p, i, v, ct == CACHE_BF16);
 }
@@ -115,49 +113,51 @@ int attend_decode(const void* qkv, int bf, int64_t B, int64_t H, int64_t Hkv, in
             }
             rotate(qkv, b * width + h * D, bf, D, R, cos + b * R, sin + b * R, scale, q);
             /* scores, 8 keys at a time */
-            __m256 vmax = _mm256_set1_ps(-INFINITY);
+            v8f vmax = v8f_set1(-INFINITY);
             int64_t j = 0;
             for (; j + 8 <= n; j += 8) {
-                __m256 acc[8];
-                for (int i = 0; i < 8; i++) acc[i] = _mm256_setzero_ps();
+                v8f acc[8];
+                for (int i = 0; i < 8; i++) acc[i] = v8f_zero();
                 for (int64_t d = 0; d < D; d += 8) {
-                    const __m256 qv = _mm256_loadu_ps(q + d);
-                    for (int i = 0; i < 8; i++) acc[i] = _mm256_fmadd_ps(qv, load8(kc, first + (j + i) * D + d, ct), acc[i]);
+                    const v8f qv = v8f_load(q + d);
+                    for (int i = 0; i < 8; i++) acc[i] = v8f_fmadd(qv, load8(kc, first + (j + i) * D + d, ct), acc[i]);
                 }
-                const __m256 sc = hsum8(acc);
-                _mm256_storeu_ps(w + j, sc);
-                vmax = _mm256_max_ps(vmax, sc);
+                const v8f sc = hsum8(acc);
+                v8f_store(w + j, sc);
+                vmax = v8f_max(vmax, sc);
             }
             float mx = hmax(vmax);
             for (; j < n; j++) {
-                __m256 acc = _mm256_setzero_ps();
-                for (int64_t d = 0; d < D; d += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(q + d), load8(kc, first + j * D + d, ct), acc);
+                v8f acc = v8f_zero();
+                for (int64_t d = 0; d < D; d += 8) acc = v8f_fmadd(v8f_load(q + d), load8(kc, first + j * D + d, ct), acc);
                 w[j] = hsum(acc);
                 mx = w[j] > mx ? w[j] : mx;
             }
             /* softmax weights (unnormalized) */
-            const __m256 vmx = _mm256_set1_ps(mx);
-            __m256 vsum = _mm256_setzero_ps();
+            const v8f vmx = v8f_set1(mx);
+            v8f vsum = v8f_zero();
             for (int64_t i = n; i < n + 8; i++) w[i] = -INFINITY;  /* padding: exp gives 0 */
             for (j = 0; j < n; j += 8) {
-                const __m256 e = exp_neg(_mm256_sub_ps(_mm256_loadu_ps(w + j), vmx));
-                _mm256_storeu_ps(w + j, e);
-                vsum = _mm256_add_ps(vsum, e);
+                const v8f e = exp_neg(v8f_sub(v8f_load(w + j), vmx));
+                v8f_store(w + j, e);
+                vsum = v8f_add(vsum, e);
             }
             const float inv = 1.f / hsum(vsum);
             /* weighted values, 64 dims at a time in registers */
             for (int64_t d0 = 0; d0 < D; d0 += 64) {
                 const int64_t nd = D - d0 < 64 ? (D - d0) / 8 : 8;
-                __m256 acc[8];
-                for (int c = 0; c < 8; c++) acc[c] = _mm256_setzero_ps();
+                v8f acc[8];
+                for (int c = 0; c < 8; c++) acc[c] = v8f_zero();
                 for (j = 0; j < n; j++) {
-                    const __m256 wj = _mm256_broadcast_ss(w + j);
+                    const v8f wj = v8f_set1(w[j]);
                     const int64_t vr = first + j * D + d0;
-                    for (int c = 0; c < nd; c++) acc[c] = _mm256_fmadd_ps(wj, load8(vc, vr + 8 * c, ct), acc[c]);
+                    for (int c = 0; c < nd; c++) acc[c] = v8f_fmadd(wj, load8(vc, vr + 8 * c, ct), acc[c]);
                 }
-                for (int c = 0; c < nd; c++)
-                    for (int e = 0; e < 8; e++)
-                        store(out, b * H * D + h * D + d0 + 8 * c + e, ((float*)&acc[c])[e] * inv, bf);
+                for (int c = 0; c < nd; c++) {
+                    float lanes[8];
+                    v8f_store(lanes, acc[c]);
+                    for (int e = 0; e < 8; e++) store(out, b * H * D + h * D + d0 + 8 * c + e, lanes[e] * inv, bf);
+                }
             }
         }
         free(q);

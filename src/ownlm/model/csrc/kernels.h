@@ -1,6 +1,6 @@
-/* ownlm's CPU kernels (OpenMP; x86-64 with AVX2, FMA, F16C: all of them; AArch64 with NEON: the
-   matmuls of matmul.c, written in simd.h's operations): shared helpers and the entry points the
-   Python side (model/kernels.py) calls through ctypes.
+/* ownlm's CPU kernels (OpenMP; x86-64 with AVX2, FMA, F16C, and AArch64 with NEON: the vector
+   code is written in simd.h's operations): shared helpers and the entry points the Python side
+   (model/kernels.py) calls through ctypes.
 
    Every entry point returns 0, or OWNLM_ENOMEM when a buffer could not be allocated (nothing is
    written then that the caller would read). The caller checks every shape, bound and alignment

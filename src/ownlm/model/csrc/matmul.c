@@ -145,7 +145,7 @@ static inline __attribute__((always_inline)) v8f group_step(v16h w0, v16h w1, v1
         acc = v8f_fmadd(v8f_from_i32(v8i_madd(w0, x0)), v8f_set1(factor[0]), acc);
         return v8f_fmadd(v8f_from_i32(v8i_madd(w1, x1)), v8f_set1(factor[1]), acc);
     }
-    const v8i p = v8i_add(v8i_madd(w0, x0), v8i_madd(w1, x1));
+    const v8i p = v8i_madd2(w0, x0, w1, x1);
     return v8f_fmadd(v8f_from_i32(p), v8f_set1(factor[0]), acc);
 }
 

@@ -4,7 +4,8 @@
    on both, so a kernel computes the same results on either CPU (tests/test_neon.py runs the
    NEON build under qemu against the x86 one).
 
-   v8f: 8 floats; v8i: 8 int32; v16h: 16 int16; b16: 16 bytes. */
+   v8f: 8 floats; v8i: 8 int32; v16h: 16 int16; b16: 16 bytes. The attention kernel
+   (attention.c) is written in them too. */
 
 #ifndef OWNLM_SIMD_H
 #define OWNLM_SIMD_H
@@ -39,6 +40,18 @@ static inline v8f v8f_from_bf16(const uint16_t* p) {
 /* lanes 0 0 1 1 2 2 3 3 and 4 4 5 5 6 6 7 7 */
 static inline v8f v8f_dup_lo(v8f a) { return _mm256_permutevar8x32_ps(a, _mm256_setr_epi32(0, 0, 1, 1, 2, 2, 3, 3)); }
 static inline v8f v8f_dup_hi(v8f a) { return _mm256_permutevar8x32_ps(a, _mm256_setr_epi32(4, 4, 5, 5, 6, 6, 7, 7)); }
+static inline v8f v8f_sub(v8f a, v8f b) { return _mm256_sub_ps(a, b); }
+static inline v8f v8f_fnmadd(v8f a, v8f b, v8f c) { return _mm256_fnmadd_ps(a, b, c); } /* c - a b, one rounding */
+static inline v8f v8f_round(v8f a) { return _mm256_round_ps(a, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
+/* 2^e for integer lanes e in [-126, 127] */
+static inline v8f v8f_exp2i(v8i e) {
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(e, _mm256_set1_epi32(127)), 23));
+}
+/* [a0 + a1, a2 + a3, b0 + b1, b2 + b3, a4 + a5, a6 + a7, b4 + b5, b6 + b7] */
+static inline v8f v8f_hadd(v8f a, v8f b) { return _mm256_hadd_ps(a, b); }
+/* a's low 4 lanes then b's low 4, and a's high 4 then b's high 4 */
+static inline v8f v8f_lows(v8f a, v8f b) { return _mm256_permute2f128_ps(a, b, 0x20); }
+static inline v8f v8f_highs(v8f a, v8f b) { return _mm256_permute2f128_ps(a, b, 0x31); }
 static inline float v8f_hsum(v8f v) {
     __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
     s = _mm_add_ps(s, _mm_movehl_ps(s, s));
@@ -56,6 +69,12 @@ static inline v8i v8i_round(v8f a) { return _mm256_cvtps_epi32(a); } /* to neare
 static inline v8i v8i_add(v8i a, v8i b) { return _mm256_add_epi32(a, b); }
 /* lane i: a[2i] b[2i] + a[2i+1] b[2i+1] */
 static inline v8i v8i_madd(v16h a, v16h b) { return _mm256_madd_epi16(a, b); }
+/* v8i_madd(a, b) + v8i_madd(c, d) (exact in int32 for the kernels' values: the same bits either way) */
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
+static inline v8i v8i_madd2(v16h a, v16h b, v16h c, v16h d) { return _mm256_dpwssd_epi32(_mm256_madd_epi16(a, b), c, d); }
+#else
+static inline v8i v8i_madd2(v16h a, v16h b, v16h c, v16h d) { return _mm256_add_epi32(_mm256_madd_epi16(a, b), _mm256_madd_epi16(c, d)); }
+#endif
 
 static inline v16h v16h_load(const int16_t* p) { return _mm256_loadu_si256((const __m256i*)p); }
 static inline void v16h_store(int16_t* p, v16h v) { _mm256_storeu_si256((__m256i*)p, v); }
@@ -95,6 +114,7 @@ static inline b16 b16_bits6(const uint8_t* h, int half) {
 }
 
 static inline float f16_to_f32(uint16_t h) { return _cvtsh_ss(h); }
+static inline uint16_t f32_to_f16(float f) { return _cvtss_sh(f, _MM_FROUND_TO_NEAREST_INT); } /* nearest even */
 
 #elif defined(__ARM_NEON)
 #include <arm_neon.h>
@@ -132,6 +152,14 @@ static inline v8f v8f_from_bf16(const uint16_t* p) {
 }
 static inline v8f v8f_dup_lo(v8f a) { return v8f_make(vzip1q_f32(a.lo, a.lo), vzip2q_f32(a.lo, a.lo)); }
 static inline v8f v8f_dup_hi(v8f a) { return v8f_make(vzip1q_f32(a.hi, a.hi), vzip2q_f32(a.hi, a.hi)); }
+static inline v8f v8f_sub(v8f a, v8f b) { return v8f_make(vsubq_f32(a.lo, b.lo), vsubq_f32(a.hi, b.hi)); }
+static inline v8f v8f_fnmadd(v8f a, v8f b, v8f c) {
+    return v8f_make(vfmsq_f32(c.lo, a.lo, b.lo), vfmsq_f32(c.hi, a.hi, b.hi));
+}
+static inline v8f v8f_round(v8f a) { return v8f_make(vrndnq_f32(a.lo), vrndnq_f32(a.hi)); }
+static inline v8f v8f_hadd(v8f a, v8f b) { return v8f_make(vpaddq_f32(a.lo, b.lo), vpaddq_f32(a.hi, b.hi)); }
+static inline v8f v8f_lows(v8f a, v8f b) { return v8f_make(a.lo, b.lo); }
+static inline v8f v8f_highs(v8f a, v8f b) { return v8f_make(a.hi, b.hi); }
 static inline float v8f_hsum(v8f v) {  /* AVX2's tree: (0+4, 1+5, 2+6, 3+7), then (a+c, b+d), then the two */
     const float32x4_t s = vaddq_f32(v.lo, v.hi);
     const float32x2_t t = vadd_f32(vget_low_f32(s), vget_high_f32(s));
@@ -146,6 +174,11 @@ static inline float v8f_hmax(v8f v) {
 
 static inline v8i v8i_round(v8f a) { v8i r = {vcvtnq_s32_f32(a.lo), vcvtnq_s32_f32(a.hi)}; return r; }
 static inline v8i v8i_add(v8i a, v8i b) { v8i r = {vaddq_s32(a.lo, b.lo), vaddq_s32(a.hi, b.hi)}; return r; }
+static inline v8f v8f_exp2i(v8i e) {
+    const int32x4_t b = vdupq_n_s32(127);
+    return v8f_make(vreinterpretq_f32_s32(vshlq_n_s32(vaddq_s32(e.lo, b), 23)),
+                    vreinterpretq_f32_s32(vshlq_n_s32(vaddq_s32(e.hi, b), 23)));
+}
 static inline v8i v8i_madd(v16h a, v16h b) {
     const int32x4_t p0 = vmull_s16(vget_low_s16(a.lo), vget_low_s16(b.lo));
     const int32x4_t p1 = vmull_high_s16(a.lo, b.lo);
@@ -154,6 +187,7 @@ static inline v8i v8i_madd(v16h a, v16h b) {
     v8i r = {vpaddq_s32(p0, p1), vpaddq_s32(p2, p3)};
     return r;
 }
+static inline v8i v8i_madd2(v16h a, v16h b, v16h c, v16h d) { return v8i_add(v8i_madd(a, b), v8i_madd(c, d)); }
 
 static inline v16h v16h_load(const int16_t* p) { v16h r = {vld1q_s16(p), vld1q_s16(p + 8)}; return r; }
 static inline void v16h_store(int16_t* p, v16h v) { vst1q_s16(p, v.lo); vst1q_s16(p + 8, v.hi); }
@@ -204,6 +238,9 @@ static inline b16 b16_bits6(const uint8_t* h, int half) {
 
 static inline float f16_to_f32(uint16_t h) {
     return vgetq_lane_f32(vcvt_f32_f16(vreinterpret_f16_u16(vdup_n_u16(h))), 0);
+}
+static inline uint16_t f32_to_f16(float f) {
+    return vget_lane_u16(vreinterpret_u16_f16(vcvt_f16_f32(vdupq_n_f32(f))), 0);
 }
 
 #else
