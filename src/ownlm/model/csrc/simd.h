@@ -71,9 +71,13 @@ static inline v8i v8i_add(v8i a, v8i b) { return _mm256_add_epi32(a, b); }
 static inline v8i v8i_madd(v16h a, v16h b) { return _mm256_madd_epi16(a, b); }
 /* v8i_madd(a, b) + v8i_madd(c, d) (exact in int32 for the kernels' values: the same bits either way) */
 #if defined(__AVX512VNNI__) && defined(__AVX512VL__)
-static inline v8i v8i_madd2(v16h a, v16h b, v16h c, v16h d) { return _mm256_dpwssd_epi32(_mm256_madd_epi16(a, b), c, d); }
+static inline v8i v8i_madd2(v16h a, v16h b, v16h c, v16h d) {
+    return _mm256_dpwssd_epi32(_mm256_madd_epi16(a, b), c, d);
+}
 #else
-static inline v8i v8i_madd2(v16h a, v16h b, v16h c, v16h d) { return _mm256_add_epi32(_mm256_madd_epi16(a, b), _mm256_madd_epi16(c, d)); }
+static inline v8i v8i_madd2(v16h a, v16h b, v16h c, v16h d) {
+    return _mm256_add_epi32(_mm256_madd_epi16(a, b), _mm256_madd_epi16(c, d));
+}
 #endif
 
 static inline v16h v16h_load(const int16_t* p) { return _mm256_loadu_si256((const __m256i*)p); }
