@@ -24,9 +24,14 @@ TEXT = ("Owning a language model means running it on your own hardware, where no
 
 
 def peak_rss_mb() -> float:
-    from ownlm.evaluate.bench import peak_rss_bytes  # this process's own peak, not its parent's
-
-    return peak_rss_bytes() / 2**20
+    """This process's own peak resident memory in MiB: VmHWM, as `ownlm bench` measures it (ru_maxrss
+    starts at the parent's peak in a spawned process). Read here rather than through ownlm: the
+    llama.cpp children run in a Python without ownlm."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024  # kB
+    raise RuntimeError("/proc/self/status has no VmHWM (the benchmarks need Linux)")
 
 
 def run_ownlm(path: str, n_prompt: int, n_gen: int) -> dict:
