@@ -55,9 +55,11 @@ FLAGS = (("-O3", "-ffp-contract=off", "-fopenmp", "-shared", "-fPIC") if cpu.arm
          ("-O3", "-mavx2", "-mfma", "-mf16c", "-ffp-contract=off", "-fopenmp", "-shared", "-fPIC"))
 # x86-64 builds beyond AVX2, widest first: the CPU flags (/proc/cpuinfo) each needs and what it adds
 # to FLAGS. avx512vnni: AVX-512 VNNI's int16 multiply-add-accumulate (in 256-bit vectors) fuses the
-# int4 / int8 matmuls' two multiply-adds and their sum, with the same bits (simd.h's v8i_madd2).
+# int4 / int8 matmuls' two multiply-adds and their sum, with the same bits (simd.h's v8i_madd2);
+# the compiler's own vectorizing stays at 256 bits (512-bit code slows some CPUs' clocks and gave
+# no speed here).
 ISAS = {"avx512vnni": ({"avx512f", "avx512bw", "avx512vl", "avx512_vnni"},
-                       ("-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni"))}
+                       ("-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni", "-mprefer-vector-width=256"))}
 ENOMEM = 1  # OWNLM_ENOMEM in kernels.h
 
 
