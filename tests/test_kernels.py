@@ -15,7 +15,7 @@ import torch
 import ownlm
 from ownlm.engine.cpu_step import CpuDecode, eligible
 from ownlm.engine.kv_cache import KVCache
-from ownlm.model import kernels
+from ownlm.model import cpu, kernels
 from ownlm.model.linear import Linear
 from ownlm.model.ops import dense_matmul
 from ownlm.model.quant import QuantWeight, quantize
@@ -48,8 +48,6 @@ def test_the_build_key_covers_sources_flags_and_compiler(tmp_path, monkeypatch):
 
 
 def test_the_build_follows_the_cpu_flags_and_can_be_narrowed(monkeypatch):
-    from ownlm.model import cpu
-
     vnni = frozenset({"avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512_vnni"})
     monkeypatch.delenv("OWNLM_KERNEL_ISA", raising=False)
     monkeypatch.setattr(cpu, "flags", lambda: vnni)

@@ -14,13 +14,15 @@ from pathlib import Path
 
 import pytest
 
-from ownlm.model import kernels
+from ownlm.model import cpu, kernels
 
 from .conftest import KERNELS_POSSIBLE
 
 HARNESS = Path(__file__).with_name("kernel_harness.c")
 INSTALL = "apt-get install qemu-user gcc-aarch64-linux-gnu"
 CASES = 8 * 4 * 2 * 2 + 2 + 3 * 2 * 2 * 3 + 2 * 4  # the lines the harness prints
+COMMON = ("-O3", "-ffp-contract=off", "-fopenmp", "-Wall", "-Werror")  # the kernels' own flags
+X86 = (*COMMON, "-mavx2", "-mfma", "-mf16c")
 
 
 def _build(cc: str, flags: tuple[str, ...], out: Path) -> Path:
@@ -44,9 +46,8 @@ def test_neon_kernels_give_the_x86_kernels_bits(tmp_path):
         if os.environ.get("OWNLM_REQUIRE_NEON"):
             pytest.fail(f"OWNLM_REQUIRE_NEON is set but the cross compiler or qemu is missing: {INSTALL}")
         pytest.skip(f"needs Debian's cross compiler and qemu for AArch64 ({INSTALL})")
-    common = ("-O3", "-ffp-contract=off", "-fopenmp", "-Wall", "-Werror")  # the kernels' own flags
-    x86 = _build(os.environ.get("CC", "cc"), (*common, "-mavx2", "-mfma", "-mf16c"), tmp_path / "harness-x86")
-    arm = _build(cross, (*common, "-static"), tmp_path / "harness-arm")  # static: qemu needs no ARM sysroot
+    x86 = _build(os.environ.get("CC", "cc"), X86, tmp_path / "harness-x86")
+    arm = _build(cross, (*COMMON, "-static"), tmp_path / "harness-arm")  # static: qemu needs no ARM sysroot
     want, got = _run([str(x86)]), _run([qemu, str(arm)])
     # int4 and int5 with and without offsets, int6, int8, int4 codebook and a stack: 4 row counts, 2 K, 2 dtypes;
     # the bfloat16 matmul twice; attention: 3 cache types, 2 dtypes, 2 shapes, its output and both caches;
@@ -60,13 +61,10 @@ def test_neon_kernels_give_the_x86_kernels_bits(tmp_path):
 @pytest.mark.skipif(not KERNELS_POSSIBLE, reason="the x86 builds need x86-64 Linux with AVX2 and a C compiler")
 @pytest.mark.parametrize("isa", sorted(kernels.ISAS))
 def test_the_wider_x86_builds_give_the_avx2_bits(tmp_path, isa):
-    from ownlm.model import cpu
-
     need, extra = kernels.ISAS[isa]
     if not need <= cpu.flags():  # machines of one kind differ: this one runs the AVX2 build
         pytest.skip(f"this CPU lacks {' '.join(sorted(need - cpu.flags()))}, so it cannot run the {isa} build")
-    common = ("-O3", "-ffp-contract=off", "-fopenmp", "-Wall", "-Werror", "-mavx2", "-mfma", "-mf16c")
-    want = _run([str(_build(os.environ.get("CC", "cc"), common, tmp_path / "harness-avx2"))])
-    got = _run([str(_build(os.environ.get("CC", "cc"), (*common, *extra), tmp_path / f"harness-{isa}"))])
+    want = _run([str(_build(os.environ.get("CC", "cc"), X86, tmp_path / "harness-avx2"))])
+    got = _run([str(_build(os.environ.get("CC", "cc"), (*X86, *extra), tmp_path / f"harness-{isa}"))])
     assert len(want) == CASES
     assert got == want
