@@ -116,8 +116,6 @@ def test_shared_prefix_at_and_inside_a_block(llama, shared):
     # the answer was cached too: a prompt that goes on from it reuses the blocks it covers
     longer = b + again + ids(5, 4)
     assert alone(llama, longer)[1] == (len(b) + len(again) - 1) // BLOCK * BLOCK
-    if shared % BLOCK:
-        return
     # and the batch path, with logprobs: the same as without
     fresh(llama, 0)
     off = batch(llama, [a, b])
@@ -141,6 +139,12 @@ def test_eviction_keeps_the_bound_and_the_results(llama):
     assert got[-1][1] > 0  # the last one was still held
     fresh(llama, 0)
     assert [t for t, _ in got] == [alone(llama, p, n=4)[0] for p in prompts]
+    # the batch path under the same pressure: its logprobs too equal those without the cache
+    off = [batch(llama, [p], n=4)[0] for p in prompts]
+    pc = fresh(llama, 5 * block_bytes)
+    on = [batch(llama, [p], n=4)[0] for p in prompts]
+    assert pc.stats()["evictions"] > 0 and pc.held <= pc.budget and on[-1][2] > 0
+    same(on, off)
 
 
 def test_pinned_blocks_are_never_evicted(llama):
@@ -325,6 +329,10 @@ def test_prompt_cache_folder_outlives_the_process(llama, tmp_path):
     for i in range(3):
         alone(llama, ids(3 * BLOCK + 2, 95 + i), n=2)
         assert sum(f.stat().st_size for f in small.glob("*/*.kv")) <= 3 * block_file + 3 * 4096
+    # reopened with a smaller bound: trimmed at once, the most recently used block kept
+    newest = max(small.glob("*/*.kv"), key=lambda f: f.stat().st_mtime)
+    prefix_cache.persist(llama.model, small, "tiny", block_file + 4096)
+    assert list(small.glob("*/*.kv")) == [newest]
     prefix_cache.attach(llama.model, None)
 
 

@@ -347,6 +347,75 @@ def test_without_the_kernels_weights_stay_quantized(smollm2_gguf, hf_models, tmp
         torch.testing.assert_close(mixed.model(x).float(), reference.model(x).float(), atol=0.05, rtol=0.05)
 
 
+@pytest.mark.skipif(not KERNELS_POSSIBLE, reason="ownlm's kernels need x86-64 Linux with AVX2 and a C compiler")
+def test_a_k_quant_mix_loads_each_tensor_in_its_own_bits(smollm2_gguf, tmp_path, monkeypatch):
+    """A whole Q4_K_M-like GGUF (bench/scale.py's synthetic Llama: Q4_K, with Q6_K attn_v and
+    ffn_down in llama.cpp's use_more_bits layers and a Q6_K head) through ownlm.load: each tensor
+    in its own bits (a fused qkv of Q4_K and Q6_K parts), the bytes held the file's times the
+    documented expansion, and logits those of the float32 model that gguf's dequantizer reads."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+    import scale
+
+    monkeypatch.setitem(scale.SIZES, "test", dict(dim=256, layers=4, heads=4, kv_heads=2, ffn=512))
+    path = tmp_path / "mix.gguf"
+    scale.write_gguf(path, "test", "q4_k_m", smollm2_gguf)
+    lm = ownlm.load(str(path), cache=False)
+    blocks = lm.model.layers
+    assert [b.attn.qkv.bits for b in blocks] == [4, 4, (4, 6), (4, 6)]  # layers 2 and 3: more bits
+    assert [b.mlp.down.bits for b in blocks] == [4, 4, 6, 6] and lm.model.lm_head.bits == 6
+    assert isinstance(lm.model.embed, QuantEmbedding) and lm.model.embed.bits == 4
+    g = GGUFFile(path)
+    file = {t.qtype: 0 for t in g.tensors.values()}
+    for t in g.tensors.values():
+        file[t.qtype] += t.nbytes
+    held = sum(t.numel() * t.element_size() for m in lm.model.modules() if isinstance(m, (QuantLinear, QuantEmbedding))
+               for t in m.buffers())
+    assert held == sum(n * HELD.get(q, 1) for q, n in file.items() if q in WIDTH)
+    assert held <= 1.12 * sum(n for q, n in file.items() if q in WIDTH)
+    reference = ownlm.load(str(path), dtype="float32", quant="none", cache=False)
+    x = torch.tensor([lm.encode("The lighthouse keeper found a bottle on the rocks.")])
+    with torch.inference_mode():
+        got, want = lm.model(x).double(), reference.model(x).double()
+    assert ((got - want).norm() / want.norm()).item() < 2e-3  # float16 scales (2^-11), int16 activations
+
+
+def test_without_the_kernels_weights_are_dequantized_a_slice_at_a_time(monkeypatch):
+    """The path without ownlm's kernels expands at most DEQUANT_SLICE weight values at a time; the
+    product equals a float64 one from the whole dequantized weight, across slices and parts."""
+    from ownlm.model import ops
+
+    monkeypatch.setattr(kernels, "load", lambda: None)
+    monkeypatch.setattr(ops, "DEQUANT_SLICE", 7 * 64)  # 7 rows of 64 inputs: slices that cut parts
+    torch.manual_seed(0)
+    parts = [quantize(torch.randn(20, 64), 4), quantize(torch.randn(9, 64), 8), quantize(torch.randn(16, 64), 4)]
+    x = torch.randn(3, 64)
+    sizes = []
+    real = QuantWeight.dequantize
+    monkeypatch.setattr(QuantWeight, "dequantize", lambda w, rows=None: sizes.append(real(w, rows).numel()) or
+                        real(w, rows))
+    y = ops.quant_matmul(x, parts, torch.float32)
+    want = x.double() @ torch.cat([real(p) for p in parts]).double().T
+    torch.testing.assert_close(y.double(), want, rtol=1e-5, atol=1e-5)
+    assert max(sizes) <= 7 * 64 and sum(sizes) == 45 * 64
+
+
+def test_pytorch_without_its_cpu_int4_kernel(smollm2_gguf, monkeypatch):
+    """PyTorch 2.5 lacks the CPU twin of its int4 kernel: without ownlm's kernels too, int4 linears
+    stay in ownlm's layout (dequantized per call) and the model still follows its float32 self."""
+    from ownlm.model import linear
+
+    monkeypatch.setattr(kernels, "load", lambda: None)
+    monkeypatch.setattr(linear, "tinygemm_on_cpu", lambda: False)
+    lm = ownlm.load(str(smollm2_gguf), cache=False)
+    linears = [m for m in lm.model.modules() if isinstance(m, QuantLinear)]
+    assert linears and all(m.layout == "blocks" for m in linears)
+    exact = ownlm.load(str(smollm2_gguf), dtype="float32", quant="none", cache=False)
+    msgs = [{"role": "user", "content": PROMPTS[0]}]
+    assert lm.chat(msgs, max_tokens=12, temperature=0).text == exact.chat(msgs, max_tokens=12, temperature=0).text
+
+
 @pytest.mark.parametrize("quant", ["int4", "int8"])
 def test_quantize_at_load_follows_the_dense_model(hf_models, quant):
     dense = ownlm.load(str(hf_models["qwen2"]), dtype="float32", quant="none")

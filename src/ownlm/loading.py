@@ -336,9 +336,10 @@ def load(ref: str, device: str | None = None, dtype: str | torch.dtype | None = 
     GGUFs, quant none), which are held in the compute dtype; float32 on other CPUs; bfloat16 on
     CUDA, float16 on MPS.
     A dtype named (not auto) is the KV cache's too.
-    quant: auto (GGUF Q4_0/Q4_1/Q4_K stay int4, on a CPU or a CUDA GPU (there in bfloat16), and
-    Q8_0 int8 on a CPU), none (dequantize everything), bf16 (none, in bfloat16), int4 or int8 (every
-    linear of the layers, quantized at load where it is not already; int8 on CPUs only).
+    quant: auto (a GGUF's blocks stay quantized, each type in its own bits on a CPU, the 4-bit types
+    also on a CUDA GPU, there in bfloat16: see build_model), none (dequantize everything), bf16
+    (none, in bfloat16), int4 or int8 (every linear of the layers, quantized at load where it is not
+    already; int8 on CPUs only).
     An adapter is merged into dense weights, and kept beside quantized weights (so they stay so).
     threads: compute on that many CPU threads from now on, in this process (PyTorch's and ownlm's
     kernels'; model.kernels.set_threads); None leaves the count as it is (all the cores by default)."""

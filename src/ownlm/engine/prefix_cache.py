@@ -134,6 +134,15 @@ class Disk:
         self.lock = threading.Lock()
         self.sizes = {p.name: p.stat().st_size for p in sorted(self.dir.glob("*.kv"), key=lambda p: p.stat().st_mtime)}
         self.held = sum(self.sizes.values())
+        self._trim()  # a folder left larger (a smaller bound now, or files copied in) shrinks at once
+
+    def _trim(self) -> None:
+        """Remove the least recently used files until the folder is within its bound (the caller
+        holds the lock, or is __init__)."""
+        while self.held > self.limit and self.sizes:
+            old = next(iter(self.sizes))
+            self.held -= self.sizes.pop(old)
+            (self.dir / old).unlink(missing_ok=True)
 
     def _path(self, key: bytes):
         return self.dir / f"{key.hex()}.kv"
@@ -162,10 +171,7 @@ class Disk:
         with self.lock:
             self.sizes[name] = len(data)
             self.held += len(data)
-            while self.held > self.limit and self.sizes:
-                old = next(iter(self.sizes))
-                self.held -= self.sizes.pop(old)
-                (self.dir / old).unlink(missing_ok=True)
+            self._trim()
 
     def read(self, key: bytes, parent: bytes, tokens: tuple[int, ...], device) -> torch.Tensor | None:
         """The block's keys and values, or None: absent, or refused (damaged, another model's or

@@ -34,9 +34,9 @@ class Checkpoint:
     chat_template: str | None
     facts: dict[str, Any]
     # tensors(dtype, keep) -> (our name, dense tensor or QuantWeight); keep names the bit widths
-    # held quantized: GGUF Q4_0/Q4_1/Q4_K (4) and Q8_0 (8) weights of linears, the embedding and
-    # the head stay as int4 / int8 (formats/quants.py) instead of being dequantized, and with 8
-    # kept the other block types are held as int8
+    # held quantized: GGUF blocks of those widths (formats/quants.py's QUANT_TYPES: 4, 5, 6, 8) in
+    # linears, the embedding and the head stay in their own bits instead of being dequantized, and
+    # with 8 kept the other block types are held as int8
     tensors: Callable[..., Iterator[tuple[str, torch.Tensor | QuantWeight]]] = field(repr=False)
     # one row per model tensor in the file: {"name" (ours), "file_name", "shape", "type", "bytes"}
     listing: list[dict[str, Any]] = field(default_factory=list, repr=False)

@@ -14,7 +14,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import ops
-from .quant import QuantStack, QuantWeight, tinygemm_fits, tinygemm_mm, tinygemm_pack, tinygemm_params
+from .quant import (QuantStack, QuantWeight, tinygemm_fits, tinygemm_mm, tinygemm_on_cpu, tinygemm_pack,
+                    tinygemm_params)
 
 class Linear(nn.Linear):
     """nn.Linear whose forward is ops.dense_matmul (ownlm's kernel for bf16 weights on a CPU)."""
@@ -45,8 +46,8 @@ class Embedding(nn.Embedding):
 
 
 def fast_quant(device) -> bool:
-    """Whether int4 weights have a fast kernel on `device`: ownlm's kernels on an x86 CPU,
-    PyTorch's int4 kernel (tinygemm, bfloat16, Ampere or newer) on CUDA."""
+    """Whether int4 weights have a fast kernel on `device`: ownlm's kernels on a CPU (x86 with AVX2,
+    or AArch64), PyTorch's int4 kernel (tinygemm, bfloat16, Ampere or newer) on CUDA."""
     device = torch.device(device)
     if device.type == "cuda":
         return torch.cuda.is_available() and torch.cuda.get_device_capability(device)[0] >= 8
@@ -64,14 +65,15 @@ def quant_supported(device, bits: int) -> bool:
 def layout_for(device, w: QuantWeight | QuantStack | None = None, embedding: bool = False) -> str:
     """How a quantized weight w is held on `device`: "blocks" (ownlm's layout, see _Quantized) on
     a CPU with ownlm's kernels; "tinygemm" (PyTorch's int4 layout) for int4 linears that fit it
-    on CUDA and, without ownlm's kernels, on a CPU (its CPU twin of the same kernel); otherwise
-    "blocks" on a CPU (dequantized per call: memory stays quantized) and "dense" on CUDA
-    (dequantized at load). w None: the layout of an int4 linear."""
+    on CUDA and, without ownlm's kernels, on a CPU (its CPU twin of the same kernel, PyTorch 2.6 and
+    later); otherwise "blocks" on a CPU (dequantized per call, a slice at a time: memory stays
+    quantized) and "dense" on CUDA (dequantized at load). w None: the layout of an int4 linear."""
     device = torch.device(device)
     if device.type == "cpu" and ops.cpu_kernels():
         return "blocks"
     fits = not embedding and (w is None or (isinstance(w, QuantWeight) and w.kind == "int4"
                                             and tinygemm_fits(w.shape)))
+    fits = fits and (device.type != "cpu" or tinygemm_on_cpu())
     return "tinygemm" if fits else "blocks" if device.type == "cpu" else "dense"
 
 

@@ -131,13 +131,20 @@ def dense_matmul(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
     return F.linear(x, weight, bias)
 
 
+DEQUANT_SLICE = 1 << 22  # weight values dequantized at a time where no kernel runs (16 MB as float32)
+
+
 def quant_matmul(x: torch.Tensor, parts: list[QuantWeight], dtype: torch.dtype) -> torch.Tensor:
     """x (M, K) @ W.T for a group-wise integer weight (its parts stacked along the outputs), in
     inference: ownlm's integer kernel on a CPU; elsewhere the weight dequantized to `dtype` for
-    this call only."""
+    this call only, DEQUANT_SLICE values at a time (a 7B model's output head would otherwise be
+    half a gigabyte of float32 per call)."""
     if parts[0].data.device.type == "cpu" and x.shape[0] and kernels.load() is not None:
         return kernels.quant_matmul(_kernel_rows(x), parts)
-    return F.linear(x.to(dtype), torch.cat([w.dequantize() for w in parts]).to(dtype))
+    x = x.to(dtype)
+    rows = max(1, DEQUANT_SLICE // x.shape[-1])
+    return torch.cat([F.linear(x, w.dequantize(slice(n, n + rows)).to(dtype))
+                      for w in parts for n in range(0, w.shape[0], rows)], dim=-1)
 
 
 def _kernel_rows(flat: torch.Tensor) -> torch.Tensor:

@@ -131,12 +131,12 @@ class QuantWeight:
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.tensors().values())
 
-    def rows(self, rows: torch.Tensor) -> "QuantWeight":
-        """Only the given output rows (an embedding lookup)."""
+    def rows(self, rows: torch.Tensor | slice) -> "QuantWeight":
+        """Only the given output rows (an embedding lookup, or a slice of them)."""
         return QuantWeight(self.bits, **{name: t if name == "lut" else t[rows] for name, t in self.tensors().items()})
 
-    def dequantize(self, rows: torch.Tensor | None = None) -> torch.Tensor:
-        """The weight as float32 (N, K), or only the given rows of it (an embedding lookup)."""
+    def dequantize(self, rows: torch.Tensor | slice | None = None) -> torch.Tensor:
+        """The weight as float32 (N, K), or only the given rows of it (an embedding lookup, a slice)."""
         w = self if rows is None else self.rows(rows)
         if w.bits == 8:
             q = w.data.float()
@@ -237,6 +237,11 @@ def tinygemm_fits(shape: tuple[int, int]) -> bool:
     """PyTorch's int4 kernels take outputs in multiples of 8 (CUDA) or 16 (its CPU twin); inputs
     are multiples of 32 already."""
     return shape[0] % 16 == 0
+
+
+def tinygemm_on_cpu() -> bool:
+    """Whether this PyTorch has the CPU twin of its int4 kernel (2.6 and later)."""
+    return hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu")
 
 
 def tinygemm_pack(q: torch.Tensor) -> torch.Tensor:
