@@ -4,7 +4,8 @@
    Cases: every weight kind (int4 and int5 with and without offsets, int6, int8, int4 indices into a
    codebook), a stack of three parts, one to 70 rows (the one-row path, the 8/4/2/1-row blocks,
    the 64-row tiles), K with and without 8-group tails, float32 and bfloat16 activations; the
-   bfloat16 matmul; the one-token attention over each cache type; RMSNorm and the activations. */
+   bfloat16 matmul; the one-token attention over each cache type; RMSNorm and the activations; the
+   one-call decode step through two layers of mixed weights. */
 
 #include <stdio.h>
 #include <string.h>
@@ -163,6 +164,51 @@ int main(void) {
             report(name, ys, (size_t)(M * C) * (bf ? 2 : 4), bf);
         }
         free(xs), free(xsb);
+    }
+    /* the one-call decode step: two layers (the first local, a window of 3; the second with q / k
+       norms and post-norms), a qkv stack of int4 (q, k) and int6 (v), int4, int8 and int5
+       projections, 2 rows in float32 and bfloat16, a float16 cache */
+    for (int bf = 0; bf < 2; bf++) {
+        const int64_t B = 2, C = 64, H = 4, Hkv = 2, D = 16, R = 16, F = 96, cap = 16, L = 2;
+        layer_t layers[2];
+        memset(layers, 0, sizeof layers);
+        float* norms = (float*)malloc(6 * 64 * sizeof(float));
+        for (int64_t i = 0; i < 6 * 64; i++) norms[i] = 1.f + 0.25f * uniform();
+        for (int l = 0; l < 2; l++) {
+            layer_t* ly = layers + l;
+            ly->part[0][0] = part(4, 1, (H + Hkv) * D, C), ly->part[0][1] = part(6, 0, Hkv * D, C);
+            ly->part[1][0] = part(4, 0, C, H * D);
+            ly->part[2][0] = part(8, 0, 2 * F, C);
+            ly->part[3][0] = part(5, 1, C, F);
+            ly->nparts[0] = 2, ly->nparts[1] = ly->nparts[2] = ly->nparts[3] = 1;
+            const int64_t n[4] = {(H + 2 * Hkv) * D, C, 2 * F, C}, k[4] = {C, H * D, C, F};
+            for (int i = 0; i < 4; i++) ly->n[i] = n[i], ly->k[i] = k[i];
+            ly->norm1 = norms, ly->norm2 = norms + 64;
+            if (l) ly->q_norm = norms + 128, ly->k_norm = norms + 192, ly->post1 = norms + 256, ly->post2 = norms + 320;
+            ly->window = l ? 0 : 3, ly->local = !l, ly->scale = 0.25f;
+        }
+        const int64_t cn = B * Hkv * cap * D;
+        void* kcs[2];
+        void* vcs[2];
+        for (int l = 0; l < 2; l++) {
+            uint16_t* kc = (uint16_t*)malloc((size_t)cn * 2);
+            uint16_t* vc = (uint16_t*)malloc((size_t)cn * 2);
+            for (int64_t i = 0; i < cn; i++) kc[i] = f32_to_f16(uniform()), vc[i] = f32_to_f16(uniform());
+            kcs[l] = kc, vcs[l] = vc;
+        }
+        float cs[2 * 16], sn[2 * 16], x[2 * 64];
+        uint16_t xb[2 * 64];
+        for (int64_t i = 0; i < B * R; i++) cs[i] = uniform(), sn[i] = uniform();
+        for (int64_t i = 0; i < B * C; i++) xb[i] = f32_to_bf16(x[i] = uniform() * 2.f);
+        const int64_t slots[2] = {1, 0}, pos[2] = {5, 9};
+        void* xin = bf ? (void*)xb : (void*)x;
+        if (decode_layers(xin, bf, B, C, L, layers, kcs, vcs, H, Hkv, D, R, cs, sn, cs, sn, 2, slots, cap, pos,
+                          1e-5f, 0)) return 1;
+        char name[64];
+        snprintf(name, sizeof name, "decode_layers bf=%d", bf);
+        report(name, xin, (size_t)(B * C) * (bf ? 2 : 4), bf);
+        snprintf(name, sizeof name, "decode_layers-caches bf=%d", bf);
+        for (int l = 0; l < 2; l++) report(name, kcs[l], (size_t)cn * 2, 0), report(name, vcs[l], (size_t)cn * 2, 0);
     }
     return 0;
 }
