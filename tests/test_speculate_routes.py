@@ -1,9 +1,14 @@
 """The `speculate` extension on every generation route of the server, through the official clients:
 /v1/responses, /v1/messages, Ollama's /api/chat and /api/generate give the same greedy text with it as
 without, a bad value is a 400 naming `speculate`, the guesses are counted in chat completions' usage
-(OpenAI's accepted / rejected prediction tokens) and in /metrics, and these counts agree."""
+(OpenAI's accepted / rejected prediction tokens) and in /metrics, and these counts agree; and
+`ownlm serve --speculate` makes it the default of requests that set none ("none" turns it off)."""
 
 from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
 
 import anthropic
 import httpx
@@ -12,12 +17,13 @@ import openai
 import pytest
 
 import ownlm
-from conftest import build_hf_model
+from conftest import build_hf_model, build_tokenizer
 from ownlm.engine import speculate
 from ownlm.engine.generate import StepStats, generate_ids
 from ownlm.engine.sampling import SamplingParams
+from ownlm.errors import BadRequest
 from ownlm.server import ModelPool, Server
-from server_util import metric
+from server_util import Server as ServeProcess, metric
 from test_speculate import one_thread  # noqa: F401 - tiny models decode much faster on one thread
 
 # repeats itself: prompt lookup finds continuations, in the prompt and in the answer
@@ -224,3 +230,82 @@ def test_smollm2_prediction_speeds_up_an_edit(smollm2_gguf):
             assert d.accepted_prediction_tokens >= n // 2, (d, want)
             if prediction == want:  # guesses all kept: a pass per doubling of the guess, at most
                 assert d.rejected_prediction_tokens == 0 and d.accepted_prediction_tokens >= n - 6, (d, want)
+
+
+# --- `ownlm serve --speculate`: the default for requests that set none ---------------------------
+
+@pytest.fixture(scope="module")
+def folders(hf_models, tmp_path_factory):
+    """{API name: model folder}: the target, a draft with its tokenizer, one with another tokenizer."""
+    base = tmp_path_factory.mktemp("defaults")
+    other = shutil.copytree(hf_models["llama"], base / "other")
+    build_tokenizer(other, vocab_size=290)  # another vocabulary for the same weights
+    return {"tiny": hf_models["llama"], "draft": build_hf_model(base / "draft", "llama", seed=9, num_hidden_layers=1),
+            "other": other}
+
+
+def _pool(folders, speculate: str) -> ModelPool:
+    return ModelPool(list(folders), loader=lambda ref, **_: ownlm.load(str(folders[ref])), max_loaded=1,
+                     speculate=speculate)
+
+
+@pytest.mark.parametrize("default", ["ngram", "draft"])
+def test_serve_speculate_is_the_default_and_a_request_can_turn_it_off(folders, server, oai, default):
+    kw = dict(model="tiny", messages=MESSAGES, temperature=0, max_tokens=N)
+    gen_kw = dict(model="tiny", prompt=PROMPT, raw=True, options={"temperature": 0, "num_predict": N})
+    plain = oai.chat.completions.create(**kw).choices[0].message.content  # a server with no default
+    plain_gen = ollama.Client(host=server.url, timeout=120).generate(**gen_kw).response
+    pool = _pool(folders, default)
+    pool.preload()  # a default draft is loaded with its model, its vocabulary checked
+    assert list(pool.loaded["tiny"].lm.drafts) == ([] if default == "ngram" else ["draft"])
+    with Server(pool, port=0) as s:
+        client = openai.OpenAI(base_url=s.base_url, api_key="unused", max_retries=0, timeout=120)
+        r = client.chat.completions.create(**kw)
+        d = r.usage.completion_tokens_details
+        assert r.choices[0].message.content == plain and d.accepted_prediction_tokens + d.rejected_prediction_tokens > 0
+        off = client.chat.completions.create(extra_body={"speculate": "none"}, **kw)
+        assert off.choices[0].message.content == plain and off.usage.completion_tokens_details is None
+        # a request's own choice wins; a prediction means prompt lookup, whatever the default
+        own = "draft" if default == "ngram" else "ngram"
+        assert client.chat.completions.create(extra_body={"speculate": own}, **kw).choices[0].message.content == plain
+        assert sorted(pool.loaded["tiny"].lm.drafts) == ["draft"]
+        p = client.chat.completions.create(prediction={"type": "content", "content": plain}, **kw)
+        d = p.usage.completion_tokens_details
+        assert p.choices[0].message.content == plain and d.accepted_prediction_tokens + d.rejected_prediction_tokens
+        # every route takes the default: Ollama's has no usage field for it, /metrics counts it
+        before = _totals(s)
+        gen = ollama.Client(host=s.url, timeout=120).generate(**gen_kw)
+        drafted, accepted = (after - b for after, b in zip(_totals(s), before))
+        assert gen.response == plain_gen and 0 <= accepted <= drafted > 0
+
+
+def test_serve_speculate_refuses_a_draft_of_another_vocabulary(folders, oai):
+    pool = _pool(folders, "other")
+    with pytest.raises(BadRequest, match="different vocabulary"):
+        pool.preload()
+    pool.close()
+    with Server(_pool(folders, "other"), port=0) as s:  # loaded on the first request: a 400 that says why
+        client = openai.OpenAI(base_url=s.base_url, api_key="unused", max_retries=0, timeout=120)
+        with pytest.raises(openai.BadRequestError) as e:
+            client.chat.completions.create(model="tiny", messages=MESSAGES, max_tokens=4)
+        assert "the server's --speculate: the draft model" in str(e.value) and e.value.body["param"] == "speculate"
+        ok = client.chat.completions.create(model="tiny", messages=MESSAGES, max_tokens=4, temperature=0,
+                                            extra_body={"speculate": "none"})
+        assert ok.usage.completion_tokens >= 1 and ok.usage.completion_tokens_details is None
+
+
+def test_ownlm_serve_speculate_flag(folders, oai, ownlm_home):
+    tiny, draft = str(folders["tiny"]), str(folders["draft"])
+    bad = subprocess.run([sys.executable, "-m", "ownlm.cli.main", "serve", tiny, "--speculate", "nope", "--port", "0"],
+                         capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "--speculate 'nope' is neither \"ngram\" nor a model this server" in bad.stderr
+    plain = oai.chat.completions.create(model="tiny", messages=MESSAGES, temperature=0, max_tokens=N)
+    server = ServeProcess(ownlm_home, [tiny, draft, "--speculate", draft, "--preload"])
+    try:
+        client = openai.OpenAI(base_url=f"{server.base}/v1", api_key="unused", max_retries=0, timeout=120)
+        r = client.chat.completions.create(model=tiny, messages=MESSAGES, temperature=0, max_tokens=N)
+        assert r.choices[0].message.content == plain.choices[0].message.content
+        d = r.usage.completion_tokens_details  # the draft guessed (a random one, in vain)
+        assert d.accepted_prediction_tokens + d.rejected_prediction_tokens > 0
+    finally:
+        assert server.stop() == 0

@@ -19,6 +19,7 @@ import unicodedata
 from typing import Any, Callable
 
 from .. import manage
+from ..engine import prefix_cache
 from ..engine.generate import DEFAULT_MAX_TOKENS, budget
 from ..errors import OwnlmError
 from ..loading import load, split_adapter
@@ -59,6 +60,11 @@ def capped(lm, ids: list[int], sampling: dict, default: int = DEFAULT_MAX_TOKENS
     if params.max_tokens is not None:
         return sampling
     return {**sampling, "max_tokens": budget(len(ids), params, lm.model, default=default)}
+
+
+def cache_line(budget: int, per: str = "") -> str:
+    """The prefix cache's bound, as the chat and `ownlm serve` print it on stderr at start."""
+    return f"prefix cache: {budget / (1 << 20):.0f} MiB{per}" if budget else "prefix cache: off (--cache-mb 0)"
 
 
 # ---- the terminal: width, wrapping -------------------------------------------------------------
@@ -383,6 +389,8 @@ class Chat:
 
     def run(self) -> int:
         self.say(f"ownlm chat with {self.lm.name}. /? for help, Ctrl-D or /bye to leave.")
+        cache = prefix_cache.of(self.lm.model)  # made now, with the bound it keeps for the chat
+        self.say(cache_line(cache.budget if cache else 0))
         while True:
             entry = self.read_entry()
             if entry is None:

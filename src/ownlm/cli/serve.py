@@ -9,8 +9,9 @@ from pathlib import Path
 
 from . import (add_cache_option, add_prompt_cache_option, add_quant_option, add_threads_option, apply_cache_option,
                apply_threads_option, prompt_cache_of)
+from .chat import cache_line
 from ..engine.generate import DEFAULT_MAX_TOKENS
-from ..errors import BadRequest
+from ..errors import BadRequest, ModelNotFound
 
 
 def api_keys(args) -> list[str]:
@@ -44,19 +45,25 @@ def cmd_serve(args) -> int:
                           allow_pull=args.allow_pull)
     pool = ModelPool(args.models, keep_alive=args.keep_alive, max_loaded=args.max_loaded,
                      max_running=args.max_running, max_queue=args.max_queue, device=args.device, dtype=args.dtype,
-                     quant=args.quant, max_tokens=args.max_tokens, prompt_cache=prompt_cache_of(args))
+                     quant=args.quant, max_tokens=args.max_tokens, prompt_cache=prompt_cache_of(args),
+                     speculate=args.speculate)
     server = Server(pool, args.host, args.port, config).bind()  # refuses a public address without keys, a port in use
     for ref in args.models:  # refuse an unknown model now, not at the first request (BASE+ADAPTER: both)
         base, adapter = split_adapter(ref)
         resolve(base, pull_missing=True)
         if adapter:
             resolve_adapter(adapter)
+    if args.speculate not in (None, "ngram"):  # a draft the server offers (its vocabulary: checked at load)
+        try:
+            pool.ref_for(args.speculate)
+        except ModelNotFound:
+            raise BadRequest(f"--speculate {args.speculate!r} is neither \"ngram\" nor a model this server offers",
+                             "name it among the MODELs to serve (or pull it, with no MODEL)") from None
     if args.preload:
         pool.preload()
 
     budget = prefix_cache.configured() or 0
-    print(f"prefix cache: {budget / (1 << 20):.0f} MiB per model" if budget else "prefix cache: off (--cache-mb 0)",
-          file=sys.stderr, flush=True)
+    print(cache_line(budget, " per model"), file=sys.stderr, flush=True)
 
     def ready(server: Server) -> None:
         line = {"url": server.base_url, "models": sorted(pool.available()), "auth": bool(config.api_keys),
@@ -102,6 +109,10 @@ def register(sub) -> None:
     p.add_argument("--max-body-mb", type=float, default=8.0, help="largest request body in MiB (default 8)")
     p.add_argument("--device", help="cpu, cuda, cuda:N or mps (default: best available)")
     p.add_argument("--dtype", help="auto, float32, bfloat16 or float16")
+    p.add_argument("--speculate", "--draft", metavar="ngram|MODEL",
+                   help="speculative decoding for requests that set no `speculate` of their own: ngram (prompt "
+                        "lookup) or a draft MODEL this server offers, with the same tokenizer (a request's "
+                        "\"speculate\": \"none\" turns it off)")
     add_cache_option(p)
     add_prompt_cache_option(p)
     add_quant_option(p)

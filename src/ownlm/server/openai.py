@@ -112,7 +112,8 @@ class Chat:
         params = [runs.sampling(served, body, max_tokens, i) for i in range(body.n)]
         limit = runs.limit_for(served, prompt, params[0], max_tokens)
         self.tool_mode, self.prompt_tokens = plan.tool_mode, len(prompt) * body.n
-        speculate, draft = await runs.speculation(served, body.speculate)
+        # a prediction turns on prompt lookup by itself: the server's default draft does not apply
+        speculate, draft = await runs.speculation(served, body.speculate, default=body.prediction is None)
         predicted = None
         if body.prediction is not None:
             predicted, speculate = runs.prediction(served, body.prediction, speculate, draft)

@@ -18,6 +18,7 @@ from ..engine import prefix_cache
 from ..engine.embed import embed
 from ..engine.generate import DEFAULT_MAX_TOKENS
 from ..engine.scheduler import Driver, Scheduler
+from ..engine.speculate import NGRAM
 from ..errors import BadRequest, ModelNotFound, OwnlmError
 from ..loading import LoadedModel, load, split_adapter
 from ..manage import list_models
@@ -76,6 +77,7 @@ class Served:
     keep_alive: float | None = None  # seconds idle before unloading, set by a request (Ollama's); None: the pool's
     # a draft model for speculative decoding by API name (a model this server offers), loaded on this model's device
     load_draft: Callable[[str], LoadedModel] | None = None
+    speculate: str | None = None  # for a request that sets no `speculate`: `ownlm serve --speculate`
     last_used: float = field(default_factory=time.monotonic)
     _grammar_tok: Any = None
     _grammar_lock: threading.Lock = field(default_factory=threading.Lock)
@@ -113,12 +115,15 @@ class ModelPool:
     def __init__(self, refs: list[str] | None = None, keep_alive: float = 300.0, max_loaded: int = 1,
                  max_running: int = 8, max_queue: int = 64, device: str | None = None, dtype: str | None = None,
                  quant: str = "auto", loader: Callable[..., LoadedModel] = load,
-                 max_tokens: int = DEFAULT_MAX_TOKENS, prompt_cache: tuple[str, int] | None = None):
+                 max_tokens: int = DEFAULT_MAX_TOKENS, prompt_cache: tuple[str, int] | None = None,
+                 speculate: str | None = None):
         """`loader(ref, device=, dtype=, quant=, pull_missing=False)` makes a LoadedModel of a
         reference: `ownlm.load`, or in tests a function handing out models built in memory.
         `max_tokens` caps the answer of a chat request that sets no max_tokens (one that does may
         ask for up to what the context holds). `prompt_cache`: (folder, byte bound) where each
-        model's prefix cache also keeps its blocks (`ownlm serve --prompt-cache`)."""
+        model's prefix cache also keeps its blocks (`ownlm serve --prompt-cache`). `speculate`:
+        "ngram" or a draft model this pool offers, for requests that set no `speculate` of their own
+        (`ownlm serve --speculate`)."""
         if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1:
             raise BadRequest(f"max_tokens must be a positive integer (got {max_tokens!r})")
         self.fixed = {api_id(r): r for r in (refs or [])}
@@ -126,7 +131,7 @@ class ModelPool:
         self.max_running, self.max_queue = max_running, max_queue
         self.device, self.dtype, self.quant, self.loader = device, dtype, quant, loader
         self.max_tokens = max_tokens
-        self.prompt_cache = prompt_cache
+        self.prompt_cache, self.speculate = prompt_cache, speculate
         self.driver = Driver()
         self.loaded: dict[str, Served] = {}
         self.locks: dict[str, asyncio.Lock] = {}
@@ -174,7 +179,9 @@ class ModelPool:
                                  self.prompt_cache[1])
         sched = Scheduler(lm.model, max_running=self.max_running, max_queue=self.max_queue, driver=self.driver)
         return Served(mid, lm, sched, int(time.time()), Embedder(lm.model), max_tokens=self.max_tokens,
-                      load_draft=lambda name: self._draft(name, lm))
+                      load_draft=lambda name: self._draft(name, lm),
+                      # a draft model itself decodes plainly: drafting for itself would only double the work
+                      speculate=None if self.speculate and model_id(self.speculate) == mid else self.speculate)
 
     def _draft(self, name: str, lm: LoadedModel) -> LoadedModel:
         """A model this server offers, loaded as a draft for `lm` (on its device; not counted in
@@ -201,7 +208,13 @@ class ModelPool:
         """Load the first `max_loaded` models now, before any request (`ownlm serve --preload`)."""
         for mid, ref in list(self.available().items())[: self.max_loaded]:
             if mid not in self.loaded:
-                self.loaded[mid] = self._load(mid, ref)
+                served = self._load(mid, ref)
+                name = served.speculate
+                if name not in (None, NGRAM):  # the default draft too, its vocabulary checked now
+                    draft = served.load_draft(name)
+                    served.lm.speculator(draft)
+                    served.lm.drafts[name] = draft
+                self.loaded[mid] = served
 
     def release(self, served: Served) -> None:
         served.active -= 1

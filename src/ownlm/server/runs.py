@@ -239,11 +239,18 @@ class Job:
     prediction: list[int] | None = None  # a predicted answer's tokens, searched by prompt lookup too
 
 
-async def speculation(served: Served, name: str | None) -> tuple[str | None, Any]:
-    """A request's `speculate` checked: (name, the draft's torch model, or None for "ngram"). A draft
-    is a model this server offers (GET /v1/models), loaded once per served model, off the event loop,
-    and it must share the served model's vocabulary; anything else is a 400 naming the field."""
-    if name is None:
+NO_SPECULATION = "none"  # a request's `speculate` that turns the server's default (`--speculate`) off
+
+
+async def speculation(served: Served, name: str | None, default: bool = True) -> tuple[str | None, Any]:
+    """A request's `speculate` checked: (name, the draft's torch model, or None for "ngram"). None
+    takes the server's default (`ownlm serve --speculate`) where `default`; "none", no speculation.
+    A draft is a model this server offers (GET /v1/models), loaded once per served model, off the
+    event loop, and it must share the served model's vocabulary; anything else is a 400 naming the field."""
+    who = "speculate"
+    if name is None and default and served.speculate is not None:
+        name, who = served.speculate, "the server's --speculate"
+    if name is None or name == NO_SPECULATION:
         return None, None
     if name == speculation_engine.NGRAM:
         return name, None
@@ -254,13 +261,14 @@ async def speculation(served: Served, name: str | None) -> tuple[str | None, Any
         try:
             draft = await asyncio.to_thread(served.load_draft, name)
         except OwnlmError as e:  # not offered, or not loadable
-            raise BadRequest(f"speculate={name!r} is neither \"ngram\" nor a model this server offers: {e}",
+            raise BadRequest(f"{who}={name!r} is neither \"ngram\" nor a model this server offers: {e}",
                              "a draft is a smaller model with the same tokenizer, among GET /v1/models",
                              param="speculate") from None
         try:
             served.lm.speculator(draft)  # the vocabulary check
         except BadRequest as e:
-            raise BadRequest(f"speculate: {e.message}", e.hint, param="speculate") from None
+            hint = e.hint if who == "speculate" else 'send "speculate": "none" to decode without it'
+            raise BadRequest(f"{who}: {e.message}", hint, param="speculate") from None
         served.lm.drafts[name] = draft
     return name, draft.model
 
