@@ -1,6 +1,7 @@
 """Preference tuning (DPO, IPO, ORPO, KTO): data layouts, losses equal to a direct computation from
-independently computed log-probabilities (transformers for the reference), the adapter switched off
-is exactly the base, and `ownlm tune --method dpo` trains, logs rewards and resumes exactly."""
+independently computed log-probabilities (transformers for the reference) and to TRL's (DPO, KTO, ORPO's
+odds ratio), the adapter switched off is exactly the base, and `ownlm tune --method dpo` trains, logs rewards
+and KL and resumes exactly."""
 
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ from ownlm.model.linear import LoRALinear
 from ownlm.store.store import Store
 from ownlm.tune import checkpoints, objectives
 from ownlm.tune.data import DataError, Encoder, load_preferences, to_preference
-from ownlm.tune.trainer import TuneConfig, preference_loss, reference_logps
+from ownlm.tune.trainer import Trainer, TuneConfig, make_plan, preference_loss, reference_logps, step_rows
 
 PAIRS = [{"prompt": f"What is {a} plus {b}?", "chosen": f"{a + b}", "rejected": f"{a + b + 3}"}
          for a in range(6) for b in range(6)]
@@ -174,6 +175,39 @@ def test_losses_equal_a_direct_computation(hf_models, tmp_path, objective):
         assert stats["rewards/accuracy"] == sum(m > 0 for m in margins)
 
 
+@pytest.mark.parametrize("objective", ["dpo", "ipo"])
+def test_logged_kl_is_the_steps_mean_log_ratio(hf_models, tmp_path, objective):
+    """A step's logged `kl` (DPO, IPO): the mean of π - ρ over its chosen and rejected sequences, over both
+    micro-batches; π from ownlm's full logits, ρ from transformers' (the base) on the same rows."""
+    import transformers
+
+    lm = _model(hf_models["llama"], lora=True)
+    cfg = TuneConfig(objective=objective, beta=0.3, max_steps=1, batch_size=2, grad_accum=2, seq_len=128)
+    plan = make_plan(cfg, Encoder(lm.tokenizer, lm.template), _write(tmp_path / "p.jsonl", PAIRS[:6]))
+    cpu = torch.device("cpu")
+    reference_logps(lm.model, plan.rows, 2, cpu, None)  # in float32, as the direct computation
+    trainer = Trainer(lm.model, cfg, plan, tmp_path, cpu)
+    trainer.amp = None
+    hf = transformers.AutoModelForCausalLM.from_pretrained(hf_models["llama"], dtype=torch.float32).eval()
+    seqs = [r for it in step_rows(plan, 0, cfg.seed) for r in (it.chosen, it.rejected)]
+    want = sum(_own_logp(lm.model, r) - _hf_logp(hf, r) for r in seqs) / len(seqs)
+    assert len(seqs) == 8 and abs(want) > 0.1  # the adapter moved the policy off the reference
+    assert trainer.train_step()["kl"] == pytest.approx(want, rel=1e-4)
+
+
+def test_supervised_data_flags_are_refused_for_other_methods(capsys):
+    from ownlm.cli.main import main
+
+    cases = [("dpo", ["--format", "alpaca"]), ("kto", ["--train-on", "all"]), ("orpo", ["--no-pack"]),
+             ("ipo", ["--no-pack"]), ("grpo", ["--no-pack"]), ("grpo", ["--seq-len", "64"]),
+             ("grpo", ["--format", "messages"])]
+    for method, flag in cases:
+        capsys.readouterr()
+        assert main(["tune", "nowhere", "--method", method, "--data", "x.jsonl", "--name", "n", *flag]) == 2
+        err = capsys.readouterr().err
+        assert f"{flag[0]} does not apply to --method {method}" in err and "Traceback" not in err, err
+
+
 def test_pure_losses_by_hand():
     pc, pr, rc, rr = (torch.tensor([v], dtype=torch.float64) for v in (-3.0, -5.0, -4.0, -4.5))
     z = 0.5 * ((-3 + 4) - (-5 + 4.5))
@@ -218,8 +252,9 @@ def test_dpo_cli_trains_logs_rewards_and_resumes_exactly_after_sigkill(hf_models
     res = _tune(common + ["--name", "p"])
     log = [json.loads(x) for x in (Path(res["run_dir"]) / "metrics.jsonl").read_text().splitlines()]
     assert len(log) == 30
-    for key in ("loss", "rewards/chosen", "rewards/rejected", "rewards/margin", "rewards/accuracy"):
+    for key in ("loss", "rewards/chosen", "rewards/rejected", "rewards/margin", "rewards/accuracy", "kl"):
         assert all(key in r for r in log), key
+    assert log[0]["kl"] == pytest.approx(0.0, abs=1e-6) and log[-1]["kl"] != 0
     assert log[0]["rewards/margin"] == pytest.approx(0.0, abs=1e-6)  # B starts at zero: the policy is the reference
     assert sum(r["rewards/margin"] for r in log[-3:]) / 3 > 0.1
     assert sum(r["loss"] for r in log[-3:]) / 3 < math.log(2)
@@ -271,7 +306,43 @@ def test_orpo_and_kto_cli_run(hf_models, tmp_path, method):
     log = [json.loads(x) for x in (Path(res["run_dir"]) / "metrics.jsonl").read_text().splitlines()]
     assert len(log) == 3 and all(math.isfinite(r["loss"]) for r in log)
     assert all("rewards/margin" in r for r in log)
+    assert all(("kl" in r) == (method == "kto") for r in log)  # ORPO has no reference
     assert res["name"] == f"{method}:latest"
+
+
+def _adapter_for_trl(lm, folder: Path):
+    """ownlm's adapter written as PEFT files and read back: (the LoraConfig that gives TRL a new adapter of its
+    shape, so TRL's reference is the base with it switched off; the tensors then loaded into it)."""
+    from peft import LoraConfig
+    from safetensors.torch import load_file
+
+    from ownlm.formats import peft
+    from ownlm.tune.run import write_adapter
+
+    tensors = {n: p.detach().clone() for n, p in lm.model.named_parameters() if ".lora_" in n}
+    folder.mkdir()
+    write_adapter(folder, peft.LoraSettings(4, 8.0, 0.0, False, tuple(adapters.parse_targets("all-linear"))),
+                  tensors, "tiny")
+    settings = json.loads((folder / peft.CONFIG).read_text())
+    return (LoraConfig(r=settings["r"], lora_alpha=settings["lora_alpha"], lora_dropout=0.0,
+                       target_modules=settings["target_modules"], task_type="CAUSAL_LM"),
+            load_file(folder / peft.WEIGHTS))
+
+
+def _load_adapter(trainer, tensors) -> None:
+    from peft import set_peft_model_state_dict
+
+    result = set_peft_model_state_dict(trainer.model, tensors)
+    assert not result.unexpected_keys and tensors
+
+
+def _padded(rows) -> dict[str, torch.Tensor]:
+    """TRL's batch layout of token rows: right-padded ids, attention and completion masks."""
+    width = max(len(r.ids) for r in rows)
+    pad = lambda xs: xs + [0] * (width - len(xs))  # noqa: E731
+    return {"input_ids": torch.tensor([pad(list(r.ids)) for r in rows]),
+            "attention_mask": torch.tensor([pad([1] * len(r.ids)) for r in rows]),
+            "completion_mask": torch.tensor([pad([int(m) for m in r.mask]) for r in rows])}
 
 
 def test_dpo_loss_equals_trls(hf_models, tmp_path):
@@ -279,12 +350,7 @@ def test_dpo_loss_equals_trls(hf_models, tmp_path):
     DPOTrainer computes the loss ownlm computes (TRL averages over the pairs, ownlm's sum is per pair)."""
     import datasets
     import transformers
-    from peft import LoraConfig, set_peft_model_state_dict
-    from safetensors.torch import load_file
     from trl import DPOConfig, DPOTrainer
-
-    from ownlm.formats import peft
-    from ownlm.tune.run import write_adapter
 
     lm = _model(hf_models["llama"], lora=True)
     enc = Encoder(lm.tokenizer, lm.template)
@@ -293,34 +359,78 @@ def test_dpo_loss_equals_trls(hf_models, tmp_path):
     reference_logps(lm.model, items, 2, cpu, None)
     loss, _ = preference_loss(lm.model, items, TuneConfig(objective="dpo", beta=beta), cpu, None)
 
-    tensors = {n: p.detach().clone() for n, p in lm.model.named_parameters() if ".lora_" in n}
-    (tmp_path / "adapter").mkdir()
-    write_adapter(tmp_path / "adapter", peft.LoraSettings(4, 8.0, 0.0, False, tuple(adapters.parse_targets(
-        "all-linear"))), tensors, "tiny")
+    lora, ours = _adapter_for_trl(lm, tmp_path / "adapter")
     hf = transformers.AutoModelForCausalLM.from_pretrained(hf_models["llama"], dtype=torch.float32)
     tok = transformers.AutoTokenizer.from_pretrained(hf_models["llama"])
-    rows = [it.chosen for it in items] + [it.rejected for it in items]  # TRL's batch: chosen, then rejected
-    width = max(len(r.ids) for r in rows)
-    pad = lambda xs: xs + [0] * (width - len(xs))  # noqa: E731
-    inputs = {"input_ids": torch.tensor([pad(list(r.ids)) for r in rows]),
-              "attention_mask": torch.tensor([pad([1] * len(r.ids)) for r in rows]),
-              "completion_mask": torch.tensor([pad([int(m) for m in r.mask]) for r in rows])}
-    # a new adapter (so TRL's reference is the base with it switched off), then given our adapter's weights
-    settings = json.loads((tmp_path / "adapter" / peft.CONFIG).read_text())
+    inputs = _padded([it.chosen for it in items] + [it.rejected for it in items])  # TRL's: chosen, then rejected
     trainer = DPOTrainer(model=hf, processing_class=tok,
                          args=DPOConfig(output_dir=str(tmp_path / "trl"), beta=beta, use_cpu=True, report_to=[],
                                         per_device_train_batch_size=4),
                          train_dataset=datasets.Dataset.from_list([{"prompt": "a", "chosen": "b", "rejected": "c"}]),
-                         peft_config=LoraConfig(r=settings["r"], lora_alpha=settings["lora_alpha"], lora_dropout=0.0,
-                                                target_modules=settings["target_modules"], task_type="CAUSAL_LM"))
-    ours = load_file(tmp_path / "adapter" / peft.WEIGHTS)
-    result = set_peft_model_state_dict(trainer.model, ours)
-    assert not result.unexpected_keys and ours
+                         peft_config=lora)
+    _load_adapter(trainer, ours)
     with torch.no_grad():
         want = trainer.compute_loss(trainer.model, inputs)
     assert abs(float(want) - math.log(2)) > 1e-2  # the policy is not the reference: the adapter counts
     assert float(loss.detach()) / len(items) == pytest.approx(float(want), rel=1e-4)
 
+
+def test_kto_loss_equals_trls(hf_models, tmp_path):
+    """The same adapter, rows and completion masks: TRL's KTOTrainer computes ownlm's KTO loss and KL. TRL
+    estimates the KL reference point z0 on mismatched pairs (its KL_input_ids); ownlm on the batch's own rows
+    (objectives.py). Given the batch's own rows as its KL rows, TRL's z0 is ownlm's, so the rest is compared."""
+    import datasets
+    import transformers
+    from trl import KTOConfig, KTOTrainer
+
+    lm = _model(hf_models["llama"], lora=True)
+    enc = Encoder(lm.tokenizer, lm.template)
+    rows = [{"prompt": p["prompt"], "completion": p["chosen" if i % 3 else "rejected"], "label": bool(i % 3)}
+            for i, p in enumerate(PAIRS[:6])]
+    items = load_preferences(_write(tmp_path / "k.jsonl", rows), enc, "kto", 128).items
+    cpu, beta = torch.device("cpu"), 0.3
+    reference_logps(lm.model, items, 2, cpu, None)
+    loss, stats = preference_loss(lm.model, items, TuneConfig(objective="kto", beta=beta), cpu, None)
+
+    lora, ours = _adapter_for_trl(lm, tmp_path / "adapter")
+    hf = transformers.AutoModelForCausalLM.from_pretrained(hf_models["llama"], dtype=torch.float32)
+    tok = transformers.AutoTokenizer.from_pretrained(hf_models["llama"])
+    inputs = _padded([it.row for it in items])
+    inputs.update({f"KL_{k}": v for k, v in inputs.items()})
+    inputs["label"] = torch.tensor([it.label for it in items])
+    trainer = KTOTrainer(model=hf, processing_class=tok,
+                         args=KTOConfig(output_dir=str(tmp_path / "trl"), beta=beta, use_cpu=True, report_to=[],
+                                        per_device_train_batch_size=len(items)),
+                         train_dataset=datasets.Dataset.from_list([{"prompt": "a", "completion": "b", "label": True}]),
+                         peft_config=lora)
+    _load_adapter(trainer, ours)
+    with torch.no_grad():
+        want = trainer.compute_loss(trainer.model, inputs)
+    kl = trainer._metrics["train"]["kl"][-1]
+    assert abs(float(want) - 0.5) > 1e-2  # the policy is not the reference: the adapter counts
+    assert float(loss.detach()) / len(items) == pytest.approx(float(want), rel=1e-4)
+    assert kl > 0.1  # z0 is not clamped to 0: it moves every row's loss
+    assert stats["kl"] / len(items) == pytest.approx(kl, rel=1e-4)
+
+
+def test_orpo_odds_ratio_equals_trls():
+    """ORPO's odds-ratio term against TRL's ORPOTrainer.odds_ratio_loss, a method of log-probabilities that
+    reads only the trainer's beta and device, on per-token average log-probabilities down to a confident
+    model's (near 0, where 1 - p must not be computed as 1 - exp(log p)). TRL's NLL term differs by design: the
+    mean over the batch's prompt and chosen tokens, where ownlm's is each chosen completion's (Hong et al.)."""
+    from types import SimpleNamespace
+
+    from trl.experimental.orpo import ORPOTrainer
+
+    avg_c = torch.tensor([-0.3, -1.2, -2.5, -0.05, -1e-4, -2e-6, -3e-8])  # float32, as the trainer's
+    avg_r = torch.tensor([-0.9, -0.4, -2.6, -3.0, -1e-3, -5e-7, -0.2])
+    lam = 0.3
+    trl = SimpleNamespace(beta=lam, accelerator=SimpleNamespace(device=torch.device("cpu")))
+    ratio, rew_c, rew_r, _, _ = ORPOTrainer.odds_ratio_loss(trl, avg_c, avg_r)  # λ log σ(log odds ratio)
+    ours = objectives.orpo(avg_c, avg_r, lam)  # -avg_c - λ log σ(...)
+    assert torch.isfinite(ours).all()
+    torch.testing.assert_close(ours + avg_c, -ratio, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(rew_c - rew_r, lam * (avg_c - avg_r))
 
 
 @pytest.mark.parametrize("method", ["dpo", "kto"])
@@ -339,8 +449,8 @@ def test_two_gloo_processes_follow_the_single_process_run(hf_models, tmp_path, m
     logs = [[json.loads(x) for x in (Path(r["run_dir"]) / "metrics.jsonl").read_text().splitlines()]
             for r in (one, two)]
     assert len(logs[0]) == len(logs[1]) == 3
-    keys = ["loss", "rewards/chosen", "rewards/rejected", "rewards/margin", "tokens"]
-    keys += ["rewards/accuracy"] if method == "dpo" else ["kl"]
+    keys = ["loss", "rewards/chosen", "rewards/rejected", "rewards/margin", "tokens", "kl"]
+    keys += ["rewards/accuracy"] if method == "dpo" else []
     for key in keys:
         a, b = [r[key] for r in logs[0]], [r[key] for r in logs[1]]
         assert b == pytest.approx(a, rel=1e-4, abs=1e-5), key

@@ -324,6 +324,26 @@ def test_two_gloo_processes_follow_the_single_process_loss_curve(hf_models, tmp_
         torch.testing.assert_close(a[n], b[n], atol=1e-5, rtol=1e-4)
 
 
+def test_two_processes_resume_each_with_its_own_rng_state(hf_models, tmp_path):
+    """--nproc 2 with dropout: each process's dropout draws as many numbers as its share of the rows has
+    tokens, so their generators part; a checkpoint keeps each one's, and a resume from it ends on the
+    uninterrupted run's adapter, to the last bit."""
+    import shutil
+
+    data = _write(tmp_path / "d.jsonl", ROWS)
+    common = [str(hf_models["llama"]), "--data", str(data), "--max-steps", "4", "--save-every", "2",
+              "--dropout", "0.1", "--seq-len", "48", "--no-pack", "--nproc", "2"]
+    straight = Path(_tune(common + ["--name", "straight"])["run_dir"])
+    _, rng, _ = checkpoints.load(checkpoints.complete(straight)[0])
+    assert not torch.equal(rng["rng/torch"], rng["rng/torch.1"])
+    again = Store().root / "runs" / "again-latest"
+    shutil.copytree(straight, again)
+    shutil.rmtree(checkpoints.complete(again)[-1])  # as if killed between steps 2 and 4
+    assert _tune(common + ["--name", "again", "--resume"])["resumed_from"] == 2
+    a, b = (_read(_adapter_files(n)["adapter_model.safetensors"]) for n in ("straight", "again"))
+    assert a.keys() == b.keys() and all(torch.equal(a[n], b[n]) for n in a)
+
+
 def test_example_task_generator_is_deterministic_and_split(tmp_path):
     script = Path(__file__).resolve().parents[1] / "examples" / "dates" / "make_data.py"
     for out in ("a", "b"):

@@ -39,9 +39,17 @@ def cmd_tune(args) -> int:
     if objective != "grpo" and grpo:
         flag = next(iter(grpo))
         raise BadRequest(f"--{'reward' if flag == 'rewards' else flag.replace('_', '-')} goes with --method grpo")
-    if objective == "grpo" and (args.format != "auto" or args.train_on != "assistant"):
-        raise BadRequest("--format and --train-on do not apply to --method grpo",
-                         "GRPO rows are {\"prompt\": ...} or {\"messages\": [...]}; the completions are learned")
+    if objective != "sft":  # flags of supervised data: refused, not ignored
+        given = {"--format": args.format != "auto", "--train-on": args.train_on != "assistant",
+                 "--no-pack": args.no_pack, "--seq-len": objective == "grpo" and args.seq_len is not None}
+        flag = next((f for f, on in given.items() if on), None)
+        if flag:
+            raise BadRequest(f"{flag} does not apply to --method {objective}",
+                             "GRPO rows are {\"prompt\": ...} or {\"messages\": [...]}; the completions are learned"
+                             if objective == "grpo" else
+                             "preference rows are {\"prompt\" or \"messages\", \"chosen\", \"rejected\"} (KTO: "
+                             "\"completion\", \"label\"); only the completions are learned, each sequence a row of "
+                             "its own")
     if "rewards" in grpo:
         grpo["rewards"] = tuple(grpo["rewards"])
     cfg = TuneConfig(
@@ -49,7 +57,8 @@ def cmd_tune(args) -> int:
         beta=args.beta, **grpo,
         rank=args.rank, alpha=args.alpha if args.alpha is not None else 2.0 * args.rank,
         dropout=args.dropout, targets=args.targets, rslora=args.rslora, lr=args.lr, epochs=args.epochs,
-        max_steps=args.max_steps, batch_size=args.batch_size, grad_accum=args.grad_accum, seq_len=args.seq_len,
+        max_steps=args.max_steps, batch_size=args.batch_size, grad_accum=args.grad_accum,
+        seq_len=512 if args.seq_len is None else args.seq_len,
         pack=not args.no_pack, warmup=args.warmup, weight_decay=args.weight_decay, clip=args.clip,
         grad_checkpointing=args.grad_checkpointing, seed=args.seed, format=args.format, train_on=args.train_on,
         skip_bad=args.skip_bad, val_split=args.val_split, val_file=args.val_file, eval_every=args.eval_every,
@@ -174,7 +183,9 @@ def register(sub) -> None:
     p.add_argument("--val-file", help="validation data file (instead of --val-split)")
     p.add_argument("--epochs", type=float, default=3.0)
     p.add_argument("--max-steps", type=int, help="stop after this many optimizer steps (overrides --epochs)")
-    p.add_argument("--lr", type=float, help="peak learning rate (default 1e-3 for LoRA/QLoRA, 5e-5 for full)")
+    p.add_argument("--lr", type=float, help="peak learning rate (default: supervised 1e-3 for LoRA/QLoRA, 5e-5 "
+                                            "for full; dpo/ipo/orpo/kto 5e-5 for adapters, 5e-7 for full; grpo 5e-5 "
+                                            "for adapters, 1e-6 for full)")
     p.add_argument("--rank", type=int, default=16, help="LoRA rank (default 16)")
     p.add_argument("--alpha", type=float, help="LoRA alpha (default 2 x rank)")
     p.add_argument("--dropout", type=float, default=0.0, help="LoRA dropout (default 0: ~8%% faster on a CPU)")
@@ -183,7 +194,8 @@ def register(sub) -> None:
     p.add_argument("--batch-size", type=int, default=4,
                    help="sequences per micro-batch, across processes (default 4); GRPO: prompts, each with its group")
     p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step (default 1)")
-    p.add_argument("--seq-len", type=int, default=512, help="tokens per training row (default 512)")
+    p.add_argument("--seq-len", type=int, help="tokens per training row (default 512); preference methods: per "
+                                            "sequence, longer ones are cut")
     p.add_argument("--no-pack", action="store_true", help="one example per row instead of packing short ones")
     p.add_argument("--warmup", type=float, default=0.05, help="fraction of the steps spent warming up (default 0.05)")
     p.add_argument("--weight-decay", type=float, default=0.0)

@@ -72,7 +72,9 @@ def ipo(pc: torch.Tensor, pr: torch.Tensor, rc: torch.Tensor, rr: torch.Tensor, 
 
 def orpo(avg_c: torch.Tensor, avg_r: torch.Tensor, lam: float = 0.1) -> torch.Tensor:
     """avg_c, avg_r: per-token average log-probabilities of the chosen and rejected completions."""
-    log_odds = (avg_c - avg_r) - (torch.log1p(-torch.exp(avg_c)) - torch.log1p(-torch.exp(avg_r)))
+    # log(1 - p) as log(-expm1(log p)): 1 - exp(log p) loses the digits of a confident model (p near 1) in
+    # float32, and is 0 (log -inf) once log p > -6e-8
+    log_odds = (avg_c - avg_r) - (torch.log(-torch.expm1(avg_c)) - torch.log(-torch.expm1(avg_r)))
     return -avg_c - lam * F.logsigmoid(log_odds)
 
 

@@ -44,7 +44,7 @@ class TuneConfig:
     dropout: float = 0.0
     targets: str = "all-linear"
     rslora: bool = False
-    lr: float | None = None  # default: 1e-3 for adapters, 5e-5 for full fine-tuning
+    lr: float | None = None  # default: learning_rate's, by objective and method
     epochs: float = 3.0
     max_steps: int | None = None
     batch_size: int = 4
@@ -258,9 +258,12 @@ def preference_loss(model: Transformer, items: list, cfg: TuneConfig, device: to
                 else objectives.ipo(pc / nc, pr / nr, rc / nc, rr / nr, beta))
         rew_c, rew_r = beta * (pc - rc), beta * (pr - rr)
     rew_c, rew_r = rew_c.detach(), rew_r.detach()
-    return loss.sum(), {"rewards/chosen": float(rew_c.sum()), "rewards/rejected": float(rew_r.sum()),
-                        "rewards/margin": float((rew_c - rew_r).sum()),
-                        "rewards/accuracy": float((rew_c > rew_r).float().sum()), "chosen": n, "rejected": n}
+    stats = {"rewards/chosen": float(rew_c.sum()), "rewards/rejected": float(rew_r.sum()),
+             "rewards/margin": float((rew_c - rew_r).sum()),
+             "rewards/accuracy": float((rew_c > rew_r).float().sum()), "chosen": n, "rejected": n}
+    if cfg.objective != "orpo":  # per pair, the mean of π - ρ over its two sequences (ORPO has no reference)
+        stats["kl"] = float((pc - rc + pr - rr).detach().sum()) / 2
+    return loss.sum(), stats
 
 
 def reference_logps(model: Transformer, items: list, batch_size: int, device: torch.device,
@@ -412,8 +415,23 @@ class Trainer:
         for name, st in opt_sd.get("state", {}).items():  # empty on all but rank 0 under FSDP
             for k, v in st.items():
                 flat[f"{name}/{k}"] = v if torch.is_tensor(v) else torch.tensor(v)
-        flat["rng/torch"] = torch.get_rng_state()
+        states = [self._rng_states()]
+        if self.world > 1:  # each process's own: dropout draws as many numbers as its share of a batch has tokens
+            import torch.distributed as dist
+
+            states = [None] * self.world
+            dist.all_gather_object(states, self._rng_states())
+        for rank, st in enumerate(states):
+            for k, v in st.items():
+                flat[f"rng/{k}.{rank}" if rank else f"rng/{k}"] = v
         return model_sd, flat
+
+    def _rng_states(self) -> dict[str, torch.Tensor]:
+        """This process's generators: the CPU's, and on a GPU the device's (which its dropout draws from)."""
+        states = {"torch": torch.get_rng_state()}
+        if self.device.type == "cuda":
+            states["cuda"] = torch.cuda.get_rng_state(self.device)
+        return states
 
     def final_state(self) -> dict[str, torch.Tensor]:
         """The trained tensors, whole, on the CPU (gathered from every process under FSDP)."""
@@ -453,7 +471,12 @@ class Trainer:
         self.sched.load_state_dict(state["scheduler"])
         for group, lr in zip(self.opt.param_groups, self.sched.get_last_lr()):  # the scheduler sets it only on step()
             group["lr"] = lr
-        torch.set_rng_state(opt_flat["rng/torch"])
+        for k in self._rng_states():  # this process's states (the first process's if there were fewer)
+            saved = opt_flat.get(f"rng/{k}.{self.rank}", opt_flat.get(f"rng/{k}"))
+            if k == "torch":
+                torch.set_rng_state(saved)
+            elif saved is not None:  # (none in a checkpoint written on a CPU)
+                torch.cuda.set_rng_state(saved, self.device)
         self.step = int(state["step"])
 
     # -- the loop -----------------------------------------------------------------------------
@@ -503,6 +526,7 @@ class Trainer:
             rec["rewards/accuracy"] = tot["rewards/accuracy"] / nc
         else:
             rec["rewards/margin"] = rec["rewards/chosen"] - rec["rewards/rejected"]
+        if "kl" in tot:
             rec["kl"] = tot["kl"] / len(items)
         rec["grad_norm"] = norm
         return rec
