@@ -6,8 +6,9 @@ Each turn adds a user message of about 150 tokens (deterministic paragraphs abou
 and asks for a short greedy answer (--max-tokens); the answer joins the history, so turn N's
 prompt is turn N-1's prompt, its answer and the new message. The same conversation runs against
 `ownlm serve` (a subprocess on a free port) with its prefix cache (the default) and with
-`--cache-mb 0`, and against llama.cpp's server (`python -m llama_cpp.server`, which keeps a
-slot's prompt cache; from bench/.llama-env or --llama-python, see bench/compare.py) on the same
+`--cache-mb 0`, and against llama.cpp's server (`python -m llama_cpp.server --cache True`: its
+prompt cache in RAM, and the slot's reuse of the context it holds; from bench/.llama-env or
+--llama-python, see bench/compare.py) on the same
 GGUF file, with as many threads as ownlm. Every request
 streams through the official `openai` client: TTFT is the time to the first content token,
 tokens/s the answer's tokens after the first over the time after it. One warm-up request with an
@@ -144,8 +145,10 @@ def run_ownlm(model: str, extra: list[str], turns: int, max_tokens: int, logs: P
 def run_llama_cpp(python: str, gguf: str, turns: int, max_tokens: int, logs: Path) -> dict:
     port = free_port()
     cores = str(os.cpu_count() or 1)  # llama.cpp's server takes half the cores by default; ownlm takes them all
+    # --cache: its prompt cache in RAM (states saved after each request, the longest prefix restored),
+    # beside the slot's own reuse of the context it holds
     cmd = [python, "-m", "llama_cpp.server", "--model", gguf, "--n_ctx", "4096", "--port", str(port),
-           "--host", "127.0.0.1", "--n_threads", cores, "--n_threads_batch", cores]
+           "--host", "127.0.0.1", "--n_threads", cores, "--n_threads_batch", cores, "--cache", "True"]
     proc = start(cmd, f"http://127.0.0.1:{port}/v1/models", logs / f"llama-cpp-{port}.log")
     try:
         return {"command": " ".join(["python -m llama_cpp.server", *cmd[3:]]),

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import ownlm
-from conftest import build_hf_model
+from conftest import KERNELS_POSSIBLE, build_hf_model
 from ownlm.engine import prefix_cache
 from ownlm.engine.generate import StepStats, generate_ids
 from ownlm.engine.kv_cache import KVCache
@@ -29,12 +29,25 @@ GEMMA3 = dict(head_dim=16, sliding_window=6, num_hidden_layers=3, query_pre_attn
               rope_parameters={"full_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 1e6},
                                "sliding_attention": {"rope_type": "default", "rope_theta": 1e4}},
               hidden_activation="gelu_pytorch_tanh", tie_word_embeddings=True)
-TOL = 1e-4  # float32 logprobs, with and without the cache
+# logprobs with and without the cache: bit for bit where ownlm's kernels run (bfloat16 weights: its
+# matmul, norms and attention give a row the same bits in any batch, and every prompt row attends as
+# a one-token step, whatever the chunk it is computed in), else (float32) within rounding
+TOL = 0 if KERNELS_POSSIBLE else 1e-4
+
+
+def load(folder) -> ownlm.LoadedModel:
+    return ownlm.load(str(folder), dtype="bfloat16" if KERNELS_POSSIBLE else "float32")
 
 
 @pytest.fixture(scope="module")
 def llama(hf_models):
-    return ownlm.load(str(hf_models["llama"]), dtype="float32")
+    return load(hf_models["llama"])
+
+
+def block_size(lm) -> int:
+    """Bytes of one block: keys and values of every layer, in the KV cache's dtype."""
+    size = KVCache.for_model(lm.model, 1, 1).k[0].element_size()
+    return 2 * lm.config.n_layers * lm.config.n_kv_heads * lm.config.head_dim * size * BLOCK
 
 
 def ids(n: int, seed: int) -> list[int]:
@@ -126,7 +139,7 @@ def test_shared_prefix_at_and_inside_a_block(llama, shared):
 
 
 def test_eviction_keeps_the_bound_and_the_results(llama):
-    block_bytes = 2 * llama.config.n_layers * llama.config.n_kv_heads * llama.config.head_dim * 4 * BLOCK
+    block_bytes = block_size(llama)
     pc = fresh(llama, 5 * block_bytes)
     prompts = [ids(16 * (2 + i % 3) + 5, 10 + i) for i in range(5)]
     prompts += prompts[-2:]  # the last two again: found, or evicted by now and computed
@@ -148,7 +161,7 @@ def test_eviction_keeps_the_bound_and_the_results(llama):
 
 
 def test_pinned_blocks_are_never_evicted(llama):
-    block_bytes = 2 * llama.config.n_layers * llama.config.n_kv_heads * llama.config.head_dim * 4 * BLOCK
+    block_bytes = block_size(llama)
     pc = fresh(llama, 3 * block_bytes)
     p = ids(2 * BLOCK + 3, 20)
     alone(llama, p, n=1)
@@ -188,7 +201,7 @@ def test_sliding_windows_stay_exact(hf_models, tmp_path_factory, family):
     are far longer than the windows."""
     folder = hf_models["mistral"] if family == "mistral" else build_hf_model(
         tmp_path_factory.mktemp("g3") / "g3", "gemma3_text", seed=5, **GEMMA3)
-    lm = ownlm.load(str(folder), dtype="float32")
+    lm = load(folder)
     assert lm.config.sliding_window and lm.config.sliding_window < 2 * BLOCK
     head = ids(2 * BLOCK + 5, 70)
     prompts = [head + ids(9, 71), head + ids(12, 72)]
@@ -201,6 +214,38 @@ def test_sliding_windows_stay_exact(hf_models, tmp_path_factory, family):
     on = batch(lm, prompts)  # both found whole in the cache now
     same(on, off)
     assert [c for _, _, c in on] == [(len(p) - MIN_PREFILL) // BLOCK * BLOCK for p in prompts]
+
+
+@pytest.mark.skipif(not KERNELS_POSSIBLE, reason="ownlm's kernels need x86-64 Linux with AVX2 and a C compiler")
+@pytest.mark.parametrize("family", ["llama", "mistral", "gemma3_text"])
+def test_prompt_rows_are_decode_steps(hf_models, tmp_path_factory, family):
+    """On a CPU with ownlm's kernels a prompt's rows attend as one-token steps: computed whole, in
+    chunks of any size, or token by token (decode steps), a prompt leaves the same bits in the
+    cache and gives the same logits. So blocks written by decoding (an answer, cached for the next
+    turn) are those a prefill of the same tokens writes."""
+    from ownlm.engine.kv_cache import span
+
+    folder = hf_models[family] if family != "gemma3_text" else build_hf_model(
+        tmp_path_factory.mktemp("g3") / "g3", "gemma3_text", seed=5, **GEMMA3)
+    lm = load(folder)
+    p = ids(3 * BLOCK + 5, 80)
+    n = len(p)
+
+    def run(cuts: list[int]) -> tuple[torch.Tensor, KVCache]:
+        cache = KVCache.for_model(lm.model, 1, 64)
+        tokens = torch.tensor([p])
+        rows = []
+        with torch.inference_mode():
+            for a, b in zip([0, *cuts], [*cuts, n]):
+                cache.base, cache.length = 0, span(b)
+                rows.append(lm.model(tokens[:, a:b], torch.arange(a, b)[None], cache).float())
+        return torch.cat(rows, dim=1), cache
+
+    whole, cache = run([])
+    for cuts in ([BLOCK], [7, 30, 31], list(range(1, n))):  # the last: one token at a time
+        got, other = run(cuts)
+        assert torch.equal(got, whole), cuts
+        assert all(torch.equal(a[:, :, :n], b[:, :, :n]) for a, b in zip(other.k + other.v, cache.k + cache.v))
 
 
 def test_a_second_chat_turn_prefills_only_what_is_new(llama):
@@ -289,7 +334,7 @@ def test_prompt_cache_folder_outlives_the_process(llama, tmp_path):
     """`--prompt-cache DIR`: blocks are written to files and found by a later cache (a later
     process); the folder stays within its bound; damaged and foreign files are refused."""
     folder = tmp_path / "kv"
-    block_file = 2 * llama.config.n_layers * llama.config.n_kv_heads * llama.config.head_dim * 4 * BLOCK
+    block_file = block_size(llama)
     prefix_cache.persist(llama.model, folder, "tiny", 40 * block_file)
     p = ids(4 * BLOCK + 3, 90)
     first, cached = alone(llama, p, n=5)

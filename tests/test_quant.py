@@ -241,8 +241,12 @@ def prose_kl(exact, models: dict, through_cache: bool = False) -> dict[str, floa
 def test_smollm2_keeps_its_blocks_and_equals_the_dequantized_model(smollm2_gguf):
     """Q4_1 layers and the Q8_0 embedding/head stay in their bytes. In float32 the quantized model
     gives the dequantized model's logits and greedy answers; in bfloat16 it departs from them no
-    more than bfloat16 rounding alone does (the dequantized model in bfloat16), and answers the
-    three fixed prompts the same (the default computes in float32: test_fidelity.py)."""
+    more than bfloat16 rounding alone does (the dequantized model in bfloat16), and its answers to
+    the three fixed prompts depart from the reference's only at a near tie (the default computes in
+    float32: test_fidelity.py)."""
+    from ownlm.engine.generate import generate_ids
+    from ownlm.engine.sampling import SamplingParams
+
     exact = ownlm.load(str(smollm2_gguf), dtype="float32", quant="none", cache=False)
     f32 = ownlm.load(str(smollm2_gguf), dtype="float32", quant="int4", cache=False)
     fast = ownlm.load(str(smollm2_gguf), dtype="bfloat16", cache=False)  # int4 / int8 kept
@@ -259,8 +263,16 @@ def test_smollm2_keeps_its_blocks_and_equals_the_dequantized_model(smollm2_gguf)
         msgs = [{"role": "user", "content": prompt}]
         want = exact.chat(msgs, max_tokens=24, temperature=0).text
         assert f32.chat(msgs, max_tokens=24, temperature=0).text == want
-        # bf16 too, on these prompts (float32 logits keep near ties apart; deterministic kernels)
-        assert fast.chat(msgs, max_tokens=24, temperature=0).text == want
+        # bfloat16 activations round logits by ~2^-8 of their size: the answer is the reference's up to
+        # a token where the reference's two best logits lie within 0.25 (the haiku: " shore" / " ocean",
+        # 0.068 apart)
+        prompt, greedy = exact.encode(exact.chat_prompt(msgs)), SamplingParams(temperature=0, max_tokens=24)
+        a, b = (list(generate_ids(m.model, prompt, greedy, exact.tokenizer.eos_ids)) for m in (exact, fast))
+        i = next((k for k, (x, y) in enumerate(zip(a, b)) if x != y), None)
+        if i is not None:
+            with torch.inference_mode():
+                top = exact.model(torch.tensor([prompt + a[:i]]))[0, -1].float().topk(2).values
+            assert top[0] - top[1] < 0.25, (prompt, i)
 
 
 @pytest.mark.parametrize("qtype", [Q.Q4_0, Q.Q4_1, Q.Q4_K])

@@ -18,15 +18,15 @@ recently used first. When nothing can be evicted, a store stops (nothing is held
 
 Exactness: a reused position holds the very bits the model wrote for that token prefix, and the
 rest of the prompt is prefilled from there. That forward has fewer query rows than one from
-position 0, and a matmul may group its sums differently for another row count. Reuse therefore
-ends on a block boundary and leaves at least MIN_PREFILL tokens to compute (not one: a one-token
-forward takes the decode kernels, which round differently from a prefill): the rows then fall
-into the same groups as without the cache. Measured (20 prompts sharing 16-70 tokens, 3 tokens
-each): int4 in bfloat16 on ownlm's CPU kernels, logprobs bit-identical in all; float32 on
-PyTorch's matmuls, bit-identical in half, within 1e-6 in the rest. The guarantee is weaker:
-logits agree within float rounding (tests: 1e-4 in float32), so greedy tokens are the same unless
-two logits tie within that much. A request that scores its prompt (prompt logprobs) is computed
-whole, never from the cache.
+position 0. Reuse therefore ends on a block boundary and leaves at least MIN_PREFILL tokens to
+compute, so the rows fall into the same prefill chunks as without the cache. On a CPU with ownlm's
+kernels each prompt row also attends as a one-token decode step (model/ops.py: rows_attend), and
+the kernels' matmuls give a row the same bits in any batch: logits and greedy tokens are then bit
+for bit those without the cache, also where the reused blocks were written by decode steps (the
+previous turn's answer). Elsewhere (PyTorch's float matmuls, SDPA, another device) a matmul may
+group its sums differently for another row count: logits agree within float rounding (tests:
+1e-4 in float32), so greedy tokens are the same unless two logits tie within that much. A request
+that scores its prompt (prompt logprobs) is computed whole, never from the cache.
 
 One PrefixCache per model, made on first use (`of`); it is emptied when the model's structure
 changes (an adapter attached or merged, weights reloaded, the model moved).

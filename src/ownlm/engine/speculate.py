@@ -23,9 +23,10 @@ probability min(1, p(d)/q(d)), else draw from normalize(max(0, p - q)); prompt l
 point mass on d. The tokens come out with the same distribution as plain sampling (not the same
 tokens for a seed: the random numbers are used differently).
 
-Exactness of greedy text. A plain forward over several tokens rounds differently from one-token
-decode steps (other attention arithmetic, rotations in the compute dtype), which could flip a
-near-tie argmax. So `verify_forward` is built to be the decode step's arithmetic row by row: with
+Exactness of greedy text. A plain forward over several tokens may round differently from one-token
+decode steps (other attention arithmetic, rotations in the compute dtype; on a CPU with ownlm's
+kernels it does not: model/ops.py's rows_attend), which could flip a near-tie argmax. So
+`verify_forward` is built to be the decode step's arithmetic row by row everywhere: with
 the CPU stepper it is the one-call decode step itself, the rows one sequence's tokens in one cache
 slot (engine/cpu_step.py); otherwise the projections, norms and MLPs take all rows at once
 (ownlm's CPU kernels give a row the same bits whatever the number of rows), and attention runs per

@@ -74,19 +74,38 @@ class _ActMul(torch.autograd.Function):
 def attend_decode(qkv: torch.Tensor, n_heads: int, n_kv: int, head_dim: int, cos: torch.Tensor | None,
                   sin: torch.Tensor | None, pos: torch.Tensor, cache, layer: int, window: int,
                   scale: float) -> torch.Tensor | None:
-    """One-token attention in one kernel call (rotate q and k, write k and v into the cache,
-    attend over the exact key range): qkv (B, 1, W) -> (B, 1, H D). None where the kernel cannot
-    take this step (more tokens, no cache it can write, ALiBi, a head dim that is not a multiple
-    of 8, not a CPU in inference); the caller then runs the steps one by one."""
-    if qkv.shape[1] != 1 or cache is None or cos is None or head_dim % 8 or not kernels.usable(qkv):
+    """Attention through the one-token kernel (rotate q and k, write k and v into the cache,
+    attend over the exact key range): qkv (B, 1, W) -> (B, 1, H D), or one sequence's T tokens
+    (1, T, W) -> (1, T, H D), each row a one-token step of its own (see rows_attend). None where
+    the kernel cannot take it (several sequences of several tokens, no cache it can write, ALiBi,
+    rotations not in float32, a head dim that is not a multiple of 8, not a CPU in inference);
+    the caller then runs the steps one by one."""
+    B, T = qkv.shape[:2]
+    if ((B > 1 and T > 1) or cache is None or cos is None or cos.dtype != torch.float32 or head_dim % 8
+            or not kernels.usable(qkv)):
         return None  # head_dim: the kernel reads 8 dims at a time
     buffers = cache.decode_buffers(layer)
     if buffers is None:
         return None
     k_cache, v_cache, slot0 = buffers
-    slots = torch.arange(slot0, slot0 + qkv.shape[0])  # the batch's sequences in slots slot0..
+    if T > 1:  # one sequence's tokens as rows of one slot: each writes its k and v, then attends to its position
+        rows = kernels.attend_decode(qkv.reshape(T, 1, -1), n_heads, n_kv, head_dim, cos[0, 0], sin[0, 0], k_cache,
+                                     v_cache, torch.full((T,), slot0), pos[0], window, scale)
+        return rows.reshape(1, T, -1)
+    slots = torch.arange(slot0, slot0 + B)  # the batch's sequences in slots slot0..
     return kernels.attend_decode(qkv, n_heads, n_kv, head_dim, cos[:, 0, 0], sin[:, 0, 0], k_cache, v_cache, slots,
                                  pos[:, 0], window, scale)
+
+
+def rows_attend(x: torch.Tensor, cache, cfg) -> bool:
+    """Whether a forward of x (B, T, C) against `cache` attends through the one-token kernel: a
+    decode step, and on a CPU with ownlm's kernels one sequence's prefill too, row by row. Every
+    row's attention is then that of a one-token step, whatever the rows around it: a prompt
+    computed in any chunks (after a cached prefix or not) and a decode step give the same bits."""
+    if cache is None or x.shape[1] == 1:
+        return cache is not None
+    return (x.shape[0] == 1 and cfg.position == "rope" and cfg.head_dim % 8 == 0 and kernels.usable(x)
+            and cache.decode_buffers(0) is not None)
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float,

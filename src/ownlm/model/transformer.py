@@ -349,7 +349,8 @@ class Transformer(nn.Module):
             pos = torch.arange(T, device=tokens.device).expand(B, T)
         x = self.embed_tokens(tokens)  # (B, T, C)
         total = cache.length if cache is not None else T
-        kinds = self.attention_inputs(pos, total, x.dtype, T == 1 and cache is not None, segments)
+        rows = segments is None and ops.rows_attend(x, cache, self.cfg)  # float32 rotations for the kernel
+        kinds = self.attention_inputs(pos, total, x.dtype, rows, segments)
         recompute = self.checkpointing and torch.is_grad_enabled() and cache is None
         for block in self.layers:
             cos, sin, mask = kinds[block.local]

@@ -95,7 +95,7 @@ int attend_decode(const void* qkv, int bf, int64_t B, int64_t H, int64_t Hkv, in
                 cache_store(vc, row + d, load_x(qkv, b * width + (H + Hkv + g) * D + d, bf), ct);
             }
         }
-        #pragma omp for schedule(static)
+        #pragma omp for schedule(static, 1)  /* interleaved: a prompt's later rows attend to more keys */
         for (int64_t t = 0; t < B * H; t++) {
             const int64_t b = t / H, h = t % H, g = h / rep, p = pos[b];
             const int64_t lo = window > 0 && p - window + 1 > 0 ? p - window + 1 : 0;
