@@ -113,10 +113,12 @@ int main(void) {
     /* one-token attention: each cache type, float32 and bfloat16 rows; head dims 64 (rotary over
        all of it, no window) and 72 (a dims tail, rotary over 32, a window of 5); positions across
        the 8-key blocks; the output and both caches after the write */
+    static const int64_t heads[4][2] = {{4, 2}, {9, 3}, {8, 2}, {3, 3}};  /* query heads per key head: 2, 3, 4, 1 */
     for (int ct = 0; ct < 3; ct++)
         for (int bf = 0; bf < 2; bf++)
-            for (int v = 0; v < 2; v++) {
-                const int64_t B = 3, H = 4, Hkv = 2, D = v ? 72 : 64, R = v ? 32 : 64, cap = 40, window = v ? 5 : 0;
+            for (int v = 0; v < 2 * 4; v++) {
+                const int64_t H = heads[v / 2][0], Hkv = heads[v / 2][1];
+                const int64_t B = 3, D = v % 2 ? 72 : 64, R = v % 2 ? 32 : 64, cap = 40, window = v % 2 ? 5 : 0;
                 const int64_t width = (H + 2 * Hkv) * D, cn = 3 * Hkv * cap * D, es = ct ? 2 : 4;
                 float* q = (float*)malloc((size_t)(B * width) * sizeof(float));
                 uint16_t* qb = (uint16_t*)malloc((size_t)(B * width) * 2);
@@ -136,10 +138,12 @@ int main(void) {
                 float* out = (float*)malloc((size_t)(B * H * D) * sizeof(float));
                 if (attend_decode(bf ? (const void*)qb : q, bf, B, H, Hkv, D, R, cs, sn, kv[0], kv[1], ct, slots, cap,
                                   pos, window, 0.125f, out)) return 1;
-                char name[64];
-                snprintf(name, sizeof name, "attend ct=%d bf=%d D=%lld", ct, bf, (long long)D);
+                char name[96];
+                snprintf(name, sizeof name, "attend ct=%d bf=%d D=%lld H=%lld/%lld", ct, bf, (long long)D, (long long)H,
+                         (long long)Hkv);
                 report(name, out, (size_t)(B * H * D) * (bf ? 2 : 4), bf);
-                snprintf(name, sizeof name, "attend-caches ct=%d bf=%d D=%lld", ct, bf, (long long)D);
+                snprintf(name, sizeof name, "attend-caches ct=%d bf=%d D=%lld H=%lld/%lld", ct, bf, (long long)D,
+                         (long long)H, (long long)Hkv);
                 for (int c = 0; c < 2; c++) report(name, kv[c], (size_t)(cn * es), ct == 1);
                 free(q), free(qb), free(kv[0]), free(kv[1]), free(out);
             }

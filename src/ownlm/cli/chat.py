@@ -230,13 +230,15 @@ class _Nudge:
     """Python's readline looks for signals only when its select() is interrupted: a Ctrl-C that
     lands while readline is busy with a key (echoing it) would wait for the next key. Each signal
     also writes a byte to this pipe (signal.set_wakeup_fd); this thread then interrupts the main
-    thread's select() once more if the handler has not run shortly after."""
+    thread's select() once more, with a SIGUSR1 whose handler does nothing, if the SIGINT handler
+    has not run shortly after. The pending SIGINT's handler runs then; one that ran meanwhile is
+    not run twice (a second SIGINT would be a second Ctrl-C)."""
 
     def __init__(self):
         self.handled = 0  # the SIGINT handler's runs
         self.active = False  # readline is reading
-        self.forwarded = False  # the next byte is our own signal's
         self.main = threading.main_thread().ident
+        signal.signal(signal.SIGUSR1, lambda signum, frame: None)
         r, w = os.pipe()
         os.set_blocking(w, False)
         signal.set_wakeup_fd(w, warn_on_full_buffer=False)
@@ -247,14 +249,10 @@ class _Nudge:
             for sig in os.read(r, 64):
                 if sig != signal.SIGINT:
                     continue
-                if self.forwarded:
-                    self.forwarded = False
-                    continue
                 seen = self.handled
                 time.sleep(0.05)
                 if self.active and self.handled == seen:
-                    self.forwarded = True
-                    signal.pthread_kill(self.main, signal.SIGINT)
+                    signal.pthread_kill(self.main, signal.SIGUSR1)
 
 
 class LineReader:
