@@ -63,7 +63,7 @@ static inline v8f hsums(const v8f* a, const int KB) {
     return v8f_add(v8f_lows(t0, t1), v8f_highs(t0, t1));
 }
 
-/* HB query heads (1 to 3) of one row that share a key/value head: q (HB vectors of D, rotated and
+/* HB query heads (1 or 3) of one row that share a key/value head: q (HB vectors of D, rotated and
    scaled), keys and values from element `first` of the caches, n of them; w: HB score rows of
    n + 8 floats. Each head's arithmetic is that of one head alone (decode and prefill, any batch,
    any number of heads in the tile): per key, a multiply-add chain over the dims reduced by hsums,
@@ -202,7 +202,6 @@ int attend_decode(const void* qkv, int bf, int64_t B, int64_t H, int64_t Hkv, in
                 rotate(qkv, b * width + (h0 + i) * D, bf, D, R, cos + b * R, sin + b * R, scale, q + i * D);
             void* o = (char*)out + (b * H + h0) * D * (bf ? 2 : 4);
             if (hb == 3) attend_heads(3, q, kc, vc, ct, first, n, D, w, bf, o);
-            else if (hb == 2) attend_heads(2, q, kc, vc, ct, first, n, D, w, bf, o);
             else attend_heads(1, q, kc, vc, ct, first, n, D, w, bf, o);
         }
         free(q);
