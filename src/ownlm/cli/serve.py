@@ -11,6 +11,7 @@ from . import (add_cache_option, add_prompt_cache_option, add_quant_option, add_
                apply_threads_option, prompt_cache_of)
 from .chat import cache_line
 from ..engine.generate import DEFAULT_MAX_TOKENS
+from ..engine.speculate import NGRAM
 from ..errors import BadRequest, ModelNotFound
 
 
@@ -53,7 +54,7 @@ def cmd_serve(args) -> int:
         resolve(base, pull_missing=True)
         if adapter:
             resolve_adapter(adapter)
-    if args.speculate not in (None, "ngram"):  # a draft the server offers (its vocabulary: checked at load)
+    if args.speculate not in (None, NGRAM):  # a draft the server offers (its vocabulary: checked at load)
         try:
             pool.ref_for(args.speculate)
         except ModelNotFound:

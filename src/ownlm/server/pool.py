@@ -88,6 +88,32 @@ class Served:
                 self._grammar_tok = grammar_tokenizer(self.lm.tokenizer, self.lm.config.vocab_size)
             return self._grammar_tok
 
+    def draft(self, name: str, who: str = "speculate") -> LoadedModel:
+        """The draft model `name` (a model this server offers), loaded once and kept in lm.drafts,
+        its vocabulary checked against this model's; else a 400 naming `who` (the request's field,
+        or the server's --speculate)."""
+        draft = self.lm.drafts.get(name)
+        if draft is not None:
+            return draft
+        if self.load_draft is None:
+            raise BadRequest("speculate: this server has no draft models; use \"ngram\"", param="speculate")
+        try:
+            draft = self.load_draft(name)
+        except OwnlmError as e:  # not offered, or not loadable
+            raise BadRequest(f"{who}={name!r} is neither \"ngram\" nor a model this server offers: {e}",
+                             "a draft is a smaller model with the same tokenizer, among GET /v1/models",
+                             param="speculate") from None
+        try:
+            self.lm.speculator(draft)  # the vocabulary check
+        except BadRequest as e:
+            hint = e.hint if who == "speculate" else 'send "speculate": "none" to decode without it'
+            raise BadRequest(f"{who}: {e.message}", hint, param="speculate") from None
+        self.lm.drafts[name] = draft
+        return draft
+
+
+SERVER_DEFAULT = "the server's --speculate"  # who asked for a draft that the request did not name
+
 
 def model_id(name: str) -> str:
     """The API's name for a store entry: `name` for the latest tag, else `name:tag`."""
@@ -209,11 +235,8 @@ class ModelPool:
         for mid, ref in list(self.available().items())[: self.max_loaded]:
             if mid not in self.loaded:
                 served = self._load(mid, ref)
-                name = served.speculate
-                if name not in (None, NGRAM):  # the default draft too, its vocabulary checked now
-                    draft = served.load_draft(name)
-                    served.lm.speculator(draft)
-                    served.lm.drafts[name] = draft
+                if served.speculate not in (None, NGRAM):  # the default draft too, its vocabulary checked now
+                    served.draft(served.speculate, SERVER_DEFAULT)
                 self.loaded[mid] = served
 
     def release(self, served: Served) -> None:

@@ -16,7 +16,7 @@ from ..engine.generate import TextAssembler, budget
 from ..engine.sampling import SamplingParams
 from ..engine.scheduler import Event, Request, TokenLogprob
 from ..errors import BadRequest, OwnlmError
-from .pool import Served
+from .pool import SERVER_DEFAULT, Served
 
 TOOLS_PROMPT = (
     "You can call functions. To call one, reply with nothing but\n"
@@ -249,27 +249,12 @@ async def speculation(served: Served, name: str | None, default: bool = True) ->
     event loop, and it must share the served model's vocabulary; anything else is a 400 naming the field."""
     who = "speculate"
     if name is None and default and served.speculate is not None:
-        name, who = served.speculate, "the server's --speculate"
+        name, who = served.speculate, SERVER_DEFAULT
     if name is None or name == NO_SPECULATION:
         return None, None
     if name == speculation_engine.NGRAM:
         return name, None
-    draft = served.lm.drafts.get(name)
-    if draft is None:
-        if served.load_draft is None:
-            raise BadRequest("speculate: this server has no draft models; use \"ngram\"", param="speculate")
-        try:
-            draft = await asyncio.to_thread(served.load_draft, name)
-        except OwnlmError as e:  # not offered, or not loadable
-            raise BadRequest(f"{who}={name!r} is neither \"ngram\" nor a model this server offers: {e}",
-                             "a draft is a smaller model with the same tokenizer, among GET /v1/models",
-                             param="speculate") from None
-        try:
-            served.lm.speculator(draft)  # the vocabulary check
-        except BadRequest as e:
-            hint = e.hint if who == "speculate" else 'send "speculate": "none" to decode without it'
-            raise BadRequest(f"{who}: {e.message}", hint, param="speculate") from None
-        served.lm.drafts[name] = draft
+    draft = served.lm.drafts.get(name) or await asyncio.to_thread(served.draft, name, who)
     return name, draft.model
 
 
