@@ -1,11 +1,15 @@
 """The prefix cache (engine/prefix_cache.py) on tiny random models: with it, tokens equal those
 without it and logprobs agree within float rounding, for prefixes ending on a block boundary and
 inside a block, across requests, after evictions, in the batch scheduler, for Mistral's sliding
-window and Gemma 3's local layers; its bytes stay within the budget, pinned blocks stay, a chat's
-second turn prefills only what is new, and /v1 usage reports the cached tokens."""
+window and Gemma 3's local layers; its bytes stay within the budget, pinned blocks stay (and stay
+counted when the cache is emptied), a chat's second turn prefills only what is new, /v1 usage
+reports the cached tokens, and the on-disk folder is written by a background thread."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
+import threading
 import time
 
 import anthropic
@@ -182,6 +186,39 @@ def test_pinned_blocks_are_never_evicted(llama):
     assert pc.held <= pc.budget
 
 
+def test_clear_keeps_counting_the_blocks_a_hit_pins(llama):
+    """Emptying the cache (a model changed) while a sequence holds a hit: its blocks leave the tree
+    but stay alive, so they stay counted in the bytes held until released; stores never take the
+    budget past them."""
+    block_bytes = block_size(llama)
+    pc = fresh(llama, 4 * block_bytes)
+    p = ids(2 * BLOCK + 3, 21)
+    alone(llama, p, n=1)
+    cache = KVCache.for_model(llama.model, 1, 64)
+    hit = pc.lookup(llama.model, p, cache)
+    assert hit.length == 2 * BLOCK
+    kept = [b.kv.clone() for b in hit.blocks]
+    pc.clear()
+    assert pc.held == 2 * block_bytes and pc.stats()["bytes"] == 2 * block_bytes and pc.stats()["blocks"] == 2
+    assert pc.lookup(llama.model, p, cache).length == 0  # out of the tree: no later lookup finds them
+    for i in range(4):  # three blocks each; only two more fit beside the pinned ones
+        alone(llama, ids(3 * BLOCK + 2, 70 + i), n=1)
+        assert pc.held <= pc.budget
+    assert pc.stats()["blocks"] == 4 and pc.held == 4 * block_bytes
+    assert all(torch.equal(b.kv, k) for b, k in zip(hit.blocks, kept))  # the hit still loads its blocks
+    hit.release()
+    assert pc.held == sum(b.nbytes for b in pc.lru.values()) == 2 * block_bytes  # freed only now
+    assert all(b.kv is None for b in hit.blocks)
+    for i in range(4):
+        alone(llama, ids(3 * BLOCK + 2, 80 + i), n=1)
+        assert pc.held == sum(b.nbytes for b in pc.lru.values()) <= pc.budget
+    assert pc.stats()["blocks"] == 4
+    hit.release()  # a second release changes nothing
+    assert pc.held == 4 * block_bytes
+    pc.clear()
+    assert pc.held == 0 and pc.stats()["blocks"] == 0
+
+
 def test_scheduler_shares_a_prefix_between_concurrent_sequences(llama):
     system = ids(3 * BLOCK, 50)
     prompts = [system + ids(4 + 3 * i, 60 + i) for i in range(5)]
@@ -339,6 +376,7 @@ def test_prompt_cache_folder_outlives_the_process(llama, tmp_path):
     p = ids(4 * BLOCK + 3, 90)
     first, cached = alone(llama, p, n=5)
     assert cached == 0
+    assert prefix_cache.flush(timeout=60)  # written by the writer thread
     files = sorted(folder.glob("*/*.kv"))
     assert len(files) == (len(p) + 4) // BLOCK  # prompt and answer, whole blocks
     chain, node = [], prefix_cache.of(llama.model).root  # the prompt's blocks, first to last
@@ -374,11 +412,72 @@ def test_prompt_cache_folder_outlives_the_process(llama, tmp_path):
     for i in range(3):
         alone(llama, ids(3 * BLOCK + 2, 95 + i), n=2)
         assert sum(f.stat().st_size for f in small.glob("*/*.kv")) <= 3 * block_file + 3 * 4096
+    assert prefix_cache.flush(timeout=60)
     # reopened with a smaller bound: trimmed at once, the most recently used block kept
     newest = max(small.glob("*/*.kv"), key=lambda f: f.stat().st_mtime)
     prefix_cache.persist(llama.model, small, "tiny", block_file + 4096)
     assert list(small.glob("*/*.kv")) == [newest]
     prefix_cache.attach(llama.model, None)
+
+
+def test_prompt_cache_files_are_written_off_the_engine_thread(llama, tmp_path, monkeypatch):
+    """A slow disk stalls no request: a store only queues its blocks' files; one writer thread
+    writes them, not holding the cache's lock; flush waits for them; a full queue drops a block
+    rather than wait."""
+    pc = prefix_cache.persist(llama.model, tmp_path / "kv", "tiny", 1 << 30)
+    disk, write = pc.disk, pc.disk.write
+    go, writers = threading.Event(), []
+
+    def slow(*args):
+        writers.append(threading.current_thread())
+        go.wait(10)
+        write(*args)
+
+    monkeypatch.setattr(disk, "write", slow)
+    p = ids(3 * BLOCK + 2, 100)
+    first, _ = alone(llama, p, n=3)  # returns while the first file waits for `go`
+    t0 = time.monotonic()
+    while not writers and time.monotonic() - t0 < 10:
+        time.sleep(0.01)
+    assert writers and threading.current_thread() not in writers and not go.is_set()
+    assert not list(disk.dir.glob("*.kv"))
+    hit = pc.lookup(llama.model, p, KVCache.for_model(llama.model, 1, 64))  # the lock is free meanwhile
+    assert hit.length == 3 * BLOCK
+    hit.release()
+    go.set()
+    assert disk.flush(timeout=60)
+    assert len(list(disk.dir.glob("*.kv"))) == pc.stats()["blocks"] == 3
+    for b in pc.lru.values():  # read back as stored
+        assert torch.equal(disk.read(b.key, b.parent.key, b.tokens, "cpu"), b.kv)
+    # a queue of one block's bytes, its writer stalled: of three new blocks one is written, two dropped
+    go.clear()
+    monkeypatch.setattr(prefix_cache._writer, "limit", block_size(llama))
+    alone(llama, ids(3 * BLOCK + 2, 101), n=1)
+    assert not go.is_set() and pc.stats()["blocks"] == 6
+    go.set()
+    assert prefix_cache.flush(timeout=60)
+    assert len(list(disk.dir.glob("*.kv"))) == 4
+    prefix_cache.attach(llama.model, None)
+
+
+def test_a_clean_exit_writes_the_queued_files(tmp_path):
+    """A process that exits normally waits for its queued files (atexit), however slow the disk."""
+    kv = torch.arange(2 * 3 * BLOCK * 4, dtype=torch.float32).view(2, 3, BLOCK, 4)
+    code = f"""if True:
+        import sys, time, torch
+        from ownlm.engine import prefix_cache
+        disk = prefix_cache.Disk(sys.argv[1], "exit test", 1 << 20)
+        write = disk.write
+        def slow(*args):
+            time.sleep(1)
+            write(*args)
+        disk.write = slow
+        kv = torch.arange({kv.numel()}, dtype=torch.float32).view({tuple(kv.shape)})
+        assert disk.save(bytes(16), bytes(range(16)), tuple(range({BLOCK})), kv)
+        """
+    subprocess.run([sys.executable, "-c", code, str(tmp_path)], check=True, timeout=120)
+    disk = prefix_cache.Disk(tmp_path, "exit test", 1 << 20)
+    assert torch.equal(disk.read(bytes(16), bytes(range(16)), tuple(range(BLOCK)), "cpu"), kv)
 
 
 def test_run_json_reports_cached_tokens_across_runs(hf_models, tmp_path, capsys):

@@ -77,6 +77,7 @@ def test_serve_prompt_cache_carries_prompts_to_a_later_server(hf_models, tmp_pat
     bs = prefix_cache.BLOCK
     text, n, cached = ask(seen)
     assert (text, cached) == (want[0], 0) and n > 2 * bs
+    assert prefix_cache.flush(timeout=60)  # as a process exiting does (the next server's folder does it too)
     assert list((tmp_path / "pc").glob("*/*.kv"))  # written through to the folder
     text, n2, cached = ask(seen)  # a new server, the same prompt
     assert (text, n2) == (want[0], n) and cached == (n - prefix_cache.MIN_PREFILL) // bs * bs

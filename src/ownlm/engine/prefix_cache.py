@@ -15,6 +15,9 @@ and the window is a mask), so Mistral's window and Gemma 3's local layers reuse 
 Blocks are counted in bytes against a budget. A lookup pins the blocks it returns (reference
 counts) until `release`; only unpinned blocks without cached children are evicted, least
 recently used first. When nothing can be evicted, a store stops (nothing is held past the budget).
+Emptying the cache (`clear`) frees the unpinned blocks at once; a pinned one leaves the tree (no
+later lookup finds it) but stays counted until its last hit is released, since its memory is held
+until then.
 
 Exactness: a reused position holds the very bits the model wrote for that token prefix, and the
 rest of the prompt is prefilled from there. That forward has fewer query rows than one from
@@ -38,10 +41,15 @@ and a block missing in memory is looked for there: a later process starts with t
 earlier ones. Files are written beside their place and renamed into it, hold their model
 identity, parent digest, tokens, shape and a checksum, and are refused (and removed, with a
 warning) when any of it is wrong; the folder is kept under a byte bound by removing the least
-recently used files."""
+recently used files. Files are written by one background thread (`_Writer`), never by the thread
+that stores, nor under the cache's lock: a slow disk delays the files, not the requests. Its queue
+is bounded; a block that does not fit is not written (it is only a cache). The queue is emptied
+before a folder is opened (a second server in the process finds the first's blocks) and when the
+process exits normally; `flush` waits for it."""
 
 from __future__ import annotations
 
+import atexit
 import hashlib
 import json
 import os
@@ -49,7 +57,7 @@ import threading
 import warnings
 import weakref
 from array import array
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -64,6 +72,7 @@ BLOCK = 16  # positions per block: small enough that a short shared system promp
 MIN_PREFILL = 2  # prompt tokens always computed (the last gives the logits)
 DEFAULT_SHARE = 8  # without a budget set: this fraction of the memory free now ...
 DEFAULT_CAP = 2 << 30  # ... and at most this many bytes
+WRITE_QUEUE = 1 << 30  # bytes of blocks waiting for their files, at most (mostly blocks the cache holds anyway)
 
 
 class _Block:
@@ -109,10 +118,81 @@ MAGIC = b"ownlm-kv1\n"
 _DTYPES = {str(t): t for t in (torch.float32, torch.bfloat16, torch.float16)}
 
 
+class _Writer:
+    """The one thread of the process that writes blocks to their files (`Disk.write`), in the order
+    queued. The thread that stores only queues a reference to the block's keys and values (a tensor
+    nothing writes to again), so a slow disk never stalls a request nor holds the cache's lock.
+    The queue is bounded in bytes; a block that does not fit is dropped, the caller never waits."""
+
+    def __init__(self, limit: int):
+        self.limit = limit
+        self.cond = threading.Condition()
+        self.jobs: deque[tuple] = deque()
+        self.queued = 0  # bytes of the blocks queued or being written
+        self.added = self.done = 0  # jobs ever queued, ever finished: a flush waits for done to reach added
+        self.thread: threading.Thread | None = None
+
+    def put(self, disk: "Disk", key: bytes, parent: bytes, tokens: tuple[int, ...], kv: torch.Tensor) -> bool:
+        """Queue a block's file; False when the queue is full (the block is not written)."""
+        nbytes = kv.numel() * kv.element_size()
+        ready = None
+        if kv.is_cuda:  # the copy that made kv may still run on the caller's stream: the writer waits for it
+            ready = torch.cuda.Event()
+            ready.record(torch.cuda.current_stream(kv.device))
+        with self.cond:
+            if self.queued + nbytes > self.limit:
+                return False
+            self.jobs.append((disk, key, parent, tokens, kv, ready, nbytes))
+            self.queued += nbytes
+            self.added += 1
+            if self.thread is None or not self.thread.is_alive():  # started on first use
+                self.thread = threading.Thread(target=self._run, name="ownlm-prompt-cache-writer", daemon=True)
+                self.thread.start()
+            self.cond.notify_all()
+        return True
+
+    def _run(self) -> None:
+        while True:
+            with self.cond:
+                self.cond.wait_for(lambda: self.jobs)
+                disk, key, parent, tokens, kv, ready, nbytes = self.jobs.popleft()
+            try:
+                if ready is not None:
+                    ready.synchronize()
+                disk.write(key, parent, tokens, kv)
+            except Exception as e:  # the thread must outlive any one block, or flush would wait forever
+                warnings.warn(f"prompt cache: cannot write a block to {disk.dir}: {e}", stacklevel=1)
+            finally:
+                del kv  # not kept alive (device memory, maybe) while waiting for the next block
+                with self.cond:
+                    self.queued -= nbytes
+                    self.done += 1
+                    self.cond.notify_all()
+
+    def flush(self, timeout: float | None = None) -> bool:
+        """Wait until every block queued so far is written (or dropped); False if `timeout` seconds
+        passed first."""
+        with self.cond:
+            target = self.added
+            return self.cond.wait_for(lambda: self.done >= target, timeout)
+
+
+_writer = _Writer(WRITE_QUEUE)
+
+
+def flush(timeout: float | None = None) -> bool:
+    """Wait until the prompt-cache files queued so far are on disk; False if `timeout` passed first."""
+    return _writer.flush(timeout)
+
+
+atexit.register(flush)  # runs while the writer (a daemon thread) still does: a clean exit leaves its blocks written
+
+
 class Disk:
     """Blocks kept in files under `folder/<identity digest>/`, at most `limit` bytes of them."""
 
     def __init__(self, folder: str | os.PathLike, identity: str, limit: int):
+        flush()  # the blocks an earlier Disk of this process queued (a model reloaded) are in the folder first
         self.identity, self.limit = identity, limit
         self.dir = Path(folder).expanduser() / hashlib.sha256(identity.encode()).hexdigest()[:32]
         try:
@@ -136,10 +216,11 @@ class Disk:
         self.held = sum(self.sizes.values())
         self._trim()  # a folder left larger (a smaller bound now, or files copied in) shrinks at once
 
-    def _trim(self) -> None:
-        """Remove the least recently used files until the folder is within its bound (the caller
-        holds the lock, or is __init__)."""
-        while self.held > self.limit and self.sizes:
+    def _trim(self, bound: int | None = None) -> None:
+        """Remove the least recently used files until the folder holds at most `bound` bytes (its
+        limit by default; the caller holds the lock, or is __init__)."""
+        bound = self.limit if bound is None else bound
+        while self.held > bound and self.sizes:
             old = next(iter(self.sizes))
             self.held -= self.sizes.pop(old)
             (self.dir / old).unlink(missing_ok=True)
@@ -147,7 +228,17 @@ class Disk:
     def _path(self, key: bytes):
         return self.dir / f"{key.hex()}.kv"
 
+    def save(self, key: bytes, parent: bytes, tokens: tuple[int, ...], kv: torch.Tensor) -> bool:
+        """Queue the block's file for the writer thread (kv is kept, not copied: nothing writes to
+        a block's keys and values after it is made); False when the queue is full and it is dropped."""
+        return _writer.put(self, key, parent, tokens, kv)
+
+    def flush(self, timeout: float | None = None) -> bool:
+        """Wait until the blocks queued so far (this folder's among them) are written."""
+        return flush(timeout)
+
     def write(self, key: bytes, parent: bytes, tokens: tuple[int, ...], kv: torch.Tensor) -> None:
+        """Write the block's file now (the writer thread's work; `save` queues it)."""
         name = self._path(key).name
         with self.lock:
             if name in self.sizes:
@@ -161,6 +252,8 @@ class Disk:
             return
         final = self._path(key)
         tmp = fsutil.tmp_sibling(final)
+        with self.lock:  # room first, so that the folder never holds more than its bound
+            self._trim(self.limit - len(data))
         try:  # renamed into place whole; no fsync: a file torn by a crash fails its checksum
             tmp.write_bytes(data)
             os.replace(tmp, final)
@@ -169,8 +262,8 @@ class Disk:
             warnings.warn(f"prompt cache: cannot write {final}: {e}", stacklevel=2)
             return
         with self.lock:
+            self.held += len(data) - self.sizes.pop(name, 0)
             self.sizes[name] = len(data)
-            self.held += len(data)
             self._trim()
 
     def read(self, key: bytes, parent: bytes, tokens: tuple[int, ...], device) -> torch.Tensor | None:
@@ -227,7 +320,8 @@ class PrefixCache:
         seed = b"ownlm-prefix" + (disk.identity.encode() if disk is not None else b"")
         self.root = _Block(_digest(seed, ()), None, (), None)
         self.lru: OrderedDict[bytes, _Block] = OrderedDict()  # every block, least recently used first
-        self.held = 0  # bytes of keys and values held
+        self.detached: set[_Block] = set()  # blocks out of the tree by `clear`, pinned by a hit still
+        self.held = 0  # bytes of keys and values held: of the blocks in lru and in detached
         self.hits = self.misses = self.cached_tokens = self.evictions = 0
 
     # --- lookups ---------------------------------------------------------------------------------
@@ -279,6 +373,10 @@ class PrefixCache:
             hit.released = True
             for b in hit.blocks:
                 b.refs -= 1
+                if not b.refs and b in self.detached:  # cleared while pinned: its memory is free only now
+                    self.detached.remove(b)
+                    self.held -= b.nbytes
+                    b.kv = None
 
     # --- stores ----------------------------------------------------------------------------------
 
@@ -331,7 +429,7 @@ class PrefixCache:
         self.lru[key] = child
         self.held += child.nbytes
         if self.disk is not None:
-            self.disk.write(key, parent.key, part, kv)
+            self.disk.save(key, parent.key, part, kv)  # written by the writer thread, after this returns
         return child
 
     def _from_disk(self, parent: _Block, key: bytes, part: tuple[int, ...], cache: KVCache) -> _Block | None:
@@ -385,10 +483,19 @@ class PrefixCache:
             self.identity = identity
 
     def clear(self) -> None:
-        with self.lock:  # blocks pinned by a hit stay alive through it, out of the tree
+        """Empty the tree: no later lookup finds a block kept before. Unpinned blocks are freed now;
+        a block pinned by a hit stays alive (its sequence copies it), out of the tree, and counted
+        in `held` until its last hit is released, so the budget bounds the memory really held."""
+        with self.lock:
+            for b in self.lru.values():
+                b.children.clear()
+                if b.refs:
+                    self.detached.add(b)
+                else:
+                    self.held -= b.nbytes
+                    b.kv = None
             self.root = _Block(self.root.key, None, (), None)
             self.lru.clear()
-            self.held = 0
 
     def resize(self, budget: int) -> None:
         with self.lock:
@@ -403,7 +510,8 @@ class PrefixCache:
     def stats(self) -> dict[str, int]:
         with self.lock:
             return {"hits": self.hits, "misses": self.misses, "cached_tokens": self.cached_tokens,
-                    "bytes": self.held, "budget": self.budget, "blocks": len(self.lru), "evictions": self.evictions}
+                    "bytes": self.held, "budget": self.budget, "blocks": len(self.lru) + len(self.detached),
+                    "evictions": self.evictions}
 
 
 # --- one cache per model ------------------------------------------------------------------------
