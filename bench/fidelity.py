@@ -12,7 +12,8 @@ For each file, on the same ~400 tokens of prose: the reference is ownlm's float3
 file's dequantized weights (quant none); the mean over positions of KL(reference || x) for
 x = ownlm's default (`ownlm.load(path)`), ownlm computing in float32 and in bfloat16 with the
 weights held quantized (quant auto), each through its KV cache as generation computes (the
-default's float16, --dtype float32's float32), and llama.cpp (llama-cpp-python, logits_all, the
+default's float16, --dtype float32's float32), ownlm's default with int8 activations
+(--activations int8), and llama.cpp (llama-cpp-python, logits_all, the
 same token ids, in a child process of the Python that has it: bench/.llama-env); plus whether
 each one's greedy answers to tests/test_quant.py's three prompts (chat template, 24 tokens)
 equal the reference's. Last, greedy decode tokens/s of ownlm's default and of bfloat16 compute on smollm2.
@@ -138,8 +139,10 @@ def measure(path: Path, py: str, n_tokens: int, threads: int, gen: int) -> dict:
     for t in GGUFFile(path).tensors.values():
         mix[t.type_name] = mix.get(t.type_name, 0) + 1
     row: dict = {"mix": dict(sorted(mix.items())), "tokens": len(ids), "kl": {}, "greedy_equal": {}, "dtype": {}}
-    variants = {"ownlm_default": {}, "ownlm_f32_quant": {"dtype": "float32"},
-                "ownlm_bf16_quant": {"dtype": "bfloat16"}}
+    variants = {"ownlm_default": {"activations": "int16"},
+                "ownlm_f32_quant": {"dtype": "float32", "activations": "int16"},
+                "ownlm_bf16_quant": {"dtype": "bfloat16", "activations": "int16"},
+                "ownlm_int8_activations": {"activations": "int8"}}
     for name, kw in variants.items():
         lm = ownlm.load(str(path), cache=False, **kw)
         with torch.inference_mode():
@@ -177,7 +180,7 @@ def decode_speed(path: Path, n_prompt: int, n_gen: int) -> dict:
     from ownlm.engine.sampling import SamplingParams
 
     text = (ROOT / "src/ownlm/evaluate/data/prose.txt").read_text()
-    models = {"ownlm_default": ownlm.load(str(path), cache=False),
+    models = {"ownlm_default": ownlm.load(str(path), cache=False, activations="int16"),
               "ownlm_bf16_quant": ownlm.load(str(path), dtype="bfloat16", cache=False)}
     best = {name: 0.0 for name in models}
     prefill = {name: 0.0 for name in models}

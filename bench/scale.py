@@ -2,7 +2,8 @@
 parameters, in one run: load (cold and warm), prefill, decode at each thread count, peak RSS.
 
     python bench/scale.py [--sizes 1b,7b] [--quants q4_0,q4_k_m] [--threads 1,2] [--cache DIR]
-                          [--gen 64] [--prompt-tokens 512] [--no-llama-cpp] [--llama-python PATH]
+                          [--gen 64] [--prompt-tokens 512] [--activations int16|int8] [--no-llama-cpp]
+                          [--llama-python PATH]
 
 The files are written once into the cache (default ~/.cache/ownlm-bench/scale; temp name, fsync,
 rename) and reused: random but valid quantized blocks written directly as bytes (weights about
@@ -298,7 +299,7 @@ def ownlm_child(a) -> dict:
         return {"import_s": time.perf_counter() - t}
     ref, cache = (a.path, False) if a.mode == "path" else ("scale", True)
     t0 = time.perf_counter()
-    lm = ownlm.load(ref, cache=cache, threads=a.threads)
+    lm = ownlm.load(ref, cache=cache, threads=a.threads, activations=a.activations)
     load_s = time.perf_counter() - t0
     ids = prompt_ids(lm.encode, a.prompt_tokens)
     if a.child == "ownlm-load":
@@ -366,7 +367,8 @@ class Runner:
         if home is not None:
             env["OWNLM_HOME"] = str(home)
         cmd = [py, __file__, "--child", kind, "--path", str(path), "--mode", mode, "--threads", str(threads),
-               "--prompt-tokens", str(self.a.prompt_tokens), "--gen", str(self.a.gen)]
+               "--prompt-tokens", str(self.a.prompt_tokens), "--gen", str(self.a.gen),
+               "--activations", self.a.activations]
         print(f"  {kind} {mode} threads={threads}", file=sys.stderr)
         load = os.getloadavg()[0]  # others' work on the machine shows here
         t = time.perf_counter()
@@ -512,6 +514,8 @@ def main() -> None:
     ap.add_argument("--llama-python", help="a Python with llama_cpp installed (default: bench/.llama-env)")
     ap.add_argument("--gen", type=int, default=64, help="greedy tokens generated per decode measurement")
     ap.add_argument("--prompt-tokens", type=int, default=512)
+    ap.add_argument("--activations", default="int16", choices=("int16", "int8"),
+                    help="ownlm's activation rounding (ownlm.load's activations)")
     ap.add_argument("--write-only", action="store_true", help="write the files into the cache and stop")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     ap.add_argument("--path", help=argparse.SUPPRESS)

@@ -1,6 +1,6 @@
 """Serving benchmark: concurrent streaming clients against a real `ownlm serve` process.
 
-    python bench/serve.py [--model smollm2] [--clients 1,4,8,16] [--gen 128]
+    python bench/serve.py [--model smollm2] [--clients 1,4,8,16] [--gen 128] [--activations int16|int8]
 
 For each concurrency level, that many clients start together, each streaming one chat completion
 of exactly --gen tokens (end-of-text is masked with logit_bias so every request is the same
@@ -90,6 +90,7 @@ def main() -> None:
     ap.add_argument("--gen", type=int, default=128)
     ap.add_argument("--max-running", type=int, default=16)
     ap.add_argument("--repeat", type=int, default=3, help="rounds over the levels; medians are reported")
+    ap.add_argument("--activations", default="int16", choices=("int16", "int8"), help="the server's --activations")
     args = ap.parse_args()
     levels = [int(x) for x in args.clients.split(",")]
 
@@ -104,7 +105,8 @@ def main() -> None:
         port = s.getsockname()[1]
     base = f"http://127.0.0.1:{port}"
     proc = subprocess.Popen([sys.executable, "-m", "ownlm.cli.main", "serve", args.model, "--port", str(port),
-                             "--preload", "--max-running", str(args.max_running), "--max-queue", "64"],
+                             "--preload", "--max-running", str(args.max_running), "--max-queue", "64",
+                             "--activations", args.activations],
                             env={**os.environ, "OWNLM_OFFLINE": "1"})
     try:
         deadline = time.monotonic() + 300

@@ -41,6 +41,17 @@ CORPUS = [
 
 
 @pytest.fixture(autouse=True)
+def int16_activations():
+    """Every test starts and ends with the default activation rounding (a process-wide setting that
+    `--activations` and `load(activations=...)` change)."""
+    from ownlm.model import kernels
+
+    kernels.set_activations("int16")
+    yield
+    kernels.set_activations("int16")
+
+
+@pytest.fixture(autouse=True)
 def ownlm_home(tmp_path, monkeypatch):
     home = tmp_path / "ownlm-home"
     monkeypatch.setenv("OWNLM_HOME", str(home))

@@ -2,7 +2,8 @@
    x86-64 (AVX2) and for AArch64 (NEON, run under qemu-aarch64) by tests/test_neon.py, which
    compares what the two print: per case, a hash of every output's bits and the first output.
    Cases: every weight kind (int4 and int5 with and without offsets, int6, int8, int4 indices into a
-   codebook), a stack of three parts, one to 70 rows (the one-row path, the 8/4/2/1-row blocks,
+   codebook; int4 with and without offsets against int8 activations), a stack of three parts and
+   one that mixes int8 and int16 activations, one to 70 rows (the one-row path, the 8/4/2/1-row blocks,
    the 64-row tiles), K with and without 8-group tails, float32 and bfloat16 activations; the
    bfloat16 matmul; the one-token attention over each cache type; RMSNorm and the activations; the
    one-call decode step through two layers of mixed weights. */
@@ -41,6 +42,7 @@ static qpart_t part(int bits, int offsets, int64_t n, int64_t K) {
     qpart_t p;
     p.bits = bits;
     p.n = n;
+    p.xbits = 16;
     p.w = (const uint8_t*)fill((size_t)(n * (bits == 8 ? K : K / 2)));
     uint16_t* s = (uint16_t*)malloc((size_t)(n * G) * 2);
     uint16_t* o = offsets == 1 ? (uint16_t*)malloc((size_t)(n * G) * 2) : 0;
@@ -66,7 +68,9 @@ static void report(const char* name, const void* y, size_t bytes, int bf) {
 
 int main(void) {
     ownlm_set_threads(2);
-    static const int kinds[][2] = {{4, 1}, {4, 0}, {5, 1}, {5, 0}, {6, 0}, {8, 0}, {4, 2}};
+    /* bits, offsets, activation bits */
+    static const int kinds[][3] = {{4, 1, 16}, {4, 0, 16}, {5, 1, 16}, {5, 0, 16}, {6, 0, 16}, {8, 0, 16},
+                                   {4, 2, 16}, {4, 1, 8}, {4, 0, 8}};
     static const int64_t rows[] = {1, 3, 9, 70};
     static const int64_t ks[] = {192, 1184};
     for (int ki = 0; ki < 2; ki++) {
@@ -75,10 +79,15 @@ int main(void) {
         for (int64_t i = 0; i < 70 * K; i++) x[i] = uniform() * (float)(1 + i / K % 7);
         uint16_t* xb = (uint16_t*)malloc((size_t)(70 * K) * 2);
         for (int64_t i = 0; i < 70 * K; i++) xb[i] = f32_to_bf16(x[i]);
-        qpart_t parts[8];
+        qpart_t parts[9];
         int np = 0;
-        for (int k = 0; k < 7; k++) parts[np++] = part(kinds[k][0], kinds[k][1], 37, K);
+        for (int k = 0; k < 9; k++) {
+            parts[np] = part(kinds[k][0], kinds[k][1], 37, K);
+            parts[np++].xbits = kinds[k][2];
+        }
         const qpart_t stack[3] = {part(4, 1, 40, K), part(6, 0, 21, K), part(8, 0, 40, K)};
+        qpart_t mixed[3] = {part(4, 1, 40, K), part(6, 0, 21, K), part(4, 0, 40, K)};
+        mixed[0].xbits = mixed[2].xbits = 8;
         for (int ri = 0; ri < 4; ri++) {
             const int64_t M = rows[ri];
             for (int bf = 0; bf < 2; bf++) {
@@ -86,13 +95,18 @@ int main(void) {
                 float* y = (float*)malloc((size_t)(M * 101) * sizeof(float));
                 for (int k = 0; k < np; k++) {
                     if (quant_gemm(bf ? (const void*)xb : x, bf, M, K, parts + k, 1, y, bf)) return 1;
-                    snprintf(name, sizeof name, "int%d%s K=%lld M=%lld %s", kinds[k][0],
+                    snprintf(name, sizeof name, "int%d%s%s K=%lld M=%lld %s", kinds[k][0],
                              kinds[k][1] == 2 ? "-codebook" : kinds[k][1] ? "+offsets" : "",
-                             (long long)K, (long long)M, bf ? "bf16" : "f32");
+                             kinds[k][2] == 8 ? "/int8-activations" : "", (long long)K, (long long)M,
+                             bf ? "bf16" : "f32");
                     report(name, y, (size_t)(M * 37) * (bf ? 2 : 4), bf);
                 }
                 if (quant_gemm(bf ? (const void*)xb : x, bf, M, K, stack, 3, y, bf)) return 1;
                 snprintf(name, sizeof name, "stack K=%lld M=%lld %s", (long long)K, (long long)M, bf ? "bf16" : "f32");
+                report(name, y, (size_t)(M * 101) * (bf ? 2 : 4), bf);
+                if (quant_gemm(bf ? (const void*)xb : x, bf, M, K, mixed, 3, y, bf)) return 1;
+                snprintf(name, sizeof name, "mixed-activations stack K=%lld M=%lld %s", (long long)K, (long long)M,
+                         bf ? "bf16" : "f32");
                 report(name, y, (size_t)(M * 101) * (bf ? 2 : 4), bf);
                 free(y);
             }
@@ -182,6 +196,7 @@ int main(void) {
             layer_t* ly = layers + l;
             ly->part[0][0] = part(4, 1, (H + Hkv) * D, C), ly->part[0][1] = part(6, 0, Hkv * D, C);
             ly->part[1][0] = part(4, 0, C, H * D);
+            ly->part[1][0].xbits = l ? 8 : 16;  /* the second layer's attention output: int8 activations */
             ly->part[2][0] = part(8, 0, 2 * F, C);
             ly->part[3][0] = part(5, 1, C, F);
             ly->nparts[0] = 2, ly->nparts[1] = ly->nparts[2] = ly->nparts[3] = 1;

@@ -18,7 +18,7 @@ from ownlm.errors import BadRequest
 from ownlm.evaluate.perplexity import perplexity
 from ownlm.model import kernels
 
-from .conftest import CORPUS
+from .conftest import CORPUS, KERNELS_POSSIBLE
 
 TEXT = " ".join(CORPUS[:3])
 
@@ -117,6 +117,17 @@ def test_peak_rss_is_the_process_own_not_its_parents():
     assert peak_rss_bytes() > 5 << 20  # this process's own, in bytes
 
 
+@pytest.mark.skipif(not KERNELS_POSSIBLE, reason="int8 activations are a setting of ownlm's CPU kernels")
+def test_bench_takes_int8_activations_and_refuses_other_names(hf_models, ownlm_home):
+    base = [sys.executable, "-m", "ownlm.cli.main", "bench", str(hf_models["llama"]), "--prompt-tokens", "8",
+            "--gen-tokens", "4", "--quant", "int4", "--json"]
+    r = subprocess.run([*base, "--activations", "int8"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["activations"] == "int8"
+    r = subprocess.run([*base, "--activations", "int4"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2 and "int16" in r.stderr and "int8" in r.stderr
+
+
 def test_bench_json_fields_and_cost(hf_models, ownlm_home):
     from ownlm.evaluate.bench import cost_per_mtok
 
@@ -126,10 +137,11 @@ def test_bench_json_fields_and_cost(hf_models, ownlm_home):
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
     out = json.loads(r.stdout)
-    assert set(out) == {"model", "device", "dtype", "threads", "kernels", "prompt_tokens", "gen_tokens", "load_s",
-                        "runs", "peak_rss_bytes", "cost", "memory"}
+    assert set(out) == {"model", "device", "dtype", "threads", "kernels", "activations", "prompt_tokens",
+                        "gen_tokens", "load_s", "runs", "peak_rss_bytes", "cost", "memory"}
     assert out["threads"] == torch.get_num_threads()  # every core by default
     assert out["kernels"] == (kernels.isa() if kernels.load() is not None else None)
+    assert out["activations"] == ("int16" if kernels.load() is not None else None)
     one, three = out["runs"]
     assert set(one) == {"batch", "prefill_tokens_per_s", "time_to_first_token_s", "decode_tokens_per_s"}
     assert set(three) == {"batch", "aggregate_tokens_per_s", "wall_s", "decode_aggregate_tokens_per_s"}

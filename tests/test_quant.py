@@ -15,6 +15,7 @@ import torch
 
 import ownlm
 from ownlm.engine.kv_cache import KVCache, cached_forward, span
+from ownlm.errors import BadRequest
 from ownlm.formats.gguf import GGUFFile
 from ownlm.formats import quants as quants_module
 from ownlm.formats.quants import from_blocks
@@ -182,6 +183,77 @@ def test_quant_matmul_equals_reference_and_is_batch_invariant(kind, k):
     torch.testing.assert_close(yb.double(), _reference(xb.float(), w), atol=1e-2 * want.abs().max().item(), rtol=0)
 
 
+def _reference_int8(x: torch.Tensor, w: QuantWeight) -> torch.Tensor:
+    """The int8 path's arithmetic in float64 for an int4 weight: x rounded per row and group of 32
+    to int8 as float32 computes it (x * (127 / absmax), to nearest even), times d = absmax / 127,
+    against the weight (its offsets, -8 * scale where none, meet the rounded x too)."""
+    n, k = w.shape
+    xg = x.float().view(x.shape[0], k // 32, 32)
+    amax = xg.abs().amax(-1, keepdim=True).double()
+    inv = torch.where(amax > 0, 127 / torch.where(amax > 0, amax, 1), 0).float()  # float32, correctly rounded
+    xq = torch.round((xg.double() * inv.double()).float().double())
+    xhat = (xq * (amax / 127).float().double()).view(x.shape[0], k)
+    return xhat @ w.dequantize().double().t()
+
+
+@pytest.mark.skipif(not KERNELS_POSSIBLE, reason="ownlm's kernels need x86-64 Linux with AVX2 and a C compiler")
+@pytest.mark.parametrize("kind,k", [("int4", 192), ("int4-symmetric", 192), ("int4", 1184), ("int4-symmetric", 1184),
+                                    ("int4", 2048)])
+def test_int8_activations_multiply_as_they_are_rounded_and_are_batch_invariant(kind, k):
+    """set_activations("int8"): int4 weights meet x rounded to int8 per group of 32 (llama.cpp's
+    Q8_0 rounding), in pairs of groups and an unpaired last group (K 1184: 37 groups), 8-group
+    chunks and their tails; the result is that arithmetic's within float32 accumulation, every
+    row's bits the same alone as in a batch. Other widths keep int16, also inside one stack."""
+    assert kernels.load() is not None
+    torch.manual_seed(k + len(kind))
+    w = KINDS[kind](k)
+    x = torch.randn(70, k) * torch.rand(70, 1) * 4
+    x[5, 32:64] = 0  # a group of zeros: scale 0
+    int16 = kernels.quant_matmul(x, w)
+    kernels.set_activations("int8")
+    got = kernels.quant_matmul(x, w)
+    want = _reference_int8(x, w)
+    assert torch.allclose(got.double(), want, atol=2e-6 * want.abs().max().item(), rtol=0)
+    dense = x.double() @ w.dequantize().double().t()
+    err8, err16 = ((y.double() - dense).norm() / dense.norm() for y in (got, int16))
+    assert err16 < 1e-4 < err8 < 2e-2  # int8's rounding costs ~2^-9 of each group's absmax
+    for i in (0, 1, 5, 63, 64, 69):
+        assert torch.equal(kernels.quant_matmul(x[i:i + 1].contiguous(), w)[0], got[i])
+    for m in (2, 3, 4, 5, 8, 9, 16, 17):
+        assert torch.equal(kernels.quant_matmul(x[70 - m:].contiguous(), w), got[70 - m:])
+    xb = x[:9].bfloat16()
+    yb = kernels.quant_matmul(xb, w)
+    assert yb.dtype == torch.bfloat16 and torch.equal(yb[4], kernels.quant_matmul(xb[4:5], w)[0])
+    torch.testing.assert_close(yb.double(), _reference_int8(xb.float(), w), atol=1e-2 * want.abs().max().item(),
+                               rtol=0)
+    int6 = _random_weight(6, 61, k)
+    stack = [w, int6, KINDS["int4-codebook"](k)]  # the int6 part and the codebook keep int16 activations
+    both = kernels.quant_matmul(x, stack)
+    assert torch.equal(both[:, :301], got)
+    kernels.set_activations("int16")
+    assert torch.equal(both[:, 301:], kernels.quant_matmul(x, stack[1:]))
+
+
+@pytest.mark.skipif(not KERNELS_POSSIBLE, reason="ownlm's kernels need x86-64 Linux with AVX2 and a C compiler")
+def test_int8_activations_in_the_one_call_step_and_the_api(hf_models):
+    """load(activations="int8") sets the rounding for the process: the one-call decode step and
+    the modules give the same bits in it, and other bits than int16's; a name it does not know
+    is refused."""
+    lm = ownlm.load(str(hf_models["llama"]), quant="int4", activations="int8")
+    assert kernels.activations() == "int8" and cpu_step.eligible(lm.model)
+    ids = list(range(3, 21))
+    fused = _decode(lm.model, ids, one_call=True)
+    assert torch.equal(fused, _decode(lm.model, ids))
+    kernels.set_activations("int16")
+    int16 = _decode(lm.model, ids, one_call=True)
+    assert not torch.equal(fused, int16)
+    first = (fused[0] - int16[0]).abs().max() / int16[0].abs().max()  # before the greedy paths may part
+    assert 0 < first < 0.05, first
+    with pytest.raises(BadRequest, match="int4"):
+        ownlm.load(str(hf_models["llama"]), quant="int4", activations="int4")
+    assert kernels.activations() == "int16"
+
+
 @pytest.mark.skipif(not KERNELS_POSSIBLE, reason="ownlm's kernels need x86-64 Linux with AVX2 and a C compiler")
 @pytest.mark.parametrize("qtype", list(WIDTH))
 def test_each_gguf_type_multiplies_as_gguf_dequantizes_it(qtype):
@@ -307,7 +379,6 @@ def test_cuda_build_holds_the_int4_linears_for_pytorchs_int4_kernel(smollm2_gguf
     int4 linears in PyTorch's int4 layout, everything else (the Q8_0 embedding) dense bfloat16;
     it departs from the float32 dequantized model about as far as the bfloat16 dense model does."""
     from ownlm import loading
-    from ownlm.errors import BadRequest
     from ownlm.formats.checkpoint import files_of_path, open_checkpoint
 
     with pytest.raises(BadRequest, match="int8 weights are not supported on cuda"):
@@ -441,7 +512,6 @@ def test_quantize_at_load_follows_the_dense_model(hf_models, quant):
 
 
 def test_quant_bf16_is_dense_bfloat16(hf_models, tmp_path):
-    from ownlm.errors import BadRequest
 
     path = hf_folder_to_gguf(hf_models["llama"], tmp_path / "q.gguf", qtype=Q.Q4_0)
     lm = ownlm.load(str(path), dtype="float32", quant="none")

@@ -326,7 +326,8 @@ def attach_adapter(model: Transformer, files: dict[str, Path], merge: bool = Fal
 
 
 def load(ref: str, device: str | None = None, dtype: str | torch.dtype | None = None, quant: str = "auto",
-         pull_missing: bool = True, cache: bool = True, threads: int | None = None) -> LoadedModel:
+         pull_missing: bool = True, cache: bool = True, threads: int | None = None,
+         activations: str | None = None) -> LoadedModel:
     """Load any model reference (store name, catalog alias, path, pypi:/hf: ref, BASE+ADAPTER,
     an adapter's store name or a preset's: its base and adapter, with its system prompt and
     sampling parameters as the LoadedModel's defaults) for inference.
@@ -342,12 +343,20 @@ def load(ref: str, device: str | None = None, dtype: str | torch.dtype | None = 
     already; int8 on CPUs only).
     An adapter is merged into dense weights, and kept beside quantized weights (so they stay so).
     threads: compute on that many CPU threads from now on, in this process (PyTorch's and ownlm's
-    kernels'; model.kernels.set_threads); None leaves the count as it is (all the cores by default)."""
+    kernels'; model.kernels.set_threads); None leaves the count as it is (all the cores by default).
+    activations: what ownlm's CPU kernels round activations to before an integer matmul, from now
+    on in this process (model.kernels.set_activations): "int16" (the default: greedy answers as
+    the float32 model's) or "int8" (int4 weights only: faster prefill, batches and large-model
+    decode, llama.cpp's rounding); None leaves it as it is."""
     t0 = time.perf_counter()
     if threads is not None:
         from .model import kernels
 
         kernels.set_threads(threads)
+    if activations is not None:
+        from .model import kernels
+
+        kernels.set_activations(activations)
     if quant not in QUANT_MODES:
         raise BadRequest(f"unknown quantization mode {quant!r}", f"use one of: {', '.join(QUANT_MODES)}")
     base_ref, adapter_ref = split_adapter(ref)

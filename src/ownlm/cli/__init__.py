@@ -68,21 +68,28 @@ def apply_cache_option(args: argparse.Namespace) -> None:
 
 
 def add_threads_option(p: argparse.ArgumentParser) -> None:
-    """--threads, for every verb that computes on the CPU (run, serve, bench, eval)."""
+    """--threads and --activations, for every verb that computes on the CPU (run, serve, bench,
+    eval)."""
     p.add_argument("--threads", type=int, metavar="N",
                    help="CPU threads to compute on, PyTorch's and ownlm's kernels' (default: every core; more "
                         "than the cores is allowed, with a warning)")
+    p.add_argument("--activations", choices=("int16", "int8"), default=None,
+                   help="what the CPU kernels round activations to before an integer matmul: int16 (default: "
+                        "greedy answers as the float32 model's) or int8 (int4 weights: faster prefill, batches "
+                        "and large-model decode, llama.cpp's rounding)")
 
 
 def apply_threads_option(args: argparse.Namespace) -> None:
-    """Set --threads, if given, before anything loads: a bad value is exit 2; more threads than
-    cores, one warning line on stderr."""
+    """Set --threads and --activations, if given, before anything loads: a bad value is exit 2;
+    more threads than cores, one warning line on stderr."""
     import sys
     import warnings
 
     from ..errors import BadRequest
     from ..model import kernels
 
+    if getattr(args, "activations", None):
+        kernels.set_activations(args.activations)
     n = getattr(args, "threads", None)
     if n is None:
         return

@@ -135,7 +135,7 @@ def cmd_bench(args) -> int:
         print(json.dumps(r, indent=2))
         return 0
     threads = f"{r['threads']} thread" + ("s" if r["threads"] != 1 else "")
-    kernels = f", {r['kernels']} kernels" if r.get("kernels") else ""
+    kernels = f", {r['kernels']} kernels, {r['activations']} activations" if r.get("kernels") else ""
     print(f"{r['model']} on {r['device']} ({r['dtype']}, {threads}{kernels}): load {r['load_s']:.2f} s, peak memory "
           f"{r['peak_rss_bytes'] / 1e6:.0f} MB, prompt {r['prompt_tokens']} + {r['gen_tokens']} generated tokens")
     for run in r["runs"]:

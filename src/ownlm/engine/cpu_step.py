@@ -118,10 +118,12 @@ class CpuDecode:
         self._bound = None  # (cache tensors' identity, key pointers, value pointers)
 
     def plan(self) -> _Plan | None:
-        """The plan for the model as it is now, built again after its structure changed."""
-        if self.model.structure != self._structure:
+        """The plan for the model as it is now, built again after its structure or the
+        activation precision (kernels.set_activations) changed."""
+        key = (self.model.structure, kernels.activations())  # the parts carry the activation bits
+        if key != self._structure:
             self._plan = _Plan(self.model) if eligible(self.model) else None
-            self._structure = self.model.structure
+            self._structure = key
         return self._plan
 
     def _pointers(self) -> tuple[ctypes.Array, ctypes.Array]:

@@ -113,6 +113,14 @@ def _kernel_build(device: torch.device) -> str | None:
     return kernels.isa() if device.type == "cpu" and kernels.load() is not None else None
 
 
+def _activations(device: torch.device) -> str | None:
+    """What the kernels' integer matmuls round activations to ("int16", "int8"), or None (no
+    kernels)."""
+    from ..model import kernels
+
+    return kernels.activations() if _kernel_build(device) else None
+
+
 def cost_per_mtok(price_per_hour: float, tokens_per_s: float) -> float:
     return price_per_hour / (tokens_per_s * 3600) * 1e6
 
@@ -199,6 +207,7 @@ def bench(ref: str, prompt_tokens: int = 512, gen_tokens: int = 128, batches: tu
         memory = None
     result = {"model": lm.name, "device": str(lm.model.device), "dtype": str(lm.model.dtype),
               "threads": torch.get_num_threads(), "kernels": _kernel_build(lm.model.device),
+              "activations": _activations(lm.model.device),
               "prompt_tokens": prompt_tokens, "gen_tokens": gen_tokens, "load_s": load_s, "runs": rows,
               "peak_rss_bytes": peak}
     if memory is not None:

@@ -73,15 +73,17 @@ MAX_PARTS = 3  # MAX_PARTS in kernels.h: the parts of one projection of layer_t
 class Part(ctypes.Structure):
     """qpart_t (csrc/kernels.h): one group-wise integer weight as quant_gemm reads it."""
     _fields_ = [("w", ctypes.c_void_p), ("s", ctypes.c_void_p), ("o", ctypes.c_void_p), ("h", ctypes.c_void_p),
-                ("u", ctypes.c_void_p), ("l", ctypes.c_void_p), ("bits", ctypes.c_int64), ("n", ctypes.c_int64)]
+                ("u", ctypes.c_void_p), ("l", ctypes.c_void_p), ("bits", ctypes.c_int64), ("n", ctypes.c_int64),
+                ("xbits", ctypes.c_int64)]
 
     @classmethod
     def of(cls, w: QuantWeight) -> "Part":
-        """The part for w, whose tensors the caller keeps alive while it is used."""
+        """The part for w, whose tensors the caller keeps alive while it is used, meeting
+        activations of the bits set now (set_activations)."""
         def ptr(t):
             return None if t is None else t.data_ptr()
         return cls(ptr(w.data), ptr(w.scale), ptr(w.offset), ptr(w.high), ptr(w.sub), ptr(w.lut), w.bits,
-                   w.shape[0])
+                   w.shape[0], _xbits)
 
 
 class Layer(ctypes.Structure):
@@ -98,6 +100,10 @@ _lib = None
 _tried = False
 _lock = threading.Lock()
 _threads: int | None = None  # set_threads' count, applied to the kernels when they load
+# what the integer matmuls round activations to: "int16" (the default: float32's greedy answers) or
+# "int8" (int4 weights only; about twice the multiply-adds per instruction, llama.cpp's rounding)
+ACTIVATIONS = {"int16": 16, "int8": 8}
+_xbits = 16
 _warned_threads = False
 
 
@@ -157,6 +163,24 @@ def set_threads(n: int) -> None:
     _threads = n
     if _lib is not None:
         _lib.ownlm_set_threads(n)
+
+
+def set_activations(name: str) -> None:
+    """Round the integer matmuls' activations to `name` from now on, in this process: "int16"
+    (the default) or "int8", per group of 32 with an absmax / 127 scale, as llama.cpp's Q8_0
+    rounds them. int8 applies to int4 weights (GGUF's Q4_0, Q4_1, Q4_K); the other widths keep
+    int16. It is faster where the multiply-adds bound the step (prefill, batches, 7B decode) and
+    departs further from the float32 model: docs/internals.md gives both."""
+    global _xbits
+    if name not in ACTIVATIONS:
+        raise BadRequest(f"unknown activation precision {name!r}", f"use one of: {', '.join(ACTIVATIONS)}",
+                         param="activations")
+    _xbits = ACTIVATIONS[name]
+
+
+def activations() -> str:
+    """The activation precision set now (set_activations): "int16" or "int8"."""
+    return next(name for name, bits in ACTIVATIONS.items() if bits == _xbits)
 
 
 def threads() -> int:
@@ -321,7 +345,8 @@ def check_parts(parts: list[QuantWeight], k: int) -> None:
 def quant_matmul(x: torch.Tensor, parts: QuantWeight | list[QuantWeight]) -> torch.Tensor:
     """x (M, K) @ W.T -> (M, N) in x's dtype, for a group-wise integer weight W in the layout of
     quant.QuantWeight, or several stacked along the outputs. x is rounded per row and group of
-    32 to int16 (scale absmax / 32767), multiplied in integers and accumulated in float32."""
+    32 to int16 (scale absmax / 32767; or, set_activations("int8"), to int8 against int4
+    weights: absmax / 127), multiplied in integers and accumulated in float32."""
     xbf = _rows(x)
     parts = [parts] if isinstance(parts, QuantWeight) else list(parts)
     m, k = x.shape

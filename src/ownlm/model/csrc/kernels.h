@@ -75,7 +75,9 @@ static inline float* scratch(int64_t n, int* failed) {
    w the packed low nibbles (bits 4, 5, 6: K / 2 bytes a row) or int8 values (bits 8: K bytes),
    s (n, K / 32) float16 scales, o (n, K / 32) float16 offsets (bits 4 and 5; null: symmetric),
    h the bits above the low 4 (bits 5: 4 bytes a group, bits 6: 8), u (n, K / 16) int8
-   16-column scales (bits 6), l a codebook (bits 4: w = s l[q], 16 int8; null: none) */
+   16-column scales (bits 6), l a codebook (bits 4: w = s l[q], 16 int8; null: none); xbits 8:
+   the activations it meets are rounded to int8 (see matmul.c; int4 without a codebook), else
+   to int16 */
 typedef struct {
     const uint8_t* w;
     const uint16_t* s;
@@ -85,6 +87,7 @@ typedef struct {
     const int8_t* l;
     int64_t bits;
     int64_t n;
+    int64_t xbits;
 } qpart_t;
 
 /* y (M, sum of n) = x (M, K) @ [W_0; W_1; ...].T: the parts' outputs side by side */

@@ -1,8 +1,8 @@
 /* Matmuls: group-wise int4 / int5 / int6 / int8 weights against float activations rounded to
-   int16, and bfloat16 weights against float activations, written in simd.h's operations (AVX2 or
-   NEON, the same bits on both). Each output element is computed by the same sequence of
-   operations whatever the number of rows, so a sequence decodes to the same bits alone and in a
-   batch. */
+   int16 (or, for int4 weights whose part asks for it, to int8: xbits 8), and bfloat16 weights
+   against float activations, written in simd.h's operations (AVX2 or NEON, the same bits on both).
+   Each output element is computed by the same sequence of operations whatever the number of
+   rows, so a sequence decodes to the same bits alone and in a batch. */
 
 #include "kernels.h"
 
@@ -19,11 +19,22 @@ static const float* as_f32(const void* x, int64_t n, int bf16, float** owned) {
     return f;
 }
 
-/* Activations as int16 blocks of 32 (what the integer dot products take): per row and block a
-   scale d = absmax / 32767, values round(x / d) (an error of at most 2^-16 of the block's absmax,
-   below bfloat16's rounding), and the exact float sum of the block's x (for the int4 offsets).
+/* Activations as blocks of 32 the integer dot products take, per row and block:
+   - int16 (xq16, unless null): a scale d = absmax / 32767 (xd16), values round(x / d): an error of
+     at most 2^-16 of the block's absmax, below bfloat16's rounding;
+   - int8 (xq8, unless null): d = absmax / 127, values round(x / d), as llama.cpp's Q8_0 rounds
+     its activations, in the order the int8 kernel reads them: a pair of blocks 2p, 2p + 1 as
+     block 2p's first 16 values, block 2p + 1's first 16, then both blocks' last 16 (so the low and
+     high nibbles of the pair's 32 weight bytes meet their activations directly); a last unpaired
+     block in its own order. The scales d (xd8, 4 G + 4 floats a row) as the pair steps read them:
+     block g's 4 times at 4 g (an unpaired last block's 8 times); and the sum of the rounded
+     block, d times the sum of its int8 values (xs8): the int8 path's offsets multiply it, so the
+     rounding errors of x meet weights centred on zero (as llama.cpp's Q8_1 sums do) rather than
+     the 0 .. 15 of q alone (against the exact sum, smollm2's KL from float32 was 6 times larger);
+   - the exact float sum of the block's x (xs, the int16 path's offsets).
    Row m's result depends on row m alone. */
-static void quantize_rows(const float* x, int64_t M, int64_t K, int16_t* xq, float* xd, float* xs) {
+static void quantize_rows(const float* x, int64_t M, int64_t K, int16_t* xq16, float* xd16, int8_t* xq8,
+                          float* xd8, float* xs8, float* xs) {
     const int64_t G = K / 32;
     #pragma omp parallel for schedule(static) if (M * K >= 65536)
     for (int64_t m = 0; m < M; m++)
@@ -34,12 +45,25 @@ static void quantize_rows(const float* x, int64_t M, int64_t K, int16_t* xq, flo
             v8f amax = v8f_abs(v[0]);
             for (int i = 1; i < 4; i++) amax = v8f_max(amax, v8f_abs(v[i]));
             const float a = v8f_hmax(amax);
-            const v8f id = v8f_set1(a > 0.f ? 32767.f / a : 0.f);
             v8i i32[4];
-            for (int i = 0; i < 4; i++) i32[i] = v8i_round(v8f_mul(v[i], id));
-            v16h_store(xq + m * K + g * 32, v16h_pack(i32[0], i32[1]));
-            v16h_store(xq + m * K + g * 32 + 16, v16h_pack(i32[2], i32[3]));
-            xd[m * G + g] = a / 32767.f;
+            if (xq16) {
+                const v8f id = v8f_set1(a > 0.f ? 32767.f / a : 0.f);
+                for (int i = 0; i < 4; i++) i32[i] = v8i_round(v8f_mul(v[i], id));
+                v16h_store(xq16 + m * K + g * 32, v16h_pack(i32[0], i32[1]));
+                v16h_store(xq16 + m * K + g * 32 + 16, v16h_pack(i32[2], i32[3]));
+                xd16[m * G + g] = a / 32767.f;
+            }
+            if (xq8) {
+                const v8f id = v8f_set1(a > 0.f ? 127.f / a : 0.f);
+                for (int i = 0; i < 4; i++) i32[i] = v8i_round(v8f_mul(v[i], id));
+                int8_t* pair = xq8 + m * K + (g / 2) * 64;
+                const int alone = g == G - 1 && G % 2;
+                const int64_t lo = alone ? 0 : (g % 2) * 16, hi = alone ? 16 : 32 + (g % 2) * 16;
+                v32b_store2(pair + lo, pair + hi, v32b_pack(i32[0], i32[1], i32[2], i32[3]));
+                for (int i = 0; i < (alone ? 8 : 4); i++) xd8[m * (4 * G + 4) + 4 * g + i] = a / 127.f;
+                const v8i sum = v8i_add(v8i_add(i32[0], i32[1]), v8i_add(i32[2], i32[3]));
+                xs8[m * G + g] = v8f_hsum(v8f_from_i32(sum)) * (a / 127.f);  /* an exact integer sum, then one rounding */
+            }
             xs[m * G + g] = v8f_hsum(v8f_add(v8f_add(v[0], v[1]), v8f_add(v[2], v[3])));
         }
 }
@@ -235,19 +259,129 @@ static inline __attribute__((always_inline)) void ncols(const int16_t* xq, const
     for (int j = 0; j < NB; j++) out[j] = v8f_hsum(acc[j]) + oacc[j];
 }
 
+/* The int8 path: int4 weights (w = q s + o, q in 0 .. 15) against int8 activations. A pair of
+   groups is one 256-bit step: the pair's 32 weight bytes give the 32 low nibbles and the 32 high
+   ones, each against its 32 activations (quantize_rows' order), lanes 0-3 of the integer sums
+   belonging to the first group and lanes 4-7 to the second; a last unpaired group is a step of
+   its own (all 8 lanes its). Per step, the integer sums to float, times the activations' scales
+   (xd, as quantize_rows lays them out for the steps), times the weight's scales, into one
+   accumulator; the offsets' term sum_g o[g] xs[g] (xs: the rounded blocks' sums) is added at the
+   end. About half the
+   operations of the int16 path per weight, and no pass over each pair of rows before it. */
+
+/* sum_g o[g] xs[g] for one weight row and one activation row (o = -8 s where the part has none),
+   8 groups at a time, then the rest one by one */
+static inline __attribute__((always_inline)) float offset_term(const float* xs, int64_t G, qpart_t wr) {
+    const int64_t G8 = G - G % 8;
+    v8f ov = v8f_zero();
+    int64_t g = 0;
+    for (; g < G8; g += 8) {
+        const v8f ow = wr.o ? v8f_from_f16(wr.o + g) : v8f_mul(v8f_from_f16(wr.s + g), v8f_set1(-8.f));
+        ov = v8f_fmadd(ow, v8f_load(xs + g), ov);
+    }
+    float ot = v8f_hsum(ov);
+    for (; g < G; g++) ot += (wr.o ? f16_to_f32(wr.o[g]) : -8.f * f16_to_f32(wr.s[g])) * xs[g];
+    return ot;
+}
+
+/* the float32 scales of groups g .. g + 7 of a weight row, zeros past G */
+static inline __attribute__((always_inline)) v8f scales8(const uint16_t* s, int64_t g, int64_t G) {
+    if (g + 8 <= G) return v8f_from_f16(s + g);
+    float t[8] = {0};
+    for (int64_t i = g; i < G; i++) t[i - g] = f16_to_f32(s[i]);
+    return v8f_load(t);
+}
+
+/* Pair p of q8tile: sv[w] holds weight row w's scales of the 8 groups from 8 (p / 4) */
+static inline __attribute__((always_inline)) void pair_step(const int8_t* xq, const float* xd, int64_t K, int64_t G,
+        const qpart_t* wr, int64_t p, const v8f* sv, v8f* acc, const int NW, const int MB) {
+    const int64_t XS = 4 * G + 4;
+    if (NW > 1) {  /* the next NW rows follow these: stream them in at this pace */
+        const char* next = (const char*)wr[0].w + NW * G * 16 + p * NW * 32;
+        for (int64_t b = 0; b < NW * 32; b += 64) PREFETCH(next + b);
+    }
+    v32b lo[4], hi[4];
+    v8f sq[4];
+    for (int w = 0; w < NW; w++) {
+        v32b_nibbles(wr[w].w + p * 32, &lo[w], &hi[w]);
+        sq[w] = v8f_quad(sv[w], (int)(p % 4));
+    }
+    for (int r = 0; r < MB; r++) {
+        const v32b x0 = v32b_load(xq + r * K + p * 64), x1 = v32b_load(xq + r * K + p * 64 + 32);
+        const v8f xr = v8f_load(xd + r * XS + 8 * p);
+        for (int w = 0; w < NW; w++) {
+            const v8f d = v8f_mul(v8f_from_i32(v8i_dot4x2(lo[w], x0, hi[w], x1)), xr);
+            acc[w * MB + r] = v8f_fmadd(d, sq[w], acc[w * MB + r]);
+        }
+    }
+}
+
+/* NW int4 weight rows (wr) against MB rows of int8 activations (xd: quantize_rows' per-step
+   scales): output w MB + r is row r against weight row w, each with its own accumulator and the
+   same operations whatever NW and MB (so its bits do not depend on the batch); the weights
+   unpacked once for all MB rows. */
+static inline __attribute__((always_inline)) void q8tile(const int8_t* xq, const float* xd, const float* xs,
+        int64_t K, const qpart_t* wr, float* out, const int NW, const int MB) {
+    const int64_t G = K / 32, P = G / 2, XS = 4 * G + 4;
+    v8f acc[8], sv[4];
+    for (int i = 0; i < NW * MB; i++) acc[i] = v8f_zero();
+    int64_t p = 0;
+    for (; p + 4 <= P; p += 4) {  /* 8 groups: their scales converted once */
+        for (int w = 0; w < NW; w++) sv[w] = v8f_from_f16(wr[w].s + 2 * p);
+        for (int j = 0; j < 4; j++) pair_step(xq, xd, K, G, wr, p + j, sv, acc, NW, MB);
+    }
+    for (int w = 0; w < NW; w++) sv[w] = scales8(wr[w].s, 2 * p, G);
+    for (; p < P; p++) pair_step(xq, xd, K, G, wr, p, sv, acc, NW, MB);
+    if (G % 2) {
+        const int64_t g = G - 1;
+        for (int w = 0; w < NW; w++) {
+            const v32b q = v32b_nibbles1(wr[w].w + g * 16);
+            const v8f sq = v8f_set1(f16_to_f32(wr[w].s[g]));
+            for (int r = 0; r < MB; r++) {
+                const v8f d = v8f_mul(v8f_from_i32(v8i_dot4(q, v32b_load(xq + r * K + g * 32))),
+                                      v8f_load(xd + r * XS + 4 * g));
+                acc[w * MB + r] = v8f_fmadd(d, sq, acc[w * MB + r]);
+            }
+        }
+    }
+    for (int w = 0; w < NW; w++)
+        for (int r = 0; r < MB; r++) out[w * MB + r] = v8f_hsum(acc[w * MB + r]) + offset_term(xs + r * G, G, wr[w]);
+}
+
+/* Activation row m of xq: int16 values, or int8 ones (X8) */
+static inline const void* xrow(const void* xq, int64_t m, int64_t K, const int X8) {
+    return (const char*)xq + m * K * (X8 ? 1 : 2);
+}
+
+/* MB activation rows against one weight row: qrows, or q8tile for int8 activations (X8) */
+static inline __attribute__((always_inline)) void rows_of(const void* xq, const float* xd, const float* xs,
+        int64_t K, qpart_t wr, int bits, float* sx, float* out, const int MB, const int X8) {
+    if (X8) q8tile((const int8_t*)xq, xd, xs, K, &wr, out, 1, MB);
+    else qrows((const int16_t*)xq, xd, xs, K, wr, bits, sx, out, MB);
+}
+
 /* One row of x against blocks nb0 .. nb1 - 1 of 4 weight rows of part p (the last block may be
-   short), its outputs into y's columns c0 + n; B the part's kind, a constant in each instance */
-static inline __attribute__((always_inline)) void gemv_range(const int16_t* xq, const float* xd, const float* xs,
-        int64_t K, const qpart_t* p, int64_t nb0, int64_t nb1, float* sx, void* y, int64_t c0, int ybf, const int B) {
+   short), its outputs into y's columns c0 + n; B the part's kind and X8 whether the activations
+   are int8, constants in each instance */
+static inline __attribute__((always_inline)) void gemv_range(const void* xq, const float* xd, const float* xs,
+        int64_t K, const qpart_t* p, int64_t nb0, int64_t nb1, float* sx, void* y, int64_t c0, int ybf, const int B,
+        const int X8) {
     for (int64_t nb = nb0; nb < nb1; nb++) {
         const int64_t n = nb * 4;
         float out[4];
         if (p->n - n >= 4) {
-            ncols(xq, xd, xs, K, p, n, B, sx, out, 4);
+            if (X8) {
+                const qpart_t wr[4] = {weight_row(p, n, K, B), weight_row(p, n + 1, K, B), weight_row(p, n + 2, K, B),
+                                       weight_row(p, n + 3, K, B)};
+                q8tile((const int8_t*)xq, xd, xs, K, wr, out, 4, 1);
+            } else {
+                ncols((const int16_t*)xq, xd, xs, K, p, n, B, sx, out, 4);
+            }
             for (int j = 0; j < 4; j++) store(y, c0 + n + j, out[j], ybf);
         } else {
             for (int64_t j = n; j < p->n; j++) {
-                ncols(xq, xd, xs, K, p, j, B, sx, out, 1);
+                if (X8) rows_of(xq, xd, xs, K, weight_row(p, j, K, B), B, sx, out, 1, 1);
+                else ncols((const int16_t*)xq, xd, xs, K, p, j, B, sx, out, 1);
                 store(y, c0 + j, out[0], ybf);
             }
         }
@@ -256,11 +390,12 @@ static inline __attribute__((always_inline)) void gemv_range(const int16_t* xq, 
 
 /* Rows m0 .. m1 - 1 of x against weight rows n0 .. n1 - 1 of part p, into y (N columns) at columns
    c0 + n: two weight rows against 4 activation rows at a time where there are (each activation
-   block loaded once for both), else one weight row against 8, 4, 2 or 1; B the part's kind */
-static inline __attribute__((always_inline)) void gemm_range(const int16_t* xq, const float* xd, const float* xs,
+   block loaded once for both), else one weight row against 8, 4, 2 or 1; B the part's kind, X8
+   whether the activations are int8 */
+static inline __attribute__((always_inline)) void gemm_range(const void* xq, const float* xd, const float* xs,
         int64_t K, const qpart_t* p, int64_t n0, int64_t n1, int64_t m0, int64_t m1, float* sx, void* y, int64_t N,
-        int64_t c0, int ybf, const int B) {
-    const int64_t G = K / 32;
+        int64_t c0, int ybf, const int B, const int X8) {
+    const int64_t G = K / 32, XS = X8 ? 4 * G + 4 : G;  /* xd's floats a row */
     for (int64_t n = n0; n < n1; n++) {
         const qpart_t wr = weight_row(p, n, K, B);
         float out[8];
@@ -268,15 +403,20 @@ static inline __attribute__((always_inline)) void gemm_range(const int16_t* xq, 
             const qpart_t wb = weight_row(p, n + 1, K, B);
             int64_t m = m0;
             for (; m + 4 <= m1; m += 4) {
-                qtile(xq + m * K, xd + m * G, xs + m * G, K, wr, wb, B, sx, out, 4);
+                if (X8) {
+                    const qpart_t two[2] = {wr, wb};
+                    q8tile((const int8_t*)xrow(xq, m, K, 1), xd + m * XS, xs + m * G, K, two, out, 2, 4);
+                } else {
+                    qtile((const int16_t*)xrow(xq, m, K, 0), xd + m * XS, xs + m * G, K, wr, wb, B, sx, out, 4);
+                }
                 for (int r = 0; r < 4; r++) {
                     store(y, (m + r) * N + c0 + n, out[r], ybf);
                     store(y, (m + r) * N + c0 + n + 1, out[4 + r], ybf);
                 }
             }
             for (; m < m1; m++) {
-                qrows(xq + m * K, xd + m * G, xs + m * G, K, wr, B, sx, out, 1);
-                qrows(xq + m * K, xd + m * G, xs + m * G, K, wb, B, sx, out + 1, 1);
+                rows_of(xrow(xq, m, K, X8), xd + m * XS, xs + m * G, K, wr, B, sx, out, 1, X8);
+                rows_of(xrow(xq, m, K, X8), xd + m * XS, xs + m * G, K, wb, B, sx, out + 1, 1, X8);
                 store(y, m * N + c0 + n, out[0], ybf);
                 store(y, m * N + c0 + n + 1, out[1], ybf);
             }
@@ -285,11 +425,11 @@ static inline __attribute__((always_inline)) void gemm_range(const int16_t* xq, 
         }
         for (int64_t m = m0; m < m1;) {
             const int64_t left = m1 - m;
-            const int16_t* xr = xq + m * K;
-            if (left >= 8) qrows(xr, xd + m * G, xs + m * G, K, wr, B, sx, out, 8);
-            else if (left >= 4) qrows(xr, xd + m * G, xs + m * G, K, wr, B, sx, out, 4);
-            else if (left >= 2) qrows(xr, xd + m * G, xs + m * G, K, wr, B, sx, out, 2);
-            else qrows(xr, xd + m * G, xs + m * G, K, wr, B, sx, out, 1);
+            const void* xr = xrow(xq, m, K, X8);
+            if (left >= 8) rows_of(xr, xd + m * XS, xs + m * G, K, wr, B, sx, out, 8, X8);
+            else if (left >= 4) rows_of(xr, xd + m * XS, xs + m * G, K, wr, B, sx, out, 4, X8);
+            else if (left >= 2) rows_of(xr, xd + m * XS, xs + m * G, K, wr, B, sx, out, 2, X8);
+            else rows_of(xr, xd + m * XS, xs + m * G, K, wr, B, sx, out, 1, X8);
             const int mb = left >= 8 ? 8 : left >= 4 ? 4 : left >= 2 ? 2 : 1;
             for (int r = 0; r < mb; r++) store(y, (m + r) * N + c0 + n, out[r], ybf);
             m += mb;
@@ -297,47 +437,64 @@ static inline __attribute__((always_inline)) void gemm_range(const int16_t* xq, 
     }
 }
 
-/* each kind's loops as a function of its own (a constant kind throughout: branch-free) */
-#define KIND_LOOPS(B) \
-    static __attribute__((noinline)) void gemv_##B(const int16_t* xq, const float* xd, const float* xs, int64_t K, \
+/* each kind's loops as a function of its own (a constant kind throughout: branch-free); X8 the
+   int8 activations' instance (int4 weights only) */
+#define KIND_LOOPS(B, X8, NAME) \
+    static __attribute__((noinline)) void gemv_##NAME(const void* xq, const float* xd, const float* xs, int64_t K, \
             const qpart_t* p, int64_t nb0, int64_t nb1, float* sx, void* y, int64_t c0, int ybf) { \
-        gemv_range(xq, xd, xs, K, p, nb0, nb1, sx, y, c0, ybf, B); \
+        gemv_range(xq, xd, xs, K, p, nb0, nb1, sx, y, c0, ybf, B, X8); \
     } \
-    static __attribute__((noinline)) void gemm_##B(const int16_t* xq, const float* xd, const float* xs, int64_t K, \
+    static __attribute__((noinline)) void gemm_##NAME(const void* xq, const float* xd, const float* xs, int64_t K, \
             const qpart_t* p, int64_t n0, int64_t n1, int64_t m0, int64_t m1, float* sx, void* y, int64_t N, \
             int64_t c0, int ybf) { \
-        gemm_range(xq, xd, xs, K, p, n0, n1, m0, m1, sx, y, N, c0, ybf, B); \
+        gemm_range(xq, xd, xs, K, p, n0, n1, m0, m1, sx, y, N, c0, ybf, B, X8); \
     }
-KIND_LOOPS(4)
-KIND_LOOPS(5)
-KIND_LOOPS(6)
-KIND_LOOPS(8)
-KIND_LOOPS(NL4)
+KIND_LOOPS(4, 0, 4)
+KIND_LOOPS(5, 0, 5)
+KIND_LOOPS(6, 0, 6)
+KIND_LOOPS(8, 0, 8)
+KIND_LOOPS(NL4, 0, NL4)
+KIND_LOOPS(4, 1, 4x8)
 #undef KIND_LOOPS
+
+/* whether part p meets int8 activations: it asks for them and has their kernel (int4, no codebook) */
+static inline int int8_acts(const qpart_t* p) { return p->xbits == 8 && kind_of(p) == 4; }
 
 /* y (M, N) = x (M, K) @ W.T for a weight of group-wise integer parts (N the sum of their rows;
    each part's outputs in its columns). One row (a decode step): weight rows 4 at a time. More
-   rows: in tiles of 64 (their int16 copy stays in cache), two weight rows against 4 rows at a
-   time (gemm_range). Each thread takes a contiguous share of the weight
-   rows (every output is computed alone, so the split does not change its bits). */
+   rows: in tiles of 64 (their integer copy stays in cache), two weight rows against 4 rows at a
+   time (gemm_range). Each thread takes a contiguous share of the weight rows (every output is
+   computed alone, so the split does not change its bits). x is rounded to int16 for the parts
+   that take it, to int8 for those that take that (int8_acts), once for all of them. */
 int quant_gemm(const void* xin, int xbf, int64_t M, int64_t K, const qpart_t* parts, int64_t nparts, void* y,
                int ybf) {
     use_threads();
     const int64_t G = K / 32;
     int64_t N = 0;
-    for (int64_t i = 0; i < nparts; i++) N += parts[i].n;
+    int need8 = 0, need16 = 0;
+    for (int64_t i = 0; i < nparts; i++) {
+        N += parts[i].n;
+        if (int8_acts(parts + i)) need8 = 1;
+        else need16 = 1;
+    }
     float* owned;
     const float* x = as_f32(xin, M * K, xbf, &owned);
-    int16_t* xq = (int16_t*)malloc((size_t)(M * K) * sizeof(int16_t));
-    float* xd = (float*)malloc((size_t)(M * G) * sizeof(float));
+    int16_t* xq16 = need16 ? (int16_t*)malloc((size_t)(M * K) * sizeof(int16_t)) : 0;
+    int8_t* xq8 = need8 ? (int8_t*)malloc((size_t)(M * K)) : 0;
+    float* xd16 = (float*)malloc((size_t)(M * G) * sizeof(float));
+    float* xd8 = (float*)malloc((size_t)(M * (4 * G + 4)) * sizeof(float));
     float* xs = (float*)malloc((size_t)(M * G) * sizeof(float));
-    int failed = !x || !xq || !xd || !xs;
-    if (!failed) quantize_rows(x, M, K, xq, xd, xs);
+    float* xs8 = (float*)malloc((size_t)(M * G) * sizeof(float));
+    int failed = !x || (need16 && !xq16) || (need8 && !xq8) || !xd16 || !xd8 || !xs || !xs8;
+    if (!failed) quantize_rows(x, M, K, xq16, xd16, xq8, xd8, xs8, xs);
     for (int64_t m0 = 0, step = M == 1 ? 1 : 64; m0 < M && !failed; m0 += step) {
         const int64_t m1 = M < m0 + step ? M : m0 + step;
         for (int64_t i = 0, c0 = 0; i < nparts; c0 += parts[i].n, i++) {
             const qpart_t* p = parts + i;
-            const int kind = kind_of(p);
+            const int kind = int8_acts(p) ? -4 : kind_of(p);  /* -4: int4 against int8 activations */
+            const void* xq = kind == -4 ? (const void*)xq8 : (const void*)xq16;
+            const float* xd = kind == -4 ? xd8 : xd16;
+            const float* sums = kind == -4 ? xs8 : xs;
             const int64_t units = M == 1 ? (p->n + 3) / 4 : p->n;  /* blocks of 4 rows, or rows */
             #pragma omp parallel
             {
@@ -345,25 +502,30 @@ int quant_gemm(const void* xin, int xbf, int64_t M, int64_t K, const qpart_t* pa
                 const int64_t u0 = units * t / T, u1 = units * (t + 1) / T;
                 float* sx = u1 > u0 ? scratch(8 * 2 * G, &failed) : 0;
                 if (sx && M == 1) {
-                    if (kind == 4) gemv_4(xq, xd, xs, K, p, u0, u1, sx, y, c0, ybf);
-                    else if (kind == 5) gemv_5(xq, xd, xs, K, p, u0, u1, sx, y, c0, ybf);
-                    else if (kind == 6) gemv_6(xq, xd, xs, K, p, u0, u1, sx, y, c0, ybf);
-                    else if (kind == NL4) gemv_NL4(xq, xd, xs, K, p, u0, u1, sx, y, c0, ybf);
-                    else gemv_8(xq, xd, xs, K, p, u0, u1, sx, y, c0, ybf);
+                    if (kind == 4) gemv_4(xq, xd, sums, K, p, u0, u1, sx, y, c0, ybf);
+                    else if (kind == -4) gemv_4x8(xq, xd, sums, K, p, u0, u1, sx, y, c0, ybf);
+                    else if (kind == 5) gemv_5(xq, xd, sums, K, p, u0, u1, sx, y, c0, ybf);
+                    else if (kind == 6) gemv_6(xq, xd, sums, K, p, u0, u1, sx, y, c0, ybf);
+                    else if (kind == NL4) gemv_NL4(xq, xd, sums, K, p, u0, u1, sx, y, c0, ybf);
+                    else gemv_8(xq, xd, sums, K, p, u0, u1, sx, y, c0, ybf);
                 } else if (sx) {
-                    if (kind == 4) gemm_4(xq, xd, xs, K, p, u0, u1, m0, m1, sx, y, N, c0, ybf);
-                    else if (kind == 5) gemm_5(xq, xd, xs, K, p, u0, u1, m0, m1, sx, y, N, c0, ybf);
-                    else if (kind == 6) gemm_6(xq, xd, xs, K, p, u0, u1, m0, m1, sx, y, N, c0, ybf);
-                    else if (kind == NL4) gemm_NL4(xq, xd, xs, K, p, u0, u1, m0, m1, sx, y, N, c0, ybf);
-                    else gemm_8(xq, xd, xs, K, p, u0, u1, m0, m1, sx, y, N, c0, ybf);
+                    if (kind == 4) gemm_4(xq, xd, sums, K, p, u0, u1, m0, m1, sx, y, N, c0, ybf);
+                    else if (kind == -4) gemm_4x8(xq, xd, sums, K, p, u0, u1, m0, m1, sx, y, N, c0, ybf);
+                    else if (kind == 5) gemm_5(xq, xd, sums, K, p, u0, u1, m0, m1, sx, y, N, c0, ybf);
+                    else if (kind == 6) gemm_6(xq, xd, sums, K, p, u0, u1, m0, m1, sx, y, N, c0, ybf);
+                    else if (kind == NL4) gemm_NL4(xq, xd, sums, K, p, u0, u1, m0, m1, sx, y, N, c0, ybf);
+                    else gemm_8(xq, xd, sums, K, p, u0, u1, m0, m1, sx, y, N, c0, ybf);
                 }
                 free(sx);
             }
         }
     }
-    free(xq);
-    free(xd);
+    free(xq16);
+    free(xq8);
+    free(xd16);
+    free(xd8);
     free(xs);
+    free(xs8);
     free(owned);
     return failed ? OWNLM_ENOMEM : 0;
 }

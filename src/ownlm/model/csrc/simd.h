@@ -4,8 +4,8 @@
    on both, so a kernel computes the same results on either CPU (tests/test_neon.py runs the
    NEON build under qemu against the x86 one).
 
-   v8f: 8 floats; v8i: 8 int32; v16h: 16 int16; b16: 16 bytes. The attention kernel
-   (attention.c) is written in them too. */
+   v8f: 8 floats; v8i: 8 int32; v16h: 16 int16; b16: 16 bytes; v32b: 32 int8 (or bytes). The
+   attention kernel (attention.c) is written in them too. */
 
 #ifndef OWNLM_SIMD_H
 #define OWNLM_SIMD_H
@@ -19,6 +19,7 @@ typedef __m256 v8f;
 typedef __m256i v8i;
 typedef __m256i v16h;
 typedef __m128i b16;
+typedef __m256i v32b;
 
 static inline v8f v8f_load(const float* p) { return _mm256_loadu_ps(p); }
 static inline void v8f_store(float* p, v8f v) { _mm256_storeu_ps(p, v); }
@@ -117,6 +118,49 @@ static inline b16 b16_bits6(const uint8_t* h, int half) {
     return _mm_and_si128(_mm_unpacklo_epi64(lo, hi), _mm_set1_epi8(3));
 }
 
+/* v32b: 32 bytes, the int8 activations' operand (matmul.c's int8 path) */
+static inline v32b v32b_load(const int8_t* p) { return _mm256_loadu_si256((const __m256i*)p); }
+/* the 32 values of a, b, c, d in that order, saturated to int8 */
+static inline v32b v32b_pack(v8i a, v8i b, v8i c, v8i d) {
+    const __m256i bytes = _mm256_packs_epi16(_mm256_packs_epi32(a, b), _mm256_packs_epi32(c, d));
+    return _mm256_permutevar8x32_epi32(bytes, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+}
+/* the low 16 bytes of v at lo, the high 16 at hi */
+static inline void v32b_store2(int8_t* lo, int8_t* hi, v32b v) {
+    _mm_storeu_si128((__m128i*)lo, _mm256_castsi256_si128(v));
+    _mm_storeu_si128((__m128i*)hi, _mm256_extracti128_si256(v, 1));
+}
+/* the low nibbles of the 32 bytes at p, and their high nibbles */
+static inline void v32b_nibbles(const uint8_t* p, v32b* lo, v32b* hi) {
+    const __m256i b = _mm256_loadu_si256((const __m256i*)p), m = _mm256_set1_epi8(0x0F);
+    *lo = _mm256_and_si256(b, m);
+    *hi = _mm256_and_si256(_mm256_srli_epi16(b, 4), m);
+}
+/* the low nibbles of the 16 bytes at p, then their high nibbles */
+static inline v32b v32b_nibbles1(const uint8_t* p) {
+    const __m128i b = _mm_loadu_si128((const __m128i*)p);
+    return _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(b, 4), b), _mm256_set1_epi8(0x0F));
+}
+/* lane i: the sum over bytes 4i .. 4i + 3 of u s (u's bytes 0 .. 63, s's int8 -127 .. 127), and
+   v8i_dot4x2: that of u s plus that of v t; exact either way, so the same integers on every build */
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
+static inline v8i v8i_dot4(v32b u, v32b s) { return _mm256_dpbusd_epi32(_mm256_setzero_si256(), u, s); }
+static inline v8i v8i_dot4x2(v32b u, v32b s, v32b v, v32b t) {
+    return _mm256_dpbusd_epi32(_mm256_dpbusd_epi32(_mm256_setzero_si256(), u, s), v, t);
+}
+#else
+static inline v8i v8i_dot4(v32b u, v32b s) { return _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1)); }
+static inline v8i v8i_dot4x2(v32b u, v32b s, v32b v, v32b t) {  /* int16 pair sums below 2^15: exact */
+    const __m256i pairs = _mm256_add_epi16(_mm256_maddubs_epi16(u, s), _mm256_maddubs_epi16(v, t));
+    return _mm256_madd_epi16(pairs, _mm256_set1_epi16(1));
+}
+#endif
+/* lanes 2j, 2j, 2j, 2j, 2j + 1, 2j + 1, 2j + 1, 2j + 1 of f (j 0 .. 3) */
+static inline v8f v8f_quad(v8f f, int j) {
+    return _mm256_permutevar8x32_ps(f, _mm256_add_epi32(_mm256_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1),
+                                                        _mm256_set1_epi32(2 * j)));
+}
+
 static inline float f16_to_f32(uint16_t h) { return _cvtsh_ss(h); }
 static inline uint16_t f32_to_f16(float f) { return _cvtss_sh(f, _MM_FROUND_TO_NEAREST_INT); } /* nearest even */
 
@@ -127,6 +171,7 @@ typedef struct { float32x4_t lo, hi; } v8f;
 typedef struct { int32x4_t lo, hi; } v8i;
 typedef struct { int16x8_t lo, hi; } v16h;
 typedef uint8x16_t b16;
+typedef struct { int8x16_t lo, hi; } v32b;
 
 static inline v8f v8f_make(float32x4_t lo, float32x4_t hi) { v8f r = {lo, hi}; return r; }
 static inline v8f v8f_load(const float* p) { return v8f_make(vld1q_f32(p), vld1q_f32(p + 4)); }
@@ -238,6 +283,39 @@ static inline b16 b16_bits6(const uint8_t* h, int half) {
     const uint8x8_t b = vld1_u8(h);
     const uint8x16_t both = half ? vcombine_u8(vshr_n_u8(b, 4), vshr_n_u8(b, 6)) : vcombine_u8(b, vshr_n_u8(b, 2));
     return vandq_u8(both, vdupq_n_u8(3));
+}
+
+static inline v32b v32b_load(const int8_t* p) { v32b r = {vld1q_s8(p), vld1q_s8(p + 16)}; return r; }
+static inline int8x16_t s8_pack(v8i a, v8i b) {
+    return vcombine_s8(vqmovn_s16(vcombine_s16(vqmovn_s32(a.lo), vqmovn_s32(a.hi))),
+                       vqmovn_s16(vcombine_s16(vqmovn_s32(b.lo), vqmovn_s32(b.hi))));
+}
+static inline v32b v32b_pack(v8i a, v8i b, v8i c, v8i d) { v32b r = {s8_pack(a, b), s8_pack(c, d)}; return r; }
+static inline void v32b_store2(int8_t* lo, int8_t* hi, v32b v) { vst1q_s8(lo, v.lo); vst1q_s8(hi, v.hi); }
+static inline void v32b_nibbles(const uint8_t* p, v32b* lo, v32b* hi) {
+    const uint8x16_t a = vld1q_u8(p), b = vld1q_u8(p + 16), m = vdupq_n_u8(0x0F);
+    lo->lo = vreinterpretq_s8_u8(vandq_u8(a, m));
+    lo->hi = vreinterpretq_s8_u8(vandq_u8(b, m));
+    hi->lo = vreinterpretq_s8_u8(vshrq_n_u8(a, 4));
+    hi->hi = vreinterpretq_s8_u8(vshrq_n_u8(b, 4));
+}
+static inline v32b v32b_nibbles1(const uint8_t* p) {
+    const uint8x16_t a = vld1q_u8(p);
+    v32b r = {vreinterpretq_s8_u8(vandq_u8(a, vdupq_n_u8(0x0F))), vreinterpretq_s8_u8(vshrq_n_u8(a, 4))};
+    return r;
+}
+static inline int32x4_t dot16(int8x16_t u, int8x16_t s) {  /* lane i: bytes 4i .. 4i + 3 */
+    return vpaddq_s32(vpaddlq_s16(vmull_s8(vget_low_s8(u), vget_low_s8(s))), vpaddlq_s16(vmull_high_s8(u, s)));
+}
+static inline v8i v8i_dot4(v32b u, v32b s) { v8i r = {dot16(u.lo, s.lo), dot16(u.hi, s.hi)}; return r; }
+static inline v8i v8i_dot4x2(v32b u, v32b s, v32b v, v32b t) { return v8i_add(v8i_dot4(u, s), v8i_dot4(v, t)); }
+static inline v8f v8f_quad(v8f f, int j) {
+    switch (j) {
+        case 0: return v8f_make(vdupq_laneq_f32(f.lo, 0), vdupq_laneq_f32(f.lo, 1));
+        case 1: return v8f_make(vdupq_laneq_f32(f.lo, 2), vdupq_laneq_f32(f.lo, 3));
+        case 2: return v8f_make(vdupq_laneq_f32(f.hi, 0), vdupq_laneq_f32(f.hi, 1));
+        default: return v8f_make(vdupq_laneq_f32(f.hi, 2), vdupq_laneq_f32(f.hi, 3));
+    }
 }
 
 static inline float f16_to_f32(uint16_t h) {
