@@ -323,7 +323,7 @@ static inline __attribute__((always_inline)) void pair_step(const int8_t* xq, co
 static inline __attribute__((always_inline)) void q8tile(const int8_t* xq, const float* xd, const float* xs,
         int64_t K, const qpart_t* wr, float* out, const int NW, const int MB) {
     const int64_t G = K / 32, P = G / 2, XS = 4 * G + 4;
-    v8f acc[8], sv[4];
+    v8f acc[16], sv[4];
     for (int i = 0; i < NW * MB; i++) acc[i] = v8f_zero();
     int64_t p = 0;
     for (; p + 4 <= P; p += 4) {  /* 8 groups: their scales converted once */
@@ -388,6 +388,51 @@ static inline __attribute__((always_inline)) void gemv_range(const void* xq, con
     }
 }
 
+/* The int8 path's rows m0 .. m1 - 1 against weight rows n0 .. n1 - 1 (see gemm_range): four
+   weight rows against GEMM8_ROWS activation rows at a time (each activation step loaded once for
+   the four: the activations, not the weights, are what these tiles read most), then one against
+   one; the rest one weight row against 8, 4, 2 or 1 rows. */
+#if defined(__AVX512VL__)
+#define GEMM8_ROWS 4  /* 16 accumulators: AVX-512's 32 vector registers hold them */
+#else
+#define GEMM8_ROWS 2
+#endif
+static inline __attribute__((always_inline)) void gemm8_range(const int8_t* xq, const float* xd, const float* xs,
+        int64_t K, const qpart_t* p, int64_t n0, int64_t n1, int64_t m0, int64_t m1, void* y, int64_t N, int64_t c0,
+        int ybf) {
+    const int64_t G = K / 32, XS = 4 * G + 4;
+    float out[16];
+    int64_t n = n0;
+    for (; n + 4 <= n1; n += 4) {
+        const qpart_t four[4] = {weight_row(p, n, K, 4), weight_row(p, n + 1, K, 4), weight_row(p, n + 2, K, 4),
+                                 weight_row(p, n + 3, K, 4)};
+        int64_t m = m0;
+        for (; m + GEMM8_ROWS <= m1; m += GEMM8_ROWS) {
+            q8tile(xq + m * K, xd + m * XS, xs + m * G, K, four, out, 4, GEMM8_ROWS);
+            for (int w = 0; w < 4; w++)
+                for (int r = 0; r < GEMM8_ROWS; r++) store(y, (m + r) * N + c0 + n + w, out[w * GEMM8_ROWS + r], ybf);
+        }
+        for (; m < m1; m++) {
+            q8tile(xq + m * K, xd + m * XS, xs + m * G, K, four, out, 4, 1);
+            for (int w = 0; w < 4; w++) store(y, m * N + c0 + n + w, out[w], ybf);
+        }
+    }
+    for (; n < n1; n++) {
+        const qpart_t wr = weight_row(p, n, K, 4);
+        for (int64_t m = m0; m < m1;) {
+            const int64_t left = m1 - m;
+            const int8_t* xr = xq + m * K;
+            if (left >= 8) q8tile(xr, xd + m * XS, xs + m * G, K, &wr, out, 1, 8);
+            else if (left >= 4) q8tile(xr, xd + m * XS, xs + m * G, K, &wr, out, 1, 4);
+            else if (left >= 2) q8tile(xr, xd + m * XS, xs + m * G, K, &wr, out, 1, 2);
+            else q8tile(xr, xd + m * XS, xs + m * G, K, &wr, out, 1, 1);
+            const int mb = left >= 8 ? 8 : left >= 4 ? 4 : left >= 2 ? 2 : 1;
+            for (int r = 0; r < mb; r++) store(y, (m + r) * N + c0 + n, out[r], ybf);
+            m += mb;
+        }
+    }
+}
+
 /* Rows m0 .. m1 - 1 of x against weight rows n0 .. n1 - 1 of part p, into y (N columns) at columns
    c0 + n: two weight rows against 4 activation rows at a time where there are (each activation
    block loaded once for both), else one weight row against 8, 4, 2 or 1; B the part's kind, X8
@@ -396,6 +441,10 @@ static inline __attribute__((always_inline)) void gemm_range(const void* xq, con
         int64_t K, const qpart_t* p, int64_t n0, int64_t n1, int64_t m0, int64_t m1, float* sx, void* y, int64_t N,
         int64_t c0, int ybf, const int B, const int X8) {
     const int64_t G = K / 32, XS = X8 ? 4 * G + 4 : G;  /* xd's floats a row */
+    if (X8) {
+        gemm8_range((const int8_t*)xq, xd, xs, K, p, n0, n1, m0, m1, y, N, c0, ybf);
+        return;
+    }
     for (int64_t n = n0; n < n1; n++) {
         const qpart_t wr = weight_row(p, n, K, B);
         float out[8];
