@@ -62,7 +62,7 @@ static void quantize_rows(const float* x, int64_t M, int64_t K, int16_t* xq16, f
                 v32b_store2(pair + lo, pair + hi, v32b_pack(i32[0], i32[1], i32[2], i32[3]));
                 for (int i = 0; i < (alone ? 8 : 4); i++) xd8[m * (4 * G + 4) + 4 * g + i] = a / 127.f;
                 const v8i sum = v8i_add(v8i_add(i32[0], i32[1]), v8i_add(i32[2], i32[3]));
-                xs8[m * G + g] = v8f_hsum(v8f_from_i32(sum)) * (a / 127.f);  /* an exact integer sum, then one rounding */
+                xs8[m * G + g] = v8f_hsum(v8f_from_i32(sum)) * (a / 127.f);  /* an exact sum, one rounding */
             }
             xs[m * G + g] = v8f_hsum(v8f_add(v8f_add(v[0], v[1]), v8f_add(v[2], v[3])));
         }
@@ -348,18 +348,6 @@ static inline __attribute__((always_inline)) void q8tile(const int8_t* xq, const
         for (int r = 0; r < MB; r++) out[w * MB + r] = v8f_hsum(acc[w * MB + r]) + offset_term(xs + r * G, G, wr[w]);
 }
 
-/* Activation row m of xq: int16 values, or int8 ones (X8) */
-static inline const void* xrow(const void* xq, int64_t m, int64_t K, const int X8) {
-    return (const char*)xq + m * K * (X8 ? 1 : 2);
-}
-
-/* MB activation rows against one weight row: qrows, or q8tile for int8 activations (X8) */
-static inline __attribute__((always_inline)) void rows_of(const void* xq, const float* xd, const float* xs,
-        int64_t K, qpart_t wr, int bits, float* sx, float* out, const int MB, const int X8) {
-    if (X8) q8tile((const int8_t*)xq, xd, xs, K, &wr, out, 1, MB);
-    else qrows((const int16_t*)xq, xd, xs, K, wr, bits, sx, out, MB);
-}
-
 /* One row of x against blocks nb0 .. nb1 - 1 of 4 weight rows of part p (the last block may be
    short), its outputs into y's columns c0 + n; B the part's kind and X8 whether the activations
    are int8, constants in each instance */
@@ -380,8 +368,12 @@ static inline __attribute__((always_inline)) void gemv_range(const void* xq, con
             for (int j = 0; j < 4; j++) store(y, c0 + n + j, out[j], ybf);
         } else {
             for (int64_t j = n; j < p->n; j++) {
-                if (X8) rows_of(xq, xd, xs, K, weight_row(p, j, K, B), B, sx, out, 1, 1);
-                else ncols((const int16_t*)xq, xd, xs, K, p, j, B, sx, out, 1);
+                if (X8) {
+                    const qpart_t wr = weight_row(p, j, K, B);
+                    q8tile((const int8_t*)xq, xd, xs, K, &wr, out, 1, 1);
+                } else {
+                    ncols((const int16_t*)xq, xd, xs, K, p, j, B, sx, out, 1);
+                }
                 store(y, c0 + j, out[0], ybf);
             }
         }
@@ -435,16 +427,17 @@ static inline __attribute__((always_inline)) void gemm8_range(const int8_t* xq, 
 
 /* Rows m0 .. m1 - 1 of x against weight rows n0 .. n1 - 1 of part p, into y (N columns) at columns
    c0 + n: two weight rows against 4 activation rows at a time where there are (each activation
-   block loaded once for both), else one weight row against 8, 4, 2 or 1; B the part's kind, X8
-   whether the activations are int8 */
-static inline __attribute__((always_inline)) void gemm_range(const void* xq, const float* xd, const float* xs,
+   block loaded once for both), else one weight row against 8, 4, 2 or 1; B the part's kind; X8:
+   int8 activations, gemm8_range's */
+static inline __attribute__((always_inline)) void gemm_range(const void* xqv, const float* xd, const float* xs,
         int64_t K, const qpart_t* p, int64_t n0, int64_t n1, int64_t m0, int64_t m1, float* sx, void* y, int64_t N,
         int64_t c0, int ybf, const int B, const int X8) {
-    const int64_t G = K / 32, XS = X8 ? 4 * G + 4 : G;  /* xd's floats a row */
     if (X8) {
-        gemm8_range((const int8_t*)xq, xd, xs, K, p, n0, n1, m0, m1, y, N, c0, ybf);
+        gemm8_range((const int8_t*)xqv, xd, xs, K, p, n0, n1, m0, m1, y, N, c0, ybf);
         return;
     }
+    const int16_t* xq = (const int16_t*)xqv;
+    const int64_t G = K / 32;
     for (int64_t n = n0; n < n1; n++) {
         const qpart_t wr = weight_row(p, n, K, B);
         float out[8];
@@ -452,20 +445,15 @@ static inline __attribute__((always_inline)) void gemm_range(const void* xq, con
             const qpart_t wb = weight_row(p, n + 1, K, B);
             int64_t m = m0;
             for (; m + 4 <= m1; m += 4) {
-                if (X8) {
-                    const qpart_t two[2] = {wr, wb};
-                    q8tile((const int8_t*)xrow(xq, m, K, 1), xd + m * XS, xs + m * G, K, two, out, 2, 4);
-                } else {
-                    qtile((const int16_t*)xrow(xq, m, K, 0), xd + m * XS, xs + m * G, K, wr, wb, B, sx, out, 4);
-                }
+                qtile(xq + m * K, xd + m * G, xs + m * G, K, wr, wb, B, sx, out, 4);
                 for (int r = 0; r < 4; r++) {
                     store(y, (m + r) * N + c0 + n, out[r], ybf);
                     store(y, (m + r) * N + c0 + n + 1, out[4 + r], ybf);
                 }
             }
             for (; m < m1; m++) {
-                rows_of(xrow(xq, m, K, X8), xd + m * XS, xs + m * G, K, wr, B, sx, out, 1, X8);
-                rows_of(xrow(xq, m, K, X8), xd + m * XS, xs + m * G, K, wb, B, sx, out + 1, 1, X8);
+                qrows(xq + m * K, xd + m * G, xs + m * G, K, wr, B, sx, out, 1);
+                qrows(xq + m * K, xd + m * G, xs + m * G, K, wb, B, sx, out + 1, 1);
                 store(y, m * N + c0 + n, out[0], ybf);
                 store(y, m * N + c0 + n + 1, out[1], ybf);
             }
@@ -474,11 +462,11 @@ static inline __attribute__((always_inline)) void gemm_range(const void* xq, con
         }
         for (int64_t m = m0; m < m1;) {
             const int64_t left = m1 - m;
-            const void* xr = xrow(xq, m, K, X8);
-            if (left >= 8) rows_of(xr, xd + m * XS, xs + m * G, K, wr, B, sx, out, 8, X8);
-            else if (left >= 4) rows_of(xr, xd + m * XS, xs + m * G, K, wr, B, sx, out, 4, X8);
-            else if (left >= 2) rows_of(xr, xd + m * XS, xs + m * G, K, wr, B, sx, out, 2, X8);
-            else rows_of(xr, xd + m * XS, xs + m * G, K, wr, B, sx, out, 1, X8);
+            const int16_t* xr = xq + m * K;
+            if (left >= 8) qrows(xr, xd + m * G, xs + m * G, K, wr, B, sx, out, 8);
+            else if (left >= 4) qrows(xr, xd + m * G, xs + m * G, K, wr, B, sx, out, 4);
+            else if (left >= 2) qrows(xr, xd + m * G, xs + m * G, K, wr, B, sx, out, 2);
+            else qrows(xr, xd + m * G, xs + m * G, K, wr, B, sx, out, 1);
             const int mb = left >= 8 ? 8 : left >= 4 ? 4 : left >= 2 ? 2 : 1;
             for (int r = 0; r < mb; r++) store(y, (m + r) * N + c0 + n, out[r], ybf);
             m += mb;
@@ -549,21 +537,23 @@ int quant_gemm(const void* xin, int xbf, int64_t M, int64_t K, const qpart_t* pa
             {
                 const int64_t t = omp_get_thread_num(), T = omp_get_num_threads();
                 const int64_t u0 = units * t / T, u1 = units * (t + 1) / T;
-                float* sx = u1 > u0 ? scratch(8 * 2 * G, &failed) : 0;
-                if (sx && M == 1) {
-                    if (kind == 4) gemv_4(xq, xd, sums, K, p, u0, u1, sx, y, c0, ybf);
-                    else if (kind == -4) gemv_4x8(xq, xd, sums, K, p, u0, u1, sx, y, c0, ybf);
-                    else if (kind == 5) gemv_5(xq, xd, sums, K, p, u0, u1, sx, y, c0, ybf);
-                    else if (kind == 6) gemv_6(xq, xd, sums, K, p, u0, u1, sx, y, c0, ybf);
-                    else if (kind == NL4) gemv_NL4(xq, xd, sums, K, p, u0, u1, sx, y, c0, ybf);
-                    else gemv_8(xq, xd, sums, K, p, u0, u1, sx, y, c0, ybf);
-                } else if (sx) {
-                    if (kind == 4) gemm_4(xq, xd, sums, K, p, u0, u1, m0, m1, sx, y, N, c0, ybf);
-                    else if (kind == -4) gemm_4x8(xq, xd, sums, K, p, u0, u1, m0, m1, sx, y, N, c0, ybf);
-                    else if (kind == 5) gemm_5(xq, xd, sums, K, p, u0, u1, m0, m1, sx, y, N, c0, ybf);
-                    else if (kind == 6) gemm_6(xq, xd, sums, K, p, u0, u1, m0, m1, sx, y, N, c0, ybf);
-                    else if (kind == NL4) gemm_NL4(xq, xd, sums, K, p, u0, u1, m0, m1, sx, y, N, c0, ybf);
-                    else gemm_8(xq, xd, sums, K, p, u0, u1, m0, m1, sx, y, N, c0, ybf);
+                float* sx = u1 > u0 && kind != -4 ? scratch(8 * 2 * G, &failed) : 0;  /* the int16 path's factors */
+                if (u1 > u0 && (sx || kind == -4)) {  /* a share of the work, and its scratch */
+                    if (M == 1) {
+                        if (kind == 4) gemv_4(xq, xd, sums, K, p, u0, u1, sx, y, c0, ybf);
+                        else if (kind == -4) gemv_4x8(xq, xd, sums, K, p, u0, u1, sx, y, c0, ybf);
+                        else if (kind == 5) gemv_5(xq, xd, sums, K, p, u0, u1, sx, y, c0, ybf);
+                        else if (kind == 6) gemv_6(xq, xd, sums, K, p, u0, u1, sx, y, c0, ybf);
+                        else if (kind == NL4) gemv_NL4(xq, xd, sums, K, p, u0, u1, sx, y, c0, ybf);
+                        else gemv_8(xq, xd, sums, K, p, u0, u1, sx, y, c0, ybf);
+                    } else {
+                        if (kind == 4) gemm_4(xq, xd, sums, K, p, u0, u1, m0, m1, sx, y, N, c0, ybf);
+                        else if (kind == -4) gemm_4x8(xq, xd, sums, K, p, u0, u1, m0, m1, sx, y, N, c0, ybf);
+                        else if (kind == 5) gemm_5(xq, xd, sums, K, p, u0, u1, m0, m1, sx, y, N, c0, ybf);
+                        else if (kind == 6) gemm_6(xq, xd, sums, K, p, u0, u1, m0, m1, sx, y, N, c0, ybf);
+                        else if (kind == NL4) gemm_NL4(xq, xd, sums, K, p, u0, u1, m0, m1, sx, y, N, c0, ybf);
+                        else gemm_8(xq, xd, sums, K, p, u0, u1, m0, m1, sx, y, N, c0, ybf);
+                    }
                 }
                 free(sx);
             }
