@@ -164,15 +164,21 @@ def test_eviction_keeps_the_bound_and_the_results(llama):
     same(on, off)
 
 
-def test_pinned_blocks_are_never_evicted(llama):
+def pinned(llama, blocks: int, seed: int):
+    """A fresh cache of `blocks` blocks' budget holding a prompt's two full blocks, and a hit that
+    pins them: (cache, prompt, KV cache, hit, copies of the blocks' keys and values, block bytes)."""
     block_bytes = block_size(llama)
-    pc = fresh(llama, 3 * block_bytes)
-    p = ids(2 * BLOCK + 3, 20)
+    pc = fresh(llama, blocks * block_bytes)
+    p = ids(2 * BLOCK + 3, seed)
     alone(llama, p, n=1)
     cache = KVCache.for_model(llama.model, 1, 64)
     hit = pc.lookup(llama.model, p, cache)
     assert hit.length == 2 * BLOCK
-    kept = [b.kv.clone() for b in hit.blocks]
+    return pc, p, cache, hit, [b.kv.clone() for b in hit.blocks], block_bytes
+
+
+def test_pinned_blocks_are_never_evicted(llama):
+    pc, _, _, hit, kept, _ = pinned(llama, 3, 20)
     for i in range(6):  # far more than the budget holds
         alone(llama, ids(3 * BLOCK + 2, 30 + i), n=1)
         assert pc.held <= pc.budget
@@ -190,14 +196,7 @@ def test_clear_keeps_counting_the_blocks_a_hit_pins(llama):
     """Emptying the cache (a model changed) while a sequence holds a hit: its blocks leave the tree
     but stay alive, so they stay counted in the bytes held until released; stores never take the
     budget past them."""
-    block_bytes = block_size(llama)
-    pc = fresh(llama, 4 * block_bytes)
-    p = ids(2 * BLOCK + 3, 21)
-    alone(llama, p, n=1)
-    cache = KVCache.for_model(llama.model, 1, 64)
-    hit = pc.lookup(llama.model, p, cache)
-    assert hit.length == 2 * BLOCK
-    kept = [b.kv.clone() for b in hit.blocks]
+    pc, p, cache, hit, kept, block_bytes = pinned(llama, 4, 21)
     pc.clear()
     assert pc.held == 2 * block_bytes and pc.stats()["bytes"] == 2 * block_bytes and pc.stats()["blocks"] == 2
     assert pc.lookup(llama.model, p, cache).length == 0  # out of the tree: no later lookup finds them

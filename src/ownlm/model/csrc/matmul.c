@@ -266,8 +266,8 @@ static inline __attribute__((always_inline)) void ncols(const int16_t* xq, const
    its own (all 8 lanes its). Per step, the integer sums to float, times the activations' scales
    (xd, as quantize_rows lays them out for the steps), times the weight's scales, into one
    accumulator; the offsets' term sum_g o[g] xs[g] (xs: the rounded blocks' sums) is added at the
-   end. About half the
-   operations of the int16 path per weight, and no pass over each pair of rows before it. */
+   end. About half the operations of the int16 path per weight, and no pass over each pair of rows
+   before it. */
 
 /* sum_g o[g] xs[g] for one weight row and one activation row (o = -8 s where the part has none),
    8 groups at a time, then the rest one by one */

@@ -149,7 +149,9 @@ static inline v8i v8i_dot4x2(v32b u, v32b s, v32b v, v32b t) {
     return _mm256_dpbusd_epi32(_mm256_dpbusd_epi32(_mm256_setzero_si256(), u, s), v, t);
 }
 #else
-static inline v8i v8i_dot4(v32b u, v32b s) { return _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1)); }
+static inline v8i v8i_dot4(v32b u, v32b s) {
+    return _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1));
+}
 static inline v8i v8i_dot4x2(v32b u, v32b s, v32b v, v32b t) {  /* int16 pair sums below 2^15: exact */
     const __m256i pairs = _mm256_add_epi16(_mm256_maddubs_epi16(u, s), _mm256_maddubs_epi16(v, t));
     return _mm256_madd_epi16(pairs, _mm256_set1_epi16(1));
