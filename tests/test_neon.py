@@ -20,7 +20,7 @@ from .conftest import KERNELS_POSSIBLE
 
 HARNESS = Path(__file__).with_name("kernel_harness.c")
 INSTALL = "apt-get install qemu-user gcc-aarch64-linux-gnu"
-CASES = 11 * 4 * 2 * 2 + 2 + 3 * 2 * 8 * 3 + 2 * 4 + 2 * 5  # the lines the harness prints
+CASES = 12 * 4 * 2 * 2 + 2 + 3 * 2 * 8 * 3 + 2 * 4 + 2 * 5  # the lines the harness prints
 COMMON = ("-O3", "-ffp-contract=off", "-fopenmp", "-Wall", "-Werror")  # the kernels' own flags
 X86 = (*COMMON, "-mavx2", "-mfma", "-mf16c")
 
@@ -49,8 +49,8 @@ def test_neon_kernels_give_the_x86_kernels_bits(tmp_path):
     x86 = _build(os.environ.get("CC", "cc"), X86, tmp_path / "harness-x86")
     arm = _build(cross, (*COMMON, "-static"), tmp_path / "harness-arm")  # static: qemu needs no ARM sysroot
     want, got = _run([str(x86)]), _run([qemu, str(arm)])
-    # int4 and int5 with and without offsets, int6, int8, int4 codebook, int4 with and without offsets against int8
-    # activations, a stack and a stack mixing int8 and int16 activations: 4 row counts, 2 K, 2 dtypes;
+    # int4 and int5 with and without offsets, int6, int8, int4 codebook, int4 with and without offsets and int8
+    # against int8 activations, a stack and a stack mixing int8 and int16 activations: 4 row counts, 2 K, 2 dtypes;
     # the bfloat16 matmul twice; attention: 3 cache types, 2 dtypes, 2 shapes, its output and both caches;
     # RMSNorm and the activations, 2 each in 2 dtypes
     assert len(want) == CASES

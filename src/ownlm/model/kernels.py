@@ -101,7 +101,7 @@ _tried = False
 _lock = threading.Lock()
 _threads: int | None = None  # set_threads' count, applied to the kernels when they load
 # what the integer matmuls round activations to: "int16" (the default: float32's greedy answers) or
-# "int8" (int4 weights only; about twice the multiply-adds per instruction, llama.cpp's rounding)
+# "int8" (int4 and int8 weights; about twice the multiply-adds per instruction, llama.cpp's rounding)
 ACTIVATIONS = {"int16": 16, "int8": 8}
 _xbits = 16
 _warned_threads = False
@@ -168,8 +168,8 @@ def set_threads(n: int) -> None:
 def set_activations(name: str) -> None:
     """Round the integer matmuls' activations to `name` from now on, in this process: "int16"
     (the default) or "int8", per group of 32 with an absmax / 127 scale, as llama.cpp's Q8_0
-    rounds them. int8 applies to int4 weights (GGUF's Q4_0, Q4_1, Q4_K); the other widths keep
-    int16. It is faster where the multiply-adds bound the work (prompts, batches) and departs
+    rounds them. int8 applies to int4 and int8 weights (GGUF's Q4_0, Q4_1, Q4_K, Q8_0); the other
+    widths keep int16. It is faster where the multiply-adds bound the work (prompts, batches) and departs
     further from the float32 model: docs/internals.md gives both."""
     global _xbits
     if name not in ACTIVATIONS:
@@ -345,8 +345,8 @@ def check_parts(parts: list[QuantWeight], k: int) -> None:
 def quant_matmul(x: torch.Tensor, parts: QuantWeight | list[QuantWeight]) -> torch.Tensor:
     """x (M, K) @ W.T -> (M, N) in x's dtype, for a group-wise integer weight W in the layout of
     quant.QuantWeight, or several stacked along the outputs. x is rounded per row and group of
-    32 to int16 (scale absmax / 32767; or, set_activations("int8"), to int8 against int4
-    weights: absmax / 127), multiplied in integers and accumulated in float32."""
+    32 to int16 (scale absmax / 32767; or, set_activations("int8"), to int8 against int4 and
+    int8 weights: absmax / 127), multiplied in integers and accumulated in float32."""
     xbf = _rows(x)
     parts = [parts] if isinstance(parts, QuantWeight) else list(parts)
     m, k = x.shape

@@ -1,5 +1,5 @@
 /* Matmuls: group-wise int4 / int5 / int6 / int8 weights against float activations rounded to
-   int16 (or, for int4 weights whose part asks for it, to int8: xbits 8), and bfloat16 weights
+   int16 (or, for int4 and int8 weights whose part asks for it, to int8: xbits 8), and bfloat16 weights
    against float activations, written in simd.h's operations (AVX2 or NEON, the same bits on both).
    Each output element is computed by the same sequence of operations whatever the number of
    rows, so a sequence decodes to the same bits alone and in a batch. */
@@ -259,9 +259,11 @@ static inline __attribute__((always_inline)) void ncols(const int16_t* xq, const
     for (int j = 0; j < NB; j++) out[j] = v8f_hsum(acc[j]) + oacc[j];
 }
 
-/* The int8 path: int4 weights (w = q s + o, q in 0 .. 15) against int8 activations. A pair of
-   groups is one 256-bit step: the pair's 32 weight bytes give the 32 low nibbles and the 32 high
-   ones, each against its 32 activations (quantize_rows' order), lanes 0-3 of the integer sums
+/* The int8 path: int4 weights (w = q s + o, q in 0 .. 15) and int8 ones (w = q s, q signed)
+   against int8 activations. A pair of groups is one 256-bit step: for int4 the pair's 32 weight
+   bytes give the 32 low nibbles and the 32 high ones, for int8 the two groups' first 16 values
+   and their last 16, each against its 32 activations (quantize_rows' order), lanes 0-3 of the
+   integer sums
    belonging to the first group and lanes 4-7 to the second; a last unpaired group is a step of
    its own (all 8 lanes its). Per step, the integer sums to float, times the activations' scales
    (xd, as quantize_rows lays them out for the steps), times the weight's scales, into one
@@ -284,68 +286,72 @@ static inline __attribute__((always_inline)) float offset_term(const float* xs, 
     return ot;
 }
 
-/* the float32 scales of groups g .. g + 7 of a weight row, zeros past G */
-static inline __attribute__((always_inline)) v8f scales8(const uint16_t* s, int64_t g, int64_t G) {
-    if (g + 8 <= G) return v8f_from_f16(s + g);
-    float t[8] = {0};
-    for (int64_t i = g; i < G; i++) t[i - g] = f16_to_f32(s[i]);
-    return v8f_load(t);
-}
-
-/* Pair p of q8tile: sv[w] holds weight row w's scales of the 8 groups from 8 (p / 4) */
+/* Pair p of q8tile (B: the weights' bits, 4 or 8): sq[w] holds weight row w's scales of the
+   pair's two groups, each in 4 lanes */
 static inline __attribute__((always_inline)) void pair_step(const int8_t* xq, const float* xd, int64_t K, int64_t G,
-        const qpart_t* wr, int64_t p, const v8f* sv, v8f* acc, const int NW, const int MB) {
-    const int64_t XS = 4 * G + 4;
+        const qpart_t* wr, int64_t p, const v8f* sq, v8f* acc, const int NW, const int MB, const int B) {
+    const int64_t XS = 4 * G + 4, gb = B == 8 ? 32 : 16;  /* weight bytes a group */
     if (NW > 1) {  /* the next NW rows follow these: stream them in at this pace */
-        const char* next = (const char*)wr[0].w + NW * G * 16 + p * NW * 32;
-        for (int64_t b = 0; b < NW * 32; b += 64) PREFETCH(next + b);
+        const char* next = (const char*)wr[0].w + NW * G * gb + p * NW * 2 * gb;
+        for (int64_t b = 0; b < NW * 2 * gb; b += 64) PREFETCH(next + b);
     }
     v32b lo[4], hi[4];
-    v8f sq[4];
     for (int w = 0; w < NW; w++) {
-        v32b_nibbles(wr[w].w + p * 32, &lo[w], &hi[w]);
-        sq[w] = v8f_quad(sv[w], (int)(p % 4));
+        if (B == 8) {
+            const int8_t* q = (const int8_t*)wr[w].w + p * 64;
+            v32b_halves(q, q + 32, &lo[w], &hi[w]);
+        } else {
+            v32b_nibbles(wr[w].w + p * 32, &lo[w], &hi[w]);
+        }
     }
     for (int r = 0; r < MB; r++) {
         const v32b x0 = v32b_load(xq + r * K + p * 64), x1 = v32b_load(xq + r * K + p * 64 + 32);
         const v8f xr = v8f_load(xd + r * XS + 8 * p);
         for (int w = 0; w < NW; w++) {
-            const v8f d = v8f_mul(v8f_from_i32(v8i_dot4x2(lo[w], x0, hi[w], x1)), xr);
+            const v8i dot = B == 8 ? v8i_sdot4x2(lo[w], x0, hi[w], x1) : v8i_dot4x2(lo[w], x0, hi[w], x1);
+            const v8f d = v8f_mul(v8f_from_i32(dot), xr);
             acc[w * MB + r] = v8f_fmadd(d, sq[w], acc[w * MB + r]);
         }
     }
 }
 
-/* NW int4 weight rows (wr) against MB rows of int8 activations (xd: quantize_rows' per-step
-   scales): output w MB + r is row r against weight row w, each with its own accumulator and the
-   same operations whatever NW and MB (so its bits do not depend on the batch); the weights
-   unpacked once for all MB rows. */
+/* NW int4 (B 4) or int8 (B 8) weight rows (wr) against MB rows of int8 activations (xd:
+   quantize_rows' per-step scales): output w MB + r is row r against weight row w, each with its
+   own accumulator and the same operations whatever NW and MB (so its bits do not depend on the
+   batch); the weights unpacked once for all MB rows. */
 static inline __attribute__((always_inline)) void q8tile(const int8_t* xq, const float* xd, const float* xs,
-        int64_t K, const qpart_t* wr, float* out, const int NW, const int MB) {
+        int64_t K, const qpart_t* wr, float* out, const int NW, const int MB, const int B) {
     const int64_t G = K / 32, P = G / 2, XS = 4 * G + 4;
-    v8f acc[16], sv[4];
+    v8f acc[16], sv[4], sq[4];
     for (int i = 0; i < NW * MB; i++) acc[i] = v8f_zero();
     int64_t p = 0;
     for (; p + 4 <= P; p += 4) {  /* 8 groups: their scales converted once */
         for (int w = 0; w < NW; w++) sv[w] = v8f_from_f16(wr[w].s + 2 * p);
-        for (int j = 0; j < 4; j++) pair_step(xq, xd, K, G, wr, p + j, sv, acc, NW, MB);
+        for (int j = 0; j < 4; j++) {
+            for (int w = 0; w < NW; w++) sq[w] = v8f_quad(sv[w], j);
+            pair_step(xq, xd, K, G, wr, p + j, sq, acc, NW, MB, B);
+        }
     }
-    for (int w = 0; w < NW; w++) sv[w] = scales8(wr[w].s, 2 * p, G);
-    for (; p < P; p++) pair_step(xq, xd, K, G, wr, p, sv, acc, NW, MB);
+    for (; p < P; p++) {  /* the last pairs short of 8 groups, their scales one by one (the same values) */
+        for (int w = 0; w < NW; w++) sq[w] = v8f_pair(f16_to_f32(wr[w].s[2 * p]), f16_to_f32(wr[w].s[2 * p + 1]));
+        pair_step(xq, xd, K, G, wr, p, sq, acc, NW, MB, B);
+    }
     if (G % 2) {
         const int64_t g = G - 1;
         for (int w = 0; w < NW; w++) {
-            const v32b q = v32b_nibbles1(wr[w].w + g * 16);
+            const v32b q = B == 8 ? v32b_load((const int8_t*)wr[w].w + g * 32) : v32b_nibbles1(wr[w].w + g * 16);
             const v8f sq = v8f_set1(f16_to_f32(wr[w].s[g]));
             for (int r = 0; r < MB; r++) {
-                const v8f d = v8f_mul(v8f_from_i32(v8i_dot4(q, v32b_load(xq + r * K + g * 32))),
+                const v32b x = v32b_load(xq + r * K + g * 32);
+                const v8f d = v8f_mul(v8f_from_i32(B == 8 ? v8i_sdot4(q, x) : v8i_dot4(q, x)),
                                       v8f_load(xd + r * XS + 4 * g));
                 acc[w * MB + r] = v8f_fmadd(d, sq, acc[w * MB + r]);
             }
         }
     }
-    for (int w = 0; w < NW; w++)
-        for (int r = 0; r < MB; r++) out[w * MB + r] = v8f_hsum(acc[w * MB + r]) + offset_term(xs + r * G, G, wr[w]);
+    for (int w = 0; w < NW; w++)  /* int8 weights have no offsets */
+        for (int r = 0; r < MB; r++)
+            out[w * MB + r] = v8f_hsum(acc[w * MB + r]) + (B == 8 ? 0.f : offset_term(xs + r * G, G, wr[w]));
 }
 
 /* One row of x against blocks nb0 .. nb1 - 1 of 4 weight rows of part p (the last block may be
@@ -361,7 +367,7 @@ static inline __attribute__((always_inline)) void gemv_range(const void* xq, con
             if (X8) {
                 const qpart_t wr[4] = {weight_row(p, n, K, B), weight_row(p, n + 1, K, B), weight_row(p, n + 2, K, B),
                                        weight_row(p, n + 3, K, B)};
-                q8tile((const int8_t*)xq, xd, xs, K, wr, out, 4, 1);
+                q8tile((const int8_t*)xq, xd, xs, K, wr, out, 4, 1, B);
             } else {
                 ncols((const int16_t*)xq, xd, xs, K, p, n, B, sx, out, 4);
             }
@@ -370,7 +376,7 @@ static inline __attribute__((always_inline)) void gemv_range(const void* xq, con
             for (int64_t j = n; j < p->n; j++) {
                 if (X8) {
                     const qpart_t wr = weight_row(p, j, K, B);
-                    q8tile((const int8_t*)xq, xd, xs, K, &wr, out, 1, 1);
+                    q8tile((const int8_t*)xq, xd, xs, K, &wr, out, 1, 1, B);
                 } else {
                     ncols((const int16_t*)xq, xd, xs, K, p, j, B, sx, out, 1);
                 }
@@ -391,33 +397,33 @@ static inline __attribute__((always_inline)) void gemv_range(const void* xq, con
 #endif
 static inline __attribute__((always_inline)) void gemm8_range(const int8_t* xq, const float* xd, const float* xs,
         int64_t K, const qpart_t* p, int64_t n0, int64_t n1, int64_t m0, int64_t m1, void* y, int64_t N, int64_t c0,
-        int ybf) {
+        int ybf, const int B) {
     const int64_t G = K / 32, XS = 4 * G + 4;
     float out[16];
     int64_t n = n0;
     for (; n + 4 <= n1; n += 4) {
-        const qpart_t four[4] = {weight_row(p, n, K, 4), weight_row(p, n + 1, K, 4), weight_row(p, n + 2, K, 4),
-                                 weight_row(p, n + 3, K, 4)};
+        const qpart_t four[4] = {weight_row(p, n, K, B), weight_row(p, n + 1, K, B), weight_row(p, n + 2, K, B),
+                                 weight_row(p, n + 3, K, B)};
         int64_t m = m0;
         for (; m + GEMM8_ROWS <= m1; m += GEMM8_ROWS) {
-            q8tile(xq + m * K, xd + m * XS, xs + m * G, K, four, out, 4, GEMM8_ROWS);
+            q8tile(xq + m * K, xd + m * XS, xs + m * G, K, four, out, 4, GEMM8_ROWS, B);
             for (int w = 0; w < 4; w++)
                 for (int r = 0; r < GEMM8_ROWS; r++) store(y, (m + r) * N + c0 + n + w, out[w * GEMM8_ROWS + r], ybf);
         }
         for (; m < m1; m++) {
-            q8tile(xq + m * K, xd + m * XS, xs + m * G, K, four, out, 4, 1);
+            q8tile(xq + m * K, xd + m * XS, xs + m * G, K, four, out, 4, 1, B);
             for (int w = 0; w < 4; w++) store(y, m * N + c0 + n + w, out[w], ybf);
         }
     }
     for (; n < n1; n++) {
-        const qpart_t wr = weight_row(p, n, K, 4);
+        const qpart_t wr = weight_row(p, n, K, B);
         for (int64_t m = m0; m < m1;) {
             const int64_t left = m1 - m;
             const int8_t* xr = xq + m * K;
-            if (left >= 8) q8tile(xr, xd + m * XS, xs + m * G, K, &wr, out, 1, 8);
-            else if (left >= 4) q8tile(xr, xd + m * XS, xs + m * G, K, &wr, out, 1, 4);
-            else if (left >= 2) q8tile(xr, xd + m * XS, xs + m * G, K, &wr, out, 1, 2);
-            else q8tile(xr, xd + m * XS, xs + m * G, K, &wr, out, 1, 1);
+            if (left >= 8) q8tile(xr, xd + m * XS, xs + m * G, K, &wr, out, 1, 8, B);
+            else if (left >= 4) q8tile(xr, xd + m * XS, xs + m * G, K, &wr, out, 1, 4, B);
+            else if (left >= 2) q8tile(xr, xd + m * XS, xs + m * G, K, &wr, out, 1, 2, B);
+            else q8tile(xr, xd + m * XS, xs + m * G, K, &wr, out, 1, 1, B);
             const int mb = left >= 8 ? 8 : left >= 4 ? 4 : left >= 2 ? 2 : 1;
             for (int r = 0; r < mb; r++) store(y, (m + r) * N + c0 + n, out[r], ybf);
             m += mb;
@@ -433,7 +439,7 @@ static inline __attribute__((always_inline)) void gemm_range(const void* xqv, co
         int64_t K, const qpart_t* p, int64_t n0, int64_t n1, int64_t m0, int64_t m1, float* sx, void* y, int64_t N,
         int64_t c0, int ybf, const int B, const int X8) {
     if (X8) {
-        gemm8_range((const int8_t*)xqv, xd, xs, K, p, n0, n1, m0, m1, y, N, c0, ybf);
+        gemm8_range((const int8_t*)xqv, xd, xs, K, p, n0, n1, m0, m1, y, N, c0, ybf, B);
         return;
     }
     const int16_t* xq = (const int16_t*)xqv;
@@ -475,7 +481,7 @@ static inline __attribute__((always_inline)) void gemm_range(const void* xqv, co
 }
 
 /* each kind's loops as a function of its own (a constant kind throughout: branch-free); X8 the
-   int8 activations' instance (int4 weights only) */
+   int8 activations' instances (int4 and int8 weights) */
 #define KIND_LOOPS(B, X8, NAME) \
     static __attribute__((noinline)) void gemv_##NAME(const void* xq, const float* xd, const float* xs, int64_t K, \
             const qpart_t* p, int64_t nb0, int64_t nb1, float* sx, void* y, int64_t c0, int ybf) { \
@@ -492,10 +498,12 @@ KIND_LOOPS(6, 0, 6)
 KIND_LOOPS(8, 0, 8)
 KIND_LOOPS(NL4, 0, NL4)
 KIND_LOOPS(4, 1, 4x8)
+KIND_LOOPS(8, 1, 8x8)
 #undef KIND_LOOPS
 
-/* whether part p meets int8 activations: it asks for them and has their kernel (int4, no codebook) */
-static inline int int8_acts(const qpart_t* p) { return p->xbits == 8 && kind_of(p) == 4; }
+/* whether part p meets int8 activations: it asks for them and has their kernel (int4 without a
+   codebook, int8) */
+static inline int int8_acts(const qpart_t* p) { return p->xbits == 8 && (kind_of(p) == 4 || kind_of(p) == 8); }
 
 /* y (M, N) = x (M, K) @ W.T for a weight of group-wise integer parts (N the sum of their rows;
    each part's outputs in its columns). One row (a decode step): weight rows 4 at a time. More
@@ -528,20 +536,21 @@ int quant_gemm(const void* xin, int xbf, int64_t M, int64_t K, const qpart_t* pa
         const int64_t m1 = M < m0 + step ? M : m0 + step;
         for (int64_t i = 0, c0 = 0; i < nparts; c0 += parts[i].n, i++) {
             const qpart_t* p = parts + i;
-            const int kind = int8_acts(p) ? -4 : kind_of(p);  /* -4: int4 against int8 activations */
-            const void* xq = kind == -4 ? (const void*)xq8 : (const void*)xq16;
-            const float* xd = kind == -4 ? xd8 : xd16;
-            const float* sums = kind == -4 ? xs8 : xs;
+            const int x8 = int8_acts(p), kind = x8 ? -kind_of(p) : kind_of(p);  /* -4, -8: against int8 */
+            const void* xq = x8 ? (const void*)xq8 : (const void*)xq16;
+            const float* xd = x8 ? xd8 : xd16;
+            const float* sums = x8 ? xs8 : xs;
             const int64_t units = M == 1 ? (p->n + 3) / 4 : p->n;  /* blocks of 4 rows, or rows */
             #pragma omp parallel
             {
                 const int64_t t = omp_get_thread_num(), T = omp_get_num_threads();
                 const int64_t u0 = units * t / T, u1 = units * (t + 1) / T;
-                float* sx = u1 > u0 && kind != -4 ? scratch(8 * 2 * G, &failed) : 0;  /* the int16 path's factors */
-                if (u1 > u0 && (sx || kind == -4)) {  /* a share of the work, and its scratch */
+                float* sx = u1 > u0 && !x8 ? scratch(8 * 2 * G, &failed) : 0;  /* the int16 path's factors */
+                if (u1 > u0 && (sx || x8)) {  /* a share of the work, and its scratch */
                     if (M == 1) {
                         if (kind == 4) gemv_4(xq, xd, sums, K, p, u0, u1, sx, y, c0, ybf);
                         else if (kind == -4) gemv_4x8(xq, xd, sums, K, p, u0, u1, sx, y, c0, ybf);
+                        else if (kind == -8) gemv_8x8(xq, xd, sums, K, p, u0, u1, sx, y, c0, ybf);
                         else if (kind == 5) gemv_5(xq, xd, sums, K, p, u0, u1, sx, y, c0, ybf);
                         else if (kind == 6) gemv_6(xq, xd, sums, K, p, u0, u1, sx, y, c0, ybf);
                         else if (kind == NL4) gemv_NL4(xq, xd, sums, K, p, u0, u1, sx, y, c0, ybf);
@@ -549,6 +558,7 @@ int quant_gemm(const void* xin, int xbf, int64_t M, int64_t K, const qpart_t* pa
                     } else {
                         if (kind == 4) gemm_4(xq, xd, sums, K, p, u0, u1, m0, m1, sx, y, N, c0, ybf);
                         else if (kind == -4) gemm_4x8(xq, xd, sums, K, p, u0, u1, m0, m1, sx, y, N, c0, ybf);
+                        else if (kind == -8) gemm_8x8(xq, xd, sums, K, p, u0, u1, m0, m1, sx, y, N, c0, ybf);
                         else if (kind == 5) gemm_5(xq, xd, sums, K, p, u0, u1, m0, m1, sx, y, N, c0, ybf);
                         else if (kind == 6) gemm_6(xq, xd, sums, K, p, u0, u1, m0, m1, sx, y, N, c0, ybf);
                         else if (kind == NL4) gemm_NL4(xq, xd, sums, K, p, u0, u1, m0, m1, sx, y, N, c0, ybf);

@@ -157,6 +157,20 @@ static inline v8i v8i_dot4x2(v32b u, v32b s, v32b v, v32b t) {  /* int16 pair su
     return _mm256_madd_epi16(pairs, _mm256_set1_epi16(1));
 }
 #endif
+/* v8i_dot4's sums for signed bytes u (int8 -128 .. 127), as |u| against s carrying u's sign
+   (s's int8 -127 .. 127), each product's pairs summed to int32 before the two halves meet: exact */
+static inline v8i v8i_sdot4(v32b u, v32b s) { return v8i_dot4(_mm256_abs_epi8(u), _mm256_sign_epi8(s, u)); }
+static inline v8i v8i_sdot4x2(v32b u, v32b s, v32b v, v32b t) {
+    return _mm256_add_epi32(v8i_sdot4(u, s), v8i_sdot4(v, t));
+}
+/* the 16 first bytes of the 32 at p, then the 16 first of the 32 at q; and their last 16 */
+static inline void v32b_halves(const int8_t* p, const int8_t* q, v32b* lo, v32b* hi) {
+    const __m256i a = _mm256_loadu_si256((const __m256i*)p), b = _mm256_loadu_si256((const __m256i*)q);
+    *lo = _mm256_permute2x128_si256(a, b, 0x20);
+    *hi = _mm256_permute2x128_si256(a, b, 0x31);
+}
+/* a in lanes 0-3, b in lanes 4-7 */
+static inline v8f v8f_pair(float a, float b) { return _mm256_set_m128(_mm_set1_ps(b), _mm_set1_ps(a)); }
 /* lanes 2j, 2j, 2j, 2j, 2j + 1, 2j + 1, 2j + 1, 2j + 1 of f (j 0 .. 3) */
 static inline v8f v8f_quad(v8f f, int j) {
     return _mm256_permutevar8x32_ps(f, _mm256_add_epi32(_mm256_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1),
@@ -311,6 +325,15 @@ static inline int32x4_t dot16(int8x16_t u, int8x16_t s) {  /* lane i: bytes 4i .
 }
 static inline v8i v8i_dot4(v32b u, v32b s) { v8i r = {dot16(u.lo, s.lo), dot16(u.hi, s.hi)}; return r; }
 static inline v8i v8i_dot4x2(v32b u, v32b s, v32b v, v32b t) { return v8i_add(v8i_dot4(u, s), v8i_dot4(v, t)); }
+static inline v8i v8i_sdot4(v32b u, v32b s) { return v8i_dot4(u, s); }  /* vmull_s8 takes signed bytes */
+static inline v8i v8i_sdot4x2(v32b u, v32b s, v32b v, v32b t) { return v8i_dot4x2(u, s, v, t); }
+static inline void v32b_halves(const int8_t* p, const int8_t* q, v32b* lo, v32b* hi) {
+    lo->lo = vld1q_s8(p);
+    lo->hi = vld1q_s8(q);
+    hi->lo = vld1q_s8(p + 16);
+    hi->hi = vld1q_s8(q + 16);
+}
+static inline v8f v8f_pair(float a, float b) { return v8f_make(vdupq_n_f32(a), vdupq_n_f32(b)); }
 static inline v8f v8f_quad(v8f f, int j) {
     switch (j) {
         case 0: return v8f_make(vdupq_laneq_f32(f.lo, 0), vdupq_laneq_f32(f.lo, 1));
