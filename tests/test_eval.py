@@ -117,7 +117,8 @@ def test_peak_rss_is_the_process_own_not_its_parents():
     assert peak_rss_bytes() > 5 << 20  # this process's own, in bytes
 
 
-@pytest.mark.skipif(not KERNELS_POSSIBLE, reason="int8 activations are a setting of ownlm's CPU kernels")
+@pytest.mark.skipif(not KERNELS_POSSIBLE, reason="int8 activations are a setting of ownlm's CPU kernels, which need "
+                                                 "x86-64 Linux with AVX2 and a C compiler")
 def test_bench_takes_int8_activations_and_refuses_other_names(hf_models, ownlm_home):
     base = [sys.executable, "-m", "ownlm.cli.main", "bench", str(hf_models["llama"]), "--prompt-tokens", "8",
             "--gen-tokens", "4", "--quant", "int4", "--json"]

@@ -444,7 +444,7 @@ def test_prompt_cache_files_are_written_off_the_engine_thread(llama, tmp_path, m
     assert hit.length == 3 * BLOCK
     hit.release()
     go.set()
-    assert disk.flush(timeout=60)
+    assert prefix_cache.flush(timeout=60)
     assert len(list(disk.dir.glob("*.kv"))) == pc.stats()["blocks"] == 3
     for b in pc.lru.values():  # read back as stored
         assert torch.equal(disk.read(b.key, b.parent.key, b.tokens, "cpu"), b.kv)

@@ -349,14 +349,13 @@ def load(ref: str, device: str | None = None, dtype: str | torch.dtype | None = 
     the float32 model's) or "int8" (int4 and int8 weights: faster prompts and batches, llama.cpp's
     rounding); None leaves it as it is."""
     t0 = time.perf_counter()
-    if threads is not None:
+    if threads is not None or activations is not None:
         from .model import kernels
 
-        kernels.set_threads(threads)
-    if activations is not None:
-        from .model import kernels
-
-        kernels.set_activations(activations)
+        if threads is not None:
+            kernels.set_threads(threads)
+        if activations is not None:
+            kernels.set_activations(activations)
     if quant not in QUANT_MODES:
         raise BadRequest(f"unknown quantization mode {quant!r}", f"use one of: {', '.join(QUANT_MODES)}")
     base_ref, adapter_ref = split_adapter(ref)

@@ -233,10 +233,6 @@ class Disk:
         a block's keys and values after it is made); False when the queue is full and it is dropped."""
         return _writer.put(self, key, parent, tokens, kv)
 
-    def flush(self, timeout: float | None = None) -> bool:
-        """Wait until the blocks queued so far (this folder's among them) are written."""
-        return flush(timeout)
-
     def write(self, key: bytes, parent: bytes, tokens: tuple[int, ...], kv: torch.Tensor) -> None:
         """Write the block's file now (the writer thread's work; `save` queues it)."""
         name = self._path(key).name

@@ -83,7 +83,7 @@ class Part(ctypes.Structure):
         def ptr(t):
             return None if t is None else t.data_ptr()
         return cls(ptr(w.data), ptr(w.scale), ptr(w.offset), ptr(w.high), ptr(w.sub), ptr(w.lut), w.bits,
-                   w.shape[0], _xbits)
+                   w.shape[0], ACTIVATIONS[_activations])
 
 
 class Layer(ctypes.Structure):
@@ -103,7 +103,7 @@ _threads: int | None = None  # set_threads' count, applied to the kernels when t
 # what the integer matmuls round activations to: "int16" (the default: float32's greedy answers) or
 # "int8" (int4 and int8 weights; about twice the multiply-adds per instruction, llama.cpp's rounding)
 ACTIVATIONS = {"int16": 16, "int8": 8}
-_xbits = 16
+_activations = "int16"  # set_activations' choice
 _warned_threads = False
 
 
@@ -171,16 +171,16 @@ def set_activations(name: str) -> None:
     rounds them. int8 applies to int4 and int8 weights (GGUF's Q4_0, Q4_1, Q4_K, Q8_0); the other
     widths keep int16. It is faster where the multiply-adds bound the work (prompts, batches) and departs
     further from the float32 model: docs/internals.md gives both."""
-    global _xbits
+    global _activations
     if name not in ACTIVATIONS:
         raise BadRequest(f"unknown activation precision {name!r}", f"use one of: {', '.join(ACTIVATIONS)}",
                          param="activations")
-    _xbits = ACTIVATIONS[name]
+    _activations = name
 
 
 def activations() -> str:
     """The activation precision set now (set_activations): "int16" or "int8"."""
-    return next(name for name, bits in ACTIVATIONS.items() if bits == _xbits)
+    return _activations
 
 
 def threads() -> int:

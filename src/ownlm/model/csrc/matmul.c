@@ -526,11 +526,11 @@ int quant_gemm(const void* xin, int xbf, int64_t M, int64_t K, const qpart_t* pa
     const float* x = as_f32(xin, M * K, xbf, &owned);
     int16_t* xq16 = need16 ? (int16_t*)malloc((size_t)(M * K) * sizeof(int16_t)) : 0;
     int8_t* xq8 = need8 ? (int8_t*)malloc((size_t)(M * K)) : 0;
-    float* xd16 = (float*)malloc((size_t)(M * G) * sizeof(float));
-    float* xd8 = (float*)malloc((size_t)(M * (4 * G + 4)) * sizeof(float));
+    float* xd16 = need16 ? (float*)malloc((size_t)(M * G) * sizeof(float)) : 0;
+    float* xd8 = need8 ? (float*)malloc((size_t)(M * (4 * G + 4)) * sizeof(float)) : 0;
+    float* xs8 = need8 ? (float*)malloc((size_t)(M * G) * sizeof(float)) : 0;
     float* xs = (float*)malloc((size_t)(M * G) * sizeof(float));
-    float* xs8 = (float*)malloc((size_t)(M * G) * sizeof(float));
-    int failed = !x || (need16 && !xq16) || (need8 && !xq8) || !xd16 || !xd8 || !xs || !xs8;
+    int failed = !x || !xs || (need16 && (!xq16 || !xd16)) || (need8 && (!xq8 || !xd8 || !xs8));
     if (!failed) quantize_rows(x, M, K, xq16, xd16, xq8, xd8, xs8, xs);
     for (int64_t m0 = 0, step = M == 1 ? 1 : 64; m0 < M && !failed; m0 += step) {
         const int64_t m1 = M < m0 + step ? M : m0 + step;
