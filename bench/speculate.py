@@ -3,6 +3,7 @@ decoding (prompt lookup; a draft model with --draft) on the same prompts, in the
 greedy tokens asserted identical.
 
     python bench/speculate.py [--model smollm2] [--draft MODEL] [--quant auto,bf16] [--threads 2] [--gen 320]
+        [--activations int16|int8]
 
 Two tasks: `edit`, a ~400-token Python file in the prompt to be rewritten with one small change
 (the answer copies the prompt: where prompt lookup pays), and `free`, an open question (nothing
@@ -111,6 +112,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--gen", type=int, default=320, help="most tokens per answer")
     ap.add_argument("--repeats", type=int, default=2, help="runs per method, alternating; the best counts")
+    ap.add_argument("--activations", default="int16", choices=("int16", "int8"),
+                    help="what the kernels round activations to against int4 / int8 weights (ownlm run --activations)")
     a = ap.parse_args()
 
     import torch
@@ -119,9 +122,10 @@ def main() -> None:
     from ownlm.engine.generate import generate_ids
 
     torch.set_num_threads(a.threads)
-    results: dict = {"model": a.model, "threads": a.threads, "gen_tokens": a.gen, "repeats": a.repeats, "runs": {}}
+    results: dict = {"model": a.model, "threads": a.threads, "activations": a.activations, "gen_tokens": a.gen,
+                     "repeats": a.repeats, "runs": {}}
     for quant in a.quant.split(","):
-        lm = ownlm.load(a.model, quant=quant, pull_missing=False)
+        lm = ownlm.load(a.model, quant=quant, pull_missing=False, activations=a.activations)
         methods = {"plain": generate_ids, "ngram": lm.speculator("ngram")}
         if a.draft:
             methods[f"draft:{a.draft}"] = lm.speculator(a.draft)
