@@ -10,6 +10,8 @@ import torch
 import ownlm
 from ownlm import manage
 from ownlm import repacked
+from ownlm.formats.hf import PAD, SafetensorsFile
+from ownlm.model.quant import ALIGN
 from ownlm.store.store import Store
 
 from .ggufs import hf_folder_to_gguf
@@ -53,6 +55,37 @@ def test_second_load_reads_the_cache_and_equals_a_fresh_build(hf_models, tmp_pat
                                                                                    max_tokens=12).token_ids
     assert second.facts == fresh.facts and second.template.source == fresh.template.source
     assert second.tokenizer.eos_ids == fresh.tokenizer.eos_ids
+    (cache,) = _caches(ownlm_home)  # mapped in place, every tensor of the cache starts on a cache line
+    entries = SafetensorsFile(cache / repacked.FILE).entries
+    assert all(e[2] % ALIGN == 0 for name, e in entries.items() if e[3] and not name.startswith(PAD))
+    for lm in (first, second, fresh):  # and so do the kernels' planes, mapped or built
+        planes = [t for m in lm.model.modules() if type(m).__name__ == "QuantLinear" for p in m.parts
+                  for t in p.tensors().values()]
+        assert planes and all(t.data_ptr() % ALIGN == 0 for t in planes)
+
+
+def test_aligned_safetensors_read_back_in_safetensors_own_reader(tmp_path):
+    """write_safetensors(align=64): each tensor at a multiple of 64 bytes in the file, the gaps as
+    zero-filled uint8 entries, a file that the safetensors library itself loads to the same values."""
+    from safetensors.torch import load_file
+
+    from ownlm.formats.hf import write_safetensors
+
+    g = torch.Generator().manual_seed(0)
+    tensors = {"a": torch.randn(3, 5, generator=g), "b": torch.randint(0, 255, (7,), dtype=torch.uint8, generator=g),
+               "c": torch.randn(11, generator=g).to(torch.bfloat16), "d": torch.empty(0, 4),
+               "e": torch.randint(-9, 9, (5, 3), dtype=torch.int8, generator=g)}
+    write_safetensors(tmp_path / "x.safetensors", tensors, {"k": "v"}, align=ALIGN)
+    theirs = load_file(tmp_path / "x.safetensors")
+    ours = SafetensorsFile(tmp_path / "x.safetensors")
+    pads = [k for k in theirs if k.startswith(PAD)]
+    assert set(theirs) - set(pads) == set(tensors) and pads
+    assert all(theirs[k].dtype == torch.uint8 and not theirs[k].any() for k in pads)
+    for name, t in tensors.items():
+        assert torch.equal(theirs[name], t) and torch.equal(ours.tensor(name), t)
+        if t.numel():
+            assert ours.entries[name][2] % ALIGN == 0  # the offset in the file
+    assert ours.metadata == {"k": "v"}
 
 
 def test_a_damaged_cache_is_rebuilt_and_rm_removes_it(hf_models, ownlm_home):
@@ -71,7 +104,7 @@ def test_a_damaged_cache_is_rebuilt_and_rm_removes_it(hf_models, ownlm_home):
 def test_a_cache_whose_shapes_disagree_with_the_config_is_rebuilt(hf_models, tmp_path, ownlm_home):
     """A cache that reads back whole but holds a quantized weight of the wrong shape (fewer rows:
     the kernels would read past it) is refused and rebuilt, never run."""
-    from ownlm.formats.hf import SafetensorsFile, write_safetensors
+    from ownlm.formats.hf import write_safetensors
 
     path = hf_folder_to_gguf(hf_models["llama"], tmp_path / "q4.gguf", qtype=gguf.GGMLQuantizationType.Q4_0)
     manage.import_path(path, name="tiny-q4", quiet=True)

@@ -31,14 +31,16 @@ import torch
 from tokenizers import Tokenizer
 
 from .errors import BadRequest
-from .formats.hf import SafetensorsFile, write_safetensors
+from .formats.hf import PAD, SafetensorsFile, write_safetensors
 from .model import cpu, ops
 from .model.config import ModelConfig, RopeScaling
 from .model.linear import QuantEmbedding, QuantLinear, quant_from, replace
+from .model.quant import ALIGN
 from .model.transformer import Transformer
 from .text.tokenizer import TokenizerSpec
 
-VERSION = 4  # 4: int5 / int6 weights and stacks of parts (Q5_*, Q6_K kept in their bits)
+VERSION = 5  # 4: int5 / int6 weights and stacks of parts (Q5_*, Q6_K kept in their bits); 5: every tensor at
+# a multiple of quant.ALIGN bytes (mapped in place, as the kernels want their planes)
 FILE = "model.safetensors"
 
 
@@ -165,7 +167,7 @@ def save(path: Path, model: Transformer, tokenizer: TokenizerSpec, chat_template
     tmp = tmp_root / f"{os.getpid()}-{secrets.token_hex(8)}-repack-{path.name}"
     try:
         tmp.mkdir()
-        write_safetensors(tmp / FILE, tensors, {"ownlm": json.dumps(meta)})
+        write_safetensors(tmp / FILE, tensors, {"ownlm": json.dumps(meta)}, align=ALIGN)
         path.parent.mkdir(parents=True, exist_ok=True)
         try:
             os.rename(tmp, path)
@@ -194,7 +196,7 @@ def _read(file: Path, device: torch.device):
     try:
         st = SafetensorsFile(file)  # mapped, not read: pages come in as they are used
         meta = json.loads(st.metadata["ownlm"])
-        tensors = {name: st.tensor(name) for name in st.entries}
+        tensors = {name: st.tensor(name) for name in st.entries if not name.startswith(PAD)}
         if meta.get("version") != VERSION:
             return None
         cfg_dict = dict(meta["config"])

@@ -191,23 +191,39 @@ def iter_safetensors(files: Mapping[str, Path]) -> Iterator[tuple[str, torch.Ten
 ST_DTYPES = {dtype: code for code, dtype in DTYPES.items()}
 
 
-def write_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
+PAD = "__pad__."  # write_safetensors' filler entries (no module's state key starts with "__")
+
+
+def write_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str], align: int = 0) -> None:
     """A safetensors file written one tensor at a time (safetensors' own writer holds a copy of
     every tensor at once: a whole model's worth of extra memory), then fsynced. Wider elements
-    first, so every tensor starts at a multiple of its element size (and can be mapped in place)."""
+    first, so every tensor starts at a multiple of its element size (and can be mapped in place).
+    align: every tensor starts at a multiple of it in the file (so in a mapping of it: the kernels'
+    vector loads then never straddle cache lines), the header padded with spaces and the gaps
+    filled by uint8 entries named PAD + a number (the format allows no holes between tensors)."""
     tensors = dict(sorted(tensors.items(), key=lambda kv: -kv[1].element_size()))
     header: dict[str, Any] = {"__metadata__": metadata}
+    order: list[torch.Tensor | int] = []  # what the data holds, in order: a tensor, or that many zeros
     offset = 0
     for name, t in tensors.items():
+        gap = -offset % align if align and t.numel() else 0
+        if gap:
+            header[f"{PAD}{len(order)}"] = {"dtype": "U8", "shape": [gap], "data_offsets": [offset, offset + gap]}
+            order.append(gap)
+            offset += gap
         n = t.numel() * t.element_size()
         header[name] = {"dtype": ST_DTYPES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + n]}
+        order.append(t)
         offset += n
     head = json.dumps(header, separators=(",", ":")).encode()
-    head += b" " * (-len(head) % 8)
+    head += b" " * (-(8 + len(head)) % (align or 8))
     with open(path, "wb") as f:
         f.write(len(head).to_bytes(8, "little"))
         f.write(head)
-        for t in tensors.values():
+        for t in order:
+            if isinstance(t, int):
+                f.write(bytes(t))
+                continue
             flat = t.detach().to("cpu").contiguous().reshape(-1)
             if flat.numel():
                 f.write(memoryview(flat.view(torch.uint8).numpy()))

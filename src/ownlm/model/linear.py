@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import ops
-from .quant import (QuantStack, QuantWeight, tinygemm_fits, tinygemm_mm, tinygemm_on_cpu, tinygemm_pack,
+from .quant import (QuantStack, QuantWeight, aligned, tinygemm_fits, tinygemm_mm, tinygemm_on_cpu, tinygemm_pack,
                     tinygemm_params)
 
 class Linear(nn.Linear):
@@ -123,7 +123,7 @@ class _Quantized(nn.Module):
             return
         for i, p in enumerate(parts):
             for f in FIELDS:
-                self.register_buffer(f + part_suffix(i), getattr(p, f))
+                self.register_buffer(f + part_suffix(i), aligned(getattr(p, f)))
 
     @property
     def parts(self) -> list[QuantWeight]:

@@ -44,6 +44,18 @@ def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
 
 HIGH_BYTES = {4: 0, 5: 4, 6: 8, 8: 0}  # bytes of `high` per group of 32, by bit width
 MIDPOINT = {4: 8, 5: 16, 6: 32}  # the q of a zero weight when there are no offsets
+ALIGN = 64  # bytes: where the planes start, so that the kernels' vector loads never straddle cache lines
+
+
+def aligned(t: torch.Tensor | None) -> torch.Tensor | None:
+    """t, or a copy of it (PyTorch's CPU allocator aligns to ALIGN) where a CPU tensor starts elsewhere
+    (numpy's arrays start at multiples of 16; a view inside a file at any multiple of its element
+    size)."""
+    if t is None or t.device.type != "cpu" or t.data_ptr() % ALIGN == 0:
+        return t
+    return t.clone()
+
+
 # GGUF's IQ4_NL / IQ4_XS codebook (llama.cpp's kvalues_iq4nl)
 IQ4_VALUES = (-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113)
 
