@@ -35,9 +35,9 @@ int decode_layers(void* x, int bf, int64_t B, int64_t C, int64_t L, const layer_
     int64_t widest = C;
     for (int64_t l = 0; l < L; l++)
         for (int i = 0; i < 4; i++) widest = layers[l].n[i] > widest ? layers[l].n[i] : widest;
-    char* h = (char*)malloc((size_t)(B * C * es));
-    char* big = (char*)malloc((size_t)(B * widest * es));
-    char* mid = (char*)malloc((size_t)(B * widest * es));
+    char* h = (char*)line_alloc((size_t)(B * C * es));
+    char* big = (char*)line_alloc((size_t)(B * widest * es));
+    char* mid = (char*)line_alloc((size_t)(B * widest * es));
     int err = !h || !big || !mid ? OWNLM_ENOMEM : 0;
     for (int64_t l = 0; l < L && !err; l++) {
         const layer_t* ly = layers + l;

@@ -60,10 +60,17 @@ static inline void use_threads(void) {
     if (n > 0 && !omp_in_parallel() && omp_get_max_threads() != n) omp_set_num_threads(n);
 }
 
+/* n bytes starting on a cache line (free() releases them), so that 32-byte vector loads at
+   multiples of 32 never straddle two lines (malloc's blocks start at multiples of 16); NULL when
+   they cannot be allocated */
+static inline void* line_alloc(size_t n) {
+    return aligned_alloc(64, ((n ? n : 1) + 63) / 64 * 64);
+}
+
 /* a thread's scratch buffer of n floats inside an OpenMP region; when it cannot be allocated the
    region's shared flag is raised and NULL returned (the thread then skips its share of the work) */
 static inline float* scratch(int64_t n, int* failed) {
-    float* p = (float*)malloc((size_t)n * sizeof(float));
+    float* p = (float*)line_alloc((size_t)n * sizeof(float));
     if (!p) {
         #pragma omp atomic write
         *failed = 1;

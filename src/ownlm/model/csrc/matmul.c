@@ -11,13 +11,16 @@
 static const float* as_f32(const void* x, int64_t n, int bf16, float** owned) {
     *owned = 0;
     if (!bf16) return (const float*)x;
-    float* f = (float*)malloc((size_t)n * sizeof(float));
+    float* f = (float*)line_alloc((size_t)n * sizeof(float));
     if (!f) return 0;
     const uint16_t* h = (const uint16_t*)x;
     for (int64_t i = 0; i < n; i++) f[i] = bf16_to_f32(h[i]);
     *owned = f;
     return f;
 }
+
+/* the floats of a row of xd8 (4 G + 4 used), a multiple of 16 so that each row starts on a cache line */
+#define XD8_STRIDE(G) ((4 * (G) + 4 + 15) / 16 * 16)
 
 /* Activations as blocks of 32 the integer dot products take, per row and block:
    - int16 (xq16, unless null): a scale d = absmax / 32767 (xd16), values round(x / d): an error of
@@ -26,7 +29,7 @@ static const float* as_f32(const void* x, int64_t n, int bf16, float** owned) {
      its activations, in the order the int8 kernel reads them: a pair of blocks 2p, 2p + 1 as
      block 2p's first 16 values, block 2p + 1's first 16, then both blocks' last 16 (so the low and
      high nibbles of the pair's 32 weight bytes meet their activations directly); a last unpaired
-     block in its own order. The scales d (xd8, 4 G + 4 floats a row) as the pair steps read them:
+     block in its own order. The scales d (xd8, XD8_STRIDE(G) floats a row) as the pair steps read them:
      block g's 4 times at 4 g (an unpaired last block's 8 times); and the sum of the rounded
      block, d times the sum of its int8 values (xs8): the int8 path's offsets multiply it, so the
      rounding errors of x meet weights centred on zero (as llama.cpp's Q8_1 sums do) rather than
@@ -60,7 +63,7 @@ static void quantize_rows(const float* x, int64_t M, int64_t K, int16_t* xq16, f
                 const int alone = g == G - 1 && G % 2;
                 const int64_t lo = alone ? 0 : (g % 2) * 16, hi = alone ? 16 : 32 + (g % 2) * 16;
                 v32b_store2(pair + lo, pair + hi, v32b_pack(i32[0], i32[1], i32[2], i32[3]));
-                for (int i = 0; i < (alone ? 8 : 4); i++) xd8[m * (4 * G + 4) + 4 * g + i] = a / 127.f;
+                for (int i = 0; i < (alone ? 8 : 4); i++) xd8[m * XD8_STRIDE(G) + 4 * g + i] = a / 127.f;
                 const v8i sum = v8i_add(v8i_add(i32[0], i32[1]), v8i_add(i32[2], i32[3]));
                 xs8[m * G + g] = v8f_hsum(v8f_from_i32(sum)) * (a / 127.f);  /* an exact sum, one rounding */
             }
@@ -290,7 +293,7 @@ static inline __attribute__((always_inline)) float offset_term(const float* xs, 
    pair's two groups, each in 4 lanes */
 static inline __attribute__((always_inline)) void pair_step(const int8_t* xq, const float* xd, int64_t K, int64_t G,
         const qpart_t* wr, int64_t p, const v8f* sq, v8f* acc, const int NW, const int MB, const int B) {
-    const int64_t XS = 4 * G + 4, gb = B == 8 ? 32 : 16;  /* weight bytes a group */
+    const int64_t XS = XD8_STRIDE(G), gb = B == 8 ? 32 : 16;  /* weight bytes a group */
     if (NW > 1) {  /* the next NW rows follow these: stream them in at this pace */
         const char* next = (const char*)wr[0].w + NW * G * gb + p * NW * 2 * gb;
         for (int64_t b = 0; b < NW * 2 * gb; b += 64) PREFETCH(next + b);
@@ -321,7 +324,7 @@ static inline __attribute__((always_inline)) void pair_step(const int8_t* xq, co
    batch); the weights unpacked once for all MB rows. */
 static inline __attribute__((always_inline)) void q8tile(const int8_t* xq, const float* xd, const float* xs,
         int64_t K, const qpart_t* wr, float* out, const int NW, const int MB, const int B) {
-    const int64_t G = K / 32, P = G / 2, XS = 4 * G + 4;
+    const int64_t G = K / 32, P = G / 2, XS = XD8_STRIDE(G);
     v8f acc[16], sv[4], sq[4];
     for (int i = 0; i < NW * MB; i++) acc[i] = v8f_zero();
     int64_t p = 0;
@@ -398,7 +401,7 @@ static inline __attribute__((always_inline)) void gemv_range(const void* xq, con
 static inline __attribute__((always_inline)) void gemm8_range(const int8_t* xq, const float* xd, const float* xs,
         int64_t K, const qpart_t* p, int64_t n0, int64_t n1, int64_t m0, int64_t m1, void* y, int64_t N, int64_t c0,
         int ybf, const int B) {
-    const int64_t G = K / 32, XS = 4 * G + 4;
+    const int64_t G = K / 32, XS = XD8_STRIDE(G);
     float out[16];
     int64_t n = n0;
     for (; n + 4 <= n1; n += 4) {
@@ -524,12 +527,12 @@ int quant_gemm(const void* xin, int xbf, int64_t M, int64_t K, const qpart_t* pa
     }
     float* owned;
     const float* x = as_f32(xin, M * K, xbf, &owned);
-    int16_t* xq16 = need16 ? (int16_t*)malloc((size_t)(M * K) * sizeof(int16_t)) : 0;
-    int8_t* xq8 = need8 ? (int8_t*)malloc((size_t)(M * K)) : 0;
-    float* xd16 = need16 ? (float*)malloc((size_t)(M * G) * sizeof(float)) : 0;
-    float* xd8 = need8 ? (float*)malloc((size_t)(M * (4 * G + 4)) * sizeof(float)) : 0;
-    float* xs8 = need8 ? (float*)malloc((size_t)(M * G) * sizeof(float)) : 0;
-    float* xs = (float*)malloc((size_t)(M * G) * sizeof(float));
+    int16_t* xq16 = need16 ? (int16_t*)line_alloc((size_t)(M * K) * sizeof(int16_t)) : 0;
+    int8_t* xq8 = need8 ? (int8_t*)line_alloc((size_t)(M * K)) : 0;
+    float* xd16 = need16 ? (float*)line_alloc((size_t)(M * G) * sizeof(float)) : 0;
+    float* xd8 = need8 ? (float*)line_alloc((size_t)(M * XD8_STRIDE(G)) * sizeof(float)) : 0;
+    float* xs8 = need8 ? (float*)line_alloc((size_t)(M * G) * sizeof(float)) : 0;
+    float* xs = (float*)line_alloc((size_t)(M * G) * sizeof(float));
     int failed = !x || !xs || (need16 && (!xq16 || !xd16)) || (need8 && (!xq8 || !xd8 || !xs8));
     if (!failed) quantize_rows(x, M, K, xq16, xd16, xq8, xd8, xs8, xs);
     for (int64_t m0 = 0, step = M == 1 ? 1 : 64; m0 < M && !failed; m0 += step) {
