@@ -31,7 +31,7 @@ import torch
 from tokenizers import Tokenizer
 
 from .errors import BadRequest
-from .formats.hf import PAD, SafetensorsFile, write_safetensors
+from .formats.hf import SafetensorsFile, write_safetensors
 from .model import cpu, ops
 from .model.config import ModelConfig, RopeScaling
 from .model.linear import QuantEmbedding, QuantLinear, quant_from, replace
@@ -39,8 +39,9 @@ from .model.quant import ALIGN
 from .model.transformer import Transformer
 from .text.tokenizer import TokenizerSpec
 
-VERSION = 5  # 4: int5 / int6 weights and stacks of parts (Q5_*, Q6_K kept in their bits); 5: every tensor at
-# a multiple of quant.ALIGN bytes (mapped in place, as the kernels want their planes)
+# 4: int5 / int6 weights and stacks of parts (Q5_*, Q6_K kept in their bits); 5: every tensor at a multiple
+# of quant.ALIGN bytes (mapped in place, as the kernels want their planes)
+VERSION = 5
 FILE = "model.safetensors"
 
 
@@ -196,7 +197,7 @@ def _read(file: Path, device: torch.device):
     try:
         st = SafetensorsFile(file)  # mapped, not read: pages come in as they are used
         meta = json.loads(st.metadata["ownlm"])
-        tensors = {name: st.tensor(name) for name in st.entries if not name.startswith(PAD)}
+        tensors = {name: st.tensor(name) for name in st.entries}
         if meta.get("version") != VERSION:
             return None
         cfg_dict = dict(meta["config"])

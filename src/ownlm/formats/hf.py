@@ -122,6 +122,9 @@ def model_files(folder: str | Path) -> dict[str, Path]:
     return files
 
 
+PAD = "__pad__."  # write_safetensors' filler entries (no module's state key starts with "__")
+
+
 class SafetensorsFile:
     """One .safetensors file: header validated against the file size, tensors as zero-copy views
     of a private (copy-on-write) memory map."""
@@ -146,6 +149,8 @@ class SafetensorsFile:
         base = 8 + n
         self.entries: dict[str, tuple[torch.dtype, tuple[int, ...], int, int]] = {}
         for name, e in header.items():
+            if name.startswith(PAD):  # write_safetensors' filler between aligned tensors: no tensor
+                continue
             where = f"{self.path}: tensor {name!r}"
             if not isinstance(e, dict) or any(e.get(k) is None for k in metadata.SAFETENSORS_ENTRY):
                 raise ModelFormatError(f"{where} needs dtype, shape and data_offsets in the header")
@@ -189,9 +194,6 @@ def iter_safetensors(files: Mapping[str, Path]) -> Iterator[tuple[str, torch.Ten
 
 
 ST_DTYPES = {dtype: code for code, dtype in DTYPES.items()}
-
-
-PAD = "__pad__."  # write_safetensors' filler entries (no module's state key starts with "__")
 
 
 def write_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str], align: int = 0) -> None:
