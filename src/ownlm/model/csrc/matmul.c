@@ -361,8 +361,8 @@ static inline __attribute__((always_inline)) void q8tile(const int8_t* xq, const
    how it walks them decides its speed: the int8 path takes one weight row at a time (pair_step
    streams the next in at the pace this one is read: one stream, which the memory system serves
    best), the int16 path two at a time (two accumulation chains in flight). Over 7B-shaped int4
-   weights on one thread (AVX-512 VNNI build) that read 13-18 GB/s in the int8 path, against 8-14
-   for four rows at a time; the int16 path 14-17 against 12-15. */
+   weights on one thread (AVX-512 VNNI build) that read 13.5-18.4 GB/s in the int8 path, against
+   8.5-14.2 for four rows at a time; the int16 path 12-17 against 9-15 (docs/internals.md). */
 static inline __attribute__((always_inline)) void gemv_range(const void* xq, const float* xd, const float* xs,
         int64_t K, const qpart_t* p, int64_t nb0, int64_t nb1, float* sx, void* y, int64_t c0, int ybf, const int B,
         const int X8) {
@@ -504,9 +504,9 @@ KIND_LOOPS(8, 1, 8x8)
 static inline int int8_acts(const qpart_t* p) { return p->xbits == 8 && (kind_of(p) == 4 || kind_of(p) == 8); }
 
 /* y (M, N) = x (M, K) @ W.T for a weight of group-wise integer parts (N the sum of their rows;
-   each part's outputs in its columns). One row (a decode step): blocks of 4 weight rows (gemv_range). More
-   rows: in tiles of 64 (their integer copy stays in cache), two weight rows against 4 rows at a
-   time (gemm_range). Each thread takes a contiguous share of the weight rows (every output is
+   each part's outputs in its columns). One row (a decode step): blocks of 4 weight rows, walked
+   as gemv_range says. More rows: in tiles of 64 (their integer copy stays in cache), two weight
+   rows against 4 rows at a time (gemm_range). Each thread takes a contiguous share of the weight rows (every output is
    computed alone, so the split does not change its bits). x is rounded to int16 for the parts
    that take it, to int8 for those that take that (int8_acts), once for all of them. */
 int quant_gemm(const void* xin, int xbf, int64_t M, int64_t K, const qpart_t* parts, int64_t nparts, void* y,
