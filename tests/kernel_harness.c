@@ -2,7 +2,7 @@
    x86-64 (AVX2) and for AArch64 (NEON, run under qemu-aarch64) by tests/test_neon.py, which
    compares what the two print: per case, a hash of every output's bits and the first output.
    Cases: every weight kind (int4 and int5 with and without offsets, int6, int8, int4 indices into
-   a codebook; int4 with and without offsets and int8 against int8 activations), a stack of three
+   a codebook; int4 with and without offsets, int6 and int8 against int8 activations), a stack of three
    parts and one that mixes int8 and int16 activations, one to 70 rows (the one-row path, the
    8/4/2/1-row blocks, the 64-row tiles), K with and without 8-group tails, float32 and bfloat16
    activations; the bfloat16 matmul; the one-token attention over each cache type; RMSNorm and the
@@ -70,7 +70,7 @@ int main(void) {
     ownlm_set_threads(2);
     /* bits, offsets, activation bits */
     static const int kinds[][3] = {{4, 1, 16}, {4, 0, 16}, {5, 1, 16}, {5, 0, 16}, {6, 0, 16}, {8, 0, 16},
-                                   {4, 2, 16}, {4, 1, 8}, {4, 0, 8}, {8, 0, 8}};
+                                   {4, 2, 16}, {4, 1, 8}, {4, 0, 8}, {6, 0, 8}, {8, 0, 8}};
     static const int64_t rows[] = {1, 3, 9, 70};
     static const int64_t ks[] = {192, 1184};
     for (int ki = 0; ki < 2; ki++) {
@@ -79,9 +79,9 @@ int main(void) {
         for (int64_t i = 0; i < 70 * K; i++) x[i] = uniform() * (float)(1 + i / K % 7);
         uint16_t* xb = (uint16_t*)malloc((size_t)(70 * K) * 2);
         for (int64_t i = 0; i < 70 * K; i++) xb[i] = f32_to_bf16(x[i]);
-        qpart_t parts[10];
+        qpart_t parts[11];
         int np = 0;
-        for (int k = 0; k < 10; k++) {
+        for (int k = 0; k < 11; k++) {
             parts[np] = part(kinds[k][0], kinds[k][1], 37, K);
             parts[np++].xbits = kinds[k][2];
         }

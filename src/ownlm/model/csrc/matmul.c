@@ -1,5 +1,5 @@
 /* Matmuls: group-wise int4 / int5 / int6 / int8 weights against float activations rounded to
-   int16 (or, for int4 and int8 weights whose part asks for it, to int8: xbits 8), and bfloat16 weights
+   int16 (or, for int4, int6 and int8 weights whose part asks for it, to int8: xbits 8), and bfloat16
    against float activations, written in simd.h's operations (AVX2 or NEON, the same bits on both).
    Each output element is computed by the same sequence of operations whatever the number of
    rows, so a sequence decodes to the same bits alone and in a batch. */
@@ -262,14 +262,15 @@ static inline __attribute__((always_inline)) void ncols(const int16_t* xq, const
     for (int j = 0; j < NB; j++) out[j] = v8f_hsum(acc[j]) + oacc[j];
 }
 
-/* The int8 path: int4 weights (w = q s + o, q in 0 .. 15) and int8 ones (w = q s, q signed)
-   against int8 activations. A pair of groups is one 256-bit step: for int4 the pair's 32 weight
-   bytes give the 32 low nibbles and the 32 high ones, for int8 the two groups' first 16 values
-   and their last 16, each against its 32 activations (quantize_rows' order), lanes 0-3 of the
-   integer sums
-   belonging to the first group and lanes 4-7 to the second; a last unpaired group is a step of
-   its own (all 8 lanes its). Per step, the integer sums to float, times the activations' scales
-   (xd, as quantize_rows lays them out for the steps), times the weight's scales, into one
+/* The int8 path: int4 weights (w = q s + o, q in 0 .. 15), int6 ones (w = (q - 32) s u, q - 32
+   as signed bytes, u the 16-column scales) and int8 ones (w = q s, q signed) against int8
+   activations. A pair of groups is one 256-bit step: for int4 the pair's 32 weight bytes give the
+   32 low nibbles and the 32 high ones, for int6 and int8 the two groups' first 16 values and
+   their last 16, each against its 32 activations (quantize_rows' order), lanes 0-3 of the
+   integer sums belonging to the first group and lanes 4-7 to the second (int6: the first halves'
+   sums and the second halves' apart, each with its own scales); a last unpaired group is a step
+   of its own (all 8 lanes its). Per step, the integer sums to float, times the activations'
+   scales (xd, as quantize_rows lays them out for the steps), times the weight's scales, into one
    accumulator; the offsets' term sum_g o[g] xs[g] (xs: the rounded blocks' sums) is added at the
    end. About half the operations of the int16 path per weight, and no pass over each pair of rows
    before it. */
@@ -289,7 +290,25 @@ static inline __attribute__((always_inline)) float offset_term(const float* xs, 
     return ot;
 }
 
-/* Pair p of q8tile (B: the weights' bits, 4 or 8): sq[w] holds weight row w's scales of the
+/* an unpaired int6 group g of a weight row as the int8 path's operand: its 32 values in order,
+   less 32, as signed bytes (pairs: simd.h's v32b_six) */
+static inline __attribute__((always_inline)) v32b six_alone(const qpart_t* r, int64_t g) {
+    const b16 b = b16_load(r->w + g * 16);
+    const b16 first = b16_or(b16_shr_and(b, 0, 0x0F), b16_shl4(b16_bits6(r->h + g * 8, 0)));
+    const b16 second = b16_or(b16_shr_and(b, 4, 0x0F), b16_shl4(b16_bits6(r->h + g * 8, 1)));
+    return v32b_join_less32(first, second);
+}
+
+/* The scales of an int6 pair step, from sq (the groups' scales as v8f_quad lays them out): each
+   times its 16-column scale, the first halves' into sq and the second halves' into sq2 (float16
+   times int8: exact) */
+static inline __attribute__((always_inline)) void six_scales(const int8_t* u, int64_t p, v8f* sq, v8f* sq2) {
+    const int8_t* q = u + 4 * p;
+    *sq2 = v8f_mul(*sq, v8f_pair((float)q[1], (float)q[3]));
+    *sq = v8f_mul(*sq, v8f_pair((float)q[0], (float)q[2]));
+}
+
+/* Pair p of q8tile (B: the weights' bits, 4, 6 or 8): sq[w] holds weight row w's scales of the
    pair's two groups, each in 4 lanes */
 static inline __attribute__((always_inline)) void pair_step(const int8_t* xq, const float* xd, int64_t K, int64_t G,
         const qpart_t* wr, int64_t p, const v8f* sq, v8f* acc, const int NW, const int MB, const int B) {
@@ -298,7 +317,9 @@ static inline __attribute__((always_inline)) void pair_step(const int8_t* xq, co
     for (int64_t b = 0; b < NW * 2 * gb; b += 64) PREFETCH(next + b);  /* these: stream them in at this pace */
     v32b lo[4], hi[4];
     for (int w = 0; w < NW; w++) {
-        if (B == 8) {
+        if (B == 6) {
+            v32b_six(wr[w].w + p * 32, wr[w].h + p * 16, &lo[w], &hi[w]);
+        } else if (B == 8) {
             const int8_t* q = (const int8_t*)wr[w].w + p * 64;
             v32b_halves(q, q + 32, &lo[w], &hi[w]);
         } else {
@@ -309,6 +330,13 @@ static inline __attribute__((always_inline)) void pair_step(const int8_t* xq, co
         const v32b x0 = v32b_load(xq + r * K + p * 64), x1 = v32b_load(xq + r * K + p * 64 + 32);
         const v8f xr = v8f_load(xd + r * XS + 8 * p);
         for (int w = 0; w < NW; w++) {
+            if (B == 6) {  /* first and second halves: a scale each */
+                const v8f d0 = v8f_mul(v8f_from_i32(v8i_sdot4(lo[w], x0)), xr);
+                acc[w * MB + r] = v8f_fmadd(d0, sq[w], acc[w * MB + r]);
+                const v8f d1 = v8f_mul(v8f_from_i32(v8i_sdot4(hi[w], x1)), xr);
+                acc[w * MB + r] = v8f_fmadd(d1, sq[NW + w], acc[w * MB + r]);
+                continue;
+            }
             const v8i dot = B == 8 ? v8i_sdot4x2(lo[w], x0, hi[w], x1) : v8i_dot4x2(lo[w], x0, hi[w], x1);
             const v8f d = v8f_mul(v8f_from_i32(dot), xr);
             acc[w * MB + r] = v8f_fmadd(d, sq[w], acc[w * MB + r]);
@@ -323,36 +351,44 @@ static inline __attribute__((always_inline)) void pair_step(const int8_t* xq, co
 static inline __attribute__((always_inline)) void q8tile(const int8_t* xq, const float* xd, const float* xs,
         int64_t K, const qpart_t* wr, float* out, const int NW, const int MB, const int B) {
     const int64_t G = K / 32, P = G / 2, XS = XD8_STRIDE(G);
-    v8f acc[16], sv[4], sq[4];
+    v8f acc[16], sv[4], sq[8];  /* sq[NW + w]: int6's second halves */
     for (int i = 0; i < NW * MB; i++) acc[i] = v8f_zero();
     int64_t p = 0;
     for (; p + 4 <= P; p += 4) {  /* 8 groups: their scales converted once */
         for (int w = 0; w < NW; w++) sv[w] = v8f_from_f16(wr[w].s + 2 * p);
         for (int j = 0; j < 4; j++) {
-            for (int w = 0; w < NW; w++) sq[w] = v8f_quad(sv[w], j);
+            for (int w = 0; w < NW; w++) {
+                sq[w] = v8f_quad(sv[w], j);
+                if (B == 6) six_scales(wr[w].u, p + j, sq + w, sq + NW + w);
+            }
             pair_step(xq, xd, K, G, wr, p + j, sq, acc, NW, MB, B);
         }
     }
     for (; p < P; p++) {  /* the last pairs short of 8 groups, their scales one by one (the same values) */
-        for (int w = 0; w < NW; w++) sq[w] = v8f_pair(f16_to_f32(wr[w].s[2 * p]), f16_to_f32(wr[w].s[2 * p + 1]));
+        for (int w = 0; w < NW; w++) {
+            sq[w] = v8f_pair(f16_to_f32(wr[w].s[2 * p]), f16_to_f32(wr[w].s[2 * p + 1]));
+            if (B == 6) six_scales(wr[w].u, p, sq + w, sq + NW + w);
+        }
         pair_step(xq, xd, K, G, wr, p, sq, acc, NW, MB, B);
     }
     if (G % 2) {
         const int64_t g = G - 1;
         for (int w = 0; w < NW; w++) {
-            const v32b q = B == 8 ? v32b_load((const int8_t*)wr[w].w + g * 32) : v32b_nibbles1(wr[w].w + g * 16);
-            const v8f sq = v8f_set1(f16_to_f32(wr[w].s[g]));
+            const v32b q = B == 6 ? six_alone(wr + w, g)
+                           : B == 8 ? v32b_load((const int8_t*)wr[w].w + g * 32) : v32b_nibbles1(wr[w].w + g * 16);
+            const float s = f16_to_f32(wr[w].s[g]);  /* int6: a scale per half, lanes 0-3 and 4-7 */
+            const v8f sq = B == 6 ? v8f_pair(s * (float)wr[w].u[2 * g], s * (float)wr[w].u[2 * g + 1]) : v8f_set1(s);
             for (int r = 0; r < MB; r++) {
                 const v32b x = v32b_load(xq + r * K + g * 32);
-                const v8f d = v8f_mul(v8f_from_i32(B == 8 ? v8i_sdot4(q, x) : v8i_dot4(q, x)),
+                const v8f d = v8f_mul(v8f_from_i32(B == 4 ? v8i_dot4(q, x) : v8i_sdot4(q, x)),
                                       v8f_load(xd + r * XS + 4 * g));
                 acc[w * MB + r] = v8f_fmadd(d, sq, acc[w * MB + r]);
             }
         }
     }
-    for (int w = 0; w < NW; w++)  /* int8 weights have no offsets */
+    for (int w = 0; w < NW; w++)  /* int6 and int8 weights have no offsets */
         for (int r = 0; r < MB; r++)
-            out[w * MB + r] = v8f_hsum(acc[w * MB + r]) + (B == 8 ? 0.f : offset_term(xs + r * G, G, wr[w]));
+            out[w * MB + r] = v8f_hsum(acc[w * MB + r]) + (B == 4 ? offset_term(xs + r * G, G, wr[w]) : 0.f);
 }
 
 /* One row of x against blocks nb0 .. nb1 - 1 of 4 weight rows of part p (the last block may be
@@ -479,7 +515,7 @@ static inline __attribute__((always_inline)) void gemm_range(const void* xqv, co
 }
 
 /* each kind's loops as a function of its own (a constant kind throughout: branch-free); X8 the
-   int8 activations' instances (int4 and int8 weights) */
+   int8 activations' instances (int4, int6 and int8 weights) */
 #define KIND_LOOPS(B, X8, NAME) \
     static __attribute__((noinline)) void gemv_##NAME(const void* xq, const float* xd, const float* xs, int64_t K, \
             const qpart_t* p, int64_t nb0, int64_t nb1, float* sx, void* y, int64_t c0, int ybf) { \
@@ -496,12 +532,15 @@ KIND_LOOPS(6, 0, 6)
 KIND_LOOPS(8, 0, 8)
 KIND_LOOPS(NL4, 0, NL4)
 KIND_LOOPS(4, 1, 4x8)
+KIND_LOOPS(6, 1, 6x8)
 KIND_LOOPS(8, 1, 8x8)
 #undef KIND_LOOPS
 
 /* whether part p meets int8 activations: it asks for them and has their kernel (int4 without a
    codebook, int8) */
-static inline int int8_acts(const qpart_t* p) { return p->xbits == 8 && (kind_of(p) == 4 || kind_of(p) == 8); }
+static inline int int8_acts(const qpart_t* p) {
+    return p->xbits == 8 && (kind_of(p) == 4 || kind_of(p) == 6 || kind_of(p) == 8);
+}
 
 /* y (M, N) = x (M, K) @ W.T for a weight of group-wise integer parts (N the sum of their rows;
    each part's outputs in its columns). One row (a decode step): blocks of 4 weight rows, walked
@@ -534,7 +573,7 @@ int quant_gemm(const void* xin, int xbf, int64_t M, int64_t K, const qpart_t* pa
         const int64_t m1 = M < m0 + step ? M : m0 + step;
         for (int64_t i = 0, c0 = 0; i < nparts; c0 += parts[i].n, i++) {
             const qpart_t* p = parts + i;
-            const int x8 = int8_acts(p), kind = x8 ? -kind_of(p) : kind_of(p);  /* -4, -8: against int8 */
+            const int x8 = int8_acts(p), kind = x8 ? -kind_of(p) : kind_of(p);  /* -4, -6, -8: against int8 */
             const void* xq = x8 ? (const void*)xq8 : (const void*)xq16;
             const float* xd = x8 ? xd8 : xd16;
             const float* sums = x8 ? xs8 : xs;
@@ -548,6 +587,7 @@ int quant_gemm(const void* xin, int xbf, int64_t M, int64_t K, const qpart_t* pa
                     if (M == 1) {
                         if (kind == 4) gemv_4(xq, xd, sums, K, p, u0, u1, sx, y, c0, ybf);
                         else if (kind == -4) gemv_4x8(xq, xd, sums, K, p, u0, u1, sx, y, c0, ybf);
+                        else if (kind == -6) gemv_6x8(xq, xd, sums, K, p, u0, u1, sx, y, c0, ybf);
                         else if (kind == -8) gemv_8x8(xq, xd, sums, K, p, u0, u1, sx, y, c0, ybf);
                         else if (kind == 5) gemv_5(xq, xd, sums, K, p, u0, u1, sx, y, c0, ybf);
                         else if (kind == 6) gemv_6(xq, xd, sums, K, p, u0, u1, sx, y, c0, ybf);
@@ -556,6 +596,7 @@ int quant_gemm(const void* xin, int xbf, int64_t M, int64_t K, const qpart_t* pa
                     } else {
                         if (kind == 4) gemm_4(xq, xd, sums, K, p, u0, u1, m0, m1, sx, y, N, c0, ybf);
                         else if (kind == -4) gemm_4x8(xq, xd, sums, K, p, u0, u1, m0, m1, sx, y, N, c0, ybf);
+                        else if (kind == -6) gemm_6x8(xq, xd, sums, K, p, u0, u1, m0, m1, sx, y, N, c0, ybf);
                         else if (kind == -8) gemm_8x8(xq, xd, sums, K, p, u0, u1, m0, m1, sx, y, N, c0, ybf);
                         else if (kind == 5) gemm_5(xq, xd, sums, K, p, u0, u1, m0, m1, sx, y, N, c0, ybf);
                         else if (kind == 6) gemm_6(xq, xd, sums, K, p, u0, u1, m0, m1, sx, y, N, c0, ybf);

@@ -120,6 +120,10 @@ static inline b16 b16_bits6(const uint8_t* h, int half) {
 
 /* v32b: 32 bytes, the int8 activations' operand (matmul.c's int8 path) */
 static inline v32b v32b_load(const int8_t* p) { return _mm256_loadu_si256((const __m256i*)p); }
+/* a's 16 bytes then b's, each less 32 (int6 values 0 .. 63 as signed -32 .. 31) */
+static inline v32b v32b_join_less32(b16 a, b16 b) {
+    return _mm256_sub_epi8(_mm256_set_m128i(b, a), _mm256_set1_epi8(32));
+}
 /* the 32 values of a, b, c, d in that order, saturated to int8 */
 static inline v32b v32b_pack(v8i a, v8i b, v8i c, v8i d) {
     const __m256i bytes = _mm256_packs_epi16(_mm256_packs_epi32(a, b), _mm256_packs_epi32(c, d));
@@ -140,6 +144,20 @@ static inline void v32b_nibbles(const uint8_t* p, v32b* lo, v32b* hi) {
 static inline v32b v32b_nibbles1(const uint8_t* p) {
     const __m128i b = _mm_loadu_si128((const __m128i*)p);
     return _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(b, 4), b), _mm256_set1_epi8(0x0F));
+}
+/* a pair of int6 groups (w: their 32 bytes of low nibbles, h: their 16 bytes of top bits, see
+   matmul.c), less 32, as signed bytes: the two groups' first 16 values (lo), their last 16 (hi) */
+static inline void v32b_six(const uint8_t* w, const uint8_t* h, v32b* lo, v32b* hi) {
+    v32b l, u;
+    v32b_nibbles(w, &l, &u);
+    /* each group's 8 bytes of top bits twice: values 0-7 / 8-15 of the first halves take bits 0-1 / 2-3
+       of them, values 16-23 / 24-31 bits 4-5 / 6-7; moved to bits 4-5 of each byte */
+    const __m256i t = _mm256_permute4x64_epi64(_mm256_castsi128_si256(_mm_loadu_si128((const __m128i*)h)), 0x50);
+    const __m256i m = _mm256_set1_epi8(0x30), k = _mm256_set1_epi8(32);
+    const __m256i top0 = _mm256_and_si256(_mm256_sllv_epi64(t, _mm256_setr_epi64x(4, 2, 4, 2)), m);
+    const __m256i top1 = _mm256_and_si256(_mm256_srlv_epi64(t, _mm256_setr_epi64x(0, 2, 0, 2)), m);
+    *lo = _mm256_sub_epi8(_mm256_or_si256(l, top0), k);
+    *hi = _mm256_sub_epi8(_mm256_or_si256(u, top1), k);
 }
 /* lane i: the sum over bytes 4i .. 4i + 3 of u s (u's bytes 0 .. 63, s's int8 -127 .. 127), and
    v8i_dot4x2: that of u s plus that of v t; exact either way, so the same integers on every build */
@@ -302,6 +320,21 @@ static inline b16 b16_bits6(const uint8_t* h, int half) {
 }
 
 static inline v32b v32b_load(const int8_t* p) { v32b r = {vld1q_s8(p), vld1q_s8(p + 16)}; return r; }
+static inline v32b v32b_join_less32(b16 a, b16 b) {
+    v32b r = {vsubq_s8(vreinterpretq_s8_u8(a), vdupq_n_s8(32)), vsubq_s8(vreinterpretq_s8_u8(b), vdupq_n_s8(32))};
+    return r;
+}
+static inline int8x16_t six16(uint8x16_t q, uint8x16_t top) {  /* (q | top & 0x30) - 32 */
+    return vreinterpretq_s8_u8(vsubq_u8(vorrq_u8(q, vandq_u8(top, vdupq_n_u8(0x30))), vdupq_n_u8(32)));
+}
+static inline void v32b_six(const uint8_t* w, const uint8_t* h, v32b* lo, v32b* hi) {
+    const uint8x16_t a = vld1q_u8(w), b = vld1q_u8(w + 16), m = vdupq_n_u8(0x0F);
+    const uint8x8_t h0 = vld1_u8(h), h1 = vld1_u8(h + 8);
+    lo->lo = six16(vandq_u8(a, m), vcombine_u8(vshl_n_u8(h0, 4), vshl_n_u8(h0, 2)));
+    lo->hi = six16(vandq_u8(b, m), vcombine_u8(vshl_n_u8(h1, 4), vshl_n_u8(h1, 2)));
+    hi->lo = six16(vshrq_n_u8(a, 4), vcombine_u8(h0, vshr_n_u8(h0, 2)));
+    hi->hi = six16(vshrq_n_u8(b, 4), vcombine_u8(h1, vshr_n_u8(h1, 2)));
+}
 static inline int8x16_t s8_pack(v8i a, v8i b) {
     return vcombine_s8(vqmovn_s16(vcombine_s16(vqmovn_s32(a.lo), vqmovn_s32(a.hi))),
                        vqmovn_s16(vcombine_s16(vqmovn_s32(b.lo), vqmovn_s32(b.hi))));
