@@ -169,8 +169,8 @@ def set_activations(name: str) -> None:
     """Round the integer matmuls' activations to `name` from now on, in this process: "int16"
     (the default) or "int8", per group of 32 with an absmax / 127 scale, as llama.cpp's Q8_0
     rounds them. int8 applies to int4, int6 and int8 weights (GGUF's Q4_0, Q4_1, Q4_K, Q6_K,
-    Q8_0); the other widths keep int16. It is faster where the multiply-adds bound the work (prompts, batches) and departs
-    further from the float32 model: docs/internals.md gives both."""
+    Q8_0); the other widths keep int16. It is faster where the multiply-adds bound the work
+    (prompts, batches) and departs further from the float32 model: docs/internals.md gives both."""
     global _activations
     if name not in ACTIVATIONS:
         raise BadRequest(f"unknown activation precision {name!r}", f"use one of: {', '.join(ACTIVATIONS)}",
