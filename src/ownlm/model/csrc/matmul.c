@@ -127,12 +127,28 @@ static inline __attribute__((always_inline)) float row_factors(const float* xd, 
     return bits == 4 || bits == 5 ? ot : 0.f;
 }
 
+/* int6 group g's values 0 .. 63 as bytes: its first 16 (first) and its last 16 (second); q[i]'s
+   top two bits are bits 2 (i / 8) of byte i % 8 of its 8 in h */
+static inline __attribute__((always_inline)) void six_bytes(const uint8_t* w, const uint8_t* h, int64_t g,
+                                                            b16* first, b16* second) {
+    const b16 b = b16_load(w + g * 16);
+    *first = b16_or(b16_shr_and(b, 0, 0x0F), b16_shl4(b16_bits6(h + g * 8, 0)));
+    *second = b16_or(b16_shr_and(b, 4, 0x0F), b16_shl4(b16_bits6(h + g * 8, 1)));
+}
+
 /* Group g of a weight row as two vectors of 16 int16 (bits 6: q - 32) */
 static inline __attribute__((always_inline)) void unpack_group(const uint8_t* w, const uint8_t* h, const int8_t* l,
         int64_t g, int bits, v16h* w0, v16h* w1) {
     if (bits == 8) {
         *w0 = v16h_from_i8((const int8_t*)(w + g * 32));
         *w1 = v16h_from_i8((const int8_t*)(w + g * 32 + 16));
+        return;
+    }
+    if (bits == 6) {
+        b16 first, second;
+        six_bytes(w, h, g, &first, &second);
+        *w0 = v16h_sub(v16h_from_u8(first), 32);
+        *w1 = v16h_sub(v16h_from_u8(second), 32);
         return;
     }
     const b16 b = b16_load(w + g * 16);
@@ -152,16 +168,9 @@ static inline __attribute__((always_inline)) void unpack_group(const uint8_t* w,
         __builtin_memcpy(&m, h + g * 4, 4);
         lo = b16_or(lo, b16_shl4(b16_bits5(m, 0)));
         hi = b16_or(hi, b16_shl4(b16_bits5(m, 1)));
-    } else if (bits == 6) {  /* q[i]'s top two bits are bits 2 (i / 8) of byte i % 8 */
-        lo = b16_or(lo, b16_shl4(b16_bits6(h + g * 8, 0)));
-        hi = b16_or(hi, b16_shl4(b16_bits6(h + g * 8, 1)));
     }
     *w0 = v16h_from_u8(lo);
     *w1 = v16h_from_u8(hi);
-    if (bits == 6) {
-        *w0 = v16h_sub(*w0, 32);
-        *w1 = v16h_sub(*w1, 32);
-    }
 }
 
 /* One group's integer dot products (exact: |sums| < 2^24), scaled by its factor(s) into acc:
@@ -293,9 +302,8 @@ static inline __attribute__((always_inline)) float offset_term(const float* xs, 
 /* an unpaired int6 group g of a weight row as the int8 path's operand: its 32 values in order,
    less 32, as signed bytes (pairs: simd.h's v32b_six) */
 static inline __attribute__((always_inline)) v32b six_alone(const qpart_t* r, int64_t g) {
-    const b16 b = b16_load(r->w + g * 16);
-    const b16 first = b16_or(b16_shr_and(b, 0, 0x0F), b16_shl4(b16_bits6(r->h + g * 8, 0)));
-    const b16 second = b16_or(b16_shr_and(b, 4, 0x0F), b16_shl4(b16_bits6(r->h + g * 8, 1)));
+    b16 first, second;
+    six_bytes(r->w, r->h, g, &first, &second);
     return v32b_join_less32(first, second);
 }
 
