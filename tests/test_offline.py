@@ -1,5 +1,6 @@
 """Sovereignty, checked: `run`, `eval`, `tune` and `serve` (with a request) make no connection, bind
-no socket and look up no name outside loopback; with OWNLM_OFFLINE=1 a pull touches no socket at
+no socket and look up no name outside loopback (the server also where the environment asks FastAPI
+to export OpenTelemetry data); with OWNLM_OFFLINE=1 a pull touches no socket at
 all. Each command runs as a real process with a Python audit hook (installed through
 sitecustomize) that logs every socket event and refuses the ones that leave the machine."""
 
@@ -102,7 +103,9 @@ def test_run_eval_tune_and_serve_stay_on_this_machine(hf_models, tmp_path):
     r = _ownlm(env, "tune", "tiny", "--data", str(data), "--name", "tuned", "--max-steps", "2", "--batch-size", "2",
                "--seq-len", "64", "--json")
     assert r.returncode == 0, r.stderr
-    server = Server(home, ["tiny", "--preload"], env={k: env[k] for k in ("OWNLM_NET_LOG", "PYTHONPATH")})
+    # an environment that asks FastAPI (0.16x and later) to export the server's traces, metrics and logs
+    otel = {"FASTAPI_OTEL_AUTO_CONFIGURE": "true", "OTEL_EXPORTER_OTLP_ENDPOINT": "http://192.0.2.1:4318"}
+    server = Server(home, ["tiny", "--preload"], env={**otel, **{k: env[k] for k in ("OWNLM_NET_LOG", "PYTHONPATH")}})
     try:
         answer = httpx.post(f"{server.base}/v1/chat/completions", timeout=60,
                             json={"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3})

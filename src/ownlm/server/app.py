@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import inspect
 import json
 import time
 from contextlib import asynccontextmanager
@@ -256,11 +257,21 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
 PROTOCOLS = (openai, page, anthropic, tokens, responses, ollama)
 
 
+def _no_telemetry() -> dict[str, Any]:
+    """FastAPI 0.16x records spans, metrics and logs through OpenTelemetry and, where the
+    environment asks (FASTAPI_OTEL_AUTO_CONFIGURE with an OTLP endpoint), sends them away: ownlm
+    turns all of it off, whatever the environment says (older FastAPI has none of it)."""
+    if "telemetry" not in inspect.signature(FastAPI.__init__).parameters:
+        return {}
+    return {"telemetry": {"tracing": False, "metrics": False, "logs": False, "operation_spans": False,
+                          "auto_configure": False}}
+
+
 def create_app(pool: ModelPool, config: ServerConfig | None = None) -> FastAPI:
     """The ASGI app. It only queues work on the pool's engines: something must run
     `pool.driver` (server.serving.Server does)."""
     config = config or ServerConfig()
-    app = FastAPI(title="ownlm", lifespan=_lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    app = FastAPI(title="ownlm", lifespan=_lifespan, docs_url=None, redoc_url=None, openapi_url=None, **_no_telemetry())
     formats = [m.ERRORS for m in PROTOCOLS if getattr(m, "ERRORS", None)]
     st = app.state.ownlm = State(pool, config, _metrics(pool), formats)
     routers = [router] + [m.router for m in PROTOCOLS]
