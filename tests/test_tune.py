@@ -324,6 +324,23 @@ def test_two_gloo_processes_follow_the_single_process_loss_curve(hf_models, tmp_
         torch.testing.assert_close(a[n], b[n], atol=1e-5, rtol=1e-4)
 
 
+def test_processes_pick_their_backend_from_the_device_and_never_share_a_gpu(hf_models, tmp_path, monkeypatch):
+    """gloo between CPU processes, also where GPUs are (--device cpu); NCCL between GPU processes,
+    one GPU each: --nproc beyond the GPUs is refused before anything starts (a GPU machine is played
+    here by the device choice and the GPU count)."""
+    from ownlm.tune import run
+
+    assert run._backend("cpu") == "gloo"
+    monkeypatch.setattr(run, "pick_device", lambda device=None: torch.device(device or "cuda"))
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert run._backend(None) == "nccl" and run._backend("cpu") == "gloo"
+    data = _write(tmp_path / "d.jsonl", ROWS)
+    with pytest.raises(BadRequest, match="--nproc 2 needs a GPU per process and this machine has 1") as e:
+        run.tune(str(hf_models["llama"]), data, "two", TuneConfig(), nproc=2)
+    assert "--device cpu" in e.value.hint
+    assert not (Store().root / "runs").exists()
+
+
 def test_two_processes_resume_each_with_its_own_rng_state(hf_models, tmp_path):
     """--nproc 2 with dropout: each process's dropout draws as many numbers as its share of the rows has
     tokens, so their generators part; a checkpoint keeps each one's, and a resume from it ends on the

@@ -76,11 +76,17 @@ def tune(base: str, data: str | Path, name: str, cfg: TuneConfig, resume: bool =
         rewards.parse(cfg.rewards, cfg.reward_pattern, cfg.target_length)  # a bad --reward fails before any loading
     if nproc > 1:
         return _launch(base, data, name, cfg, resume, device, nproc, quiet)
-    rank, world = _dist_env()
+    rank, world = _dist_env(device)
     return _train(base, data, name, cfg, resume, device, quiet, on_step, rank, world)
 
 
-def _dist_env() -> tuple[int, int]:
+def _backend(device: str | None) -> str:
+    """NCCL between processes that each train on a GPU, gloo between CPU processes (also on a
+    machine that has GPUs, under --device cpu)."""
+    return "nccl" if pick_device(device).type == "cuda" else "gloo"
+
+
+def _dist_env(device: str | None) -> tuple[int, int]:
     """(rank, world size) under torchrun (its environment), else (0, 1)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
@@ -88,8 +94,7 @@ def _dist_env() -> tuple[int, int]:
     import torch.distributed as dist
 
     if not dist.is_initialized():
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-        dist.init_process_group(backend)
+        dist.init_process_group(_backend(device))
     return dist.get_rank(), dist.get_world_size()
 
 
@@ -232,10 +237,9 @@ def _worker(rank: int, world: int, port: int, args: tuple, out: str) -> None:
                       LOCAL_RANK=str(rank))
     threads = max(1, (os.cpu_count() or 1) // world)
     torch.set_num_threads(threads)
-    backend = "nccl" if torch.cuda.is_available() else "gloo"
-    dist.init_process_group(backend, rank=rank, world_size=world)
+    base, data, name, cfg, resume, device, quiet = args
+    dist.init_process_group(_backend(device), rank=rank, world_size=world)
     try:
-        base, data, name, cfg, resume, device, quiet = args
         result = _train(base, data, name, cfg, resume, device, quiet, None, rank, world)
         if rank == 0:
             Path(out).write_text(json.dumps(result), encoding="utf-8")
@@ -248,6 +252,10 @@ def _launch(base, data, name, cfg, resume, device, nproc, quiet) -> dict[str, An
 
     if nproc > 64:
         raise BadRequest(f"--nproc {nproc} is more than one machine runs; use torchrun across nodes")
+    if pick_device(device).type == "cuda" and nproc > torch.cuda.device_count():
+        gpus = torch.cuda.device_count()
+        raise BadRequest(f"--nproc {nproc} needs a GPU per process and this machine has {gpus}",
+                         f"use --nproc {gpus}, or --device cpu for {nproc} CPU processes")
     with tempfile.TemporaryDirectory() as tmp:
         out = str(Path(tmp) / "result.json")
         mp.start_processes(_worker,
