@@ -1,6 +1,10 @@
 """GPU check and decode benchmark (run where a CUDA GPU is): prints one JSON object.
 
-    python bench/gpu.py [--gen 128] [--batch 8]
+    python bench/gpu.py [--gen 128] [--batch 8] [--only tune,int4,...]
+
+Each section's result is printed as soon as it is known (a line `{"section": ...}`), then the
+whole report; a section that fails reports its traceback and the others still run.
+`--device cpu` runs the same code on a CPU (no graphs, no memory figures): a check of the script.
 
 1. Correctness on CUDA, tiny random Llama and Mistral (sliding window) folders built here:
    ownlm's fp32 logits against transformers' on the same GPU (full prompt, and token by token
@@ -9,7 +13,10 @@
 2. Speed, a SmolLM2-135M-shaped random Llama in bf16: decode tokens/s of ownlm without and with
    CUDA graphs at batch 1, aggregate tokens/s at --batch through the scheduler, and transformers'
    `generate` (bf16, same prompt and length) in the same run as the reference.
-3. int4 (GGUF Q4_0 through PyTorch's int4 kernel): KL against the float32 dequantized model
+3. Tuning (`ownlm tune`, the same command as on a CPU, here on the GPU): DPO and GRPO with LoRA
+   on a tiny random Llama, their first and last logged figures and seconds; `--nproc` beyond the
+   GPUs refused clearly, and `--device cpu --nproc 2` (gloo) running beside the GPU.
+4. int4 (GGUF Q4_0 through PyTorch's int4 kernel): KL against the float32 dequantized model
    beside dense bf16's, greedy tokens with and without graphs, decode tokens/s and weight memory
    against dense bf16."""
 
@@ -21,6 +28,7 @@ import os
 import sys
 import tempfile
 import time
+import traceback
 from pathlib import Path
 
 import torch
@@ -33,8 +41,16 @@ SMOL = dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_a
             vocab_size=49152)
 
 
+DEVICE = "cuda"
+
+
 def graphs(on: bool) -> None:
     os.environ["OWNLM_CUDA_GRAPHS"] = "1" if on else "0"
+
+
+def sync() -> None:
+    if DEVICE == "cuda":
+        torch.cuda.synchronize()
 
 
 def correctness(base: Path) -> dict:
@@ -42,6 +58,7 @@ def correctness(base: Path) -> dict:
 
     import ownlm
     from ownlm.engine.generate import generate_ids
+    from ownlm.engine.graphs import DecodeGraphs
     from ownlm.engine.sampling import SamplingParams
     from ownlm.engine.scheduler import Scheduler, run_all
     from tests.conftest import build_hf_model
@@ -49,10 +66,10 @@ def correctness(base: Path) -> dict:
     out = {}
     for family, extra in (("llama", {}), ("mistral", {"sliding_window": 8})):
         folder = build_hf_model(base / family, family, seed=2, **extra)
-        lm = ownlm.load(str(folder), device="cuda", dtype="float32")
-        ref = transformers.AutoModelForCausalLM.from_pretrained(folder, torch_dtype=torch.float32).cuda().eval()
+        lm = ownlm.load(str(folder), device=DEVICE, dtype="float32")
+        ref = transformers.AutoModelForCausalLM.from_pretrained(folder, torch_dtype=torch.float32).to(DEVICE).eval()
         ids = lm.encode("Owning your model means nobody can change its price. " * 3)
-        x = torch.tensor([ids], device="cuda")
+        x = torch.tensor([ids], device=DEVICE)
         with torch.inference_mode():
             want = ref(x).logits[0].float()
             got = lm.model(x)[0].float()
@@ -80,7 +97,7 @@ def correctness(base: Path) -> dict:
                 failures: list[BaseException] = []
                 batched[on] = run_all(sched, reqs, failures)
                 errors = sorted({repr(e)[:300] for e in failures})
-                n_graphs = len(sched.graphs.graphs) if sched.graphs is not None else 0
+                n_graphs = len(sched.stepper.graphs) if isinstance(sched.stepper, DecodeGraphs) else 0
             finally:
                 sched.close()
         greedy = [i for i, r in enumerate(reqs) if r["params"].temperature == 0]
@@ -95,7 +112,7 @@ def correctness(base: Path) -> dict:
 
 def serve(base: Path) -> dict:
     """`ownlm serve --device cuda`: 6 concurrent greedy chat requests (graphs on) answer what
-    `ownlm.load(..., device="cuda").chat` answers alone, and a streamed one equals its non-streamed."""
+    `ownlm.load(..., device=DEVICE).chat` answers alone, and a streamed one equals its non-streamed."""
     import concurrent.futures
     import json as _json
 
@@ -110,9 +127,9 @@ def serve(base: Path) -> dict:
     home = Path(os.environ["OWNLM_HOME"])
     manage.import_path(build_hf_model(base / "served", "llama", seed=7), name="tiny", quiet=True)
     prompts = ["The quick brown fox", "def add(a, b):", "Un café", "Numbers: 0 1 2 3", "The lazy dog", "Owning"]
-    lm = ownlm.load("tiny", device="cuda", dtype="float32")
+    lm = ownlm.load("tiny", device=DEVICE, dtype="float32")
     want = [lm.chat([{"role": "user", "content": p}], temperature=0, max_tokens=24).text for p in prompts]
-    server = Server(home, ["tiny", "--device", "cuda", "--dtype", "float32"])
+    server = Server(home, ["tiny", "--device", DEVICE, "--dtype", "float32"])
     try:
         def ask(p: str) -> str:
             r = httpx.post(f"{server.base}/v1/chat/completions", timeout=120, json={
@@ -135,6 +152,46 @@ def serve(base: Path) -> dict:
             "answers": len(got)}
 
 
+def tune(base: Path) -> dict:
+    import subprocess
+
+    from tests.conftest import build_hf_model
+
+    folder = build_hf_model(base / "tunable", "llama", seed=3)
+    pairs, prompts = base / "pairs.jsonl", base / "prompts.jsonl"
+    pairs.write_text("".join(json.dumps({"prompt": f"What is {a} plus {b}?", "chosen": f"{a + b}",
+                                         "rejected": f"{a + b + 3}"}) + "\n" for a in range(6) for b in range(6)))
+    prompts.write_text("".join(json.dumps({"prompt": f"What is {a} plus {b}?", "answer": str(a + b)}) + "\n"
+                               for a in range(4) for b in range(4)))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")])}
+    runs = {"dpo": ["--method", "dpo", "--data", str(pairs), "--max-steps", "30", "--batch-size", "4", "--lr", "5e-3",
+                    "--beta", "0.5", "--seq-len", "64", "--device", DEVICE],
+            "grpo": ["--method", "grpo", "--data", str(prompts), "--reward", "length", "--target-length", "6",
+                     "--group-size", "4", "--max-completion-tokens", "8", "--max-steps", "6", "--batch-size", "4",
+                     "--lr", "1e-2", "--device", DEVICE],
+            "nproc_over_gpus": ["--method", "dpo", "--data", str(pairs), "--max-steps", "2", "--batch-size", "4",
+                                "--nproc", str(max(2, torch.cuda.device_count() + 1) if DEVICE == "cuda" else 2),
+                                "--device", DEVICE],
+            "cpu_nproc2": ["--method", "dpo", "--data", str(pairs), "--max-steps", "2", "--batch-size", "4",
+                           "--seq-len", "64", "--nproc", "2", "--device", "cpu"]}
+    out = {}
+    for key, args in runs.items():
+        t0 = time.perf_counter()
+        r = subprocess.run([sys.executable, "-m", "ownlm.cli.main", "tune", str(folder), *args, "--name", key,
+                            "--json"], capture_output=True, text=True, env=env, timeout=600)
+        res: dict = {"exit": r.returncode, "seconds": round(time.perf_counter() - t0, 1)}
+        if r.returncode == 0:
+            log = [json.loads(x) for x in (Path(json.loads(r.stdout)["run_dir"]) / "metrics.jsonl").read_text()
+                   .splitlines()]
+            keep = ("loss", "rewards/margin", "rewards/accuracy", "kl", "reward", "reward/mean")
+            res.update(steps=len(log), first={k: v for k, v in log[0].items() if k in keep},
+                       last={k: v for k, v in log[-1].items() if k in keep})
+        else:
+            res["stderr"] = r.stderr[-1500:]
+        out[key] = res
+    return out
+
+
 def speed(base: Path, n_gen: int, batch: int) -> dict:
     import transformers
 
@@ -145,7 +202,7 @@ def speed(base: Path, n_gen: int, batch: int) -> dict:
     from tests.conftest import build_hf_model
 
     folder = build_hf_model(base / "smol", "llama", seed=5, **SMOL)
-    lm = ownlm.load(str(folder), device="cuda", dtype="bfloat16")
+    lm = ownlm.load(str(folder), device=DEVICE, dtype="bfloat16")
     prompt = list(range(10, 10 + 128))
     params = SamplingParams(temperature=0, max_tokens=n_gen)
     res = {"model": "SmolLM2-135M-shaped random Llama, bf16", "prompt_tokens": len(prompt), "gen_tokens": n_gen}
@@ -155,7 +212,7 @@ def speed(base: Path, n_gen: int, batch: int) -> dict:
         for _ in range(3):
             stats = StepStats()
             out = list(generate_ids(lm.model, prompt, params, (), stats))
-            torch.cuda.synchronize()
+            sync()
             assert len(out) == n_gen
             best = max(best, (n_gen - 1) / stats.decode_s)
         return best
@@ -176,20 +233,20 @@ def speed(base: Path, n_gen: int, batch: int) -> dict:
         finally:
             sched.close()
         res[f"ownlm_{'graphs' if on else 'eager'}_batch{batch}_tok_s"] = sum(map(len, outs)) / dt
-    ref = transformers.AutoModelForCausalLM.from_pretrained(folder, torch_dtype=torch.bfloat16).cuda().eval()
-    x = torch.tensor([prompt], device="cuda")
+    ref = transformers.AutoModelForCausalLM.from_pretrained(folder, torch_dtype=torch.bfloat16).to(DEVICE).eval()
+    x = torch.tensor([prompt], device=DEVICE)
     best = 0.0
     for _ in range(3):
         with torch.inference_mode():
-            torch.cuda.synchronize()
+            sync()
             t0 = time.perf_counter()
             ref.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=1, do_sample=False, min_new_tokens=1,
                          pad_token_id=0)
-            torch.cuda.synchronize()
+            sync()
             t1 = time.perf_counter()
             ref.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=n_gen, min_new_tokens=n_gen,
                          do_sample=False, pad_token_id=0)
-            torch.cuda.synchronize()
+            sync()
             t2 = time.perf_counter()
         best = max(best, (n_gen - 1) / ((t2 - t1) - (t1 - t0)))  # decode time: minus the prefill
     res["transformers_decode_tok_s"] = best
@@ -215,19 +272,20 @@ def int4(base: Path, n_gen: int) -> dict:
 
     folder = build_hf_model(base / "smol4", "llama", seed=6, **SMOL)
     path = hf_folder_to_gguf(folder, base / "smol4.gguf", qtype=gguf.GGMLQuantizationType.Q4_0)
-    exact = ownlm.load(str(path), device="cuda", dtype="float32", quant="none")
+    exact = ownlm.load(str(path), device=DEVICE, dtype="float32", quant="none")
     res: dict = {"model": "SmolLM2-135M-shaped random Llama, GGUF Q4_0"}
     prompt = list(range(10, 10 + 128))
-    x = torch.tensor([prompt], device="cuda")
+    x = torch.tensor([prompt], device=DEVICE)
     with torch.inference_mode():
         want = exact.model(x)[0].float().log_softmax(-1)
     del exact
     for quant in ("none", "auto"):
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats()
-        lm = ownlm.load(str(path), device="cuda", dtype="bfloat16", quant=quant)
+        if DEVICE == "cuda":
+            torch.cuda.empty_cache()
+        lm = ownlm.load(str(path), device=DEVICE, dtype="bfloat16", quant=quant)
         key = "int4" if quant == "auto" else "bf16"
-        res[f"{key}_weights_mb"] = torch.cuda.memory_allocated() / 2 ** 20
+        if DEVICE == "cuda":
+            res[f"{key}_weights_mb"] = torch.cuda.memory_allocated() / 2 ** 20
         if quant == "auto":
             layers = [m for m in lm.model.modules() if isinstance(m, QuantLinear)]
             res["int4_tinygemm_linears"] = sum(m.layout == "tinygemm" for m in layers)
@@ -242,7 +300,7 @@ def int4(base: Path, n_gen: int) -> dict:
             for _ in range(3):
                 stats = StepStats()
                 out = list(generate_ids(lm.model, prompt, params, (), stats))
-                torch.cuda.synchronize()
+                sync()
                 best = max(best, (n_gen - 1) / stats.decode_s)
             runs[on] = out
             res[f"{key}_{'graphs' if on else 'eager'}_decode_tok_s"] = best
@@ -253,27 +311,29 @@ def int4(base: Path, n_gen: int) -> dict:
 
 
 def main() -> None:
+    global DEVICE
     ap = argparse.ArgumentParser()
     ap.add_argument("--gen", type=int, default=128)
     ap.add_argument("--batch", type=int, default=8)
-    ap.add_argument("--skip-speed", action="store_true")
+    ap.add_argument("--only", default="correctness,serve,tune,int4,speed", help="sections, comma-separated")
+    ap.add_argument("--device", default="cuda")
     args = ap.parse_args()
-    if not torch.cuda.is_available():
+    DEVICE = args.device
+    if DEVICE == "cuda" and not torch.cuda.is_available():
         sys.exit("no CUDA GPU here")
+    sections = {"correctness": correctness, "serve": serve, "tune": tune, "int4": lambda base: int4(base, args.gen),
+                "speed": lambda base: speed(base, args.gen, args.batch)}
     with tempfile.TemporaryDirectory() as tmp:
         os.environ.setdefault("OWNLM_HOME", str(Path(tmp) / "home"))
-        report = {"device": torch.cuda.get_device_name(), "torch": torch.__version__}
-        report["correctness"] = correctness(Path(tmp))
-        try:
-            report["serve"] = serve(Path(tmp))
-        except Exception as e:  # noqa: BLE001 - report it beside the other checks
-            report["serve"] = {"error": repr(e)[:2000]}
-        try:
-            report["int4"] = int4(Path(tmp), args.gen)
-        except Exception as e:  # noqa: BLE001
-            report["int4"] = {"error": repr(e)[:2000]}
-        if not args.skip_speed:
-            report["speed"] = speed(Path(tmp), args.gen, args.batch)
+        report = {"device": torch.cuda.get_device_name() if DEVICE == "cuda" else DEVICE, "torch": torch.__version__}
+        for name in args.only.split(","):
+            t0 = time.perf_counter()
+            try:
+                report[name] = sections[name](Path(tmp))
+            except Exception:  # noqa: BLE001 - report it beside the other sections
+                report[name] = {"error": traceback.format_exc()[-3000:]}
+            report[name]["seconds"] = round(time.perf_counter() - t0, 1)
+            print(json.dumps({"section": name, **report[name]}), flush=True)
     print(json.dumps(report, indent=2))
 
 
