@@ -1,5 +1,5 @@
 /* Matmuls: group-wise int4 / int5 / int6 / int8 weights against float activations rounded to
-   int16 (or, for int4, int6 and int8 weights whose part asks for it, to int8: xbits 8), and bfloat16
+   int16 (or, for those without a codebook whose part asks for it, to int8: xbits 8), and bfloat16
    against float activations, written in simd.h's operations (AVX2 or NEON, the same bits on both).
    Each output element is computed by the same sequence of operations whatever the number of
    rows, so a sequence decodes to the same bits alone and in a batch. */
@@ -136,6 +136,17 @@ static inline __attribute__((always_inline)) void six_bytes(const uint8_t* w, co
     *second = b16_or(b16_shr_and(b, 4, 0x0F), b16_shl4(b16_bits6(h + g * 8, 1)));
 }
 
+/* int5 group g's values 0 .. 31 as bytes: its first 16 (first) and its last 16 (second); q[i]'s
+   fifth bit is bit i / 4 of byte i % 4 of its 4 in h */
+static inline __attribute__((always_inline)) void five_bytes(const uint8_t* w, const uint8_t* h, int64_t g,
+                                                             b16* first, b16* second) {
+    const b16 b = b16_load(w + g * 16);
+    uint32_t m;
+    __builtin_memcpy(&m, h + g * 4, 4);
+    *first = b16_or(b16_shr_and(b, 0, 0x0F), b16_shl4(b16_bits5(m, 0)));
+    *second = b16_or(b16_shr_and(b, 4, 0x0F), b16_shl4(b16_bits5(m, 1)));
+}
+
 /* Group g of a weight row as two vectors of 16 int16 (bits 6: q - 32) */
 static inline __attribute__((always_inline)) void unpack_group(const uint8_t* w, const uint8_t* h, const int8_t* l,
         int64_t g, int bits, v16h* w0, v16h* w1) {
@@ -151,26 +162,21 @@ static inline __attribute__((always_inline)) void unpack_group(const uint8_t* w,
         *w1 = v16h_sub(v16h_from_u8(second), 32);
         return;
     }
+    if (bits == 5) {
+        b16 first, second;
+        five_bytes(w, h, g, &first, &second);
+        *w0 = v16h_from_u8(first);
+        *w1 = v16h_from_u8(second);
+        return;
+    }
     const b16 b = b16_load(w + g * 16);
     if (bits == 4) {
         v16h_nibbles(b, w0, w1);
         return;
     }
-    b16 lo = b16_shr_and(b, 0, 0x0F), hi = b16_shr_and(b, 4, 0x0F);
-    if (bits == NL4) {  /* the codebook's int8 values */
-        const b16 table = b16_load((const uint8_t*)l);
-        *w0 = v16h_from_s8(b16_lookup(table, lo));
-        *w1 = v16h_from_s8(b16_lookup(table, hi));
-        return;
-    }
-    if (bits == 5) {  /* q[i]'s fifth bit is bit i / 4 of byte i % 4 */
-        uint32_t m;
-        __builtin_memcpy(&m, h + g * 4, 4);
-        lo = b16_or(lo, b16_shl4(b16_bits5(m, 0)));
-        hi = b16_or(hi, b16_shl4(b16_bits5(m, 1)));
-    }
-    *w0 = v16h_from_u8(lo);
-    *w1 = v16h_from_u8(hi);
+    const b16 table = b16_load((const uint8_t*)l);  /* NL4: the codebook's int8 values */
+    *w0 = v16h_from_s8(b16_lookup(table, b16_shr_and(b, 0, 0x0F)));
+    *w1 = v16h_from_s8(b16_lookup(table, b16_shr_and(b, 4, 0x0F)));
 }
 
 /* One group's integer dot products (exact: |sums| < 2^24), scaled by its factor(s) into acc:
@@ -271,11 +277,11 @@ static inline __attribute__((always_inline)) void ncols(const int16_t* xq, const
     for (int j = 0; j < NB; j++) out[j] = v8f_hsum(acc[j]) + oacc[j];
 }
 
-/* The int8 path: int4 weights (w = q s + o, q in 0 .. 15), int6 ones (w = (q - 32) s u, q - 32
-   as signed bytes, u the 16-column scales) and int8 ones (w = q s, q signed) against int8
-   activations. A pair of groups is one 256-bit step: for int4 the pair's 32 weight bytes give the
-   32 low nibbles and the 32 high ones, for int6 and int8 the two groups' first 16 values and
-   their last 16, each against its 32 activations (quantize_rows' order), lanes 0-3 of the
+/* The int8 path: int4 and int5 weights (w = q s + o, q in 0 .. 15 or 0 .. 31), int6 ones
+   (w = (q - 32) s u, q - 32 as signed bytes, u the 16-column scales) and int8 ones (w = q s, q
+   signed) against int8 activations. A pair of groups is one 256-bit step: for int4 the pair's 32 weight bytes give the
+   32 low nibbles and the 32 high ones, for int5, int6 and int8 the two groups' first 16 values
+   and their last 16, each against its 32 activations (quantize_rows' order), lanes 0-3 of the
    integer sums belonging to the first group and lanes 4-7 to the second (int6: the first halves'
    sums and the second halves' apart, each with its own scales); a last unpaired group is a step
    of its own (all 8 lanes its). Per step, the integer sums to float, times the activations'
@@ -284,19 +290,27 @@ static inline __attribute__((always_inline)) void ncols(const int16_t* xq, const
    end. About half the operations of the int16 path per weight, and no pass over each pair of rows
    before it. */
 
-/* sum_g o[g] xs[g] for one weight row and one activation row (o = -8 s where the part has none),
-   8 groups at a time, then the rest one by one */
-static inline __attribute__((always_inline)) float offset_term(const float* xs, int64_t G, qpart_t wr) {
+/* sum_g o[g] xs[g] for one weight row and one activation row (o = mid s where the part has none:
+   -8 for int4, -16 for int5), 8 groups at a time, then the rest one by one */
+static inline __attribute__((always_inline)) float offset_term(const float* xs, int64_t G, qpart_t wr,
+                                                               const float mid) {
     const int64_t G8 = G - G % 8;
     v8f ov = v8f_zero();
     int64_t g = 0;
     for (; g < G8; g += 8) {
-        const v8f ow = wr.o ? v8f_from_f16(wr.o + g) : v8f_mul(v8f_from_f16(wr.s + g), v8f_set1(-8.f));
+        const v8f ow = wr.o ? v8f_from_f16(wr.o + g) : v8f_mul(v8f_from_f16(wr.s + g), v8f_set1(mid));
         ov = v8f_fmadd(ow, v8f_load(xs + g), ov);
     }
     float ot = v8f_hsum(ov);
-    for (; g < G; g++) ot += (wr.o ? f16_to_f32(wr.o[g]) : -8.f * f16_to_f32(wr.s[g])) * xs[g];
+    for (; g < G; g++) ot += (wr.o ? f16_to_f32(wr.o[g]) : mid * f16_to_f32(wr.s[g])) * xs[g];
     return ot;
+}
+
+/* an unpaired int5 group g of a weight row as the int8 path's operand: its 32 values in order */
+static inline __attribute__((always_inline)) v32b five_alone(const qpart_t* r, int64_t g) {
+    b16 first, second;
+    five_bytes(r->w, r->h, g, &first, &second);
+    return v32b_join(first, second);
 }
 
 /* an unpaired int6 group g of a weight row as the int8 path's operand: its 32 values in order,
@@ -316,7 +330,7 @@ static inline __attribute__((always_inline)) void six_scales(const int8_t* u, in
     *sq = v8f_mul(*sq, v8f_pair((float)q[0], (float)q[2]));
 }
 
-/* Pair p of q8tile (B: the weights' bits, 4, 6 or 8): sq[w] holds weight row w's scales of the
+/* Pair p of q8tile (B: the weights' bits, 4, 5, 6 or 8): sq[w] holds weight row w's scales of the
    pair's two groups, each in 4 lanes */
 static inline __attribute__((always_inline)) void pair_step(const int8_t* xq, const float* xd, int64_t K, int64_t G,
         const qpart_t* wr, int64_t p, const v8f* sq, v8f* acc, const int NW, const int MB, const int B) {
@@ -330,6 +344,8 @@ static inline __attribute__((always_inline)) void pair_step(const int8_t* xq, co
         } else if (B == 8) {
             const int8_t* q = (const int8_t*)wr[w].w + p * 64;
             v32b_halves(q, q + 32, &lo[w], &hi[w]);
+        } else if (B == 5) {
+            v32b_five(wr[w].w + p * 32, wr[w].h + p * 8, &lo[w], &hi[w]);
         } else {
             v32b_nibbles(wr[w].w + p * 32, &lo[w], &hi[w]);
         }
@@ -352,8 +368,8 @@ static inline __attribute__((always_inline)) void pair_step(const int8_t* xq, co
     }
 }
 
-/* NW int4 (B 4) or int8 (B 8) weight rows (wr) against MB rows of int8 activations (xd:
-   quantize_rows' per-step scales): output w MB + r is row r against weight row w, each with its
+/* NW int4, int5, int6 or int8 (B 4, 5, 6, 8) weight rows (wr) against MB rows of int8
+   activations (xd: quantize_rows' per-step scales): output w MB + r is row r against weight row w, each with its
    own accumulator and the same operations whatever NW and MB (so its bits do not depend on the
    batch); the weights unpacked once for all MB rows. */
 static inline __attribute__((always_inline)) void q8tile(const int8_t* xq, const float* xd, const float* xs,
@@ -382,13 +398,13 @@ static inline __attribute__((always_inline)) void q8tile(const int8_t* xq, const
     if (G % 2) {
         const int64_t g = G - 1;
         for (int w = 0; w < NW; w++) {
-            const v32b q = B == 6 ? six_alone(wr + w, g)
+            const v32b q = B == 6 ? six_alone(wr + w, g) : B == 5 ? five_alone(wr + w, g)
                            : B == 8 ? v32b_load((const int8_t*)wr[w].w + g * 32) : v32b_nibbles1(wr[w].w + g * 16);
             const float s = f16_to_f32(wr[w].s[g]);  /* int6: a scale per half, lanes 0-3 and 4-7 */
             const v8f sq = B == 6 ? v8f_pair(s * (float)wr[w].u[2 * g], s * (float)wr[w].u[2 * g + 1]) : v8f_set1(s);
             for (int r = 0; r < MB; r++) {
                 const v32b x = v32b_load(xq + r * K + g * 32);
-                const v8f d = v8f_mul(v8f_from_i32(B == 4 ? v8i_dot4(q, x) : v8i_sdot4(q, x)),
+                const v8f d = v8f_mul(v8f_from_i32(B == 4 || B == 5 ? v8i_dot4(q, x) : v8i_sdot4(q, x)),
                                       v8f_load(xd + r * XS + 4 * g));
                 acc[w * MB + r] = v8f_fmadd(d, sq, acc[w * MB + r]);
             }
@@ -396,7 +412,8 @@ static inline __attribute__((always_inline)) void q8tile(const int8_t* xq, const
     }
     for (int w = 0; w < NW; w++)  /* int6 and int8 weights have no offsets */
         for (int r = 0; r < MB; r++)
-            out[w * MB + r] = v8f_hsum(acc[w * MB + r]) + (B == 4 ? offset_term(xs + r * G, G, wr[w]) : 0.f);
+            out[w * MB + r] = v8f_hsum(acc[w * MB + r])
+                              + (B == 4 || B == 5 ? offset_term(xs + r * G, G, wr[w], B == 5 ? -16.f : -8.f) : 0.f);
 }
 
 /* One row of x against blocks nb0 .. nb1 - 1 of 4 weight rows of part p (the last block may be
@@ -523,7 +540,7 @@ static inline __attribute__((always_inline)) void gemm_range(const void* xqv, co
 }
 
 /* each kind's loops as a function of its own (a constant kind throughout: branch-free); X8 the
-   int8 activations' instances (int4, int6 and int8 weights) */
+   int8 activations' instances (int4, int5, int6 and int8 weights) */
 #define KIND_LOOPS(B, X8, NAME) \
     static __attribute__((noinline)) void gemv_##NAME(const void* xq, const float* xd, const float* xs, int64_t K, \
             const qpart_t* p, int64_t nb0, int64_t nb1, float* sx, void* y, int64_t c0, int ybf) { \
@@ -540,14 +557,15 @@ KIND_LOOPS(6, 0, 6)
 KIND_LOOPS(8, 0, 8)
 KIND_LOOPS(NL4, 0, NL4)
 KIND_LOOPS(4, 1, 4x8)
+KIND_LOOPS(5, 1, 5x8)
 KIND_LOOPS(6, 1, 6x8)
 KIND_LOOPS(8, 1, 8x8)
 #undef KIND_LOOPS
 
 /* whether part p meets int8 activations: it asks for them and has their kernel (int4 without a
-   codebook, int8) */
+   codebook, int5, int6, int8) */
 static inline int int8_acts(const qpart_t* p) {
-    return p->xbits == 8 && (kind_of(p) == 4 || kind_of(p) == 6 || kind_of(p) == 8);
+    return p->xbits == 8 && kind_of(p) != NL4;
 }
 
 /* y (M, N) = x (M, K) @ W.T for a weight of group-wise integer parts (N the sum of their rows;
@@ -581,7 +599,7 @@ int quant_gemm(const void* xin, int xbf, int64_t M, int64_t K, const qpart_t* pa
         const int64_t m1 = M < m0 + step ? M : m0 + step;
         for (int64_t i = 0, c0 = 0; i < nparts; c0 += parts[i].n, i++) {
             const qpart_t* p = parts + i;
-            const int x8 = int8_acts(p), kind = x8 ? -kind_of(p) : kind_of(p);  /* -4, -6, -8: against int8 */
+            const int x8 = int8_acts(p), kind = x8 ? -kind_of(p) : kind_of(p);  /* -4, -5, -6, -8: against int8 */
             const void* xq = x8 ? (const void*)xq8 : (const void*)xq16;
             const float* xd = x8 ? xd8 : xd16;
             const float* sums = x8 ? xs8 : xs;
@@ -595,6 +613,7 @@ int quant_gemm(const void* xin, int xbf, int64_t M, int64_t K, const qpart_t* pa
                     if (M == 1) {
                         if (kind == 4) gemv_4(xq, xd, sums, K, p, u0, u1, sx, y, c0, ybf);
                         else if (kind == -4) gemv_4x8(xq, xd, sums, K, p, u0, u1, sx, y, c0, ybf);
+                        else if (kind == -5) gemv_5x8(xq, xd, sums, K, p, u0, u1, sx, y, c0, ybf);
                         else if (kind == -6) gemv_6x8(xq, xd, sums, K, p, u0, u1, sx, y, c0, ybf);
                         else if (kind == -8) gemv_8x8(xq, xd, sums, K, p, u0, u1, sx, y, c0, ybf);
                         else if (kind == 5) gemv_5(xq, xd, sums, K, p, u0, u1, sx, y, c0, ybf);
@@ -604,6 +623,7 @@ int quant_gemm(const void* xin, int xbf, int64_t M, int64_t K, const qpart_t* pa
                     } else {
                         if (kind == 4) gemm_4(xq, xd, sums, K, p, u0, u1, m0, m1, sx, y, N, c0, ybf);
                         else if (kind == -4) gemm_4x8(xq, xd, sums, K, p, u0, u1, m0, m1, sx, y, N, c0, ybf);
+                        else if (kind == -5) gemm_5x8(xq, xd, sums, K, p, u0, u1, m0, m1, sx, y, N, c0, ybf);
                         else if (kind == -6) gemm_6x8(xq, xd, sums, K, p, u0, u1, m0, m1, sx, y, N, c0, ybf);
                         else if (kind == -8) gemm_8x8(xq, xd, sums, K, p, u0, u1, m0, m1, sx, y, N, c0, ybf);
                         else if (kind == 5) gemm_5(xq, xd, sums, K, p, u0, u1, m0, m1, sx, y, N, c0, ybf);

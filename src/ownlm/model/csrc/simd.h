@@ -120,6 +120,8 @@ static inline b16 b16_bits6(const uint8_t* h, int half) {
 
 /* v32b: 32 bytes, the int8 activations' operand (matmul.c's int8 path) */
 static inline v32b v32b_load(const int8_t* p) { return _mm256_loadu_si256((const __m256i*)p); }
+/* a's 16 bytes then b's */
+static inline v32b v32b_join(b16 a, b16 b) { return _mm256_set_m128i(b, a); }
 /* a's 16 bytes then b's, each less 32 (int6 values 0 .. 63 as signed -32 .. 31) */
 static inline v32b v32b_join_less32(b16 a, b16 b) {
     return _mm256_sub_epi8(_mm256_set_m128i(b, a), _mm256_set1_epi8(32));
@@ -144,6 +146,19 @@ static inline void v32b_nibbles(const uint8_t* p, v32b* lo, v32b* hi) {
 static inline v32b v32b_nibbles1(const uint8_t* p) {
     const __m128i b = _mm_loadu_si128((const __m128i*)p);
     return _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(b, 4), b), _mm256_set1_epi8(0x0F));
+}
+/* a pair of int5 groups (w: their 32 bytes of low nibbles, h: their 8 bytes of fifth bits, see
+   matmul.c) as bytes 0 .. 31: the two groups' first 16 values (lo), their last 16 (hi) */
+static inline void v32b_five(const uint8_t* w, const uint8_t* h, v32b* lo, v32b* hi) {
+    v32b l, u;
+    v32b_nibbles(w, &l, &u);
+    /* lanes 0-3 the first group's 4 bytes of fifth bits, lanes 4-7 the second's; byte k of lane i
+       takes bit i (first halves) or 4 + i (second halves) of byte k, moved to bit 4 */
+    const __m256i m = _mm256_permutevar8x32_epi32(_mm256_castsi128_si256(_mm_loadl_epi64((const __m128i*)h)),
+                                                  _mm256_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1));
+    const __m256i bit = _mm256_set1_epi8(0x10);
+    *lo = _mm256_or_si256(l, _mm256_and_si256(_mm256_sllv_epi32(m, _mm256_setr_epi32(4, 3, 2, 1, 4, 3, 2, 1)), bit));
+    *hi = _mm256_or_si256(u, _mm256_and_si256(_mm256_srlv_epi32(m, _mm256_setr_epi32(0, 1, 2, 3, 0, 1, 2, 3)), bit));
 }
 /* a pair of int6 groups (w: their 32 bytes of low nibbles, h: their 16 bytes of top bits, see
    matmul.c), less 32, as signed bytes: the two groups' first 16 values (lo), their last 16 (hi) */
@@ -320,9 +335,23 @@ static inline b16 b16_bits6(const uint8_t* h, int half) {
 }
 
 static inline v32b v32b_load(const int8_t* p) { v32b r = {vld1q_s8(p), vld1q_s8(p + 16)}; return r; }
+static inline v32b v32b_join(b16 a, b16 b) { v32b r = {vreinterpretq_s8_u8(a), vreinterpretq_s8_u8(b)}; return r; }
 static inline v32b v32b_join_less32(b16 a, b16 b) {
     v32b r = {vsubq_s8(vreinterpretq_s8_u8(a), vdupq_n_s8(32)), vsubq_s8(vreinterpretq_s8_u8(b), vdupq_n_s8(32))};
     return r;
+}
+static inline int8x16_t five16(uint8x16_t q, uint32_t m, int half) {  /* q | fifth bits << 4 */
+    return vreinterpretq_s8_u8(vorrq_u8(q, vshlq_n_u8(b16_bits5(m, half), 4)));
+}
+static inline void v32b_five(const uint8_t* w, const uint8_t* h, v32b* lo, v32b* hi) {
+    const uint8x16_t a = vld1q_u8(w), b = vld1q_u8(w + 16), k = vdupq_n_u8(0x0F);
+    uint32_t ma, mb;
+    __builtin_memcpy(&ma, h, 4);
+    __builtin_memcpy(&mb, h + 4, 4);
+    lo->lo = five16(vandq_u8(a, k), ma, 0);
+    lo->hi = five16(vandq_u8(b, k), mb, 0);
+    hi->lo = five16(vshrq_n_u8(a, 4), ma, 1);
+    hi->hi = five16(vshrq_n_u8(b, 4), mb, 1);
 }
 static inline int8x16_t six16(uint8x16_t q, uint8x16_t top) {  /* (q | top & 0x30) - 32 */
     return vreinterpretq_s8_u8(vsubq_u8(vorrq_u8(q, vandq_u8(top, vdupq_n_u8(0x30))), vdupq_n_u8(32)));
