@@ -2,9 +2,9 @@
 
     python bench/fidelity.py [--tokens 400] [--threads 2] [--gen 24] [--decode 64] [--llama-python PY]
 
-The GGUFs: smollm2 (pulled through ownlm's own catalog: Q4_1 layers, a Q8_0 embedding) and three
+The GGUFs: smollm2 (pulled through ownlm's own catalog: Q4_1 layers, a Q8_0 embedding) and four
 files made from it once with llama.cpp's own quantizer (llama_model_quantize, requantizing from
-the Q4_1 file) as Q4_K_M, Q5_0 and Q6_K, cached under ~/.cache/ownlm-bench/fidelity. smollm2's
+the Q4_1 file) as Q4_K_M, Q5_0, Q6_K and IQ4_NL, cached under ~/.cache/ownlm-bench/fidelity. smollm2's
 hidden size (576) is not a multiple of 256, so llama.cpp gives its 576-column tensors the
 fallback types (Q5_0 / Q8_0 here) in the K files: each model's `mix` lists what it holds.
 
@@ -34,7 +34,7 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 CACHE = Path(os.environ.get("OWNLM_BENCH_CACHE", Path.home() / ".cache" / "ownlm-bench")) / "fidelity"
 PROMPTS = ["Name three colors of the rainbow.", "What is the capital of France?", "Write a haiku about the sea."]
-QUANTS = ("Q4_K_M", "Q5_0", "Q6_K")
+QUANTS = ("Q4_K_M", "Q5_0", "Q6_K", "IQ4_NL")
 
 
 def source_gguf() -> Path:

@@ -70,7 +70,8 @@ int main(void) {
     ownlm_set_threads(2);
     /* bits, offsets, activation bits */
     static const int kinds[][3] = {{4, 1, 16}, {4, 0, 16}, {5, 1, 16}, {5, 0, 16}, {6, 0, 16}, {8, 0, 16},
-                                   {4, 2, 16}, {4, 1, 8}, {4, 0, 8}, {5, 1, 8}, {5, 0, 8}, {6, 0, 8}, {8, 0, 8}};
+                                   {4, 2, 16}, {4, 1, 8}, {4, 0, 8}, {5, 1, 8}, {5, 0, 8}, {6, 0, 8}, {8, 0, 8},
+                                   {4, 2, 8}};
     static const int64_t rows[] = {1, 3, 9, 70};
     static const int64_t ks[] = {192, 1184};
     for (int ki = 0; ki < 2; ki++) {
@@ -79,9 +80,9 @@ int main(void) {
         for (int64_t i = 0; i < 70 * K; i++) x[i] = uniform() * (float)(1 + i / K % 7);
         uint16_t* xb = (uint16_t*)malloc((size_t)(70 * K) * 2);
         for (int64_t i = 0; i < 70 * K; i++) xb[i] = f32_to_bf16(x[i]);
-        qpart_t parts[13];
+        qpart_t parts[14];
         int np = 0;
-        for (int k = 0; k < 13; k++) {
+        for (int k = 0; k < 14; k++) {
             parts[np] = part(kinds[k][0], kinds[k][1], 37, K);
             parts[np++].xbits = kinds[k][2];
         }

@@ -184,7 +184,7 @@ def test_quant_matmul_equals_reference_and_is_batch_invariant(kind, k):
 
 
 def _reference_int8(x: torch.Tensor, w: QuantWeight) -> torch.Tensor:
-    """The int8 path's arithmetic in float64 for an int4, int5, int6 or int8 weight: x rounded per row
+    """The int8 path's arithmetic in float64 for an int4, int5, int6, int8 or codebook weight: x rounded per row
     and group of 32 to int8 as float32 computes it (x * (127 / absmax), to nearest even), times
     d = absmax / 127, against the weight (its offsets, -8 or -16 times the scale where none, meet the
     rounded x too)."""
@@ -200,13 +200,14 @@ def _reference_int8(x: torch.Tensor, w: QuantWeight) -> torch.Tensor:
 @pytest.mark.skipif(not KERNELS_POSSIBLE, reason="ownlm's kernels need x86-64 Linux with AVX2 and a C compiler")
 @pytest.mark.parametrize("kind,k", [("int4", 192), ("int4-symmetric", 192), ("int4", 1184), ("int4-symmetric", 1184),
                                     ("int4", 2048), ("int5", 192), ("int5", 1184), ("int5-symmetric", 1184),
-                                    ("int6", 192), ("int6", 1184), ("int8", 192), ("int8", 1184)])
+                                    ("int6", 192), ("int6", 1184), ("int8", 192), ("int8", 1184),
+                                    ("int4-codebook", 192), ("int4-codebook", 1184)])
 def test_int8_activations_multiply_as_they_are_rounded_and_are_batch_invariant(kind, k):
-    """set_activations("int8"): int4, int5, int6 and int8 weights meet x rounded to int8 per group of 32
+    """set_activations("int8"): int4, int5, int6, int8 and codebook weights meet x rounded to int8 per group of 32
     (llama.cpp's Q8_0 rounding), in pairs of groups and an unpaired last group (K 1184: 37
     groups), 8-group chunks and their tails; the result is that arithmetic's within float32
-    accumulation, every row's bits the same alone as in a batch. A codebook keeps int16, also
-    inside one stack."""
+    accumulation, every row's bits the same alone as in a batch, and alone as in a stack of
+    parts."""
     assert kernels.load() is not None
     torch.manual_seed(k + len(kind))
     w = KINDS[kind](k)
@@ -229,11 +230,10 @@ def test_int8_activations_multiply_as_they_are_rounded_and_are_batch_invariant(k
     assert yb.dtype == torch.bfloat16 and torch.equal(yb[4], kernels.quant_matmul(xb[4:5], w)[0])
     torch.testing.assert_close(yb.double(), _reference_int8(xb.float(), w), atol=1e-2 * want.abs().max().item(),
                                rtol=0)
-    stack = [w, KINDS["int4-codebook"](k)]  # the codebook keeps int16 activations
-    both = kernels.quant_matmul(x, stack)
-    assert torch.equal(both[:, :301], got)
+    other = KINDS["int6" if kind == "int4-codebook" else "int4-codebook"](k)
+    both = kernels.quant_matmul(x, [w, other])  # one call: each part's kernel on x rounded once
+    assert torch.equal(both[:, :301], got) and torch.equal(both[:, 301:], kernels.quant_matmul(x, other))
     kernels.set_activations("int16")
-    assert torch.equal(both[:, 301:], kernels.quant_matmul(x, stack[1:]))
 
 
 @pytest.mark.skipif(not KERNELS_POSSIBLE, reason="ownlm's kernels need x86-64 Linux with AVX2 and a C compiler")

@@ -346,8 +346,7 @@ def load(ref: str, device: str | None = None, dtype: str | torch.dtype | None = 
     kernels'; model.kernels.set_threads); None leaves the count as it is (all the cores by default).
     activations: what ownlm's CPU kernels round activations to before an integer matmul, from now
     on in this process (model.kernels.set_activations): "int16" (the default: greedy answers as
-    the float32 model's) or "int8" (all but IQ4's codebook weights: faster prompts and batches,
-    llama.cpp's rounding); None leaves it as it is."""
+    the float32 model's) or "int8" (faster prompts and batches, llama.cpp's rounding); None leaves it as it is."""
     t0 = time.perf_counter()
     if threads is not None or activations is not None:
         from .model import kernels

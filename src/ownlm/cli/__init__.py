@@ -75,8 +75,8 @@ def add_threads_option(p: argparse.ArgumentParser) -> None:
                         "than the cores is allowed, with a warning)")
     p.add_argument("--activations", choices=("int16", "int8"), default=None,
                    help="what the CPU kernels round activations to before an integer matmul: int16 (default: "
-                        "greedy answers as the float32 model's) or int8 (all but IQ4 weights: faster "
-                        "prompts and batches, llama.cpp's rounding)")
+                        "greedy answers as the float32 model's) or int8 (faster prompts and batches, "
+                        "llama.cpp's rounding)")
 
 
 def apply_threads_option(args: argparse.Namespace) -> None:

@@ -101,7 +101,7 @@ _tried = False
 _lock = threading.Lock()
 _threads: int | None = None  # set_threads' count, applied to the kernels when they load
 # what the integer matmuls round activations to: "int16" (the default: float32's greedy answers) or
-# "int8" (all but codebook weights; about twice the multiply-adds per instruction, llama.cpp's rounding)
+# "int8" (about twice the multiply-adds per instruction, llama.cpp's rounding)
 ACTIVATIONS = {"int16": 16, "int8": 8}
 _activations = "int16"  # set_activations' choice
 _warned_threads = False
@@ -168,10 +168,9 @@ def set_threads(n: int) -> None:
 def set_activations(name: str) -> None:
     """Round the integer matmuls' activations to `name` from now on, in this process: "int16"
     (the default) or "int8", per group of 32 with an absmax / 127 scale, as llama.cpp's Q8_0
-    rounds them. int8 applies to int4, int5, int6 and int8 weights (GGUF's Q4_0, Q4_1, Q4_K,
-    Q5_0, Q5_1, Q5_K, Q6_K, Q8_0); codebooks (IQ4_NL, IQ4_XS) keep int16. It is faster where the
-    multiply-adds bound the work (prompts, batches) and departs further from the float32 model:
-    docs/internals.md gives both."""
+    rounds them, for every kind of integer weight (GGUF's Q4_0, Q4_1, Q4_K, Q5_0, Q5_1, Q5_K,
+    Q6_K, Q8_0, IQ4_NL, IQ4_XS). It is faster where the multiply-adds bound the work (prompts,
+    batches) and departs further from the float32 model: docs/internals.md gives both."""
     global _activations
     if name not in ACTIVATIONS:
         raise BadRequest(f"unknown activation precision {name!r}", f"use one of: {', '.join(ACTIVATIONS)}",

@@ -83,8 +83,7 @@ static inline float* scratch(int64_t n, int* failed) {
    s (n, K / 32) float16 scales, o (n, K / 32) float16 offsets (bits 4 and 5; null: symmetric),
    h the bits above the low 4 (bits 5: 4 bytes a group, bits 6: 8), u (n, K / 16) int8
    16-column scales (bits 6), l a codebook (bits 4: w = s l[q], 16 int8; null: none); xbits 8:
-   the activations it meets are rounded to int8 (see matmul.c; all but the codebook's), else to
-   int16 */
+   the activations it meets are rounded to int8 (see matmul.c), else to int16 */
 typedef struct {
     const uint8_t* w;
     const uint16_t* s;

@@ -1,5 +1,5 @@
 /* Matmuls: group-wise int4 / int5 / int6 / int8 weights against float activations rounded to
-   int16 (or, for those without a codebook whose part asks for it, to int8: xbits 8), and bfloat16
+   int16 (or, where their part asks for it, to int8: xbits 8), and bfloat16
    against float activations, written in simd.h's operations (AVX2 or NEON, the same bits on both).
    Each output element is computed by the same sequence of operations whatever the number of
    rows, so a sequence decodes to the same bits alone and in a batch. */
@@ -278,9 +278,10 @@ static inline __attribute__((always_inline)) void ncols(const int16_t* xq, const
 }
 
 /* The int8 path: int4 and int5 weights (w = q s + o, q in 0 .. 15 or 0 .. 31), int6 ones
-   (w = (q - 32) s u, q - 32 as signed bytes, u the 16-column scales) and int8 ones (w = q s, q
-   signed) against int8 activations. A pair of groups is one 256-bit step: for int4 the pair's 32 weight bytes give the
-   32 low nibbles and the 32 high ones, for int5, int6 and int8 the two groups' first 16 values
+   (w = (q - 32) s u, q - 32 as signed bytes, u the 16-column scales), int8 ones (w = q s, q
+   signed) and codebook ones (w = l[q] s, l's int8 values) against int8 activations. A pair of
+   groups is one 256-bit step: for int4 (and a codebook, whose values replace the indices) the
+   pair's 32 weight bytes give the 32 low nibbles and the 32 high ones, for int5, int6 and int8 the two groups' first 16 values
    and their last 16, each against its 32 activations (quantize_rows' order), lanes 0-3 of the
    integer sums belonging to the first group and lanes 4-7 to the second (int6: the first halves'
    sums and the second halves' apart, each with its own scales); a last unpaired group is a step
@@ -330,7 +331,7 @@ static inline __attribute__((always_inline)) void six_scales(const int8_t* u, in
     *sq = v8f_mul(*sq, v8f_pair((float)q[0], (float)q[2]));
 }
 
-/* Pair p of q8tile (B: the weights' bits, 4, 5, 6 or 8): sq[w] holds weight row w's scales of the
+/* Pair p of q8tile (B: the weights' bits, 4, 5, 6 or 8, or NL4): sq[w] holds weight row w's scales of the
    pair's two groups, each in 4 lanes */
 static inline __attribute__((always_inline)) void pair_step(const int8_t* xq, const float* xd, int64_t K, int64_t G,
         const qpart_t* wr, int64_t p, const v8f* sq, v8f* acc, const int NW, const int MB, const int B) {
@@ -348,6 +349,10 @@ static inline __attribute__((always_inline)) void pair_step(const int8_t* xq, co
             v32b_five(wr[w].w + p * 32, wr[w].h + p * 8, &lo[w], &hi[w]);
         } else {
             v32b_nibbles(wr[w].w + p * 32, &lo[w], &hi[w]);
+            if (B == NL4) {  /* the codebook's values for the indices: signed bytes */
+                lo[w] = v32b_lookup(wr[w].l, lo[w]);
+                hi[w] = v32b_lookup(wr[w].l, hi[w]);
+            }
         }
     }
     for (int r = 0; r < MB; r++) {
@@ -361,14 +366,14 @@ static inline __attribute__((always_inline)) void pair_step(const int8_t* xq, co
                 acc[w * MB + r] = v8f_fmadd(d1, sq[NW + w], acc[w * MB + r]);
                 continue;
             }
-            const v8i dot = B == 8 ? v8i_sdot4x2(lo[w], x0, hi[w], x1) : v8i_dot4x2(lo[w], x0, hi[w], x1);
+            const v8i dot = B == 8 || B == NL4 ? v8i_sdot4x2(lo[w], x0, hi[w], x1) : v8i_dot4x2(lo[w], x0, hi[w], x1);
             const v8f d = v8f_mul(v8f_from_i32(dot), xr);
             acc[w * MB + r] = v8f_fmadd(d, sq[w], acc[w * MB + r]);
         }
     }
 }
 
-/* NW int4, int5, int6 or int8 (B 4, 5, 6, 8) weight rows (wr) against MB rows of int8
+/* NW int4, int5, int6, int8 or codebook (B 4, 5, 6, 8, NL4) weight rows (wr) against MB rows of int8
    activations (xd: quantize_rows' per-step scales): output w MB + r is row r against weight row w, each with its
    own accumulator and the same operations whatever NW and MB (so its bits do not depend on the
    batch); the weights unpacked once for all MB rows. */
@@ -399,7 +404,9 @@ static inline __attribute__((always_inline)) void q8tile(const int8_t* xq, const
         const int64_t g = G - 1;
         for (int w = 0; w < NW; w++) {
             const v32b q = B == 6 ? six_alone(wr + w, g) : B == 5 ? five_alone(wr + w, g)
-                           : B == 8 ? v32b_load((const int8_t*)wr[w].w + g * 32) : v32b_nibbles1(wr[w].w + g * 16);
+                           : B == 8 ? v32b_load((const int8_t*)wr[w].w + g * 32)
+                           : B == NL4 ? v32b_lookup(wr[w].l, v32b_nibbles1(wr[w].w + g * 16))
+                           : v32b_nibbles1(wr[w].w + g * 16);
             const float s = f16_to_f32(wr[w].s[g]);  /* int6: a scale per half, lanes 0-3 and 4-7 */
             const v8f sq = B == 6 ? v8f_pair(s * (float)wr[w].u[2 * g], s * (float)wr[w].u[2 * g + 1]) : v8f_set1(s);
             for (int r = 0; r < MB; r++) {
@@ -410,7 +417,7 @@ static inline __attribute__((always_inline)) void q8tile(const int8_t* xq, const
             }
         }
     }
-    for (int w = 0; w < NW; w++)  /* int6 and int8 weights have no offsets */
+    for (int w = 0; w < NW; w++)  /* int6, int8 and codebook weights have no offsets */
         for (int r = 0; r < MB; r++)
             out[w * MB + r] = v8f_hsum(acc[w * MB + r])
                               + (B == 4 || B == 5 ? offset_term(xs + r * G, G, wr[w], B == 5 ? -16.f : -8.f) : 0.f);
@@ -540,7 +547,7 @@ static inline __attribute__((always_inline)) void gemm_range(const void* xqv, co
 }
 
 /* each kind's loops as a function of its own (a constant kind throughout: branch-free); X8 the
-   int8 activations' instances (int4, int5, int6 and int8 weights) */
+   int8 activations' instances */
 #define KIND_LOOPS(B, X8, NAME) \
     static __attribute__((noinline)) void gemv_##NAME(const void* xq, const float* xd, const float* xs, int64_t K, \
             const qpart_t* p, int64_t nb0, int64_t nb1, float* sx, void* y, int64_t c0, int ybf) { \
@@ -558,15 +565,13 @@ KIND_LOOPS(8, 0, 8)
 KIND_LOOPS(NL4, 0, NL4)
 KIND_LOOPS(4, 1, 4x8)
 KIND_LOOPS(5, 1, 5x8)
+KIND_LOOPS(NL4, 1, NL4x8)
 KIND_LOOPS(6, 1, 6x8)
 KIND_LOOPS(8, 1, 8x8)
 #undef KIND_LOOPS
 
-/* whether part p meets int8 activations: it asks for them and has their kernel (int4 without a
-   codebook, int5, int6, int8) */
-static inline int int8_acts(const qpart_t* p) {
-    return p->xbits == 8 && kind_of(p) != NL4;
-}
+/* whether part p meets int8 activations: it asks for them (every kind has their kernel) */
+static inline int int8_acts(const qpart_t* p) { return p->xbits == 8; }
 
 /* y (M, N) = x (M, K) @ W.T for a weight of group-wise integer parts (N the sum of their rows;
    each part's outputs in its columns). One row (a decode step): blocks of 4 weight rows, walked
@@ -599,7 +604,7 @@ int quant_gemm(const void* xin, int xbf, int64_t M, int64_t K, const qpart_t* pa
         const int64_t m1 = M < m0 + step ? M : m0 + step;
         for (int64_t i = 0, c0 = 0; i < nparts; c0 += parts[i].n, i++) {
             const qpart_t* p = parts + i;
-            const int x8 = int8_acts(p), kind = x8 ? -kind_of(p) : kind_of(p);  /* -4, -5, -6, -8: against int8 */
+            const int x8 = int8_acts(p), kind = x8 ? -kind_of(p) : kind_of(p);  /* negative: against int8 */
             const void* xq = x8 ? (const void*)xq8 : (const void*)xq16;
             const float* xd = x8 ? xd8 : xd16;
             const float* sums = x8 ? xs8 : xs;
@@ -614,6 +619,7 @@ int quant_gemm(const void* xin, int xbf, int64_t M, int64_t K, const qpart_t* pa
                         if (kind == 4) gemv_4(xq, xd, sums, K, p, u0, u1, sx, y, c0, ybf);
                         else if (kind == -4) gemv_4x8(xq, xd, sums, K, p, u0, u1, sx, y, c0, ybf);
                         else if (kind == -5) gemv_5x8(xq, xd, sums, K, p, u0, u1, sx, y, c0, ybf);
+                        else if (kind == -NL4) gemv_NL4x8(xq, xd, sums, K, p, u0, u1, sx, y, c0, ybf);
                         else if (kind == -6) gemv_6x8(xq, xd, sums, K, p, u0, u1, sx, y, c0, ybf);
                         else if (kind == -8) gemv_8x8(xq, xd, sums, K, p, u0, u1, sx, y, c0, ybf);
                         else if (kind == 5) gemv_5(xq, xd, sums, K, p, u0, u1, sx, y, c0, ybf);
@@ -624,6 +630,7 @@ int quant_gemm(const void* xin, int xbf, int64_t M, int64_t K, const qpart_t* pa
                         if (kind == 4) gemm_4(xq, xd, sums, K, p, u0, u1, m0, m1, sx, y, N, c0, ybf);
                         else if (kind == -4) gemm_4x8(xq, xd, sums, K, p, u0, u1, m0, m1, sx, y, N, c0, ybf);
                         else if (kind == -5) gemm_5x8(xq, xd, sums, K, p, u0, u1, m0, m1, sx, y, N, c0, ybf);
+                        else if (kind == -NL4) gemm_NL4x8(xq, xd, sums, K, p, u0, u1, m0, m1, sx, y, N, c0, ybf);
                         else if (kind == -6) gemm_6x8(xq, xd, sums, K, p, u0, u1, m0, m1, sx, y, N, c0, ybf);
                         else if (kind == -8) gemm_8x8(xq, xd, sums, K, p, u0, u1, m0, m1, sx, y, N, c0, ybf);
                         else if (kind == 5) gemm_5(xq, xd, sums, K, p, u0, u1, m0, m1, sx, y, N, c0, ybf);

@@ -122,6 +122,10 @@ static inline b16 b16_bits6(const uint8_t* h, int half) {
 static inline v32b v32b_load(const int8_t* p) { return _mm256_loadu_si256((const __m256i*)p); }
 /* a's 16 bytes then b's */
 static inline v32b v32b_join(b16 a, b16 b) { return _mm256_set_m128i(b, a); }
+/* each byte of idx (0 .. 15) replaced by that entry of table's 16 int8 */
+static inline v32b v32b_lookup(const int8_t* table, v32b idx) {
+    return _mm256_shuffle_epi8(_mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i*)table)), idx);
+}
 /* a's 16 bytes then b's, each less 32 (int6 values 0 .. 63 as signed -32 .. 31) */
 static inline v32b v32b_join_less32(b16 a, b16 b) {
     return _mm256_sub_epi8(_mm256_set_m128i(b, a), _mm256_set1_epi8(32));
@@ -336,6 +340,11 @@ static inline b16 b16_bits6(const uint8_t* h, int half) {
 
 static inline v32b v32b_load(const int8_t* p) { v32b r = {vld1q_s8(p), vld1q_s8(p + 16)}; return r; }
 static inline v32b v32b_join(b16 a, b16 b) { v32b r = {vreinterpretq_s8_u8(a), vreinterpretq_s8_u8(b)}; return r; }
+static inline v32b v32b_lookup(const int8_t* table, v32b idx) {
+    const int8x16_t t = vld1q_s8(table);
+    v32b r = {vqtbl1q_s8(t, vreinterpretq_u8_s8(idx.lo)), vqtbl1q_s8(t, vreinterpretq_u8_s8(idx.hi))};
+    return r;
+}
 static inline v32b v32b_join_less32(b16 a, b16 b) {
     v32b r = {vsubq_s8(vreinterpretq_s8_u8(a), vdupq_n_s8(32)), vsubq_s8(vreinterpretq_s8_u8(b), vdupq_n_s8(32))};
     return r;
