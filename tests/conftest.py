@@ -27,6 +27,11 @@ if KERNELS_POSSIBLE:
 elif os.environ.get("OWNLM_REQUIRE_KERNELS"):  # CI: the kernel tests may not skip there
     raise pytest.UsageError("OWNLM_REQUIRE_KERNELS is set, but this machine cannot build ownlm's kernels "
                             "(x86-64 Linux with AVX2 and a C compiler): their tests would skip")
+# The suite checks the CPU engine (its expected values are the CPU's, and CI has no GPU): GPUs are
+# hidden from it and from the processes it starts, so that `ownlm` picks the CPU as it does in CI;
+# bench/gpu.py checks the GPU path. OWNLM_TEST_GPU=1 leaves them visible.
+if not os.environ.get("OWNLM_TEST_GPU"):
+    os.environ["CUDA_VISIBLE_DEVICES"] = ""
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 CHATML = ("{% for message in messages %}"
           "{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}"
