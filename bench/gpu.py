@@ -6,19 +6,22 @@ Each section's result is printed as soon as it is known (a line `{"section": ...
 whole report; a section that fails reports its traceback and the others still run.
 `--device cpu` runs the same code on a CPU (no graphs, no memory figures): a check of the script.
 
-1. Correctness on CUDA, tiny random Llama and Mistral (sliding window) folders built here:
-   ownlm's fp32 logits against transformers' on the same GPU (full prompt, and token by token
-   through the KV cache); greedy tokens with CUDA graphs equal to those without; the batch
-   scheduler (with graphs) gives each sequence the tokens it gets alone.
-2. Speed, a SmolLM2-135M-shaped random Llama in bf16: decode tokens/s of ownlm without and with
-   CUDA graphs at batch 1, aggregate tokens/s at --batch through the scheduler, and transformers'
-   `generate` (bf16, same prompt and length) in the same run as the reference.
-3. Tuning (`ownlm tune`, the same command as on a CPU, here on the GPU): DPO and GRPO with LoRA
-   on a tiny random Llama, their first and last logged figures and seconds; `--nproc` beyond the
-   GPUs refused clearly, and `--device cpu --nproc 2` (gloo) running beside the GPU.
-4. int4 (GGUF Q4_0 through PyTorch's int4 kernel): KL against the float32 dequantized model
-   beside dense bf16's, greedy tokens with and without graphs, decode tokens/s and weight memory
-   against dense bf16."""
+The sections, in the order they run (`--only` picks some):
+
+- correctness: tiny random Llama and Mistral (sliding window) folders built here: ownlm's fp32
+  logits against transformers' on the same GPU (full prompt, and token by token through the KV
+  cache); greedy tokens with CUDA graphs equal to those without; the batch scheduler (with
+  graphs) gives each sequence the tokens it gets alone.
+- serve: `ownlm serve --device cuda` answers concurrent requests as the Python API does alone.
+- tune (`ownlm tune`, the same command as on a CPU, here on the GPU): DPO and GRPO with LoRA on a
+  tiny random Llama, their first and last logged figures and seconds; `--nproc` beyond the GPUs
+  refused clearly, and `--device cpu --nproc 2` (gloo) running beside the GPU.
+- int4 (GGUF Q4_0 through PyTorch's int4 kernel): KL against the float32 dequantized model
+  beside dense bf16's, greedy tokens with and without graphs, decode tokens/s and weight memory
+  against dense bf16.
+- speed, a SmolLM2-135M-shaped random Llama in bf16: decode tokens/s of ownlm without and with
+  CUDA graphs at batch 1, aggregate tokens/s at --batch through the scheduler, and transformers'
+  `generate` (bf16, same prompt and length) in the same run as the reference."""
 
 from __future__ import annotations
 
