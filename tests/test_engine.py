@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import ownlm
-from ownlm.engine.sampling import SamplingParams, apply_penalties, sample
+from ownlm.engine.sampling import SamplingParams, apply_penalties, sample, top_p_only
 from ownlm.errors import BadRequest
 
 
@@ -85,6 +85,23 @@ def test_top_p_and_min_p_restrict_the_support():
     assert draws == {0, 1, 2}
     draws = {sample(logits, SamplingParams(temperature=1.0), g) for _ in range(2000)}
     assert draws == {0, 1, 2, 3}
+
+
+def test_top_p_keeps_what_a_whole_sort_keeps():
+    """top_p_only looks at the most likely tokens in growing batches; the kept set and its values
+    are a whole sort's (the smallest prefix of the descending order whose mass reaches top_p):
+    peaked distributions (decided in the first 64), flat ones (the whole vocabulary) and between,
+    at a real vocabulary's size; the probabilities are distinct, so the order has no ties."""
+    g = torch.Generator().manual_seed(0)
+    for scale in (8.0, 3.0, 1.0, 0.01):
+        for top_p in (0.1, 0.5, 0.9, 0.999):
+            probs = torch.softmax(torch.randn(49152, generator=g, dtype=torch.float64) * scale, -1).float()
+            sorted_p, order = torch.sort(probs, descending=True)
+            keep = torch.cumsum(sorted_p, -1) - sorted_p <= top_p  # float32, as sampling sums
+            want = torch.zeros_like(probs)
+            want[order[keep]] = probs[order[keep]]
+            got = top_p_only(probs, top_p)
+            assert torch.equal(got > 0, want > 0) and torch.equal(got, want), (scale, top_p)
 
 
 def test_repetition_penalty_reduces_repeats(lm):

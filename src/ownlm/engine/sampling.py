@@ -107,7 +107,7 @@ def _scores(logits: torch.Tensor, p: SamplingParams, context: torch.Tensor | Non
             output: torch.Tensor | None) -> torch.Tensor:
     """(V,) float32 logits with penalties and biases applied."""
     logits = logits.float()
-    if torch.isnan(logits).any():  # damaged weights (a hostile file can hold NaN in valid blocks)
+    if torch.isnan(logits.max()):  # damaged weights (a hostile file can hold NaN in valid blocks); max keeps NaN
         raise ModelFormatError("the model's next-token scores are not numbers (NaN)",
                                "its weights or settings are damaged; check the file with `ownlm inspect`")
     if p.needs_history or p.logit_bias:
@@ -133,12 +133,24 @@ def distribution(logits: torch.Tensor, p: SamplingParams, context: torch.Tensor 
     if p.min_p > 0:
         probs[probs < p.min_p * probs.max()] = 0
     if p.top_p < 1.0:
-        sorted_p, order = torch.sort(probs, descending=True)
-        cum = torch.cumsum(sorted_p, dim=-1)
-        drop = cum - sorted_p > p.top_p  # keep the smallest prefix whose mass reaches top_p
-        sorted_p[drop] = 0
-        probs = torch.zeros_like(probs).scatter_(0, order, sorted_p)
+        probs = top_p_only(probs, p.top_p)
     return probs
+
+
+def top_p_only(probs: torch.Tensor, top_p: float) -> torch.Tensor:
+    """(V,) probabilities with all but the smallest set of the most likely, whose mass reaches
+    top_p, set to 0. The most likely are taken 64, then 8 times as many, at a time until the last
+    one taken is outside the set: a sort of the whole vocabulary costs ~4 ms at 49k entries, the
+    first 64 ~0.1 ms, and the set is the one a whole sort gives (a token is kept while the mass
+    before it is at most top_p, which only grows down the order)."""
+    n, k = probs.shape[-1], 64
+    while True:
+        k = min(k, n)
+        top, order = torch.topk(probs, k)  # descending
+        drop = torch.cumsum(top, dim=-1) - top > top_p
+        if k == n or drop[-1]:
+            return torch.zeros_like(probs).scatter_(0, order, top.masked_fill(drop, 0))
+        k *= 8
 
 
 def draw(weights: torch.Tensor, generator: torch.Generator | None) -> int:
