@@ -179,6 +179,19 @@ static inline __attribute__((always_inline)) void unpack_group(const uint8_t* w,
     *w1 = v16h_from_s8(b16_lookup(table, b16_shr_and(b, 4, 0x0F)));
 }
 
+/* Groups g and g + 1 (g even) of an int6 weight row, each as unpack_group gives it (q - 32 as
+   int16), from one unpack of the pair (simd.h's v32b_six, the int8 path's): fewer operations than
+   two unpack_group calls; the first group's values into a0, a1, the second's into b0, b1 */
+static inline __attribute__((always_inline)) void unpack_pair6(const uint8_t* w, const uint8_t* h, int64_t g,
+        v16h* a0, v16h* a1, v16h* b0, v16h* b1) {
+    v32b lo, hi;
+    v32b_six(w + g * 16, h + g * 8, &lo, &hi);
+    *a0 = v16h_from_s8(v32b_half(lo, 0));
+    *b0 = v16h_from_s8(v32b_half(lo, 1));
+    *a1 = v16h_from_s8(v32b_half(hi, 0));
+    *b1 = v16h_from_s8(v32b_half(hi, 1));
+}
+
 /* One group's integer dot products (exact: |sums| < 2^24), scaled by its factor(s) into acc:
    one factor for the group, or (bits 6) one per half */
 static inline __attribute__((always_inline)) v8f group_step(v16h w0, v16h w1, v16h x0, v16h x1,
@@ -208,6 +221,18 @@ static inline __attribute__((always_inline)) void qrows(const int16_t* xq, const
         acc[r] = v8f_zero();
     }
     for (int64_t g = 0; g < G; g++) {
+        if (bits == 6 && g + 1 < G) {  /* int6: groups g and g + 1 from one unpack, each as below */
+            v16h a0, a1, b0, b1;
+            unpack_pair6(wr.w, wr.h, g, &a0, &a1, &b0, &b1);
+            for (int r = 0; r < MB; r++) {
+                const int16_t* xr = xq + r * K + g * 32;
+                acc[r] = group_step(a0, a1, v16h_load(xr), v16h_load(xr + 16), sx + r * F + g * 2, 6, acc[r]);
+                acc[r] = group_step(b0, b1, v16h_load(xr + 32), v16h_load(xr + 48), sx + r * F + g * 2 + 2, 6,
+                                    acc[r]);
+            }
+            g++;
+            continue;
+        }
         v16h w0, w1;
         unpack_group(wr.w, wr.h, wr.l, g, bits, &w0, &w1);
         for (int r = 0; r < MB; r++) {
@@ -266,8 +291,20 @@ static inline __attribute__((always_inline)) void ncols(const int16_t* xq, const
         /* the rows are short: stream the next NB rows in at the pace these are read (interleaved
            rows defeat the hardware's stream detection) */
         const char* next = (const char*)first.w + NB * rb + g * NB * gb;
-        for (int64_t b = 0; b < NB * gb; b += 64) PREFETCH(next + b);
         const v16h x0 = v16h_load(xq + g * 32), x1 = v16h_load(xq + g * 32 + 16);
+        if (bits == 6 && g + 1 < G) {  /* int6: groups g and g + 1 from one unpack, each as below */
+            for (int64_t b = 0; b < 2 * NB * gb; b += 64) PREFETCH(next + b);
+            const v16h y0 = v16h_load(xq + g * 32 + 32), y1 = v16h_load(xq + g * 32 + 48);
+            for (int j = 0; j < NB; j++) {
+                v16h a0, a1, b0, b1;
+                unpack_pair6(first.w + j * rb, first.h + j * hr, g, &a0, &a1, &b0, &b1);
+                acc[j] = group_step(a0, a1, x0, x1, sx + j * F + g * 2, 6, acc[j]);
+                acc[j] = group_step(b0, b1, y0, y1, sx + j * F + g * 2 + 2, 6, acc[j]);
+            }
+            g++;
+            continue;
+        }
+        for (int64_t b = 0; b < NB * gb; b += 64) PREFETCH(next + b);
         for (int j = 0; j < NB; j++) {
             v16h w0, w1;
             unpack_group(first.w + j * rb, first.h + j * hr, first.l, g, bits, &w0, &w1);
@@ -281,10 +318,11 @@ static inline __attribute__((always_inline)) void ncols(const int16_t* xq, const
    (w = (q - 32) s u, q - 32 as signed bytes, u the 16-column scales), int8 ones (w = q s, q
    signed) and codebook ones (w = l[q] s, l's int8 values) against int8 activations. A pair of
    groups is one 256-bit step: for int4 (and a codebook, whose values replace the indices) the
-   pair's 32 weight bytes give the 32 low nibbles and the 32 high ones, for int5, int6 and int8 the two groups' first 16 values
-   and their last 16, each against its 32 activations (quantize_rows' order), lanes 0-3 of the
-   integer sums belonging to the first group and lanes 4-7 to the second (int6: the first halves'
-   sums and the second halves' apart, each with its own scales); a last unpaired group is a step
+   pair's 32 weight bytes give the 32 low nibbles and the 32 high ones, for int5, int6 and int8
+   the two groups' first 16 values and their last 16, each against its 32 activations
+   (quantize_rows' order), lanes 0-3 of the integer sums belonging to the first group and lanes
+   4-7 to the second (int6: the first halves' sums and the second halves' apart, each with its own
+   scales); a last unpaired group is a step
    of its own (all 8 lanes its). Per step, the integer sums to float, times the activations'
    scales (xd, as quantize_rows lays them out for the steps), times the weight's scales, into one
    accumulator; the offsets' term sum_g o[g] xs[g] (xs: the rounded blocks' sums) is added at the
@@ -380,15 +418,21 @@ static inline __attribute__((always_inline)) void pair_step(const int8_t* xq, co
 static inline __attribute__((always_inline)) void q8tile(const int8_t* xq, const float* xd, const float* xs,
         int64_t K, const qpart_t* wr, float* out, const int NW, const int MB, const int B) {
     const int64_t G = K / 32, P = G / 2, XS = XD8_STRIDE(G);
-    v8f acc[16], sv[4], sq[8];  /* sq[NW + w]: int6's second halves */
+    v8f acc[16], sv[4], sq[8], ue[4], uo[4];  /* sq[NW + w]: int6's second halves */
     for (int i = 0; i < NW * MB; i++) acc[i] = v8f_zero();
     int64_t p = 0;
-    for (; p + 4 <= P; p += 4) {  /* 8 groups: their scales converted once */
-        for (int w = 0; w < NW; w++) sv[w] = v8f_from_f16(wr[w].s + 2 * p);
+    for (; p + 4 <= P; p += 4) {  /* 8 groups: their scales converted once (int6: their 16-column ones too) */
+        for (int w = 0; w < NW; w++) {
+            sv[w] = v8f_from_f16(wr[w].s + 2 * p);
+            if (B == 6) v8f_from_s8_pairs(wr[w].u + 4 * p, ue + w, uo + w);  /* first halves', second halves' */
+        }
         for (int j = 0; j < 4; j++) {
             for (int w = 0; w < NW; w++) {
                 sq[w] = v8f_quad(sv[w], j);
-                if (B == 6) six_scales(wr[w].u, p + j, sq + w, sq + NW + w);
+                if (B == 6) {  /* six_scales' products */
+                    sq[NW + w] = v8f_mul(sq[w], v8f_quad(uo[w], j));
+                    sq[w] = v8f_mul(sq[w], v8f_quad(ue[w], j));
+                }
             }
             pair_step(xq, xd, K, G, wr, p + j, sq, acc, NW, MB, B);
         }

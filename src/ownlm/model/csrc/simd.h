@@ -122,6 +122,10 @@ static inline b16 b16_bits6(const uint8_t* h, int half) {
 static inline v32b v32b_load(const int8_t* p) { return _mm256_loadu_si256((const __m256i*)p); }
 /* a's 16 bytes then b's */
 static inline v32b v32b_join(b16 a, b16 b) { return _mm256_set_m128i(b, a); }
+/* v's first 16 bytes (half 0) or its last 16 (half 1) */
+static inline b16 v32b_half(v32b v, int half) {
+    return half ? _mm256_extracti128_si256(v, 1) : _mm256_castsi256_si128(v);
+}
 /* each byte of idx (0 .. 15) replaced by that entry of table's 16 int8 */
 static inline v32b v32b_lookup(const int8_t* table, v32b idx) {
     return _mm256_shuffle_epi8(_mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i*)table)), idx);
@@ -208,6 +212,13 @@ static inline void v32b_halves(const int8_t* p, const int8_t* q, v32b* lo, v32b*
 }
 /* a in lanes 0-3, b in lanes 4-7 */
 static inline v8f v8f_pair(float a, float b) { return _mm256_set_m128(_mm_set1_ps(b), _mm_set1_ps(a)); }
+/* the 16 int8 at p as floats: those at even places (even) and those at odd places (odd) */
+static inline void v8f_from_s8_pairs(const int8_t* p, v8f* even, v8f* odd) {
+    const __m128i b = _mm_shuffle_epi8(_mm_loadu_si128((const __m128i*)p),
+                                       _mm_setr_epi8(0, 2, 4, 6, 8, 10, 12, 14, 1, 3, 5, 7, 9, 11, 13, 15));
+    *even = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(b));
+    *odd = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(b, 8)));
+}
 /* lanes 2j, 2j, 2j, 2j, 2j + 1, 2j + 1, 2j + 1, 2j + 1 of f (j 0 .. 3) */
 static inline v8f v8f_quad(v8f f, int j) {
     return _mm256_permutevar8x32_ps(f, _mm256_add_epi32(_mm256_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1),
@@ -340,6 +351,7 @@ static inline b16 b16_bits6(const uint8_t* h, int half) {
 
 static inline v32b v32b_load(const int8_t* p) { v32b r = {vld1q_s8(p), vld1q_s8(p + 16)}; return r; }
 static inline v32b v32b_join(b16 a, b16 b) { v32b r = {vreinterpretq_s8_u8(a), vreinterpretq_s8_u8(b)}; return r; }
+static inline b16 v32b_half(v32b v, int half) { return vreinterpretq_u8_s8(half ? v.hi : v.lo); }
 static inline v32b v32b_lookup(const int8_t* table, v32b idx) {
     const int8x16_t t = vld1q_s8(table);
     v32b r = {vqtbl1q_s8(t, vreinterpretq_u8_s8(idx.lo)), vqtbl1q_s8(t, vreinterpretq_u8_s8(idx.hi))};
@@ -405,6 +417,14 @@ static inline void v32b_halves(const int8_t* p, const int8_t* q, v32b* lo, v32b*
     hi->hi = vld1q_s8(q + 16);
 }
 static inline v8f v8f_pair(float a, float b) { return v8f_make(vdupq_n_f32(a), vdupq_n_f32(b)); }
+static inline v8f v8f_from_s16x8(int16x8_t v) {
+    return v8f_make(vcvtq_f32_s32(vmovl_s16(vget_low_s16(v))), vcvtq_f32_s32(vmovl_high_s16(v)));
+}
+static inline void v8f_from_s8_pairs(const int8_t* p, v8f* even, v8f* odd) {
+    const int8x8x2_t d = vld2_s8(p);  /* val[0]: the even places, val[1]: the odd */
+    *even = v8f_from_s16x8(vmovl_s8(d.val[0]));
+    *odd = v8f_from_s16x8(vmovl_s8(d.val[1]));
+}
 static inline v8f v8f_quad(v8f f, int j) {
     switch (j) {
         case 0: return v8f_make(vdupq_laneq_f32(f.lo, 0), vdupq_laneq_f32(f.lo, 1));
