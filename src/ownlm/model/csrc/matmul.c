@@ -322,12 +322,11 @@ static inline __attribute__((always_inline)) void ncols(const int16_t* xq, const
    the two groups' first 16 values and their last 16, each against its 32 activations
    (quantize_rows' order), lanes 0-3 of the integer sums belonging to the first group and lanes
    4-7 to the second (int6: the first halves' sums and the second halves' apart, each with its own
-   scales); a last unpaired group is a step
-   of its own (all 8 lanes its). Per step, the integer sums to float, times the activations'
-   scales (xd, as quantize_rows lays them out for the steps), times the weight's scales, into one
-   accumulator; the offsets' term sum_g o[g] xs[g] (xs: the rounded blocks' sums) is added at the
-   end. About half the operations of the int16 path per weight, and no pass over each pair of rows
-   before it. */
+   scales); a last unpaired group is a step of its own (all 8 lanes its). Per step, the integer
+   sums to float, times the activations' scales (xd, as quantize_rows lays them out for the
+   steps), times the weight's scales, into one accumulator; the offsets' term sum_g o[g] xs[g]
+   (xs: the rounded blocks' sums) is added at the end. About half the operations of the int16
+   path per weight, and no pass over each pair of rows before it. */
 
 /* sum_g o[g] xs[g] for one weight row and one activation row (o = mid s where the part has none:
    -8 for int4, -16 for int5), 8 groups at a time, then the rest one by one */
