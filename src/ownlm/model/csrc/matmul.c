@@ -74,6 +74,8 @@ static void quantize_rows(const float* x, int64_t M, int64_t K, int16_t* xq16, f
 /* The kinds of weight, each its own instantiation of the loops below: the bit widths 4, 5, 6, 8
    and NL4, 4-bit indices into a codebook of 16 int8 values (GGUF's IQ4_NL / IQ4_XS) */
 #define NL4 14
+/* the offset of a symmetric int4 / int5 part (w = (q + MIDPOINT) s) */
+#define MIDPOINT(bits) ((bits) == 5 ? -16.f : -8.f)
 static inline int kind_of(const qpart_t* p) { return p->l ? NL4 : (int)p->bits; }
 
 /* Weight row n of a part (kind `bits`): the part's pointers moved to that row */
@@ -96,7 +98,7 @@ static inline __attribute__((always_inline)) qpart_t weight_row(const qpart_t* p
 static inline __attribute__((always_inline)) float row_factors(const float* xd, const float* xs, int64_t G,
         qpart_t wr, int bits, float* sx) {
     const int64_t G8 = G - G % 8;
-    const float mid = bits == 5 ? -16.f : -8.f;
+    const float mid = MIDPOINT(bits);
     v8f ov = v8f_zero();
     int64_t g = 0;
     for (; g < G8; g += 8) {
@@ -328,10 +330,11 @@ static inline __attribute__((always_inline)) void ncols(const int16_t* xq, const
    (xs: the rounded blocks' sums) is added at the end. About half the operations of the int16
    path per weight, and no pass over each pair of rows before it. */
 
-/* sum_g o[g] xs[g] for one weight row and one activation row (o = mid s where the part has none:
-   -8 for int4, -16 for int5), 8 groups at a time, then the rest one by one */
+/* sum_g o[g] xs[g] for one int4 or int5 (bits) weight row and one activation row (o = MIDPOINT s
+   where the part has none), 8 groups at a time, then the rest one by one */
 static inline __attribute__((always_inline)) float offset_term(const float* xs, int64_t G, qpart_t wr,
-                                                               const float mid) {
+                                                               const int bits) {
+    const float mid = MIDPOINT(bits);
     const int64_t G8 = G - G % 8;
     v8f ov = v8f_zero();
     int64_t g = 0;
@@ -463,7 +466,7 @@ static inline __attribute__((always_inline)) void q8tile(const int8_t* xq, const
     for (int w = 0; w < NW; w++)  /* int6, int8 and codebook weights have no offsets */
         for (int r = 0; r < MB; r++)
             out[w * MB + r] = v8f_hsum(acc[w * MB + r])
-                              + (B == 4 || B == 5 ? offset_term(xs + r * G, G, wr[w], B == 5 ? -16.f : -8.f) : 0.f);
+                              + (B == 4 || B == 5 ? offset_term(xs + r * G, G, wr[w], B) : 0.f);
 }
 
 /* One row of x against blocks nb0 .. nb1 - 1 of 4 weight rows of part p (the last block may be
