@@ -2,7 +2,8 @@
    x86-64 (AVX2) and for AArch64 (NEON, run under qemu-aarch64) by tests/test_neon.py, which
    compares what the two print: per case, a hash of every output's bits and the first output.
    Cases: every weight kind (int4 and int5 with and without offsets, int6, int8, int4 indices into
-   a codebook; int4 with and without offsets, int6 and int8 against int8 activations), a stack of three
+   a codebook; int4 with and without offsets, int6 and int8 against int8 activations; int4 and
+   int5 with super-blocks' scales, Q4_K's and Q5_K's, and int6 with Q6_K's, against both), a stack of three
    parts and one that mixes int8 and int16 activations, one to 70 rows (the one-row path, the
    8/4/2/1-row blocks, the 64-row tiles), K with and without 8-group tails, float32 and bfloat16
    activations; the bfloat16 matmul; the one-token attention over each cache type; RMSNorm and the
@@ -55,6 +56,25 @@ static qpart_t part(int bits, int offsets, int64_t n, int64_t K) {
     p.h = bits == 5 || bits == 6 ? (const uint8_t*)fill((size_t)(n * G * (bits == 5 ? 4 : 8))) : 0;
     p.u = bits == 6 ? (const int8_t*)fill((size_t)(n * 2 * G)) : 0;
     p.l = offsets == 2 ? CODEBOOK : 0;
+    p.k = 0;
+    return p;
+}
+
+/* a Q4_K / Q5_K-like part (bits 4 or 5; K a multiple of 256): super-block headers in place of
+   scales and offsets, their d and dmin normal float16 values, their 6-bit scales and mins random;
+   a Q6_K-like one (bits 6): a float16 d per super-block in place of the scales */
+static qpart_t super_part(int bits, int64_t n, int64_t K) {
+    qpart_t p = part(bits, 0, n, K);
+    free((void*)p.s);
+    p.s = 0;
+    const int64_t size = bits == 6 ? 2 : 16;
+    uint8_t* k = (uint8_t*)fill((size_t)(n * K / 256 * size));
+    for (int64_t b = 0; b < n * K / 256; b++) {
+        const uint16_t d = half(0), dmin = half(0);
+        memcpy(k + size * b, &d, 2);
+        if (bits != 6) memcpy(k + size * b + 2, &dmin, 2);
+    }
+    p.k = k;
     return p;
 }
 
@@ -112,6 +132,32 @@ int main(void) {
                 free(y);
             }
         }
+    }
+    {  /* Q4_K / Q5_K / Q6_K-like parts (two super-blocks a row) against int16 and int8 activations */
+        const int64_t K = 512;
+        float* x = (float*)malloc((size_t)(70 * K) * sizeof(float));
+        for (int64_t i = 0; i < 70 * K; i++) x[i] = uniform() * (float)(1 + i / K % 7);
+        uint16_t* xb = (uint16_t*)malloc((size_t)(70 * K) * 2);
+        for (int64_t i = 0; i < 70 * K; i++) xb[i] = f32_to_bf16(x[i]);
+        static const int sk[][2] = {{4, 16}, {5, 16}, {6, 16}, {4, 8}, {5, 8}, {6, 8}};
+        qpart_t sp[6];
+        for (int k = 0; k < 6; k++) {
+            sp[k] = super_part(sk[k][0], 37, K);
+            sp[k].xbits = sk[k][1];
+        }
+        for (int ri = 0; ri < 4; ri++)
+            for (int bf = 0; bf < 2; bf++) {
+                const int64_t M = rows[ri];
+                float* y = (float*)malloc((size_t)(M * 37) * sizeof(float));
+                for (int k = 0; k < 6; k++) {
+                    if (quant_gemm(bf ? (const void*)xb : x, bf, M, K, sp + k, 1, y, bf)) return 1;
+                    char name[96];
+                    snprintf(name, sizeof name, "int%d+superblocks%s K=%lld M=%lld %s", sk[k][0],
+                             sk[k][1] == 8 ? "/int8-activations" : "", (long long)K, (long long)M, bf ? "bf16" : "f32");
+                    report(name, y, (size_t)(M * 37) * (bf ? 2 : 4), bf);
+                }
+                free(y);
+            }
     }
     const int64_t K = 200, N = 19;  /* the bfloat16 matmul, with a K % 8 tail */
     float* x = (float*)malloc((size_t)(5 * K) * sizeof(float));

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 import ownlm
+from ownlm import manage
 from ownlm.engine.kv_cache import KVCache, cached_forward, span
 from ownlm.errors import BadRequest
 from ownlm.formats.gguf import GGUFFile
@@ -35,10 +36,9 @@ PROMPTS = ["Name three colors of the rainbow.", "What is the capital of France?"
 
 WIDTH = {Q.Q4_0: 4, Q.Q4_1: 4, Q.Q4_K: 4, Q.Q5_0: 5, Q.Q5_1: 5, Q.Q5_K: 5, Q.Q6_K: 6, Q.Q8_0: 8, Q.IQ4_NL: 4,
          Q.IQ4_XS: 4}
-# bytes held per byte of the file: the same bytes, except Q4_K and Q5_K (their 6-bit scales and mins
-# widened to float16: 5 and 6 bits a weight against 4.5 and 5.5) and Q6_K (its d repeated per group
-# of 32: 7 against 6.5625) and IQ4_XS (its 6-bit scales as float16: 4.5 against 4.25)
-HELD = {Q.Q4_K: Fraction(10, 9), Q.Q5_K: Fraction(12, 11), Q.Q6_K: Fraction(16, 15), Q.IQ4_XS: Fraction(18, 17)}
+# bytes held per byte of the file: the same bytes, except IQ4_XS (its 6-bit scales as float16: 4.5
+# against 4.25)
+HELD = {Q.IQ4_XS: Fraction(18, 17)}
 
 
 def random_blocks(qtype, rows: int, cols: int, seed: int = 0) -> np.ndarray:
@@ -73,9 +73,8 @@ def test_gguf_blocks_are_taken_losslessly(hf_models, tmp_path, qtype):
 @pytest.mark.parametrize("qtype", [Q.Q4_K, Q.Q5_K, Q.Q6_K, Q.IQ4_NL, Q.IQ4_XS])
 def test_k_and_codebook_blocks_match_the_reference_dequantizer(qtype):
     """Random blocks of the types gguf cannot write (sane float16 d and dmin, random scales and
-    values) in their own bits, within the documented bytes; Q6_K and IQ4_NL exactly, Q4_K / Q5_K
-    with their per-32 scales d * sc and mins dmin * m held as float16 and IQ4_XS its d * (ls - 32)
-    (within 2^-11 of each)."""
+    values) in their own bits, within the documented bytes; exactly, but for IQ4_XS, whose per-32
+    scales d * (ls - 32) are held as float16 (within 2^-11 of each)."""
     raw = random_blocks(qtype, 6, 768)
     want = gguf.quants.dequantize(raw, qtype)
     w = from_blocks(raw, qtype)
@@ -83,7 +82,7 @@ def test_k_and_codebook_blocks_match_the_reference_dequantizer(qtype):
     held = w.nbytes - (16 if w.lut is not None else 0)  # and a codebook's 16 bytes per tensor
     assert w.bits == WIDTH[qtype] and held == raw.nbytes * HELD.get(qtype, 1) <= raw.nbytes * 1.12
     got = w.dequantize().numpy()
-    if qtype in (Q.Q6_K, Q.IQ4_NL):
+    if qtype != Q.IQ4_XS:
         np.testing.assert_array_equal(got, want)
     else:
         np.testing.assert_allclose(got, want, rtol=0, atol=float(np.abs(want).max()) * 2 ** -10)
@@ -101,7 +100,7 @@ def test_large_tensors_taken_by_several_threads_equal_the_reference(qtype):
     assert isinstance(w, QuantWeight) and w.shape == (1031, 2048)
     assert w.nbytes - (16 if w.lut is not None else 0) == raw.nbytes * HELD.get(qtype, 1)
     got, want = w.dequantize().numpy(), gguf.quants.dequantize(raw, qtype)
-    if qtype in (Q.Q4_K, Q.Q5_K, Q.IQ4_XS):  # their scales rounded to float16
+    if qtype == Q.IQ4_XS:  # its scales rounded to float16
         np.testing.assert_allclose(got, want, rtol=0, atol=float(np.abs(want).max()) * 2 ** -10)
     else:
         np.testing.assert_array_equal(got, want)
@@ -136,7 +135,8 @@ def _reference(x: torch.Tensor, w: QuantWeight | QuantStack) -> torch.Tensor:
     xq = torch.where(d > 0, torch.round(xg / torch.where(d > 0, d, 1)), 0) * d
     off = None
     if w.bits in (4, 5) and w.lut is None:
-        off = w.offset.double() if w.offset is not None else w.scale.double() * -MIDPOINT[w.bits]
+        scale, offset = w.factors()
+        off = offset.double() if offset is not None else scale.double() * -MIDPOINT[w.bits]
     q = w.dequantize().double()
     if off is not None:
         q = (q.view(n, -1, 32) - off[..., None]).view(n, k)
@@ -152,12 +152,20 @@ KINDS = {"int4": lambda k: quantize(torch.randn(301, k), 4),
          # a fused projection of three widths (Q4_K q and k, a Q6_K v; an int8 part)
          "stack": lambda k: concat([_random_weight(4, 120, k), _random_weight(6, 61, k), _random_weight(8, 120, k)]),
          "codebook-stack": lambda k: concat([_random_weight(4, 100, k, codebook=True), _random_weight(4, 101, k),
-                                             _random_weight(4, 100, k, codebook=True)])}
+                                             _random_weight(4, 100, k, codebook=True)]),
+         # Q4_K, Q5_K and Q6_K: their super-blocks' scales (and mins) as the file has them (K a multiple of 256)
+         "int4-superblocks": lambda k: from_blocks(random_blocks(Q.Q4_K, 301, k, seed=k), Q.Q4_K),
+         "int5-superblocks": lambda k: from_blocks(random_blocks(Q.Q5_K, 301, k, seed=k), Q.Q5_K),
+         "int6-superblocks": lambda k: from_blocks(random_blocks(Q.Q6_K, 301, k, seed=k), Q.Q6_K),
+         "superblock-stack": lambda k: concat([from_blocks(random_blocks(Q.Q4_K, 100, k), Q.Q4_K),
+                                               _random_weight(4, 101, k),
+                                               from_blocks(random_blocks(Q.Q5_K, 100, k, seed=1), Q.Q5_K)])}
+SUPERBLOCK_K = 512  # two super-blocks a row
 
 
 @pytest.mark.skipif(not KERNELS_POSSIBLE, reason="ownlm's kernels need x86-64 Linux with AVX2 and a C compiler")
-@pytest.mark.parametrize("kind,k", [(kind, 192) for kind in KINDS] + [("int4", 1184), ("int6", 1184),
-                                                                       ("int5", 1184), ("int8", 1184)])
+@pytest.mark.parametrize("kind,k", [(kind, SUPERBLOCK_K if "superblock" in kind else 192) for kind in KINDS]
+                         + [("int4", 1184), ("int6", 1184), ("int5", 1184), ("int8", 1184)])
 def test_quant_matmul_equals_reference_and_is_batch_invariant(kind, k):
     """Every row gets the same bits alone as in a batch of any size (the kernel takes rows 8, 4, 2
     and 1 at a time, in tiles of 64: 70 rows cross one), bfloat16 activations too."""
@@ -201,7 +209,9 @@ def _reference_int8(x: torch.Tensor, w: QuantWeight) -> torch.Tensor:
 @pytest.mark.parametrize("kind,k", [("int4", 192), ("int4-symmetric", 192), ("int4", 1184), ("int4-symmetric", 1184),
                                     ("int4", 2048), ("int5", 192), ("int5", 1184), ("int5-symmetric", 1184),
                                     ("int6", 192), ("int6", 1184), ("int8", 192), ("int8", 1184),
-                                    ("int4-codebook", 192), ("int4-codebook", 1184)])
+                                    ("int4-codebook", 192), ("int4-codebook", 1184),
+                                    ("int4-superblocks", SUPERBLOCK_K), ("int5-superblocks", SUPERBLOCK_K),
+                                    ("int6-superblocks", SUPERBLOCK_K)])
 def test_int8_activations_multiply_as_they_are_rounded_and_are_batch_invariant(kind, k):
     """set_activations("int8"): int4, int5, int6, int8 and codebook weights meet x rounded to int8 per group of 32
     (llama.cpp's Q8_0 rounding), in pairs of groups and an unpaired last group (K 1184: 37
@@ -433,11 +443,12 @@ def test_without_the_kernels_weights_stay_quantized(smollm2_gguf, hf_models, tmp
 
 
 @pytest.mark.skipif(not KERNELS_POSSIBLE, reason="ownlm's kernels need x86-64 Linux with AVX2 and a C compiler")
-def test_a_k_quant_mix_loads_each_tensor_in_its_own_bits(smollm2_gguf, tmp_path, monkeypatch):
+def test_a_k_quant_mix_loads_each_tensor_in_its_own_bits(smollm2_gguf, tmp_path, monkeypatch, ownlm_home):
     """A whole Q4_K_M-like GGUF (bench/scale.py's synthetic Llama: Q4_K, with Q6_K attn_v and
     ffn_down in llama.cpp's use_more_bits layers and a Q6_K head) through ownlm.load: each tensor
-    in its own bits (a fused qkv of Q4_K and Q6_K parts), the bytes held the file's times the
-    documented expansion, and logits those of the float32 model that gguf's dequantizer reads."""
+    in its own bits (a fused qkv of Q4_K and Q6_K parts), the bytes held the file's, and logits
+    those of the float32 model that gguf's dequantizer reads; imported into the store, its
+    repacked cache is no larger than the GGUF and gives the same logits."""
     import sys
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
@@ -457,13 +468,21 @@ def test_a_k_quant_mix_loads_each_tensor_in_its_own_bits(smollm2_gguf, tmp_path,
         file[t.qtype] += t.nbytes
     held = sum(t.numel() * t.element_size() for m in lm.model.modules() if isinstance(m, (QuantLinear, QuantEmbedding))
                for t in m.buffers())
-    assert held == sum(n * HELD.get(q, 1) for q, n in file.items() if q in WIDTH)
-    assert held <= 1.12 * sum(n for q, n in file.items() if q in WIDTH)
+    assert held == sum(n for q, n in file.items() if q in WIDTH)  # the super-blocks' scales as the file has them
+    for mine, theirs in ((blocks[0].mlp.down, "blk.0.ffn_down.weight"), (blocks[2].mlp.down, "blk.2.ffn_down.weight"),
+                         (lm.model.embed, "token_embd.weight")):  # Q4_K, Q6_K, Q4_K: the file's values, exactly
+        np.testing.assert_array_equal(mine.weight_q.dequantize().numpy(), g.dequantize(theirs))
     reference = ownlm.load(str(path), dtype="float32", quant="none", cache=False)
     x = torch.tensor([lm.encode("The lighthouse keeper found a bottle on the rocks.")])
     with torch.inference_mode():
         got, want = lm.model(x).double(), reference.model(x).double()
-    assert ((got - want).norm() / want.norm()).item() < 2e-3  # float16 scales (2^-11), int16 activations
+    assert ((got - want).norm() / want.norm()).item() < 2e-3  # int16 activations
+    manage.import_path(path, name="mix", quiet=True)
+    first, second = ownlm.load("mix"), ownlm.load("mix")  # the first writes the repacked cache, the second maps it
+    (cache,) = (ownlm_home / "cache" / "repacked").rglob("model.safetensors")
+    assert cache.stat().st_size <= path.stat().st_size
+    with torch.inference_mode():
+        assert torch.equal(first.model(x), second.model(x)) and torch.equal(second.model(x), lm.model(x))
 
 
 def test_without_the_kernels_weights_are_dequantized_a_slice_at_a_time(monkeypatch):

@@ -119,3 +119,22 @@ def test_a_cache_whose_shapes_disagree_with_the_config_is_rebuilt(hf_models, tmp
     write_safetensors(cache / repacked.FILE, tensors, meta)
     assert repacked.load(cache, torch.device("cpu")) is None
     assert torch.equal(_logits(ownlm.load("tiny-q4", dtype="bfloat16")), want)
+
+
+def test_a_cache_whose_tokenizer_inflates_past_the_bound_is_rebuilt(hf_models, ownlm_home, monkeypatch):
+    """The tokenizer is held compressed; one that would inflate past MAX_TOKENIZER (a bomb in a
+    damaged or planted cache) is refused without being inflated whole, and the cache rebuilt."""
+    import base64
+    import json
+    import zlib
+
+    manage.import_path(hf_models["llama"], name="tiny", quiet=True)
+    want = _logits(ownlm.load("tiny", dtype="float32"))
+    (cache,) = _caches(ownlm_home)
+    meta = json.loads(SafetensorsFile(cache / repacked.FILE).metadata["ownlm"])
+    size = len(zlib.decompress(base64.b64decode(meta["tokenizer"]["json_z"])))
+    monkeypatch.setattr(repacked, "MAX_TOKENIZER", size - 1)
+    assert repacked.load(cache, torch.device("cpu")) is None and _caches(ownlm_home) == []  # dropped
+    monkeypatch.setattr(repacked, "MAX_TOKENIZER", size)
+    assert torch.equal(_logits(ownlm.load("tiny", dtype="float32")), want)  # built and written again
+    assert repacked.load(cache, torch.device("cpu")) is not None

@@ -18,11 +18,13 @@ them, `ownlm prune` also removes variants no current ownlm / torch / CPU would r
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 import os
 import secrets
 import shutil
+import zlib
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -40,8 +42,10 @@ from .model.transformer import Transformer
 from .text.tokenizer import TokenizerSpec
 
 # 4: int5 / int6 weights and stacks of parts (Q5_*, Q6_K kept in their bits); 5: every tensor at a multiple
-# of quant.ALIGN bytes (mapped in place, as the kernels want their planes)
-VERSION = 5
+# of quant.ALIGN bytes (mapped in place, as the kernels want their planes); 6: Q4_K / Q5_K with their
+# super-blocks' headers (`superblock`) in place of float16 scales and offsets, Q6_K with its d per 256, the
+# tokenizer compressed
+VERSION = 6
 FILE = "model.safetensors"
 
 
@@ -50,6 +54,7 @@ def enabled() -> bool:
 
 
 KEEP_PER_MODEL = 2
+MAX_TOKENIZER = 256 << 20  # bytes of tokenizer JSON a cache may inflate to
 MIN_BOUND = 4 << 30
 
 
@@ -159,8 +164,10 @@ def save(path: Path, model: Transformer, tokenizer: TokenizerSpec, chat_template
                  for name, m in model.named_modules() if isinstance(m, (QuantLinear, QuantEmbedding))}
     meta = {"version": VERSION, "config": asdict(model.cfg), "quantized": quantized, "facts": facts,
             "chat_template": chat_template,
-            "tokenizer": {"json": tokenizer.tokenizer.to_str(), "bos_id": tokenizer.bos_id,
-                          "eos_ids": list(tokenizer.eos_ids), "add_bos": tokenizer.add_bos,
+            # the tokenizer's JSON compressed: with it the cache of a model whose weights are held in the
+            # file's bits stays within the GGUF's size
+            "tokenizer": {"json_z": base64.b64encode(zlib.compress(tokenizer.tokenizer.to_str().encode())).decode(),
+                          "bos_id": tokenizer.bos_id, "eos_ids": list(tokenizer.eos_ids), "add_bos": tokenizer.add_bos,
                           "bos_token": tokenizer.bos_token, "eos_token": tokenizer.eos_token}}
     tensors = model.state_dict()
     tmp_root.mkdir(parents=True, exist_ok=True)
@@ -223,7 +230,12 @@ def _read(file: Path, device: torch.device):
         model.load_state_dict({k: v.to(device) for k, v in tensors.items()}, assign=True, strict=False)
         model.init_buffers(device)
         t = meta["tokenizer"]
-        tok = TokenizerSpec(Tokenizer.from_str(t["json"]), t["bos_id"], list(t["eos_ids"]), t["add_bos"],
+        inflate = zlib.decompressobj()
+        tokenizer_json = inflate.decompress(base64.b64decode(t["json_z"]), MAX_TOKENIZER)
+        if inflate.unconsumed_tail or not inflate.eof:  # larger than any tokenizer, or cut short
+            return None
+        tokenizer_json = tokenizer_json.decode()
+        tok = TokenizerSpec(Tokenizer.from_str(tokenizer_json), t["bos_id"], list(t["eos_ids"]), t["add_bos"],
                             t["bos_token"], t["eos_token"])
         return model.eval(), tok, meta["chat_template"], meta["facts"]
     except Exception:  # noqa: BLE001 - a cache that does not read back is rebuilt, never fatal

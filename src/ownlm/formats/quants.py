@@ -1,12 +1,10 @@
 """GGUF blocks -> the group-wise integer weights of model/quant.py, each type in its own bits (no
 requantization): Q4_0 (w = d (q - 8), no offsets), Q4_1 (w = d q + m: scale d, offset m), Q5_0,
-Q5_1, Q8_0 and Q6_K (w = d sc (q - 32), its 16-column int8 scales kept) are exact, and hold the
-file's bytes (Q6_K 7 bits per weight against the file's 6.56: its d repeated per group of 32),
-as is IQ4_NL (w = d lut[q], a codebook of 16 int8 values); IQ4_XS keeps its codebook with its
-per-32 scales d * (ls - 32) rounded to float16 (4.5 bits per weight against the file's 4.25).
-Q4_K's and Q5_K's per-32 scales and mins (d * sc, dmin * m, products of a float16 and a 6-bit
-integer) are rounded to float16 (relative error <= 2^-11 of the scale); they hold 5 and 6 bits
-per weight against the file's 4.5 and 5.5."""
+Q5_1, Q8_0, Q4_K and Q5_K (w = q d sc - dmin m, their super-blocks' headers kept as they are)
+and Q6_K (w = d sc (q - 32), its d and 16-column int8 scales kept) are exact, and hold the file's
+bytes, as does IQ4_NL (w = d lut[q], a codebook of 16 int8 values); IQ4_XS keeps its codebook
+with its per-32 scales d * (ls - 32) rounded to float16 (4.5 bits per weight against the file's
+4.25)."""
 
 from __future__ import annotations
 
@@ -16,7 +14,6 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import torch
 from gguf import GGMLQuantizationType as Q
-from gguf import quants as gguf_quants
 
 from ..model.quant import IQ4_VALUES, QuantWeight, concat, pack_high, pack_int4
 
@@ -70,21 +67,17 @@ def _f16(blocks: np.ndarray, at: int) -> np.ndarray:
     return np.ascontiguousarray(blocks[..., at:at + 2]).view(np.float16)[..., 0]
 
 
-def _k_scales(blocks: np.ndarray, n: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Q4_K / Q5_K super-blocks: the per-32 scales d * sc and offsets -dmin * m, as float16 (N, G)."""
-    d = blocks[:, 0:2].copy().view(np.float16).astype(np.float32)  # (B, 1)
-    dmin = blocks[:, 2:4].copy().view(np.float16).astype(np.float32)
-    sc, mn = gguf_quants.Q4_K.get_scale_min(blocks[:, 4:16].copy())  # (B, 8) each; Q5_K's are alike
-    scale = (d * sc.astype(np.float32)).astype(np.float16).reshape(n, -1)
-    offset = (-(dmin * mn.astype(np.float32))).astype(np.float16).reshape(n, -1)
-    return torch.from_numpy(scale), torch.from_numpy(offset)
+def _superblock(blocks: np.ndarray, n: int) -> torch.Tensor:
+    """Q4_K / Q5_K super-blocks: their 16 header bytes (d, dmin, the 6-bit scales and mins) as they
+    are, (N, K/256 * 16)."""
+    return torch.from_numpy(np.ascontiguousarray(blocks[:, :16]).reshape(n, -1))
 
 
-def _with_high(q: np.ndarray, n: int, bits: int, scale: torch.Tensor, offset: torch.Tensor | None = None,
-               sub: torch.Tensor | None = None) -> QuantWeight:
+def _with_high(q: np.ndarray, n: int, bits: int, scale: torch.Tensor | None, offset: torch.Tensor | None = None,
+               sub: torch.Tensor | None = None, superblock: torch.Tensor | None = None) -> QuantWeight:
     """(N*K/32, 32) values of `bits` in column order -> a QuantWeight of that width."""
     q = torch.from_numpy(np.ascontiguousarray(q).reshape(n, -1))
-    return QuantWeight(bits, pack_int4(q & 15), scale, offset, pack_high(q, bits), sub)
+    return QuantWeight(bits, pack_int4(q & 15), scale, offset, pack_high(q, bits), sub, superblock=superblock)
 
 
 def from_blocks(raw: np.ndarray, qtype: Q) -> QuantWeight:
@@ -119,7 +112,6 @@ def _decode(raw: np.ndarray, qtype: Q) -> QuantWeight:
         return _with_high(q, n, 5, scale, offset)
     if qtype == Q.Q4_K:  # super-blocks of 256: d, dmin, 8 six-bit (scale, min) pairs, 128 bytes of nibbles
         blocks = raw.reshape(-1, 144)
-        scale, offset = _k_scales(blocks, n)
         # sub-block 2j: the low nibbles of bytes 32j.., 2j+1: their high nibbles; in the int4 layout
         # (byte i of a group: q[i] | q[16 + i] << 4) straight from the bytes i and 16 + i
         qs = blocks[:, 16:].reshape(-1, 4, 2, 16)
@@ -127,14 +119,13 @@ def _decode(raw: np.ndarray, qtype: Q) -> QuantWeight:
         data = np.empty((blocks.shape[0], 4, 2, 16), dtype=np.uint8)
         np.bitwise_or(lo & 15, hi << 4, out=data[:, :, 0])
         np.bitwise_or(lo >> 4, hi & 0xF0, out=data[:, :, 1])
-        return QuantWeight(4, t(data.reshape(n, -1)), scale, offset)
+        return QuantWeight(4, t(data.reshape(n, -1)), superblock=_superblock(blocks, n))
     if qtype == Q.Q5_K:  # as Q4_K, with 32 bytes of high bits (sub-block s: bit s of byte l for its q[l])
         blocks = raw.reshape(-1, 176)
-        scale, offset = _k_scales(blocks, n)
         qs = blocks[:, 48:].reshape(-1, 4, 1, 32) >> np.array([0, 4], dtype=np.uint8).reshape(1, 1, 2, 1)
         high = (blocks[:, None, 16:48] >> np.arange(8, dtype=np.uint8).reshape(1, 8, 1)) & 1  # (B, 8, 32)
         q = (qs & 15).reshape(-1, 8, 32) | (high << 4)
-        return _with_high(q, n, 5, scale, offset)
+        return _with_high(q, n, 5, None, superblock=_superblock(blocks, n))
     if qtype == Q.Q6_K:  # 128 bytes of low nibbles, 64 of high pairs, 16 int8 scales, d; per half of 128:
         blocks = raw.reshape(-1, 210)  # q[32i + l] from byte l (i even) or 32 + l (i odd), pair i of qh[l]
         ql = blocks[:, :128].reshape(-1, 2, 2, 32)  # (B, half, byte l or 32 + l, l)
@@ -142,9 +133,9 @@ def _decode(raw: np.ndarray, qtype: Q) -> QuantWeight:
         low = np.stack([ql[:, :, 0] & 15, ql[:, :, 1] & 15, ql[:, :, 0] >> 4, ql[:, :, 1] >> 4], axis=2)
         high = (qh >> np.array([0, 2, 4, 6], dtype=np.uint8).reshape(1, 1, 4, 1)) & 3  # (B, half, 4, 32)
         q = (low | (high << 4)).reshape(-1, 32)
-        d = np.repeat(blocks[:, 208:210].copy().view(np.float16), 8, axis=1)  # (B, 8): per group of 32
         sub = np.ascontiguousarray(blocks[:, 192:208]).view(np.int8)
-        return _with_high(q, n, 6, t(np.ascontiguousarray(d).reshape(n, -1)), sub=t(sub.reshape(n, -1)))
+        d = t(np.ascontiguousarray(blocks[:, 208:210]).reshape(n, -1))  # its float16 d, as bytes
+        return _with_high(q, n, 6, None, sub=t(sub.reshape(n, -1)), superblock=d)
     if qtype == Q.IQ4_XS:  # 4-bit indices into a codebook, nibbles in Q4_0's order
         lut = t(np.array(IQ4_VALUES, dtype=np.int8))
         blocks = raw.reshape(-1, 136)  # per 256: d, 8 six-bit scales (high 2 bits, then low 4), 8 x 16 bytes

@@ -73,7 +73,8 @@ MAX_PARTS = 3  # MAX_PARTS in kernels.h: the parts of one projection of layer_t
 class Part(ctypes.Structure):
     """qpart_t (csrc/kernels.h): one group-wise integer weight as quant_gemm reads it."""
     _fields_ = [("w", ctypes.c_void_p), ("s", ctypes.c_void_p), ("o", ctypes.c_void_p), ("h", ctypes.c_void_p),
-                ("u", ctypes.c_void_p), ("l", ctypes.c_void_p), ("bits", ctypes.c_int64), ("n", ctypes.c_int64),
+                ("u", ctypes.c_void_p), ("l", ctypes.c_void_p), ("k", ctypes.c_void_p), ("bits", ctypes.c_int64),
+                ("n", ctypes.c_int64),
                 ("xbits", ctypes.c_int64)]
 
     @classmethod
@@ -82,8 +83,8 @@ class Part(ctypes.Structure):
         activations of the bits set now (set_activations)."""
         def ptr(t):
             return None if t is None else t.data_ptr()
-        return cls(ptr(w.data), ptr(w.scale), ptr(w.offset), ptr(w.high), ptr(w.sub), ptr(w.lut), w.bits,
-                   w.shape[0], ACTIVATIONS[_activations])
+        return cls(ptr(w.data), ptr(w.scale), ptr(w.offset), ptr(w.high), ptr(w.sub), ptr(w.lut), ptr(w.superblock),
+                   w.bits, w.shape[0], ACTIVATIONS[_activations])
 
 
 class Layer(ctypes.Structure):

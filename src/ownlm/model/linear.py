@@ -77,7 +77,7 @@ def layout_for(device, w: QuantWeight | QuantStack | None = None, embedding: boo
     return "tinygemm" if fits else "blocks" if device.type == "cpu" else "dense"
 
 
-FIELDS = ("data", "scale", "offset", "high", "sub", "lut")  # a QuantWeight's tensors
+FIELDS = ("data", "scale", "offset", "high", "sub", "lut", "superblock")  # a QuantWeight's tensors
 
 
 def part_suffix(i: int) -> str:

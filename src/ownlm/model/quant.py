@@ -10,10 +10,15 @@ Groups of 32 input columns; per group a float16 scale, and per bit width:
   (GGUF's Q5_0 / Q5_1, and Q5_K with its scales and mins rounded to float16).
 - int6: q in 0..63, low 4 bits as int4's, the top 2 in `high` (8 bytes per group: those of q[i]
   are bits 2 (i // 8) .. +1 of byte i % 8); w = (q - 32) * scale * sub, with `sub` an int8 per
-  16 columns (GGUF's Q6_K exactly: scale is its super-block's d, sub its 16-column scales).
+  16 columns (GGUF's Q6_K exactly, with `superblock` in place of scale: per 256 columns its
+  float16 d, and sub its 16-column scales).
 - int8: w = q * scale, q in -128..127.
 - int4 with a codebook `lut` of 16 int8 values: w = lut[q] * scale, no offsets (GGUF's IQ4_NL
   exactly, IQ4_XS with its per-32 scales d * (ls - 32) rounded to float16).
+- int4 / int5 with `superblock` in place of scale and offset (GGUF's Q4_K / Q5_K exactly, K a
+  multiple of 256): per 256 columns the super-block's 16 header bytes as the file holds them,
+  float16 d and dmin, then 12 bytes of 6-bit scales sc and mins m (see k_factors); per group j of
+  the super-block w = q * (d * sc[j]) - dmin * m[j], each factor one float32 product.
 A fused projection whose parts are of different widths (Q4_K q and k with a Q6_K v) is a
 QuantStack: its parts, one after another along the output dimension."""
 
@@ -43,6 +48,7 @@ def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
 
 
 HIGH_BYTES = {4: 0, 5: 4, 6: 8, 8: 0}  # bytes of `high` per group of 32, by bit width
+SUPER = 256  # columns per super-block (`superblock`: 16 bytes each, int6 2)
 MIDPOINT = {4: 8, 5: 16, 6: 32}  # the q of a zero weight when there are no offsets
 ALIGN = 64  # bytes: where the planes start, so that the kernels' vector loads never straddle cache lines
 
@@ -58,6 +64,21 @@ def aligned(t: torch.Tensor | None) -> torch.Tensor | None:
 
 # GGUF's IQ4_NL / IQ4_XS codebook (llama.cpp's kvalues_iq4nl)
 IQ4_VALUES = (-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113)
+
+
+def k_factors(superblock: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(N, S * 16) super-block headers -> each group's scale d * sc and offset -dmin * m, float32
+    (N, S * 8): bytes 4-7 hold sc 0-3 in their low 6 bits, bytes 8-11 m 0-3, bytes 12-15 the low 4
+    bits of sc 4-7 (low nibbles) and of m 4-7 (high nibbles), whose top 2 bits are the top 2 of
+    bytes 4-7 (sc) and 8-11 (m)."""
+    n = superblock.shape[0]
+    h = superblock.reshape(n, -1, 16)
+    d = h[..., 0:2].contiguous().view(torch.float16).float()  # (N, S, 1)
+    dmin = h[..., 2:4].contiguous().view(torch.float16).float()
+    a, b, c = h[..., 4:8], h[..., 8:12], h[..., 12:16]
+    sc = torch.cat([a & 63, (c & 15) | ((a >> 6) << 4)], dim=-1).float()  # (N, S, 8)
+    mn = torch.cat([b & 63, (c >> 4) | ((b >> 6) << 4)], dim=-1).float()
+    return (sc * d).reshape(n, -1), (mn * -dmin).reshape(n, -1)
 
 
 def pack_high(q: torch.Tensor, bits: int) -> torch.Tensor:
@@ -89,11 +110,12 @@ def unpack_high(high: torch.Tensor, bits: int) -> torch.Tensor:
 class QuantWeight:
     bits: int  # 4, 5, 6 or 8
     data: torch.Tensor  # (N, K/2) uint8 packed low nibbles, or (N, K) int8
-    scale: torch.Tensor  # (N, K/32) float16
+    scale: torch.Tensor | None = None  # (N, K/32) float16 (None only with `superblock`)
     offset: torch.Tensor | None = None  # (N, K/32) float16, int4 / int5 only; None: -MIDPOINT * scale
     high: torch.Tensor | None = None  # int5 / int6: (N, K/32 * HIGH_BYTES) uint8, the bits above the low 4
     sub: torch.Tensor | None = None  # int6: (N, K/16) int8, the 16-column scales
     lut: torch.Tensor | None = None  # int4 with a codebook: (16,) int8, w = lut[q] * scale
+    superblock: torch.Tensor | None = None  # in place of scale and offset: (N, K/256 * 16) uint8, int6 * 2
 
     @property
     def kind(self) -> str:
@@ -120,10 +142,15 @@ class QuantWeight:
                 return t is None
             return t is not None and t.dtype == dtype and tuple(t.shape) == shape and t.is_contiguous()
 
+        if self.superblock is None:
+            factors = f16(self.scale) and (self.offset is None or (bits in (4, 5) and f16(self.offset)))
+        else:
+            factors = (bits in (4, 5, 6) and k % SUPER == 0 and self.scale is None and self.offset is None
+                       and self.lut is None
+                       and plane(self.superblock, torch.uint8, (n, k // SUPER * (2 if bits == 6 else 16))))
         ok = (bits in HIGH_BYTES and k > 0 and k % GROUP == 0
               and self.data.dtype == (torch.int8 if bits == 8 else torch.uint8) and self.data.is_contiguous()
-              and f16(self.scale)
-              and (self.offset is None or (bits in (4, 5) and f16(self.offset)))
+              and factors
               and plane(self.high, torch.uint8, (n, k // GROUP * HIGH_BYTES[bits]) if HIGH_BYTES[bits] else None)
               and plane(self.sub, torch.int8, (n, k // 16) if bits == 6 else None)
               and (self.lut is None or (bits == 4 and self.offset is None and self.lut.dtype == torch.int8
@@ -133,7 +160,7 @@ class QuantWeight:
 
     def tensors(self) -> dict[str, torch.Tensor]:
         """The parts that are held, by name."""
-        return {name: t for name in ("data", "scale", "offset", "high", "sub", "lut")
+        return {name: t for name in ("data", "scale", "offset", "high", "sub", "lut", "superblock")
                 if (t := getattr(self, name)) is not None}
 
     def to(self, device: torch.device | str) -> "QuantWeight":
@@ -147,9 +174,21 @@ class QuantWeight:
         """Only the given output rows (an embedding lookup, or a slice of them)."""
         return QuantWeight(self.bits, **{name: t if name == "lut" else t[rows] for name, t in self.tensors().items()})
 
+    def factors(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Each group's scale and offset as float32 (N, K/32), the offset None where the weight has
+        none (symmetric, or int6 / int8 / a codebook)."""
+        if self.superblock is not None and self.bits == 6:  # d per 256 columns, for its 8 groups
+            n = self.superblock.shape[0]
+            d = self.superblock.reshape(n, -1, 2).contiguous().view(torch.float16).float()
+            return d.expand(n, d.shape[1], 8).reshape(n, -1), None
+        if self.superblock is not None:
+            return k_factors(self.superblock)
+        return self.scale.float(), None if self.offset is None else self.offset.float()
+
     def dequantize(self, rows: torch.Tensor | slice | None = None) -> torch.Tensor:
         """The weight as float32 (N, K), or only the given rows of it (an embedding lookup, a slice)."""
         w = self if rows is None else self.rows(rows)
+        scale, offset = w.factors()
         if w.bits == 8:
             q = w.data.float()
         else:
@@ -160,16 +199,16 @@ class QuantWeight:
                 q = w.lut.float()[q.long()]
             else:
                 q = q.float()
-                if w.offset is None:
+                if offset is None:
                     q = q - MIDPOINT[w.bits]
         n, k = q.shape
-        scale = w.scale.float()[..., None]
+        scale = scale[..., None]
         if w.sub is not None:  # int6: a scale per 16 columns, d * sub (exact in float32)
             out = q.view(n, k // 16, 16) * (scale.repeat_interleave(2, dim=1) * w.sub.float()[..., None])
             return out.view(n, k)
         out = q.view(n, k // GROUP, GROUP) * scale
-        if w.offset is not None:
-            out = out + w.offset.float()[..., None]
+        if offset is not None:
+            out = out + offset[..., None]
         return out.view(n, k)
 
 
@@ -201,8 +240,8 @@ def tinygemm_params(w: QuantWeight) -> tuple[torch.Tensor, torch.Tensor]:
     <= 2^-9 of each)."""
     if w.kind != "int4":
         raise ValueError("only int4 weights (without a codebook) have a tinygemm form")
-    scale = w.scale.float()
-    zero = torch.zeros_like(scale) if w.offset is None else w.offset.float() + 8 * scale
+    scale, offset = w.factors()
+    zero = torch.zeros_like(scale) if offset is None else offset + 8 * scale
     pairs = torch.stack([scale, zero], dim=-1).transpose(0, 1).to(torch.bfloat16).contiguous()
     return unpack_int4(w.data), pairs
 
@@ -211,8 +250,8 @@ def concat(parts: list[QuantWeight]) -> QuantWeight | QuantStack:
     """Stack weights along the output dimension (fused projections): one weight where the parts
     are of one width (symmetric int4 / int5 parts get their implicit offsets, exact in float16,
     where others have offsets), else a QuantStack of the runs of one width, each joined so."""
-    def key(p: QuantWeight) -> tuple:  # what one kernel call can take: one kind, one codebook
-        return p.kind, None if p.lut is None else tuple(p.lut.tolist())
+    def key(p: QuantWeight) -> tuple:  # what one kernel call can take: one kind, one codebook, one layout
+        return p.kind, None if p.lut is None else tuple(p.lut.tolist()), p.superblock is None
 
     runs = [list(run) for _, run in itertools.groupby(parts, key=key)]
     if len(runs) > 1:

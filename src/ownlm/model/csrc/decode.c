@@ -74,8 +74,8 @@ int64_t layer_layout(int64_t* out, int64_t n) {
     const int64_t v[] = {
         sizeof(layer_t), sizeof(qpart_t),
         offsetof(qpart_t, w), offsetof(qpart_t, s), offsetof(qpart_t, o), offsetof(qpart_t, h),
-        offsetof(qpart_t, u), offsetof(qpart_t, l), offsetof(qpart_t, bits), offsetof(qpart_t, n),
-        offsetof(qpart_t, xbits),
+        offsetof(qpart_t, u), offsetof(qpart_t, l), offsetof(qpart_t, k), offsetof(qpart_t, bits),
+        offsetof(qpart_t, n), offsetof(qpart_t, xbits),
         offsetof(layer_t, part), offsetof(layer_t, nparts), offsetof(layer_t, bias),
         offsetof(layer_t, n), offsetof(layer_t, k),
         offsetof(layer_t, norm1), offsetof(layer_t, norm2), offsetof(layer_t, q_norm),

@@ -15,6 +15,7 @@
 #include <stddef.h>
 #include <stdint.h>
 #include <stdlib.h>
+#include <string.h>
 
 #define OWNLM_ENOMEM 1
 
@@ -82,8 +83,11 @@ static inline float* scratch(int64_t n, int* failed) {
    w the packed low nibbles (bits 4, 5, 6: K / 2 bytes a row) or int8 values (bits 8: K bytes),
    s (n, K / 32) float16 scales, o (n, K / 32) float16 offsets (bits 4 and 5; null: symmetric),
    h the bits above the low 4 (bits 5: 4 bytes a group, bits 6: 8), u (n, K / 16) int8
-   16-column scales (bits 6), l a codebook (bits 4: w = s l[q], 16 int8; null: none); xbits 8:
-   the activations it meets are rounded to int8 (see matmul.c), else to int16 */
+   16-column scales (bits 6), l a codebook (bits 4: w = s l[q], 16 int8; null: none), k (in place
+   of s and o, K a multiple of 256) per 256 columns what the file's super-block holds: bits 4 and 5
+   (Q4_K / Q5_K) its 16 header bytes (float16 d and dmin, 12 bytes of 6-bit scales and mins), bits
+   6 (Q6_K) its float16 d; xbits 8: the activations it meets are rounded to int8 (see matmul.c),
+   else to int16 */
 typedef struct {
     const uint8_t* w;
     const uint16_t* s;
@@ -91,6 +95,7 @@ typedef struct {
     const uint8_t* h;
     const int8_t* u;
     const int8_t* l;
+    const uint8_t* k;
     int64_t bits;
     int64_t n;
     int64_t xbits;

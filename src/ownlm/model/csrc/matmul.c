@@ -83,26 +83,96 @@ static inline __attribute__((always_inline)) qpart_t weight_row(const qpart_t* p
     const int64_t G = K / 32;
     qpart_t r = *p;
     r.w = p->w + n * (bits == 8 ? K : K / 2);
-    r.s = p->s + n * G;
+    r.s = p->s ? p->s + n * G : 0;
     r.o = p->o && (bits == 4 || bits == 5) ? p->o + n * G : 0;
+    /* super-blocks: 16 bytes per 8 groups (bits 4, 5), 2 (bits 6) */
+    r.k = !p->k ? 0 : bits == 4 || bits == 5 ? p->k + n * G * 2 : bits == 6 ? p->k + n * G / 4 : 0;
     r.h = bits == 5 ? p->h + n * G * 4 : bits == 6 ? p->h + n * G * 8 : 0;
     r.u = bits == 6 ? p->u + n * 2 * G : 0;
     r.n = 1;
     return r;
 }
 
+/* The scales and offsets of the 8 groups of a Q4_K / Q5_K super-block (w = q d sc - dmin m) from
+   its 16 header bytes as the file holds them: float16 d and dmin, then 12 bytes of 6-bit scales
+   sc and mins m (simd.h's b16_k_scales). Each factor is one float32 product, as gguf's
+   dequantizer computes it. */
+static inline __attribute__((always_inline)) void k_factors(const uint8_t* hdr, v8f* s, v8f* o) {
+    const b16 six = b16_k_scales(b16_load(hdr));  /* the 8 scales, then the 8 mins */
+    uint16_t d, dmin;
+    memcpy(&d, hdr, 2);
+    memcpy(&dmin, hdr + 2, 2);
+    *s = v8f_mul(v8f_from_u8(six, 0), v8f_set1(f16_to_f32(d)));
+    *o = v8f_mul(v8f_from_u8(six, 1), v8f_set1(-f16_to_f32(dmin)));
+}
+
+/* an int6 (Q6_K) weight row's super-block scale d (the same for its 8 groups from g, a multiple of 8) */
+static inline __attribute__((always_inline)) float six_d(qpart_t wr, int64_t g) {
+    uint16_t d;
+    memcpy(&d, wr.k + g / 4, 2);
+    return f16_to_f32(d);
+}
+
+/* group g's scale of a weight row, and (bits 4 / 5) its offset: the groups' loops' tails */
+static inline __attribute__((always_inline)) float group_scale(qpart_t wr, int64_t g, int bits) {
+    if (!wr.k) return f16_to_f32(wr.s[g]);
+    if (bits == 6) return six_d(wr, g / 8 * 8);
+    v8f s, o;
+    float f[8];
+    k_factors(wr.k + g / 8 * 16, &s, &o);
+    v8f_store(f, s);
+    return f[g % 8];
+}
+static inline __attribute__((always_inline)) float group_offset(qpart_t wr, int64_t g, int bits) {
+    if (!wr.k) return wr.o ? f16_to_f32(wr.o[g]) : MIDPOINT(bits) * f16_to_f32(wr.s[g]);
+    v8f s, o;
+    float f[8];
+    k_factors(wr.k + g / 8 * 16, &s, &o);
+    v8f_store(f, o);
+    return f[g % 8];
+}
+
+/* A weight row's super-block factors (k_factors), unpacked once for all the activation rows it
+   meets: its G scales into kf, then its G offsets */
+static inline __attribute__((always_inline)) void k_unpack(qpart_t wr, int64_t G, float* kf) {
+    for (int64_t g = 0; g < G; g += 8) {
+        v8f s, o;
+        k_factors(wr.k + g * 2, &s, &o);
+        v8f_store(kf + g, s);
+        v8f_store(kf + G + g, o);
+    }
+}
+
+/* where the int16 path keeps the unpacked super-block factors of weight row `slot` (0 or 1) in
+   its scratch (the rows' factors take at most 8 G floats: 8 rows of G, or 4 rows of 2 G) */
+#define KF(sx, G, slot) ((sx) + 8 * (G) + 2 * (G) * (slot))
+
 /* Row r's part of a weight row that does not depend on the group loop: the group factors
    s[g] xd[r, g] (into sx; bits 6: s[g] xd[r, g] u[2g + t] for its two halves, 2 G of them) and
    the offset term sum_g o[g] xs[r, g] (returned), 8 groups at a time. bits 4 / 5: w = q s + o
-   (no offsets: o = -8 s / -16 s); bits 6: w = (q - 32) s u, no offset term; bits 8: w = q s. */
+   (no offsets: o = -8 s / -16 s; super-blocks: their factors from kf, k_unpack's, or unpacked
+   here where kf is null: the same values); bits 6: w = (q - 32) s u, no offset term; bits 8:
+   w = q s. */
 static inline __attribute__((always_inline)) float row_factors(const float* xd, const float* xs, int64_t G,
-        qpart_t wr, int bits, float* sx) {
+        qpart_t wr, int bits, float* sx, const float* kf) {
     const int64_t G8 = G - G % 8;
     const float mid = MIDPOINT(bits);
     v8f ov = v8f_zero();
     int64_t g = 0;
     for (; g < G8; g += 8) {
-        const v8f sv = v8f_from_f16(wr.s + g);
+        v8f sv, kov = v8f_zero();
+        if ((bits == 4 || bits == 5) && wr.k) {
+            if (kf) {
+                sv = v8f_load(kf + g);
+                kov = v8f_load(kf + G + g);
+            } else {
+                k_factors(wr.k + g * 2, &sv, &kov);
+            }
+        } else if (bits == 6 && wr.k) {
+            sv = v8f_set1(six_d(wr, g));
+        } else {
+            sv = v8f_from_f16(wr.s + g);
+        }
         const v8f f = v8f_mul(sv, v8f_load(xd + g));
         if (bits == 6) {  /* each group's factor for its two halves, times their int8 scales */
             v8f_store(sx + 2 * g, v8f_mul(v8f_dup_lo(f), v8f_from_i8(wr.u + 2 * g)));
@@ -111,20 +181,20 @@ static inline __attribute__((always_inline)) float row_factors(const float* xd, 
             v8f_store(sx + g, f);
         }
         if (bits == 4 || bits == 5) {
-            const v8f ow = wr.o ? v8f_from_f16(wr.o + g) : v8f_mul(sv, v8f_set1(mid));
+            const v8f ow = wr.k ? kov : wr.o ? v8f_from_f16(wr.o + g) : v8f_mul(sv, v8f_set1(mid));
             ov = v8f_fmadd(ow, v8f_load(xs + g), ov);
         }
     }
     float ot = v8f_hsum(ov);
     for (; g < G; g++) {
-        const float f = f16_to_f32(wr.s[g]) * xd[g];
+        const float f = group_scale(wr, g, bits) * xd[g];
         if (bits == 6) {
             sx[2 * g] = f * (float)wr.u[2 * g];
             sx[2 * g + 1] = f * (float)wr.u[2 * g + 1];
         } else {
             sx[g] = f;
         }
-        if (bits == 4 || bits == 5) ot += (wr.o ? f16_to_f32(wr.o[g]) : mid * f16_to_f32(wr.s[g])) * xs[g];
+        if (bits == 4 || bits == 5) ot += group_offset(wr, g, bits) * xs[g];
     }
     return bits == 4 || bits == 5 ? ot : 0.f;
 }
@@ -214,12 +284,12 @@ static inline __attribute__((always_inline)) v8f group_step(v16h w0, v16h w1, v1
    offset term. Every output's arithmetic is the same whatever MB (a constant at each call), and
    the same as in ncols below, so its bits do not depend on the batch. */
 static inline __attribute__((always_inline)) void qrows(const int16_t* xq, const float* xd, const float* xs,
-        int64_t K, qpart_t wr, int bits, float* sx, float* out, const int MB) {
+        int64_t K, qpart_t wr, int bits, float* sx, const float* kf, float* out, const int MB) {
     const int64_t G = K / 32, F = G * FPG(bits);
     v8f acc[8];
     float oacc[8];
     for (int r = 0; r < MB; r++) {
-        oacc[r] = row_factors(xd + r * G, xs + r * G, G, wr, bits, sx + r * F);
+        oacc[r] = row_factors(xd + r * G, xs + r * G, G, wr, bits, sx + r * F, kf);
         acc[r] = v8f_zero();
     }
     for (int64_t g = 0; g < G; g++) {
@@ -248,13 +318,14 @@ static inline __attribute__((always_inline)) void qrows(const int16_t* xq, const
 /* Two weight rows against MB activation rows: qrows' arithmetic for each of the 2 MB outputs,
    with the weights unpacked once and each activation block loaded once for both rows */
 static inline __attribute__((always_inline)) void qtile(const int16_t* xq, const float* xd, const float* xs,
-        int64_t K, qpart_t wa, qpart_t wb, int bits, float* sx, float* out, const int MB) {
+        int64_t K, qpart_t wa, qpart_t wb, int bits, float* sx, const float* kfa, const float* kfb, float* out,
+        const int MB) {
     const int64_t G = K / 32, F = G * FPG(bits);
     v8f acc[2][4];
     float oacc[2][4];
     for (int r = 0; r < MB; r++) {
-        oacc[0][r] = row_factors(xd + r * G, xs + r * G, G, wa, bits, sx + r * F);
-        oacc[1][r] = row_factors(xd + r * G, xs + r * G, G, wb, bits, sx + (MB + r) * F);
+        oacc[0][r] = row_factors(xd + r * G, xs + r * G, G, wa, bits, sx + r * F, kfa);
+        oacc[1][r] = row_factors(xd + r * G, xs + r * G, G, wb, bits, sx + (MB + r) * F, kfb);
         acc[0][r] = acc[1][r] = v8f_zero();
     }
     for (int64_t g = 0; g < G; g++) {
@@ -283,7 +354,7 @@ static inline __attribute__((always_inline)) void ncols(const int16_t* xq, const
     v8f acc[4];
     float oacc[4];
     for (int j = 0; j < NB; j++) {
-        oacc[j] = row_factors(xd, xs, G, weight_row(p, n + j, K, bits), bits, sx + j * F);
+        oacc[j] = row_factors(xd, xs, G, weight_row(p, n + j, K, bits), bits, sx + j * F, 0);
         acc[j] = v8f_zero();
     }
     const qpart_t first = weight_row(p, n, K, bits);  /* the NB rows follow it at fixed strides */
@@ -339,11 +410,17 @@ static inline __attribute__((always_inline)) float offset_term(const float* xs, 
     v8f ov = v8f_zero();
     int64_t g = 0;
     for (; g < G8; g += 8) {
-        const v8f ow = wr.o ? v8f_from_f16(wr.o + g) : v8f_mul(v8f_from_f16(wr.s + g), v8f_set1(mid));
+        v8f ow;
+        if (wr.k) {
+            v8f sv;
+            k_factors(wr.k + g * 2, &sv, &ow);
+        } else {
+            ow = wr.o ? v8f_from_f16(wr.o + g) : v8f_mul(v8f_from_f16(wr.s + g), v8f_set1(mid));
+        }
         ov = v8f_fmadd(ow, v8f_load(xs + g), ov);
     }
     float ot = v8f_hsum(ov);
-    for (; g < G; g++) ot += (wr.o ? f16_to_f32(wr.o[g]) : mid * f16_to_f32(wr.s[g])) * xs[g];
+    for (; g < G; g++) ot += group_offset(wr, g, bits) * xs[g];
     return ot;
 }
 
@@ -420,12 +497,20 @@ static inline __attribute__((always_inline)) void pair_step(const int8_t* xq, co
 static inline __attribute__((always_inline)) void q8tile(const int8_t* xq, const float* xd, const float* xs,
         int64_t K, const qpart_t* wr, float* out, const int NW, const int MB, const int B) {
     const int64_t G = K / 32, P = G / 2, XS = XD8_STRIDE(G);
-    v8f acc[16], sv[4], sq[8], ue[4], uo[4];  /* sq[NW + w]: int6's second halves */
-    for (int i = 0; i < NW * MB; i++) acc[i] = v8f_zero();
+    /* super-blocks (all NW rows are one part's): their offsets' term summed here, a super-block at a time */
+    const int k = (B == 4 || B == 5) && wr[0].k;
+    v8f acc[16], sv[4], sq[8], ue[4], uo[4], ko[4], kacc[16];  /* sq[NW + w]: int6's second halves */
+    for (int i = 0; i < NW * MB; i++) acc[i] = kacc[i] = v8f_zero();
     int64_t p = 0;
     for (; p + 4 <= P; p += 4) {  /* 8 groups: their scales converted once (int6: their 16-column ones too) */
         for (int w = 0; w < NW; w++) {
-            sv[w] = v8f_from_f16(wr[w].s + 2 * p);
+            if (k) {
+                k_factors(wr[w].k + 4 * p, sv + w, ko + w);  /* groups 2p .. 2p + 7: a super-block */
+                for (int r = 0; r < MB; r++)
+                    kacc[w * MB + r] = v8f_fmadd(ko[w], v8f_load(xs + r * G + 2 * p), kacc[w * MB + r]);
+            } else {
+                sv[w] = B == 6 && wr[w].k ? v8f_set1(six_d(wr[w], 2 * p)) : v8f_from_f16(wr[w].s + 2 * p);
+            }
             if (B == 6) v8f_from_s8_pairs(wr[w].u + 4 * p, ue + w, uo + w);  /* first halves', second halves' */
         }
         for (int j = 0; j < 4; j++) {
@@ -441,7 +526,7 @@ static inline __attribute__((always_inline)) void q8tile(const int8_t* xq, const
     }
     for (; p < P; p++) {  /* the last pairs short of 8 groups, their scales one by one (the same values) */
         for (int w = 0; w < NW; w++) {
-            sq[w] = v8f_pair(f16_to_f32(wr[w].s[2 * p]), f16_to_f32(wr[w].s[2 * p + 1]));
+            sq[w] = v8f_pair(group_scale(wr[w], 2 * p, B), group_scale(wr[w], 2 * p + 1, B));
             if (B == 6) six_scales(wr[w].u, p, sq + w, sq + NW + w);
         }
         pair_step(xq, xd, K, G, wr, p, sq, acc, NW, MB, B);
@@ -453,7 +538,7 @@ static inline __attribute__((always_inline)) void q8tile(const int8_t* xq, const
                            : B == 8 ? v32b_load((const int8_t*)wr[w].w + g * 32)
                            : B == NL4 ? v32b_lookup(wr[w].l, v32b_nibbles1(wr[w].w + g * 16))
                            : v32b_nibbles1(wr[w].w + g * 16);
-            const float s = f16_to_f32(wr[w].s[g]);  /* int6: a scale per half, lanes 0-3 and 4-7 */
+            const float s = group_scale(wr[w], g, B);  /* int6: a scale per half, lanes 0-3 and 4-7 */
             const v8f sq = B == 6 ? v8f_pair(s * (float)wr[w].u[2 * g], s * (float)wr[w].u[2 * g + 1]) : v8f_set1(s);
             for (int r = 0; r < MB; r++) {
                 const v32b x = v32b_load(xq + r * K + g * 32);
@@ -466,7 +551,8 @@ static inline __attribute__((always_inline)) void q8tile(const int8_t* xq, const
     for (int w = 0; w < NW; w++)  /* int6, int8 and codebook weights have no offsets */
         for (int r = 0; r < MB; r++)
             out[w * MB + r] = v8f_hsum(acc[w * MB + r])
-                              + (B == 4 || B == 5 ? offset_term(xs + r * G, G, wr[w], B) : 0.f);
+                              + (k ? v8f_hsum(kacc[w * MB + r])
+                                 : B == 4 || B == 5 ? offset_term(xs + r * G, G, wr[w], B) : 0.f);
 }
 
 /* One row of x against blocks nb0 .. nb1 - 1 of 4 weight rows of part p (the last block may be
@@ -556,22 +642,27 @@ static inline __attribute__((always_inline)) void gemm_range(const void* xqv, co
     }
     const int16_t* xq = (const int16_t*)xqv;
     const int64_t G = K / 32;
+    const int k = (B == 4 || B == 5) && p->k;  /* super-blocks: each weight row's factors unpacked once */
+    float* kfa = k ? KF(sx, G, 0) : 0;
+    float* kfb = k ? KF(sx, G, 1) : 0;
     for (int64_t n = n0; n < n1; n++) {
         const qpart_t wr = weight_row(p, n, K, B);
         float out[8];
+        if (k) k_unpack(wr, G, kfa);
         if (n + 1 < n1 && m1 - m0 >= 4) {  /* two weight rows at a time, 4 activation rows each */
             const qpart_t wb = weight_row(p, n + 1, K, B);
+            if (k) k_unpack(wb, G, kfb);
             int64_t m = m0;
             for (; m + 4 <= m1; m += 4) {
-                qtile(xq + m * K, xd + m * G, xs + m * G, K, wr, wb, B, sx, out, 4);
+                qtile(xq + m * K, xd + m * G, xs + m * G, K, wr, wb, B, sx, kfa, kfb, out, 4);
                 for (int r = 0; r < 4; r++) {
                     store(y, (m + r) * N + c0 + n, out[r], ybf);
                     store(y, (m + r) * N + c0 + n + 1, out[4 + r], ybf);
                 }
             }
             for (; m < m1; m++) {
-                qrows(xq + m * K, xd + m * G, xs + m * G, K, wr, B, sx, out, 1);
-                qrows(xq + m * K, xd + m * G, xs + m * G, K, wb, B, sx, out + 1, 1);
+                qrows(xq + m * K, xd + m * G, xs + m * G, K, wr, B, sx, kfa, out, 1);
+                qrows(xq + m * K, xd + m * G, xs + m * G, K, wb, B, sx, kfb, out + 1, 1);
                 store(y, m * N + c0 + n, out[0], ybf);
                 store(y, m * N + c0 + n + 1, out[1], ybf);
             }
@@ -581,10 +672,10 @@ static inline __attribute__((always_inline)) void gemm_range(const void* xqv, co
         for (int64_t m = m0; m < m1;) {
             const int64_t left = m1 - m;
             const int16_t* xr = xq + m * K;
-            if (left >= 8) qrows(xr, xd + m * G, xs + m * G, K, wr, B, sx, out, 8);
-            else if (left >= 4) qrows(xr, xd + m * G, xs + m * G, K, wr, B, sx, out, 4);
-            else if (left >= 2) qrows(xr, xd + m * G, xs + m * G, K, wr, B, sx, out, 2);
-            else qrows(xr, xd + m * G, xs + m * G, K, wr, B, sx, out, 1);
+            if (left >= 8) qrows(xr, xd + m * G, xs + m * G, K, wr, B, sx, kfa, out, 8);
+            else if (left >= 4) qrows(xr, xd + m * G, xs + m * G, K, wr, B, sx, kfa, out, 4);
+            else if (left >= 2) qrows(xr, xd + m * G, xs + m * G, K, wr, B, sx, kfa, out, 2);
+            else qrows(xr, xd + m * G, xs + m * G, K, wr, B, sx, kfa, out, 1);
             const int mb = left >= 8 ? 8 : left >= 4 ? 4 : left >= 2 ? 2 : 1;
             for (int r = 0; r < mb; r++) store(y, (m + r) * N + c0 + n, out[r], ybf);
             m += mb;
@@ -659,7 +750,7 @@ int quant_gemm(const void* xin, int xbf, int64_t M, int64_t K, const qpart_t* pa
             {
                 const int64_t t = omp_get_thread_num(), T = omp_get_num_threads();
                 const int64_t u0 = units * t / T, u1 = units * (t + 1) / T;
-                float* sx = u1 > u0 && !x8 ? scratch(8 * 2 * G, &failed) : 0;  /* the int16 path's factors */
+                float* sx = u1 > u0 && !x8 ? scratch(8 * 2 * G, &failed) : 0;  /* the int16 path's factors (KF) */
                 if (u1 > u0 && (sx || x8)) {  /* a share of the work, and its scratch */
                     if (M == 1) {
                         if (kind == 4) gemv_4(xq, xd, sums, K, p, u0, u1, sx, y, c0, ybf);

@@ -35,6 +35,21 @@ static inline v8f v8f_from_f16(const uint16_t* p) { return _mm256_cvtph_ps(_mm_l
 static inline v8f v8f_from_i8(const int8_t* p) {  /* 8 int8 */
     return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i*)p)));
 }
+/* a's first 8 bytes (half 0) or its last 8 (half 1), unsigned, as floats */
+static inline v8f v8f_from_u8(b16 a, int half) {
+    return _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(half ? _mm_srli_si128(a, 8) : a));
+}
+/* A Q4_K / Q5_K super-block's 16 header bytes h -> its 8 six-bit scales, then its 8 mins, one a byte:
+   with h's 32-bit words [d dmin, A, B, C], scales 0-3 are A's bytes' low 6 bits, mins 0-3 B's,
+   scales 4-7 C's low nibbles with A's top 2 bits above them, mins 4-7 C's high nibbles with B's */
+static inline b16 b16_k_scales(b16 h) {
+    const __m128i lows = _mm_and_si128(_mm_srlv_epi32(_mm_shuffle_epi32(h, _MM_SHUFFLE(3, 2, 3, 1)),
+                                                      _mm_setr_epi32(0, 0, 0, 4)),
+                                       _mm_setr_epi32(0x3F3F3F3F, 0x0F0F0F0F, 0x3F3F3F3F, 0x0F0F0F0F));
+    const __m128i tops = _mm_and_si128(_mm_srli_epi32(_mm_shuffle_epi32(h, _MM_SHUFFLE(2, 2, 1, 1)), 2),
+                                       _mm_setr_epi32(0, 0x30303030, 0, 0x30303030));
+    return _mm_or_si128(lows, tops);
+}
 static inline v8f v8f_from_bf16(const uint16_t* p) {
     return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i*)p)), 16));
 }
@@ -257,6 +272,22 @@ static inline v8f v8f_from_f16(const uint16_t* p) {
 static inline v8f v8f_from_i8(const int8_t* p) {
     const int16x8_t w = vmovl_s8(vld1_s8(p));
     return v8f_make(vcvtq_f32_s32(vmovl_s16(vget_low_s16(w))), vcvtq_f32_s32(vmovl_s16(vget_high_s16(w))));
+}
+static inline v8f v8f_from_u8(b16 a, int half) {
+    const uint16x8_t w = vmovl_u8(half ? vget_high_u8(a) : vget_low_u8(a));
+    return v8f_make(vcvtq_f32_u32(vmovl_u16(vget_low_u16(w))), vcvtq_f32_u32(vmovl_u16(vget_high_u16(w))));
+}
+static inline b16 b16_k_scales(b16 h) {
+    static const uint8_t first[16] = {4, 5, 6, 7, 12, 13, 14, 15, 8, 9, 10, 11, 12, 13, 14, 15};  /* A C B C */
+    static const uint8_t second[16] = {4, 5, 6, 7, 4, 5, 6, 7, 8, 9, 10, 11, 8, 9, 10, 11};     /* A A B B */
+    static const int32_t shift[4] = {0, 0, 0, -4};
+    static const uint32_t low_mask[4] = {0x3F3F3F3F, 0x0F0F0F0F, 0x3F3F3F3F, 0x0F0F0F0F};
+    static const uint32_t top_mask[4] = {0, 0x30303030, 0, 0x30303030};
+    const uint32x4_t lows = vandq_u32(vshlq_u32(vreinterpretq_u32_u8(vqtbl1q_u8(h, vld1q_u8(first))), vld1q_s32(shift)),
+                                      vld1q_u32(low_mask));
+    const uint32x4_t tops = vandq_u32(vshrq_n_u32(vreinterpretq_u32_u8(vqtbl1q_u8(h, vld1q_u8(second))), 2),
+                                      vld1q_u32(top_mask));
+    return vreinterpretq_u8_u32(vorrq_u32(lows, tops));
 }
 static inline v8f v8f_from_bf16(const uint16_t* p) {
     const uint16x8_t h = vld1q_u16(p);
