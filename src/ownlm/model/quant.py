@@ -2,12 +2,13 @@
 operands of PyTorch's int4 kernel (tinygemm) on CUDA. Pure tensor code: formats/quants.py turns
 GGUF blocks into these, linear.py computes with them.
 
-Groups of 32 input columns; per group a float16 scale, and per bit width:
+Groups of 32 input columns; per group a float16 scale (or per super-block of 8 groups, below), and
+per bit width:
 - int4: w = q * scale + offset, q in 0..15, two per byte (byte i = q[i] | q[16 + i] << 4, the
   order of GGUF's Q4_0 / Q4_1 blocks); without offsets (symmetric) w = (q - 8) * scale.
 - int5: q in 0..31, its low 4 bits as int4's, its 5th bit in `high` (4 bytes per group: the bit
   of q[i] is bit i // 4 of byte i % 4); w = q * scale + offset, symmetric w = (q - 16) * scale
-  (GGUF's Q5_0 / Q5_1, and Q5_K with its scales and mins rounded to float16).
+  (GGUF's Q5_0 / Q5_1; Q5_K with `superblock`, below).
 - int6: q in 0..63, low 4 bits as int4's, the top 2 in `high` (8 bytes per group: those of q[i]
   are bits 2 (i // 8) .. +1 of byte i % 8); w = (q - 32) * scale * sub, with `sub` an int8 per
   16 columns (GGUF's Q6_K exactly, with `superblock` in place of scale: per 256 columns its
