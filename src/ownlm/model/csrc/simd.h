@@ -283,10 +283,10 @@ static inline b16 b16_k_scales(b16 h) {
     static const int32_t shift[4] = {0, 0, 0, -4};
     static const uint32_t low_mask[4] = {0x3F3F3F3F, 0x0F0F0F0F, 0x3F3F3F3F, 0x0F0F0F0F};
     static const uint32_t top_mask[4] = {0, 0x30303030, 0, 0x30303030};
-    const uint32x4_t lows = vandq_u32(vshlq_u32(vreinterpretq_u32_u8(vqtbl1q_u8(h, vld1q_u8(first))), vld1q_s32(shift)),
-                                      vld1q_u32(low_mask));
-    const uint32x4_t tops = vandq_u32(vshrq_n_u32(vreinterpretq_u32_u8(vqtbl1q_u8(h, vld1q_u8(second))), 2),
-                                      vld1q_u32(top_mask));
+    const uint32x4_t acbc = vreinterpretq_u32_u8(vqtbl1q_u8(h, vld1q_u8(first)));
+    const uint32x4_t aabb = vreinterpretq_u32_u8(vqtbl1q_u8(h, vld1q_u8(second)));
+    const uint32x4_t lows = vandq_u32(vshlq_u32(acbc, vld1q_s32(shift)), vld1q_u32(low_mask));
+    const uint32x4_t tops = vandq_u32(vshrq_n_u32(aabb, 2), vld1q_u32(top_mask));
     return vreinterpretq_u8_u32(vorrq_u32(lows, tops));
 }
 static inline v8f v8f_from_bf16(const uint16_t* p) {
