@@ -3,7 +3,8 @@
    compares what the two print: per case, a hash of every output's bits and the first output.
    Cases: every weight kind (int4 and int5 with and without offsets, int6, int8, int4 indices into
    a codebook; int4 with and without offsets, int6 and int8 against int8 activations; int4 and
-   int5 with super-blocks' scales, Q4_K's and Q5_K's, and int6 with Q6_K's, against both), a stack of three
+   int5 with super-blocks' scales, Q4_K's and Q5_K's, int6 with Q6_K's and a codebook with IQ4_XS's,
+   against both), a stack of three
    parts and one that mixes int8 and int16 activations, one to 70 rows (the one-row path, the
    8/4/2/1-row blocks, the 64-row tiles), K with and without 8-group tails, float32 and bfloat16
    activations; the bfloat16 matmul; the one-token attention over each cache type; RMSNorm and the
@@ -62,17 +63,18 @@ static qpart_t part(int bits, int offsets, int64_t n, int64_t K) {
 
 /* a Q4_K / Q5_K-like part (bits 4 or 5; K a multiple of 256): super-block headers in place of
    scales and offsets, their d and dmin normal float16 values, their 6-bit scales and mins random;
-   a Q6_K-like one (bits 6): a float16 d per super-block in place of the scales */
-static qpart_t super_part(int bits, int64_t n, int64_t K) {
-    qpart_t p = part(bits, 0, n, K);
+   a Q6_K-like one (bits 6): a float16 d per super-block in place of the scales; codebook: an
+   IQ4_XS-like one (bits 4), d and random 6-bit scales */
+static qpart_t super_part(int bits, int codebook, int64_t n, int64_t K) {
+    qpart_t p = part(bits, codebook ? 2 : 0, n, K);
     free((void*)p.s);
     p.s = 0;
-    const int64_t size = bits == 6 ? 2 : 16;
+    const int64_t size = bits == 6 ? 2 : codebook ? 8 : 16;
     uint8_t* k = (uint8_t*)fill((size_t)(n * K / 256 * size));
     for (int64_t b = 0; b < n * K / 256; b++) {
         const uint16_t d = half(0), dmin = half(0);
         memcpy(k + size * b, &d, 2);
-        if (bits != 6) memcpy(k + size * b + 2, &dmin, 2);
+        if (size == 16) memcpy(k + size * b + 2, &dmin, 2);
     }
     p.k = k;
     return p;
@@ -139,21 +141,23 @@ int main(void) {
         for (int64_t i = 0; i < 70 * K; i++) x[i] = uniform() * (float)(1 + i / K % 7);
         uint16_t* xb = (uint16_t*)malloc((size_t)(70 * K) * 2);
         for (int64_t i = 0; i < 70 * K; i++) xb[i] = f32_to_bf16(x[i]);
-        static const int sk[][2] = {{4, 16}, {5, 16}, {6, 16}, {4, 8}, {5, 8}, {6, 8}};
-        qpart_t sp[6];
-        for (int k = 0; k < 6; k++) {
-            sp[k] = super_part(sk[k][0], 37, K);
-            sp[k].xbits = sk[k][1];
+        static const int sk[][3] = {{4, 0, 16}, {5, 0, 16}, {6, 0, 16}, {4, 1, 16},  /* bits, codebook, activations */
+                                    {4, 0, 8}, {5, 0, 8}, {6, 0, 8}, {4, 1, 8}};
+        qpart_t sp[8];
+        for (int k = 0; k < 8; k++) {
+            sp[k] = super_part(sk[k][0], sk[k][1], 37, K);
+            sp[k].xbits = sk[k][2];
         }
         for (int ri = 0; ri < 4; ri++)
             for (int bf = 0; bf < 2; bf++) {
                 const int64_t M = rows[ri];
                 float* y = (float*)malloc((size_t)(M * 37) * sizeof(float));
-                for (int k = 0; k < 6; k++) {
+                for (int k = 0; k < 8; k++) {
                     if (quant_gemm(bf ? (const void*)xb : x, bf, M, K, sp + k, 1, y, bf)) return 1;
                     char name[96];
-                    snprintf(name, sizeof name, "int%d+superblocks%s K=%lld M=%lld %s", sk[k][0],
-                             sk[k][1] == 8 ? "/int8-activations" : "", (long long)K, (long long)M, bf ? "bf16" : "f32");
+                    snprintf(name, sizeof name, "int%d%s+superblocks%s K=%lld M=%lld %s", sk[k][0],
+                             sk[k][1] ? "-codebook" : "", sk[k][2] == 8 ? "/int8-activations" : "", (long long)K,
+                             (long long)M, bf ? "bf16" : "f32");
                     report(name, y, (size_t)(M * 37) * (bf ? 2 : 4), bf);
                 }
                 free(y);

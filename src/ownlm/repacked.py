@@ -43,8 +43,8 @@ from .text.tokenizer import TokenizerSpec
 
 # 4: int5 / int6 weights and stacks of parts (Q5_*, Q6_K kept in their bits); 5: every tensor at a multiple
 # of quant.ALIGN bytes (mapped in place, as the kernels want their planes); 6: Q4_K / Q5_K with their
-# super-blocks' headers (`superblock`) in place of float16 scales and offsets, Q6_K with its d per 256, the
-# tokenizer compressed
+# super-blocks' headers (`superblock`) in place of float16 scales and offsets, Q6_K with its d per 256 and
+# IQ4_XS with its d and 6-bit scales, the tokenizer compressed
 VERSION = 6
 FILE = "model.safetensors"
 

@@ -2,9 +2,8 @@
 requantization): Q4_0 (w = d (q - 8), no offsets), Q4_1 (w = d q + m: scale d, offset m), Q5_0,
 Q5_1, Q8_0, Q4_K and Q5_K (w = q d sc - dmin m, their super-blocks' headers kept as they are)
 and Q6_K (w = d sc (q - 32), its d and 16-column int8 scales kept) are exact, and hold the file's
-bytes, as does IQ4_NL (w = d lut[q], a codebook of 16 int8 values); IQ4_XS keeps its codebook
-with its per-32 scales d * (ls - 32) rounded to float16 (4.5 bits per weight against the file's
-4.25)."""
+bytes, as do IQ4_NL (w = d lut[q], a codebook of 16 int8 values) and IQ4_XS (the same codebook,
+w = d (ls - 32) lut[q], its super-blocks' d and 6-bit ls kept)."""
 
 from __future__ import annotations
 
@@ -139,10 +138,7 @@ def _decode(raw: np.ndarray, qtype: Q) -> QuantWeight:
     if qtype == Q.IQ4_XS:  # 4-bit indices into a codebook, nibbles in Q4_0's order
         lut = t(np.array(IQ4_VALUES, dtype=np.int8))
         blocks = raw.reshape(-1, 136)  # per 256: d, 8 six-bit scales (high 2 bits, then low 4), 8 x 16 bytes
-        d = blocks[:, 0:2].copy().view(np.float16).astype(np.float32)
-        high = (blocks[:, 2:4].copy().view("<u2") >> np.arange(0, 16, 2, dtype=np.uint16)) & 3  # (B, 8)
-        low = (blocks[:, 4:8, None] >> np.array([0, 4], dtype=np.uint8)).reshape(-1, 8) & 15
-        scale = (d * ((low | (high.astype(np.uint8) << 4)).astype(np.float32) - 32)).astype(np.float16)
         data = np.ascontiguousarray(blocks[:, 8:]).reshape(n, -1)
-        return QuantWeight(4, t(data), t(scale.reshape(n, -1)), lut=lut)
+        head = t(np.ascontiguousarray(blocks[:, :8]).reshape(n, -1))  # d and the scales, as they are
+        return QuantWeight(4, t(data), lut=lut, superblock=head)
     raise ValueError(f"{qtype.name} is not kept quantized")

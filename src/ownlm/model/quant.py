@@ -15,7 +15,8 @@ per bit width:
   float16 d, and sub its 16-column scales).
 - int8: w = q * scale, q in -128..127.
 - int4 with a codebook `lut` of 16 int8 values: w = lut[q] * scale, no offsets (GGUF's IQ4_NL
-  exactly, IQ4_XS with its per-32 scales d * (ls - 32) rounded to float16).
+  exactly; IQ4_XS exactly with `superblock` in place of scale: per 256 columns its float16 d and
+  6-bit ls, scale d * (ls - 32)).
 - int4 / int5 with `superblock` in place of scale and offset (GGUF's Q4_K / Q5_K exactly, K a
   multiple of 256): per 256 columns the super-block's 16 header bytes as the file holds them,
   float16 d and dmin, then 12 bytes of 6-bit scales sc and mins m (see k_factors); per group j of
@@ -49,7 +50,7 @@ def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
 
 
 HIGH_BYTES = {4: 0, 5: 4, 6: 8, 8: 0}  # bytes of `high` per group of 32, by bit width
-SUPER = 256  # columns per super-block (`superblock`: 16 bytes each, int6 2)
+SUPER = 256  # columns per super-block (`superblock`: 16 bytes each, int6 2, a codebook's 8)
 MIDPOINT = {4: 8, 5: 16, 6: 32}  # the q of a zero weight when there are no offsets
 ALIGN = 64  # bytes: where the planes start, so that the kernels' vector loads never straddle cache lines
 
@@ -116,7 +117,7 @@ class QuantWeight:
     high: torch.Tensor | None = None  # int5 / int6: (N, K/32 * HIGH_BYTES) uint8, the bits above the low 4
     sub: torch.Tensor | None = None  # int6: (N, K/16) int8, the 16-column scales
     lut: torch.Tensor | None = None  # int4 with a codebook: (16,) int8, w = lut[q] * scale
-    superblock: torch.Tensor | None = None  # in place of scale and offset: (N, K/256 * 16) uint8, int6 * 2
+    superblock: torch.Tensor | None = None  # in place of scale and offset: (N, K/256 * 16) uint8 (int6 2, codebook 8)
 
     @property
     def kind(self) -> str:
@@ -146,9 +147,9 @@ class QuantWeight:
         if self.superblock is None:
             factors = f16(self.scale) and (self.offset is None or (bits in (4, 5) and f16(self.offset)))
         else:
+            size = 2 if bits == 6 else 8 if self.lut is not None else 16
             factors = (bits in (4, 5, 6) and k % SUPER == 0 and self.scale is None and self.offset is None
-                       and self.lut is None
-                       and plane(self.superblock, torch.uint8, (n, k // SUPER * (2 if bits == 6 else 16))))
+                       and plane(self.superblock, torch.uint8, (n, k // SUPER * size)))
         ok = (bits in HIGH_BYTES and k > 0 and k % GROUP == 0
               and self.data.dtype == (torch.int8 if bits == 8 else torch.uint8) and self.data.is_contiguous()
               and factors
@@ -178,6 +179,13 @@ class QuantWeight:
     def factors(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Each group's scale and offset as float32 (N, K/32), the offset None where the weight has
         none (symmetric, or int6 / int8 / a codebook)."""
+        if self.superblock is not None and self.lut is not None:  # IQ4_XS: d (ls - 32)
+            n = self.superblock.shape[0]
+            h = self.superblock.reshape(n, -1, 8)
+            d = h[..., 0:2].contiguous().view(torch.float16).float()  # (N, S, 1)
+            high = (h[..., 2:4].contiguous().view(torch.int16).int()[..., None] >> torch.arange(0, 16, 2)) & 3
+            low = torch.stack([h[..., 4:8] & 15, h[..., 4:8] >> 4], dim=-1).reshape(n, -1, 8).int()
+            return (((low | (high[..., 0, :] << 4)) - 32).float() * d).reshape(n, -1), None
         if self.superblock is not None and self.bits == 6:  # d per 256 columns, for its 8 groups
             n = self.superblock.shape[0]
             d = self.superblock.reshape(n, -1, 2).contiguous().view(torch.float16).float()

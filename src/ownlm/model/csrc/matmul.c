@@ -85,8 +85,9 @@ static inline __attribute__((always_inline)) qpart_t weight_row(const qpart_t* p
     r.w = p->w + n * (bits == 8 ? K : K / 2);
     r.s = p->s ? p->s + n * G : 0;
     r.o = p->o && (bits == 4 || bits == 5) ? p->o + n * G : 0;
-    /* super-blocks: 16 bytes per 8 groups (bits 4, 5), 2 (bits 6) */
-    r.k = !p->k ? 0 : bits == 4 || bits == 5 ? p->k + n * G * 2 : bits == 6 ? p->k + n * G / 4 : 0;
+    /* super-blocks: 16 bytes per 8 groups (bits 4, 5), 2 (bits 6), 8 (a codebook's) */
+    r.k = !p->k ? 0 : bits == 4 || bits == 5 ? p->k + n * G * 2 : bits == 6 ? p->k + n * G / 4
+          : bits == NL4 ? p->k + n * G : 0;
     r.h = bits == 5 ? p->h + n * G * 4 : bits == 6 ? p->h + n * G * 8 : 0;
     r.u = bits == 6 ? p->u + n * 2 * G : 0;
     r.n = 1;
@@ -106,6 +107,27 @@ static inline __attribute__((always_inline)) void k_factors(const uint8_t* hdr, 
     *o = v8f_mul(v8f_from_u8(six, 1), v8f_set1(-f16_to_f32(dmin)));
 }
 
+/* The scales of the 8 groups of an IQ4_XS super-block, d (ls - 32), from its 8 header bytes as the
+   file holds them: float16 d, the 2 high bits of each 6-bit ls (a 16-bit word, group j's at bits
+   2j), their 4 low bits (4 bytes, group j's in byte j / 2, the low nibble first); one float32
+   product each, as gguf's dequantizer computes it */
+static inline __attribute__((always_inline)) v8f xs_scales(const uint8_t* hdr) {
+    uint16_t d, high;
+    uint32_t low;
+    memcpy(&d, hdr, 2);
+    memcpy(&high, hdr + 2, 2);
+    memcpy(&low, hdr + 4, 4);
+    uint64_t lo = low, hi = high;  /* spread to one byte a group: the nibbles, then the 2-bit fields */
+    lo = (lo | lo << 16) & 0x0000FFFF0000FFFFull;
+    lo = (lo | lo << 8) & 0x00FF00FF00FF00FFull;
+    lo = (lo | lo << 4) & 0x0F0F0F0F0F0F0F0Full;
+    hi = (hi | hi << 24) & 0x000000FF000000FFull;
+    hi = (hi | hi << 12) & 0x000F000F000F000Full;
+    hi = (hi | hi << 6) & 0x0303030303030303ull;
+    const uint64_t ls = lo | hi << 4;
+    return v8f_mul(v8f_sub(v8f_from_u8(b16_from_u64(ls), 0), v8f_set1(32.f)), v8f_set1(f16_to_f32(d)));
+}
+
 /* an int6 (Q6_K) weight row's super-block scale d (the same for its 8 groups from g, a multiple of 8) */
 static inline __attribute__((always_inline)) float six_d(qpart_t wr, int64_t g) {
     uint16_t d;
@@ -119,7 +141,8 @@ static inline __attribute__((always_inline)) float group_scale(qpart_t wr, int64
     if (bits == 6) return six_d(wr, g / 8 * 8);
     v8f s, o;
     float f[8];
-    k_factors(wr.k + g / 8 * 16, &s, &o);
+    if (bits == NL4) s = xs_scales(wr.k + g / 8 * 8);
+    else k_factors(wr.k + g / 8 * 16, &s, &o);
     v8f_store(f, s);
     return f[g % 8];
 }
@@ -132,10 +155,14 @@ static inline __attribute__((always_inline)) float group_offset(qpart_t wr, int6
     return f[g % 8];
 }
 
-/* A weight row's super-block factors (k_factors), unpacked once for all the activation rows it
-   meets: its G scales into kf, then its G offsets */
-static inline __attribute__((always_inline)) void k_unpack(qpart_t wr, int64_t G, float* kf) {
+/* A weight row's super-block factors (k_factors; a codebook's: xs_scales), unpacked once for all
+   the activation rows it meets: its G scales into kf, then its G offsets (none for a codebook) */
+static inline __attribute__((always_inline)) void k_unpack(qpart_t wr, int64_t G, float* kf, int bits) {
     for (int64_t g = 0; g < G; g += 8) {
+        if (bits == NL4) {
+            v8f_store(kf + g, xs_scales(wr.k + g));
+            continue;
+        }
         v8f s, o;
         k_factors(wr.k + g * 2, &s, &o);
         v8f_store(kf + g, s);
@@ -170,6 +197,8 @@ static inline __attribute__((always_inline)) float row_factors(const float* xd, 
             }
         } else if (bits == 6 && wr.k) {
             sv = v8f_set1(six_d(wr, g));
+        } else if (bits == NL4 && wr.k) {
+            sv = kf ? v8f_load(kf + g) : xs_scales(wr.k + g);
         } else {
             sv = v8f_from_f16(wr.s + g);
         }
@@ -509,7 +538,8 @@ static inline __attribute__((always_inline)) void q8tile(const int8_t* xq, const
                 for (int r = 0; r < MB; r++)
                     kacc[w * MB + r] = v8f_fmadd(ko[w], v8f_load(xs + r * G + 2 * p), kacc[w * MB + r]);
             } else {
-                sv[w] = B == 6 && wr[w].k ? v8f_set1(six_d(wr[w], 2 * p)) : v8f_from_f16(wr[w].s + 2 * p);
+                sv[w] = !wr[w].k ? v8f_from_f16(wr[w].s + 2 * p) : B == 6 ? v8f_set1(six_d(wr[w], 2 * p))
+                        : xs_scales(wr[w].k + 2 * p);  /* B NL4 */
             }
             if (B == 6) v8f_from_s8_pairs(wr[w].u + 4 * p, ue + w, uo + w);  /* first halves', second halves' */
         }
@@ -642,16 +672,16 @@ static inline __attribute__((always_inline)) void gemm_range(const void* xqv, co
     }
     const int16_t* xq = (const int16_t*)xqv;
     const int64_t G = K / 32;
-    const int k = (B == 4 || B == 5) && p->k;  /* super-blocks: each weight row's factors unpacked once */
+    const int k = (B == 4 || B == 5 || B == NL4) && p->k;  /* super-blocks: each weight row's factors unpacked once */
     float* kfa = k ? KF(sx, G, 0) : 0;
     float* kfb = k ? KF(sx, G, 1) : 0;
     for (int64_t n = n0; n < n1; n++) {
         const qpart_t wr = weight_row(p, n, K, B);
         float out[8];
-        if (k) k_unpack(wr, G, kfa);
+        if (k) k_unpack(wr, G, kfa, B);
         if (n + 1 < n1 && m1 - m0 >= 4) {  /* two weight rows at a time, 4 activation rows each */
             const qpart_t wb = weight_row(p, n + 1, K, B);
-            if (k) k_unpack(wb, G, kfb);
+            if (k) k_unpack(wb, G, kfb, B);
             int64_t m = m0;
             for (; m + 4 <= m1; m += 4) {
                 qtile(xq + m * K, xd + m * G, xs + m * G, K, wr, wb, B, sx, kfa, kfb, out, 4);

@@ -112,6 +112,7 @@ static inline void v16h_nibbles(b16 a, v16h* lo, v16h* hi) {
 }
 
 static inline b16 b16_load(const uint8_t* p) { return _mm_loadu_si128((const __m128i*)p); }
+static inline b16 b16_from_u64(uint64_t v) { return _mm_cvtsi64_si128((long long)v); }  /* v's bytes, then 0 */
 static inline b16 b16_or(b16 a, b16 b) { return _mm_or_si128(a, b); }
 /* byte i: table[idx[i]] (idx below 16) */
 static inline b16 b16_lookup(b16 table, b16 idx) { return _mm_shuffle_epi8(table, idx); }
@@ -363,6 +364,7 @@ static inline void v16h_nibbles(b16 a, v16h* lo, v16h* hi) {
 }
 
 static inline b16 b16_load(const uint8_t* p) { return vld1q_u8(p); }
+static inline b16 b16_from_u64(uint64_t v) { return vcombine_u8(vcreate_u8(v), vdup_n_u8(0)); }
 static inline b16 b16_or(b16 a, b16 b) { return vorrq_u8(a, b); }
 static inline b16 b16_lookup(b16 table, b16 idx) { return vqtbl1q_u8(table, idx); }
 static inline b16 b16_shr_and(b16 a, int n, uint8_t mask) {
