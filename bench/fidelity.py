@@ -2,11 +2,12 @@
 
     python bench/fidelity.py [--tokens 400] [--threads 2] [--gen 24] [--decode 64] [--llama-python PY]
 
-The GGUFs: smollm2 (pulled through ownlm's own catalog: Q4_1 layers, a Q8_0 embedding) and four
+The GGUFs: smollm2 (pulled through ownlm's own catalog: Q4_1 layers, a Q8_0 embedding) and five
 files made from it once with llama.cpp's own quantizer (llama_model_quantize, requantizing from
-the Q4_1 file) as Q4_K_M, Q5_0, Q6_K and IQ4_NL, cached under ~/.cache/ownlm-bench/fidelity. smollm2's
-hidden size (576) is not a multiple of 256, so llama.cpp gives its 576-column tensors the
-fallback types (Q5_0 / Q8_0 here) in the K files: each model's `mix` lists what it holds.
+the Q4_1 file) as Q4_K_M, Q5_0, Q6_K, IQ4_NL and IQ4_XS, cached under
+~/.cache/ownlm-bench/fidelity. smollm2's hidden size (576) is not a multiple of 256, so llama.cpp
+gives its 576-column tensors the fallback types (Q5_0 / Q8_0 / IQ4_NL here) in the K and XS
+files: each model's `mix` lists what it holds.
 
 For each file, on the same ~400 tokens of prose: the reference is ownlm's float32 model of the
 file's dequantized weights (quant none); the mean over positions of KL(reference || x) for
@@ -34,7 +35,7 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 CACHE = Path(os.environ.get("OWNLM_BENCH_CACHE", Path.home() / ".cache" / "ownlm-bench")) / "fidelity"
 PROMPTS = ["Name three colors of the rainbow.", "What is the capital of France?", "Write a haiku about the sea."]
-QUANTS = ("Q4_K_M", "Q5_0", "Q6_K", "IQ4_NL")
+QUANTS = ("Q4_K_M", "Q5_0", "Q6_K", "IQ4_NL", "IQ4_XS")
 
 
 def source_gguf() -> Path:
