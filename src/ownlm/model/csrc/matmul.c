@@ -135,14 +135,25 @@ static inline __attribute__((always_inline)) float six_d(qpart_t wr, int64_t g) 
     return f16_to_f32(d);
 }
 
-/* group g's scale of a weight row, and (bits 4 / 5) its offset: the groups' loops' tails */
+/* Groups g .. g + 7 (g a multiple of 8, all within the row) of a weight row of kind `bits`, in any
+   layout: their scales into *s and, bits 4 / 5 with o given, their offsets into *o (MIDPOINT s
+   where the part has none; always, for a part with super-blocks) */
+static inline __attribute__((always_inline)) void factors8(qpart_t wr, int64_t g, int bits, v8f* s, v8f* o) {
+    if (wr.k && (bits == 4 || bits == 5)) {
+        k_factors(wr.k + g * 2, s, o);
+        return;
+    }
+    *s = !wr.k ? v8f_from_f16(wr.s + g) : bits == 6 ? v8f_set1(six_d(wr, g)) : xs_scales(wr.k + g);
+    if ((bits == 4 || bits == 5) && o) *o = wr.o ? v8f_from_f16(wr.o + g) : v8f_mul(*s, v8f_set1(MIDPOINT(bits)));
+}
+
+/* group g's scale of a weight row, and (bits 4 / 5) its offset: the groups' loops' tails (only a
+   row without super-blocks has a tail short of 8 groups) */
 static inline __attribute__((always_inline)) float group_scale(qpart_t wr, int64_t g, int bits) {
     if (!wr.k) return f16_to_f32(wr.s[g]);
-    if (bits == 6) return six_d(wr, g / 8 * 8);
     v8f s, o;
     float f[8];
-    if (bits == NL4) s = xs_scales(wr.k + g / 8 * 8);
-    else k_factors(wr.k + g / 8 * 16, &s, &o);
+    factors8(wr, g / 8 * 8, bits, &s, &o);
     v8f_store(f, s);
     return f[g % 8];
 }
@@ -150,23 +161,19 @@ static inline __attribute__((always_inline)) float group_offset(qpart_t wr, int6
     if (!wr.k) return wr.o ? f16_to_f32(wr.o[g]) : MIDPOINT(bits) * f16_to_f32(wr.s[g]);
     v8f s, o;
     float f[8];
-    k_factors(wr.k + g / 8 * 16, &s, &o);
+    factors8(wr, g / 8 * 8, bits, &s, &o);
     v8f_store(f, o);
     return f[g % 8];
 }
 
-/* A weight row's super-block factors (k_factors; a codebook's: xs_scales), unpacked once for all
-   the activation rows it meets: its G scales into kf, then its G offsets (none for a codebook) */
+/* A weight row's super-block factors (factors8), unpacked once for all the activation rows it
+   meets: its G scales into kf, then (bits 4 / 5) its G offsets */
 static inline __attribute__((always_inline)) void k_unpack(qpart_t wr, int64_t G, float* kf, int bits) {
     for (int64_t g = 0; g < G; g += 8) {
-        if (bits == NL4) {
-            v8f_store(kf + g, xs_scales(wr.k + g));
-            continue;
-        }
         v8f s, o;
-        k_factors(wr.k + g * 2, &s, &o);
+        factors8(wr, g, bits, &s, &o);
         v8f_store(kf + g, s);
-        v8f_store(kf + G + g, o);
+        if (bits == 4 || bits == 5) v8f_store(kf + G + g, o);
     }
 }
 
@@ -177,30 +184,21 @@ static inline __attribute__((always_inline)) void k_unpack(qpart_t wr, int64_t G
 /* Row r's part of a weight row that does not depend on the group loop: the group factors
    s[g] xd[r, g] (into sx; bits 6: s[g] xd[r, g] u[2g + t] for its two halves, 2 G of them) and
    the offset term sum_g o[g] xs[r, g] (returned), 8 groups at a time. bits 4 / 5: w = q s + o
-   (no offsets: o = -8 s / -16 s; super-blocks: their factors from kf, k_unpack's, or unpacked
-   here where kf is null: the same values); bits 6: w = (q - 32) s u, no offset term; bits 8:
-   w = q s. */
+   (no offsets: o = -8 s / -16 s); bits 6: w = (q - 32) s u, no offset term; bits 8: w = q s.
+   A part with super-blocks has its factors from kf (k_unpack's) where given, else unpacked
+   here: the same values. */
 static inline __attribute__((always_inline)) float row_factors(const float* xd, const float* xs, int64_t G,
         qpart_t wr, int bits, float* sx, const float* kf) {
     const int64_t G8 = G - G % 8;
-    const float mid = MIDPOINT(bits);
     v8f ov = v8f_zero();
     int64_t g = 0;
     for (; g < G8; g += 8) {
-        v8f sv, kov = v8f_zero();
-        if ((bits == 4 || bits == 5) && wr.k) {
-            if (kf) {
-                sv = v8f_load(kf + g);
-                kov = v8f_load(kf + G + g);
-            } else {
-                k_factors(wr.k + g * 2, &sv, &kov);
-            }
-        } else if (bits == 6 && wr.k) {
-            sv = v8f_set1(six_d(wr, g));
-        } else if (bits == NL4 && wr.k) {
-            sv = kf ? v8f_load(kf + g) : xs_scales(wr.k + g);
+        v8f sv, ow = v8f_zero();
+        if (kf) {
+            sv = v8f_load(kf + g);
+            if (bits == 4 || bits == 5) ow = v8f_load(kf + G + g);
         } else {
-            sv = v8f_from_f16(wr.s + g);
+            factors8(wr, g, bits, &sv, &ow);
         }
         const v8f f = v8f_mul(sv, v8f_load(xd + g));
         if (bits == 6) {  /* each group's factor for its two halves, times their int8 scales */
@@ -209,10 +207,7 @@ static inline __attribute__((always_inline)) float row_factors(const float* xd, 
         } else {
             v8f_store(sx + g, f);
         }
-        if (bits == 4 || bits == 5) {
-            const v8f ow = wr.k ? kov : wr.o ? v8f_from_f16(wr.o + g) : v8f_mul(sv, v8f_set1(mid));
-            ov = v8f_fmadd(ow, v8f_load(xs + g), ov);
-        }
+        if (bits == 4 || bits == 5) ov = v8f_fmadd(ow, v8f_load(xs + g), ov);
     }
     float ot = v8f_hsum(ov);
     for (; g < G; g++) {
@@ -434,18 +429,12 @@ static inline __attribute__((always_inline)) void ncols(const int16_t* xq, const
    where the part has none), 8 groups at a time, then the rest one by one */
 static inline __attribute__((always_inline)) float offset_term(const float* xs, int64_t G, qpart_t wr,
                                                                const int bits) {
-    const float mid = MIDPOINT(bits);
     const int64_t G8 = G - G % 8;
     v8f ov = v8f_zero();
     int64_t g = 0;
     for (; g < G8; g += 8) {
-        v8f ow;
-        if (wr.k) {
-            v8f sv;
-            k_factors(wr.k + g * 2, &sv, &ow);
-        } else {
-            ow = wr.o ? v8f_from_f16(wr.o + g) : v8f_mul(v8f_from_f16(wr.s + g), v8f_set1(mid));
-        }
+        v8f sv, ow;
+        factors8(wr, g, bits, &sv, &ow);
         ov = v8f_fmadd(ow, v8f_load(xs + g), ov);
     }
     float ot = v8f_hsum(ov);
@@ -533,13 +522,12 @@ static inline __attribute__((always_inline)) void q8tile(const int8_t* xq, const
     int64_t p = 0;
     for (; p + 4 <= P; p += 4) {  /* 8 groups: their scales converted once (int6: their 16-column ones too) */
         for (int w = 0; w < NW; w++) {
-            if (k) {
-                k_factors(wr[w].k + 4 * p, sv + w, ko + w);  /* groups 2p .. 2p + 7: a super-block */
+            if (k) {  /* groups 2p .. 2p + 7: a super-block */
+                factors8(wr[w], 2 * p, B, sv + w, ko + w);
                 for (int r = 0; r < MB; r++)
                     kacc[w * MB + r] = v8f_fmadd(ko[w], v8f_load(xs + r * G + 2 * p), kacc[w * MB + r]);
             } else {
-                sv[w] = !wr[w].k ? v8f_from_f16(wr[w].s + 2 * p) : B == 6 ? v8f_set1(six_d(wr[w], 2 * p))
-                        : xs_scales(wr[w].k + 2 * p);  /* B NL4 */
+                factors8(wr[w], 2 * p, B, sv + w, 0);
             }
             if (B == 6) v8f_from_s8_pairs(wr[w].u + 4 * p, ue + w, uo + w);  /* first halves', second halves' */
         }
