@@ -592,6 +592,26 @@ def test_blocks_the_fused_step_does_not_cover_take_the_modules(hf_models, tmp_pa
 
 
 @pytest.mark.skipif(not KERNELS_POSSIBLE, reason="ownlm's kernels need x86-64 Linux with AVX2 and a C compiler")
+def test_a_float16_model_steps_through_its_modules_and_the_kernels_refuse_float16(hf_models):
+    """The kernels read and write 4- or 2-byte floats as float32 / bfloat16: a float16 model's
+    decode steps go through its forward (a float16 step once wrote past its rows' buffer), and
+    each wrapper refuses float16 rows before any C code runs."""
+    lm = ownlm.load(str(hf_models["llama"]), dtype="float16", quant="int4")
+    assert not cpu_step.eligible(lm.model)
+    ids = list(range(3, 21))
+    stepped = _decode(lm.model, ids, stepper=True)
+    assert stepped.isfinite().all() and torch.equal(stepped, _decode(lm.model, ids))
+    x = torch.ones(2, 64, dtype=torch.float16)
+    with pytest.raises(ValueError, match="float32 or bfloat16"):
+        kernels.rms_norm(x, torch.ones(64), 1e-6, 0.0)
+    with pytest.raises(ValueError, match="float32 or bfloat16"):
+        kernels.act_mul(x, 0)
+    with pytest.raises(ValueError, match="float32 or bfloat16"):
+        kernels.decode_layers(x, None, None, None, (1, 1, 64), (None,) * 4, torch.float16, None, 0,
+                              torch.zeros(2, dtype=torch.int64), 1e-6, 0)
+
+
+@pytest.mark.skipif(not KERNELS_POSSIBLE, reason="ownlm's kernels need x86-64 Linux with AVX2 and a C compiler")
 def test_each_block_type_keeps_its_bits_and_mixed_groups_fuse_as_stacks(hf_models, tmp_path):
     """Q5_0 layers in their own 5 bits, and a Q4_0 file whose v projections are Q5_1 and down
     projections Q8_0 (as llama.cpp's _M mixes do): a fused qkv of int4 q, k and an int5 v is a

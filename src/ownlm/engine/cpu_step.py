@@ -32,9 +32,10 @@ NORMS = {"norm1": "attn_norm", "norm2": "mlp_norm", "q_norm": "attn.q_norm", "k_
 
 def eligible(model: Transformer) -> bool:
     """Whether every block has the shape decode_layers runs (switches read from the config, the
-    projections' and norms' types from the modules)."""
+    projections' and norms' types from the modules) in a compute dtype it takes (float32 or
+    bfloat16: a float16 model steps through its forward)."""
     cfg = model.cfg
-    if not kernels.full():
+    if not kernels.full() or model.dtype not in (torch.float32, torch.bfloat16):
         return False
     if (cfg.norm != "rms" or cfg.position != "rope" or cfg.clip_qkv or cfg.parallel_residual
             or cfg.shared_norm or cfg.n_experts or not cfg.mlp.startswith("gated")

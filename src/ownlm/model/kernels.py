@@ -323,11 +323,18 @@ def _need(ok: bool, what: str) -> None:
         raise ValueError(f"ownlm's CPU kernels: {what}")
 
 
+def _floats(x: torch.Tensor) -> bool:
+    """x is a contiguous float32 / bfloat16 CPU tensor (what the kernels read and write, 4 or 2
+    bytes an element); returns whether it is bfloat16."""
+    _need(x.is_contiguous() and x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16),
+          f"x must be a contiguous float32 or bfloat16 CPU tensor, not {x.dtype} on {x.device.type}")
+    return x.dtype == torch.bfloat16
+
+
 def _rows(x: torch.Tensor) -> bool:
     """x is a contiguous (M, K) float32 / bfloat16 CPU matrix; returns whether it is bfloat16."""
-    _need(x.dim() == 2 and x.is_contiguous() and x.device.type == "cpu"
-          and x.dtype in (torch.float32, torch.bfloat16), "x must be a contiguous (M, K) float32 or bfloat16 matrix")
-    return x.dtype == torch.bfloat16
+    _need(x.dim() == 2, "x must be an (M, K) matrix")
+    return _floats(x)
 
 
 def check_parts(parts: list[QuantWeight], k: int) -> None:
@@ -366,8 +373,8 @@ def bf16_matmul(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """x (M, K) @ w.T -> (M, N) in x's dtype for a bfloat16 w (N, K), accumulated in float32."""
     xbf = _rows(x)
     m, k = x.shape
-    _need(w.dtype == torch.bfloat16 and w.dim() == 2 and w.shape[1] == k and w.is_contiguous(),
-          "w must be a contiguous (N, K) bfloat16 matrix")
+    _need(w.dtype == torch.bfloat16 and w.dim() == 2 and w.shape[1] == k and w.is_contiguous()
+          and w.device.type == "cpu", "w must be a contiguous (N, K) bfloat16 CPU matrix")
     n = w.shape[0]
     y = torch.empty(m, n, dtype=x.dtype)
     if m == 0 or n == 0:
@@ -379,6 +386,7 @@ def bf16_matmul(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
 def rms_norm(x: torch.Tensor, weight32: torch.Tensor, eps: float, offset: float) -> torch.Tensor:
     """RMSNorm over the last dimension (see elementwise.c); weight32: float32 (C,)."""
     x = x.contiguous()
+    _floats(x)
     c = x.shape[-1]
     _need(weight32.dtype == torch.float32 and weight32.is_contiguous() and tuple(weight32.shape) == (c,),
           f"the norm weight must be float32 ({c},)")
@@ -391,6 +399,7 @@ def rms_norm(x: torch.Tensor, weight32: torch.Tensor, eps: float, offset: float)
 def act_mul(x: torch.Tensor, act: int) -> torch.Tensor:
     """act(gate) * up for x = [gate | up] on the last dimension; act 0: SiLU, 1: GeLU (tanh)."""
     x = x.contiguous()
+    _floats(x)
     _need(x.shape[-1] % 2 == 0 and act in (0, 1), "act_mul takes [gate | up] rows and act 0 or 1")
     f = x.shape[-1] // 2
     y = x.new_empty(*x.shape[:-1], f)
@@ -457,9 +466,11 @@ def decode_layers(x: torch.Tensor, layers: ctypes.Array, keys: ctypes.Array, val
     """The whole decode step of len(layers) blocks, x (B, C) updated in place (see decode.c).
     The caller (engine/cpu_step.py) checked the layers when it built them, and the cache, slots
     and positions with check_attention before this call."""
+    _need(x.dim() == 2 and x.shape[0] == pos.shape[0], "x must be the (B, C) rows of the step")
+    bf = _floats(x)
     h, hkv, d = shape
     cos0, sin0, cos1, sin1 = rotations
-    _call(_lib.decode_layers(x.data_ptr(), x.dtype == torch.bfloat16, x.shape[0], x.shape[-1], len(layers),
+    _call(_lib.decode_layers(x.data_ptr(), bf, x.shape[0], x.shape[-1], len(layers),
                              ctypes.byref(layers), keys, values, h, hkv, d, cos0.shape[-1], cos0.data_ptr(),
                              sin0.data_ptr(), cos1.data_ptr(), sin1.data_ptr(), CACHE_TYPES[cache_type],
                              slots.data_ptr(), capacity, pos.data_ptr(), eps, act))
