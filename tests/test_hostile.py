@@ -115,16 +115,43 @@ def test_gguf_token_longer_than_any_vocabulary_is_refused(llama, tmp_path):
 
 def test_spm_merges_of_a_long_piece_are_not_quadratic():
     """SentencePiece merges are built from the cuts of each piece into two pieces: a 250k-character
-    piece (handed over without the schema's bound) costs the vocabulary's few lengths, not 250k cuts."""
+    piece (handed over without the schema's bound) costs the vocabulary's few lengths, not 250k cuts
+    (which would pass the cuts' bound and be refused)."""
     tokens = ["<unk>", "<s>", "</s>", "▁", "a", "b", "ab", "▁a", "x" * 250_000, "xx"]
     meta = {"tokenizer.ggml.model": "llama", "tokenizer.ggml.tokens": tokens,
             "tokenizer.ggml.scores": [0.0, 0.0, 0.0, -1.0, -2.0, -3.0, -4.0, -5.0, -6.0, -7.0],
             "tokenizer.ggml.token_type": [2, 3, 3, 1, 1, 1, 1, 1, 1, 1], "tokenizer.ggml.bos_token_id": 1,
             "tokenizer.ggml.eos_token_id": 2, "tokenizer.ggml.unknown_token_id": 0}
-    t0 = time.perf_counter()
     spec = tok.from_gguf(meta)
-    assert time.perf_counter() - t0 < 1.0
     assert spec.tokenizer.encode("ab a", add_special_tokens=False).tokens == ["▁", "ab", "▁a"]
+
+
+def test_spm_vocabulary_of_every_length_is_refused_before_its_merges_fill_memory(monkeypatch):
+    """Pieces "a", "aa", ... of every length up to 4096 (8 MB of text, each within the schema's
+    bound) split into 8 million merges of 23 GB of text: refused as the bound passes. With the
+    bounds lowered, the cuts' and the characters' are each what refuses."""
+    tokens = ["<unk>", "<s>", "</s>"] + ["a" * k for k in range(1, 4097)]
+    meta = {"tokenizer.ggml.model": "llama", "tokenizer.ggml.tokens": tokens,
+            "tokenizer.ggml.scores": [0.0] * 3 + [-float(k) for k in range(1, 4097)],
+            "tokenizer.ggml.token_type": [2, 3, 3] + [1] * 4096, "tokenizer.ggml.bos_token_id": 1,
+            "tokenizer.ggml.eos_token_id": 2, "tokenizer.ggml.unknown_token_id": 0}
+    with pytest.raises(ModelFormatError, match="more SentencePiece merges than any real vocabulary"):
+        tok.from_gguf(meta)
+    small = {**meta, "tokenizer.ggml.tokens": tokens[:3 + 64], "tokenizer.ggml.scores": meta["tokenizer.ggml.scores"][:67],
+             "tokenizer.ggml.token_type": meta["tokenizer.ggml.token_type"][:67]}
+    merges = 63 * 64 // 2  # every cut of every piece has both halves in the vocabulary
+    assert len(tok._spm_merges(small["tokenizer.ggml.tokens"], small["tokenizer.ggml.scores"],
+                               small["tokenizer.ggml.token_type"], {t: i for i, t in enumerate(tokens[:67])})) == merges
+    monkeypatch.setattr(tok, "MAX_SPM_CUTS", merges - 1)
+    with pytest.raises(ModelFormatError, match="over 2015 cuts"):
+        tok.from_gguf(small)
+    monkeypatch.setattr(tok, "MAX_SPM_CUTS", merges)
+    monkeypatch.setattr(tok, "MAX_SPM_MERGE_CHARS", 1000)
+    with pytest.raises(ModelFormatError, match="or 1000 characters"):
+        tok.from_gguf(small)
+    monkeypatch.setattr(tok, "MAX_SPM_MERGE_CHARS", sum(k * (k - 1) for k in range(2, 65)))
+    # (no "▁" piece here: the space prefix is unknown)
+    assert tok.from_gguf(small).tokenizer.encode("aaaa", add_special_tokens=False).tokens == ["<unk>", "aaaa"]
 
 
 # -- config.json, generation_config.json, safetensors headers -----------------------------------------

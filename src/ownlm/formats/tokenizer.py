@@ -141,15 +141,24 @@ def _gguf_tokenizer(meta: Mapping[str, Any], kind: str, tokens: list[str], types
     return tk, True
 
 
+# the most cuts _spm_merges looks at, and characters its merges hold: real SentencePiece vocabularies
+# (256k pieces) stay far below both; a hostile one (pieces "a", "aa", ... of every length) would
+# otherwise cost time and memory cubic in its longest piece
+MAX_SPM_CUTS = 1 << 24
+MAX_SPM_MERGE_CHARS = 1 << 26
+
+
 def _spm_merges(tokens: list[str], scores: list[float], types: list[int],
                 vocab: dict[str, int]) -> list[tuple[str, str]]:
     """BPE merges equivalent to a SentencePiece BPE model: every split of a piece into two
     pieces of the vocabulary, ranked by the merged piece's score (higher merges first). Only cuts
     where both halves have the length of some piece are tried: a piece costs the number of
-    distinct piece lengths, not the square of its own length (one 250k-character token)."""
+    distinct piece lengths, not the square of its own length (one 250k-character token). A
+    vocabulary whose cuts or merges pass MAX_SPM_CUTS / MAX_SPM_MERGE_CHARS is refused."""
     lengths = sorted({len(t) for t in tokens})
     present = set(lengths)
     ranked = []
+    cuts = chars = 0
     for i, piece in enumerate(tokens):
         size = len(piece)
         if types[i] not in (NORMAL, USER_DEFINED) or size < 2:
@@ -157,13 +166,18 @@ def _spm_merges(tokens: list[str], scores: list[float], types: list[int],
         for cut in lengths:
             if cut >= size:
                 break
+            cuts += 1
             if size - cut not in present:
                 continue
             a, b = piece[:cut], piece[cut:]
             if a in vocab and b in vocab:
-                ranked.append((-scores[i], vocab[a], vocab[b], a, b))
+                ranked.append((-scores[i], vocab[a], vocab[b], i, cut))
+                chars += size
+        if cuts > MAX_SPM_CUTS or chars > MAX_SPM_MERGE_CHARS:
+            raise ModelFormatError("GGUF: tokenizer.ggml.tokens splits into more SentencePiece merges than any real "
+                                   f"vocabulary (over {MAX_SPM_CUTS} cuts or {MAX_SPM_MERGE_CHARS} characters)")
     ranked.sort()
-    return [(a, b) for *_, a, b in ranked]
+    return [(tokens[i][:cut], tokens[i][cut:]) for *_, i, cut in ranked]
 
 
 def _token_text(v: Any) -> str:
