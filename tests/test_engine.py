@@ -187,3 +187,79 @@ def test_scores_that_are_not_numbers_are_an_error_not_a_token():
     masked = torch.full((4,), -math.inf)
     with pytest.raises(ModelFormatError, match="probability above zero"):
         sample(masked, SamplingParams(temperature=1.0), torch.Generator().manual_seed(0))
+
+
+class _Pieces:
+    """A tokenizer whose token i is the text piece pieces[i] (for TextAssembler alone)."""
+
+    def __init__(self, pieces):
+        self.pieces = pieces
+
+    def decode(self, ids, skip_special=True):
+        return "".join(self.pieces[i] for i in ids)
+
+
+def test_stop_strings_cut_at_the_earliest_and_hold_back_only_what_could_become_one():
+    """TextAssembler against a direct reading of the rule on random texts over a small alphabet
+    (overlapping and repeating stop strings: "aab" in "aaab", "abab" in "ababab"), fed in random
+    pieces: after the first piece that completes a stop string the text is cut where the earliest
+    stop string in it starts, every piece handed out is final, and text is held back only while
+    the text so far ends with the start of a stop string."""
+    import random
+
+    from ownlm.engine.generate import TextAssembler
+
+    rng = random.Random(0)
+    for trial in range(400):
+        text = "".join(rng.choice("ab") for _ in range(rng.randint(0, 40)))
+        stops = ["".join(rng.choice("ab") for _ in range(rng.randint(1, 6))) for _ in range(rng.randint(1, 3))]
+        pieces, at = [], 0
+        while at < len(text):
+            n = rng.randint(1, 5)
+            pieces.append(text[at:at + n])
+            at += n
+        want, found = "", []
+        for piece in pieces:
+            want += piece
+            found = [i for i in (want.find(s) for s in stops) if i != -1]
+            if found:
+                want = want[:min(found)]
+                break
+        asm = TextAssembler(_Pieces(pieces), stops)
+        out = ""
+        for i in range(len(pieces)):
+            out += asm.push(i)
+            sofar = "".join(pieces[:i + 1])
+            if not asm.stopped:  # held: the longest end of the text that starts a stop string
+                held = max((n for s in stops for n in range(1, len(s)) if sofar.endswith(s[:n])), default=0)
+                assert out == sofar[:len(sofar) - held], (trial, text, stops)
+            assert want.startswith(out)
+            if asm.stopped:
+                break
+        out += asm.finish()
+        assert out == want == asm.text and asm.stopped == bool(found), (trial, text, stops)
+
+
+def test_long_stop_strings_cost_a_token_its_own_characters():
+    """16 stop strings of 100,000 characters and an answer that keeps almost matching them: each
+    piece's work is its own characters' (the matcher's steps are counted, not timed)."""
+    from ownlm.engine import generate
+
+    stops = ["a" * 99_999 + c for c in "bcdefghijklmnopq"]
+    asm = generate.TextAssembler(_Pieces(["a" * 8] * 4000), stops)
+    steps = 0
+    feed = generate._StopMatcher.feed
+
+    def counted(self, piece):
+        nonlocal steps
+        steps += len(piece)
+        return feed(self, piece)
+
+    generate._StopMatcher.feed = counted
+    try:
+        for i in range(4000):
+            assert asm.push(i) == ""  # 32,000 a's: all of them could still start a stop string
+    finally:
+        generate._StopMatcher.feed = feed
+    assert steps == 16 * 32_000 and not asm.stopped
+    assert asm.finish() == "a" * 32_000

@@ -148,12 +148,13 @@ def prefill(model: torch.nn.Module, prompt: Sequence[int], cache: KVCache,
 
 class TextAssembler:
     """Token ids in, text pieces out: UTF-8 safe, stop strings cut exactly (text that could still
-    become a stop string is held back until it cannot)."""
+    become a stop string is held back until it cannot). Each stop string is followed by a KMP
+    matcher over the text as it grows: a token's work is its own characters', whatever the
+    lengths of the text and of the stop strings."""
 
     def __init__(self, tokenizer: TextTokenizer, stop: Sequence[str] = ()):
         self.dec = IncrementalDecoder(tokenizer)
-        self.stop = tuple(stop)
-        self.hold = max((len(s) for s in self.stop), default=0) - 1
+        self.stops = [_StopMatcher(s) for s in stop if s]
         self.text = ""  # everything decoded so far (cut at a stop string once one is found)
         self.sent = 0  # characters of `text` already handed out
         self.stopped = False  # a stop string was found: no more text will come
@@ -161,26 +162,57 @@ class TextAssembler:
     def push(self, token: int) -> str:
         if self.stopped:
             return ""
-        self.text += self.dec.push(token)
-        return self._out(final=False)
+        return self._add(self.dec.push(token), final=False)
 
     def finish(self) -> str:
         """The held-back rest, once no more tokens will come."""
-        if not self.stopped:
-            self.text += self.dec.flush()
-        return self._out(final=True)
+        return self._add("" if self.stopped else self.dec.flush(), final=True)
 
-    def _out(self, final: bool) -> str:
-        if not self.stopped:
-            cut = _find_stop(self.text, self.stop, self.sent)
-            if cut is not None:
-                self.text, self.stopped = self.text[:cut], True
-        safe = len(self.text) if (final or self.stopped) else len(self.text) - _held(self.text, self.stop, self.hold)
+    def _add(self, new: str, final: bool) -> str:
+        if new and not self.stopped:
+            start = len(self.text)
+            self.text += new
+            ends = [(m.feed(new), m) for m in self.stops]
+            cuts = [start + end - len(m.stop) for end, m in ends if end is not None]
+            if cuts:
+                self.text, self.stopped = self.text[:min(cuts)], True
+        held = 0 if final or self.stopped else max((m.matched for m in self.stops), default=0)
+        safe = len(self.text) - held
         if safe <= self.sent:
             return ""
         piece = self.text[self.sent:safe]
         self.sent = safe
         return piece
+
+
+class _StopMatcher:
+    """Where one stop string first ends in a text fed piece by piece (Knuth-Morris-Pratt):
+    `matched`, the longest start of the stop string that ends the text so far."""
+
+    def __init__(self, stop: str):
+        self.stop, self.matched = stop, 0
+        self.fail = [0] * len(stop)  # fail[i]: the longest proper border of stop[:i + 1]
+        k = 0
+        for i in range(1, len(stop)):
+            while k and stop[i] != stop[k]:
+                k = self.fail[k - 1]
+            if stop[i] == stop[k]:
+                k += 1
+            self.fail[i] = k
+
+    def feed(self, piece: str) -> int | None:
+        """The index in `piece` just past where the stop string is first complete, or None."""
+        stop, fail, k = self.stop, self.fail, self.matched
+        for i, c in enumerate(piece):
+            while k and stop[k] != c:
+                k = fail[k - 1]
+            if stop[k] == c:
+                k += 1
+                if k == len(stop):
+                    self.matched = k
+                    return i + 1
+        self.matched = k
+        return None
 
 
 class TextStream:
@@ -238,22 +270,3 @@ class TextStream:
             pass
         assert self.completion is not None
         return self.completion
-
-
-def _find_stop(text: str, stops: Sequence[str], sent: int) -> int | None:
-    """Index where the earliest stop string starts, looking only where it could be new."""
-    best = None
-    for s in stops:
-        i = text.find(s, max(0, sent - len(s) + 1))
-        if i != -1 and (best is None or i < best):
-            best = i
-    return best
-
-
-def _held(text: str, stops: Sequence[str], hold: int) -> int:
-    """Length of the tail of `text` that could still become a stop string."""
-    for n in range(min(hold, len(text)), 0, -1):
-        tail = text[-n:]
-        if any(s.startswith(tail) for s in stops):
-            return n
-    return 0
