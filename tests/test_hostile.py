@@ -137,8 +137,8 @@ def test_spm_vocabulary_of_every_length_is_refused_before_its_merges_fill_memory
             "tokenizer.ggml.eos_token_id": 2, "tokenizer.ggml.unknown_token_id": 0}
     with pytest.raises(ModelFormatError, match="more SentencePiece merges than any real vocabulary"):
         tok.from_gguf(meta)
-    small = {**meta, "tokenizer.ggml.tokens": tokens[:3 + 64], "tokenizer.ggml.scores": meta["tokenizer.ggml.scores"][:67],
-             "tokenizer.ggml.token_type": meta["tokenizer.ggml.token_type"][:67]}
+    small = {**meta, "tokenizer.ggml.tokens": tokens[:67], "tokenizer.ggml.scores": meta["tokenizer.ggml.scores"][:67],
+             "tokenizer.ggml.token_type": meta["tokenizer.ggml.token_type"][:67]}  # pieces of 1 .. 64 a's
     merges = 63 * 64 // 2  # every cut of every piece has both halves in the vocabulary
     assert len(tok._spm_merges(small["tokenizer.ggml.tokens"], small["tokenizer.ggml.scores"],
                                small["tokenizer.ggml.token_type"], {t: i for i, t in enumerate(tokens[:67])})) == merges
