@@ -113,9 +113,10 @@ def test_repetition_penalty_reduces_repeats(lm):
 
 def test_bad_parameters_are_errors(lm):
     for kw in ({"temperature": -1}, {"top_p": 0}, {"top_k": -2}, {"max_tokens": 0}, {"frobnicate": 1},
-               {"presence_penalty": 5}):
+               {"presence_penalty": 5}, {"seed": 2**64}, {"seed": -2**63 - 1}):
         with pytest.raises(BadRequest):
             lm.generate("hi", **kw)
+    assert lm.generate("hi", seed=2**64 - 1, max_tokens=2, temperature=1.0).usage["completion_tokens"] == 2
     with pytest.raises(BadRequest, match="context"):
         lm.generate("hi", max_tokens=10_000)
     with pytest.raises(BadRequest, match="context"):

@@ -18,6 +18,7 @@ import ownlm
 import server_util
 from conftest import CHATML, build_hf_model, build_tokenizer
 from ownlm import manage
+from ownlm.server.http import APIError
 from ownlm.server.ollama import keep_alive_seconds
 from ownlm.store.store import Store
 
@@ -235,6 +236,9 @@ def test_ps_and_keep_alive(client):
     assert "tiny:latest" not in {m.model for m in client.ps().models}
     assert client.generate("tiny").done_reason == "load"
     assert "tiny:latest" in {m.model for m in client.ps().models}
+    client.generate("tiny", "hello", raw=True, options={"num_predict": 1}, keep_alive=1e12)  # beyond a century
+    expires = {m.model: m.expires_at for m in client.ps().models}["tiny:latest"]
+    assert (expires - datetime.now(timezone.utc)).days > 365 * 99  # forever, as Ollama shows it
     client.generate("tiny", "hello", raw=True, options={"num_predict": 1}, keep_alive=0)
     deadline = time.monotonic() + 5  # unloaded by the reaper (each second) once the request is done
     while "tiny:latest" in {m.model for m in client.ps().models}:
@@ -246,6 +250,12 @@ def test_keep_alive_durations():
     assert keep_alive_seconds("5m") == 300 and keep_alive_seconds("1h30m") == 5400
     assert keep_alive_seconds(0) == 0 and keep_alive_seconds("-1") == -1 and keep_alive_seconds("-1m") == -60
     assert keep_alive_seconds("250ms") == 0.25 and keep_alive_seconds(None) is None
+    # beyond a century (infinity too) is forever, as a negative is; not a number is refused
+    assert keep_alive_seconds(1e12) == keep_alive_seconds("inf") == keep_alive_seconds(float("inf")) == -1
+    assert keep_alive_seconds("99999999999h") == -1 and keep_alive_seconds(86400.0 * 365 * 99) == 86400.0 * 365 * 99
+    for bad in ("nan", float("nan"), "5 minutes"):
+        with pytest.raises(APIError, match="is not a duration"):
+            keep_alive_seconds(bad)
 
 
 def test_copy_and_delete(client):
@@ -280,6 +290,14 @@ def test_errors_have_ollama_shape(server):
     assert r.status_code == 400 and "template" in r.json()["error"]
     r = httpx.get(f"{server.base}/api/nothing-here", timeout=30)
     assert r.status_code == 404 and list(r.json()) == ["error"]
+    for seed in (2**64, -2**63 - 1):  # torch's generator takes 64 bits: a 400, not an internal error
+        r = httpx.post(f"{server.base}/api/generate", timeout=30,
+                       json={"model": "tiny", "prompt": "x", "stream": False, "options": {"seed": seed}})
+        assert r.status_code == 400 and list(r.json()) == ["error"] and "options.seed" in r.json()["error"]
+    r = httpx.post(f"{server.base}/api/generate", timeout=30,
+                   json={"model": "tiny", "prompt": "x", "stream": False,
+                         "options": {"seed": 2**63 - 1, "num_predict": 2}})
+    assert r.status_code == 200 and r.json()["eval_count"] == 2
 
 
 def test_unknown_options_are_logged_once(client, server):

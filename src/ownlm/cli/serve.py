@@ -81,6 +81,22 @@ def cmd_serve(args) -> int:
     return 0
 
 
+def _seconds(text: str) -> float:
+    """--keep-alive: seconds, negative for forever (as are more than FOREVER_S)"""
+    import argparse
+    import math
+
+    from ..server.ollama import FOREVER_S
+
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if math.isnan(value):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds")
+    return -1.0 if value > FOREVER_S else value
+
+
 def _to_stderr(line: str) -> None:
     print(line, file=sys.stderr, flush=True)
 
@@ -100,7 +116,7 @@ def register(sub) -> None:
     p.add_argument("--max-running", type=int, default=8, help="sequences decoded together per model (default 8)")
     p.add_argument("--max-queue", type=int, default=64, help="requests waiting beyond those; more get 429 (default 64)")
     p.add_argument("--max-loaded", type=int, default=1, help="models kept in memory at once (default 1)")
-    p.add_argument("--keep-alive", type=float, default=300.0,
+    p.add_argument("--keep-alive", type=_seconds, default=300.0,
                    help="seconds an idle model stays loaded (default 300; negative: forever)")
     p.add_argument("--preload", action="store_true", help="load the model(s) before accepting requests")
     p.add_argument("--max-tokens", type=int, default=DEFAULT_MAX_TOKENS, metavar="N",

@@ -3,6 +3,7 @@ Temperature 0 means argmax; the same seed and settings give the same tokens."""
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, field, fields
 from typing import Any
@@ -32,6 +33,13 @@ class SamplingParams:
         """Whether sampling looks at the tokens so far (repetition / presence / frequency penalties)."""
         return self.repetition_penalty != 1.0 or bool(self.presence_penalty) or bool(self.frequency_penalty)
 
+    @functools.cached_property
+    def bias_tensors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """logit_bias as (token ids, biases) tensors, made once: a bias for every token of the
+        vocabulary costs one vectorized add a token, not a Python loop over them."""
+        tokens = torch.tensor([t for t, _ in self.logit_bias], dtype=torch.long)
+        return tokens, torch.tensor([b for _, b in self.logit_bias], dtype=torch.float64)
+
     @property
     def greedy(self) -> bool:
         """Whether sampling is the argmax (temperature 0, or top-k 1)."""
@@ -51,8 +59,8 @@ class SamplingParams:
         check(num(self.presence_penalty) and -2 <= self.presence_penalty <= 2, "presence_penalty", "must be in [-2, 2]")
         check(num(self.frequency_penalty) and -2 <= self.frequency_penalty <= 2, "frequency_penalty",
               "must be in [-2, 2]")
-        check(self.seed is None or (isinstance(self.seed, int) and not isinstance(self.seed, bool)), "seed",
-              "must be an integer")
+        check(self.seed is None or (isinstance(self.seed, int) and not isinstance(self.seed, bool)
+                                    and -2**63 <= self.seed < 2**64), "seed", "must be an integer in [-2**63, 2**64)")
         check(self.max_tokens is None or (isinstance(self.max_tokens, int) and self.max_tokens >= 1
                                           and not isinstance(self.max_tokens, bool)), "max_tokens",
               "must be a positive integer")
@@ -97,9 +105,10 @@ def apply_penalties(logits: torch.Tensor, p: SamplingParams, context: torch.Tens
     if (p.presence_penalty or p.frequency_penalty) and output.numel():
         counts = torch.bincount(output, minlength=logits.shape[-1])[: logits.shape[-1]].to(logits.dtype)
         logits -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0).to(logits.dtype)
-    for token, bias in p.logit_bias:
-        if 0 <= token < logits.shape[-1]:
-            logits[token] += bias
+    if p.logit_bias:
+        tokens, biases = p.bias_tensors
+        inside = (tokens >= 0) & (tokens < logits.shape[-1])
+        logits.index_add_(0, tokens[inside].to(logits.device), biases[inside].to(logits.device, logits.dtype))
     return logits
 
 

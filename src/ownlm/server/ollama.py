@@ -17,6 +17,7 @@ import asyncio
 import importlib.metadata
 import json
 import logging
+import math
 import re
 import time
 from dataclasses import dataclass
@@ -36,7 +37,7 @@ from .http import (APIError, Events, admit, as_api_error, documented, embed_ids,
                    state_of,
                    validation_error)
 from .pool import ModelPool, Served, model_id
-from .schemas import ResponseFormat, Tool
+from .schemas import INT64, ResponseFormat, Tool
 
 router = APIRouter()
 log = logging.getLogger("ownlm.server.ollama")
@@ -78,7 +79,7 @@ class Options(BaseModel):
     min_p: Optional[float] = None
     num_predict: Optional[int] = None
     num_ctx: Optional[int] = Field(None, ge=1)
-    seed: Optional[int] = None
+    seed: Optional[int] = Field(None, ge=-INT64, lt=INT64)  # choice i samples with seed + i
     stop: Optional[Union[str, list[str]]] = None
     repeat_penalty: Optional[float] = None
     presence_penalty: Optional[float] = None
@@ -179,13 +180,26 @@ _DURATION = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ns|us|µs|ms|s|m|h)")
 _UNITS = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
 
 
+# a keep_alive longer than this is forever (as a negative one is): /api/ps's expiry dates stay dates
+FOREVER_S = 100 * 365 * 86400.0
+
+
 def keep_alive_seconds(value: KeepAlive) -> float | None:
     """Ollama's keep_alive in seconds: a number of seconds, or a Go duration ("5m", "1h30m",
-    "-1s"); negative: forever. None: the server's own (--keep-alive)."""
+    "-1s"); negative: forever (and so -1 for anything beyond FOREVER_S, infinity too); not a
+    number: a 400. None: the server's own (--keep-alive)."""
     if value is None or value == "":
         return None
     if isinstance(value, (int, float)) and not isinstance(value, bool):
-        return float(value)
+        seconds = float(value)
+    else:
+        seconds = _duration(value)
+    if math.isnan(seconds):
+        raise APIError(400, f"keep_alive {value!r} is not a duration (say 5m, 1h, 30s, 0 or -1)")
+    return -1.0 if seconds > FOREVER_S else seconds
+
+
+def _duration(value: Any) -> float:
     text = str(value).strip()
     try:
         return float(text)
