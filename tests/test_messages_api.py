@@ -17,6 +17,7 @@ import ownlm
 import server_util
 from conftest import build_hf_model
 from ownlm import manage
+from ownlm.errors import BadRequest
 from ownlm.server import ModelPool, Server, ServerConfig, runs
 from ownlm.store.store import Store
 
@@ -271,3 +272,24 @@ def test_forced_tool(smollm2_client):
     answer = client.messages.create(model="smollm2", messages=follow, tools=[WEATHER], tool_choice={"type": "none"},
                                     max_tokens=12, **GREEDY)
     assert answer.content[0].type == "text" and answer.content[0].text and answer.stop_reason != "tool_use"
+
+
+def test_content_parts_render_as_their_text_where_tools_are_written_by_ownlm(lm):
+    """A template that does not render tools: ownlm writes them into the system message and
+    earlier tool calls into the assistant turns; content given as text parts is their text there
+    (it was a list joined to a string: a server error, or a Python repr in the prompt)."""
+    served = SimpleNamespace(lm=lm)
+    assert not runs._template_knows_tools(served)
+    call = [{"id": "c1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}]
+    tools = [{"type": "function", "function": {"name": "get_weather", "parameters": WEATHER["input_schema"]}}]
+    parts = [{"role": "system", "content": [{"type": "text", "text": "Be "}, {"type": "text", "text": "brief."}]},
+             {"role": "user", "content": "Weather?"},
+             {"role": "assistant", "content": [{"type": "text", "text": "Checking."}], "tool_calls": call},
+             {"role": "tool", "tool_call_id": "c1", "content": "21 degrees"}]
+    plain = [{**m, "content": "".join(p["text"] for p in m["content"])} if isinstance(m["content"], list) else m
+             for m in parts]
+    prompt = runs.render_chat(served, parts, tools)
+    assert prompt == runs.render_chat(served, plain, tools)
+    assert "Be brief." in prompt and "Checking.<tool_call>" in prompt and "'type'" not in prompt
+    with pytest.raises(BadRequest, match=r"messages\[0\].role \['user'\] is not one of"):
+        runs.render_chat(served, [{"role": ["user"], "content": "hi"}], None)

@@ -16,6 +16,7 @@ from ..engine.generate import TextAssembler, budget
 from ..engine.sampling import SamplingParams
 from ..engine.scheduler import Event, Request, TokenLogprob
 from ..errors import BadRequest, OwnlmError
+from ..text.chat import validate_messages
 from .pool import SERVER_DEFAULT, Served
 
 TOOLS_PROMPT = (
@@ -43,7 +44,7 @@ def render_chat(served: Served, messages: list[dict[str, Any]], tools: list[dict
     messages = lm.with_preset(messages)  # a preset's system prompt and messages
     if _template_knows_tools(served):
         return lm.template.render(messages, add_generation_prompt=True, **({"tools": tools} if tools else {}))
-    msgs = [dict(m) for m in messages]
+    msgs = [dict(m) for m in validate_messages(messages)]  # roles checked, content parts as text
     for i, m in enumerate(msgs):
         if m.get("role") == "assistant" and m.get("tool_calls"):
             try:

@@ -95,7 +95,7 @@ def validate_messages(messages: Any) -> list[dict[str, Any]]:
         if not isinstance(m, dict):
             raise BadRequest(f"messages[{i}] must be an object with role and content")
         role = m.get("role")
-        if role not in ROLES:
+        if not isinstance(role, str) or role not in ROLES:
             raise BadRequest(f"messages[{i}].role {role!r} is not one of {', '.join(sorted(ROLES))}")
         content = m.get("content")
         if content is None:
