@@ -101,6 +101,17 @@ def test_a_damaged_cache_is_rebuilt_and_rm_removes_it(hf_models, ownlm_home):
     assert _caches(ownlm_home) == [] and Store().names() == []
 
 
+def test_a_cache_folder_left_without_its_file_is_rebuilt(hf_models, ownlm_home):
+    """An eviction cut short between the file and its folder: the next load writes the cache again
+    (the empty folder used to stand in its place, every load then building from the file)."""
+    manage.import_path(hf_models["llama"], name="tiny", quiet=True)
+    want = _logits(ownlm.load("tiny", dtype="float32"))
+    (cache,) = _caches(ownlm_home)
+    (cache / repacked.FILE).unlink()
+    assert torch.equal(_logits(ownlm.load("tiny", dtype="float32")), want)
+    assert _caches(ownlm_home) == [cache] and repacked.load(cache, torch.device("cpu")) is not None
+
+
 def test_a_cache_whose_shapes_disagree_with_the_config_is_rebuilt(hf_models, tmp_path, ownlm_home):
     """A cache that reads back whole but holds a quantized weight of the wrong shape (fewer rows:
     the kernels would read past it) is refused and rebuilt, never run."""

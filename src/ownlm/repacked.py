@@ -191,6 +191,10 @@ def load(path: Path, device: torch.device) -> tuple[Transformer, TokenizerSpec, 
     it does not read back whole."""
     file = path / FILE
     if not file.is_file():
+        # a folder without its file (caches appear whole, by a rename, so this is a removal cut
+        # short): dropped, else it would stand in the way of every new cache of this variant
+        if path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
         return None
     hit = _read(file, device)
     if hit is None:  # damaged or from another version: drop it, the caller writes a new one
