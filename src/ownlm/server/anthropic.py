@@ -243,8 +243,7 @@ async def prompt_of(served: Served, body: CountTokensRequest) -> tuple[list[int]
                             "is none", param="messages")
     if not messages:
         raise APIError(400, "messages must hold more than a final assistant turn", param="messages")
-    text = await asyncio.to_thread(runs.render_chat, served, messages, plan.tools)
-    return served.lm.encode(text + (prefill or "")), chat, plan, prefill is not None
+    return await runs.render_ids(served, messages, plan.tools, prefill or ""), chat, plan, prefill is not None
 
 
 # --- the translator -------------------------------------------------------------------------------------

@@ -390,7 +390,7 @@ class Chat(_Translator):
         plan = runs.chat_plan(served, self.internal)
         if plan.grammar:  # built once per model (~0.3 s): off the event loop
             await asyncio.to_thread(served.grammar_tokenizer)
-        prompt = served.lm.encode(await asyncio.to_thread(runs.render_chat, served, self.messages, plan.tools))
+        prompt = await runs.render_ids(served, self.messages, plan.tools)
         self.tool_mode = plan.tool_mode
         return await self._job(served, prompt, plan)
 
@@ -465,7 +465,7 @@ class Generate(_Translator):
             msgs = ([{"role": "system", "content": body.system}] if body.system else []) + [
                 {"role": "user", "content": body.prompt}]
             text = await asyncio.to_thread(runs.render_chat, served, msgs, None)
-        prompt = served.lm.encode(text)
+        prompt = await runs.encode(served, text)
         if body.context:
             prompt = runs.token_ids(served, body.context, "context") + prompt
         return await self._job(served, prompt, plan)
@@ -534,7 +534,7 @@ async def _vectors(request: Request, model: str, texts: list[str], truncate: boo
         ctx = served.lm.config.context_length
         ids = []
         for i, text in enumerate(texts):
-            t = served.lm.encode(text)
+            t = await runs.encode(served, text)
             if not t:
                 raise APIError(400, f"input[{i}] is no tokens")
             if len(t) > ctx:

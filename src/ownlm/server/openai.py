@@ -107,7 +107,7 @@ class Chat:
         plan = runs.chat_plan(served, body)
         if plan.grammar:  # built once per model (~0.3 s): off the event loop
             await asyncio.to_thread(served.grammar_tokenizer)
-        prompt = served.lm.encode(await asyncio.to_thread(runs.render_chat, served, body.messages, plan.tools))
+        prompt = await runs.render_ids(served, body.messages, plan.tools)
         max_tokens = body.max_completion_tokens or body.max_tokens
         params = [runs.sampling(served, body, max_tokens, i) for i in range(body.n)]
         limit = runs.limit_for(served, prompt, params[0], max_tokens)
@@ -180,7 +180,8 @@ class Completions:
         batch = as_batch(body.prompt)
         if not batch:
             raise APIError(400, "prompt must not be empty", param="prompt")
-        prompts = [runs.token_ids(served, x, f"prompt[{i}]") for i, x in enumerate(batch)]
+        prompts = await asyncio.to_thread(lambda: [runs.token_ids(served, x, f"prompt[{i}]")
+                                                   for i, x in enumerate(batch)])
         # the legacy API's default, 16, unless the model is a preset with its own
         max_tokens = served.lm.defaults.get("max_tokens", 16) if body.max_tokens is None else body.max_tokens
         each = [(p, runs.sampling(served, body, max_tokens, j)) for p in prompts for j in range(body.n)]
@@ -247,7 +248,7 @@ async def embeddings(request: Request) -> dict[str, Any]:
     served = await st.pool.acquire(body.model)
     t0 = time.monotonic()  # the time limit starts once the model is loaded, as for generation
     try:
-        ids = _embedding_inputs(served, body)
+        ids = await asyncio.to_thread(_embedding_inputs, served, body)
         admit(served, 1)  # one job: its texts run one after another
         vectors = await embed_ids(request, st, served, ids, body.dimensions, t0 + st.config.request_timeout)
     finally:

@@ -73,6 +73,17 @@ def _args(arguments: Any) -> Any:
     return arguments
 
 
+async def encode(served: Served, text: str) -> list[int]:
+    """The text's token ids, tokenized off the event loop (a prompt of megabytes takes seconds)."""
+    return await asyncio.to_thread(served.lm.encode, text)
+
+
+async def render_ids(served: Served, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None,
+                     tail: str = "") -> list[int]:
+    """render_chat's prompt (then `tail`) as token ids, rendered and tokenized off the event loop."""
+    return await asyncio.to_thread(lambda: served.lm.encode(render_chat(served, messages, tools) + tail))
+
+
 def token_ids(served: Served, prompt: Any, where: str = "prompt") -> list[int]:
     if isinstance(prompt, str):
         return served.lm.encode(prompt)
