@@ -253,8 +253,9 @@ async def generate(request: Request, t: Translator) -> StreamingResponse | dict[
     try:
         queue: asyncio.Queue = asyncio.Queue()
         job = await t.job(served)
+        made = await asyncio.to_thread(runs.grammars, served, job)  # compiling a large schema takes time
         admit(served, len(job.prompts))
-        choices = runs.submit(served, asyncio.get_running_loop(), queue, job)
+        choices = runs.submit(served, asyncio.get_running_loop(), queue, job, made)
     except BaseException:
         st.pool.release(served)
         raise

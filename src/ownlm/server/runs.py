@@ -290,12 +290,21 @@ def _proposer(job: Job) -> Any:
     return speculation_engine.DraftModel(job.draft)
 
 
-def submit(served: Served, loop: asyncio.AbstractEventLoop, queue: asyncio.Queue, job: Job) -> list[Choice]:
-    """Queue every choice on the model's engine; events arrive on `queue` as (index, Event)."""
+def grammars(served: Served, job: Job) -> list[Any]:
+    """Each choice's grammar constraint (none without a grammar), the grammar checked first:
+    compiling takes time for a large schema, so the routes call this off the event loop."""
+    if not job.grammar:
+        return [None] * len(job.prompts)
+    gtok = served.grammar_tokenizer()
+    constraints.validate_grammar(job.grammar, gtok)
+    return [constraints.GrammarConstraint(job.grammar, gtok, served.lm.config.vocab_size) for _ in job.prompts]
+
+
+def submit(served: Served, loop: asyncio.AbstractEventLoop, queue: asyncio.Queue, job: Job,
+           made: list[Any]) -> list[Choice]:
+    """Queue every choice on the model's engine, `made` their grammars(served, job); events
+    arrive on `queue` as (index, Event)."""
     choices: list[Choice] = []
-    gtok = served.grammar_tokenizer() if job.grammar else None
-    if job.grammar:
-        constraints.validate_grammar(job.grammar, gtok)
     try:
         for i, (prompt, params, limit) in enumerate(zip(job.prompts, job.params, job.limits)):
             c = Choice(i, prompt, TextAssembler(served.lm.tokenizer, params.stop))
@@ -303,8 +312,7 @@ def submit(served: Served, loop: asyncio.AbstractEventLoop, queue: asyncio.Queue
             def emit(ev: Event, i: int = i) -> None:
                 loop.call_soon_threadsafe(queue.put_nowait, (i, ev))
 
-            constraint = (constraints.GrammarConstraint(job.grammar, gtok, served.lm.config.vocab_size)
-                          if job.grammar else None)
+            constraint = made[i]
             proposer = _proposer(job)
             c.speculative = proposer is not None
             c.request = served.scheduler.submit(Request(
