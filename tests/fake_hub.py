@@ -5,7 +5,10 @@ X-Repo-Commit headers and Range support, and X-Error-Code on errors) and to list
 
 Per test: `files` (repo -> {path: bytes}), `gated` repos (served only with `token`), `corrupt`
 (serve other bytes than the advertised sha256), `drop_after` (close the connection after that many
-body bytes of the next GET, once), and `log`, every request as (method, path, headers)."""
+body bytes of the next GET, once), `extra` (bytes sent after a file's own, beyond its announced
+size), `cdn` (another FakeHub whose base URL the HEAD of a file redirects to, as the Hub redirects
+LFS files to its CDN: /cdn/{repo}/{file} there serves the same files, without a token), and `log`,
+every request as (method, path, headers)."""
 
 from __future__ import annotations
 
@@ -26,6 +29,8 @@ class FakeHub:
         self.token = "hf_good_token"
         self.corrupt = False
         self.drop_after: int | None = None
+        self.extra = b""
+        self.cdn: FakeHub | None = None
         self.log: list[tuple[str, str, dict[str, str]]] = []
         hub = self
 
@@ -96,12 +101,13 @@ class FakeHub:
             siblings = [{"rfilename": p, "size": len(d)} for p, d in sorted(self.files[repo].items())]
             return self._json(h, {"id": repo, "modelId": repo, "sha": COMMIT, "siblings": siblings, "private": False,
                                   "gated": repo in self.gated}, body)
-        if len(parts) < 5 or parts[2] != "resolve":
+        cdn = parts[0] == "cdn" and len(parts) >= 4  # a CDN's signed URL: no token asked
+        if not cdn and (len(parts) < 5 or parts[2] != "resolve"):
             return self._error(h, 404, "", "not found", body)
-        repo, file = "/".join(parts[:2]), "/".join(parts[4:])
+        repo, file = ("/".join(parts[1:3]), "/".join(parts[3:])) if cdn else ("/".join(parts[:2]), "/".join(parts[4:]))
         if repo not in self.files:
             return self._error(h, 401, "RepoNotFound", "Repository not found", body)
-        if not self._allowed(h, repo):
+        if not cdn and not self._allowed(h, repo):
             return self._error(h, 401, "GatedRepo", f"Access to model {repo} is restricted. You must have access "
                                                     "to it and be authenticated to access it. Please log in.", body)
         if file not in self.files[repo]:
@@ -120,7 +126,16 @@ class FakeHub:
             h.send_header("Content-Length", "0")
             h.end_headers()
             return
-        piece = data[start:]
+        if self.cdn is not None and not cdn:
+            h.send_response(302)
+            h.send_header("Location", f"{self.cdn.url}/cdn/{repo}/{file}")
+            h.send_header("X-Linked-Etag", f'"{sha}"')
+            h.send_header("X-Linked-Size", str(len(data)))
+            h.send_header("X-Repo-Commit", COMMIT)
+            h.send_header("Content-Length", "0")
+            h.end_headers()
+            return
+        piece = data[start:] + self.extra
         h.send_response(206 if start else 200)
         h.send_header("ETag", f'"{sha}"')
         h.send_header("X-Linked-Etag", f'"{sha}"')

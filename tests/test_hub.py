@@ -163,6 +163,32 @@ def test_gated_repo_says_to_set_hf_token(hub, tiny_bytes, monkeypatch, capsys):
     assert manage.pull(f"hf:{REPO}/{FILE_Q4}", quiet=True)["digest"] == sha(tiny_bytes)
 
 
+def test_the_token_goes_to_the_hub_not_to_the_cdn_it_redirects_to(hub, tiny_bytes, monkeypatch):
+    """The Hub answers a file's HEAD with a redirect to its CDN (another host): the download goes
+    there without the Authorization header that carries HF_TOKEN."""
+    cdn = FakeHub()
+    try:
+        cdn.files = hub.files
+        hub.cdn = cdn
+        hub.gated.add(REPO)
+        monkeypatch.setenv("HF_TOKEN", hub.token)
+        assert manage.pull(f"hf:{REPO}/{FILE_Q4}", quiet=True)["digest"] == sha(tiny_bytes)
+        (head,) = [r for r in hub.requests("HEAD") if r[1].endswith(FILE_Q4)]
+        assert {k.lower(): v for k, v in head[2].items()}.get("authorization") == f"Bearer {hub.token}"
+        (get,) = cdn.requests("GET")
+        assert get[1] == f"/cdn/{REPO}/{FILE_Q4}" and hub.requests("GET") == []
+        assert "authorization" not in {k.lower() for k in get[2]}
+    finally:
+        cdn.close()
+
+
+def test_a_body_longer_than_announced_is_cut_off_and_nothing_kept(hub, ownlm_home):
+    hub.extra = b"x" * 100_000
+    with pytest.raises(FetchError, match="sent more than the [0-9,]+ bytes the Hub announced"):
+        manage.pull(f"hf:{REPO}/{FILE_Q4}", quiet=True)
+    assert stored(ownlm_home, "partial") == [] and stored(ownlm_home, "blobs") == [] and manage.list_models() == []
+
+
 def _closed_port() -> int:
     s = socket.socket()
     s.bind(("127.0.0.1", 0))

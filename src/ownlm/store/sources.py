@@ -11,6 +11,7 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
+from urllib.parse import urlsplit
 
 from ..errors import FetchError, ModelNotFound, OfflineError, OwnlmError
 from .refs import Ref
@@ -150,6 +151,8 @@ def hf_download(info: HubFile, part: Path, progress: Callable[[int], None] | Non
     if info.size is not None and have == info.size:
         return
     headers = build_hf_headers()
+    if _origin(info.url) != _origin(hub_endpoint()):  # a CDN the Hub redirected to: the token stays with the Hub
+        headers = {k: v for k, v in headers.items() if k.lower() != "authorization"}
     headers["Accept-Encoding"] = "identity"
     if have:
         headers["Range"] = f"bytes={have}-"
@@ -164,13 +167,23 @@ def hf_download(info: HubFile, part: Path, progress: Callable[[int], None] | Non
                 have = 0  # the server sent the whole file
             if on_start:
                 on_start(have, info.size - have if info.size is not None else None)
+            room = None if info.size is None else info.size - have  # never more than the Hub announced
             with open(part, "ab" if have else "wb") as out:
                 for chunk in r.iter_bytes():  # as received: what came before a failure is kept
+                    if room is not None and len(chunk) > room:
+                        out.close()
+                        part.unlink(missing_ok=True)
+                        raise FetchError(f"the download of {what} sent more than the {info.size:,} bytes the Hub "
+                                         "announced for it", "nothing of it was kept; try again later")
                     out.write(chunk)
+                    if room is not None:
+                        room -= len(chunk)
                     if progress:
                         progress(len(chunk))
                 out.flush()
                 os.fsync(out.fileno())
+    except FetchError:
+        raise
     except Exception as e:  # noqa: BLE001 - every kind becomes one line
         done = part.stat().st_size if part.exists() else 0
         if isinstance(e, httpx2.TransportError) and done:
@@ -182,6 +195,11 @@ def hf_download(info: HubFile, part: Path, progress: Callable[[int], None] | Non
     if info.size is not None and size != info.size:
         raise FetchError(f"the download of {what} stopped at {size:,} of {info.size:,} bytes",
                          "run the same command again to resume where it stopped")
+
+
+def _origin(url: str) -> tuple[str, str]:
+    parts = urlsplit(url)
+    return parts.scheme.lower(), parts.netloc.lower()
 
 
 def fetch_hf(ref: Ref, dest: Path) -> Path:
