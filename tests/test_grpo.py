@@ -378,6 +378,29 @@ def test_rows_a_reward_cannot_score_and_a_raising_reward(hf_models, tmp_path):
                      max_completion_tokens=2)
     with pytest.raises(rewards.RewardError, match=r"reward nan.py:nan returned nan on p.jsonl:\d, not a finite"):
         tune(str(hf_models["llama"]), data, "nan", cfg, quiet=True)
+    # sys.exit inside a reward is its failure, not the end of the run with status 0
+    (tmp_path / "quit.py").write_text("import sys\ndef quit(prompt, completion, row):\n    sys.exit(0)\n")
+    cfg = TuneConfig(objective="grpo", rewards=(f"{tmp_path / 'quit.py'}:quit",), max_steps=1, batch_size=3,
+                     max_completion_tokens=2)
+    with pytest.raises(rewards.RewardError, match=r"reward quit.py:quit failed on p.jsonl:\d: SystemExit"):
+        tune(str(hf_models["llama"]), data, "quit", cfg, quiet=True)
+    # rewards each finite whose spread within a group overflows: refused before any step, nothing stored
+    (tmp_path / "huge.py").write_text("def huge(prompt, completion, row):\n    return 1e308\n")
+    cfg = TuneConfig(objective="grpo", rewards=(f"{tmp_path / 'huge.py'}:huge",), max_steps=1, batch_size=3,
+                     max_completion_tokens=2)
+    with pytest.raises(rewards.RewardError, match=r"step 1: the rewards .* are too large to compare within a group"):
+        tune(str(hf_models["llama"]), data, "huge", cfg, quiet=True)
+
+
+def test_numpy_and_torch_scalars_are_rewards():
+    import numpy as np
+
+    for value, want in ((np.float32(0.5), 0.5), (np.int64(2), 2.0), (torch.tensor(0.25), 0.25), (True, 1.0)):
+        r = rewards.Reward("r", 1.0, lambda p, c, row, v=value: v)
+        got = r("p", "c", {}, "x.jsonl:1")
+        assert got == want and type(got) is float
+    with pytest.raises(rewards.RewardError, match="returned tensor"):
+        rewards.Reward("r", 1.0, lambda p, c, row: torch.ones(2))("p", "c", {}, "x.jsonl:1")
 
 
 def test_settings_are_checked():

@@ -374,3 +374,25 @@ def test_example_task_generator_is_deterministic_and_split(tmp_path):
     import datetime
     for r in test:
         datetime.date.fromisoformat(r["answer"])
+
+
+def test_a_loss_that_is_not_a_number_stops_the_run_before_a_checkpoint_holds_it(hf_models, tmp_path, monkeypatch):
+    """Step 2's loss made NaN (as an overflow would make it): the run stops there with one error,
+    and no checkpoint of step 2 or later is written; step 1's stays for --resume."""
+    from ownlm.tune import run
+    from ownlm.tune.trainer import Trainer, TrainingError
+
+    real = Trainer.train_step
+
+    def step(self):
+        rec = real(self)
+        if self.step == 2:
+            rec["loss"] = float("nan")
+        return rec
+
+    monkeypatch.setattr(Trainer, "train_step", step)
+    data = _write(tmp_path / "d.jsonl", ROWS[:16])
+    with pytest.raises(TrainingError, match="step 2: the loss is not a number; the run stopped"):
+        run.tune(str(hf_models["llama"]), data, "nan", TuneConfig(max_steps=4, save_every=1, seq_len=96), quiet=True)
+    (kept,) = checkpoints.complete(Store().root / "runs" / "nan-latest")
+    assert checkpoints.load(kept)[2]["step"] == 1

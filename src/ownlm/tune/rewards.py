@@ -27,6 +27,7 @@ import importlib.util
 import inspect
 import json
 import math
+import numbers
 import os
 import re
 import sys
@@ -56,11 +57,13 @@ class Reward:
     def __call__(self, prompt: str, completion: str, row: dict, where: str) -> float:
         try:
             v = self.fn(prompt, completion, row)
-        except Exception as e:  # noqa: BLE001 - the user's code: any failure is reported with the row
+        except (Exception, SystemExit) as e:  # noqa: BLE001 - the user's code: any failure is reported with the row
             raise RewardError(f"reward {self.name} failed on {where}: {type(e).__name__}: {e}",
                               "fix the reward function (it is called as f(prompt, completion, row))") from e
         if isinstance(v, bool):
             v = float(v)
+        elif isinstance(v, numbers.Real) or (hasattr(v, "numel") and hasattr(v, "item") and v.numel() == 1):
+            v = float(v)  # a NumPy or PyTorch scalar
         if not isinstance(v, (int, float)) or not math.isfinite(v):
             raise RewardError(f"reward {self.name} returned {v!r} on {where}, not a finite number",
                               "a reward function returns a float")

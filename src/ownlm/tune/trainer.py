@@ -22,7 +22,7 @@ from typing import Any, Callable
 
 import torch
 
-from ..errors import BadRequest
+from ..errors import BadRequest, OwnlmError
 from ..model import adapters, cpu
 from ..model.transformer import Transformer
 from ..progress import Bar
@@ -34,6 +34,10 @@ from .data import Dataset, Encoder, Graded, Pair, Preferences, Row, collate, loa
     predicts, split
 
 METHODS = ("lora", "qlora", "full")
+
+
+class TrainingError(OwnlmError):
+    """Training went numerically wrong (a loss or gradient that is not a number)."""
 
 
 @dataclass
@@ -549,7 +553,12 @@ class Trainer:
         table = grpo.score(self.reward_fns, mine, texts, G)  # (n * G, rewards)
         weights = torch.tensor([r.weight for r in self.reward_fns], dtype=torch.float64)
         total = (table * weights).sum(1)  # (n * G,)
-        adv = objectives.group_advantages(total, G).float()
+        adv = objectives.group_advantages(total, G)
+        if not bool(torch.isfinite(adv).all()):  # each reward is finite; their sums or spreads overflowed
+            raise rewards.RewardError(
+                f"step {self.step + 1}: the rewards (weighted sums up to {float(total.abs().max()):.3g}) are too large "
+                "to compare within a group", "keep rewards in a moderate range, such as 0 to 1")
+        adv = adv.float()
         n_tokens = int(self._all_sum([sum(len(c) for c in comps)])[0])  # the loss is the mean over all of them
         loss_sum = kl_sum = clipped_sum = 0.0
         per_micro = cfg.batch_size // self.world
@@ -637,6 +646,11 @@ class Trainer:
         self.model.train()
         while self.step < plan.steps:
             rec = self.train_step()
+            bad = [k for k in ("loss", "grad_norm") if rec.get(k) is not None and not math.isfinite(rec[k])]
+            if bad:  # the weights are no longer numbers: stop before a checkpoint holds them
+                raise TrainingError(f"step {self.step}: the {' and the '.join(bad)} {'is' if len(bad) == 1 else 'are'} "
+                                    "not a number; the run stopped, its earlier checkpoints are kept",
+                                    "try a lower --lr or look at the data; --resume continues from the last checkpoint")
             seen += rec["tokens"]
             rec["tokens_per_s"] = seen / max(time.perf_counter() - t0, 1e-9)
             rec["elapsed_s"] = time.perf_counter() - t0
