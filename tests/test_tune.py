@@ -126,6 +126,39 @@ def test_bad_rows_are_reported_by_file_and_line_or_skipped(encoder, tmp_path):
     assert rc == 2
 
 
+def test_hostile_rows_are_bad_rows_of_their_own(encoder, tmp_path, monkeypatch):
+    """A byte order mark is not text; a number of 5,000 digits, nesting 3,000 deep, bytes that
+    are not UTF-8, a line past the bound and a conversation of too many messages are each a bad
+    row at its own line (skipped with --skip-bad), never an unexpected error; a .json array's
+    rows keep their lines."""
+    from ownlm.tune import data as data_module
+
+    monkeypatch.setattr(data_module, "MAX_LINE", 32768)
+    good = json.dumps({"instruction": "a", "output": "b"}).encode() + b"\n"
+    many = json.dumps({"messages": [{"role": r, "content": "x"} for _ in range(300) for r in ("user", "assistant")]})
+    path = tmp_path / "d.jsonl"
+    path.write_bytes(b"\xef\xbb\xbf" + good + b'{"instruction": "a", "output": ' + b"9" * 5000 + b"}\n"
+                     + b"[" * 3000 + b"]" * 3000 + b"\n" + b'{"instruction": "\xff", "output": "b"}\n'
+                     + b'{"instruction": "' + b"a" * 40_000 + b'", "output": "b"}\n' + good)
+    with pytest.raises(BadRequest, match=r"^d\.jsonl:2: invalid JSON \(Exceeds the limit"):
+        load_dataset(path, encoder)
+    data = load_dataset(path, encoder, skip_bad=True)
+    assert [e.where for e in data.examples] == ["d.jsonl:1", "d.jsonl:6"]
+    why = {s.split(":")[1]: s for s in data.skipped}
+    assert list(why) == ["2", "3", "4", "5"]
+    assert "nested too deeply" in why["3"] and "not UTF-8 text" in why["4"] and "line longer than" in why["5"]
+    path = tmp_path / "m.jsonl"
+    path.write_text(many + "\n" + json.dumps({"messages": [{"role": "user", "content": "q"},
+                                                          {"role": "assistant", "content": "a"}]}) + "\n")
+    with pytest.raises(BadRequest, match=r"^m\.jsonl:1: the conversation has 600 messages, more than 512"):
+        load_dataset(path, encoder)
+    assert [e.where for e in load_dataset(path, encoder, skip_bad=True).examples] == ["m.jsonl:2"]
+    rows = [{"prompt": f"p{i}", "completion": "c"} for i in range(3000)]
+    arr = tmp_path / "rows.json"
+    arr.write_text("\ufeff[\n" + ",\n".join(json.dumps(r) for r in rows) + "\n]", encoding="utf-8")
+    assert [r[0] for r in data_module.read_rows(arr)] == [f"rows.json:{i + 2}" for i in range(3000)]
+
+
 def test_packed_rows_keep_examples_apart(hf_models, tmp_path):
     """Logits of each example inside a packed row equal its logits alone: no attention across."""
     lm = load(str(hf_models["llama"]), dtype="float32", quant="none")
@@ -378,7 +411,8 @@ def test_example_task_generator_is_deterministic_and_split(tmp_path):
 
 def test_a_loss_that_is_not_a_number_stops_the_run_before_a_checkpoint_holds_it(hf_models, tmp_path, monkeypatch):
     """Step 2's loss made NaN (as an overflow would make it): the run stops there with one error,
-    and no checkpoint of step 2 or later is written; step 1's stays for --resume."""
+    and no checkpoint of step 2 or later is written; step 1's stays for --resume, which continues
+    from it past a metrics line cut short."""
     from ownlm.tune import run
     from ownlm.tune.trainer import Trainer, TrainingError
 
@@ -394,5 +428,14 @@ def test_a_loss_that_is_not_a_number_stops_the_run_before_a_checkpoint_holds_it(
     data = _write(tmp_path / "d.jsonl", ROWS[:16])
     with pytest.raises(TrainingError, match="step 2: the loss is not a number; the run stopped"):
         run.tune(str(hf_models["llama"]), data, "nan", TuneConfig(max_steps=4, save_every=1, seq_len=96), quiet=True)
-    (kept,) = checkpoints.complete(Store().root / "runs" / "nan-latest")
+    folder = Store().root / "runs" / "nan-latest"
+    (kept,) = checkpoints.complete(folder)
     assert checkpoints.load(kept)[2]["step"] == 1
+    # a record cut short (as a kill in mid-write leaves it) does not stand in the way of --resume
+    with open(folder / "metrics.jsonl", "a", encoding="utf-8") as f:
+        f.write('{"step": 3, "lo')
+    monkeypatch.setattr(Trainer, "train_step", real)
+    cfg = TuneConfig(max_steps=4, save_every=1, seq_len=96)
+    assert run.tune(str(hf_models["llama"]), data, "nan", cfg, resume=True, quiet=True)["resumed_from"] == 1
+    steps = [json.loads(line)["step"] for line in (folder / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4]

@@ -25,6 +25,7 @@ FORMATS = ("alpaca", "sharegpt", "messages", "prompt-completion", "text")
 TRAIN_ON = ("assistant", "all", "last")
 MAX_LINE = 32 << 20  # one JSONL row
 MAX_FILE = 1 << 30  # a .json array or .txt file read whole
+MAX_MESSAGES = 512  # one conversation: locating its assistant turns renders a prefix per turn
 SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "model": "assistant",
                   "chatgpt": "assistant", "bing": "assistant", "bard": "assistant", "system": "system", "tool": "tool"}
 
@@ -75,6 +76,8 @@ def read_rows(path: Path) -> Iterator[tuple[str, Any]]:
             rows = json.loads(text)
         except json.JSONDecodeError as e:
             raise DataError(f"{name}:{e.lineno}: invalid JSON ({e.msg})") from None
+        except (ValueError, RecursionError) as e:  # a number of thousands of digits, nesting past the stack
+            raise DataError(f"{name}: invalid JSON ({_why(e)})") from None
         if not isinstance(rows, list):
             raise DataError(f"{name}:1: a .json data file must hold an array of rows")
         lines = _item_lines(text, len(rows))
@@ -83,20 +86,30 @@ def read_rows(path: Path) -> Iterator[tuple[str, Any]]:
         return
     if path.suffix not in (".jsonl", ".ndjson"):
         raise BadRequest(f"{path}: unknown data file type {path.suffix!r}", "use .jsonl, .json or .txt")
-    with open(path, "rb") as f:
+    with open(path, "rb") as f:  # every line a row of its own: a bad one is reported (or skipped) alone
         for lineno, raw in enumerate(iter(lambda: f.readline(MAX_LINE + 1), b""), 1):
             if len(raw) > MAX_LINE:
-                raise DataError(f"{name}:{lineno}: line longer than {MAX_LINE >> 20} MB")
+                while raw and not raw.endswith(b"\n"):  # the rest of the line, a piece at a time
+                    raw = f.readline(MAX_LINE + 1)
+                yield f"{name}:{lineno}", _Bad(f"line longer than {MAX_LINE >> 20} MB")
+                continue
             try:
-                line = raw.decode("utf-8").strip()
+                line = raw.decode("utf-8-sig").strip()  # a byte order mark at the start is not text
             except UnicodeDecodeError:
-                raise DataError(f"{name}:{lineno}: not UTF-8 text") from None
+                yield f"{name}:{lineno}", _Bad("not UTF-8 text")
+                continue
             if not line:
                 continue
             try:
                 yield f"{name}:{lineno}", json.loads(line)
             except json.JSONDecodeError as e:
                 yield f"{name}:{lineno}", _Bad(f"invalid JSON ({e.msg} at column {e.colno})")
+            except (ValueError, RecursionError) as e:
+                yield f"{name}:{lineno}", _Bad(f"invalid JSON ({_why(e)})")
+
+
+def _why(e: BaseException) -> str:
+    return "nested too deeply" if isinstance(e, RecursionError) else " ".join(str(e).split())[:120]
 
 
 class _Bad:
@@ -126,7 +139,7 @@ def convert_rows(path: str | Path, convert: Callable[[str, Any], Any], skip_bad:
 
 def _read_text(path: Path) -> str:
     try:
-        return path.read_text(encoding="utf-8")
+        return path.read_text(encoding="utf-8-sig")
     except UnicodeDecodeError:
         raise DataError(f"{path.name}:1: not UTF-8 text") from None
 
@@ -135,10 +148,13 @@ def _item_lines(text: str, n: int) -> list[int]:
     """The line each top-level array item starts on (for file:line messages)."""
     dec = json.JSONDecoder()
     lines, i = [], text.index("[") + 1
+    line, counted = 1, 0  # the line at `counted`: newlines are counted once, as the items go by
     while len(lines) < n:
         while text[i] in " \t\r\n,":
             i += 1
-        lines.append(text.count("\n", 0, i) + 1)
+        line += text.count("\n", counted, i)
+        counted = i
+        lines.append(line)
         _, i = dec.raw_decode(text, i)
     return lines
 
@@ -233,6 +249,8 @@ class Encoder:
         the template's end-of-turn marker), found by rendering growing prefixes."""
         if not any(m["role"] == "assistant" for m in msgs):
             raise ValueError("the conversation has no assistant turn to learn from")
+        if len(msgs) > MAX_MESSAGES:
+            raise ValueError(f"the conversation has {len(msgs)} messages, more than {MAX_MESSAGES}")
         full = self.template.render(msgs, add_generation_prompt=False)
         spans = []
         for k, m in enumerate(msgs):

@@ -19,6 +19,7 @@ from ..errors import BadRequest
 from ..export.hf import write_hf_folder
 from ..formats import peft
 from ..formats.hf import write_safetensors
+from ..fsutil import atomic_file
 from ..loading import LoadedModel, load, pick_device
 from ..manage import build_manifest, display_name, import_path
 from ..model import adapters
@@ -168,12 +169,20 @@ def _train(base, data, name, cfg: TuneConfig, resume, device, quiet, on_step, ra
 
 
 def _trim_log(log: Path, step: int) -> None:
-    """Drop metrics of steps after the checkpoint a run resumes from (they are computed again)."""
+    """Drop metrics of steps after the checkpoint a run resumes from (they are computed again), and
+    a line a killed run left cut short (or any line that is not a record)."""
     if not log.exists():
         return
-    keep = [line for line in log.read_text(encoding="utf-8").splitlines()
-            if line.strip() and json.loads(line).get("step", 0) <= step]
-    log.write_text("".join(line + "\n" for line in keep), encoding="utf-8")
+    keep = []
+    for line in log.read_text(encoding="utf-8", errors="replace").splitlines():
+        try:
+            rec = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(rec, dict) and rec.get("step", 0) <= step:
+            keep.append(line)
+    with atomic_file(log) as tmp:
+        tmp.write_text("".join(line + "\n" for line in keep), encoding="utf-8")
 
 
 def store_result(lm: LoadedModel, name: str, cfg: TuneConfig, trained: dict[str, torch.Tensor], data) -> str:
