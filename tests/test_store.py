@@ -242,6 +242,11 @@ def test_cli_errors_are_one_line_exit_2(ownlm_home, tmp_path):
         assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) <= 2, r.stderr
     r = cli("run", "nosuchmodel", "hi", env={"OWNLM_DEBUG": "1"})
     assert "Traceback" in r.stderr
+    for args in (["show", "missing:tag"], ["rm", "ghost"], ["pull", "pypi:bad"]):
+        r = cli(*args, "--json", env={"OWNLM_OFFLINE": "1"})  # --json: the error as JSON where the result goes
+        out = json.loads(r.stdout)
+        assert r.returncode == out["exit_code"] == 2 and out["error"] in r.stderr and set(out) == {"error", "hint",
+                                                                                                "exit_code"}
 
 
 def test_offline_says_what_would_be_fetched(ownlm_home):
@@ -266,3 +271,20 @@ def test_cli_list_show_rm_json(local_pypi, ownlm_home):
     assert shown["context_length"] == 256 and shown["chat_template"] == CHATML
     assert "removed tiny:v1" in cli("rm", "tiny:v1", check=0).stdout
     assert json.loads(cli("list", "--json", check=0).stdout)["models"] == []
+
+
+def test_a_file_named_like_a_model_does_not_hide_it(tmp_path, monkeypatch, ownlm_home, tiny_gguf):
+    """In a folder holding a file `smollm2` and a folder `tiny:q8`, those words are still store
+    names (pull / run / rm act on the store); ./smollm2 is the file, and a name that is not in
+    the store says so with the file's path in the hint."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "smollm2").write_bytes(Path(tiny_gguf).read_bytes())
+    (tmp_path / "tiny:q8").mkdir()
+    assert parse_ref("smollm2").kind == "name" and parse_ref("tiny:q8").kind == "name"
+    assert parse_ref("./smollm2").kind == "path"
+    (tmp_path / "Notes.GGUF-ish").write_text("x")  # not a name (capitals): a path, as before
+    assert parse_ref("Notes.GGUF-ish").kind == "path"
+    with pytest.raises(ModelNotFound, match="not in the store") as e:
+        manage.resolve("tiny:q8", pull_missing=False)
+    assert "for the folder here, say ./tiny:q8" in e.value.hint
+    assert manage.resolve("./smollm2")[0]["source"] == str((tmp_path / "smollm2").resolve())

@@ -220,8 +220,10 @@ def resolve(ref_text: str, store: Store | None = None, pull_missing: bool = True
             manifest = store.read(ref.full_name)
             return manifest, _resolve_store_files(store, manifest)
         if ref.name not in CATALOG:
+            here = f"; for the {'folder' if Path(ref.text).is_dir() else 'file'} here, say ./{ref.text}" \
+                if Path(ref.text).exists() else ""
             raise ModelNotFound(f"model {ref.full_name} is not in the store",
-                                f"see `ownlm list`; {unknown_hint(ref.name)}")
+                                f"see `ownlm list`; {unknown_hint(ref.name)}{here}")
         entry = CATALOG[ref.name]
         _, pick = entry.tag(ref.tag)  # an unknown tag: an error listing the entry's tags
         shown = ref.text if ref.tag != "latest" else ref.name

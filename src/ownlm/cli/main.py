@@ -4,6 +4,7 @@ exit code (2 for bad input, 1 for failures); OWNLM_DEBUG=1 shows the traceback."
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import traceback
@@ -62,6 +63,8 @@ def main(argv: list[str] | None = None) -> int:
         if os.environ.get("OWNLM_DEBUG"):
             traceback.print_exc()
         print(f"error: {e.message}" + (f"\nhint: {e.hint}" if e.hint else ""), file=sys.stderr)
+        if getattr(args, "json", False):  # the same, machine-readable, where the result would have been
+            print(json.dumps({"error": e.message, "hint": e.hint, "exit_code": e.exit_code}))
         return e.exit_code
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
@@ -73,6 +76,9 @@ def main(argv: list[str] | None = None) -> int:
             traceback.print_exc()
         print(f"error: unexpected {type(e).__name__}: {e}\nhint: rerun with OWNLM_DEBUG=1 and report it",
               file=sys.stderr)
+        if getattr(args, "json", False):
+            print(json.dumps({"error": f"unexpected {type(e).__name__}: {e}",
+                              "hint": "rerun with OWNLM_DEBUG=1 and report it", "exit_code": 1}))
         return 1
 
 

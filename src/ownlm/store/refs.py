@@ -57,8 +57,17 @@ def split_name(text: str) -> tuple[str, str]:
 
 
 def looks_like_path(text: str) -> bool:
-    return (text.endswith(".gguf") or "/" in text or text.startswith((".", "~")) or "\\" in text
-            or Path(text).exists())
+    """A path by its form (a folder in it, a .gguf file, ./ or ~), or anything else that exists
+    here and could not be a model name: a file or folder named like a model (`smollm2`) does not
+    hide the store's model (say ./smollm2 for it)."""
+    if text.endswith(".gguf") or "/" in text or text.startswith((".", "~")) or "\\" in text:
+        return True
+    return not _is_name(text) and Path(text).exists()
+
+
+def _is_name(text: str) -> bool:
+    name, _, tag = text.partition(":")
+    return text == text.lower() and bool(NAME_RE.fullmatch(name)) and bool(TAG_RE.fullmatch(tag or "latest"))
 
 
 def parse_ref(text: str) -> Ref:
