@@ -394,6 +394,26 @@ def test_two_processes_resume_each_with_its_own_rng_state(hf_models, tmp_path):
     assert a.keys() == b.keys() and all(torch.equal(a[n], b[n]) for n in a)
 
 
+def test_an_error_in_a_process_of_several_is_the_error_itself(hf_models, tmp_path):
+    """--nproc 2 and a bad row: the same one-line `file:line` error and exit status as with one
+    process, not torch's wrapper of the worker's traceback."""
+    data = _write(tmp_path / "d.jsonl", [ROWS[0], {"instruction": 3, "output": "b"}])
+    r = subprocess.run([sys.executable, "-m", "ownlm.cli.main", "tune", str(hf_models["llama"]), "--data", str(data),
+                        "--name", "two", "--nproc", "2", "--max-steps", "1"], capture_output=True, text=True,
+                       env=os.environ, timeout=300)
+    assert r.returncode == 2, r.stderr
+    assert "error: d.jsonl:2: 'instruction' must be a string" in r.stderr
+    assert "Traceback" not in r.stderr and "ProcessRaisedException" not in r.stderr
+
+
+def test_the_result_never_takes_the_base_models_name(tmp_path, capsys):
+    data = _write(tmp_path / "d.jsonl", ROWS[:2])
+    assert main(["tune", "tiny", "--data", str(data), "--name", "tiny:latest"]) == 2
+    assert main(["merge", "tiny:v1", "adapter", "--name", "tiny:v1"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("is the base model itself") == 2 and "Traceback" not in err
+
+
 def test_example_task_generator_is_deterministic_and_split(tmp_path):
     script = Path(__file__).resolve().parents[1] / "examples" / "dates" / "make_data.py"
     for out in ("a", "b"):

@@ -13,7 +13,7 @@ from ..formats import peft
 from ..loading import DTYPES, load, resolve_adapter, split_adapter
 from ..manage import import_path, resolve_weights
 from ..progress import human_bytes
-from ..store.refs import HF_RE, split_name
+from ..store.refs import HF_RE
 from ..store.store import Store
 from ..tune.data import FORMATS, TRAIN_ON
 from ..tune.objectives import OBJECTIVES
@@ -81,7 +81,9 @@ def _dtype(name: str) -> torch.dtype:
 def cmd_merge(args) -> int:
     from ..export.hf import write_hf_folder
 
-    split_name(args.name)
+    from ..tune.run import not_the_base
+
+    not_the_base(args.base, args.name)
     lm = load(f"{args.base}+{args.adapter}", dtype="float32", quant="none", pull_missing=False, cache=False)
     store = Store()
     with store.tmp_dir() as tmp:

@@ -15,7 +15,7 @@ from typing import Any, Callable
 
 import torch
 
-from ..errors import BadRequest
+from ..errors import BadRequest, OwnlmError
 from ..export.hf import write_hf_folder
 from ..formats import peft
 from ..formats.hf import write_safetensors
@@ -24,7 +24,7 @@ from ..loading import LoadedModel, load, pick_device
 from ..manage import build_manifest, display_name, import_path
 from ..model import adapters
 from ..model.families import FAMILIES
-from ..store.refs import split_name
+from ..store.refs import parse_ref, split_name
 from ..store.store import Store
 from . import checkpoints, rewards
 from .data import Encoder
@@ -69,10 +69,18 @@ def prepare(base: str, cfg: TuneConfig, device: torch.device) -> LoadedModel:
     return lm
 
 
+def not_the_base(base: str, name: str) -> None:
+    """NAME is a valid store name other than BASE's (storing the result there would replace the
+    model it was made from)."""
+    target = ":".join(split_name(name))
+    if parse_ref(base).kind == "name" and parse_ref(base).full_name == target:
+        raise BadRequest(f"--name {name} is the base model itself", "give the result a name of its own")
+
+
 def tune(base: str, data: str | Path, name: str, cfg: TuneConfig, resume: bool = False, device: str | None = None,
          nproc: int = 1, quiet: bool = False, on_step: Callable[[dict], None] | None = None) -> dict[str, Any]:
     """Train and store NAME; returns a summary (steps, losses, speed, where things are)."""
-    split_name(name)
+    not_the_base(base, name)
     if cfg.objective == "grpo":
         rewards.parse(cfg.rewards, cfg.reward_pattern, cfg.target_length)  # a bad --reward fails before any loading
     if nproc > 1:
@@ -252,8 +260,20 @@ def _worker(rank: int, world: int, port: int, args: tuple, out: str) -> None:
         result = _train(base, data, name, cfg, resume, device, quiet, None, rank, world)
         if rank == 0:
             Path(out).write_text(json.dumps(result), encoding="utf-8")
+    except OwnlmError as e:  # handed to the launching process, which raises it as its own
+        Path(f"{out}.error{rank}").write_text(json.dumps({"message": e.message, "hint": e.hint,
+                                                         "exit_code": e.exit_code}), encoding="utf-8")
+        raise
     finally:
         dist.destroy_process_group()
+
+
+class WorkerError(OwnlmError):
+    """An error a process of --nproc raised, as it raised it (message, hint, exit status)."""
+
+    def __init__(self, message: str, hint: str | None, exit_code: int):
+        super().__init__(message, hint)
+        self.exit_code = exit_code
 
 
 def _launch(base, data, name, cfg, resume, device, nproc, quiet) -> dict[str, Any]:
@@ -267,7 +287,15 @@ def _launch(base, data, name, cfg, resume, device, nproc, quiet) -> dict[str, An
                          f"use --nproc {gpus}, or --device cpu for {nproc} CPU processes")
     with tempfile.TemporaryDirectory() as tmp:
         out = str(Path(tmp) / "result.json")
-        mp.start_processes(_worker,
-                           args=(nproc, _free_port(), (base, str(data), name, cfg, resume, device, quiet), out),
-                           nprocs=nproc, join=True, start_method="spawn")
+        try:
+            mp.start_processes(_worker,
+                               args=(nproc, _free_port(), (base, str(data), name, cfg, resume, device, quiet), out),
+                               nprocs=nproc, join=True, start_method="spawn")
+        except Exception:  # torch's wrapper of a process's failure: the error itself where there is one
+            for rank in range(nproc):
+                raised = Path(f"{out}.error{rank}")
+                if raised.exists():
+                    e = json.loads(raised.read_text(encoding="utf-8"))
+                    raise WorkerError(e["message"], e["hint"], e["exit_code"]) from None
+            raise
         return json.loads(Path(out).read_text(encoding="utf-8"))
