@@ -235,8 +235,8 @@ def test_resume_after_sigkill_is_exact(hf_models, tmp_path):
 
     a, b = stored_adapter("g"), stored_adapter("r")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    # another reward is another run: resuming with it is refused
-    with pytest.raises(checkpoints.CheckpointError, match="other data or settings"):
+    # another reward is another run: resuming with it is refused, naming the setting
+    with pytest.raises(checkpoints.CheckpointError, match=r"made with other settings: rewards \['.*toy.py:alpha'"):
         tune(str(hf_models["llama"]), data, "r", TuneConfig(**{**asdict(cfg), "rewards": ("exact",)}), resume=True,
              quiet=True)
 
@@ -412,3 +412,34 @@ def test_settings_are_checked():
         TuneConfig(objective="dpo", rewards=("exact",))
     assert TuneConfig(objective="grpo", rewards=("exact",), beta=0).beta == 0  # no KL term is allowed
     assert TuneConfig(objective="grpo", rewards=("exact",)).learning_rate == 5e-5
+
+
+def test_the_example_generator_writes_right_answers_and_solved_questions(tmp_path):
+    """examples/grpo/make_data.py: deterministic, every answer right (computed here from the
+    question), no prompt of the shipped task, and with --shots 3 rows after 0 to 3 solved
+    questions each, as many of each count."""
+    import re
+
+    from ownlm.evaluate.tasks import find_task
+
+    script = Path(__file__).resolve().parents[1] / "examples" / "grpo" / "make_data.py"
+    for out in ("a.jsonl", "b.jsonl"):
+        subprocess.run([sys.executable, str(script), "--shots", "3", "--n", "80", "--out", str(tmp_path / out)],
+                       check=True, capture_output=True)
+    assert (tmp_path / "a.jsonl").read_bytes() == (tmp_path / "b.jsonl").read_bytes()
+    held = {json.loads(x)["prompt"] for x in find_task("arithmetic").read_text().splitlines() if x.strip()}
+    ops = {"+": lambda a, b: a + b, "-": lambda a, b: a - b, "*": lambda a, b: a * b}
+
+    def right(question: str) -> str:
+        a, op, b = re.fullmatch(r"What is (\d+) ([-+*]) (\d+)\? Reply with the number only\.", question).groups()
+        return str(ops[op](int(a), int(b)))
+
+    counts = [0] * 4
+    for row in (json.loads(x) for x in (tmp_path / "a.jsonl").read_text().splitlines()):
+        turns = row.get("messages") or [{"role": "user", "content": row["prompt"]}]
+        assert [t["role"] for t in turns] == ["user", "assistant"] * (len(turns) // 2) + ["user"]
+        for q, a in zip(turns[0::2], turns[1::2]):
+            assert a["content"] == right(q["content"])
+        assert row["answer"] == right(turns[-1]["content"]) and turns[-1]["content"] not in held
+        counts[len(turns) // 2] += 1
+    assert counts == [20, 20, 20, 20]

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -459,3 +460,8 @@ def test_a_loss_that_is_not_a_number_stops_the_run_before_a_checkpoint_holds_it(
     assert run.tune(str(hf_models["llama"]), data, "nan", cfg, resume=True, quiet=True)["resumed_from"] == 1
     steps = [json.loads(line)["step"] for line in (folder / "metrics.jsonl").read_text().splitlines()]
     assert steps == [1, 2, 3, 4]
+    # a resume with settings that shape the steps otherwise is refused, saying which
+    for change, said in ((dict(batch_size=2), "batch_size 4 (now 2)"), (dict(rank=8), "rank 16 (now 8)")):
+        with pytest.raises(checkpoints.CheckpointError, match=rf"made with other settings: {re.escape(said)}"):
+            run.tune(str(hf_models["llama"]), data, "nan", TuneConfig(max_steps=4, save_every=1, seq_len=96, **change),
+                     resume=True, quiet=True)

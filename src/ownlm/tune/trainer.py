@@ -36,6 +36,11 @@ from .data import Dataset, Encoder, Graded, Pair, Preferences, Row, collate, loa
 METHODS = ("lora", "qlora", "full")
 
 
+# settings a resumed run may change: how often it evaluates and saves, how many checkpoints it keeps,
+# recomputing activations (the same numbers); every other one shapes what the steps compute
+RESUME_MAY_CHANGE = {"eval_every", "save_every", "keep", "grad_checkpointing", "skip_bad"}
+
+
 class TrainingError(OwnlmError):
     """Training went numerically wrong (a loss or gradient that is not a number)."""
 
@@ -457,6 +462,13 @@ class Trainer:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
 
         model_sd, opt_flat, state = checkpoints.load(path)
+        saved, now = state.get("config") or {}, json.loads(json.dumps(asdict(self.cfg)))  # tuples as the JSON's lists
+        changed = [f"{k} {saved.get(k)!r} (now {now[k]!r})" for k in now
+                   if k not in RESUME_MAY_CHANGE and saved.get(k, now[k]) != now[k]]
+        if changed:
+            raise checkpoints.CheckpointError(
+                f"checkpoint {path} was made with other settings: {', '.join(changed[:4])}",
+                "resume with the run's own settings, or start a new run")
         if state.get("data_digest") != self.plan.data_digest:
             raise checkpoints.CheckpointError(f"checkpoint {path} was trained on other data or settings",
                                               "resume with the same --data and settings, or start a new run")
