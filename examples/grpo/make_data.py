@@ -33,18 +33,34 @@ def question(rng: random.Random) -> tuple[int, str, int, int]:
     return a, op, b, a * b
 
 
-def rows(n: int, seed: int) -> list[dict]:
+def rows(n: int, seed: int, shots: int = 0) -> list[dict]:
+    """n rows; with shots, each row's question comes after 0 .. shots solved ones (user and
+    assistant turns, bare answers), as many of each count"""
     held = {json.loads(line)["prompt"] for line in find_task("arithmetic").read_text(encoding="utf-8").splitlines()
             if line.strip()}
     rng = random.Random(seed)
-    out, seen = [], set(held)
-    while len(out) < n:
-        a, op, b, answer = question(rng)
-        prompt = TEMPLATE.format(a=a, op=op, b=b)
-        if prompt in seen:
+    seen = set(held)
+
+    def fresh() -> tuple[str, str]:
+        while True:
+            a, op, b, answer = question(rng)
+            prompt = TEMPLATE.format(a=a, op=op, b=b)
+            if prompt not in seen:
+                seen.add(prompt)
+                return prompt, str(answer)
+
+    out = []
+    for i in range(n):
+        prompt, answer = fresh()
+        k = i % (shots + 1)
+        if not k:
+            out.append({"prompt": prompt, "answer": answer})
             continue
-        seen.add(prompt)
-        out.append({"prompt": prompt, "answer": str(answer)})
+        messages = []
+        for _ in range(k):
+            q, a = fresh()
+            messages += [{"role": "user", "content": q}, {"role": "assistant", "content": a}]
+        out.append({"messages": messages + [{"role": "user", "content": prompt}], "answer": answer})
     return out
 
 
@@ -52,9 +68,11 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--n", type=int, default=400)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--shots", type=int, default=0,
+                    help="solved questions before a row's own, 0 .. SHOTS of them (default 0: the question alone)")
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "train.jsonl")
     args = ap.parse_args()
-    args.out.write_text("".join(json.dumps(r) + "\n" for r in rows(args.n, args.seed)), encoding="utf-8")
+    args.out.write_text("".join(json.dumps(r) + "\n" for r in rows(args.n, args.seed, args.shots)), encoding="utf-8")
     print(f"wrote {args.n} rows to {args.out}")
 
 
