@@ -6,9 +6,10 @@ X-Repo-Commit headers and Range support, and X-Error-Code on errors) and to list
 Per test: `files` (repo -> {path: bytes}), `gated` repos (served only with `token`), `corrupt`
 (serve other bytes than the advertised sha256), `drop_after` (close the connection after that many
 body bytes of the next GET, once), `extra` (bytes sent after a file's own, beyond its announced
-size), `cdn` (another FakeHub whose base URL the HEAD of a file redirects to, as the Hub redirects
-LFS files to its CDN: /cdn/{repo}/{file} there serves the same files, without a token), and `log`,
-every request as (method, path, headers)."""
+size), `hide_size` (a HEAD tells no size: neither X-Linked-Size nor Content-Length), `cdn`
+(another FakeHub whose base URL the HEAD of a file redirects to, as the Hub redirects LFS files to
+its CDN: /cdn/{repo}/{file} there serves the same files, without a token), and `log`, every request
+as (method, path, headers)."""
 
 from __future__ import annotations
 
@@ -30,6 +31,7 @@ class FakeHub:
         self.corrupt = False
         self.drop_after: int | None = None
         self.extra = b""
+        self.hide_size = False
         self.cdn: FakeHub | None = None
         self.log: list[tuple[str, str, dict[str, str]]] = []
         hub = self
@@ -139,11 +141,14 @@ class FakeHub:
         h.send_response(206 if start else 200)
         h.send_header("ETag", f'"{sha}"')
         h.send_header("X-Linked-Etag", f'"{sha}"')
-        h.send_header("X-Linked-Size", str(len(data)))
+        hidden = self.hide_size and not body
+        if not hidden:
+            h.send_header("X-Linked-Size", str(len(data)))
         h.send_header("X-Repo-Commit", COMMIT)
         h.send_header("Accept-Ranges", "bytes")
         h.send_header("Content-Type", "application/octet-stream")
-        h.send_header("Content-Length", str(len(piece)))
+        if not hidden:
+            h.send_header("Content-Length", str(len(piece)))
         if start:
             h.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
         h.end_headers()

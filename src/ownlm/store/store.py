@@ -378,6 +378,17 @@ class Store:
         one: a file changed since must be hashed again."""
         self.write_json_atomic(self.root / "verified" / f"{digest}.json", _stamp_of(st) if st else _stamp(path))
 
+    def drop_damaged(self, digest: str) -> bool:
+        """Remove a stored blob (not a link) whose bytes no longer match its digest, so that a pull
+        stores it again; True if one was removed."""
+        with self.lock(BLOBS_LOCK):
+            path = self.blob_path(digest)
+            if not path.is_file() or _hash_whole(path)[0] == digest:
+                return False
+            path.unlink(missing_ok=True)
+            (self.root / "verified" / f"{digest}.json").unlink(missing_ok=True)
+            return True
+
     def open_blob(self, digest: str, verify: bool = True) -> Path:
         """Path of a blob, its digest re-checked when the file changed since it was verified."""
         path = self.blob_path(digest)
