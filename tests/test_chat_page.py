@@ -332,6 +332,38 @@ def test_markdown_is_rendered_and_model_text_stays_text(browser, served):
     assert browser.execute_script("return window.pwned === undefined")
 
 
+def test_a_message_nested_past_the_stack_does_not_stop_the_page(browser, served):
+    """A line of 5,000 ">" (each a quote inside the last) and one of 40,000 "[" in a stored answer:
+    the page still loads its models, quotes nest 8 deep and the rest is text, and no script error."""
+    deep, brackets = ">" * 5000 + " deep", "[" * 40000
+    open_page(browser, served.base)
+    browser.execute_script("""
+        localStorage.setItem('ownlm.chats', JSON.stringify([{id: 'q', title: 'quotes', model: 'tiny', updated: 1,
+            messages: [{role: 'user', content: 'x'},
+                       {role: 'assistant', content: arguments[0] + '\\n\\n' + arguments[1]},
+                       {role: 'assistant', content: ''}]}]));
+        localStorage.setItem('ownlm.current', JSON.stringify('q'));""", deep, brackets)
+    open_page(browser, served.base, fresh=False)
+    assert "tiny" in " ".join(wait_models(browser))
+    content = browser.find_elements("css selector", "#messages .message.assistant .content")[0]
+    assert len(content.find_elements("css selector", "blockquote")) == 8
+    text = content.get_attribute("textContent")
+    assert ">" * (5000 - 8) + " deep" in text and brackets in text
+    assert not js_errors(browser)
+    # the stopped answer left empty is not sent as an assistant turn with the next message
+    browser.execute_script("""
+        const sent = [];
+        const real = window.fetch;
+        window.fetch = (url, init) => { if (String(url).includes('chat/completions')) sent.push(init.body);
+                                        return real(url, init); };
+        window.sentBodies = sent;""")
+    settings(browser, temperature="0", max_tokens="2")
+    send(browser, "again")
+    wait_done(browser)
+    (body,) = browser.execute_script("return window.sentBodies")
+    assert [m["role"] for m in json.loads(body)["messages"]] == ["user", "assistant", "user"]
+
+
 def test_a_key_protected_server_asks_for_the_key(browser, keyed):
     open_page(browser, keyed.base)
     panel = by_id(browser, "key-panel")

@@ -14,13 +14,14 @@
   // ---------------------------------------------------------------- markdown to DOM nodes
   const INLINE = new RegExp([
     "`([^`\\n]+)`", // `code`
-    "\\[([^\\]\\n]+)\\]\\(([^()\\s]+)\\)", // [label](url)
+    "\\[([^[\\]\\n]+)\\]\\(([^()\\s]+)\\)", // [label](url): no "[" inside, so a line of "[" is not quadratic
     "\\*\\*([^*\\n]+)\\*\\*", // **bold**
     "\\*([^*\\s](?:[^*\\n]*[^*\\s])?)\\*", // *italic*
   ].join("|"), "g");
   const FENCE = /^ {0,3}(`{3,}|~{3,})\s*([\w+#.-]*)/;
   const ITEM = /^ {0,3}([-*+]|\d{1,9}[.)])\s+(.*)$/;
   const QUOTE = /^ {0,3}>\s?(.*)$/;
+  const MAX_QUOTES = 8; // deeper quotes are shown as text: a line of 5,000 ">" nested past the stack
 
   function add(parent, tag) {
     return parent.appendChild(document.createElement(tag));
@@ -63,8 +64,18 @@
     if (last < text.length) parent.append(text.slice(last));
   }
 
-  // code fences (an unclosed one, while streaming, runs to the end), headings, lists, quotes, paragraphs
+  // text as markdown, or as plain text if it cannot be drawn: one message never stops the page
   function renderMarkdown(container, text) {
+    try {
+      markdown(container, text, 0);
+    } catch (e) {
+      container.replaceChildren();
+      container.textContent = text;
+    }
+  }
+
+  // code fences (an unclosed one, while streaming, runs to the end), headings, lists, quotes, paragraphs
+  function markdown(container, text, depth) {
     container.replaceChildren();
     const lines = text.split(/\r?\n/);
     let para = [];
@@ -98,11 +109,11 @@
           inline(add(list, "li"), m[2]);
           i++;
         }
-      } else if (QUOTE.test(line)) {
+      } else if (QUOTE.test(line) && depth < MAX_QUOTES) {
         flush();
         const quoted = [];
         for (; i < lines.length && (m = lines[i].match(QUOTE)); i++) quoted.push(m[1]);
-        renderMarkdown(add(container, "blockquote"), quoted.join("\n"));
+        markdown(add(container, "blockquote"), quoted.join("\n"), depth + 1);
       } else if (!line.trim()) {
         flush();
         i++;
@@ -301,7 +312,7 @@
     const messages = [];
     const system = $("system").value.trim();
     if (system) messages.push({role: "system", content: system});
-    for (const m of chat.messages) if (m.content || !m.error) messages.push({role: m.role, content: m.content});
+    for (const m of chat.messages) if (m.content) messages.push({role: m.role, content: m.content}); // not a stopped empty answer
     const body = {model: $("model").value, messages, stream: true, stream_options: {include_usage: true}};
     const temperature = $("temperature").value.trim();
     if (temperature !== "") body.temperature = Number(temperature);
@@ -442,7 +453,7 @@
     });
     $("stop").addEventListener("click", () => controller && controller.abort());
     document.addEventListener("keydown", (e) => {
-      if (e.key === "Escape" && controller) controller.abort();
+      if (e.key === "Escape" && !e.isComposing && controller) controller.abort();
     });
     $("new-chat").addEventListener("click", () => select(null));
     $("key-form").addEventListener("submit", (e) => {
