@@ -23,7 +23,7 @@ import pytest
 
 import ownlm
 from conftest import build_hf_model
-from ownlm.cli.chat import LEAVE_HINT, WordWrap, _escape, _unescape, unquote, visible
+from ownlm.cli.chat import LEAVE_HINT, WordWrap, _escape, _unescape, readable, unquote, visible
 
 PROMPT = ">>> "
 ANSI = re.compile(r"\x1b\[[0-9;?]*[ -/]*[@-~]|\x1b[=>]|\x1b\][^\x07]*\x07")
@@ -242,6 +242,7 @@ def test_set_show_verbose_and_unknown_commands(smollm2, term):
     assert "error: top_p=5.0 is invalid" in t.cmd("/set parameter top_p 5")
     assert "error: seed takes an integer" in t.cmd("/set parameter seed soon")
     assert "usage: /set parameter NAME VALUE" in t.cmd("/set parameter warmth 3")
+    assert "usage: /set parameter NAME VALUE" in t.cmd("/set parameter")  # it used to end the chat
     t.cmd("/set verbose")
     seen = t.cmd("Hello")
     want = one_shot(model, "Hello", "--system", "You are a pirate. Answer like one.", *GREEDY, "--max-tokens", "6")
@@ -325,3 +326,6 @@ def test_word_wrap_and_history_file_units():
         assert _unescape(_escape(entry)) == entry and "\n" not in _escape(entry)
     assert unquote('"""\nline 1\nline 2\n"""') == "line 1\nline 2" and unquote('""" one line """') == "one line"
     assert visible("a\x1b[2Jb\x07\n\tc") == "a^[[2Jb^G\n\tc"
+    assert visible("abc\u202edcba\u2066x\u2069") == "abc\ufffddcba\ufffdx\ufffd"  # no reordering what is shown
+    assert readable("caf\udce9") == "caf\ufffd" and readable("a\ud800b") == "a?b"  # stdin's bytes not UTF-8
+    assert visible("\U0001F468\u200d\U0001F469 caf\u00e9") == "\U0001F468\u200d\U0001F469 caf\u00e9"  # a ZWJ stays

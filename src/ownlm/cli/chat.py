@@ -86,15 +86,31 @@ def terminal_width(stream) -> int | None:
         return shutil.get_terminal_size().columns if hasattr(stream, "isatty") and stream.isatty() else None
 
 
+def readable(line: str) -> str:
+    """A line from stdin with the bytes that were not UTF-8 (handed over as lone surrogates) as
+    U+FFFD: text the tokenizer and the history file take."""
+    try:
+        return line.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+    except UnicodeEncodeError:  # a surrogate of another kind
+        return line.encode("utf-8", "replace").decode("utf-8")
+
+
+# bidirectional embeddings, overrides and isolates: they reorder what a terminal shows
+BIDI = frozenset("\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")
+
+
 def visible(text: str) -> str:
     """`text` safe for a terminal: control characters other than newline and tab shown as ^X (C1
-    ones as U+FFFD), so that an answer cannot move the cursor or send escape sequences."""
+    ones as U+FFFD), so that an answer cannot move the cursor or send escape sequences, and
+    bidirectional overrides as U+FFFD, so that it cannot show text in another order than it has."""
     if text.isprintable() or all(ch.isprintable() or ch in "\n\t" for ch in text):
         return text
     out = []
     for ch in text:
         o = ord(ch)
-        if ch in "\n\t" or not (o < 32 or 127 <= o < 160):
+        if ch in BIDI:
+            out.append("\ufffd")
+        elif ch in "\n\t" or not (o < 32 or 127 <= o < 160):
             out.append(ch)
         else:
             out.append("^" + chr(o ^ 64) if o < 128 else "\ufffd")
@@ -354,13 +370,23 @@ class Chat:
         self.reader = LineReader(History(home() / "history"))
 
     def say(self, text: str) -> None:
-        print(text, file=sys.stderr, flush=True)
+        print(visible(text), file=sys.stderr, flush=True)  # templates, names, errors: text from files
 
     # reading
+    def _read(self, prompt: str) -> str:
+        """A line as read (readable); one that cannot be decoded at all is said and read again."""
+        while True:
+            try:
+                line = self.reader.read(prompt)
+            except UnicodeDecodeError:
+                self.say("(that line is not UTF-8 text; type it again)")
+                continue
+            return readable(line)
+
     def read_entry(self) -> str | None:
         """One entry as typed (a \"\"\" block with its lines); None at Ctrl-D; "" after Ctrl-C."""
         try:
-            line = self.reader.read(PROMPT)
+            line = self._read(PROMPT)
         except EOFError:
             print()
             return None
@@ -373,7 +399,7 @@ class Chat:
         if _opens_block(line):
             while True:
                 try:
-                    more = self.reader.read(MORE)
+                    more = self._read(MORE)
                 except EOFError:
                     print()
                     return None
@@ -459,8 +485,8 @@ class Chat:
                      "/set wordwrap | /set nowordwrap")
 
     def set_parameter(self, text: str) -> None:
-        name, *values = text.split()
-        if not name or not values or name not in PARAMETERS:
+        name, *values = text.split() or [""]
+        if not values or name not in PARAMETERS:
             self.say(f"usage: /set parameter NAME VALUE, NAME one of: {', '.join(PARAMETERS)}")
             return
         key, kind = PARAMETERS[name]
