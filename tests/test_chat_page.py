@@ -28,6 +28,7 @@ from ownlm.store.store import Store
 from server_util import metric
 
 KEY = "page-key-0123456789"
+WIDE = "clé-de-la-page-0123456789"  # a second key, outside ASCII
 STATIC = Path(page.__file__).resolve().parent / "static"
 INSTALL = "apt-get install -y chromium chromium-driver"
 
@@ -81,7 +82,7 @@ def served(home):
 
 @pytest.fixture(scope="module")
 def keyed(home):
-    s = server_util.Server(home, ["tiny", "--preload", "--dtype", "float32", "--api-key", KEY])
+    s = server_util.Server(home, ["tiny", "--preload", "--dtype", "float32", "--api-key", KEY, "--api-key", WIDE])
     yield s
     assert s.stop() == 0
 
@@ -112,6 +113,17 @@ def test_page_headers_and_the_guard(served, keyed):
     other = httpx.post(f"{served.base}/v1/chat/completions", json=body, headers={"Origin": "http://evil.example"},
                        timeout=60)
     assert other.status_code == 403
+    # another site's <img> or link sends no Origin, but Sec-Fetch-Site: it reaches only the page's files
+    cross = {"Sec-Fetch-Site": "cross-site"}
+    for path in ("/tokenizer_info?model=tiny", "/v1/models", "/health", "/api/tags"):
+        r = httpx.get(f"{served.base}{path}", headers=cross, timeout=30)
+        assert r.status_code == 403 and "another site" in r.text, path
+    assert httpx.get(f"{served.base}/", headers=cross, timeout=30).status_code == 200
+    assert httpx.get(f"{served.base}/tokenizer_info?model=tiny", headers={"Sec-Fetch-Site": "same-origin"},
+                     timeout=60).status_code == 200
+    # a key outside ASCII, sent as its UTF-8 bytes, matches both ways of sending it
+    for header in ({"Authorization": f"Bearer {WIDE}".encode()}, {"x-api-key": WIDE.encode()}):
+        assert httpx.get(f"{keyed.base}/v1/models", headers=header, timeout=30).status_code == 200
 
 
 @pytest.fixture(scope="module")
