@@ -33,6 +33,7 @@ FAMILIES = {
     "falcon-sequential": dict(multi_query=False, new_decoder_architecture=False, parallel_attn=False, bias=True),
     "mpt": dict(attn_config={"alibi": True, "alibi_bias_max": 8, "clip_qkv": 0.5}),
     "mpt-6heads": dict(hidden_size=96, num_attention_heads=6, attn_config={"alibi": True}),
+    "qwen2-padded": dict(vocab_size=320),  # more embedding rows than the tokenizer's 300 tokens, as Qwen's
 }
 SWITCHES = {
     "qwen3": {"qk_norm": True, "head_dim": 24},
@@ -49,6 +50,7 @@ SWITCHES = {
     "mpt": {"position": "alibi", "alibi_max": 8.0, "clip_qkv": 0.5, "norm": "layer", "norm_bias": False,
             "qkv_bias": False},
     "mpt-6heads": {"position": "alibi", "n_heads": 6, "n_kv_heads": 6},
+    "qwen2-padded": {"vocab_size": 320, "qkv_bias": True},
 }
 
 
@@ -116,6 +118,24 @@ def test_greedy_run_matches_transformers_generate(folders, family, capsys):
         want = ref.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=12, do_sample=False,
                             eos_token_id=None, pad_token_id=0)[0, ids.shape[1]:].tolist()
     assert got["token_ids"] == want[: len(got["token_ids"])] and got["token_ids"]
+
+
+@pytest.mark.parametrize("family", ["falcon", "mpt"])
+def test_layer_norm_epsilon_is_read_as_these_configs_name_it(folders, family, tmp_path):
+    """Falcon's and MPT's config.json name it layer_norm_epsilon (no rms_norm_eps): set to 1e-2 it
+    is what ownlm's norms use, so the logits are transformers' own."""
+    import shutil
+
+    folder = shutil.copytree(folders[family], tmp_path / family)
+    cfg = json.loads((folder / "config.json").read_text())
+    cfg.pop("rms_norm_eps", None)
+    cfg["layer_norm_epsilon"] = 1e-2
+    (folder / "config.json").write_text(json.dumps(cfg))
+    lm = ownlm.load(str(folder), dtype="float32")
+    assert lm.config.norm_eps == 1e-2
+    ids = torch.randint(3, lm.config.vocab_size, (1, 20), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        torch.testing.assert_close(lm.model(ids), reference(folder)(ids).logits, atol=2e-5, rtol=1e-4)
 
 
 def test_moe_routes_each_token_to_its_top_experts(folders):

@@ -270,6 +270,43 @@ def test_hf_export_loads_in_transformers(hf_models, tmp_path):
     assert transformers.AutoTokenizer.from_pretrained(out)("fox 123").input_ids == ours.encode("fox 123")
 
 
+def test_bos_is_added_as_transformers_adds_it_and_survives_export(hf_models, tmp_path):
+    """A tokenizer.json whose post-processor puts BOS first and a tokenizer_config.json that does
+    not say add_bos_token (Llama 3's files): ownlm encodes with BOS, as transformers does; the
+    GGUF export says add_bos, and an HF export of that GGUF makes transformers add it too. A
+    Mistral without a window is exported with sliding_window null (MistralConfig's default is 4096)."""
+    import shutil
+
+    import transformers
+    from tokenizers import Tokenizer, processors
+
+    from conftest import build_hf_model
+
+    folder = shutil.copytree(hf_models["llama"], tmp_path / "bos")
+    tk = Tokenizer.from_file(str(folder / "tokenizer.json"))
+    bos = "<|im_start|>"
+    tk.post_processor = processors.TemplateProcessing(single=f"{bos} $A", special_tokens=[(bos, tk.token_to_id(bos))])
+    tk.save(str(folder / "tokenizer.json"))
+    tcfg = json.loads((folder / "tokenizer_config.json").read_text())
+    tcfg.pop("add_bos_token")
+    tcfg["bos_token"] = bos
+    (folder / "tokenizer_config.json").write_text(json.dumps(tcfg))
+    want = transformers.AutoTokenizer.from_pretrained(folder)("fox 123").input_ids
+    assert want[0] == tk.token_to_id(bos) and load(str(folder)).encode("fox 123") == want
+    gguf_out, hf_out = tmp_path / "bos.gguf", tmp_path / "bos-hf"
+    assert main(["export", str(folder), "--format", "gguf", "--out", str(gguf_out), "--quant", "f32"]) == 0
+    assert load(str(gguf_out)).encode("fox 123") == want
+    assert main(["export", str(gguf_out), "--format", "safetensors", "--out", str(hf_out)]) == 0
+    assert transformers.AutoTokenizer.from_pretrained(hf_out)("fox 123").input_ids == want
+    assert load(str(hf_out)).encode("fox 123") == want  # and ownlm reads its own export back the same
+    plain = build_hf_model(tmp_path / "mistral", "mistral", sliding_window=None)
+    out = tmp_path / "mistral-hf"
+    assert main(["export", str(plain), "--format", "safetensors", "--out", str(out)]) == 0
+    cfg = json.loads((out / "config.json").read_text())
+    assert "sliding_window" in cfg and cfg["sliding_window"] is None
+    assert transformers.AutoConfig.from_pretrained(out).sliding_window is None
+
+
 def test_killed_run_resumes_to_the_same_weights(hf_models, tmp_path):
     """SIGKILL at a random moment after the first checkpoint; --resume ends where the
     uninterrupted run (same seed, dropout on) ends, to the last bit."""

@@ -44,7 +44,9 @@ def _add_tokenizer(w: gguf.GGUFWriter, lm) -> None:
     if model.get("type") != "BPE":
         raise BadRequest(f"{model.get('type')} tokenizers cannot be exported to GGUF yet",
                          "export --format safetensors")
-    n = tk.get_vocab_size(with_added_tokens=True)
+    # as many tokens as the embedding has rows (Qwen's hold more rows than tokens): the rest are
+    # [PAD{i}] of type UNUSED, as llama.cpp's converter writes them
+    n = max(tk.get_vocab_size(with_added_tokens=True), lm.config.vocab_size)
     tokens: list[str | None] = [None] * n
     for t, i in model["vocab"].items():
         if 0 <= i < n:

@@ -51,11 +51,26 @@ def hf_config(lm, dtype: torch.dtype) -> dict[str, Any]:
                                "original_max_position_embeddings": s.original_context}
     elif s.kind != "none":
         raise BadRequest(f"rope scaling {s.kind!r} has no HF config form", "export to GGUF instead")
-    if c.sliding_window:
-        cfg["sliding_window"] = c.sliding_window
-        if fam.swa_opt_in:
-            cfg["use_sliding_window"] = True
+    cfg["sliding_window"] = c.sliding_window or None  # null, not left out: MistralConfig's default is 4096
+    if c.sliding_window and fam.swa_opt_in:
+        cfg["use_sliding_window"] = True
     return cfg
+
+
+def _tokenizer_json(tok) -> str:
+    """tokenizer.json, with a post-processor that puts BOS before a text where the model asks for
+    one and the file has none (a tokenizer built from a GGUF): transformers adds BOS that way, not
+    from tokenizer_config.json's add_bos_token."""
+    text = tok.tk.to_str()
+    if not (tok.add_bos and tok.bos_id is not None and tok.bos_token) or json.loads(text).get("post_processor"):
+        return text
+    from tokenizers import Tokenizer, processors
+
+    tk = Tokenizer.from_str(text)
+    bos = tok.bos_token
+    tk.post_processor = processors.TemplateProcessing(single=f"{bos} $A", pair=f"{bos} $A {bos} $B:1",
+                                                      special_tokens=[(bos, tok.bos_id)])
+    return tk.to_str()
 
 
 def write_hf_folder(lm, out: Path, state: dict[str, torch.Tensor] | None = None,
@@ -78,7 +93,7 @@ def write_hf_folder(lm, out: Path, state: dict[str, torch.Tensor] | None = None,
             (tmp / "config.json").write_text(json.dumps(cfg, indent=2), encoding="utf-8")
             (tmp / "generation_config.json").write_text(json.dumps(
                 {"bos_token_id": tok.bos_id, "eos_token_id": tok.eos_ids or None}, indent=2), encoding="utf-8")
-            (tmp / "tokenizer.json").write_text(tok.tk.to_str(), encoding="utf-8")
+            (tmp / "tokenizer.json").write_text(_tokenizer_json(tok), encoding="utf-8")
             (tmp / "tokenizer_config.json").write_text(json.dumps(tcfg, indent=2), encoding="utf-8")
             write_safetensors(tmp / "model.safetensors", tensors, {"format": "pt"})
     except FileExistsError:

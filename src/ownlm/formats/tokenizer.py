@@ -3,6 +3,7 @@ the model declares (BOS, EOS / stop tokens, whether BOS is added)."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -180,6 +181,20 @@ def _spm_merges(tokens: list[str], scores: list[float], types: list[int],
     return [(tokens[i][:cut], tokens[i][cut:]) for *_, i, cut in ranked]
 
 
+def _post_adds(tk: Tokenizer, token: str | None) -> bool:
+    """Whether the tokenizer's post-processor (TemplateProcessing, alone or in a Sequence) puts
+    `token` before a single text."""
+    if not token:
+        return False
+    post = json.loads(tk.to_str()).get("post_processor") or {}
+    steps = post.get("processors") or [] if post.get("type") == "Sequence" else [post]
+    for step in steps:
+        if isinstance(step, dict) and step.get("type") == "TemplateProcessing":
+            first = (step.get("single") or [{}])[0]
+            return isinstance(first, dict) and (first.get("SpecialToken") or {}).get("id") == token
+    return False
+
+
 def _token_text(v: Any) -> str:
     if isinstance(v, dict):
         v = v.get("content")
@@ -208,8 +223,10 @@ def from_hf(files: Mapping[str, Path]) -> tuple[TokenizerSpec, Any]:
     for i in extra if isinstance(extra, list) else [extra] if extra is not None else []:
         if 0 <= i < tk.get_vocab_size(with_added_tokens=True):
             eos_ids.append(i)
-    spec = TokenizerSpec(tk, bos, list(dict.fromkeys(eos_ids)),
-                         bool(tcfg.get("add_bos_token", False)) and bos is not None, bos_tok, eos_tok)
+    # BOS as tokenizer_config.json says, or (Llama 3, which does not say) as tokenizer.json's own
+    # post-processor adds it to a text, as transformers encodes
+    add_bos = tcfg["add_bos_token"] if "add_bos_token" in tcfg else _post_adds(tk, bos_tok)
+    spec = TokenizerSpec(tk, bos, list(dict.fromkeys(eos_ids)), bool(add_bos) and bos is not None, bos_tok, eos_tok)
     template = tcfg.get("chat_template")
     if isinstance(template, list):  # [{"name": "default", "template": ...}, ...]
         named = {t.get("name"): t.get("template") for t in template}
