@@ -200,25 +200,40 @@ def test_multiple_choice_equals_a_hand_computation(pair, tmp_path):
                 ctx, whole = lm.encode(row["context"]), lm.encode(row["context"] + choice)
                 logp = torch.log_softmax(ref(torch.tensor([whole])).logits[0].double(), -1)
                 scores.append(sum(float(logp[i - 1, whole[i]]) for i in range(len(ctx), len(whole))))
-            norm = [s / len(c) for s, c in zip(scores, row["choices"])]  # characters, as lm-evaluation-harness
+            norm = [s / len(c[1:]) for s, c in zip(scores, row["choices"])]  # characters after the space, as lm-eval
             acc += int(max(range(3), key=scores.__getitem__) == row["gold"])
             acc_norm += int(max(range(3), key=norm.__getitem__) == row["gold"])
     got = multiple_choice(lm, rows)
     assert got["acc"] == pytest.approx(acc / 3) and got["acc_norm"] == pytest.approx(acc_norm / 3)
 
 
+def test_spaces_ending_a_context_belong_to_the_choice(pair):
+    """As lm-evaluation-harness splits a pair (_encode_pair): "Answer: " + "Paris" is scored as
+    "Answer:" + " Paris" (a lone space token would end the context, and the choice lose its first)."""
+    from ownlm.evaluate.tasks import continuation_logprob
+
+    lm, _ = pair
+    assert continuation_logprob(lm, "The quick ", "brown fox") == continuation_logprob(lm, "The quick", " brown fox")
+    assert continuation_logprob(lm, "Numbers:  ", "3") == continuation_logprob(lm, "Numbers:", "  3")
+
+
 def test_acc_norm_divides_by_characters_as_lm_eval():
     """lm-evaluation-harness's acc_norm (api/task.py: `completion_len = len(choice)`) divides by the
-    choice's characters: on these numbers bytes would pick the other choice, and so would tokens."""
+    choice's characters, without the delimiter before it: on these numbers bytes would pick the
+    other choice, and so would counting the space."""
     import numpy as np
 
     from ownlm.evaluate.tasks import normalized_pick
 
-    choices, lls = [" éééé", " abcdefg"], [-8.0, -7.5]  # 5 vs 8 characters; 9 vs 8 bytes
-    assert normalized_pick(lls, choices) == 1  # -7.5/8 > -8/5; by bytes -8/9 > -7.5/8 would pick 0
-    assert int(np.argmax(np.array(lls) / np.array([float(len(c)) for c in choices]))) == 1  # lm-eval's formula
-    assert int(np.argmax(np.array(lls) / np.array([len(c.encode()) for c in choices]))) == 0
+    bare, lls = ["éééé", "abcdefg"], [-8.0, -7.5]  # lm-eval's choices (its delimiter " " apart): 4 vs 7 characters
+    choices = [" " + c for c in bare]  # ownlm's: each with the space before it
+    assert normalized_pick(lls, choices) == 1  # -7.5/7 > -8/4; by bytes -8/8 > -7.5/7 would pick 0
+    assert int(np.argmax(np.array(lls) / np.array([float(len(c)) for c in bare]))) == 1  # lm-eval's formula
+    assert int(np.argmax(np.array(lls) / np.array([len(c.encode()) for c in bare]))) == 0
     assert normalized_pick([-3.0, -3.0], [" ab", " cd"]) == 0  # a tie: the first, as argmax
+    # the space is not counted: -2/1 < -5/3 (counting it, -2/2 > -5/4 would pick the first)
+    assert normalized_pick([-2.0, -5.0], [" a", " bcd"]) == 1
+    assert int(np.argmax(np.array([-2.0, -5.0]) / np.array([1.0, 3.0]))) == 1
 
 
 def test_generation_task_and_bad_rows(pair, tmp_path, hf_models, ownlm_home):

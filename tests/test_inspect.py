@@ -4,6 +4,7 @@ from config.json, every documented JSON field is there, bad input is one line.""
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 
@@ -118,6 +119,15 @@ def test_diff_with_itself_is_zero_and_a_perturbed_tensor_comes_first(hf_models, 
     quantized = diff_models(str(hf_models["llama"]), str(hf_folder_to_gguf(hf_models["llama"], tmp_path / "q8.gguf",
                                                                            qtype=gguf.GGMLQuantizationType.Q8_0)))
     assert quantized["summary"]["changed"] > 0 and quantized["summary"]["min_cosine"] > 0.999
+    # a tensor holding NaN is the most changed: first, counted, and the summary says so
+    key2 = "model.layers.1.mlp.up_proj.weight"
+    tensors[key2] = tensors[key2].copy()
+    tensors[key2][0, 0] = np.nan
+    save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    d = diff_models(str(hf_models["llama"]), str(folder))
+    assert d["tensors"][0]["name"] == "layers.1.mlp.up.weight" and math.isnan(d["summary"]["max_relative_change"])
+    assert d["tensors"][1]["name"] == "layers.0.attn.v.weight" and d["summary"]["changed"] == 2
+    assert d["summary"]["not_numbers"] == 1 and math.isnan(d["summary"]["min_cosine"])
 
 
 def test_diff_of_incompatible_models_is_one_line(hf_models, ownlm_home):

@@ -215,10 +215,14 @@ def diff_models(a_ref: str, b_ref: str, progress: Callable[[int], None] | None =
                      "max_abs_change": float((y - x).abs().max()) if x.numel() else 0.0})
         if progress:
             progress(1)
-    rows.sort(key=lambda r: -r["relative_change"])
-    changed = [r for r in rows if r["relative_change"] > 0]
+    # a tensor that is not numbers (NaN) counts as changed the most: first in the order, in the summary
+    worst = lambda v: math.inf if math.isnan(v) else v  # noqa: E731
+    rows.sort(key=lambda r: -worst(r["relative_change"]))
+    changed = [r for r in rows if not r["relative_change"] <= 0]
+    lowest = lambda v: -math.inf if math.isnan(v) else v  # noqa: E731
     return {"a": name_a, "b": name_b, "architecture": a.config.architecture,
             "summary": {"tensors": len(rows), "changed": len(changed),
                         "max_relative_change": rows[0]["relative_change"] if rows else 0.0,
-                        "min_cosine": min((r["cosine"] for r in rows), default=1.0)},
+                        "min_cosine": min((r["cosine"] for r in rows), key=lowest, default=1.0),
+                        "not_numbers": sum(math.isnan(r["relative_change"]) for r in rows)},
             "tensors": rows}

@@ -85,7 +85,11 @@ def read_task(path: Path) -> tuple[str, list[dict[str, Any]]]:
 @torch.inference_mode()
 def continuation_logprob(lm, context: str, continuation: str) -> float:
     """Sum of log-probabilities of `continuation`'s tokens after `context` (lm-evaluation-harness's
-    split: the continuation is what encoding context + continuation adds after the context)."""
+    split: spaces ending the context move to the continuation, which is then what encoding context
+    + continuation adds after the context)."""
+    spaces = len(context) - len(context.rstrip())
+    if spaces:
+        context, continuation = context[:-spaces], context[-spaces:] + continuation
     ctx_ids = lm.encode(context)
     whole = lm.encode(context + continuation)
     cont = whole[len(ctx_ids):]
@@ -100,8 +104,9 @@ def continuation_logprob(lm, context: str, continuation: str) -> float:
 def normalized_pick(scores: list[float], choices: list[str]) -> int:
     """acc_norm's pick, as lm-evaluation-harness computes it (api/task.py, `completion_len`): the
     choice with the best log-likelihood per character of the choice's text (`len(choice)`: characters,
-    not bytes and not tokens); the first such choice on a tie, as numpy's argmax."""
-    norm = [s / len(c) for s, c in zip(scores, choices)]
+    not bytes and not tokens, and not the space before it, lm-eval's target delimiter, which ownlm's
+    choices carry); the first such choice on a tie, as numpy's argmax."""
+    norm = [s / max(1, len(c.removeprefix(" "))) for s, c in zip(scores, choices)]
     return max(range(len(norm)), key=norm.__getitem__)
 
 
