@@ -37,7 +37,7 @@ def llama_cpp_tensor(arch: str, name: str, t: np.ndarray, cfg: dict) -> np.ndarr
 
 
 def hf_folder_to_gguf(folder: Path, out: Path, qtype=gguf.GGMLQuantizationType.F32, arch: str = "llama",
-                      chat_template: str | None = None, pre: str = "default", overrides: dict | None = None,
+                      chat_template: str | None = None, pre: str = "gpt-2", overrides: dict | None = None,
                       meta: dict | None = None, edit: Callable[[str, np.ndarray], np.ndarray | None] | None = None,
                       extra: dict[str, np.ndarray] | None = None) -> Path:
     """overrides: a GGUF tensor-name suffix ("attn_v.weight") -> the block type of those tensors.

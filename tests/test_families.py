@@ -17,6 +17,7 @@ import ownlm
 from conftest import build_hf_model
 from ownlm.cli.main import main
 from ownlm.engine.kv_cache import KVCache
+from ownlm.formats.gguf import GGUFFile
 
 FAMILIES = {
     "qwen3": dict(head_dim=24),
@@ -256,3 +257,26 @@ def test_family_records_are_consistent():
                 np.testing.assert_allclose(layout.save(mine, ours, cfg), w, rtol=0, atol=1e-12)
                 tried.add(name)
     assert tried == set(keymaps.LAYOUTS)
+
+
+def test_a_gguf_says_how_its_text_is_split_and_ownlm_splits_it_so(folders, tmp_path):
+    """tokenizer.ggml.pre "default" (or none) is llama.cpp's default split (punctuation runs, then
+    GPT-2's pieces, then digit runs, cut into threes), not GPT-2's; the pieces below are those under
+    which llama-cpp-python 0.3.36 gave the same token ids as ownlm, for both names (checked on these
+    texts and three more when this was written). An export of a GPT-2 tokenizer says "gpt-2"."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    from ownlm.formats import tokenizer as tok_formats
+
+    def pieces(name: str, text: str) -> list[str]:
+        t = Tokenizer(models.BPE())
+        t.pre_tokenizer = pre_tokenizers.Sequence(tok_formats.PRE_TOKENIZERS[name]())
+        return [p for p, _ in t.pre_tokenizer.pre_tokenize_str(text)]
+
+    text = "fox 12345 jumps!!! (c) + 3"
+    assert pieces("default", text) == ["fox", "Ġ", "123", "45", "Ġjumps", "!!!", "Ġ", "(", "c", ")", "Ġ", "+", "Ġ",
+                                       "3"]
+    assert pieces("gpt-2", text) == ["fox", "Ġ12345", "Ġjumps", "!!!", "Ġ(", "c", ")", "Ġ+", "Ġ3"]
+    out = tmp_path / "llama.gguf"
+    assert main(["export", str(folders["qwen2-padded"]), "--format", "gguf", "--out", str(out), "--quant", "f32"]) == 0
+    assert GGUFFile(out).metadata["tokenizer.ggml.pre"] == "gpt-2"

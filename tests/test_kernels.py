@@ -133,7 +133,7 @@ def test_the_wrappers_refuse_what_the_c_code_could_not_take():
                                                                                                    dtype=torch.uint8)))
     with pytest.raises(ValueError, match="1 to 3 parts"):
         kernels.quant_matmul(torch.randn(3, 96), [w] * 4)
-    with pytest.raises(ValueError, match="bfloat16 matrix"):
+    with pytest.raises(ValueError, match="bfloat16 CPU matrix"):
         kernels.bf16_matmul(torch.randn(3, 96), torch.randn(8, 96))
     with pytest.raises(ValueError, match="norm weight"):
         kernels.rms_norm(torch.randn(3, 96), torch.ones(95), 1e-5, 0.0)

@@ -29,6 +29,12 @@ _FALCON = (r"[\p{P}\$\+<=>\^~\|`]+", r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+
            r"[0-9][0-9][0-9]")
 
 
+# llama.cpp's default (a GGUF whose tokenizer.ggml.pre is "default" or missing): punctuation runs,
+# GPT-2's pieces, digit runs, then digit runs cut into threes
+_DEFAULT = (r"[\p{P}\$\+<=>\^~\|]+", r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)",
+            r"\p{N}+", r"[0-9][0-9][0-9]")
+
+
 def _split(*patterns: str) -> list:
     """Each regex splits every piece so far (matches and the text between them kept, as llama.cpp's
     unicode_regex_split does), then the pieces are mapped to GPT-2's byte-level alphabet."""
@@ -38,8 +44,8 @@ def _split(*patterns: str) -> list:
 
 # llama.cpp's `tokenizer.ggml.pre` names -> pre-tokenizer pipeline (as llama.cpp's llama-vocab does)
 PRE_TOKENIZERS: dict[str, Any] = {
-    "default": lambda: [pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)],
     "gpt-2": lambda: [pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)],
+    "default": lambda: _split(*_DEFAULT),
     "smollm": lambda: [pre_tokenizers.Digits(individual_digits=True),
                        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)],
     "starcoder": lambda: [pre_tokenizers.Digits(individual_digits=True),
