@@ -253,9 +253,16 @@ def test_keep_alive_durations():
     # beyond a century (infinity too) is forever, as a negative is; not a number is refused
     assert keep_alive_seconds(1e12) == keep_alive_seconds("inf") == keep_alive_seconds(float("inf")) == -1
     assert keep_alive_seconds("99999999999h") == -1 and keep_alive_seconds(86400.0 * 365 * 99) == 86400.0 * 365 * 99
+    assert keep_alive_seconds(float("-inf")) == keep_alive_seconds("-1e400") == -1
     for bad in ("nan", float("nan"), "5 minutes"):
         with pytest.raises(APIError, match="is not a duration"):
             keep_alive_seconds(bad)
+    import argparse
+
+    from ownlm.cli.serve import _seconds  # serve --keep-alive reads the same
+    assert _seconds("5m") == 300 and _seconds("1e12") == _seconds("-1") == -1 and _seconds("90") == 90
+    with pytest.raises(argparse.ArgumentTypeError):
+        _seconds("nan")
 
 
 def test_copy_and_delete(client):

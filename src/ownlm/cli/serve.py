@@ -82,19 +82,19 @@ def cmd_serve(args) -> int:
 
 
 def _seconds(text: str) -> float:
-    """--keep-alive: seconds, negative for forever (as are more than FOREVER_S)"""
+    """--keep-alive as Ollama's keep_alive reads: seconds or a duration (5m), negative for forever"""
     import argparse
-    import math
 
-    from ..server.ollama import FOREVER_S
+    from ..server.http import APIError
+    from ..server.ollama import keep_alive_seconds
 
     try:
-        value = float(text)
-    except ValueError:
-        value = math.nan
-    if math.isnan(value):
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds")
-    return -1.0 if value > FOREVER_S else value
+        value = keep_alive_seconds(text)
+    except APIError:
+        value = None
+    if value is None:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds or a duration (5m)")
+    return value
 
 
 def _to_stderr(line: str) -> None:
@@ -117,7 +117,8 @@ def register(sub) -> None:
     p.add_argument("--max-queue", type=int, default=64, help="requests waiting beyond those; more get 429 (default 64)")
     p.add_argument("--max-loaded", type=int, default=1, help="models kept in memory at once (default 1)")
     p.add_argument("--keep-alive", type=_seconds, default=300.0,
-                   help="seconds an idle model stays loaded (default 300; negative: forever)")
+                   help="how long an idle model stays loaded: seconds, or a duration like 5m (default 300; "
+                        "negative: forever)")
     p.add_argument("--preload", action="store_true", help="load the model(s) before accepting requests")
     p.add_argument("--max-tokens", type=int, default=DEFAULT_MAX_TOKENS, metavar="N",
                    help=f"answer tokens for a chat request that sets no max_tokens (default {DEFAULT_MAX_TOKENS}); "

@@ -196,7 +196,7 @@ def keep_alive_seconds(value: KeepAlive) -> float | None:
         seconds = _duration(value)
     if math.isnan(seconds):
         raise APIError(400, f"keep_alive {value!r} is not a duration (say 5m, 1h, 30s, 0 or -1)")
-    return -1.0 if seconds > FOREVER_S else seconds
+    return -1.0 if abs(seconds) > FOREVER_S else seconds  # -inf too: a number JSON can hold
 
 
 def _duration(value: Any) -> float:
