@@ -91,7 +91,8 @@ def test_run_eval_tune_and_serve_stay_on_this_machine(hf_models, tmp_path):
     env = _guarded_env(tmp_path, home)
     model = str(hf_models["llama"])
     assert _ownlm(env, "import", model, "--name", "tiny").returncode == 0
-    r = _ownlm(env, "run", "tiny", "The quick brown", "--max-tokens", "5", "--raw", "--json")
+    # greedy: a sampled first token may be the end of the text, and then no token counts
+    r = _ownlm(env, "run", "tiny", "The quick brown", "--max-tokens", "5", "--raw", "--json", "--temperature", "0")
     assert r.returncode == 0 and json.loads(r.stdout)["usage"]["completion_tokens"] >= 1, r.stderr
     text = tmp_path / "text.txt"
     text.write_text("Owning your model means nobody can change its price, its rules, or take it away. " * 4)
