@@ -373,23 +373,17 @@ def test_rows_a_reward_cannot_score_and_a_raising_reward(hf_models, tmp_path):
                      max_completion_tokens=2)
     with pytest.raises(rewards.RewardError, match=r"reward boom.py:boom failed on p.jsonl:3: KeyError: 'no luck'"):
         tune(str(hf_models["llama"]), data, "boom", cfg, quiet=True)
-    (tmp_path / "nan.py").write_text("def nan(prompt, completion, row):\n    return float('nan')\n")
-    cfg = TuneConfig(objective="grpo", rewards=(f"{tmp_path / 'nan.py'}:nan",), max_steps=1, batch_size=3,
-                     max_completion_tokens=2)
-    with pytest.raises(rewards.RewardError, match=r"reward nan.py:nan returned nan on p.jsonl:\d, not a finite"):
-        tune(str(hf_models["llama"]), data, "nan", cfg, quiet=True)
-    # sys.exit inside a reward is its failure, not the end of the run with status 0
-    (tmp_path / "quit.py").write_text("import sys\ndef quit(prompt, completion, row):\n    sys.exit(0)\n")
-    cfg = TuneConfig(objective="grpo", rewards=(f"{tmp_path / 'quit.py'}:quit",), max_steps=1, batch_size=3,
-                     max_completion_tokens=2)
-    with pytest.raises(rewards.RewardError, match=r"reward quit.py:quit failed on p.jsonl:\d: SystemExit"):
-        tune(str(hf_models["llama"]), data, "quit", cfg, quiet=True)
-    # rewards each finite whose spread within a group overflows: refused before any step, nothing stored
-    (tmp_path / "huge.py").write_text("def huge(prompt, completion, row):\n    return 1e308\n")
-    cfg = TuneConfig(objective="grpo", rewards=(f"{tmp_path / 'huge.py'}:huge",), max_steps=1, batch_size=3,
-                     max_completion_tokens=2)
-    with pytest.raises(rewards.RewardError, match=r"step 1: the rewards .* are too large to compare within a group"):
-        tune(str(hf_models["llama"]), data, "huge", cfg, quiet=True)
+    # a reward that returns NaN; one that calls sys.exit (its failure, not the end of the run with
+    # status 0); rewards each finite whose sums within a group overflow (refused before any step)
+    cases = (("nan", "return float('nan')", r"reward nan.py:nan returned nan on p.jsonl:\d, not a finite"),
+             ("quit", "raise SystemExit(0)", r"reward quit.py:quit failed on p.jsonl:\d: SystemExit"),
+             ("huge", "return 1e308", r"step 1: the rewards .* are too large to compare within a group"))
+    for name, body, said in cases:
+        (tmp_path / f"{name}.py").write_text(f"def {name}(prompt, completion, row):\n    {body}\n")
+        cfg = TuneConfig(objective="grpo", rewards=(f"{tmp_path / name}.py:{name}",), max_steps=1, batch_size=3,
+                         max_completion_tokens=2)
+        with pytest.raises(rewards.RewardError, match=said):
+            tune(str(hf_models["llama"]), data, name, cfg, quiet=True)
 
 
 def test_numpy_and_torch_scalars_are_rewards():
