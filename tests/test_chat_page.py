@@ -303,6 +303,34 @@ def test_conversations_are_kept_in_the_browser(browser, served):
     assert [c["title"] for c in stored(browser)] == ["First conversation"]
 
 
+def test_two_tabs_keep_each_others_conversations_and_a_full_storage_is_said(browser, served):
+    open_page(browser, served.base)
+    wait_models(browser)
+    settings(browser, temperature="0", max_tokens="2")
+    first = browser.current_window_handle
+    browser.switch_to.new_window("tab")
+    open_page(browser, served.base, fresh=False)  # the second tab loads before the first has a conversation
+    wait_models(browser)
+    browser.switch_to.window(first)
+    send(browser, "From the first tab")
+    wait_done(browser)
+    browser.switch_to.window([h for h in browser.window_handles if h != first][0])
+    by_id(browser, "new-chat").click()
+    send(browser, "From the second tab")
+    wait_done(browser)
+    assert sorted(c["title"] for c in stored(browser)) == ["From the first tab", "From the second tab"]
+    titles = [b.text for b in browser.find_elements("css selector", "#conversations .open")]
+    assert "From the first tab" in titles
+    browser.close()
+    browser.switch_to.window(first)
+    # a storage that refuses the write (full): every status after says the conversation is not kept
+    browser.execute_script("Storage.prototype.setItem = function () { throw new Error('quota exceeded'); };")
+    send(browser, "Not kept")
+    wait_done(browser)
+    status = by_id(browser, "status")
+    assert "not kept in this browser: quota exceeded" in status.text and "error" in status.get_attribute("class")
+
+
 MARKDOWN = """Here is **bold**, *italic* and `inline code`, a [link](https://example.org/a?b=1&c=2) and a
 [bad link](javascript:alert(1)).
 

@@ -135,11 +135,23 @@
     }
   }
 
+  // Another tab of this page writes the same storage: conversations it added are kept (merged
+  // in by id, the newer of two copies winning), those this tab removed stay removed.
   function save() {
+    const stored = load(localStorage, CHATS, []);
+    const mine = new Map(chats.map((c) => [c.id, c]));
+    for (const c of Array.isArray(stored) ? stored : []) {
+      if (!c || typeof c.id !== "string" || removed.has(c.id)) continue;
+      const own = mine.get(c.id);
+      if (!own) chats.push(c);
+      else if (c.updated > own.updated && !(controller && c.id === current)) chats[chats.indexOf(own)] = c;
+    }
     try {
       localStorage.setItem(CHATS, JSON.stringify(chats));
       localStorage.setItem(CURRENT, JSON.stringify(current));
+      unsaved = null;
     } catch (e) {
+      unsaved = e.message; // said with every status until a save succeeds
       status("could not keep the conversation in this browser: " + e.message, true);
     }
   }
@@ -155,6 +167,8 @@
   let chats = load(localStorage, CHATS, []);
   if (!Array.isArray(chats)) chats = [];
   let current = load(localStorage, CURRENT, null);
+  const removed = new Set(); // conversations deleted in this tab
+  let unsaved = null; // why the last save failed (storage full), while it does
   let controller = null; // the AbortController of the answer being streamed
 
   const apiKey = () => sessionStorage.getItem(KEY) || "";
@@ -162,6 +176,7 @@
   const currentChat = () => chats.find((c) => c.id === current) || null;
 
   function status(text, error) {
+    if (unsaved && !error) [text, error] = [text + " \u00b7 not kept in this browser: " + unsaved, true];
     $("status").textContent = text;
     $("status").classList.toggle("error", !!error);
   }
@@ -234,6 +249,7 @@
   function remove(id) {
     if (controller) return;
     chats = chats.filter((c) => c.id !== id);
+    removed.add(id);
     if (current === id) current = null;
     save();
     renderSidebar();
@@ -452,6 +468,14 @@
       }
     });
     $("stop").addEventListener("click", () => controller && controller.abort());
+    window.addEventListener("storage", (e) => { // another tab saved: show its conversations too
+      if (e.key !== CHATS || controller) return;
+      const stored = load(localStorage, CHATS, []);
+      if (!Array.isArray(stored)) return;
+      chats = stored.filter((c) => c && typeof c.id === "string" && !removed.has(c.id));
+      renderSidebar();
+      renderMessages();
+    });
     document.addEventListener("keydown", (e) => {
       if (e.key === "Escape" && !e.isComposing && controller) controller.abort();
     });
