@@ -254,3 +254,23 @@ def test_a_download_finished_before_a_kill_is_kept_where_the_size_is_unknown(hub
     monkeypatch.setattr(Store, "put_partial", real)
     assert manage.pull(f"hf:{REPO}/{FILE_Q4}", quiet=True)["digest"] == sha(tiny_bytes)
     assert hub.requests("GET")[-1][2].get("Range") == f"bytes={len(tiny_bytes)}-"
+
+
+def test_one_file_pulled_under_two_names_at_once_is_downloaded_once(hub, tiny_bytes, ownlm_home):
+    """Two pulls of the same bytes under two names, at once: the second waits on the first's
+    partial file and then takes the stored blob (it used to download it all again)."""
+    import threading
+
+    hub.drop_after = None
+    results = {}
+
+    def pull(name: str) -> None:
+        results[name] = manage.pull(f"hf:{REPO}/{FILE_Q4}", name=name, quiet=True)["digest"]
+
+    threads = [threading.Thread(target=pull, args=(n,)) for n in ("one", "two")]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert results == {"one": sha(tiny_bytes), "two": sha(tiny_bytes)}
+    assert len(hub.requests("GET")) == 1 and len(stored(ownlm_home, "blobs")) == 1

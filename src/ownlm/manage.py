@@ -150,6 +150,8 @@ def _pull_hf(store: Store, ref: Ref, quiet: bool, say: Say, expected: str | None
         return {GGUF_FILE: {"sha256": want, "size": store.open_blob(want).stat().st_size}}
     label = Path(ref.member).name
     with store.partial(want or f"{ref.text}@{info.commit}") as part:
+        if want and store.reuse(want):  # another pull of these bytes (under another name) finished while we waited
+            return {GGUF_FILE: {"sha256": want, "size": store.open_blob(want).stat().st_size}}
         bar: list[Bar] = []
 
         def start(offset: int, left: int | None) -> None:
