@@ -419,6 +419,44 @@ def test_prompt_cache_folder_outlives_the_process(llama, tmp_path):
     prefix_cache.attach(llama.model, None)
 
 
+def test_a_crafted_cache_file_is_refused_and_pins_nothing(llama, tmp_path):
+    """A block file whose checksum is right but whose header is of the wrong kind (tokens a
+    number, an empty body): refused with a warning, a miss from there on (the request's own blocks
+    written in its place); no block of the lookup that met it stays pinned."""
+    import hashlib
+    import json
+
+    folder = tmp_path / "kv"
+    block_file = block_size(llama)
+    prefix_cache.persist(llama.model, folder, "tiny", 40 * block_file)
+    p = ids(3 * BLOCK + 3, 70)
+    first, _ = alone(llama, p, n=4)
+    assert prefix_cache.flush(timeout=60)
+    pc = prefix_cache.persist(llama.model, folder, "tiny", 40 * block_file)  # a new process: memory empty
+    node = pc.root  # the files of the prompt's first two blocks, by their keys
+    keys = []
+    for i in range(2):
+        part = tuple(p[i * BLOCK:(i + 1) * BLOCK])
+        keys.append(prefix_cache._digest(node.key if i == 0 else bytes.fromhex(keys[-1]), part).hex())
+    second = next(folder.glob(f"*/{keys[1]}.kv"))
+    for bad in ({"tokens": 5}, {"shape": [0]}):
+        data = second.read_bytes()
+        body = data[:-16]
+        n = int.from_bytes(body[len(prefix_cache.MAGIC):len(prefix_cache.MAGIC) + 4], "little")
+        start = len(prefix_cache.MAGIC) + 4
+        head = {**json.loads(body[start:start + n]), **bad}
+        new = json.dumps(head).encode()
+        raw = b"" if "shape" in bad else body[start + n:]
+        body = prefix_cache.MAGIC + len(new).to_bytes(4, "little") + new + raw
+        second.write_bytes(body + hashlib.blake2b(body, digest_size=16).digest())
+        pc = prefix_cache.persist(llama.model, folder, "tiny", 40 * block_file)
+        with pytest.warns(UserWarning, match="refused"):
+            assert alone(llama, p, n=4) == (first, BLOCK)  # the first block from its file, then a miss
+        assert all(b.refs == 0 for b in pc.lru.values())
+        assert prefix_cache.flush(timeout=60) and second.read_bytes() == data  # written again, whole
+    prefix_cache.attach(llama.model, None)
+
+
 def test_prompt_cache_files_are_written_off_the_engine_thread(llama, tmp_path, monkeypatch):
     """A slow disk stalls no request: a store only queues its blocks' files; one writer thread
     writes them, not holding the cache's lock; flush waits for them; a full queue drops a block

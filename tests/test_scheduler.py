@@ -98,3 +98,40 @@ def test_cancel_frees_the_slot_and_overload_is_refused(tiny):
         assert run_all(sched, [dict(prompt=[1, 2, 3], params=SamplingParams(temperature=0), limit=3)])[0]
     finally:
         sched.close()
+
+
+def test_a_prompt_that_fails_fails_alone(tiny, monkeypatch):
+    """One request's prefill raising (out of memory growing the cache, a prompt-cache file that
+    cannot be read) ends that request with its error; the others, running or queued, get the
+    tokens they get alone, and each request has one last event."""
+    from ownlm.engine import scheduler as scheduler_module
+
+    requests = _requests(tiny, 4, limit=12)
+    alone = [list(generate_ids(tiny.model, r["prompt"], r["params"]))[: r["limit"]] for r in requests]
+    bad = tiny.encode("this prompt fails")
+    real = scheduler_module.Scheduler._prefill_chunk
+
+    def prefill(self, s):
+        if list(s.req.prompt) == bad:
+            raise MemoryError("no room for this prompt")
+        return real(self, s)
+
+    monkeypatch.setattr(scheduler_module.Scheduler, "_prefill_chunk", prefill)
+    sched = Scheduler(tiny.model, max_running=3, prefill_chunk=5)
+    events: list[list] = [[] for _ in range(5)]
+    try:
+        reqs = [Request(emit=events[i].append, **r) for i, r in enumerate(requests[:2])]
+        reqs.append(Request(prompt=bad, params=SamplingParams(temperature=0), limit=5, emit=events[2].append))
+        reqs += [Request(emit=events[3 + i].append, **r) for i, r in enumerate(requests[2:])]
+        for r in reqs:
+            sched.submit(r)
+        deadline = time.monotonic() + 60
+        while not all(e and e[-1].kind in ("done", "error") for e in events) and time.monotonic() < deadline:
+            time.sleep(0.01)
+    finally:
+        sched.close()
+    finals = [[e for e in evs if e.kind in ("done", "error")] for evs in events]
+    assert all(len(f) == 1 for f in finals)
+    assert finals[2][0].kind == "error" and "no room for this prompt" in str(finals[2][0].error)
+    got = [[e.token for e in evs if e.kind == "token"] for i, evs in enumerate(events) if i != 2]
+    assert got == alone and all(f[0].kind == "done" for i, f in enumerate(finals) if i != 2)

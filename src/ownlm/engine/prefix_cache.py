@@ -273,7 +273,9 @@ class Disk:
         try:
             data = path.read_bytes()
             os.utime(path)  # the least recently used go first, in a later process too
-        except OSError:
+        except OSError:  # gone (another process sharing the folder trimmed it): not counted any more
+            with self.lock:
+                self.held -= self.sizes.pop(path.name, 0)
             return None
         why = None
         body, check = data[:-16], data[-16:]
@@ -290,14 +292,17 @@ class Disk:
                 head, why = {}, "its header is damaged"
             if why is None and head.get("identity") != self.identity:
                 why = f"it belongs to another model ({head.get('identity')})"
-            elif why is None and (head.get("parent") != parent.hex() or tuple(head.get("tokens", ())) != tokens):
-                why = "it holds another prefix"
-            if why is None:
-                raw = bytearray(body[start + n:])
-                if len(raw) != dtype.itemsize * int(torch.Size(shape).numel()):
-                    why = "its size is wrong"
-                else:
-                    return torch.frombuffer(raw, dtype=torch.uint8).view(dtype).view(shape).to(device)
+            try:
+                if why is None and (head.get("parent") != parent.hex() or tuple(head.get("tokens", ())) != tokens):
+                    why = "it holds another prefix"
+                if why is None:
+                    raw = bytearray(body[start + n:])
+                    if len(raw) != dtype.itemsize * int(torch.Size(shape).numel()) or not raw:
+                        why = "its size is wrong"
+                    else:
+                        return torch.frombuffer(raw, dtype=torch.uint8).view(dtype).view(shape).to(device)
+            except (ValueError, TypeError, RuntimeError) as e:  # fields of the wrong kind, shapes that do not fit
+                why = f"its header is damaged ({type(e).__name__})"
         warnings.warn(f"prompt cache: refused {path}: {why}; removed", stacklevel=2)
         with self.lock:
             self.held -= self.sizes.pop(path.name, 0)
@@ -331,17 +336,21 @@ class PrefixCache:
         with self.lock:
             self._check(model, cache)
             node, pos, bs = self.root, 0, self.block
-            while pos + bs <= limit:
-                part = tuple(tokens[pos:pos + bs])
-                key = _digest(node.key, part)
-                child = node.children.get(key)
-                if (child is None or child.tokens != part) and self.disk is not None:
-                    child = self._from_disk(node, key, part, cache)
-                if child is None or child.tokens != part:
-                    break
-                hit.blocks.append(child)
-                child.refs += 1  # pinned at once: a block read from disk may need room
-                node, pos = child, pos + bs
+            try:
+                while pos + bs <= limit:
+                    part = tuple(tokens[pos:pos + bs])
+                    key = _digest(node.key, part)
+                    child = node.children.get(key)
+                    if (child is None or child.tokens != part) and self.disk is not None:
+                        child = self._from_disk(node, key, part, cache)
+                    if child is None or child.tokens != part:
+                        break
+                    hit.blocks.append(child)
+                    child.refs += 1  # pinned at once: a block read from disk may need room
+                    node, pos = child, pos + bs
+            except BaseException:  # (out of memory reading a block): nothing stays pinned
+                hit.release()
+                raise
             hit.length = pos
             for b in reversed(hit.blocks):  # the deepest first: ancestors stay the more recent
                 self.lru.move_to_end(b.key)

@@ -111,6 +111,13 @@ class _Seq:
     done: str = ""
     looked: bool = False  # the prefix cache was asked for the prompt's start
     hit: prefix_cache.Hit | None = None  # the cached blocks it started from, pinned while it runs
+    ended: bool = False  # its last event (done or error) has been sent
+
+    def end(self, event: Event) -> None:
+        """Send the request its last event, once."""
+        if not self.ended:
+            self.ended = True
+            self.req.emit(event)
 
 
 class Scheduler:
@@ -188,13 +195,13 @@ class Scheduler:
                 self.running, self.admitting = [], None
                 for s in pending:
                     self._release(s)
-                    s.req.emit(Event("error", error=OwnlmError("the model was unloaded")))
+                    s.end(Event("error", error=OwnlmError("the model was unloaded")))
                 if self.driver is not None:
                     self.driver.remove(self)
                 return
             for s in [s for s in self.waiting if s.req.cancelled]:
                 self.waiting.remove(s)
-                s.req.emit(Event("done", reason="cancelled"))
+                s.end(Event("done", reason="cancelled"))
             if self.admitting is None and self.waiting and len(self.running) < self.max_running:
                 self.admitting = self.waiting.popleft()
                 self.admitting.slot = len(self.running)
@@ -207,15 +214,24 @@ class Scheduler:
                 self.running, self.admitting = [], None
             for s in victims:
                 self._release(s)
-                s.req.emit(Event("error", error=e))
+                s.end(Event("error", error=e))  # not again to one that had its last event
         self.steps += 1
         if self.on_step:
             self.on_step(self)
 
     def _step(self) -> None:
         if self.admitting is not None:
-            self._prefill_chunk(self.admitting)
-            self._retire()
+            s = self.admitting
+            try:
+                self._prefill_chunk(s)
+            except Exception as e:  # noqa: BLE001 - its prompt failed (memory, a cache file): it alone, not the batch
+                with self.cond:
+                    if self.admitting is s:
+                        self.admitting = None
+                self._release(s)
+                s.end(Event("error", error=e))
+            else:
+                self._retire()
         if self.running:
             self._decode()
             self._retire()
@@ -380,7 +396,7 @@ class Scheduler:
             self._sample(s, row)
         except Exception as e:  # noqa: BLE001 - reported to that request alone
             s.done = "error"
-            s.req.emit(Event("error", error=e))
+            s.end(Event("error", error=e))
 
     def _sample(self, s: _Seq, row: torch.Tensor) -> None:
         req, p = s.req, s.req.params
@@ -417,7 +433,7 @@ class Scheduler:
     def _retire(self) -> None:
         if self.admitting is not None and self.admitting.done:
             self._release(self.admitting)
-            self.admitting.req.emit(Event("done", reason=self.admitting.done))
+            self.admitting.end(Event("done", reason=self.admitting.done))
             self.admitting = None
         for s in self.running:
             if not s.done and s.req.cancelled:
@@ -428,8 +444,7 @@ class Scheduler:
         for s in self.running:
             if s.done:
                 self._release(s, keep=s.done != "error")
-                if s.done != "error":  # an errored sequence has had its (last) event
-                    s.req.emit(Event("done", reason=s.done))
+                s.end(Event("done", reason=s.done))  # (an errored sequence has had its last event)
             else:
                 keep.append(s)
         # compact: move survivors down into the freed slots, then the one being admitted
