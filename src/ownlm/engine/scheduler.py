@@ -263,13 +263,14 @@ class Scheduler:
         pc = prefix_cache.of(self.model)
         if pc is not None:
             pc.store(self.model, prompt, self.cache, s.slot, len(prompt))
-        self.admitting = None
+        assert s.slot == len(self.running)
+        with self.cond:  # running from now: counted by stats (admission) before its first token is out
+            self.admitting = None
+            self.running.append(s)
         if req.limit == 0:
             s.done = "length"
         else:
             self._sample_safely(s, logits[0, -1])
-        assert s.slot == len(self.running)
-        self.running.append(s)
 
     def _reuse(self, s: _Seq) -> None:
         """Start a sequence from the longest cached start of its prompt (not when its prompt is
