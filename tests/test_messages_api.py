@@ -293,3 +293,6 @@ def test_content_parts_render_as_their_text_where_tools_are_written_by_ownlm(lm)
     assert "Be brief." in prompt and "Checking.<tool_call>" in prompt and "'type'" not in prompt
     with pytest.raises(BadRequest, match=r"messages\[0\].role \['user'\] is not one of"):
         runs.render_chat(served, [{"role": ["user"], "content": "hi"}], None)
+    # OpenAI's "developer" message is the system message of its newer models
+    dev = [{"role": "developer", "content": "Be brief."}, {"role": "user", "content": "Hi"}]
+    assert runs.render_chat(served, dev, None) == runs.render_chat(served, [{**dev[0], "role": "system"}, dev[1]], None)

@@ -102,11 +102,11 @@ def test_list_show_version(client, server):
 
     info = client.show("tiny")
     assert info.template == CHATML
-    assert info.capabilities == ["completion", "embedding"]  # no FIM tokens, a template without tools
+    assert info.capabilities == ["completion"]  # no FIM tokens, a template without tools; not an embedding model
     assert info.details.family == "llama" and info.modelinfo["general.architecture"] == "llama"
     assert info.modelinfo["llama.context_length"] == 4096
     coder = client.show("coder:latest")
-    assert coder.template == TOOLS_CHATML and set(coder.capabilities) == {"completion", "embedding", "tools", "insert"}
+    assert coder.template == TOOLS_CHATML and set(coder.capabilities) == {"completion", "tools", "insert"}
     terse = client.show("terse")
     assert "temperature" in terse.parameters and "0.2" in terse.parameters
     assert terse.details.parent_model == "tiny:latest"
@@ -284,6 +284,12 @@ def test_pull_needs_allow_pull(client):
     with pytest.raises(ollama.ResponseError) as e:
         client.pull("tiny")
     assert e.value.status_code == 403 and "--allow-pull" in e.value.error
+
+
+def test_the_ollama_clis_heartbeat_is_answered(server):
+    """Every `ollama` command first sends HEAD / (its client's Heartbeat) and stops on anything but 200."""
+    r = httpx.head(f"{server.base}/", timeout=30)
+    assert r.status_code == 200 and r.content == b""
 
 
 def test_errors_have_ollama_shape(server):

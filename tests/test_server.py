@@ -779,6 +779,7 @@ def test_embeddings_share_admission_and_the_time_limit(models, monkeypatch):
                 client.embeddings.create(model="tiny", input="hello")
             timed_out = job.result()
         assert timed_out.status_code == 503 and timed_out.json()["error"]["code"] == "timeout"
+        assert timed_out.headers["x-should-retry"] == "false"  # the SDKs would run it twice more
         _settle(s.url, within=2)
         n = len(asked)
         time.sleep(0.3)

@@ -144,12 +144,12 @@ class Guard:
                     return await reply(403, f"requests from the web page origin {origin!r} are refused: a page "
                                             f"may only use this server if it was started with --cors {origin}",
                                        code="origin_not_allowed")
-            elif headers.get("sec-fetch-site") == "cross-site" and not (method == "GET" and
+            elif headers.get("sec-fetch-site") == "cross-site" and not (method in ("GET", "HEAD") and
                                                                         scope["path"] in page.PUBLIC):
                 # a request another site's page made without an Origin (an <img>, a link): it could
                 # still make the server load and unload models; only the chat page's files load so
                 return await reply(403, "requests made by another site's page are refused", code="cross_site")
-            public = scope["path"] == "/health" or (method == "GET" and scope["path"] in page.PUBLIC)
+            public = scope["path"] == "/health" or (method in ("GET", "HEAD") and scope["path"] in page.PUBLIC)
             if self.keys and not public:  # the chat page and its files load without a key
                 auth = headers.get("authorization", "")
                 # Authorization: Bearer KEY (OpenAI's clients), or x-api-key: KEY (Anthropic's)

@@ -96,8 +96,8 @@ def as_api_error(e: BaseException, retry_after: int = 1) -> APIError:
         return APIError(422, f"the model's chat template cannot render these messages: {e}", param="messages")
     if isinstance(e, BadRequest):
         return APIError(400, str(e), param=e.param)
-    if isinstance(e, runs.TimedOut):
-        return APIError(503, str(e), code="timeout")
+    if isinstance(e, runs.TimedOut):  # the SDKs retry a 5xx twice: a request that ran out of time would run thrice
+        return APIError(503, str(e), code="timeout", headers={"x-should-retry": "false"})
     if isinstance(e, OwnlmError):
         return APIError(503, str(e))
     return APIError(500, f"internal error: {type(e).__name__}: {e}")

@@ -664,7 +664,8 @@ def _show(pool: ModelPool, name: str) -> dict[str, Any]:
         _, files = manage.resolve_weights(ref)
         tk = open_checkpoint(files).tokenizer.tokenizer
         template = model.get("chat_template") or CHATML
-    caps = ["completion", "embedding"]
+    # not "embedding": Ollama lists it for embedding-only models, and its CLI then refuses to chat
+    caps = ["completion"]
     if "tools" in template:  # as runs.render_chat decides
         caps.append("tools")
     if fim_tokens(tk):

@@ -32,7 +32,7 @@ def _file(name: str, media_type: str) -> Response:
     return Response((STATIC / name).read_bytes(), media_type=media_type, headers=HEADERS)
 
 
-@router.get("/", include_in_schema=False)
+@router.api_route("/", methods=["GET", "HEAD"], include_in_schema=False)  # HEAD: the ollama CLI's heartbeat
 async def index() -> Response:
     return _file("index.html", "text/html; charset=utf-8")
 

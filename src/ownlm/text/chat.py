@@ -95,8 +95,12 @@ def validate_messages(messages: Any) -> list[dict[str, Any]]:
         if not isinstance(m, dict):
             raise BadRequest(f"messages[{i}] must be an object with role and content")
         role = m.get("role")
+        if role == "developer":  # OpenAI's name for the system message of its newer models
+            m = {**m, "role": "system"}
+            role = "system"
         if not isinstance(role, str) or role not in ROLES:
-            raise BadRequest(f"messages[{i}].role {role!r} is not one of {', '.join(sorted(ROLES))}")
+            raise BadRequest(f"messages[{i}].role {role!r} is not one of {', '.join(sorted(ROLES))} "
+                             "(or developer, as system)")
         content = m.get("content")
         if content is None:
             content = ""
