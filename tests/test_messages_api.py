@@ -296,3 +296,16 @@ def test_content_parts_render_as_their_text_where_tools_are_written_by_ownlm(lm)
     # OpenAI's "developer" message is the system message of its newer models
     dev = [{"role": "developer", "content": "Be brief."}, {"role": "user", "content": "Hi"}]
     assert runs.render_chat(served, dev, None) == runs.render_chat(served, [{**dev[0], "role": "system"}, dev[1]], None)
+
+
+def test_max_tokens_beyond_the_context_is_what_the_context_holds(client):
+    """max_tokens is required, and clients send their own model's (here a million, against a
+    4096-token context): not a 400; the answer may run to the end of the context, and then its
+    stop_reason is model_context_window_exceeded."""
+    r = client.messages.create(model="tiny", messages=USER, max_tokens=1_000_000, **GREEDY)
+    room = 4096 - r.usage.input_tokens
+    assert r.usage.output_tokens <= room
+    if r.usage.output_tokens == room:
+        assert r.stop_reason == "model_context_window_exceeded"
+    else:
+        assert r.stop_reason == "end_turn"

@@ -696,6 +696,10 @@ def test_overload_gives_429_and_the_server_keeps_serving(models):
                 break
             time.sleep(0.05)
         assert ok.status_code == 200 and ok.json()["usage"]["completion_tokens"] <= 2
+        # more choices than the server ever runs and queues at once: a 400, not a 429 to retry forever
+        never = httpx.post(f"{s.base_url}/chat/completions", timeout=60,
+                           json={"model": "tiny", "messages": USER, "max_tokens": 2, "n": 2})
+        assert never.status_code == 400 and never.json()["error"]["param"] == "n"
 
 
 def _rss() -> int:

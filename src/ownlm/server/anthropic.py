@@ -273,13 +273,21 @@ class Messages:
         self.body, self.model, self.stream = body, body.model, body.stream
         self.id = runs.new_id("msg").replace("-", "_")
         self.tool_mode, self.prompt_tokens = "none", 0
+        self.clamped = False  # max_tokens was more than the context had room for
 
     async def job(self, served: Served) -> runs.Job:
         prompt, chat, plan, _ = await prompt_of(served, self.body)
         if plan.grammar:  # built once per model (~0.3 s): off the event loop
             await asyncio.to_thread(served.grammar_tokenizer)
-        params = runs.sampling(served, chat, self.body.max_tokens)
-        limit = runs.limit_for(served, prompt, params, self.body.max_tokens)
+        # max_tokens is required and clients send their own model's (32k, 64k): what the context
+        # has room for is the limit, and an answer that reaches it ends with
+        # model_context_window_exceeded, as Anthropic's does
+        room = served.lm.config.context_length - len(prompt)
+        wanted = self.body.max_tokens
+        max_tokens = min(wanted, room) if room > 0 else wanted  # no room at all: the error says so
+        self.clamped = max_tokens < wanted
+        params = runs.sampling(served, chat, max_tokens)
+        limit = runs.limit_for(served, prompt, params, max_tokens)
         self.tool_mode, self.prompt_tokens = plan.tool_mode, len(prompt)
         speculate, draft = await runs.speculation(served, chat.speculate)
         return runs.Job([prompt], [params], [limit], grammar=plan.grammar, speculate=speculate, draft=draft)
@@ -293,7 +301,9 @@ class Messages:
             return "tool_use", None
         if c.text.stopped:
             return "stop_sequence", stop_sequence(served, c, self.body.stop_sequences or [])
-        return ("max_tokens" if c.finish == "length" else "end_turn"), None
+        if c.finish == "length":
+            return ("model_context_window_exceeded" if self.clamped else "max_tokens"), None
+        return "end_turn", None
 
     def _usage(self, c: runs.Choice) -> dict[str, int]:
         """Anthropic's split: input_tokens are the prompt tokens computed, cache_read_input_tokens

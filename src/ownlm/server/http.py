@@ -240,8 +240,12 @@ def busy(served: Served) -> tuple[int, int]:
 def admit(served: Served, n: int) -> None:
     """The one admission rule of every route: what runs and waits on a model, generation and
     embeddings together, stays within --max-running + --max-queue; beyond, a 429."""
+    room = served.scheduler.max_running + served.scheduler.max_queue
+    if n > room:  # never admitted, however long it waits: not a 429 to retry
+        raise APIError(400, f"{n} sequences at once are more than this server runs and queues ({room}: "
+                            "--max-running + --max-queue)", param="n")
     running, queued = busy(served)
-    if running + queued + n > served.scheduler.max_running + served.scheduler.max_queue:
+    if running + queued + n > room:
         raise Overloaded(f"{running} sequences are running and {queued} are queued")
 
 
