@@ -50,3 +50,15 @@ def test_bos_added_as_declared(sp_and_meta):
     tok = TextTokenizer(from_gguf(meta))
     assert tok.add_bos and tok.encode("Hello")[0] == sp.bos_id()
     assert TextTokenizer(from_gguf({**meta, "tokenizer.ggml.add_bos_token": False})).encode("Hello")[0] != sp.bos_id()
+
+
+def test_token_bytes_join_to_the_text(sp_and_meta):
+    """Each token's own bytes (a byte piece is one byte of a character, where decoding it alone
+    gives U+FFFD's three): joined, they are the text's UTF-8, after the word marker's space."""
+    sp, meta = sp_and_meta
+    tok = TextTokenizer(from_gguf(meta))
+    for text in TEXTS:
+        ids = tok.encode(text, add_bos=False)
+        assert b"".join(tok.token_bytes(i) for i in ids) == (" " + text).encode(), text
+    pieces = [tok.token_bytes(i) for i in tok.encode("🙂", add_bos=False) if sp.is_byte(i)]
+    assert pieces and all(len(b) == 1 for b in pieces)

@@ -121,3 +121,15 @@ def test_lm_eval_remote_tokenizer_reads_the_routes(models):
             assert rt.encode(text) == ids and rt.decode(ids) == text
         assert rt.apply_chat_template([{"role": "user", "content": "hi"}]) == \
             lm.chat_prompt([{"role": "user", "content": "hi"}])
+
+
+def test_token_bytes_join_to_the_text(models):
+    """Byte-level tokens' own bytes (GPT-2's alphabet read back; a token holding part of a
+    character is that part, not U+FFFD), special tokens' text: joined, the text's UTF-8."""
+    tok = models["plain"].tokenizer
+    for text in TEXTS:
+        ids = tok.encode(text, add_bos=False)
+        assert b"".join(tok.token_bytes(i) for i in ids) == text.encode(), text
+    partial = [i for i in tok.encode("😀", add_bos=False) if tok.decode([i]) == "\ufffd"]
+    assert partial and all(len(tok.token_bytes(i)) < 4 for i in partial)
+

@@ -68,9 +68,9 @@ def _token_text(served: Served, token: int) -> str:
 
 
 def _chat_logprob(served: Served, lp: TokenLogprob) -> dict[str, Any]:
-    def entry(tok: int, value: float) -> dict[str, Any]:
-        text = _token_text(served, tok)
-        return {"token": text, "logprob": value, "bytes": list(text.encode("utf-8"))}
+    def entry(tok: int, value: float) -> dict[str, Any]:  # bytes: the token's own, part of a character too
+        return {"token": _token_text(served, tok), "logprob": value,
+                "bytes": list(served.lm.tokenizer.token_bytes(tok))}
 
     return {**entry(lp.token, lp.logprob), "top_logprobs": [entry(t, v) for t, v in lp.top]}
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+import json
 from dataclasses import dataclass, field
 from typing import Iterable
 
@@ -45,6 +47,47 @@ class TextTokenizer:
 
     def token(self, i: int) -> str | None:
         return self.tk.id_to_token(i)
+
+    def token_bytes(self, i: int) -> bytes:
+        """The bytes token i stands for (a piece of a character included, where decoding it alone
+        would give U+FFFD): GPT-2's byte alphabet read back for a byte-level tokenizer,
+        SentencePiece's <0xXX> pieces and its word marker as a space; added tokens as their text."""
+        piece = self.tk.id_to_token(i)
+        if piece is None:
+            return b""
+        if i in self._added:
+            return piece.encode("utf-8")
+        if self._byte_level:
+            table = _gpt2_bytes()
+            if all(c in table for c in piece):
+                return bytes(table[c] for c in piece)
+        elif len(piece) == 6 and piece.startswith("<0x") and piece.endswith(">"):
+            return bytes([int(piece[3:5], 16)])
+        else:
+            return piece.replace("\u2581", " ").encode("utf-8")
+        return self.decode([i]).encode("utf-8")
+
+    @functools.cached_property
+    def _byte_level(self) -> bool:
+        return "ByteLevel" in json.dumps(json.loads(self.tk.to_str()).get("decoder"))
+
+    @functools.cached_property
+    def _added(self) -> frozenset[int]:
+        return frozenset(self.tk.get_added_tokens_decoder())
+
+
+@functools.lru_cache(maxsize=1)
+def _gpt2_bytes() -> dict[str, int]:
+    """GPT-2's byte-level alphabet: the character each byte is written as, read back to the byte."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(0xA1, 0xAC + 1), *range(0xAE, 0xFF + 1)]
+    table, extra = {}, 0
+    for b in range(256):
+        if b in printable:
+            table[chr(b)] = b
+        else:
+            table[chr(256 + extra)] = b
+            extra += 1
+    return table
 
 
 class IncrementalDecoder:
