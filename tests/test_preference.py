@@ -218,8 +218,10 @@ def test_pure_losses_by_hand():
 
 
 def _tune(args: list[str]) -> dict:
-    return json.loads(subprocess.run([sys.executable, "-m", "ownlm.cli.main", "tune", *args, "--json"], check=True,
-                                     capture_output=True, text=True, env=os.environ).stdout)
+    r = subprocess.run([sys.executable, "-m", "ownlm.cli.main", "tune", *args, "--json"], capture_output=True,
+                       text=True, env=os.environ)
+    assert r.returncode == 0, r.stderr[-2000:]  # what went wrong, not just the exit status
+    return json.loads(r.stdout)
 
 
 def stored_adapter(name: str) -> dict[str, torch.Tensor]:

@@ -183,8 +183,10 @@ def test_packed_rows_keep_examples_apart(hf_models, tmp_path):
 
 
 def _tune(args: list[str]) -> dict:
-    return json.loads(subprocess.run([sys.executable, "-m", "ownlm.cli.main", "tune", *args, "--json"], check=True,
-                                     capture_output=True, text=True, env=os.environ).stdout)
+    r = subprocess.run([sys.executable, "-m", "ownlm.cli.main", "tune", *args, "--json"], capture_output=True,
+                       text=True, env=os.environ)
+    assert r.returncode == 0, r.stderr[-2000:]  # what went wrong, not just the exit status
+    return json.loads(r.stdout)
 
 
 def test_lora_training_lowers_the_loss_and_peft_reads_our_adapter(hf_models, tmp_path):
