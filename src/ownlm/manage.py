@@ -146,11 +146,10 @@ def _pull_hf(store: Store, ref: Ref, quiet: bool, say: Say, expected: str | None
     if facts is not None:
         facts["hub"] = {"repo": info.repo, "file": info.file, "commit": info.commit, "sha256": info.sha256,
                         "endpoint": sources.hub_endpoint()}
-    if want and store.reuse(want):  # the same bytes are already in the store
-        return {GGUF_FILE: {"sha256": want, "size": store.open_blob(want).stat().st_size}}
     label = Path(ref.member).name
     with store.partial(want or f"{ref.text}@{info.commit}") as part:
-        if want and store.reuse(want):  # another pull of these bytes (under another name) finished while we waited
+        # the same bytes already stored, or stored by another pull (under another name) while we waited
+        if want and store.reuse(want):
             return {GGUF_FILE: {"sha256": want, "size": store.open_blob(want).stat().st_size}}
         bar: list[Bar] = []
 
