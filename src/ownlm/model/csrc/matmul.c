@@ -169,11 +169,17 @@ static inline __attribute__((always_inline)) float group_offset(qpart_t wr, int6
 /* A weight row's super-block factors (factors8), unpacked once for all the activation rows it
    meets: its G scales into kf, then (bits 4 / 5) its G offsets */
 static inline __attribute__((always_inline)) void k_unpack(qpart_t wr, int64_t G, float* kf, int bits) {
-    for (int64_t g = 0; g < G; g += 8) {
+    const int64_t G8 = G - G % 8;
+    int64_t g = 0;
+    for (; g < G8; g += 8) {
         v8f s, o;
         factors8(wr, g, bits, &s, &o);
         v8f_store(kf + g, s);
         if (bits == 4 || bits == 5) v8f_store(kf + G + g, o);
+    }
+    for (; g < G; g++) {  /* a row without super-blocks may end short of 8 groups */
+        kf[g] = group_scale(wr, g, bits);
+        if (bits == 4 || bits == 5) kf[G + g] = group_offset(wr, g, bits);
     }
 }
 
@@ -211,14 +217,14 @@ static inline __attribute__((always_inline)) float row_factors(const float* xd, 
     }
     float ot = v8f_hsum(ov);
     for (; g < G; g++) {
-        const float f = group_scale(wr, g, bits) * xd[g];
+        const float f = (kf ? kf[g] : group_scale(wr, g, bits)) * xd[g];
         if (bits == 6) {
             sx[2 * g] = f * (float)wr.u[2 * g];
             sx[2 * g + 1] = f * (float)wr.u[2 * g + 1];
         } else {
             sx[g] = f;
         }
-        if (bits == 4 || bits == 5) ot += group_offset(wr, g, bits) * xs[g];
+        if (bits == 4 || bits == 5) ot += (kf ? kf[G + g] : group_offset(wr, g, bits)) * xs[g];
     }
     return bits == 4 || bits == 5 ? ot : 0.f;
 }
@@ -660,7 +666,7 @@ static inline __attribute__((always_inline)) void gemm_range(const void* xqv, co
     }
     const int16_t* xq = (const int16_t*)xqv;
     const int64_t G = K / 32;
-    const int k = (B == 4 || B == 5 || B == NL4) && p->k;  /* super-blocks: each weight row's factors unpacked once */
+    const int k = B != 6;  /* each weight row's factors unpacked once (bits 6's pair factors fill the scratch) */
     float* kfa = k ? KF(sx, G, 0) : 0;
     float* kfb = k ? KF(sx, G, 1) : 0;
     for (int64_t n = n0; n < n1; n++) {
