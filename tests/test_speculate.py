@@ -95,6 +95,33 @@ def test_prompt_lookup_follows_the_passage_being_copied():
     assert guess == [20, 21, 22]
 
 
+def test_one_missed_pass_after_kept_ones_does_not_stop_speculating():
+    """The economy weighs passes by the tokens they yield: a pass that keeps nothing (an edit
+    departing from the copied text) after passes that kept 16 guesses each costs itself, not the
+    next tokens' speculation; passes that keep nothing, in a row, stop it (and it rests)."""
+    economy = speculate._Economy(probe=0)
+    economy.stepped(0.007)  # a plain step: 7 ms
+    for _ in range(3):
+        assert economy.speculating()
+        economy.passed(0.055, 17)  # 16 guesses kept and the token after them: 3.2 ms a token
+    economy.passed(0.020, 1)  # a miss: 20 ms for one token, alone 3 steps' time
+    assert economy.speculating()
+    economy.passed(0.010, 1)
+    assert economy.speculating()
+    misses = 2
+    while economy.speculating():
+        economy.passed(0.020, 1)
+        misses += 1
+    assert misses == 4  # resting now, for `hold` tokens
+    rested = 1 + sum(not economy.speculating() for _ in range(7))
+    assert rested == 8 and economy.speculating()
+
+    alone = speculate._Economy(probe=0)  # with no kept passes behind it, one miss rests at once
+    alone.stepped(0.007)
+    alone.passed(0.020, 1)
+    assert not alone.speculating()
+
+
 def test_draft_model_greedy_tokens_are_plain_greedy_tokens(folders):
     lm = ownlm.load(str(folders["llama"]))
     draft = ownlm.load(str(folders["draft"]))

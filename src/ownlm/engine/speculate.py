@@ -357,12 +357,16 @@ class _Economy:
     they run. A pass costs more than a step (on a CPU each extra row of a pass adds compute), so
     guesses that are mostly missed make decoding slower; then speculation rests for `hold` tokens
     (doubling while it keeps not paying, up to 32) and is tried again, as what the answer copies
-    changes."""
+    changes. The passes' cost is their seconds over their tokens, the earlier passes' weighing
+    `decay` less each pass: a miss where an edit departs from a passage copied in long kept passes
+    costs a pass, not the next `hold` tokens' speculation; misses in a row still stop it."""
 
-    def __init__(self, probe: int = 2, always: bool = False):
+    def __init__(self, probe: int = 2, always: bool = False, decay: float = 0.6):
         self.always = always  # never rest: speculate at every chance
         self.step_s: float | None = None  # EMA of a plain step's seconds
-        self.pass_s: float | None = None  # EMA of a pass's seconds per token it yielded
+        self.pass_s: float | None = None  # recent passes' seconds per token they yielded
+        self.spent = self.yielded = 0.0  # their decayed seconds and tokens
+        self.decay = decay
         self.rest = probe  # tokens to decode plainly before the next pass (first: measure a step)
         self.hold = 8
 
@@ -376,12 +380,14 @@ class _Economy:
         self.step_s = seconds if self.step_s is None else 0.7 * self.step_s + 0.3 * seconds
 
     def passed(self, seconds: float, tokens: int) -> None:
-        cost = seconds / max(tokens, 1)
-        self.pass_s = cost if self.pass_s is None else 0.5 * self.pass_s + 0.5 * cost
+        self.spent = self.decay * self.spent + seconds
+        self.yielded = self.decay * self.yielded + max(tokens, 1)
+        self.pass_s = self.spent / self.yielded
         if self.always:
             return
         if self.step_s is not None and self.pass_s > self.step_s:
             self.rest, self.hold, self.pass_s = self.hold, min(32, 2 * self.hold), None
+            self.spent = self.yielded = 0.0
         elif self.step_s is not None:
             self.hold = 8
 
