@@ -4,10 +4,13 @@ greedy tokens asserted identical.
 
     python bench/speculate.py [--model smollm2] [--draft MODEL] [--quant auto,bf16] [--threads 2] [--gen 320]
         [--activations int16|int8]
+        [--tasks edit-settings,edit-class,free]
 
-Two tasks: `edit`, a ~400-token Python file in the prompt to be rewritten with one small change
-(the answer copies the prompt: where prompt lookup pays), and `free`, an open question (nothing
-to copy: prompt lookup must cost little). Prints one JSON object: per task and method the decode
+Three tasks: two edits, a ~400-token Python file in the prompt to be rewritten with one small
+change (the answer copies the prompt: where prompt lookup pays) — `edit-settings`, a settings
+module with one value changed, and `edit-class`, a class with a method renamed (which smollm2 does
+not copy: it rewrites the methods its own way) — and `free`, an open question (nothing to copy:
+prompt lookup must cost little). Prints one JSON object: per task and method the decode
 tokens/s, the guesses drafted and kept, and the speedup over plain decoding."""
 
 from __future__ import annotations
@@ -81,9 +84,48 @@ if __name__ == "__main__":
     main()
 '''
 
+SETTINGS = '''"""Settings for the build server: read once at start."""
+
+HOST = "0.0.0.0"
+PORT = 8080
+WORKERS = 4
+TIMEOUT_SECONDS = 30
+LOG_LEVEL = "info"
+LOG_FILE = "/var/log/build/server.log"
+CACHE_DIR = "/var/cache/build"
+CACHE_SIZE_MB = 512
+MAX_UPLOAD_MB = 64
+ALLOWED_HOSTS = ["build.example.com", "localhost"]
+DATABASE_URL = "postgres://build@localhost:5432/build"
+DATABASE_POOL_SIZE = 10
+QUEUE_URL = "redis://localhost:6379/0"
+RETRY_LIMIT = 3
+RETRY_DELAY_SECONDS = 5
+ARTIFACT_DIR = "/srv/build/artifacts"
+KEEP_ARTIFACTS_DAYS = 14
+NOTIFY_EMAIL = "builds@example.com"
+SMTP_HOST = "mail.example.com"
+SMTP_PORT = 587
+ENABLE_METRICS = True
+METRICS_PORT = 9100
+GIT_REMOTE = "git@example.com:team/app.git"
+GIT_BRANCH = "main"
+BUILD_COMMAND = "make release"
+TEST_COMMAND = "make test"
+PARALLEL_JOBS = 8
+DOCKER_IMAGE = "registry.example.com/build/base:2026.11"
+SECRET_KEY_FILE = "/etc/build/secret.key"
+SESSION_MINUTES = 60
+DEFAULT_TIMEZONE = "UTC"
+'''
+
+EDIT_SETTINGS = ("Here is a Python settings file:\n\n```python\n" + SETTINGS + "```\n\nRewrite the whole file with "
+                 "one change: set PORT to 9090. Reply with the complete file in a python code block.")
 EDIT = ("Here is a Python file:\n\n```python\n" + SOURCE + "```\n\nRewrite the whole file with one change: rename "
         "the method `restock` to `refill` (and its call). Reply with the complete file in a python code block.")
 FREE = "Write a short story about a lighthouse keeper who finds a message in a bottle."
+# each task's prompt, and how the answer starts: an edit's as editing tools start it, inside the code block
+TASKS = {"edit-settings": (EDIT_SETTINGS, "```python\n"), "edit-class": (EDIT, "```python\n"), "free": (FREE, "")}
 
 
 def measure(lm, ids: list[int], gen: int, source) -> tuple[list[int], dict]:
@@ -114,7 +156,10 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=2, help="runs per method, alternating; the best counts")
     ap.add_argument("--activations", default="int16", choices=("int16", "int8"),
                     help="what the kernels round activations to against int4 / int8 weights (ownlm run --activations)")
+    ap.add_argument("--tasks", default=",".join(TASKS), help=f"comma-separated, of {', '.join(TASKS)}")
     a = ap.parse_args()
+    if unknown := set(a.tasks.split(",")) - set(TASKS):
+        ap.error(f"unknown task {', '.join(sorted(unknown))}: the tasks are {', '.join(TASKS)}")
 
     import torch
 
@@ -132,8 +177,8 @@ def main() -> None:
         for source in methods.values():  # warm-up
             list(source(lm.model, lm.encode("Hello there, hello there")[:8], _greedy(4)))
         tasks: dict = {}
-        for task, prompt, start in (("edit", EDIT, "```python\n"), ("free", FREE, "")):
-            # the edit's answer starts as editing tools start it, inside the code block
+        for task in a.tasks.split(","):
+            prompt, start = TASKS[task]
             ids = lm.encode(lm.chat_prompt([{"role": "user", "content": prompt}]) + start)
             rows: dict = {"prompt_tokens": len(ids)}
             outs: dict = {}
