@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import shutil
 import struct
-import time
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +19,7 @@ from ownlm import manage
 from ownlm.errors import ModelFormatError
 from ownlm.formats import tokenizer as tok
 from ownlm.formats.hf import parse_json
+from ownlm.model import transformer
 from ownlm.store.store import Store
 
 from .conftest import build_hf_model
@@ -251,21 +251,27 @@ def test_deeply_nested_json_is_refused_not_a_recursion_error(llama, tmp_path):
 
 
 # -- tensors against the config, before anything is built --------------------------------------------
-def test_a_layer_count_of_millions_fails_in_milliseconds(llama, tmp_path):
+@pytest.fixture
+def nothing_built(monkeypatch):
+    """Building a model or one of its layers fails the test: a refusal must come before either."""
+    def built(self, *args, **kwargs):
+        raise AssertionError(f"a {type(self).__name__} was built")
+
+    monkeypatch.setattr(transformer.Block, "__init__", built)
+    monkeypatch.setattr(transformer.Transformer, "__init__", built)
+
+
+def test_a_layer_count_of_millions_is_refused_before_anything_is_built(llama, tmp_path, nothing_built):
     for path, key in ((gguf(llama, tmp_path, meta={"llama.block_count": (16_777_216, T.UINT32)}), "llama.block_count"),
                       (folder(llama, tmp_path, {"num_hidden_layers": 16_777_216}), "config.json: num_hidden_layers")):
-        t0 = time.perf_counter()
         refused(path, f"{key}=16777216 is not an integer in [1, 4096]")
-        assert time.perf_counter() - t0 < 2.0
 
 
-def test_a_layer_count_the_tensors_do_not_confirm_is_refused(llama, tmp_path):
-    t0 = time.perf_counter()
+def test_a_layer_count_the_tensors_do_not_confirm_is_refused(llama, tmp_path, nothing_built):
     refused(gguf(llama, tmp_path, meta={"llama.block_count": (4000, T.UINT32)}),
             "llama.block_count=4000 disagrees with the tensors, which hold layers 0..1")
     refused(folder(llama, tmp_path, {"num_hidden_layers": 4000}),
             "config.json: num_hidden_layers=4000 disagrees with the tensors, which hold layers 0..1")
-    assert time.perf_counter() - t0 < 5.0
 
 
 @pytest.mark.parametrize("edit, expected", [
