@@ -4,6 +4,8 @@ client against a real `ownlm serve` process, every answer checked against the en
 from __future__ import annotations
 
 import json
+import shutil
+import subprocess
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -339,3 +341,34 @@ def test_keys_and_pull_with_allow_pull(tmp_path, folders):
         assert c.chat(m.model, messages=USER, options={"num_predict": 2}).eval_count == 2
     finally:
         assert s.stop() == 0
+
+
+def _curl(url: str, *args: str) -> tuple[int, str]:
+    out = subprocess.run(["curl", "-sS", "-w", "\n%{http_code}", url, *args], capture_output=True, text=True,
+                         timeout=120, check=True)
+    text, code = out.stdout.rsplit("\n", 1)
+    return int(code), text
+
+
+@pytest.mark.skipif(shutil.which("curl") is None, reason="curl is not installed")
+def test_curl_examples_as_ollamas_docs_write_them(server, client):
+    """Ollama's API docs call it with `curl URL -d '{...}'`: no Content-Type header, so curl says
+    form-urlencoded. The body is read as JSON, and answers as the official client's request does;
+    a browser's form post (Sec-Fetch-* headers) and a body that is not JSON are still refused."""
+    body = {"model": "smollm2", "prompt": "Why is the sky blue?", "stream": False, "options": GREEDY}
+    code, text = _curl(f"{server.base}/api/generate", "-d", json.dumps(body))
+    assert code == 200, text
+    want = client.generate(model="smollm2", prompt="Why is the sky blue?", options=GREEDY)
+    assert json.loads(text)["response"] == want.response and want.response
+    chat = {"model": "smollm2", "messages": USER, "options": GREEDY}  # streamed: Ollama's default
+    code, text = _curl(f"{server.base}/api/chat", "-d", json.dumps(chat))
+    lines = [json.loads(line) for line in text.splitlines()]
+    assert code == 200 and lines[-1]["done"] is True
+    assert "".join(m["message"]["content"] for m in lines) == client.chat(model="smollm2", messages=USER,
+                                                                          options=GREEDY).message.content
+    code, text = _curl(f"{server.base}/api/generate", "-d", json.dumps(body), "-H", "Sec-Fetch-Mode: navigate")
+    assert code == 415 and "application/json" in json.loads(text)["error"]
+    code, text = _curl(f"{server.base}/api/generate", "-d", json.dumps(body), "-H", "Content-Type: application/xml")
+    assert code == 415
+    code, text = _curl(f"{server.base}/api/generate", "-d", "model=smollm2&prompt=hi")
+    assert code == 400, text

@@ -501,14 +501,17 @@ def test_dns_rebinding_host_refused(server):
 
 def test_web_pages_of_other_sites_are_refused_unless_allowed(models):
     """Any web page can make a browser send a text/plain POST to 127.0.0.1 without a preflight.
-    Such a request is refused twice over: for its Content-Type (415) and for its Origin (403);
-    only the origins given to --cors get CORS answers, and for their own origin only."""
+    Such a request is refused twice over: for its Content-Type (415: a browser marks its requests
+    with Sec-Fetch-* headers, and with an Origin) and for its Origin (403); only the origins given
+    to --cors get CORS answers, and for their own origin only."""
     page, evil = "http://localhost:3000", "https://evil.example"
     with serve(models, ("tiny",), ServerConfig(cors_origins=[page + "/"]), max_loaded=1) as s:
         url = f"{s.base_url}/chat/completions"
         body = json.dumps({"model": "tiny", "messages": USER, "max_tokens": 2})
-        plain = httpx.post(url, content=body, headers={"Content-Type": "text/plain"})
-        assert plain.status_code == 415 and plain.json()["error"]["code"] == "unsupported_media_type"
+        for kind in ("text/plain", "application/x-www-form-urlencoded", "multipart/form-data; boundary=x"):
+            plain = httpx.post(url, content=body, headers={"Content-Type": kind, "Sec-Fetch-Mode": "no-cors",
+                                                           "Sec-Fetch-Site": "same-site"})
+            assert plain.status_code == 415 and plain.json()["error"]["code"] == "unsupported_media_type"
         for origin, kind in ((evil, "text/plain"), (evil, "application/json"), ("null", "application/json"),
                              (page + ".evil.example", "application/json")):
             r = httpx.post(url, content=body, headers={"Origin": origin, "Content-Type": kind})

@@ -61,6 +61,10 @@ def cors_origins(values: list[str]) -> list[str]:
     return out
 
 
+# what programs call a JSON body without saying so: none, curl -d's and requests' data=str's
+PROGRAM_KINDS = ("", "application/x-www-form-urlencoded", "text/plain")
+
+
 class Guard:
     """ASGI middleware in front of every route, in this order: Host check (DNS rebinding), Origin
     check and CORS, API keys (constant time), JSON bodies only, body size limit; and request
@@ -69,8 +73,10 @@ class Guard:
     Browsers let any web page send a "simple" request (a text/plain POST, say) to any address,
     127.0.0.1 included, without asking the server first: only the answer is hidden from the page.
     So a request whose `Origin` is another site is refused outright (403), unless that origin was
-    allowed (`--cors`), and a POST must say `Content-Type: application/json`, which a page can only
-    send after a CORS preflight (415 otherwise).
+    allowed (`--cors`), and a POST a browser sends (with an Origin or Sec-Fetch-* headers) must say
+    `Content-Type: application/json`, which a page can only send after a CORS preflight (415
+    otherwise). A program's POST (none of those headers: curl, SDKs) may call its JSON text/plain,
+    form-urlencoded or nothing, as curl -d does.
 
     Once the response has ended, it counts the request in the metrics and writes its line to the
     access log (ServerConfig.access_log); routes add the model, token counts and error reason to
@@ -164,7 +170,11 @@ class Guard:
                                        extra={"WWW-Authenticate": "Bearer"})
             if method == "POST":
                 kind = headers.get("content-type", "").split(";", 1)[0].strip().lower()
-                if kind != "application/json":
+                # a browser marks its requests (Origin on a POST, Sec-Fetch-*): from a page, only JSON
+                # sent as JSON; a program's body is read as JSON whatever curl -d or requests' data=
+                # called it (Ollama's own examples send form-urlencoded)
+                browser = origin is not None or any(h.startswith("sec-fetch-") for h in headers)
+                if kind != "application/json" and (browser or kind not in PROGRAM_KINDS):
                     return await reply(415, f"the request body must be JSON sent as Content-Type: application/json "
                                             f"(got {kind or 'no Content-Type'})", code="unsupported_media_type")
             length = headers.get("content-length")
