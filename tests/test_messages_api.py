@@ -173,6 +173,21 @@ def test_stop_sequences(client):
     assert final.content[0].text == r.content[0].text
 
 
+def test_the_models_own_stop_string_is_named_as_the_stop_sequence(client, lm, monkeypatch):
+    """A stop string of the model's (a preset's `stop` parameter) ends the answer as the request's
+    would, and the answer names it, streamed or not."""
+    kw = dict(model="tiny", messages=USER, max_tokens=30, **GREEDY)
+    whole = client.messages.create(**kw).content[0].text
+    word = whole.split()[2]
+    monkeypatch.setattr(lm, "defaults", {**lm.defaults, "stop": [word]})
+    r = client.messages.create(**kw)
+    assert r.stop_reason == "stop_sequence" and r.stop_sequence == word
+    assert r.content[0].text == whole[: whole.index(word)]
+    with client.messages.stream(**kw) as stream:
+        final = stream.get_final_message()
+    assert final.stop_reason == "stop_sequence" and final.stop_sequence == word
+
+
 def test_prefill_continues_the_assistant_turn(client, lm):
     first = client.messages.create(model="tiny", messages=USER, max_tokens=12, **GREEDY).content[0].text
     head = first[:5]

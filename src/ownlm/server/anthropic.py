@@ -274,6 +274,7 @@ class Messages:
         self.id = runs.new_id("msg").replace("-", "_")
         self.tool_mode, self.prompt_tokens = "none", 0
         self.clamped = False  # max_tokens was more than the context had room for
+        self.stops: list[str] = []  # the stop strings in force: the request's, else the model's (a preset's)
 
     async def job(self, served: Served) -> runs.Job:
         prompt, chat, plan, _ = await prompt_of(served, self.body)
@@ -288,7 +289,7 @@ class Messages:
         self.clamped = max_tokens < wanted
         params = runs.sampling(served, chat, max_tokens)
         limit = runs.limit_for(served, prompt, params, max_tokens)
-        self.tool_mode, self.prompt_tokens = plan.tool_mode, len(prompt)
+        self.tool_mode, self.prompt_tokens, self.stops = plan.tool_mode, len(prompt), list(params.stop)
         speculate, draft = await runs.speculation(served, chat.speculate)
         return runs.Job([prompt], [params], [limit], grammar=plan.grammar, speculate=speculate, draft=draft)
 
@@ -300,7 +301,7 @@ class Messages:
         if calls:
             return "tool_use", None
         if c.text.stopped:
-            return "stop_sequence", stop_sequence(served, c, self.body.stop_sequences or [])
+            return "stop_sequence", stop_sequence(served, c, self.stops)
         if c.finish == "length":
             return ("model_context_window_exceeded" if self.clamped else "max_tokens"), None
         return "end_turn", None
