@@ -168,6 +168,19 @@ def test_auto_tool_choice_streams_as_it_answers(client):
     assert events[-1].type in ("response.completed", "response.incomplete")
 
 
+def test_a_call_cut_short_is_no_text_streamed_or_not(client):
+    """A forced tool call that max_output_tokens cuts short is neither a call nor text (as on
+    /v1/chat/completions): an empty, incomplete message, the same streamed or not."""
+    args = dict(model="tiny", input="Weather?", tools=[WEATHER], tool_choice=FORCED, temperature=0,
+                max_output_tokens=4)
+    r = client.responses.create(**args)
+    events, final = _collect(client.responses.create(**args, stream=True))
+    assert r.status == final.status == "incomplete" and r.output_text == final.output_text == ""
+    assert [o.model_dump(exclude={"id"}) for o in final.output] == [o.model_dump(exclude={"id"}) for o in r.output]
+    assert [o.type for o in r.output] == ["message"] and r.output[0].content == []
+    assert not any(e.type == "response.output_text.delta" for e in events)
+
+
 def test_function_call_items_render_like_chat_messages(client):
     items = [{"role": "user", "content": "What is the weather in Paris?"},
              {"type": "function_call", "call_id": "call_1", "name": "get_weather",

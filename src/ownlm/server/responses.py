@@ -392,16 +392,23 @@ class Responses:
                                   delta=piece, logprobs=[])
         c = choices[0]
         status = "incomplete" if c.finish == "length" else "completed"
-        if not output:  # text (or a tool call cut short: its text, as /v1/chat/completions gives it)
-            if not opened:
-                for e in self._open_message(0, mid):
+        if not output:
+            text, _ = runs.split_tool_calls(self.chat.tool_mode, c.text.text)
+            if text is None:  # a tool call cut short: neither a call nor text, as result() gives it
+                yield self._event("response.output_item.added", output_index=0,
+                                  item=self._message_item(mid, None, "in_progress"))
+                yield self._event("response.output_item.done", output_index=0,
+                                  item=self._message_item(mid, None, status))
+            else:
+                if not opened:
+                    for e in self._open_message(0, mid):
+                        yield e
+                    if text:
+                        yield self._event("response.output_text.delta", item_id=mid, output_index=0,
+                                          content_index=0, delta=text, logprobs=[])
+                for e in self._text_events(0, mid, text, status):
                     yield e
-                if c.text.text:
-                    yield self._event("response.output_text.delta", item_id=mid, output_index=0, content_index=0,
-                                      delta=c.text.text, logprobs=[])
-            for e in self._text_events(0, mid, c.text.text, status):
-                yield e
-            output = [self._message_item(mid, c.text.text, status)]
+            output = [self._message_item(mid, text, status)]
         response = self._response(status, output, c)
         self._keep(response, output)
         yield self._event("response.incomplete" if status == "incomplete" else "response.completed", response=response)
