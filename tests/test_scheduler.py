@@ -135,3 +135,24 @@ def test_a_prompt_that_fails_fails_alone(tiny, monkeypatch):
     assert finals[2][0].kind == "error" and "no room for this prompt" in str(finals[2][0].error)
     got = [[e.token for e in evs if e.kind == "token"] for i, evs in enumerate(events) if i != 2]
     assert got == alone and all(f[0].kind == "done" for i, f in enumerate(finals) if i != 2)
+
+
+def test_requests_wait_while_the_cache_could_not_grow_to_hold_them(tiny, monkeypatch):
+    """The cache is one block, slots x the longest sequence, so each admission beside running
+    sequences must fit the memory free now: with none free beyond what the cache holds, requests
+    run one at a time (alone, a request always runs); with plenty, together. The tokens are the
+    same either way."""
+    from ownlm.engine import kv_cache
+
+    reqs = _requests(tiny, 4, limit=16)
+    alone = [list(generate_ids(tiny.model, r["prompt"], r["params"]))[: r["limit"]] for r in reqs]
+    for free, most in ((0, 1), (1 << 40, 4)):
+        monkeypatch.setattr(kv_cache, "free_memory", lambda device, free=free: free)
+        peak: list[int] = []
+        sched = Scheduler(tiny.model, max_running=4, on_step=lambda s, peak=peak: peak.append(s.stats()["running"]))
+        try:
+            got = run_all(sched, reqs)
+        finally:
+            sched.close()
+        assert got == alone
+        assert max(peak) == most, (free, peak)

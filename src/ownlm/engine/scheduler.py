@@ -7,7 +7,12 @@ retires the finished and the cancelled. Requests join and leave between decode s
 request never waits for a long one to finish.
 
 Running sequences occupy KV-cache slots 0..n-1 (a retired sequence's slot is refilled by moving the
-last one into it), so a decode step attends over one contiguous slice of the cache.
+last one into it), so a decode step attends over one contiguous slice of the cache. The cache is
+one block, slots x positions, so it may grow to the running sequences' count times the longest's
+end (prompt + limit; twice it, as lengths grow geometrically): a request is admitted beside
+others only while that fits the cache's memory and a share of the memory free now; otherwise it
+waits for sequences to finish (alone, it runs: its own budget was checked against free memory
+when it came).
 
 A request being admitted first takes the longest start of its prompt that the model's prefix
 cache holds (engine/prefix_cache.py), copied into its slot; its prompt is cached once prefilled,
@@ -35,6 +40,7 @@ import torch
 from ..errors import OwnlmError
 from . import prefix_cache
 from .cpu_step import CpuDecode
+from . import kv_cache
 from .kv_cache import KVCache, span
 from .generate import PREFILL_CHUNK
 from .sampling import SamplingParams, make_generator, sample
@@ -202,7 +208,8 @@ class Scheduler:
             for s in [s for s in self.waiting if s.req.cancelled]:
                 self.waiting.remove(s)
                 s.end(Event("done", reason="cancelled"))
-            if self.admitting is None and self.waiting and len(self.running) < self.max_running:
+            if self.admitting is None and self.waiting and len(self.running) < self.max_running and \
+                    (not self.running or self._fits(self.waiting[0])):
                 self.admitting = self.waiting.popleft()
                 self.admitting.slot = len(self.running)
         try:
@@ -218,6 +225,18 @@ class Scheduler:
         self.steps += 1
         if self.on_step:
             self.on_step(self)
+
+    def _fits(self, s: _Seq) -> bool:
+        """Whether the cache can grow to hold the running sequences and s, each to its end: slots
+        times the longest end (twice it: lengths grow geometrically, up to the context), within what
+        it holds now and MEMORY_SHARE of the memory free."""
+        seqs = [*self.running, s]
+        end = max(len(x.req.prompt) + x.req.limit + 1 for x in seqs)
+        longest = span(min(self.cfg.context_length, 2 * end))
+        per_token = kv_cache.bytes_per_token(self.model)
+        held = self.cache.slots * self.cache.max_len * per_token
+        need = max(len(seqs), self.cache.slots) * max(longest, self.cache.max_len) * per_token
+        return need <= held + kv_cache.free_memory(self.device) * kv_cache.MEMORY_SHARE
 
     def _step(self) -> None:
         if self.admitting is not None:
