@@ -29,7 +29,8 @@ class FakeHub:
         self.gated: set[str] = set()
         self.token = "hf_good_token"
         self.corrupt = False
-        self.drop_after: int | None = None
+        self.drop_after: int | None = None  # the next body sent is cut after this many bytes
+        self.drop_file: str | None = None  # ... the next body of this file, where set
         self.extra = b""
         self.hide_size = False
         self.cdn: FakeHub | None = None
@@ -154,7 +155,7 @@ class FakeHub:
         h.end_headers()
         if not body:
             return
-        if self.drop_after is not None:
+        if self.drop_after is not None and self.drop_file in (None, file):
             cut, self.drop_after = self.drop_after, None
             h.wfile.write(piece[:cut])
             h.wfile.flush()

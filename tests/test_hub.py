@@ -274,3 +274,44 @@ def test_one_file_pulled_under_two_names_at_once_is_downloaded_once(hub, tiny_by
         t.join(timeout=120)
     assert results == {"one": sha(tiny_bytes), "two": sha(tiny_bytes)}
     assert len(hub.requests("GET")) == 1 and len(stored(ownlm_home, "blobs")) == 1
+
+
+def test_a_whole_repo_pull_takes_its_top_level_model_files_and_resumes(hub, hf_models, ownlm_home):
+    """hf:ORG/REPO: the model files at the top of the repo (weights, configs, tokenizer), not its
+    subfolders (other formats, variants) nor its other files; all read at the listed commit. A pull
+    cut off in the weights keeps the files it finished and resumes the weights with a Range."""
+    repo = "acme/Tiny-HF"
+    folder = hf_models["llama"]
+    top = {p.name: p.read_bytes() for p in folder.iterdir() if p.is_file()}
+    for name, data in top.items():
+        hub.add(repo, name, data)
+    extra = {"onnx/model.safetensors": b"not these weights", "original/model.safetensors": b"nor these",
+             "README.md": b"# Tiny"}
+    for name, data in extra.items():
+        hub.add(repo, name, data)
+    wanted = sorted(n for n in top if n.endswith((".safetensors", ".json")) or n == "tokenizer.model")
+    weights = "model.safetensors"
+    assert weights in wanted and len(wanted) >= 3
+
+    hub.drop_after, hub.drop_file = len(top[weights]) // 3, weights
+    with pytest.raises(FetchError, match="interrupted"):
+        manage.pull(f"hf:{repo}", quiet=True)
+    before = len(hub.requests("GET"))
+    m = manage.pull(f"hf:{repo}", quiet=True)
+    got = [(path, headers.get("Range")) for path, headers in
+           ((p, h) for _, p, h in hub.requests("GET")[before:]) if "/resolve/" in path]
+    # the files finished before the weights were kept; the weights resumed, then the rest came
+    assert [p.rsplit("/", 1)[1] for p, _ in got] == wanted[wanted.index(weights):]
+    assert got[0][1] is not None and got[0][1].startswith("bytes=")
+    assert sorted(m["files"]) == wanted and m["hub"]["commit"] and m["source"] == f"hf:{repo}"
+    assert all(f"/resolve/{m['hub']['commit']}/" in p for _, p, _ in hub.requests("GET") if "/resolve/" in p)
+    assert not any(name in p for _, p, _ in hub.requests("GET") for name in extra)
+    _, files = manage.resolve(f"hf:{repo}", pull_missing=False)
+    assert {name: path.read_bytes() for name, path in files.items()} == {n: top[n] for n in wanted}
+    assert stored(ownlm_home, "partial") == []
+
+
+def test_a_repo_without_safetensors_names_its_gguf_files(hub):
+    with pytest.raises(ModelNotFound) as e:
+        manage.pull(f"hf:{REPO}", quiet=True)
+    assert "no safetensors weights" in str(e.value) and f"hf:{REPO}/{FILE_Q4}" in e.value.hint

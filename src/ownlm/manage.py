@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import sys
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -130,15 +131,26 @@ def _pull_hf(store: Store, ref: Ref, quiet: bool, say: Say, expected: str | None
              facts: dict[str, Any] | None = None) -> dict[str, dict]:
     """hf:ORG/REPO/FILE: the file's LFS sha256 asked of the Hub first, the bytes downloaded into
     the store's partial/ (resumed from there after an interruption), checked against the digest
-    pinned or announced, and renamed into a blob. hf:ORG/REPO: the repo's model files."""
+    pinned or announced, and renamed into a blob. hf:ORG/REPO: the model files at the top of the
+    repo (sources.hf_repo_files), each so, all at the commit the listing was read at: a pull that
+    stops keeps the files it finished and the bytes of the one it was on."""
     if not ref.member:
-        with store.tmp_dir() as tmp:
-            sources.require_online(f"to download {ref.text} from the Hugging Face Hub")
-            if not quiet:
-                say(f"downloading {ref.text} from the Hugging Face Hub")
-            local = sources.fetch_hf(ref, tmp)
-            return _ingest(store, local_files(local), link=False, quiet=quiet)
-    info = sources.hf_file_info(ref)
+        names, commit = sources.hf_repo_files(ref)
+        if facts is not None:
+            facts["hub"] = {"repo": ref.repo, "commit": commit, "endpoint": sources.hub_endpoint()}
+        if not quiet:
+            say(f"downloading {ref.text} from the Hugging Face Hub: {', '.join(names)}")
+        return {name: _pull_hf_file(store, replace(ref, member=name, text=f"{ref.text}/{name}"), quiet, say,
+                                    revision=commit or "main")
+                for name in names}
+    file = _pull_hf_file(store, ref, quiet, say, expected=expected, facts=facts)
+    return {GGUF_FILE: file}
+
+
+def _pull_hf_file(store: Store, ref: Ref, quiet: bool, say: Say, expected: str | None = None,
+                  facts: dict[str, Any] | None = None, revision: str = "main") -> dict[str, Any]:
+    """One file of an HF repo into a blob (see _pull_hf): its {"sha256", "size"}."""
+    info = sources.hf_file_info(ref, revision)
     if expected and info.sha256 and info.sha256 != expected:
         raise IntegrityError(f"{ref.text}: the Hub announces sha256 {info.sha256}, the catalog pins {expected}",
                              "the file changed upstream; nothing was downloaded")
@@ -150,7 +162,7 @@ def _pull_hf(store: Store, ref: Ref, quiet: bool, say: Say, expected: str | None
     with store.partial(want or f"{ref.text}@{info.commit}") as part:
         # the same bytes already stored, or stored by another pull (under another name) while we waited
         if want and store.reuse(want):
-            return {GGUF_FILE: {"sha256": want, "size": store.open_blob(want).stat().st_size}}
+            return {"sha256": want, "size": store.open_blob(want).stat().st_size}
         bar: list[Bar] = []
 
         def start(offset: int, left: int | None) -> None:
@@ -164,7 +176,7 @@ def _pull_hf(store: Store, ref: Ref, quiet: bool, say: Say, expected: str | None
         if bar:
             bar[0].close()
         digest = store.put_partial(part, want, what=ref.text)
-    return {GGUF_FILE: {"sha256": digest, "size": store.open_blob(digest).stat().st_size}}
+    return {"sha256": digest, "size": store.open_blob(digest).stat().st_size}
 
 
 def local_files(path: Path) -> dict[str, Path]:

@@ -3,6 +3,7 @@ ingest; OWNLM_OFFLINE=1 turns every fetch into an error that says what would hav
 
 from __future__ import annotations
 
+import fnmatch
 import os
 import re
 import subprocess
@@ -204,17 +205,23 @@ def _origin(url: str) -> tuple[str, str]:
     return parts.scheme.lower(), parts.netloc.lower()
 
 
-def fetch_hf(ref: Ref, dest: Path) -> Path:
-    """Download the model files of an HF repo (a whole folder); returns the folder."""
-    require_online(f"to download {ref.repo}{'/' + ref.member if ref.member else ''} from the Hugging Face Hub")
+def hf_repo_files(ref: Ref, revision: str = "main") -> tuple[list[str], str | None]:
+    """The model files at the top of an HF repo (MODEL_PATTERNS: weights, configs, tokenizer;
+    subfolders, which hold other formats or variants, are left out) and the commit they were
+    listed at. A repo without safetensors weights there is an error naming its GGUF files, if any."""
+    require_online(f"to download {ref.text} from the Hugging Face Hub")
+    from huggingface_hub import HfApi
+
     try:
-        import huggingface_hub as hub
-    except ImportError:
-        raise FetchError("huggingface_hub is not installed", "pip install huggingface_hub") from None
-    try:
-        if ref.member:
-            return Path(hub.hf_hub_download(ref.repo, ref.member, local_dir=dest, endpoint=hub_endpoint()))
-        return Path(hub.snapshot_download(ref.repo, local_dir=dest, allow_patterns=MODEL_PATTERNS,
-                                          endpoint=hub_endpoint()))
-    except Exception as e:  # the hub raises many kinds: connection, 404, gated, auth
-        raise hub_error(e, ref.text, ref.repo, ref.member) from None
+        info = HfApi(endpoint=hub_endpoint()).model_info(ref.repo, revision=revision, timeout=HUB_TIMEOUT)
+    except Exception as e:  # noqa: BLE001 - every kind becomes one line
+        raise hub_error(e, ref.text, ref.repo) from None
+    names = sorted(s.rfilename for s in info.siblings or [])
+    top = [n for n in names if "/" not in n and any(fnmatch.fnmatchcase(n, p) for p in MODEL_PATTERNS)]
+    if not any(n.endswith(".safetensors") for n in top):
+        ggufs = [n for n in names if n.endswith(".gguf")]
+        hint = (f"pull one of its GGUF files: hf:{ref.repo}/{ggufs[0]}" + (f" (or one of {len(ggufs) - 1} more)"
+                                                                           if len(ggufs) > 1 else "")
+                if ggufs else "name a repo of a model in safetensors, or hf:ORG/REPO/FILE.gguf")
+        raise ModelNotFound(f"{ref.text}: the repo has no safetensors weights at its top level", hint)
+    return top, info.sha
