@@ -437,3 +437,12 @@ def test_the_example_generator_writes_right_answers_and_solved_questions(tmp_pat
         assert row["answer"] == right(turns[-1]["content"]) and turns[-1]["content"] not in held
         counts[len(turns) // 2] += 1
     assert counts == [20, 20, 20, 20]
+    # --sft: {prompt, completion} rows for supervised tuning, the answers right, none of the shipped task
+    subprocess.run([sys.executable, str(script), "--sft", "--n", "50", "--seed", "1",
+                    "--out", str(tmp_path / "s.jsonl")], check=True, capture_output=True)
+    rows = [json.loads(x) for x in (tmp_path / "s.jsonl").read_text().splitlines()]
+    assert len(rows) == 50 and all(set(r) == {"prompt", "completion"} for r in rows)
+    assert all(r["completion"] == right(r["prompt"]) and r["prompt"] not in held for r in rows)
+    both = subprocess.run([sys.executable, str(script), "--sft", "--shots", "2", "--out", str(tmp_path / "x.jsonl")],
+                          capture_output=True, text=True)
+    assert both.returncode == 2 and "--sft writes single questions" in both.stderr

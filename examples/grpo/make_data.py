@@ -3,6 +3,7 @@ eval task: "What is A op B? Reply with the number only." with A op B in the same
 numbers up to 50, differences that stay positive, products of numbers up to 12).
 
     python examples/grpo/make_data.py             # writes train.jsonl (400 rows) next to this file
+    python examples/grpo/make_data.py --sft --seed 1 --n 800 --out sft.jsonl   # answered rows for supervised tuning
 
 Deterministic (seeded); no prompt of the shipped task is written, so `ownlm eval NAME --task
 arithmetic` measures what tuning taught on questions it never saw. Rows are {"prompt", "answer"}:
@@ -33,9 +34,10 @@ def question(rng: random.Random) -> tuple[int, str, int, int]:
     return a, op, b, a * b
 
 
-def rows(n: int, seed: int, shots: int = 0) -> list[dict]:
+def rows(n: int, seed: int, shots: int = 0, sft: bool = False) -> list[dict]:
     """n rows; with shots, each row's question comes after 0 .. shots solved ones (user and
-    assistant turns, bare answers), as many of each count"""
+    assistant turns, bare answers), as many of each count; sft: {"prompt", "completion"} rows,
+    the answer as the completion (supervised tuning's prompt-completion format)"""
     held = {json.loads(line)["prompt"] for line in find_task("arithmetic").read_text(encoding="utf-8").splitlines()
             if line.strip()}
     rng = random.Random(seed)
@@ -53,6 +55,9 @@ def rows(n: int, seed: int, shots: int = 0) -> list[dict]:
     for i in range(n):
         prompt, answer = fresh()
         k = i % (shots + 1)
+        if sft:
+            out.append({"prompt": prompt, "completion": answer})
+            continue
         if not k:
             out.append({"prompt": prompt, "answer": answer})
             continue
@@ -70,9 +75,14 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--shots", type=int, default=0,
                     help="solved questions before a row's own, 0 .. SHOTS of them (default 0: the question alone)")
+    ap.add_argument("--sft", action="store_true",
+                    help="rows for supervised tuning: {prompt, completion}, the answer as the completion")
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "train.jsonl")
     args = ap.parse_args()
-    args.out.write_text("".join(json.dumps(r) + "\n" for r in rows(args.n, args.seed, args.shots)), encoding="utf-8")
+    if args.sft and args.shots:
+        ap.error("--sft writes single questions: drop --shots")
+    made = rows(args.n, args.seed, args.shots, args.sft)
+    args.out.write_text("".join(json.dumps(r) + "\n" for r in made), encoding="utf-8")
     print(f"wrote {args.n} rows to {args.out}")
 
 
