@@ -4,6 +4,7 @@ sentencepiece itself, byte fallback included, and decodes back exactly."""
 from __future__ import annotations
 
 import io
+import json
 
 import pytest
 import sentencepiece as spm  # the reference (the test extra: pip install '.[test]')
@@ -62,3 +63,37 @@ def test_token_bytes_join_to_the_text(sp_and_meta):
         assert b"".join(tok.token_bytes(i) for i in ids) == (" " + text).encode(), text
     pieces = [tok.token_bytes(i) for i in tok.encode("🙂", add_bos=False) if sp.is_byte(i)]
     assert pieces and all(len(b) == 1 for b in pieces)
+
+
+@pytest.mark.parametrize("scheme", ["first", "always"])
+def test_a_gguf_export_of_a_metaspace_tokenizer_encodes_as_sentencepiece(tmp_path, sp_and_meta, scheme):
+    """transformers writes Llama's and Mistral's SentencePiece tokenizers as a Metaspace
+    pre-tokenizer that prepends the word marker (prepend_scheme "first", "always" for legacy),
+    with no normalizer: the exported GGUF must say add_space_prefix, or every text's first word
+    is split otherwise than sentencepiece (and the HF model) split it."""
+    import gguf
+    from tokenizers import Tokenizer
+
+    import ownlm
+    from ownlm.cli.main import main
+
+    from .conftest import build_hf_model
+
+    sp, meta = sp_and_meta
+    spec = json.loads(from_gguf(meta).tokenizer.to_str())  # this vocabulary and its merges, as tokenizers holds them
+    spec["normalizer"] = None
+    spec["pre_tokenizer"] = {"type": "Metaspace", "replacement": "\u2581", "prepend_scheme": scheme, "split": False}
+    folder = build_hf_model(tmp_path / "m", "llama", vocab_size=sp.get_piece_size(), bos_token_id=sp.bos_id(),
+                            eos_token_id=sp.eos_id())
+    (folder / "tokenizer.json").write_text(json.dumps(spec), encoding="utf-8")
+    hf = Tokenizer.from_file(str(folder / "tokenizer.json"))
+    for text in TEXTS:  # the file as transformers would write it encodes as sentencepiece does
+        if "  " not in text:  # (runs of spaces: tokenizers' Metaspace merges them otherwise than sentencepiece)
+            assert hf.encode(text, add_special_tokens=False).ids == sp.encode(text), text
+    out = tmp_path / "m.gguf"
+    assert main(["export", str(folder), "--format", "gguf", "--out", str(out), "--quant", "f32"]) == 0
+    field = gguf.GGUFReader(out).fields["tokenizer.ggml.add_space_prefix"]
+    assert bool(field.parts[field.data[0]][0])
+    got = ownlm.load(str(out)).tokenizer
+    for text in TEXTS:
+        assert got.encode(text, add_bos=False) == sp.encode(text), text

@@ -37,6 +37,27 @@ def _pre_name(tk: Tokenizer) -> str:
                      "export --format safetensors instead")
 
 
+def _space_prefix(spec: dict) -> bool:
+    """Whether a SentencePiece-style tokenizer.json starts text with its word marker (GGUF's
+    add_space_prefix): a Prepend normalizer (older files), or a Metaspace pre-tokenizer that
+    prepends (prepend_scheme "first" or "always", or the older add_prefix_space; what current
+    transformers writes for Llama and Mistral, with no normalizer)."""
+    if "Prepend" in json.dumps(spec.get("normalizer")):
+        return True
+
+    def metaspaces(node):
+        if isinstance(node, dict):
+            if node.get("type") == "Metaspace":
+                yield node
+            for sub in node.get("pretokenizers") or ():
+                yield from metaspaces(sub)
+
+    for m in metaspaces(spec.get("pre_tokenizer")):
+        scheme = m.get("prepend_scheme")
+        return scheme != "never" if scheme is not None else bool(m.get("add_prefix_space", True))
+    return False
+
+
 def _add_tokenizer(w: gguf.GGUFWriter, lm) -> None:
     tk = lm.tokenizer.tk
     spec = json.loads(tk.to_str())
@@ -74,7 +95,7 @@ def _add_tokenizer(w: gguf.GGUFWriter, lm) -> None:
             types[unk] = tok_formats.UNKNOWN
             w.add_unk_token_id(unk)
         w.add_token_scores(scores)
-        w.add_add_space_prefix("Prepend" in json.dumps(spec.get("normalizer")))
+        w.add_add_space_prefix(_space_prefix(spec))
     else:
         w.add_tokenizer_model("gpt2")
         w.add_tokenizer_pre(_pre_name(tk))
