@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import sys
 import tempfile
 import time
@@ -241,21 +240,17 @@ def _shard(model: torch.nn.Module) -> None:
 
 
 # -- several processes on this machine ----------------------------------------------------------
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _worker(rank: int, world: int, port: int, args: tuple, out: str) -> None:
+def _worker(rank: int, world: int, rendezvous: str, args: tuple, out: str) -> None:
+    """One process of --nproc: they meet through a file (a FileStore in the launcher's temp
+    folder), not a TCP port picked beforehand, which another program could take before the
+    first process binds it."""
     import torch.distributed as dist
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
-                      LOCAL_RANK=str(rank))
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
     threads = max(1, (os.cpu_count() or 1) // world)
     torch.set_num_threads(threads)
     base, data, name, cfg, resume, device, quiet = args
-    dist.init_process_group(_backend(device), rank=rank, world_size=world)
+    dist.init_process_group(_backend(device), store=dist.FileStore(rendezvous, world), rank=rank, world_size=world)
     try:
         result = _train(base, data, name, cfg, resume, device, quiet, None, rank, world)
         if rank == 0:
@@ -288,8 +283,8 @@ def _launch(base, data, name, cfg, resume, device, nproc, quiet) -> dict[str, An
     with tempfile.TemporaryDirectory() as tmp:
         out = str(Path(tmp) / "result.json")
         try:
-            mp.start_processes(_worker,
-                               args=(nproc, _free_port(), (base, str(data), name, cfg, resume, device, quiet), out),
+            mp.start_processes(_worker, args=(nproc, str(Path(tmp) / "rendezvous"),
+                                              (base, str(data), name, cfg, resume, device, quiet), out),
                                nprocs=nproc, join=True, start_method="spawn")
         except Exception:  # torch's wrapper of a process's failure: the error itself where there is one
             for rank in range(nproc):
