@@ -38,9 +38,8 @@ from typing import Any, Callable, Protocol, Sequence
 import torch
 
 from ..errors import OwnlmError
-from . import prefix_cache
+from . import kv_cache, prefix_cache
 from .cpu_step import CpuDecode
-from . import kv_cache
 from .kv_cache import KVCache, span
 from .generate import PREFILL_CHUNK
 from .sampling import SamplingParams, make_generator, sample

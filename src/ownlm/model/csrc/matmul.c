@@ -166,8 +166,9 @@ static inline __attribute__((always_inline)) float group_offset(qpart_t wr, int6
     return f[g % 8];
 }
 
-/* A weight row's super-block factors (factors8), unpacked once for all the activation rows it
-   meets: its G scales into kf, then (bits 4 / 5) its G offsets */
+/* A weight row's group factors (factors8, group_scale / group_offset for a last few groups short
+   of 8), unpacked once for all the activation rows it meets: its G scales into kf, then (bits
+   4 / 5) its G offsets; the values row_factors would compute for each of them */
 static inline __attribute__((always_inline)) void k_unpack(qpart_t wr, int64_t G, float* kf, int bits) {
     const int64_t G8 = G - G % 8;
     int64_t g = 0;
@@ -183,7 +184,7 @@ static inline __attribute__((always_inline)) void k_unpack(qpart_t wr, int64_t G
     }
 }
 
-/* where the int16 path keeps the unpacked super-block factors of weight row `slot` (0 or 1) in
+/* where the int16 path keeps the unpacked group factors of weight row `slot` (0 or 1) in
    its scratch (the rows' factors take at most 8 G floats: 8 rows of G, or 4 rows of 2 G) */
 #define KF(sx, G, slot) ((sx) + 8 * (G) + 2 * (G) * (slot))
 
@@ -191,8 +192,8 @@ static inline __attribute__((always_inline)) void k_unpack(qpart_t wr, int64_t G
    s[g] xd[r, g] (into sx; bits 6: s[g] xd[r, g] u[2g + t] for its two halves, 2 G of them) and
    the offset term sum_g o[g] xs[r, g] (returned), 8 groups at a time. bits 4 / 5: w = q s + o
    (no offsets: o = -8 s / -16 s); bits 6: w = (q - 32) s u, no offset term; bits 8: w = q s.
-   A part with super-blocks has its factors from kf (k_unpack's) where given, else unpacked
-   here: the same values. */
+   The weight's factors come from kf (k_unpack's) where given, else are unpacked here: the same
+   values. */
 static inline __attribute__((always_inline)) float row_factors(const float* xd, const float* xs, int64_t G,
         qpart_t wr, int bits, float* sx, const float* kf) {
     const int64_t G8 = G - G % 8;
