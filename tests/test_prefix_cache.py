@@ -534,3 +534,29 @@ def test_run_json_reports_cached_tokens_across_runs(hf_models, tmp_path, capsys)
     assert outs[1]["token_ids"] == outs[0]["token_ids"]
     assert main(args[:-2] + ["--cache-mb", "0", "--prompt-cache", str(tmp_path / "pc")]) == 2
     prefix_cache.configure(None)
+
+
+def test_blocks_waiting_for_their_files_stay_within_the_caches_budget(llama, tmp_path, monkeypatch):
+    """The writer's queue holds blocks the cache may have evicted already: for a cache of two
+    blocks' budget it queues at most two blocks' bytes while its disk is stalled (the other
+    blocks' files are not written: it is only a cache), not up to WRITE_QUEUE."""
+    pc = prefix_cache.persist(llama.model, tmp_path / "kv", "tiny", 1 << 30)
+    pc.resize(2 * block_size(llama))
+    disk, write = pc.disk, pc.disk.write
+    go = threading.Event()
+
+    def slow(*args):
+        go.wait(10)
+        write(*args)
+
+    monkeypatch.setattr(disk, "write", slow)
+    try:
+        for seed in (102, 103, 104):  # each prompt's two blocks evict the last one's
+            alone(llama, ids(2 * BLOCK + 2, seed), n=1)
+        assert pc.stats()["evictions"] >= 4
+        assert 0 < prefix_cache._writer.queued <= 2 * block_size(llama)
+    finally:
+        go.set()
+    assert prefix_cache.flush(timeout=60)
+    assert 1 <= len(list(disk.dir.glob("*.kv"))) <= 2
+    prefix_cache.attach(llama.model, None)

@@ -122,7 +122,8 @@ class _Writer:
     """The one thread of the process that writes blocks to their files (`Disk.write`), in the order
     queued. The thread that stores only queues a reference to the block's keys and values (a tensor
     nothing writes to again), so a slow disk never stalls a request nor holds the cache's lock.
-    The queue is bounded in bytes; a block that does not fit is dropped, the caller never waits."""
+    The queue is bounded in bytes (WRITE_QUEUE, and the storing cache's own budget: blocks it has
+    evicted may still wait here); a block that does not fit is dropped, the caller never waits."""
 
     def __init__(self, limit: int):
         self.limit = limit
@@ -132,15 +133,17 @@ class _Writer:
         self.added = self.done = 0  # jobs ever queued, ever finished: a flush waits for done to reach added
         self.thread: threading.Thread | None = None
 
-    def put(self, disk: "Disk", key: bytes, parent: bytes, tokens: tuple[int, ...], kv: torch.Tensor) -> bool:
-        """Queue a block's file; False when the queue is full (the block is not written)."""
+    def put(self, disk: "Disk", key: bytes, parent: bytes, tokens: tuple[int, ...], kv: torch.Tensor,
+            cap: int | None = None) -> bool:
+        """Queue a block's file; False when the queue would hold more than its limit or `cap`
+        bytes (the block is not written)."""
         nbytes = kv.numel() * kv.element_size()
         ready = None
         if kv.is_cuda:  # the copy that made kv may still run on the caller's stream: the writer waits for it
             ready = torch.cuda.Event()
             ready.record(torch.cuda.current_stream(kv.device))
         with self.cond:
-            if self.queued + nbytes > self.limit:
+            if self.queued + nbytes > (self.limit if cap is None else min(self.limit, cap)):
                 return False
             self.jobs.append((disk, key, parent, tokens, kv, ready, nbytes))
             self.queued += nbytes
@@ -228,10 +231,12 @@ class Disk:
     def _path(self, key: bytes):
         return self.dir / f"{key.hex()}.kv"
 
-    def save(self, key: bytes, parent: bytes, tokens: tuple[int, ...], kv: torch.Tensor) -> bool:
+    def save(self, key: bytes, parent: bytes, tokens: tuple[int, ...], kv: torch.Tensor,
+             cap: int | None = None) -> bool:
         """Queue the block's file for the writer thread (kv is kept, not copied: nothing writes to
-        a block's keys and values after it is made); False when the queue is full and it is dropped."""
-        return _writer.put(self, key, parent, tokens, kv)
+        a block's keys and values after it is made); False when the queue is full (or would hold
+        more than `cap` bytes) and it is dropped."""
+        return _writer.put(self, key, parent, tokens, kv, cap)
 
     def write(self, key: bytes, parent: bytes, tokens: tuple[int, ...], kv: torch.Tensor) -> None:
         """Write the block's file now (the writer thread's work; `save` queues it)."""
@@ -434,7 +439,10 @@ class PrefixCache:
         self.lru[key] = child
         self.held += child.nbytes
         if self.disk is not None:
-            self.disk.save(key, parent.key, part, kv)  # written by the writer thread, after this returns
+            # written by the writer thread, after this returns; what waits for it is bounded by the
+            # budget too (an evicted block's memory is held until its file is written: in all, at
+            # most twice the budget, not the budget and WRITE_QUEUE)
+            self.disk.save(key, parent.key, part, kv, cap=self.budget)
         return child
 
     def _from_disk(self, parent: _Block, key: bytes, part: tuple[int, ...], cache: KVCache) -> _Block | None:
