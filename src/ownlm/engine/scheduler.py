@@ -235,7 +235,8 @@ class Scheduler:
         per_token = kv_cache.bytes_per_token(self.model)
         held = self.cache.slots * self.cache.max_len * per_token
         need = max(len(seqs), self.cache.slots) * max(longest, self.cache.max_len) * per_token
-        return need <= held + kv_cache.free_memory(self.device) * kv_cache.MEMORY_SHARE
+        # the free memory is read (/proc/meminfo) only where the cache must grow
+        return need <= held or need <= held + kv_cache.free_memory(self.device) * kv_cache.MEMORY_SHARE
 
     def _step(self) -> None:
         if self.admitting is not None:

@@ -364,8 +364,7 @@ class _Economy:
     def __init__(self, probe: int = 2, always: bool = False, decay: float = 0.6):
         self.always = always  # never rest: speculate at every chance
         self.step_s: float | None = None  # EMA of a plain step's seconds
-        self.pass_s: float | None = None  # recent passes' seconds per token they yielded
-        self.spent = self.yielded = 0.0  # their decayed seconds and tokens
+        self.spent = self.yielded = 0.0  # recent passes' seconds and tokens, decayed
         self.decay = decay
         self.rest = probe  # tokens to decode plainly before the next pass (first: measure a step)
         self.hold = 8
@@ -382,11 +381,10 @@ class _Economy:
     def passed(self, seconds: float, tokens: int) -> None:
         self.spent = self.decay * self.spent + seconds
         self.yielded = self.decay * self.yielded + max(tokens, 1)
-        self.pass_s = self.spent / self.yielded
         if self.always:
             return
-        if self.step_s is not None and self.pass_s > self.step_s:
-            self.rest, self.hold, self.pass_s = self.hold, min(32, 2 * self.hold), None
+        if self.step_s is not None and self.spent / self.yielded > self.step_s:  # a token costs more than a step
+            self.rest, self.hold = self.hold, min(32, 2 * self.hold)
             self.spent = self.yielded = 0.0
         elif self.step_s is not None:
             self.hold = 8
