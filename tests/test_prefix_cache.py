@@ -419,6 +419,27 @@ def test_prompt_cache_folder_outlives_the_process(llama, tmp_path):
     prefix_cache.attach(llama.model, None)
 
 
+def test_processes_sharing_a_folder_find_each_others_blocks(llama, tmp_path):
+    """Two servers on one --prompt-cache folder: blocks one writes after the other opened the
+    folder are found by the other (counted in its bound from then on)."""
+    folder = tmp_path / "kv"
+    first = prefix_cache.persist(llama.model, folder, "tiny", 1 << 30)
+    # the second process's cache, opened before the first writes anything
+    second = PrefixCache(64 << 20, disk=prefix_cache.Disk(folder, first.disk.identity, 1 << 30))
+    p = ids(3 * BLOCK + 5, 77)
+    answer, cached = alone(llama, p, n=4)
+    assert cached == 0
+    assert prefix_cache.flush(timeout=60)
+    written = {f.name: f.stat().st_size for f in first.disk.dir.glob("*.kv")}
+    assert len(written) == (len(p) + 3) // BLOCK and second.disk.held == 0
+    prefix_cache.attach(llama.model, second)  # the second process answers the same prompt
+    assert alone(llama, p, n=4) == (answer, (len(p) - MIN_PREFILL) // BLOCK * BLOCK)
+    assert second.disk.held == sum(size for name, size in written.items() if name in second.disk.sizes) > 0
+    assert prefix_cache.flush(timeout=60)
+    assert sorted(f.name for f in first.disk.dir.glob("*.kv")) == sorted(written)  # the same blocks, no new file
+    prefix_cache.attach(llama.model, None)
+
+
 def test_a_crafted_cache_file_is_refused_and_pins_nothing(llama, tmp_path):
     """A block file whose checksum is right but whose header is of the wrong kind (tokens a
     number, an empty body): refused with a warning, a miss from there on (the request's own blocks

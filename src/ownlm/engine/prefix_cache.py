@@ -38,10 +38,11 @@ With a Disk (`ownlm run/serve --prompt-cache DIR`), every block kept is also wri
 named by its digest, in a folder of its own per model identity (its store digest, a digest of
 samples of its weights as loaded, so dtype, quantization and adapters count, the device kind),
 and a block missing in memory is looked for there: a later process starts with the prompts of
-earlier ones. Files are written beside their place and renamed into it, hold their model
-identity, parent digest, tokens, shape and a checksum, and are refused (and removed, with a
-warning) when any of it is wrong; the folder is kept under a byte bound by removing the least
-recently used files. Files are written by one background thread (`_Writer`), never by the thread
+earlier ones, and processes sharing the folder find the blocks each other writes. Files are
+written beside their place and renamed into it, hold their model identity, parent digest, tokens,
+shape and a checksum, and are refused (and removed, with a warning) when any of it is wrong; the
+folder is kept under a byte bound by removing the least recently used files (as far as each
+process has seen them). Files are written by one background thread (`_Writer`), never by the thread
 that stores, nor under the cache's lock: a slow disk delays the files, not the requests. Its queue
 is bounded; a block that does not fit is not written (it is only a cache). The queue is emptied
 before a folder is opened (a second server in the process finds the first's blocks) and when the
@@ -231,6 +232,23 @@ class Disk:
     def _path(self, key: bytes):
         return self.dir / f"{key.hex()}.kv"
 
+    def _known(self, name: str) -> bool:
+        """Whether the folder holds file `name`: one this Disk has seen, or one another process
+        sharing the folder wrote since it opened (counted from now on, as the most recent)."""
+        with self.lock:
+            if name in self.sizes:
+                return True
+        try:
+            size = (self.dir / name).stat().st_size
+        except OSError:
+            return False
+        with self.lock:
+            if name not in self.sizes:
+                self.sizes[name] = size
+                self.held += size
+                self._trim()  # the oldest files go first: this one is the newest
+            return name in self.sizes
+
     def save(self, key: bytes, parent: bytes, tokens: tuple[int, ...], kv: torch.Tensor,
              cap: int | None = None) -> bool:
         """Queue the block's file for the writer thread (kv is kept, not copied: nothing writes to
@@ -241,9 +259,8 @@ class Disk:
     def write(self, key: bytes, parent: bytes, tokens: tuple[int, ...], kv: torch.Tensor) -> None:
         """Write the block's file now (the writer thread's work; `save` queues it)."""
         name = self._path(key).name
-        with self.lock:
-            if name in self.sizes:
-                return
+        if self._known(name):  # written before, by this process or another sharing the folder
+            return
         head = json.dumps({"identity": self.identity, "parent": parent.hex(), "tokens": list(tokens),
                            "dtype": str(kv.dtype), "shape": list(kv.shape)}).encode()
         raw = kv.cpu().contiguous().view(torch.uint8).numpy().tobytes()
@@ -271,8 +288,10 @@ class Disk:
         """The block's keys and values, or None: absent, or refused (damaged, another model's or
         another prefix's file: removed, with a warning)."""
         path = self._path(key)
+        if not self._known(path.name):
+            return None
         with self.lock:
-            if path.name not in self.sizes:
+            if path.name not in self.sizes:  # trimmed meanwhile
                 return None
             self.sizes[path.name] = self.sizes.pop(path.name)  # most recently used now
         try:
