@@ -21,7 +21,8 @@ import server_util
 from conftest import CHATML, build_hf_model, build_tokenizer
 from ownlm import manage
 from ownlm.server.http import APIError
-from ownlm.server.ollama import keep_alive_seconds
+from ownlm.engine.constraints import TOOL_CLOSE, TOOL_OPEN
+from ownlm.server.ollama import API_VERSION, Message, _message, _tool_calls, keep_alive_seconds
 from ownlm.store.store import Store
 
 KEY = "ollama-key-0123456789"
@@ -115,7 +116,11 @@ def test_list_show_version(client, server):
     raw = httpx.post(f"{server.base}/api/show", json={"model": "terse"}, timeout=30).json()
     assert raw["system"] == "Answer in one word." and raw["parameters"] == terse.parameters
     assert 'SYSTEM """Answer in one word."""' in terse.modelfile
-    assert httpx.get(f"{server.base}/api/version").json() == {"version": ownlm.__version__}
+    # the Ollama API level served (clients gate features on it), ownlm's own version beside it
+    assert httpx.get(f"{server.base}/api/version").json() == {"version": API_VERSION, "ownlm": ownlm.__version__}
+    assert tuple(map(int, API_VERSION.split("."))) >= (0, 6, 4)  # VS Code's Copilot Chat refuses older ones
+    for path in ("/api/version", "/api/tags"):  # as Ollama registers them
+        assert httpx.head(f"{server.base}{path}", timeout=30).status_code == 200
 
 
 @pytest.mark.parametrize("model", ["tiny", "smollm2"])
@@ -209,6 +214,61 @@ def test_tools_and_tool_calls(client):
         {"role": "tool", "content": json.dumps({"temperature": 21}), "tool_name": "get_weather"}]
     answer = client.chat("coder", messages=follow, tools=[WEATHER], options={"temperature": 0, "num_predict": 5})
     assert answer.done and answer.eval_count >= 1
+    assert _message(Message(role="tool", content="21", tool_call_id="call_1"), 0)["tool_call_id"] == "call_1"
+
+
+def test_tool_calls_carry_an_id_and_their_index():
+    """Ollama's tool calls name an id and their place among the answer's calls (api.ToolCall);
+    /api/chat writes them (streamed or not) from the answer's text through _tool_calls."""
+    calls = [("get_weather", {"city": "Paris"}), ("get_weather", {"city": "Rome"}), ("get_time", {})]
+    text = "".join(f"{TOOL_OPEN}{json.dumps({'name': n, 'arguments': a})}{TOOL_CLOSE}\n" for n, a in calls)
+    out = _tool_calls(text)
+    assert [(c["function"]["index"], c["function"]["name"], c["function"]["arguments"]) for c in out] == \
+        [(i, n, a) for i, (n, a) in enumerate(calls)]
+    assert all(c["id"].startswith("call") for c in out) and len({c["id"] for c in out}) == 3
+    assert len(_tool_calls(text + TOOL_OPEN + '{"name": "get_')) == 3  # a call still being written: not yet
+
+
+def test_nulls_whole_floats_and_ollamas_sampling_defaults(server, lms):
+    """Bodies as Go decodes them: a null is the field left out, an integer option may come as a
+    whole float; with no sampling options, Ollama's defaults (temperature 0.8, top_k 40, top_p 0.9)
+    unless the model's preset sets its own."""
+    lm = lms["tiny"]
+    body = {"model": "tiny", "messages": USER, "stream": False, "format": None, "keep_alive": None, "tools": None,
+            "options": {"temperature": 0, "num_predict": 6.0, "num_ctx": 4096.0, "top_k": None}}
+    r = httpx.post(f"{server.base}/api/chat", json=body, timeout=60)
+    assert r.status_code == 200 and r.json()["message"]["content"] == lm.chat(USER, temperature=0, max_tokens=6).text
+    r = httpx.post(f"{server.base}/api/chat", json={**body, "options": {"num_predict": 6.5}}, timeout=60)
+    assert r.status_code == 400 and "num_predict" in r.json()["error"]
+    r = httpx.post(f"{server.base}/api/generate", json={"model": "tiny", "prompt": None, "stream": None}, timeout=60)
+    assert r.status_code == 200 and r.json()["done_reason"] == "load"  # no prompt: a load, not streamed
+    sampled = {"seed": 11, "num_predict": 10}
+    got = httpx.post(f"{server.base}/api/chat", json={"model": "tiny", "messages": USER, "stream": False,
+                                                      "options": sampled}, timeout=60).json()["message"]["content"]
+    assert got == lm.chat(USER, temperature=0.8, top_k=40, top_p=0.9, seed=11, max_tokens=10).text
+    got = httpx.post(f"{server.base}/api/generate", json={"model": "terse", "prompt": "Hi", "stream": False,
+                                                          "options": sampled}, timeout=60).json()["response"]
+    msgs = [{"role": "system", "content": "Answer in one word."}, {"role": "user", "content": "Hi"}]
+    assert got == lm.chat(msgs, temperature=0.2, top_k=40, top_p=0.9, seed=11, max_tokens=10).text  # the preset's
+
+
+def test_stop_never_loads_a_model_to_unload_it(home):
+    """`ollama stop B` (keep_alive 0, nothing to generate) while A is loaded: B is not loaded for
+    it, so A stays (with --max-loaded 1, loading B would have evicted A)."""
+    s = server_util.Server(home, ["--max-loaded", "1"])
+    try:
+        c = ollama.Client(host=s.base, timeout=120)
+        assert c.generate("tiny", keep_alive=-1).done_reason == "load"
+        assert c.generate("coder", keep_alive=0).done_reason == "unload"
+        assert c.chat("coder", messages=[], keep_alive=0).done_reason == "unload"
+        assert [m.model for m in c.ps().models] == ["tiny:latest"]
+        with pytest.raises(ollama.ResponseError) as e:
+            c.generate("nope", keep_alive=0)
+        assert e.value.status_code == 404
+        assert c.generate("tiny", keep_alive=0).done_reason == "unload"
+        assert c.ps().models == []
+    finally:
+        assert s.stop() == 0
 
 
 def test_embed_equals_v1_embeddings(client, server, lms):
@@ -270,6 +330,9 @@ def test_keep_alive_durations():
 def test_copy_and_delete(client):
     assert client.copy("tiny", "tiny-copy").status == "success"
     assert "tiny-copy:latest" in [m.model for m in client.list().models]
+    listed = httpx.get(f"{client._client.base_url}/v1/models", timeout=30).json()["data"]
+    created = next(m["created"] for m in listed if m["id"] == "tiny-copy")
+    assert abs(created - time.time()) < 600  # the copy's date, in the store's own format
     assert client.chat("tiny-copy", messages=USER, options=GREEDY).message.content == \
         client.chat("tiny", messages=USER, options=GREEDY).message.content
     assert client.delete("tiny-copy").status == "success"

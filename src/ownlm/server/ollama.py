@@ -7,8 +7,11 @@ engine's events come back as Ollama's newline-delimited JSON. Errors are `{"erro
 Ollama's `options` map onto ownlm's sampling (temperature, top_p, top_k, min_p, num_predict, num_ctx,
 seed, stop, repeat_penalty, presence_penalty, frequency_penalty; and ownlm's `speculate`, which may
 also be given beside `options`, as on the OpenAI routes); the others are ignored as Ollama
-ignores unknown ones, and each is named once in the server log. `keep_alive` sets how long the
-model stays loaded after the request (0: unloaded at once; negative: forever). Pulling writes to
+ignores unknown ones, and each is named once in the server log; sampling left unset takes
+Ollama's defaults (OLLAMA_DEFAULTS) unless the model's preset sets it. A null is a field left out
+and an integer option may be a whole float, as Go decodes Ollama's bodies. `keep_alive` sets how
+long the model stays loaded after the request (0: unloaded at once, never loaded for that;
+negative: forever). Pulling writes to
 the store, so /api/pull answers 403 unless the server was started with --allow-pull."""
 
 from __future__ import annotations
@@ -25,12 +28,12 @@ from datetime import datetime, timedelta, timezone
 from typing import Any, AsyncIterator, Optional, Union
 
 from fastapi import APIRouter, Request
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from starlette.responses import Response, StreamingResponse
 
 from .. import manage
 from ..store.refs import parse_ref
-from ..store.store import Store
+from ..store.store import Store, now_iso
 from ..text.chat import CHATML
 from . import runs
 from .http import (APIError, Events, admit, as_api_error, documented, embed_ids, generate, log_entry, parse_body,
@@ -59,6 +62,12 @@ FIM_TOKENS = (("<|fim_prefix|>", "<|fim_suffix|>", "<|fim_middle|>"),  # Qwen2.5
 OPTION_NAMES = {"temperature": "temperature", "top_p": "top_p", "top_k": "top_k", "min_p": "min_p",
                 "seed": "seed", "stop": "stop", "repeat_penalty": "repetition_penalty",
                 "presence_penalty": "presence_penalty", "frequency_penalty": "frequency_penalty"}
+INT_OPTIONS = ("top_k", "num_predict", "num_ctx", "seed")
+# Ollama's sampling defaults (api.DefaultOptions), where neither the request nor the model's preset sets one
+OLLAMA_DEFAULTS = {"temperature": 0.8, "top_k": 40, "top_p": 0.9}
+# the Ollama release whose API these routes follow (/api/version: clients gate features on it):
+# tool calls streamed (0.8); not `think` (0.9)
+API_VERSION = "0.8.0"
 # a preset's parameters as Ollama names them (`show`'s parameters)
 PRESET_NAMES = {"max_tokens": "num_predict", "repetition_penalty": "repeat_penalty"}
 
@@ -66,12 +75,33 @@ PRESET_NAMES = {"max_tokens": "num_predict", "repetition_penalty": "repeat_penal
 # --- request bodies -------------------------------------------------------------------------------
 # Ollama ignores fields it does not know, so these bodies do too; the values they know are checked.
 
+def _as_absent(data: Any) -> Any:
+    """A body's fields sent as null are the field left out (Go's decoder leaves the default)."""
+    return {k: v for k, v in data.items() if v is not None} if isinstance(data, dict) else data
+
+
 class _Body(BaseModel):
     model_config = ConfigDict(extra="ignore", strict=True)
+
+    _absent = model_validator(mode="before")(_as_absent)
+
+
+def _whole(data: Any) -> Any:
+    """Options as Ollama reads them: null left out, an integer option given as a whole float
+    (4096.0, as JSON libraries write numbers held as floats) taken as that integer."""
+    data = _as_absent(data)
+    if isinstance(data, dict):
+        for name in INT_OPTIONS:
+            v = data.get(name)
+            if isinstance(v, float) and v.is_integer() and abs(v) < 2 ** 63:
+                data[name] = int(v)
+    return data
 
 
 class Options(BaseModel):
     model_config = ConfigDict(extra="allow", strict=True)  # the others: ignored, named once in the log
+
+    _whole = model_validator(mode="before")(_whole)
 
     temperature: Optional[float] = None
     top_p: Optional[float] = None
@@ -118,6 +148,7 @@ class Message(_Body):
     images: Optional[list[Any]] = None
     tool_calls: Optional[list[ToolCall]] = None
     tool_name: Optional[str] = None
+    tool_call_id: Optional[str] = None
     thinking: Optional[str] = None
 
 
@@ -343,6 +374,9 @@ class _Translator:
                                 + (" (options.num_ctx)" if ctx == opts.num_ctx else ""))
         n = opts.num_predict
         max_tokens = None if n is None or n == 0 else room if n < 0 else min(n, room)
+        for name, value in OLLAMA_DEFAULTS.items():
+            if getattr(self.internal, name) is None and name not in served.lm.defaults:
+                setattr(self.internal, name, value)
         params = runs.sampling(served, self.internal, max_tokens)
         limit = min(runs.limit_for(served, prompt, params, max_tokens), room)
         self.prompt_tokens = len(prompt)
@@ -370,10 +404,12 @@ class _Translator:
 
 
 def _tool_calls(text: str) -> list[dict[str, Any]]:
+    """The answer's tool calls as Ollama writes them: an id, and the call's index among them."""
     out = []
-    for call in runs.parse_tool_calls(text):
+    for i, call in enumerate(runs.parse_tool_calls(text)):
         f = call["function"]
-        out.append({"function": {"name": f["name"], "arguments": json.loads(f["arguments"])}})
+        out.append({"id": call["id"], "function": {"index": i, "name": f["name"],
+                                                   "arguments": json.loads(f["arguments"])}})
     return out
 
 
@@ -432,6 +468,8 @@ def _message(m: Message, i: int) -> dict[str, Any]:
                              for t in m.tool_calls]
     if m.tool_name:
         out["name"] = out["tool_name"] = m.tool_name
+    if m.tool_call_id:
+        out["tool_call_id"] = m.tool_call_id
     return out
 
 
@@ -484,18 +522,24 @@ class Generate(_Translator):
 
 
 async def _load_only(request: Request, body: _Generation, chat: bool) -> dict[str, Any]:
-    """A request with nothing to generate: load the model (keep_alive 0: unload it)."""
+    """A request with nothing to generate: load the model; keep_alive 0 (`ollama stop`): unload it
+    if it is loaded and idle, never load it for that."""
     pool = state_of(request).pool
     keep = keep_alive_seconds(body.keep_alive)
-    served = await pool.acquire(body.model)
-    pool.release(served)
-    if keep is not None:
-        served.keep_alive = keep
-    reason = "load"
     if keep == 0:
-        if served.active == 0:
+        mid, _ = pool.ref_for(body.model)  # a model this server does not offer is a 404
+        served = pool.loaded.get(mid)
+        if served is not None and served.active == 0:
             pool.unload(served.id)
+        elif served is not None:  # busy: unloaded once its requests end
+            served.keep_alive = 0
         reason = "unload"
+    else:
+        served = await pool.acquire(body.model)
+        pool.release(served)
+        if keep is not None:
+            served.keep_alive = keep
+        reason = "load"
     out: dict[str, Any] = {"model": body.model, "created_at": _now(), "done": True, "done_reason": reason}
     out.update({"message": {"role": "assistant", "content": ""}} if chat else {"response": ""})
     return out
@@ -593,7 +637,7 @@ def _row_facts(row: dict[str, Any] | None) -> dict[str, Any]:
             "parameters": row.get("parameters"), "quantization": row.get("quantization")}
 
 
-@router.get("/api/tags")
+@router.api_route("/api/tags", methods=["GET", "HEAD"])
 async def tags(request: Request) -> dict[str, Any]:
     offered = await asyncio.to_thread(_offered, state_of(request).pool)
     models = []
@@ -639,12 +683,15 @@ async def ps(request: Request) -> dict[str, Any]:
     return {"models": models}
 
 
-@router.get("/api/version")
+@router.api_route("/api/version", methods=["GET", "HEAD"])
 async def version() -> dict[str, Any]:
+    """The Ollama API level served (clients compare it to the release that brought a feature),
+    and ownlm's own version beside it."""
     try:
-        return {"version": importlib.metadata.version("ownlm")}
+        ours = importlib.metadata.version("ownlm")
     except importlib.metadata.PackageNotFoundError:  # run from a source tree that was never installed
-        return {"version": "0.0.0"}
+        ours = "0.0.0"
+    return {"version": API_VERSION, "ownlm": ours}
 
 
 def _show(pool: ModelPool, name: str) -> dict[str, Any]:
@@ -733,7 +780,7 @@ def _copy(source: str, destination: str) -> None:
     manifest = store.read(src)
     name, tag = dst.rsplit(":", 1)
     with store.lock(f"model:{dst}"):  # the blobs are shared: the copy is one more manifest naming them
-        store.write(dst, {**manifest, "name": name, "tag": tag, "created": datetime.now(timezone.utc).isoformat()})
+        store.write(dst, {**manifest, "name": name, "tag": tag, "created": now_iso()})
 
 
 @router.post("/api/copy", openapi_extra=documented(CopyBody))
