@@ -256,6 +256,47 @@ def test_smollm2_serve_with_api_key(smollm2_server, smollm2_client, smollm2_gguf
     assert missing.status_code == 404 and missing.json()["error"]["type"] == "not_found_error"
 
 
+def test_fields_the_sdk_sends_and_turns_it_combines(client, lm):
+    """What the SDK may send beside the basics: nulls (a block round-tripped through model_dump),
+    no-op settings (thinking disabled, top-level cache_control, service_tier, a tool's strict),
+    system turns inside messages, and consecutive user turns, which Anthropic combines into one."""
+    two = [{"role": "user", "content": "Name three colors."}, {"role": "user", "content": [
+        {"type": "text", "text": "Only primary ones.", "citations": None, "cache_control": None}]}]
+    r = client.messages.create(model="tiny", system=SYSTEM, messages=two, max_tokens=8, thinking={"type": "disabled"},
+                               cache_control={"type": "ephemeral"}, service_tier="auto",
+                               tools=[{**WEATHER, "strict": True}], tool_choice={"type": "none"}, **GREEDY)
+    combined = [{"role": "system", "content": SYSTEM},
+                {"role": "user", "content": "Name three colors.\nOnly primary ones."}]
+    prompt = runs.render_chat(SimpleNamespace(lm=lm), combined, None)  # tool_choice none: no tools in the prompt
+    assert prompt_of(r.usage) == len(lm.encode(prompt))
+    # a system turn among the messages is a system message where it stands
+    mid = client.messages.create(model="tiny", messages=[*USER, {"role": "assistant", "content": "Red."},
+                                                         {"role": "system", "content": SYSTEM},
+                                                         {"role": "user", "content": "More."}],
+                                 max_tokens=6, **GREEDY)
+    direct = lm.chat([*USER, {"role": "assistant", "content": "Red."}, {"role": "system", "content": SYSTEM},
+                      {"role": "user", "content": "More."}], temperature=0, max_tokens=6)
+    assert mid.content[0].text == direct.text
+    with pytest.raises(anthropic.BadRequestError) as e:  # reasoning effort: nothing here honours it
+        client.messages.create(model="tiny", messages=USER, max_tokens=4, output_config={"effort": "low"})
+    assert "effort" in e.value.body["error"]["message"]
+
+
+@pytest.mark.smollm2
+def test_structured_output_through_messages_parse(smollm2_client):
+    """`messages.parse(output_format=...)` sends output_config.format: the answer follows its schema."""
+    from pydantic import BaseModel, Field
+
+    class Person(BaseModel):
+        name: str = Field(max_length=12)
+        age: int = Field(ge=0, le=120)
+
+    r = smollm2_client.messages.parse(model="smollm2", max_tokens=80, output_format=Person,
+                                      messages=[{"role": "user", "content": "Describe a person as JSON."}], **GREEDY)
+    assert r.stop_reason == "end_turn" and isinstance(r.parsed_output, Person)
+    jsonschema.validate(json.loads(r.content[0].text), Person.model_json_schema())
+
+
 @pytest.mark.smollm2
 def test_forced_tool(smollm2_client):
     """On smollm2: the tiny random model writes JSON whitespace forever and rarely closes a call."""

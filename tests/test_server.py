@@ -146,6 +146,32 @@ def check_stream_with_usage(client, model: str):
     assert all(c.object == "chat.completion.chunk" and c.id == chunks[0].id for c in chunks)
 
 
+def test_what_sdks_and_wrappers_send(client):
+    """Keywords given as None arrive as nulls (the field's default); settings with nothing to do
+    here are accepted (service tier, cache key, safety identifier, metadata, store false, stream
+    obfuscation off); store true is refused; a prompt over the context says so as OpenAI does."""
+    kw = dict(model="tiny", messages=USER, temperature=0, max_tokens=6)
+    ref = client.chat.completions.create(**kw)
+    r = client.chat.completions.create(**kw, n=None, logprobs=None, stream=None, top_p=None, seed=None, stop=None,
+                                       service_tier="auto", prompt_cache_key="k1", safety_identifier="someone",
+                                       metadata={"app": "test"}, store=False)
+    assert r.choices[0].message.content == ref.choices[0].message.content
+    chunks = list(client.chat.completions.create(**kw, stream=True, stream_options={
+        "include_usage": True, "include_obfuscation": False}))
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == ref.choices[0].message.content
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(**kw, store=True)
+    assert e.value.body["param"] == "store"
+    # n choices of one prompt: the prompt counted once, as OpenAI counts it
+    two = client.chat.completions.create(**{**kw, "temperature": 0.9}, n=2, seed=3)
+    assert two.usage.prompt_tokens == ref.usage.prompt_tokens
+    assert two.usage.prompt_tokens_details.cached_tokens <= two.usage.prompt_tokens
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "word " * 5000}],
+                                       max_tokens=2)
+    assert e.value.code == "context_length_exceeded" and "prompt is too long" in e.value.message
+
+
 def test_stop_sampling_parameters_and_n(client):
     r = client.chat.completions.create(model="tiny", messages=USER, temperature=0.9, seed=7, n=2, max_tokens=12,
                                        presence_penalty=0.5, frequency_penalty=0.5, top_p=0.9, user="u1",
@@ -958,6 +984,33 @@ def test_tools_round_trip(smollm2_client):
         finish = chunk.choices[0].finish_reason or finish
     assert finish == "tool_calls" and list(calls) == [0] and calls[0]["name"] == "get_weather"
     jsonschema.validate(json.loads(calls[0]["arguments"]), WEATHER["function"]["parameters"])
+
+
+@pytest.mark.smollm2
+def test_tools_beside_a_response_format(smollm2_client):
+    """tools and response_format in one request (LangChain's agents send both): the answer is tool
+    calls, or else JSON of the format's schema, never free text."""
+    client, model = smollm2_client, "smollm2"
+    person = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 12},
+                                               "age": {"type": "integer", "minimum": 0, "maximum": 120}},
+              "required": ["name", "age"], "additionalProperties": False}
+    fmt = {"type": "json_schema", "json_schema": {"name": "person", "schema": person}}
+    for msgs in ([{"role": "user", "content": "Describe a person as JSON."}],
+                 [{"role": "user", "content": "What is the weather in Paris?"}]):
+        r = client.chat.completions.create(model=model, messages=msgs, tools=[WEATHER], response_format=fmt,
+                                           temperature=0, max_tokens=120)
+        m = r.choices[0].message
+        if m.tool_calls:
+            assert r.choices[0].finish_reason == "tool_calls" and m.content is None
+            jsonschema.validate(json.loads(m.tool_calls[0].function.arguments), WEATHER["function"]["parameters"])
+        else:
+            assert r.choices[0].finish_reason == "stop"
+            jsonschema.validate(json.loads(m.content), person)
+    # tool_choice required: calls, whatever the format
+    r = client.chat.completions.create(model=model, messages=msgs, tools=[WEATHER], response_format=fmt,
+                                       tool_choice="required", temperature=0, max_tokens=120)
+    assert r.choices[0].finish_reason == "tool_calls" and r.choices[0].message.tool_calls[0].function.name == \
+        "get_weather"
 
 
 # --- the access log ------------------------------------------------------------------------------------

@@ -24,9 +24,9 @@ class BadRequest(OwnlmError):
 
     exit_code = 2
 
-    def __init__(self, message: str, hint: str | None = None, param: str | None = None):
+    def __init__(self, message: str, hint: str | None = None, param: str | None = None, code: str | None = None):
         super().__init__(message, hint)
-        self.param = param
+        self.param, self.code = param, code
 
 
 class ModelNotFound(OwnlmError):

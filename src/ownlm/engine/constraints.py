@@ -108,16 +108,22 @@ def tool_schema(functions: Sequence[dict[str, Any]]) -> dict[str, Any]:
     return branches[0] if len(branches) == 1 else {"anyOf": branches}
 
 
-def tool_grammar(functions: Sequence[dict[str, Any]], required: bool, single: bool = False) -> str:
-    """Tool calls in the <tool_call> format (one, or one or more); unless `required`, plain text
-    not starting with '<' or a space is allowed instead."""
+def tool_grammar(functions: Sequence[dict[str, Any]], required: bool, single: bool = False,
+                 answer: dict[str, Any] | None = None) -> str:
+    """Tool calls in the <tool_call> format (one, or one or more); unless `required`, an answer
+    instead: plain text not starting with '<' or a space, or JSON of the schema `answer` (a
+    response_format beside the tools)."""
     schema = tool_schema(functions)
     _check_schema(schema, "tools[].function.parameters")
     compact = {**schema, "x-guidance": JSON_OPTIONS}  # as for response_format: no padding with whitespace
     call = f"{json.dumps(TOOL_OPEN)} %json {json.dumps(compact)} {json.dumps(TOOL_CLOSE)}"
-    lines = ["start: calls" if required else "start: calls | TEXT",
-             "calls: call" if single else "calls: call+", f"call: {call}",
-             'TEXT: /[^<\\s][^\\x00]*/']
+    lines = ["start: calls" if required else "start: calls | answer",
+             "calls: call" if single else "calls: call+", f"call: {call}"]
+    if answer is None:
+        lines += ["answer: TEXT", 'TEXT: /[^<\\s][^\\x00]*/']
+    else:
+        _check_schema(answer, "response_format.json_schema.schema")
+        lines.append(f"answer: %json {json.dumps({**answer, 'x-guidance': JSON_OPTIONS})}")
     llg = _llg()
     try:
         return llg.LLMatcher.grammar_from_lark("\n".join(lines))

@@ -58,8 +58,9 @@ def budget(prompt_len: int, params: SamplingParams, model: torch.nn.Module, defa
     context = model.cfg.context_length
     room = context - prompt_len
     if room <= 0:
-        raise BadRequest(f"the prompt has {prompt_len} tokens but the model's context is {context}",
-                         "shorten the prompt or the conversation")
+        # worded and coded as OpenAI's and Anthropic's errors are (clients trim a history on them)
+        raise BadRequest(f"the prompt is too long: {prompt_len} tokens, and the model's context is {context}",
+                         "shorten the prompt or the conversation", code="context_length_exceeded")
     if params.max_tokens is not None and params.max_tokens > room:
         raise BadRequest(f"max_tokens={params.max_tokens} does not fit: the prompt has {prompt_len} tokens "
                          f"and the context is {context}", f"ask for at most {room}")

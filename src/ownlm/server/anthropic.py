@@ -3,7 +3,9 @@
 A translator only: the Anthropic body becomes the internal chat request (schemas.ChatRequest) —
 `system` a system message, text blocks the turns' text, `tool_use` blocks an assistant's
 tool_calls, `tool_result` blocks "tool" messages, tools' input_schema the functions' parameters,
-tool_choice auto/any/tool/none → auto/required/named/none — and runs through the same plan,
+tool_choice auto/any/tool/none → auto/required/named/none, output_config.format a
+response_format, consecutive turns of one role combined (as Anthropic combines them), a system
+turn a system message where it stands — and runs through the same plan,
 prompt, sampler and tool parser as /v1/chat/completions. The engine's events come back as
 Anthropic's content blocks and server-sent events (message_start, ping, content_block_start,
 content_block_delta (text_delta, input_json_delta), content_block_stop, message_delta,
@@ -17,13 +19,13 @@ import json
 from typing import Annotated, Any, AsyncIterator, Literal, Optional, Union
 
 from fastapi import APIRouter, Request
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from ..engine import constraints
 from . import runs
 from .http import APIError, Events, documented, generate, log_entry, parse_body, state_of, validation_error
 from .pool import Served
-from .schemas import INT64, ChatRequest
+from .schemas import INT64, ChatRequest, absent_nulls
 
 router = APIRouter()
 
@@ -31,8 +33,11 @@ router = APIRouter()
 # --- request bodies -------------------------------------------------------------------------------
 
 class _Body(BaseModel):
-    # as for OpenAI's bodies: unknown fields are a 400 (nothing silently ignored), no type conversion
+    # as for OpenAI's bodies: unknown fields are a 400 (nothing silently ignored), no type conversion;
+    # a null is the field left out (as `block.model_dump()` round trips send citations: null)
     model_config = ConfigDict(extra="forbid", strict=True)
+
+    _nulls = model_validator(mode="before")(absent_nulls)
 
 
 class CacheControl(_Body):
@@ -69,7 +74,7 @@ Block = Annotated[Union[TextBlock, ToolUseBlock, ToolResultBlock], Field(discrim
 
 
 class MessageParam(_Body):
-    role: Literal["user", "assistant"]
+    role: Literal["user", "assistant", "system"]
     content: Union[str, list[Block]]
 
 
@@ -79,6 +84,7 @@ class ToolDef(_Body):
     input_schema: dict[str, Any]
     type: Optional[Literal["custom"]] = None
     cache_control: Optional[CacheControl] = None
+    strict: Optional[bool] = None  # the input always follows input_schema here (a grammar holds it to it)
 
 
 class ToolChoiceAuto(_Body):
@@ -109,12 +115,28 @@ class Metadata(_Body):
     user_id: Optional[str] = None
 
 
+class ThinkingDisabled(_Body):
+    type: Literal["disabled"]  # the models served here do not think in a separate block
+
+
+class JsonOutputFormat(_Body):
+    type: Literal["json_schema"]
+    schema_: dict[str, Any] = Field(alias="schema")
+
+
+class OutputConfig(_Body):
+    format: Optional[JsonOutputFormat] = None  # structured output (`messages.parse`): the answer follows it
+
+
 class CountTokensRequest(_Body):
     model: str
     messages: list[MessageParam] = Field(min_length=1)
     system: Optional[Union[str, list[TextBlock]]] = None
     tools: Optional[list[ToolDef]] = None
     tool_choice: Optional[ToolChoice] = None
+    output_config: Optional[OutputConfig] = None
+    thinking: Optional[ThinkingDisabled] = None
+    cache_control: Optional[CacheControl] = None  # as on blocks: the prefix cache needs no marker
 
 
 class MessagesRequest(CountTokensRequest):
@@ -125,6 +147,7 @@ class MessagesRequest(CountTokensRequest):
     top_p: Optional[float] = Field(None, gt=0, le=1)
     top_k: Optional[int] = Field(None, ge=0)
     metadata: Optional[Metadata] = None
+    service_tier: Optional[Literal["auto", "standard_only"]] = None  # one tier here
     # extensions, as in ownlm's OpenAI routes: reproducible sampling, speculative decoding ("ngram" or a draft model)
     seed: Optional[int] = Field(None, ge=-INT64, lt=INT64)
     speculate: Optional[str] = Field(None, min_length=1, max_length=500)
@@ -162,6 +185,19 @@ def _text(blocks: Union[str, list[TextBlock], None]) -> str:
     return blocks if isinstance(blocks, str) else "\n".join(b.text for b in blocks)
 
 
+def _turns(messages: list[MessageParam]) -> list[MessageParam]:
+    """Consecutive user or assistant turns combined into one, as Anthropic's API combines them."""
+    out: list[MessageParam] = []
+    for m in messages:
+        if out and m.role == out[-1].role != "system":
+            blocks = [b for x in (out[-1], m) for b in (
+                [TextBlock(type="text", text=x.content)] if isinstance(x.content, str) else x.content)]
+            out[-1] = MessageParam(role=m.role, content=blocks)
+        else:
+            out.append(m)
+    return out
+
+
 def chat_messages(body: CountTokensRequest) -> tuple[list[dict[str, Any]], str | None]:
     """The conversation as OpenAI-shaped chat messages, and the text of a final assistant turn
     (a prefill the answer continues) if the conversation ends with one."""
@@ -169,7 +205,13 @@ def chat_messages(body: CountTokensRequest) -> tuple[list[dict[str, Any]], str |
     if body.system is not None:
         out.append({"role": "system", "content": _text(body.system)})
     prefill = None
-    for i, m in enumerate(body.messages):
+    turns = _turns(body.messages)
+    for i, m in enumerate(turns):
+        if m.role == "system":
+            if not isinstance(m.content, str) and not all(isinstance(b, TextBlock) for b in m.content):
+                raise APIError(400, f"messages.{i}: a system turn holds text only", param="messages")
+            out.append({"role": "system", "content": _text(m.content)})
+            continue
         if isinstance(m.content, str):
             out.append({"role": m.role, "content": m.content})
             continue
@@ -196,7 +238,7 @@ def chat_messages(body: CountTokensRequest) -> tuple[list[dict[str, Any]], str |
                         "content": f"Error: {result}" if b.is_error else result})
         if texts:
             out.append({"role": "user", "content": "\n".join(texts)})
-    last = body.messages[-1]
+    last = turns[-1]
     if last.role == "assistant":
         if out[-1].get("tool_calls"):
             raise APIError(400, "the last message may be an assistant turn (a prefill) only with text in it",
@@ -227,6 +269,9 @@ def chat_request(body: CountTokensRequest, messages: list[dict[str, Any]]) -> Ch
                 fields[name] = getattr(body, name)
         if body.stop_sequences:
             fields["stop"] = body.stop_sequences
+    fmt = body.output_config.format if body.output_config is not None else None
+    if fmt is not None:
+        fields["response_format"] = {"type": "json_schema", "json_schema": {"name": "output", "schema": fmt.schema_}}
     try:
         return ChatRequest.model_validate(fields)
     except ValidationError as e:

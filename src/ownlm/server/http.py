@@ -95,7 +95,7 @@ def as_api_error(e: BaseException, retry_after: int = 1) -> APIError:
     if isinstance(e, ChatTemplateError):
         return APIError(422, f"the model's chat template cannot render these messages: {e}", param="messages")
     if isinstance(e, BadRequest):
-        return APIError(400, str(e), param=e.param)
+        return APIError(400, str(e), param=e.param, code=e.code)
     if isinstance(e, runs.TimedOut):  # the SDKs retry a 5xx twice: a request that ran out of time would run thrice
         return APIError(503, str(e), code="timeout", headers={"x-should-retry": "false"})
     if isinstance(e, OwnlmError):
@@ -401,11 +401,13 @@ def prediction_details(choices: list[runs.Choice]) -> dict[str, int] | None:
     return {"accepted_prediction_tokens": accepted, "rejected_prediction_tokens": drafted - accepted}
 
 
-def usage_of(choices: list[runs.Choice], prompt_tokens: int) -> dict[str, Any]:
+def usage_of(choices: list[runs.Choice], prompt_tokens: int, n: int = 1) -> dict[str, Any]:
+    """OpenAI's usage: each prompt counted once for its n choices (which follow each other), its
+    cached tokens those of its first choice."""
     out = sum(len(c.tokens) for c in choices)
     usage: dict[str, Any] = {"prompt_tokens": prompt_tokens, "completion_tokens": out,
                              "total_tokens": prompt_tokens + out,
-                             "prompt_tokens_details": {"cached_tokens": cached_tokens(choices)}}
+                             "prompt_tokens_details": {"cached_tokens": cached_tokens(choices[::n])}}
     details = prediction_details(choices)
     if details is not None:  # only where the request speculated
         usage["completion_tokens_details"] = details

@@ -637,7 +637,8 @@ def _row_facts(row: dict[str, Any] | None) -> dict[str, Any]:
             "parameters": row.get("parameters"), "quantization": row.get("quantization")}
 
 
-@router.api_route("/api/tags", methods=["GET", "HEAD"])
+@router.get("/api/tags")
+@router.head("/api/tags", include_in_schema=False)
 async def tags(request: Request) -> dict[str, Any]:
     offered = await asyncio.to_thread(_offered, state_of(request).pool)
     models = []
@@ -683,7 +684,8 @@ async def ps(request: Request) -> dict[str, Any]:
     return {"models": models}
 
 
-@router.api_route("/api/version", methods=["GET", "HEAD"])
+@router.get("/api/version")
+@router.head("/api/version", include_in_schema=False)  # as Ollama registers it
 async def version() -> dict[str, Any]:
     """The Ollama API level served (clients compare it to the release that brought a feature),
     and ownlm's own version beside it."""

@@ -111,7 +111,7 @@ class Chat:
         max_tokens = body.max_completion_tokens or body.max_tokens
         params = [runs.sampling(served, body, max_tokens, i) for i in range(body.n)]
         limit = runs.limit_for(served, prompt, params[0], max_tokens)
-        self.tool_mode, self.prompt_tokens = plan.tool_mode, len(prompt) * body.n
+        self.tool_mode, self.prompt_tokens = plan.tool_mode, len(prompt)  # counted once for the n choices
         # a prediction turns on prompt lookup by itself: the server's default draft does not apply
         speculate, draft = await runs.speculation(served, body.speculate, default=body.prediction is None)
         predicted = None
@@ -145,7 +145,7 @@ class Chat:
                 yield chunk(c.index, {"content": piece}, lps=lp)
         for c in choices:
             yield chunk(c.index, {}, "tool_calls" if calls_sent.get(c.index) else c.finish)
-        yield _stream_end(head, usage_of(choices, self.prompt_tokens) if usage else None)
+        yield _stream_end(head, usage_of(choices, self.prompt_tokens, self.body.n) if usage else None)
 
     def result(self, served: Served, choices: list[runs.Choice]) -> dict[str, Any]:
         out = []
@@ -158,7 +158,7 @@ class Chat:
                 finish = "tool_calls"
             lp = {"content": [_chat_logprob(served, x) for x in c.logprobs]} if self.logprobs is not None else None
             out.append({"index": c.index, "message": message, "logprobs": lp, "finish_reason": finish})
-        return {**self.head, "choices": out, "usage": usage_of(choices, self.prompt_tokens)}
+        return {**self.head, "choices": out, "usage": usage_of(choices, self.prompt_tokens, self.body.n)}
 
 
 class Completions:
@@ -214,7 +214,7 @@ class Completions:
                 yield chunk(c.index, piece, lps=lp)
         for c in choices:
             yield chunk(c.index, "", c.finish)
-        yield _stream_end(self.head, usage_of(choices, self.prompt_tokens) if usage else None)
+        yield _stream_end(self.head, usage_of(choices, self.prompt_tokens, self.body.n) if usage else None)
 
     def result(self, served: Served, choices: list[runs.Choice]) -> dict[str, Any]:
         out = []
@@ -228,7 +228,8 @@ class Completions:
                 lp = _completion_logprobs(served, pairs)
             out.append({"index": c.index, "text": self._echo(served, c) + c.text.text, "logprobs": lp,
                         "finish_reason": c.finish})
-        return {**self.head, "system_fingerprint": None, "choices": out, "usage": usage_of(choices, self.prompt_tokens)}
+        return {**self.head, "system_fingerprint": None, "choices": out,
+                "usage": usage_of(choices, self.prompt_tokens, self.body.n)}
 
 
 @router.post("/v1/chat/completions", openapi_extra=documented(ChatRequest))

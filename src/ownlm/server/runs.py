@@ -144,16 +144,12 @@ class Plan:
 def chat_plan(served: Served, body: Any) -> Plan:
     tools = [t.model_dump(exclude_none=True) for t in body.tools] if body.tools else None
     choice = body.tool_choice if body.tool_choice is not None else ("auto" if tools else "none")
-    fmt = body.response_format.type if body.response_format else "text"
     if not tools:
         if choice != "none":
             raise BadRequest("tool_choice needs tools", param="tool_choice")
         return Plan(grammar=_format_grammar(body))
     if choice == "none":
         return Plan(grammar=_format_grammar(body))
-    if fmt != "text":
-        raise BadRequest("response_format cannot be combined with tools unless tool_choice is 'none'",
-                         param="response_format")
     functions = [t["function"] for t in tools]
     if isinstance(choice, str):
         mode, chosen = choice, functions
@@ -164,19 +160,27 @@ def chat_plan(served: Served, body: Any) -> Plan:
                              param="tool_choice")
         mode = "required"
     single = body.parallel_tool_calls is False or not isinstance(choice, str)
-    grammar = constraints.tool_grammar(chosen, required=mode == "required", single=single)
+    # beside tools, a response_format shapes the answer given instead of calls (as OpenAI's API)
+    answer = _format_schema(body) if mode == "auto" else None
+    grammar = constraints.tool_grammar(chosen, required=mode == "required", single=single, answer=answer)
     return Plan(grammar=grammar, tools=tools, tool_mode=mode)
 
 
-def _format_grammar(body: Any) -> str | None:
+def _format_schema(body: Any) -> dict[str, Any] | None:
+    """The JSON schema the response_format asks the answer to follow (None: plain text)."""
     rf = body.response_format
     if rf is None or rf.type == "text":
         return None
     if rf.type == "json_object":
-        return constraints.json_schema_grammar({"type": "object"})
+        return {"type": "object"}
     if rf.json_schema is None or rf.json_schema.schema_ is None:
         raise BadRequest("response_format json_schema needs json_schema.schema", param="response_format")
-    return constraints.json_schema_grammar(rf.json_schema.schema_)
+    return rf.json_schema.schema_
+
+
+def _format_grammar(body: Any) -> str | None:
+    schema = _format_schema(body)
+    return None if schema is None else constraints.json_schema_grammar(schema)
 
 
 def parse_tool_calls(text: str) -> list[dict[str, Any]]:

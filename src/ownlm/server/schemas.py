@@ -6,20 +6,29 @@ from __future__ import annotations
 
 from typing import Any, Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 MAX_N = 16
 MAX_TOP_LOGPROBS = 20
 INT64 = 2**63  # seeds are 64-bit: choice i of n samples with seed + i, which torch takes up to 2**64 - 1
 
 
+def absent_nulls(data: Any) -> Any:
+    """A body's top-level fields sent as null, as the SDKs send a keyword given as None: the field
+    left out (its default)."""
+    return {k: v for k, v in data.items() if v is not None} if isinstance(data, dict) else data
+
+
 class _Body(BaseModel):
     # strict: a value of the wrong JSON type is a 400, not converted (true is no token id 1, "2" no n)
     model_config = ConfigDict(extra="forbid", strict=True)
 
+    _nulls = model_validator(mode="before")(absent_nulls)
+
 
 class StreamOptions(_Body):
     include_usage: bool = False
+    include_obfuscation: bool = False  # no padding is added to stream events either way
 
 
 class _Sampling(_Body):
@@ -34,6 +43,11 @@ class _Sampling(_Body):
     frequency_penalty: Optional[float] = Field(None, ge=-2, le=2)
     logit_bias: Optional[dict[str, float]] = None
     user: Optional[str] = None
+    # accepted, with nothing to do here: one service tier; the prefix cache needs no key; the user
+    # named for abuse tracking as `user` is
+    service_tier: Optional[Literal["auto", "default", "flex", "scale", "priority"]] = None
+    prompt_cache_key: Optional[str] = None
+    safety_identifier: Optional[str] = None
     stream: bool = False
     stream_options: Optional[StreamOptions] = None
     # extensions, named as vLLM and llama.cpp's server name them
@@ -104,6 +118,9 @@ class ChatRequest(_Sampling):
     tool_choice: Optional[Union[Literal["none", "auto", "required"], ToolChoiceNamed]] = None
     parallel_tool_calls: Optional[bool] = None
     prediction: Optional[Prediction] = None
+    # stored completions are not kept here (store: true is refused); metadata goes with them
+    store: Optional[Literal[False]] = None
+    metadata: Optional[dict[str, str]] = None
 
 
 class CompletionRequest(_Sampling):
