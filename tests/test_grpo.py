@@ -446,3 +446,13 @@ def test_the_example_generator_writes_right_answers_and_solved_questions(tmp_pat
     both = subprocess.run([sys.executable, str(script), "--sft", "--shots", "2", "--out", str(tmp_path / "x.jsonl")],
                           capture_output=True, text=True)
     assert both.returncode == 2 and "--sft writes single questions" in both.stderr
+    # --exclude: a held-out set with no question of the files tuned on (their user turns included)
+    subprocess.run([sys.executable, str(script), "--n", "300", "--seed", "7", "--exclude", str(tmp_path / "a.jsonl"),
+                    "--exclude", str(tmp_path / "s.jsonl"), "--out", str(tmp_path / "h.jsonl")],
+                   check=True, capture_output=True)
+    asked = {t["content"] for row in (json.loads(x) for x in (tmp_path / "a.jsonl").read_text().splitlines())
+             for t in row.get("messages") or [{"role": "user", "content": row["prompt"]}] if t["role"] == "user"}
+    asked |= {r["prompt"] for r in rows}
+    heldout = [json.loads(x) for x in (tmp_path / "h.jsonl").read_text().splitlines()]
+    assert len(heldout) == 300 and all(r["answer"] == right(r["prompt"]) for r in heldout)
+    assert not {r["prompt"] for r in heldout} & (asked | held)

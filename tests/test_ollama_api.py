@@ -173,6 +173,36 @@ def test_generate_raw_templated_and_context(client, lms):
     assert templated.response == lm.chat(msgs, temperature=0, max_tokens=12).text
 
 
+def test_logprobs_equal_the_models_own(server, lms):
+    """logprobs / top_logprobs (Ollama's Logprob: token, logprob, bytes, top_logprobs): each
+    generated token's log-probability as the model's log-softmax gives it, streamed or not."""
+    import torch
+
+    lm = lms["tiny"]
+    prompt = "The quick brown fox"
+    body = {"model": "tiny", "prompt": prompt, "raw": True, "stream": False, "logprobs": True, "top_logprobs": 3,
+            "options": {"temperature": 0, "num_predict": 6}}
+    r = httpx.post(f"{server.base}/api/generate", json=body, timeout=60).json()
+    ids = lm.encode(prompt) + r["context"][len(lm.encode(prompt)):]
+    with torch.inference_mode():
+        direct = torch.log_softmax(lm.model(torch.tensor([ids]))[0].float(), -1)
+    n = len(lm.encode(prompt))
+    assert [x["token"] for x in r["logprobs"]] == [lm.tokenizer.decode([t]) for t in ids[n:]]
+    for i, x in enumerate(r["logprobs"]):
+        # (the server decodes token by token in bfloat16; this forward takes all rows at once)
+        assert x["logprob"] == pytest.approx(float(direct[n - 1 + i, ids[n + i]]), abs=2e-2)
+        assert len(x["top_logprobs"]) == 3 and x["top_logprobs"][0]["logprob"] == pytest.approx(x["logprob"])
+        assert bytes(x["bytes"]) == lm.tokenizer.token_bytes(ids[n + i])
+    with httpx.stream("POST", f"{server.base}/api/generate", json={**body, "stream": True}, timeout=60) as s:
+        streamed = [x for line in s.iter_lines() if line for x in json.loads(line).get("logprobs", [])]
+    assert streamed == r["logprobs"]
+    chat = httpx.post(f"{server.base}/api/chat", json={"model": "tiny", "messages": USER, "stream": False,
+                                                       "logprobs": True, "options": GREEDY}, timeout=60).json()
+    assert len(chat["logprobs"]) == chat["eval_count"] and all(x["top_logprobs"] == [] for x in chat["logprobs"])
+    assert "logprobs" not in httpx.post(f"{server.base}/api/generate", timeout=60,
+                                        json={**body, "logprobs": False}).json()
+
+
 def test_generate_suffix_fills_the_middle(client, lms):
     lm = lms["coder"]
     ref = lm.generate("<fim_prefix>def add(a, b):\n<fim_suffix>\nprint(add(2, 3))\n<fim_middle>",

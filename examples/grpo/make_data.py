@@ -4,9 +4,11 @@ numbers up to 50, differences that stay positive, products of numbers up to 12).
 
     python examples/grpo/make_data.py             # writes train.jsonl (400 rows) next to this file
     python examples/grpo/make_data.py --sft --seed 1 --n 800 --out sft.jsonl   # answered rows for supervised tuning
+    python examples/grpo/make_data.py --seed 7 --exclude train.jsonl --exclude sft.jsonl --out heldout.jsonl
 
 Deterministic (seeded); no prompt of the shipped task is written, so `ownlm eval NAME --task
-arithmetic` measures what tuning taught on questions it never saw. Rows are {"prompt", "answer"}:
+arithmetic` measures what tuning taught on questions it never saw; nor any of the files given with
+--exclude (a held-out set apart from the ones tuned on: `ownlm eval NAME --task heldout.jsonl`). Rows are {"prompt", "answer"}:
 the built-in `exact` reward compares a completion with the answer as the task scores it."""
 
 from __future__ import annotations
@@ -34,14 +36,26 @@ def question(rng: random.Random) -> tuple[int, str, int, int]:
     return a, op, b, a * b
 
 
-def rows(n: int, seed: int, shots: int = 0, sft: bool = False) -> list[dict]:
+def questions(path: Path) -> set[str]:
+    """The questions a file of rows asks: each row's prompt, or its messages' user turns."""
+    out = set()
+    for line in path.read_text(encoding="utf-8").splitlines():
+        if line.strip():
+            row = json.loads(line)
+            out.update([row["prompt"]] if "prompt" in row else
+                       [m["content"] for m in row.get("messages", []) if m.get("role") == "user"])
+    return out
+
+
+def rows(n: int, seed: int, shots: int = 0, sft: bool = False, exclude: tuple[Path, ...] = ()) -> list[dict]:
     """n rows; with shots, each row's question comes after 0 .. shots solved ones (user and
     assistant turns, bare answers), as many of each count; sft: {"prompt", "completion"} rows,
-    the answer as the completion (supervised tuning's prompt-completion format)"""
-    held = {json.loads(line)["prompt"] for line in find_task("arithmetic").read_text(encoding="utf-8").splitlines()
-            if line.strip()}
+    the answer as the completion (supervised tuning's prompt-completion format); no question of
+    the shipped task nor of the `exclude` files"""
+    seen = questions(find_task("arithmetic"))
+    for path in exclude:
+        seen |= questions(path)
     rng = random.Random(seed)
-    seen = set(held)
 
     def fresh() -> tuple[str, str]:
         while True:
@@ -77,11 +91,13 @@ def main() -> None:
                     help="solved questions before a row's own, 0 .. SHOTS of them (default 0: the question alone)")
     ap.add_argument("--sft", action="store_true",
                     help="rows for supervised tuning: {prompt, completion}, the answer as the completion")
+    ap.add_argument("--exclude", type=Path, action="append", default=[],
+                    help="a file of rows whose questions are not written (repeat it for more)")
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "train.jsonl")
     args = ap.parse_args()
     if args.sft and args.shots:
         ap.error("--sft writes single questions: drop --shots")
-    made = rows(args.n, args.seed, args.shots, args.sft)
+    made = rows(args.n, args.seed, args.shots, args.sft, tuple(args.exclude))
     args.out.write_text("".join(json.dumps(r) + "\n" for r in made), encoding="utf-8")
     print(f"wrote {args.n} rows to {args.out}")
 

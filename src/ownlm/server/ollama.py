@@ -128,6 +128,8 @@ class _Generation(_Body):
     options: Optional[Options] = None
     keep_alive: KeepAlive = None
     think: Optional[Union[bool, str]] = None
+    logprobs: bool = False
+    top_logprobs: int = Field(0, ge=0, le=20)  # alternatives per token, with logprobs
     # ownlm's extension, as on its OpenAI routes: speculative decoding, "ngram" or a draft model's name
     # (here or in options)
     speculate: Optional[str] = Field(None, min_length=1, max_length=500)
@@ -348,6 +350,7 @@ class _Translator:
         _note_unknown(request, body.options)
         self.body, self.internal, self.model, self.stream = body, internal, body.model, body.stream
         self.keep_alive = keep_alive_seconds(body.keep_alive)
+        self.logprobs = body.top_logprobs if body.logprobs else None
         self.t0 = time.monotonic()
         self.loaded_at = self.submitted_at = self.t0
         self.prompt_tokens = 0
@@ -385,7 +388,14 @@ class _Translator:
                                 "give one", param="speculate")
         speculate, draft = await runs.speculation(served, self.body.speculate or opts.speculate)
         self.submitted_at = time.monotonic()
-        return runs.Job([prompt], [params], [limit], grammar=plan.grammar, speculate=speculate, draft=draft)
+        return runs.Job([prompt], [params], [limit], grammar=plan.grammar, speculate=speculate, draft=draft,
+                        logprobs=self.logprobs)
+
+    def _logprobs(self, served: Served, lps: list) -> dict[str, Any]:
+        """{"logprobs": [...]} for these tokens when the request asked for them, else {}."""
+        if self.logprobs is None or not lps:
+            return {}
+        return {"logprobs": [runs.token_logprob(served, x) for x in lps]}
 
     def _stats(self, c: runs.Choice) -> dict[str, Any]:
         now = time.monotonic()
@@ -434,18 +444,24 @@ class Chat(_Translator):
         return self.tool_mode != "none" and text.lstrip().startswith("<")
 
     async def chunks(self, served: Served, choices: list[runs.Choice], events: Events) -> AsyncIterator[bytes]:
-        sent = 0
-        async for c, piece, _ in events:
+        sent, pending = 0, []  # pending: token logprobs not yet sent (each goes with the next line)
+        async for c, piece, lps in events:
+            pending += lps
             if self._calls_tools(c.text.text):  # each call goes out whole, once its closing tag has come
                 calls = _tool_calls(c.text.text)
                 for call in calls[sent:]:
                     yield _line({**self._head(), "message": {"role": "assistant", "content": "",
-                                                             "tool_calls": [call]}, "done": False})
+                                                             "tool_calls": [call]}, "done": False,
+                                 **self._logprobs(served, pending)})
+                    pending = []
                 sent = len(calls)
             elif piece:
-                yield _line({**self._head(), "message": {"role": "assistant", "content": piece}, "done": False})
+                yield _line({**self._head(), "message": {"role": "assistant", "content": piece}, "done": False,
+                             **self._logprobs(served, pending)})
+                pending = []
         c = choices[0]
-        yield _line({**self._head(), "message": {"role": "assistant", "content": ""}, "done": True, **self._stats(c)})
+        yield _line({**self._head(), "message": {"role": "assistant", "content": ""}, "done": True,
+                     **self._logprobs(served, pending), **self._stats(c)})
 
     def result(self, served: Served, choices: list[runs.Choice]) -> dict[str, Any]:
         c = choices[0]
@@ -454,7 +470,8 @@ class Chat(_Translator):
         calls = _tool_calls(c.text.text) if text is None else []
         if calls:
             message["tool_calls"] = calls
-        return {**self._head(), "message": message, "done": True, **self._stats(c)}
+        return {**self._head(), "message": message, "done": True, **self._logprobs(served, c.logprobs),
+                **self._stats(c)}
 
 
 def _message(m: Message, i: int) -> dict[str, Any]:
@@ -509,16 +526,20 @@ class Generate(_Translator):
         return await self._job(served, prompt, plan)
 
     async def chunks(self, served: Served, choices: list[runs.Choice], events: Events) -> AsyncIterator[bytes]:
-        async for _, piece, _ in events:
+        pending: list = []
+        async for _, piece, lps in events:
+            pending += lps
             if piece:
-                yield _line({**self._head(), "response": piece, "done": False})
+                yield _line({**self._head(), "response": piece, "done": False, **self._logprobs(served, pending)})
+                pending = []
         c = choices[0]
-        yield _line({**self._head(), "response": "", "done": True, "context": c.prompt + c.tokens, **self._stats(c)})
+        yield _line({**self._head(), "response": "", "done": True, "context": c.prompt + c.tokens,
+                     **self._logprobs(served, pending), **self._stats(c)})
 
     def result(self, served: Served, choices: list[runs.Choice]) -> dict[str, Any]:
         c = choices[0]
         return {**self._head(), "response": c.text.text, "done": True, "context": c.prompt + c.tokens,
-                **self._stats(c)}
+                **self._logprobs(served, c.logprobs), **self._stats(c)}
 
 
 async def _load_only(request: Request, body: _Generation, chat: bool) -> dict[str, Any]:

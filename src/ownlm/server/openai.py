@@ -63,26 +63,14 @@ def _include_usage(body: ChatRequest | CompletionRequest) -> bool:
     return bool(body.stream_options and body.stream_options.include_usage)
 
 
-def _token_text(served: Served, token: int) -> str:
-    return served.lm.tokenizer.decode([token])
-
-
-def _chat_logprob(served: Served, lp: TokenLogprob) -> dict[str, Any]:
-    def entry(tok: int, value: float) -> dict[str, Any]:  # bytes: the token's own, part of a character too
-        return {"token": _token_text(served, tok), "logprob": value,
-                "bytes": list(served.lm.tokenizer.token_bytes(tok))}
-
-    return {**entry(lp.token, lp.logprob), "top_logprobs": [entry(t, v) for t, v in lp.top]}
-
-
 def _completion_logprobs(served: Served, pairs: list[tuple[int, TokenLogprob | None]]) -> dict[str, Any]:
     tokens, values, tops, offsets = [], [], [], []
     offset = 0
     for tok, lp in pairs:
-        text = _token_text(served, tok)
+        text = runs.token_text(served, tok)
         tokens.append(text)
         values.append(None if lp is None else lp.logprob)
-        tops.append(None if lp is None else {_token_text(served, t): v for t, v in lp.top})
+        tops.append(None if lp is None else {runs.token_text(served, t): v for t, v in lp.top})
         offsets.append(offset)
         offset += len(text)
     return {"tokens": tokens, "token_logprobs": values, "top_logprobs": tops, "text_offset": offsets}
@@ -134,7 +122,8 @@ class Chat:
             yield chunk(c.index, {"role": "assistant", "content": ""})
         calls_sent: dict[int, int] = {}
         async for c, piece, lps in events:
-            lp = {"content": [_chat_logprob(served, x) for x in lps]} if self.logprobs is not None and lps else None
+            wanted = self.logprobs is not None and lps
+            lp = {"content": [runs.token_logprob(served, x) for x in lps]} if wanted else None
             text = c.text.text
             if self._calls_tools(text):  # each call goes out whole, once its closing tag has come
                 calls = runs.parse_tool_calls(text)
@@ -156,7 +145,7 @@ class Chat:
             if calls:
                 message["tool_calls"] = calls
                 finish = "tool_calls"
-            lp = {"content": [_chat_logprob(served, x) for x in c.logprobs]} if self.logprobs is not None else None
+            lp = {"content": [runs.token_logprob(served, x) for x in c.logprobs]} if self.logprobs is not None else None
             out.append({"index": c.index, "message": message, "logprobs": lp, "finish_reason": finish})
         return {**self.head, "choices": out, "usage": usage_of(choices, self.prompt_tokens, self.body.n)}
 

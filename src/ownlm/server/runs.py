@@ -30,6 +30,19 @@ def new_id(prefix: str) -> str:
     return f"{prefix}-{secrets.token_hex(12)}"
 
 
+def token_text(served: Served, token: int) -> str:
+    return served.lm.tokenizer.decode([token])
+
+
+def token_logprob(served: Served, lp: TokenLogprob) -> dict[str, Any]:
+    """A generated token's log-probability and its alternatives', as OpenAI's chat and Ollama write
+    them: token text, logprob, bytes (the token's own, part of a character too), top_logprobs."""
+    def entry(tok: int, value: float) -> dict[str, Any]:
+        return {"token": token_text(served, tok), "logprob": value, "bytes": list(served.lm.tokenizer.token_bytes(tok))}
+
+    return {**entry(lp.token, lp.logprob), "top_logprobs": [entry(t, v) for t, v in lp.top]}
+
+
 # --- prompts ------------------------------------------------------------------------------------
 
 def _template_knows_tools(served: Served) -> bool:
