@@ -94,7 +94,7 @@ def _durations(r) -> None:
     assert r.total_duration >= r.eval_duration
 
 
-def test_list_show_version(client, server):
+def test_list_show_version(client, server, folders):
     names = [m.model for m in client.list().models]
     assert names == ["coder:latest", "smollm2:latest", "terse:latest", "tiny:latest"]
     tiny = next(m for m in client.list().models if m.model == "tiny:latest")
@@ -108,6 +108,13 @@ def test_list_show_version(client, server):
     assert info.capabilities == ["completion"]  # no FIM tokens, a template without tools; not an embedding model
     assert info.details.family == "llama" and info.modelinfo["general.architecture"] == "llama"
     assert info.modelinfo["llama.context_length"] == 4096
+    cfg = json.loads((folders["tiny"] / "config.json").read_text())
+    assert info.modelinfo["general.basename"] == "tiny"
+    assert info.modelinfo["llama.attention.head_count"] == cfg["num_attention_heads"]
+    assert info.modelinfo["llama.attention.head_count_kv"] == cfg["num_key_value_heads"]
+    assert info.modelinfo["llama.block_count"] == cfg["num_hidden_layers"]
+    assert info.modelinfo["llama.feed_forward_length"] == cfg["intermediate_size"]
+    assert info.modelinfo["llama.embedding_length"] == cfg["hidden_size"]
     coder = client.show("coder:latest")
     assert coder.template == TOOLS_CHATML and set(coder.capabilities) == {"completion", "tools", "insert"}
     terse = client.show("terse")

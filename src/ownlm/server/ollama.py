@@ -755,11 +755,20 @@ def _show(pool: ModelPool, name: str) -> dict[str, Any]:
     if system:
         modelfile.append(f'SYSTEM """{system}"""')
     arch = model.get("architecture") or ""
-    model_info = {"general.architecture": arch, "general.parameter_count": model.get("parameters"),
+    cfg = model.get("config") or {}
+    # GGUF's key names, as Ollama's model_info lists them (clients read the name, the heads, the sizes)
+    model_info = {"general.architecture": arch, "general.basename": full.split(":")[0].split("/")[-1],
+                  "general.parameter_count": model.get("parameters"),
                   f"{arch}.context_length": model.get("context_length"),
-                  f"{arch}.embedding_length": (model.get("config") or {}).get("dim"),
-                  f"{arch}.block_count": (model.get("config") or {}).get("n_layers"),
-                  f"{arch}.vocab_size": model.get("vocab_size")}
+                  f"{arch}.embedding_length": cfg.get("dim"), f"{arch}.block_count": cfg.get("n_layers"),
+                  f"{arch}.feed_forward_length": cfg.get("ffn_dim"),
+                  f"{arch}.attention.head_count": cfg.get("n_heads"),
+                  f"{arch}.attention.head_count_kv": cfg.get("n_kv_heads"),
+                  f"{arch}.attention.key_length": cfg.get("head_dim"),
+                  f"{arch}.attention.value_length": cfg.get("head_dim"),
+                  f"{arch}.attention.layer_norm_rms_epsilon": cfg.get("norm_eps"),
+                  f"{arch}.rope.freq_base": cfg.get("rope_theta"), f"{arch}.vocab_size": model.get("vocab_size")}
+    model_info = {k: v for k, v in model_info.items() if v is not None}
     out = {"license": model.get("license") or "", "modelfile": "\n".join(modelfile) + "\n",
            "parameters": "\n".join(lines), "template": template,
            "details": _details(model, base),
