@@ -20,15 +20,22 @@ import ownlm
 import server_util
 from conftest import CHATML, build_hf_model, build_tokenizer
 from ownlm import manage
-from ownlm.server.http import APIError
 from ownlm.engine.constraints import TOOL_CLOSE, TOOL_OPEN
+from ownlm.server.http import APIError
 from ownlm.server.ollama import API_VERSION, Message, _message, _tool_calls, keep_alive_seconds
+from ownlm.server.runs import ThinkSplitter, split_thinking
 from ownlm.store.store import Store
 
 KEY = "ollama-key-0123456789"
 USER = [{"role": "user", "content": "Name three colors."}]
 GREEDY = {"temperature": 0, "num_predict": 12}
 FIM = ["<fim_prefix>", "<fim_suffix>", "<fim_middle>"]
+# a thinking model's template as Qwen 3's and DeepSeek-R1's work: an assistant turn opens its trace
+# (<think>) unless enable_thinking is false, which writes an empty one; earlier traces are shown
+THINKING = ("{% for m in messages %}<|im_start|>{{ m.role }}\n{% if m.reasoning_content %}<think>\n"
+            "{{ m.reasoning_content }}\n</think>\n\n{% endif %}{{ m.content }}<|im_end|>\n{% endfor %}"
+            "{% if add_generation_prompt %}<|im_start|>assistant\n{% if enable_thinking is defined and "
+            "enable_thinking is false %}<think>\n\n</think>\n\n{% else %}<think>\n{% endif %}{% endif %}")
 TOOLS_CHATML = "{% if tools %}{{ '<|im_start|>system\nYou may call tools.<|im_end|>\n' }}{% endif %}" + CHATML
 PERSON = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 12},
                                            "age": {"type": "integer", "minimum": 0, "maximum": 120}},
@@ -54,7 +61,10 @@ def folders(tmp_path_factory) -> dict[str, Path]:
     tk.save(str(coder / "tokenizer.json"))
     cfg = json.loads((coder / "tokenizer_config.json").read_text())
     (coder / "tokenizer_config.json").write_text(json.dumps({**cfg, "chat_template": TOOLS_CHATML}))
-    return {"tiny": tiny, "coder": coder}
+    thinker = build_hf_model(base / "thinker", "llama", seed=9, max_position_embeddings=1024)
+    cfg = json.loads((thinker / "tokenizer_config.json").read_text())
+    (thinker / "tokenizer_config.json").write_text(json.dumps({**cfg, "chat_template": THINKING}))
+    return {"tiny": tiny, "coder": coder, "thinker": thinker}
 
 
 @pytest.fixture(scope="module")
@@ -84,7 +94,7 @@ def client(server) -> ollama.Client:
 @pytest.fixture(scope="module")
 def lms(folders, smollm2_gguf):
     return {"tiny": ownlm.load(str(folders["tiny"])), "coder": ownlm.load(str(folders["coder"])),
-            "smollm2": ownlm.load(str(smollm2_gguf))}
+            "thinker": ownlm.load(str(folders["thinker"])), "smollm2": ownlm.load(str(smollm2_gguf))}
 
 
 def _durations(r) -> None:
@@ -96,7 +106,7 @@ def _durations(r) -> None:
 
 def test_list_show_version(client, server, folders):
     names = [m.model for m in client.list().models]
-    assert names == ["coder:latest", "smollm2:latest", "terse:latest", "tiny:latest"]
+    assert names == ["coder:latest", "smollm2:latest", "terse:latest", "thinker:latest", "tiny:latest"]
     tiny = next(m for m in client.list().models if m.model == "tiny:latest")
     assert tiny.size > 0 and len(tiny.digest) == 64 and tiny.details.family == "llama"
     assert tiny.details.format == "safetensors" and tiny.modified_at is not None
@@ -208,6 +218,62 @@ def test_logprobs_equal_the_models_own(server, lms):
     assert len(chat["logprobs"]) == chat["eval_count"] and all(x["top_logprobs"] == [] for x in chat["logprobs"])
     assert "logprobs" not in httpx.post(f"{server.base}/api/generate", timeout=60,
                                         json={**body, "logprobs": False}).json()
+
+
+def test_thinking_splitter_at_every_cut():
+    """A trace between the tags at the answer's start (or from its start when the prompt opened
+    it), white space after either tag dropped; the same split however the text comes in pieces."""
+    cases = [("  <think>\nabc\n</think>\n\nHello", False, ("abc\n", "Hello")),
+             ("\nabc</think>  Hi", True, ("abc", "Hi")), ("abc", True, ("abc", "")),
+             ("Hello <think>x</think>", False, ("", "Hello <think>x</think>")), ("<thi", False, ("", "<thi")),
+             ('<tool_call>{"name": "f"}</tool_call>', False, ("", '<tool_call>{"name": "f"}</tool_call>'))]
+    for text, started, want in cases:
+        assert split_thinking(text, started) == want
+        for i in range(len(text) + 1):
+            for j in range(i, len(text) + 1):
+                s, got = ThinkSplitter(started), ["", ""]
+                for part in (text[:i], text[i:j], text[j:]):
+                    for k, out in enumerate(s.feed(part)):
+                        got[k] += out
+                for k, out in enumerate(s.finish()):
+                    got[k] += out
+                assert tuple(got) == want, (text, i, j)
+
+
+def test_think_for_a_thinking_model(client, server, lms):
+    """`think` as Ollama has it: on by default for a model whose template writes traces, the trace
+    in message.thinking (generate: thinking) apart from the content; false renders the template
+    with enable_thinking false; a model that does not think refuses think: true."""
+    lm = lms["thinker"]
+    assert "thinking" in client.show("thinker").capabilities and "thinking" not in client.show("tiny").capabilities
+    on = lm.template.render(USER, add_generation_prompt=True)
+    assert on.endswith("<think>\n")  # the answer starts inside its trace
+    ref = lm.generate(on, temperature=0, max_tokens=12)  # a random model never closes it: all trace
+    r = client.chat("thinker", messages=USER, options=GREEDY)
+    assert r.message.thinking == ref.text.lstrip() and r.message.content == ""
+    assert r.prompt_eval_count == len(lm.encode(on)) and r.eval_count == 12
+    parts = list(client.chat("thinker", messages=USER, options=GREEDY, stream=True))
+    assert "".join(p.message.thinking or "" for p in parts) == r.message.thinking
+    assert client.generate("thinker", USER[0]["content"], options=GREEDY).thinking == r.message.thinking
+    off = lm.template.render(USER, add_generation_prompt=True, enable_thinking=False)
+    r = client.chat("thinker", messages=USER, options=GREEDY, think=False)
+    assert r.message.content == lm.generate(off, temperature=0, max_tokens=12).text and not r.message.thinking
+    assert r.prompt_eval_count == len(lm.encode(off))
+    # an earlier answer's trace goes back to the template as reasoning_content
+    turns = [*USER, {"role": "assistant", "content": "Red.", "thinking": "Colors..."},
+             {"role": "user", "content": "More"}]
+    r = client.chat("thinker", messages=turns, options={**GREEDY, "num_predict": 1}, think=False)
+    msgs = [*USER, {"role": "assistant", "content": "Red.", "reasoning_content": "Colors..."}, turns[2]]
+    assert r.prompt_eval_count == len(lm.encode(lm.template.render(msgs, add_generation_prompt=True,
+                                                                   enable_thinking=False)))
+    with pytest.raises(ollama.ResponseError) as e:
+        client.chat("tiny", messages=USER, options=GREEDY, think=True)
+    assert e.value.status_code == 400 and "does not support thinking" in e.value.error
+    with pytest.raises(ollama.ResponseError) as e:  # a format's grammar holds the answer from its first token
+        client.chat("thinker", messages=USER, options=GREEDY, think=True, format="json")
+    assert e.value.status_code == 400
+    r = client.chat("thinker", messages=USER, options={**GREEDY, "num_predict": 3}, format="json")
+    assert r.prompt_eval_count == len(lm.encode(off)) and not r.message.thinking  # thinking off there
 
 
 def test_generate_suffix_fills_the_middle(client, lms):

@@ -11,7 +11,7 @@ ignores unknown ones, and each is named once in the server log; sampling left un
 Ollama's defaults (OLLAMA_DEFAULTS) unless the model's preset sets it. A null is a field left out
 and an integer option may be a whole float, as Go decodes Ollama's bodies. `keep_alive` sets how
 long the model stays loaded after the request (0: unloaded at once, never loaded for that;
-negative: forever). Pulling writes to
+negative: forever). `think` splits a thinking model's trace from its answer (runs.ThinkSplitter). Pulling writes to
 the store, so /api/pull answers 403 unless the server was started with --allow-pull."""
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ import re
 import time
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
-from typing import Any, AsyncIterator, Optional, Union
+from typing import Any, AsyncIterator, Literal, Optional, Union
 
 from fastapi import APIRouter, Request
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -66,8 +66,8 @@ INT_OPTIONS = ("top_k", "num_predict", "num_ctx", "seed")
 # Ollama's sampling defaults (api.DefaultOptions), where neither the request nor the model's preset sets one
 OLLAMA_DEFAULTS = {"temperature": 0.8, "top_k": 40, "top_p": 0.9}
 # the Ollama release whose API these routes follow (/api/version: clients gate features on it):
-# tool calls streamed (0.8); not `think` (0.9)
-API_VERSION = "0.8.0"
+# tool calls streamed (0.8), `think` (0.9)
+API_VERSION = "0.9.0"
 # a preset's parameters as Ollama names them (`show`'s parameters)
 PRESET_NAMES = {"max_tokens": "num_predict", "repetition_penalty": "repeat_penalty"}
 
@@ -127,7 +127,7 @@ class _Generation(_Body):
     format: Format = None
     options: Optional[Options] = None
     keep_alive: KeepAlive = None
-    think: Optional[Union[bool, str]] = None
+    think: Optional[Union[bool, Literal["high", "medium", "low", "max"]]] = None  # a level: thinking on
     logprobs: bool = False
     top_logprobs: int = Field(0, ge=0, le=20)  # alternatives per token, with logprobs
     # ownlm's extension, as on its OpenAI routes: speculative decoding, "ngram" or a draft model's name
@@ -336,8 +336,6 @@ def _internal(body: _Generation, tools: list[dict[str, Any]] | None = None) -> I
         except ValidationError as e:
             a = validation_error(e)
             raise APIError(400, f"tools: {a.message}") from None
-    if body.think:
-        raise APIError(400, f"{body.model!r} does not support thinking")
     return out
 
 
@@ -351,6 +349,8 @@ class _Translator:
         self.body, self.internal, self.model, self.stream = body, internal, body.model, body.stream
         self.keep_alive = keep_alive_seconds(body.keep_alive)
         self.logprobs = body.top_logprobs if body.logprobs else None
+        self.splitter: runs.ThinkSplitter | None = None  # the answer's thinking apart from its text
+        self.started = False  # the prompt ended with the opening tag: the answer begins inside the trace
         self.t0 = time.monotonic()
         self.loaded_at = self.submitted_at = self.t0
         self.prompt_tokens = 0
@@ -390,6 +390,31 @@ class _Translator:
         self.submitted_at = time.monotonic()
         return runs.Job([prompt], [params], [limit], grammar=plan.grammar, speculate=speculate, draft=draft,
                         logprobs=self.logprobs)
+
+    def _think(self, served: Served, plan: runs.Plan) -> bool | None:
+        """The template's enable_thinking for this request (None: the model does not think).
+        Ollama's `think` defaults to on for a thinking model; here it stays off under tools or a
+        format, whose grammar holds the answer from its first token."""
+        asked = self.body.think
+        if not runs.thinks(served):
+            if asked:
+                raise APIError(400, f"{self.model!r} does not support thinking")
+            return None
+        if plan.grammar is not None:
+            if asked:
+                raise APIError(400, "think cannot be combined with tools or format here: their grammar holds the "
+                                    "answer from its first token (send think: false)")
+            return False
+        return asked is None or bool(asked)
+
+    def _thinking_of(self, served: Served, text: str, think: bool | None) -> None:
+        """Ready to split answers into thinking and text when thinking is on (`text`: the prompt)."""
+        if think:
+            self.started = text.rstrip().endswith(runs.THINK_TAGS[0])
+            self.splitter = runs.ThinkSplitter(self.started)
+
+    def _split(self, piece: str) -> tuple[str, str]:
+        return self.splitter.feed(piece) if self.splitter is not None else ("", piece)
 
     def _logprobs(self, served: Served, lps: list) -> dict[str, Any]:
         """{"logprobs": [...]} for these tokens when the request asked for them, else {}."""
@@ -436,7 +461,10 @@ class Chat(_Translator):
         plan = runs.chat_plan(served, self.internal)
         if plan.grammar:  # built once per model (~0.3 s): off the event loop
             await asyncio.to_thread(served.grammar_tokenizer)
-        prompt = await runs.render_ids(served, self.messages, plan.tools)
+        think = self._think(served, plan)
+        text = await asyncio.to_thread(runs.render_chat, served, self.messages, plan.tools, think)
+        self._thinking_of(served, text, think)
+        prompt = await runs.encode(served, text)
         self.tool_mode = plan.tool_mode
         return await self._job(served, prompt, plan)
 
@@ -445,6 +473,11 @@ class Chat(_Translator):
 
     async def chunks(self, served: Served, choices: list[runs.Choice], events: Events) -> AsyncIterator[bytes]:
         sent, pending = 0, []  # pending: token logprobs not yet sent (each goes with the next line)
+
+        def line(thinking: str, content: str, done: bool = False) -> bytes:
+            message = {"role": "assistant", "content": content, **({"thinking": thinking} if thinking else {})}
+            return _line({**self._head(), "message": message, "done": done, **self._logprobs(served, pending)})
+
         async for c, piece, lps in events:
             pending += lps
             if self._calls_tools(c.text.text):  # each call goes out whole, once its closing tag has come
@@ -456,17 +489,24 @@ class Chat(_Translator):
                     pending = []
                 sent = len(calls)
             elif piece:
-                yield _line({**self._head(), "message": {"role": "assistant", "content": piece}, "done": False,
-                             **self._logprobs(served, pending)})
-                pending = []
+                thinking, content = self._split(piece)
+                if thinking or content:
+                    yield line(thinking, content)
+                    pending = []
         c = choices[0]
+        thinking, content = self.splitter.finish() if self.splitter is not None else ("", "")
+        if thinking or content:
+            yield line(thinking, content)
+            pending = []
         yield _line({**self._head(), "message": {"role": "assistant", "content": ""}, "done": True,
                      **self._logprobs(served, pending), **self._stats(c)})
 
     def result(self, served: Served, choices: list[runs.Choice]) -> dict[str, Any]:
         c = choices[0]
         text, _ = runs.split_tool_calls(self.tool_mode, c.text.text)  # calls cut short: neither
-        message: dict[str, Any] = {"role": "assistant", "content": text or ""}
+        thinking, text = runs.split_thinking(text, self.started) if self.splitter and text else ("", text)
+        message: dict[str, Any] = {"role": "assistant", "content": text or "",
+                                   **({"thinking": thinking} if thinking else {})}
         calls = _tool_calls(c.text.text) if text is None else []
         if calls:
             message["tool_calls"] = calls
@@ -487,6 +527,8 @@ def _message(m: Message, i: int) -> dict[str, Any]:
         out["name"] = out["tool_name"] = m.tool_name
     if m.tool_call_id:
         out["tool_call_id"] = m.tool_call_id
+    if m.thinking:  # an earlier answer's trace, under the name chat templates read (Qwen 3's)
+        out["reasoning_content"] = m.thinking
     return out
 
 
@@ -519,7 +561,9 @@ class Generate(_Translator):
         else:
             msgs = ([{"role": "system", "content": body.system}] if body.system else []) + [
                 {"role": "user", "content": body.prompt}]
-            text = await asyncio.to_thread(runs.render_chat, served, msgs, None)
+            think = self._think(served, plan)
+            text = await asyncio.to_thread(runs.render_chat, served, msgs, None, think)
+            self._thinking_of(served, text, think)
         prompt = await runs.encode(served, text)
         if body.context:
             prompt = runs.token_ids(served, body.context, "context") + prompt
@@ -527,19 +571,31 @@ class Generate(_Translator):
 
     async def chunks(self, served: Served, choices: list[runs.Choice], events: Events) -> AsyncIterator[bytes]:
         pending: list = []
+
+        def line(thinking: str, response: str) -> bytes:
+            return _line({**self._head(), "response": response, **({"thinking": thinking} if thinking else {}),
+                          "done": False, **self._logprobs(served, pending)})
+
         async for _, piece, lps in events:
             pending += lps
             if piece:
-                yield _line({**self._head(), "response": piece, "done": False, **self._logprobs(served, pending)})
-                pending = []
+                thinking, response = self._split(piece)
+                if thinking or response:
+                    yield line(thinking, response)
+                    pending = []
+        thinking, response = self.splitter.finish() if self.splitter is not None else ("", "")
+        if thinking or response:
+            yield line(thinking, response)
+            pending = []
         c = choices[0]
         yield _line({**self._head(), "response": "", "done": True, "context": c.prompt + c.tokens,
                      **self._logprobs(served, pending), **self._stats(c)})
 
     def result(self, served: Served, choices: list[runs.Choice]) -> dict[str, Any]:
         c = choices[0]
-        return {**self._head(), "response": c.text.text, "done": True, "context": c.prompt + c.tokens,
-                **self._logprobs(served, c.logprobs), **self._stats(c)}
+        thinking, text = runs.split_thinking(c.text.text, self.started) if self.splitter else ("", c.text.text)
+        return {**self._head(), "response": text, **({"thinking": thinking} if thinking else {}), "done": True,
+                "context": c.prompt + c.tokens, **self._logprobs(served, c.logprobs), **self._stats(c)}
 
 
 async def _load_only(request: Request, body: _Generation, chat: bool) -> dict[str, Any]:
@@ -740,6 +796,8 @@ def _show(pool: ModelPool, name: str) -> dict[str, Any]:
         caps.append("tools")
     if fim_tokens(tk):
         caps.append("insert")
+    if all(tag in template for tag in runs.THINK_TAGS):  # as runs.thinks decides
+        caps.append("thinking")
     params = {PRESET_NAMES.get(k, k): v for k, v in ((preset or {}).get("parameters") or {}).items()}
     lines = []
     for k, v in params.items():

@@ -49,14 +49,17 @@ def _template_knows_tools(served: Served) -> bool:
     return "tools" in served.lm.template.source
 
 
-def render_chat(served: Served, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None) -> str:
+def render_chat(served: Served, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None,
+                think: bool | None = None) -> str:
     """The prompt for a conversation, tools included: through the model's own template when it
     renders tools, else as a system message ahead of the conversation (and earlier tool calls
-    written into the assistant turns in the format the model is asked to use)."""
+    written into the assistant turns in the format the model is asked to use). `think`: the
+    template's `enable_thinking` (Qwen 3's switch), left unset with None."""
     lm = served.lm
     messages = lm.with_preset(messages)  # a preset's system prompt and messages
+    extra = {} if think is None else {"enable_thinking": think}
     if _template_knows_tools(served):
-        return lm.template.render(messages, add_generation_prompt=True, **({"tools": tools} if tools else {}))
+        return lm.template.render(messages, add_generation_prompt=True, **extra, **({"tools": tools} if tools else {}))
     msgs = [dict(m) for m in validate_messages(messages)]  # roles checked, content parts as text
     for i, m in enumerate(msgs):
         if m.get("role") == "assistant" and m.get("tool_calls"):
@@ -74,7 +77,7 @@ def render_chat(served: Served, messages: list[dict[str, Any]], tools: list[dict
             msgs[0] = {**msgs[0], "content": f"{msgs[0].get('content') or ''}\n\n{text}".strip()}
         else:
             msgs.insert(0, {"role": "system", "content": text})
-    return lm.template.render(msgs, add_generation_prompt=True)
+    return lm.template.render(msgs, add_generation_prompt=True, **extra)
 
 
 def _args(arguments: Any) -> Any:
@@ -92,9 +95,82 @@ async def encode(served: Served, text: str) -> list[int]:
 
 
 async def render_ids(served: Served, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None,
-                     tail: str = "") -> list[int]:
+                     tail: str = "", think: bool | None = None) -> list[int]:
     """render_chat's prompt (then `tail`) as token ids, rendered and tokenized off the event loop."""
-    return await asyncio.to_thread(lambda: served.lm.encode(render_chat(served, messages, tools) + tail))
+    return await asyncio.to_thread(lambda: served.lm.encode(render_chat(served, messages, tools, think) + tail))
+
+
+# --- thinking -----------------------------------------------------------------------------------
+
+THINK_TAGS = ("<think>", "</think>")  # Qwen 3, DeepSeek-R1, QwQ and their kin
+
+
+def thinks(served: Served) -> bool:
+    """Whether the model's chat template writes thinking traces (in THINK_TAGS)."""
+    source = served.lm.template.source
+    return all(tag in source for tag in THINK_TAGS)
+
+
+class ThinkSplitter:
+    """Splits an answer's text, piece by piece, into its thinking trace and the rest: a trace is
+    what comes between THINK_TAGS at the answer's start (leading white space before the opening
+    tag allowed), or from the start when the prompt ended with the opening tag (`started`). White
+    space right after either tag is dropped (as Ollama's parser drops it); a tag split across
+    pieces is held back until it is whole."""
+
+    def __init__(self, started: bool = False):
+        self.state = "opened" if started else "start"
+        self.held = ""
+
+    def feed(self, piece: str) -> tuple[str, str]:
+        """(thinking, content) of the text given so far that is now settled."""
+        opening, closing = THINK_TAGS
+        text = self.held + piece
+        self.held = ""
+        thinking = ""
+        if self.state == "start":
+            bare = text.lstrip()
+            if bare.startswith(opening):
+                text, self.state = bare[len(opening):], "opened"
+            elif opening.startswith(bare):  # (a prefix of the tag, or only white space so far)
+                self.held = text
+                return "", ""
+            else:
+                self.state = "content"
+        if self.state == "opened":
+            text = text.lstrip()
+            if not text:
+                return "", ""
+            self.state = "thinking"
+        if self.state == "thinking":
+            end = text.find(closing)
+            if end < 0:
+                keep = next((k for k in range(min(len(closing) - 1, len(text)), 0, -1)
+                             if closing.startswith(text[-k:])), 0)
+                self.held = text[len(text) - keep:]
+                return text[:len(text) - keep], ""
+            thinking, text, self.state = text[:end], text[end + len(closing):], "after"
+        if self.state == "after":
+            text = text.lstrip()
+            if not text:
+                return thinking, ""
+            self.state = "content"
+        return thinking, text
+
+    def finish(self) -> tuple[str, str]:
+        """What is still held back, once the answer has ended."""
+        held, self.held = self.held, ""
+        if self.state in ("opened", "thinking"):
+            return held.lstrip(), ""
+        return "", held.lstrip() if self.state == "after" else held
+
+
+def split_thinking(text: str, started: bool = False) -> tuple[str, str]:
+    """(thinking, content) of a whole answer (ThinkSplitter's split)."""
+    s = ThinkSplitter(started)
+    a, b = s.feed(text)
+    c, d = s.finish()
+    return a + c, b + d
 
 
 def token_ids(served: Served, prompt: Any, where: str = "prompt") -> list[int]:
