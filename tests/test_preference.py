@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from ownlm import manage
 from ownlm.loading import load
 from ownlm.model import adapters
 from ownlm.model.linear import LoRALinear
@@ -57,6 +58,9 @@ def test_layouts_and_bad_rows(tmp_path):
     assert to_preference(trl, "pairs") == ([u("Q")], [[a("A")], [a("B")]], None)
     assert to_preference({"prompt": [u("Q")], "chosen": [a("A")], "rejected": [a("B")]}, "pairs")[1] == [[a("A")],
                                                                                                         [a("B")]]
+    convo = [{"role": "system", "content": "S"}, u("Q")]  # a "messages" prompt, answers as text or as turns
+    assert to_preference({"messages": convo, "chosen": "A", "rejected": [a("B")]}, "pairs") == (
+        convo, [[a("A")], [a("B")]], None)
     hh = {"chosen": "\n\nHuman: Hi\n\nAssistant: Hello\n\nHuman: Q\n\nAssistant: A",
           "rejected": "\n\nHuman: Hi\n\nAssistant: Hello\n\nHuman: Q\n\nAssistant: B"}
     assert to_preference(hh, "pairs") == ([u("Hi"), a("Hello"), u("Q")], [[a("A")], [a("B")]], None)
@@ -310,6 +314,29 @@ def test_orpo_and_kto_cli_run(hf_models, tmp_path, method):
     assert all("rewards/margin" in r for r in log)
     assert all(("kl" in r) == (method == "kto") for r in log)  # ORPO has no reference
     assert res["name"] == f"{method}:latest"
+
+
+@pytest.mark.parametrize("method", ["dpo", "ipo", "orpo", "kto"])
+def test_every_method_trains_full_weights(hf_models, tmp_path, method):
+    """--weights full: the reference is the weights before the first step, so that step's loss is
+    the loss of a policy equal to its reference (DPO ln 2, IPO (1/(2 beta))^2, KTO 1/2; ORPO has no
+    reference); the next step's differs, and the stored model is the trained weights."""
+    rows = PAIRS if method != "kto" else [
+        {"prompt": p["prompt"], "completion": p["chosen" if i % 2 else "rejected"], "label": bool(i % 2)}
+        for i, p in enumerate(PAIRS)]
+    data = _write(tmp_path / "d.jsonl", rows)
+    res = _tune([str(hf_models["llama"]), "--method", method, "--weights", "full", "--data", str(data),
+                 "--max-steps", "2", "--batch-size", "4", "--seq-len", "64", "--lr", "1e-3", "--beta", "0.1",
+                 "--name", f"full-{method}"])
+    log = [json.loads(x) for x in (Path(res["run_dir"]) / "metrics.jsonl").read_text().splitlines()]
+    first = {"dpo": math.log(2), "ipo": (1 / (2 * 0.1)) ** 2, "kto": 0.5}.get(method)
+    if first is not None:
+        assert log[0]["loss"] == pytest.approx(first, rel=1e-4)
+    assert all(math.isfinite(r["loss"]) for r in log) and log[1]["loss"] != log[0]["loss"]
+    assert manage.show(f"full-{method}")["kind"] == "model"
+    base = load(str(hf_models["llama"]), dtype="float32", quant="none").model.state_dict()
+    tuned = load(f"full-{method}", dtype="float32", quant="none").model.state_dict()
+    assert any(not torch.equal(base[k], tuned[k]) for k in base)
 
 
 def _adapter_for_trl(lm, folder: Path):

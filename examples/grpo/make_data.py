@@ -8,8 +8,9 @@ numbers up to 50, differences that stay positive, products of numbers up to 12).
 
 Deterministic (seeded); no prompt of the shipped task is written, so `ownlm eval NAME --task
 arithmetic` measures what tuning taught on questions it never saw; nor any of the files given with
---exclude (a held-out set apart from the ones tuned on: `ownlm eval NAME --task heldout.jsonl`). Rows are {"prompt", "answer"}:
-the built-in `exact` reward compares a completion with the answer as the task scores it."""
+--exclude (a held-out set apart from the ones tuned on: `ownlm eval NAME --task heldout.jsonl`).
+Rows are {"prompt", "answer"}: the built-in `exact` reward compares a completion with the answer
+as the task scores it."""
 
 from __future__ import annotations
 
