@@ -175,6 +175,28 @@ def test_options_reach_the_sampler(client, lms):
     assert r.eval_count == 3 and r.message.content == lm.chat(USER, temperature=0, max_tokens=3).text
 
 
+def test_a_conversation_longer_than_num_ctx_loses_its_oldest_turns(client, lms):
+    """As Ollama: the oldest turns dropped until the rest fits, system messages and the last
+    message kept; truncate: false refuses instead."""
+    lm = lms["tiny"]
+    convo = [{"role": "system", "content": "Be brief."}]
+    for i in range(6):
+        convo += [{"role": "user", "content": f"Tell me fact number {i} about the sea."},
+                  {"role": "assistant", "content": f"Fact {i}: the sea is deep and wide and salty."}]
+    convo.append({"role": "user", "content": "And one more?"})
+    n = len(lm.encode(lm.chat_prompt(convo)))
+    ctx = n - 30  # room for about the last three turns less
+    fits = next(f for f in range(1, len(convo)) if len(lm.encode(lm.chat_prompt([convo[0], *convo[f:]]))) < ctx)
+    kept = [convo[0], *convo[fits:]]
+    assert 1 < fits < len(convo) - 1
+    r = client.chat("tiny", messages=convo, options={**GREEDY, "num_ctx": ctx, "num_predict": 4})
+    assert r.prompt_eval_count == len(lm.encode(lm.chat_prompt(kept)))
+    assert r.message.content == lm.chat(kept, temperature=0, max_tokens=4).text
+    r = httpx.post(f"{client._client.base_url}/api/chat", timeout=60, json={  # (the client has no such argument)
+        "model": "tiny", "messages": convo, "stream": False, "truncate": False, "options": {**GREEDY, "num_ctx": ctx}})
+    assert r.status_code == 400 and "context" in r.json()["error"]
+
+
 def test_generate_raw_templated_and_context(client, lms):
     lm = lms["tiny"]
     prompt = "The quick brown fox"

@@ -157,6 +157,7 @@ class Message(_Body):
 class ChatBody(_Generation):
     messages: list[Message] = Field(default_factory=list)
     tools: Optional[list[dict[str, Any]]] = None
+    truncate: bool = True  # a conversation longer than the context loses its oldest turns (false: a 400)
 
 
 class GenerateBody(_Generation):
@@ -363,12 +364,16 @@ class _Translator:
         if self.keep_alive is not None:
             served.keep_alive = self.keep_alive
 
+    def _context(self, served: Served) -> int:
+        """The context a request has: the model's, or less with options.num_ctx."""
+        opts = self.body.options or Options()
+        ctx = served.lm.config.context_length
+        return ctx if opts.num_ctx is None else min(ctx, opts.num_ctx)
+
     async def _job(self, served: Served, prompt: list[int], plan: runs.Plan) -> runs.Job:
         """One choice: the prompt, Ollama's options as sampling, num_predict and num_ctx as limits."""
         opts = self.body.options or Options()
-        ctx = served.lm.config.context_length
-        if opts.num_ctx is not None:
-            ctx = min(ctx, opts.num_ctx)
+        ctx = self._context(served)
         room = ctx - len(prompt)
         if not prompt:
             raise APIError(400, "the prompt is empty")
@@ -462,11 +467,34 @@ class Chat(_Translator):
         if plan.grammar:  # built once per model (~0.3 s): off the event loop
             await asyncio.to_thread(served.grammar_tokenizer)
         think = self._think(served, plan)
-        text = await asyncio.to_thread(runs.render_chat, served, self.messages, plan.tools, think)
+        text, prompt = await asyncio.to_thread(self._fitted, served, plan, think)
         self._thinking_of(served, text, think)
-        prompt = await runs.encode(served, text)
         self.tool_mode = plan.tool_mode
         return await self._job(served, prompt, plan)
+
+    def _fitted(self, served: Served, plan: runs.Plan, think: bool | None) -> tuple[str, list[int]]:
+        """The prompt (text, ids) of the conversation, or where it does not fit the context (and
+        truncate is not false) of its longest ending that does, as Ollama cuts it: the oldest turns
+        dropped, system messages and the last message always kept."""
+        def render(first: int) -> tuple[str, list[int]]:
+            msgs = [m for i, m in enumerate(self.messages) if i >= first or m["role"] == "system"]
+            text = runs.render_chat(served, msgs, plan.tools, think)
+            return text, served.lm.encode(text)
+
+        ctx = self._context(served)
+        whole = render(0)
+        if len(whole[1]) < ctx or not self.body.truncate or len(self.messages) < 2:
+            return whole
+        lo, hi = 1, len(self.messages) - 1  # the first message kept: the least that fits (hi always "fits")
+        while lo < hi:  # the prompt only shrinks as messages are dropped
+            mid = (lo + hi) // 2
+            if len(render(mid)[1]) < ctx:
+                hi = mid
+            else:
+                lo = mid + 1
+        dropped = sum(m["role"] != "system" for m in self.messages[:lo])
+        log.info("ollama API: dropped the %d oldest messages to fit the context of %d tokens", dropped, ctx)
+        return render(lo)
 
     def _calls_tools(self, text: str) -> bool:
         return self.tool_mode != "none" and text.lstrip().startswith("<")
