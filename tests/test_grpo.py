@@ -185,6 +185,20 @@ def test_a_toy_reward_is_learned(hf_models, tmp_path):
     assert log[0]["kl"] == 0 and log[-1]["kl"] > 0  # the frozen copy is the reference of full weights
 
 
+def test_one_lora_step_moves_toward_the_rewarded_completions(hf_models, tmp_path):
+    """One GRPO step, fixed seed, LoRA (the default): the rewarded first letters gain probability."""
+    data = _write(tmp_path / "p.jsonl", ROWS)
+    (tmp_path / "toy.py").write_text(ALPHA)
+    before = _alpha_mass(load(str(hf_models["llama"]), dtype="float32", quant="none"), data)
+    cfg = TuneConfig(objective="grpo", rewards=(f"{tmp_path / 'toy.py'}:alpha",), max_steps=1, batch_size=4,
+                     group_size=8, max_completion_tokens=1, lr=5e-2, beta=0.04, seed=0)
+    res = tune(str(hf_models["llama"]), data, "toy1", cfg, quiet=True)
+    after = _alpha_mass(load("toy1", dtype="float32", quant="none"), data)
+    log = [json.loads(x) for x in (Path(res["run_dir"]) / "metrics.jsonl").read_text().splitlines()]
+    assert len(log) == 1 and 0 < log[0]["reward"] < 1  # some completions rewarded, some not: advantages not all 0
+    assert after > before + 0.01, (before, after)
+
+
 # -- (4) resume after SIGKILL -------------------------------------------------------------------
 def _cli(args: list[str], **kw) -> subprocess.Popen:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
