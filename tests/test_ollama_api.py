@@ -470,6 +470,32 @@ def test_copy_and_delete(client):
     assert e.value.status_code == 404
 
 
+def test_create_a_model_from_one_in_the_store(client, server, lms):
+    """`ollama create` FROM a store model: a preset with its system prompt, parameters (those a
+    preset does not keep named in the progress) and messages, answering as the engine does."""
+    parts = list(client.create("mario", from_="tiny", system="You are Mario.", stream=True, parameters={
+        "temperature": 0.3, "num_predict": 5, "repeat_penalty": 1.2, "num_ctx": 2048}))
+    assert parts[-1].status == "success" and any("num_ctx" in p.status for p in parts)
+    assert "mario:latest" in [m.model for m in client.list().models]
+    raw = httpx.post(f"{server.base}/api/show", json={"model": "mario"}, timeout=30).json()
+    assert raw["system"] == "You are Mario." and raw["details"]["parent_model"] == "tiny:latest"
+    assert "temperature" in raw["parameters"] and "0.3" in raw["parameters"] and "num_ctx" not in raw["parameters"]
+    msgs = [{"role": "system", "content": "You are Mario."}, *USER]
+    r = client.chat("mario", messages=USER, options={"temperature": 0})  # num_predict and repeat_penalty: the preset's
+    assert r.message.content == lms["tiny"].chat(msgs, temperature=0, max_tokens=5, repetition_penalty=1.2).text
+    assert r.eval_count <= 5
+    assert client.create("luigi", from_="mario", system="You are Luigi.").status == "success"  # a preset's preset
+    raw = httpx.post(f"{server.base}/api/show", json={"model": "luigi"}, timeout=30).json()
+    assert raw["system"] == "You are Luigi." and "0.3" in raw["parameters"]
+    for body, status in (({"model": "x"}, 400), ({"model": "x", "from": "nope"}, 404),
+                         ({"model": "x", "files": {"m.gguf": "sha256:00"}}, 400),
+                         ({"model": "x", "from": "tiny", "template": "{{ .Prompt }}"}, 400),
+                         ({"model": "x", "from": "tiny", "parameters": {"temperature": "hot"}}, 400)):
+        r = httpx.post(f"{server.base}/api/create", json=body, timeout=30)
+        assert r.status_code == status and list(r.json()) == ["error"], (body, r.text)
+    assert client.delete("luigi").status == "success" and client.delete("mario").status == "success"
+
+
 def test_pull_needs_allow_pull(client):
     with pytest.raises(ollama.ResponseError) as e:
         client.pull("tiny")

@@ -1,5 +1,6 @@
 """Ollama's native API on the same server: /api/tags, /api/show, /api/chat, /api/generate,
-/api/embed, /api/embeddings, /api/ps, /api/version, /api/copy, /api/delete and /api/pull. Like the
+/api/embed, /api/embeddings, /api/ps, /api/version, /api/create (a preset FROM a store model),
+/api/copy, /api/delete and /api/pull. Like the
 OpenAI routes, each only translates: an Ollama body becomes the same internal request (an
 OpenAI-shaped namespace read by runs.chat_plan and runs.sampling), run by http.generate, and the
 engine's events come back as Ollama's newline-delimited JSON. Errors are `{"error": "..."}`.
@@ -201,6 +202,20 @@ class ModelBody(_Body):
 class CopyBody(_Body):
     source: str = Field(min_length=1)
     destination: str = Field(min_length=1)
+
+
+class CreateBody(_Body):
+    model: str = Field(min_length=1)
+    from_: Optional[str] = Field(None, alias="from", min_length=1)
+    system: Optional[str] = None
+    parameters: Optional[dict[str, Any]] = None
+    messages: Optional[list[dict[str, Any]]] = None
+    template: Optional[str] = None
+    license: Optional[Union[str, list[str]]] = None
+    quantize: Optional[str] = None
+    files: Optional[dict[str, str]] = None
+    adapters: Optional[dict[str, str]] = None
+    stream: bool = True
 
 
 class PullBody(ModelBody):
@@ -899,6 +914,53 @@ def _copy(source: str, destination: str) -> None:
     name, tag = dst.rsplit(":", 1)
     with store.lock(f"model:{dst}"):  # the blobs are shared: the copy is one more manifest naming them
         store.write(dst, {**manifest, "name": name, "tag": tag, "created": now_iso()})
+
+
+# Ollama's parameter names -> a preset's; the rest of Ollama's parameters are not kept by presets
+CREATE_NAMES = {"temperature": "temperature", "top_p": "top_p", "top_k": "top_k", "min_p": "min_p", "seed": "seed",
+                "stop": "stop", "num_predict": "max_tokens", "repeat_penalty": "repetition_penalty"}
+
+
+def _create(body: CreateBody) -> list[str]:
+    """`ollama create` of a model FROM one in the store: a preset (its system prompt, parameters,
+    messages). The statuses to report, the parameters a preset does not keep named among them."""
+    if body.files or body.adapters or not body.from_:
+        raise APIError(400, "ownlm creates a model from one in its store (FROM name); import files with "
+                            "`ownlm pull` (a GGUF file or a Hugging Face folder), adapters with `ownlm tune`")
+    if body.quantize:
+        raise APIError(400, "quantize is not supported here: `ownlm pull` keeps a GGUF's own quantization")
+    if body.template:
+        raise APIError(400, "template is not supported: ownlm renders prompts with the model's own chat template")
+    name = _store_name(body.model, "model")
+    base = _store_name(body.from_, "from")
+    params: dict[str, Any] = {}
+    ignored = []
+    for k, v in (body.parameters or {}).items():
+        if k in CREATE_NAMES:
+            params[CREATE_NAMES[k]] = v
+        else:
+            ignored.append(k)
+    if isinstance(params.get("top_k"), float) and params["top_k"].is_integer():
+        params["top_k"] = int(params["top_k"])
+    messages = [{"role": m.get("role"), "content": m.get("content")} for m in body.messages or []]
+    manage.create_preset(name, base, system=body.system, parameters=params, messages=messages or None)
+    return ["reading model metadata"] + [f"ignoring parameter {k}: ownlm presets do not keep it" for k in ignored] \
+        + ["writing manifest", "success"]
+
+
+@router.post("/api/create", openapi_extra=documented(CreateBody))
+async def create(request: Request) -> Any:
+    body = await parse_body(request, CreateBody)
+    log_entry(request).model = body.model
+    statuses = await asyncio.to_thread(_create, body)
+    if not body.stream:
+        return {"status": "success"}
+
+    async def lines() -> AsyncIterator[bytes]:
+        for status in statuses:
+            yield _line({"status": status})
+
+    return StreamingResponse(lines(), media_type="application/x-ndjson")
 
 
 @router.post("/api/copy", openapi_extra=documented(CopyBody))
