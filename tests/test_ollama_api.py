@@ -177,7 +177,8 @@ def test_options_reach_the_sampler(client, lms):
 
 def test_a_conversation_longer_than_num_ctx_loses_its_oldest_turns(client, lms):
     """As Ollama: the oldest turns dropped until the rest fits, system messages and the last
-    message kept; truncate: false refuses instead."""
+    message kept, the rest starting at a user turn (templates that want turns to alternate refuse
+    others); truncate: false refuses instead."""
     lm = lms["tiny"]
     convo = [{"role": "system", "content": "Be brief."}]
     for i in range(6):
@@ -186,7 +187,8 @@ def test_a_conversation_longer_than_num_ctx_loses_its_oldest_turns(client, lms):
     convo.append({"role": "user", "content": "And one more?"})
     n = len(lm.encode(lm.chat_prompt(convo)))
     ctx = n - 30  # room for about the last three turns less
-    fits = next(f for f in range(1, len(convo)) if len(lm.encode(lm.chat_prompt([convo[0], *convo[f:]]))) < ctx)
+    fits = next(f for f in range(1, len(convo)) if convo[f]["role"] == "user"
+                and len(lm.encode(lm.chat_prompt([convo[0], *convo[f:]]))) < ctx)
     kept = [convo[0], *convo[fits:]]
     assert 1 < fits < len(convo) - 1
     r = client.chat("tiny", messages=convo, options={**GREEDY, "num_ctx": ctx, "num_predict": 4})
@@ -291,6 +293,9 @@ def test_think_for_a_thinking_model(client, server, lms):
     with pytest.raises(ollama.ResponseError) as e:
         client.chat("tiny", messages=USER, options=GREEDY, think=True)
     assert e.value.status_code == 400 and "does not support thinking" in e.value.error
+    with pytest.raises(ollama.ResponseError) as e:  # raw bypasses the template that opens the trace
+        client.generate("thinker", "Hi", raw=True, think=True, options=GREEDY)
+    assert e.value.status_code == 400 and "raw" in e.value.error
     with pytest.raises(ollama.ResponseError) as e:  # a format's grammar holds the answer from its first token
         client.chat("thinker", messages=USER, options=GREEDY, think=True, format="json")
     assert e.value.status_code == 400
@@ -340,6 +345,10 @@ def test_tools_and_tool_calls(client):
     answer = client.chat("coder", messages=follow, tools=[WEATHER], options={"temperature": 0, "num_predict": 5})
     assert answer.done and answer.eval_count >= 1
     assert _message(Message(role="tool", content="21", tool_call_id="call_1"), 0)["tool_call_id"] == "call_1"
+    back = Message.model_validate({"role": "assistant", "tool_calls": [  # a call as this server gave it, sent back
+        {"id": "call_1", "function": {"index": 0, "name": "get_weather", "arguments": {"city": "Paris"}}}]})
+    assert _message(back, 0)["tool_calls"] == [{"id": "call_1", "type": "function", "function": {
+        "name": "get_weather", "arguments": {"city": "Paris"}}}]
 
 
 def test_tool_calls_carry_an_id_and_their_index():
@@ -474,7 +483,7 @@ def test_create_a_model_from_one_in_the_store(client, server, lms):
     """`ollama create` FROM a store model: a preset with its system prompt, parameters (those a
     preset does not keep named in the progress) and messages, answering as the engine does."""
     parts = list(client.create("mario", from_="tiny", system="You are Mario.", stream=True, parameters={
-        "temperature": 0.3, "num_predict": 5, "repeat_penalty": 1.2, "num_ctx": 2048}))
+        "temperature": 0.3, "num_predict": 5.0, "repeat_penalty": 1.2, "num_ctx": 2048}))
     assert parts[-1].status == "success" and any("num_ctx" in p.status for p in parts)
     assert "mario:latest" in [m.model for m in client.list().models]
     raw = httpx.post(f"{server.base}/api/show", json={"model": "mario"}, timeout=30).json()
@@ -487,6 +496,15 @@ def test_create_a_model_from_one_in_the_store(client, server, lms):
     assert client.create("luigi", from_="mario", system="You are Luigi.").status == "success"  # a preset's preset
     raw = httpx.post(f"{server.base}/api/show", json={"model": "luigi"}, timeout=30).json()
     assert raw["system"] == "You are Luigi." and "0.3" in raw["parameters"]
+    # made again while loaded: the next request has the new settings; MESSAGE system is the system
+    # prompt; num_predict -1 (until the context ends, Ollama's default) is what a preset does anyway
+    assert client.create("mario", from_="tiny", messages=[{"role": "system", "content": "You are Peach."}],
+                         parameters={"num_predict": -1, "temperature": 0.5}).status == "success"
+    raw = httpx.post(f"{server.base}/api/show", json={"model": "mario"}, timeout=30).json()
+    assert raw["system"] == "You are Peach." and "num_predict" not in raw["parameters"]
+    peach = [{"role": "system", "content": "You are Peach."}, *USER]
+    r = client.chat("mario", messages=USER, options=GREEDY)
+    assert r.message.content == lms["tiny"].chat(peach, temperature=0, max_tokens=12).text
     for body, status in (({"model": "x"}, 400), ({"model": "x", "from": "nope"}, 404),
                          ({"model": "x", "files": {"m.gguf": "sha256:00"}}, 400),
                          ({"model": "x", "from": "tiny", "template": "{{ .Prompt }}"}, 400),

@@ -426,6 +426,7 @@ def test_processes_sharing_a_folder_find_each_others_blocks(llama, tmp_path):
     first = prefix_cache.persist(llama.model, folder, "tiny", 1 << 30)
     # the second process's cache, opened before the first writes anything
     second = PrefixCache(64 << 20, disk=prefix_cache.Disk(folder, first.disk.identity, 1 << 30))
+    small = prefix_cache.Disk(folder, first.disk.identity, block_size(llama) // 2)
     p = ids(3 * BLOCK + 5, 77)
     answer, cached = alone(llama, p, n=4)
     assert cached == 0
@@ -437,6 +438,9 @@ def test_processes_sharing_a_folder_find_each_others_blocks(llama, tmp_path):
     assert second.disk.held == sum(size for name, size in written.items() if name in second.disk.sizes) > 0
     assert prefix_cache.flush(timeout=60)
     assert sorted(f.name for f in first.disk.dir.glob("*.kv")) == sorted(written)  # the same blocks, no new file
+    # a process whose bound is below a file another one wrote leaves that file alone
+    assert small.held == 0 and not any(small._known(name) for name in written)
+    assert sorted(f.name for f in first.disk.dir.glob("*.kv")) == sorted(written)
     prefix_cache.attach(llama.model, None)
 
 

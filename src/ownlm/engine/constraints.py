@@ -128,7 +128,8 @@ def tool_grammar(functions: Sequence[dict[str, Any]], required: bool, single: bo
     try:
         return llg.LLMatcher.grammar_from_lark("\n".join(lines))
     except (ValueError, TypeError, RuntimeError) as e:
-        raise BadRequest(f"tools[].function.parameters is not a usable JSON schema: {e}") from None
+        where = "tools[].function.parameters" + ("" if answer is None else " or the response format's schema")
+        raise BadRequest(f"{where} is not a usable JSON schema: {e}") from None
 
 
 class GrammarConstraint:

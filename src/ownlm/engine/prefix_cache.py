@@ -242,6 +242,8 @@ class Disk:
             size = (self.dir / name).stat().st_size
         except OSError:
             return False
+        if size > self.limit:  # another process's, with a larger bound: left alone (counting it would remove it)
+            return False
         with self.lock:
             if name not in self.sizes:
                 self.sizes[name] = size

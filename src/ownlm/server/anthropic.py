@@ -284,8 +284,8 @@ async def prompt_of(served: Served, body: CountTokensRequest) -> tuple[list[int]
     chat = chat_request(body, messages)
     plan = runs.chat_plan(served, chat)
     if prefill is not None and plan.grammar:
-        raise APIError(400, "a final assistant turn (a prefill) cannot be combined with tools unless tool_choice "
-                            "is none", param="messages")
+        raise APIError(400, "a final assistant turn (a prefill) cannot be combined with tools (unless tool_choice "
+                            "is none) or an output format", param="messages")
     if not messages:
         raise APIError(400, "messages must hold more than a final assistant turn", param="messages")
     return await runs.render_ids(served, messages, plan.tools, prefill or ""), chat, plan, prefill is not None

@@ -264,7 +264,8 @@ async def generate(request: Request, t: Translator) -> StreamingResponse | dict[
         st.pool.release(served)
         raise
     st.metrics.inc("prompt_tokens_total", sum(len(c.prompt) for c in choices))
-    log_entry(request).usage = lambda: usage_of(choices, t.prompt_tokens)  # read when the response has ended
+    n = getattr(getattr(t, "body", None), "n", 1)  # choices per prompt (OpenAI's n)
+    log_entry(request).usage = lambda: usage_of(choices, t.prompt_tokens, n)  # read when the response has ended
     events = _timed(st, choices, queue, t0)
     if t.stream:
         return streaming(st, t.chunks(served, choices, events), served, choices, log_entry(request),

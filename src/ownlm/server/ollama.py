@@ -35,6 +35,7 @@ from starlette.responses import Response, StreamingResponse
 from .. import manage
 from ..store.refs import parse_ref
 from ..store.store import Store, now_iso
+from ..errors import ChatTemplateError
 from ..text.chat import CHATML
 from . import runs
 from .http import (APIError, Events, admit, as_api_error, documented, embed_ids, generate, log_entry, parse_body,
@@ -143,6 +144,7 @@ class ToolCallFunction(_Body):
 
 class ToolCall(_Body):
     function: ToolCallFunction
+    id: Optional[str] = None  # as this server gave it (templates pair calls with their results by id)
 
 
 class Message(_Body):
@@ -496,20 +498,30 @@ class Chat(_Translator):
             text = runs.render_chat(served, msgs, plan.tools, think)
             return text, served.lm.encode(text)
 
+        def fits(first: int) -> bool:
+            try:
+                return len(render(first)[1]) < ctx
+            except ChatTemplateError:  # a start the template refuses (a tool result without its call)
+                return False
+
         ctx = self._context(served)
         whole = render(0)
         if len(whole[1]) < ctx or not self.body.truncate or len(self.messages) < 2:
             return whole
-        lo, hi = 1, len(self.messages) - 1  # the first message kept: the least that fits (hi always "fits")
+        # the conversation may start again at a user turn (templates that want turns to alternate,
+        # or a user query, refuse others); the last message is kept whatever it is
+        last = len(self.messages) - 1
+        cuts = [i for i in range(1, last) if self.messages[i]["role"] == "user"] + [last]
+        lo, hi = 0, len(cuts) - 1  # the first cut that fits (the last always "fits": _job says if not)
         while lo < hi:  # the prompt only shrinks as messages are dropped
             mid = (lo + hi) // 2
-            if len(render(mid)[1]) < ctx:
+            if fits(cuts[mid]):
                 hi = mid
             else:
                 lo = mid + 1
-        dropped = sum(m["role"] != "system" for m in self.messages[:lo])
+        dropped = sum(m["role"] != "system" for m in self.messages[:cuts[lo]])
         log.info("ollama API: dropped the %d oldest messages to fit the context of %d tokens", dropped, ctx)
-        return render(lo)
+        return render(cuts[lo])
 
     def _calls_tools(self, text: str) -> bool:
         return self.tool_mode != "none" and text.lstrip().startswith("<")
@@ -563,8 +575,8 @@ def _message(m: Message, i: int) -> dict[str, Any]:
         raise APIError(400, f"messages[{i}] has images: ownlm's models take text only")
     out: dict[str, Any] = {"role": m.role, "content": m.content or ""}
     if m.tool_calls:
-        out["tool_calls"] = [{"type": "function", "function": {"name": t.function.name,
-                                                               "arguments": t.function.arguments}}
+        out["tool_calls"] = [{**({"id": t.id} if t.id else {}), "type": "function",
+                              "function": {"name": t.function.name, "arguments": t.function.arguments}}
                              for t in m.tool_calls]
     if m.tool_name:
         out["name"] = out["tool_name"] = m.tool_name
@@ -594,6 +606,8 @@ class Generate(_Translator):
         plan = runs.chat_plan(served, self.internal)
         if plan.grammar:
             await asyncio.to_thread(served.grammar_tokenizer)
+        if body.think and (body.suffix or body.raw):
+            raise APIError(400, "think cannot be combined with raw or suffix: they bypass the chat template")
         if body.suffix:
             fim = fim_tokens(served.lm.tokenizer.tk)
             if fim is None:
@@ -935,15 +949,18 @@ def _create(body: CreateBody) -> list[str]:
     base = _store_name(body.from_, "from")
     params: dict[str, Any] = {}
     ignored = []
-    for k, v in (body.parameters or {}).items():
-        if k in CREATE_NAMES:
+    for k, v in _whole(dict(body.parameters or {})).items():
+        if k in CREATE_NAMES and not (k == "num_predict" and isinstance(v, int) and v <= 0):
             params[CREATE_NAMES[k]] = v
-        else:
+        else:  # (num_predict -1 or -2, "until the context ends": a preset without max_tokens does that too)
             ignored.append(k)
-    if isinstance(params.get("top_k"), float) and params["top_k"].is_integer():
-        params["top_k"] = int(params["top_k"])
-    messages = [{"role": m.get("role"), "content": m.get("content")} for m in body.messages or []]
-    manage.create_preset(name, base, system=body.system, parameters=params, messages=messages or None)
+    system, messages = body.system, []
+    for m in body.messages or []:
+        if isinstance(m, dict) and m.get("role") == "system" and system is None:  # MESSAGE system ...
+            system = m.get("content")
+        else:
+            messages.append({"role": m.get("role"), "content": m.get("content")} if isinstance(m, dict) else m)
+    manage.create_preset(name, base, system=system, parameters=params, messages=messages or None)
     return ["reading model metadata"] + [f"ignoring parameter {k}: ownlm presets do not keep it" for k in ignored] \
         + ["writing manifest", "success"]
 
@@ -953,6 +970,13 @@ async def create(request: Request) -> Any:
     body = await parse_body(request, CreateBody)
     log_entry(request).model = body.model
     statuses = await asyncio.to_thread(_create, body)
+    pool = state_of(request).pool
+    served = pool.loaded.get(model_id(_store_name(body.model, "model")))
+    if served is not None:  # made again: its next request loads the new settings
+        if served.active == 0:
+            pool.unload(served.id)
+        else:
+            served.keep_alive = 0
     if not body.stream:
         return {"status": "success"}
 
