@@ -12,8 +12,9 @@ ignores unknown ones, and each is named once in the server log; sampling left un
 Ollama's defaults (OLLAMA_DEFAULTS) unless the model's preset sets it. A null is a field left out
 and an integer option may be a whole float, as Go decodes Ollama's bodies. `keep_alive` sets how
 long the model stays loaded after the request (0: unloaded at once, never loaded for that;
-negative: forever). `think` splits a thinking model's trace from its answer (runs.ThinkSplitter). Pulling writes to
-the store, so /api/pull answers 403 unless the server was started with --allow-pull."""
+negative: forever). `think` splits a thinking model's trace from its answer (runs.ThinkSplitter).
+Pulling writes to the store, so /api/pull answers 403 unless the server was started with
+--allow-pull; /api/create and /api/copy write presets and names only."""
 
 from __future__ import annotations
 
@@ -33,16 +34,16 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from starlette.responses import Response, StreamingResponse
 
 from .. import manage
+from ..errors import ChatTemplateError
 from ..store.refs import parse_ref
 from ..store.store import Store, now_iso
-from ..errors import ChatTemplateError
 from ..text.chat import CHATML
 from . import runs
 from .http import (APIError, Events, admit, as_api_error, documented, embed_ids, generate, log_entry, parse_body,
                    state_of,
                    validation_error)
 from .pool import ModelPool, Served, model_id
-from .schemas import INT64, ResponseFormat, Tool
+from .schemas import INT64, ResponseFormat, Tool, absent_nulls
 
 router = APIRouter()
 log = logging.getLogger("ownlm.server.ollama")
@@ -77,21 +78,16 @@ PRESET_NAMES = {"max_tokens": "num_predict", "repetition_penalty": "repeat_penal
 # --- request bodies -------------------------------------------------------------------------------
 # Ollama ignores fields it does not know, so these bodies do too; the values they know are checked.
 
-def _as_absent(data: Any) -> Any:
-    """A body's fields sent as null are the field left out (Go's decoder leaves the default)."""
-    return {k: v for k, v in data.items() if v is not None} if isinstance(data, dict) else data
-
-
 class _Body(BaseModel):
     model_config = ConfigDict(extra="ignore", strict=True)
 
-    _absent = model_validator(mode="before")(_as_absent)
+    _absent = model_validator(mode="before")(absent_nulls)  # as Go's decoder leaves a null field's default
 
 
 def _whole(data: Any) -> Any:
     """Options as Ollama reads them: null left out, an integer option given as a whole float
     (4096.0, as JSON libraries write numbers held as floats) taken as that integer."""
-    data = _as_absent(data)
+    data = absent_nulls(data)
     if isinstance(data, dict):
         for name in INT_OPTIONS:
             v = data.get(name)
@@ -529,9 +525,9 @@ class Chat(_Translator):
     async def chunks(self, served: Served, choices: list[runs.Choice], events: Events) -> AsyncIterator[bytes]:
         sent, pending = 0, []  # pending: token logprobs not yet sent (each goes with the next line)
 
-        def line(thinking: str, content: str, done: bool = False) -> bytes:
+        def line(thinking: str, content: str) -> bytes:
             message = {"role": "assistant", "content": content, **({"thinking": thinking} if thinking else {})}
-            return _line({**self._head(), "message": message, "done": done, **self._logprobs(served, pending)})
+            return _line({**self._head(), "message": message, "done": False, **self._logprobs(served, pending)})
 
         async for c, piece, lps in events:
             pending += lps

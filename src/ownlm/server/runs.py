@@ -95,9 +95,9 @@ async def encode(served: Served, text: str) -> list[int]:
 
 
 async def render_ids(served: Served, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None,
-                     tail: str = "", think: bool | None = None) -> list[int]:
+                     tail: str = "") -> list[int]:
     """render_chat's prompt (then `tail`) as token ids, rendered and tokenized off the event loop."""
-    return await asyncio.to_thread(lambda: served.lm.encode(render_chat(served, messages, tools, think) + tail))
+    return await asyncio.to_thread(lambda: served.lm.encode(render_chat(served, messages, tools) + tail))
 
 
 # --- thinking -----------------------------------------------------------------------------------

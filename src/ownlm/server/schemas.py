@@ -14,8 +14,8 @@ INT64 = 2**63  # seeds are 64-bit: choice i of n samples with seed + i, which to
 
 
 def absent_nulls(data: Any) -> Any:
-    """A body's top-level fields sent as null, as the SDKs send a keyword given as None: the field
-    left out (its default)."""
+    """A model's fields sent as null (as the SDKs send a keyword given as None), at every level of
+    a body: each field left out (its default)."""
     return {k: v for k, v in data.items() if v is not None} if isinstance(data, dict) else data
 
 
