@@ -239,6 +239,18 @@ def smollm2_client(smollm2_server):
 
 
 @pytest.mark.smollm2
+def test_error_types_follow_the_cause():
+    """A request out of its time is a timeout_error, a busy server an overloaded_error (the SDK's types)."""
+    from ownlm.server.anthropic import error_json
+    from ownlm.server.http import APIError, as_api_error
+    from ownlm.server.pool import PoolFull
+    from ownlm.server.runs import TimedOut
+
+    assert error_json(as_api_error(TimedOut("the request ran out of time")))["error"]["type"] == "timeout_error"
+    assert error_json(as_api_error(PoolFull("busy")))["error"]["type"] == "overloaded_error"
+    assert error_json(APIError(400, "bad"))["error"]["type"] == "invalid_request_error"
+
+
 def test_smollm2_serve_with_api_key(smollm2_server, smollm2_client, smollm2_gguf):
     r = smollm2_client.messages.create(model="smollm2", system=SYSTEM, messages=USER, max_tokens=16, **GREEDY)
     direct = ownlm.load(str(smollm2_gguf)).chat([{"role": "system", "content": SYSTEM}, *USER], temperature=0,

@@ -64,7 +64,10 @@ def folders(tmp_path_factory) -> dict[str, Path]:
     thinker = build_hf_model(base / "thinker", "llama", seed=9, max_position_embeddings=1024)
     cfg = json.loads((thinker / "tokenizer_config.json").read_text())
     (thinker / "tokenizer_config.json").write_text(json.dumps({**cfg, "chat_template": THINKING}))
-    return {"tiny": tiny, "coder": coder, "thinker": thinker}
+    bos = shutil.copytree(tiny, base / "bos")  # tiny, its tokenizer starting every text with a BOS
+    cfg = json.loads((bos / "tokenizer_config.json").read_text())
+    (bos / "tokenizer_config.json").write_text(json.dumps({**cfg, "bos_token": "<|endoftext|>", "add_bos_token": True}))
+    return {"tiny": tiny, "coder": coder, "thinker": thinker, "bos": bos}
 
 
 @pytest.fixture(scope="module")
@@ -106,7 +109,7 @@ def _durations(r) -> None:
 
 def test_list_show_version(client, server, folders):
     names = [m.model for m in client.list().models]
-    assert names == ["coder:latest", "smollm2:latest", "terse:latest", "thinker:latest", "tiny:latest"]
+    assert names == ["bos:latest", "coder:latest", "smollm2:latest", "terse:latest", "thinker:latest", "tiny:latest"]
     tiny = next(m for m in client.list().models if m.model == "tiny:latest")
     assert tiny.size > 0 and len(tiny.digest) == 64 and tiny.details.family == "llama"
     assert tiny.details.format == "safetensors" and tiny.modified_at is not None
@@ -301,6 +304,19 @@ def test_think_for_a_thinking_model(client, server, lms):
     assert e.value.status_code == 400
     r = client.chat("thinker", messages=USER, options={**GREEDY, "num_predict": 3}, format="json")
     assert r.prompt_eval_count == len(lm.encode(off)) and not r.message.thinking  # thinking off there
+
+
+def test_context_continues_without_a_second_bos(client, folders):
+    """/api/generate's context: the next prompt's tokens follow it without the BOS its tokenizer
+    puts at the start of a text (one BOS, at the start of the sequence, as Ollama has it)."""
+    lm = ownlm.load(str(folders["bos"]))
+    first = client.generate("bos", "The quick", raw=True, options=GREEDY)
+    assert first.context[0] == lm.tokenizer.bos_id and first.context.count(lm.tokenizer.bos_id) == 1
+    more = lm.tokenizer.encode(" brown fox", add_bos=False)
+    r = client.generate("bos", " brown fox", raw=True, context=first.context, options=GREEDY)
+    assert r.prompt_eval_count == len(first.context) + len(more)
+    assert list(r.context[:r.prompt_eval_count]) == list(first.context) + more
+    assert r.response == "".join(lm.stream_ids(list(first.context) + more, temperature=0, max_tokens=12))
 
 
 def test_generate_suffix_fills_the_middle(client, lms):

@@ -161,6 +161,8 @@ ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "
 
 def error_json(a: APIError) -> dict[str, Any]:
     kind = ERROR_TYPES.get(a.status, "invalid_request_error" if 400 <= a.status < 500 else "api_error")
+    if a.code == "timeout":  # out of the request's time, not a busy server
+        kind = "timeout_error"
     return {"type": "error", "error": {"type": kind, "message": a.message}}
 
 

@@ -619,6 +619,9 @@ class Generate(_Translator):
             self._thinking_of(served, text, think)
         prompt = await runs.encode(served, text)
         if body.context:
+            tok = served.lm.tokenizer
+            if tok.add_bos and prompt and prompt[0] == tok.bos_id:  # the sequence began with the context's
+                prompt = prompt[1:]
             prompt = runs.token_ids(served, body.context, "context") + prompt
         return await self._job(served, prompt, plan)
 
