@@ -414,7 +414,7 @@ class _Translator:
         Ollama's `think` defaults to on for a thinking model; here it stays off under tools or a
         format, whose grammar holds the answer from its first token."""
         asked = self.body.think
-        if not runs.thinks(served):
+        if not runs.thinks(served.lm.template.source):
             if asked:
                 raise APIError(400, f"{self.model!r} does not support thinking")
             return None
@@ -852,7 +852,7 @@ def _show(pool: ModelPool, name: str) -> dict[str, Any]:
         caps.append("tools")
     if fim_tokens(tk):
         caps.append("insert")
-    if all(tag in template for tag in runs.THINK_TAGS):  # as runs.thinks decides
+    if runs.thinks(template):
         caps.append("thinking")
     params = {PRESET_NAMES.get(k, k): v for k, v in ((preset or {}).get("parameters") or {}).items()}
     lines = []
@@ -929,9 +929,8 @@ def _copy(source: str, destination: str) -> None:
         store.write(dst, {**manifest, "name": name, "tag": tag, "created": now_iso()})
 
 
-# Ollama's parameter names -> a preset's; the rest of Ollama's parameters are not kept by presets
-CREATE_NAMES = {"temperature": "temperature", "top_p": "top_p", "top_k": "top_k", "min_p": "min_p", "seed": "seed",
-                "stop": "stop", "num_predict": "max_tokens", "repeat_penalty": "repetition_penalty"}
+# Ollama's parameter names -> a preset's (PRESET_NAMES the other way); presets keep no others
+CREATE_NAMES = {PRESET_NAMES.get(k, k): k for k in manage.PRESET_PARAMETERS}
 
 
 def _create(body: CreateBody) -> list[str]:

@@ -105,10 +105,9 @@ async def render_ids(served: Served, messages: list[dict[str, Any]], tools: list
 THINK_TAGS = ("<think>", "</think>")  # Qwen 3, DeepSeek-R1, QwQ and their kin
 
 
-def thinks(served: Served) -> bool:
-    """Whether the model's chat template writes thinking traces (in THINK_TAGS)."""
-    source = served.lm.template.source
-    return all(tag in source for tag in THINK_TAGS)
+def thinks(template: str) -> bool:
+    """Whether a chat template (its source) writes thinking traces (in THINK_TAGS)."""
+    return all(tag in template for tag in THINK_TAGS)
 
 
 class ThinkSplitter:
